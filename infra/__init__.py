@@ -1,0 +1,1 @@
+"""gpufleet: typed GPU site model → Pulumi components and Ansible roles."""

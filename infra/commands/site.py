@@ -1,0 +1,218 @@
+"""Commands on the site model: validate, plan, schema, vram."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from infra.console import Exit, emit, table
+from infra.model.catalogue import resolve
+from infra.model.load import SiteError, load_site, project_dir
+from infra.model.site import DType, KvCacheDType, Site
+from infra.plan import vram
+from infra.plan.node import NodePlan, plan_site
+
+
+def add_stack_args(p: argparse.ArgumentParser, *, json_flag: bool = True) -> None:
+    """`--stack NAME` / `--stack-file PATH` (and `--json`) shared by every stack command."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--stack", default="lab", help="stack name: stacks/Pulumi.<NAME>.yaml (default: lab)")
+    g.add_argument("--stack-file", type=Path, help="path of a stack file instead of a stack name")
+    if json_flag:
+        p.add_argument("--json", action="store_true", help="machine-readable JSON output")
+
+
+def site_from_args(args: argparse.Namespace) -> Site:
+    """Load and validate the site the arguments name (raises SiteError with all problems)."""
+    return load_site(stack=args.stack, path=args.stack_file)
+
+
+def register(sub: Any) -> None:
+    """Register validate, plan, schema and vram."""
+    p = sub.add_parser("validate", help="validate a stack file: every problem, with its config path and fix")
+    add_stack_args(p)
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("plan", help="per-node desired state: roles, pinned versions, reboot policy, VRAM fit")
+    add_stack_args(p)
+    p.add_argument("--node", help="only this node")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("schema", help="write the JSON Schema of `gpufleet:site` (for editors)")
+    p.add_argument("--out", type=Path, help="file to write (default: docs/schema/site.schema.json; - for stdout)")
+    p.add_argument("--check", action="store_true", help="exit 1 if the file differs from the model")
+    p.set_defaults(func=cmd_schema)
+
+    p = sub.add_parser("vram", help="does a model fit: weights, KV cache, max tokens, smallest change to fit")
+    p.add_argument("--model", help="catalogue model name (e.g. llama-3.1-70b)")
+    for flag, typ in (("--params", float), ("--layers", int), ("--heads", int), ("--kv-heads", int),
+                      ("--head-dim", int), ("--vocab", int)):
+        p.add_argument(flag, type=typ, help="explicit architecture (overrides the catalogue entry)")
+    p.add_argument("--gpu", default="H100", help="catalogue GPU (default H100)")
+    p.add_argument("--count", type=int, help="GPUs on the node (default: tp × pp)")
+    p.add_argument("--tp", type=int, default=1, help="tensor parallel size")
+    p.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
+    p.add_argument("--dtype", default="bf16", choices=[d.value for d in DType])
+    p.add_argument("--kv-dtype", default="auto", choices=[d.value for d in KvCacheDType])
+    p.add_argument("--utilization", type=float, default=0.9)
+    p.add_argument("--context", type=int, default=8192)
+    p.add_argument("--concurrency", type=int, default=1)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_vram)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    """Validate; exit 0 when valid, 2 with every problem otherwise."""
+    try:
+        site = site_from_args(args)
+    except SiteError as exc:
+        data = {"valid": False, "source": exc.source, "problems": [p.as_dict() for p in exc.problems]}
+        if args.json:
+            emit(True, data, str)
+        else:
+            sys.stderr.write(str(exc) + "\n")
+        return Exit.INVALID
+    data = {"valid": True, "site": site.name, "nodes": len(site.nodes), "segments": len(site.segments),
+            "services": len(site.services)}
+    emit(args.json, data, lambda d: f"{d['site']}: valid ({d['nodes']} nodes, {d['segments']} segments, "
+                                    f"{d['services']} services)")
+    return Exit.OK
+
+
+def node_plan_dict(n: NodePlan) -> dict[str, Any]:
+    """JSON form of a node plan."""
+    return {
+        "hostname": n.hostname,
+        "segment": n.segment.name,
+        "airgapped": n.segment.airgapped,
+        "batch": n.batch,
+        "profile": n.profile_name,
+        "roles": list(n.roles),
+        "reboot_policy": n.reboot_policy.value,
+        "packages": [{"name": p.name, "version": p.version, "component": p.component.value} for p in n.packages],
+        "summary": n.summary(),
+        "services": [
+            {"name": s.name, "engine": s.service.engine.value, "model": s.service.model.name,
+             "vram": s.vram.as_dict() if s.vram else None}
+            for s in n.services
+        ],
+    }
+
+
+def _render_plan(data: dict[str, Any]) -> str:
+    out = []
+    for n in data["nodes"]:
+        out.append(f"{n['hostname']}  segment={n['segment']}{' (air-gapped)' if n['airgapped'] else ''}  "
+                   f"batch={n['batch']}  profile={n['profile']}  reboot={n['reboot_policy']}")
+        out.append(f"  roles: {', '.join(n['roles'])}")
+        out.append("  " + table([(p["component"], p["name"], p["version"]) for p in n["packages"]],
+                                ["component", "package", "version"]).replace("\n", "\n  "))
+        if n["services"]:
+            rows = []
+            for s in n["services"]:
+                v = s["vram"]
+                rows.append((s["name"], s["engine"], s["model"],
+                             *(("-", "-", "-", "-", "n/a (llama.cpp)") if v is None else
+                               (f"{v['weights_gib']:.1f}", f"{v['kv_cache_gib']:.1f}", v["max_tokens"],
+                                v["required_tokens"], "fits" if v["fits"] else "DOES NOT FIT"))))
+            out.append("  " + table(rows, ["service", "engine", "model", "weights GiB/GPU", "KV GiB/GPU",
+                                           "max tokens", "needed", "verdict"]).replace("\n", "\n  "))
+        out.append("")
+    return "\n".join(out)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Print the per-node plan."""
+    plan = plan_site(site_from_args(args))
+    nodes = [plan.node(args.node)] if args.node else list(plan.nodes)
+    emit(args.json, {"site": plan.site.name, "nodes": [node_plan_dict(n) for n in nodes]}, _render_plan)
+    return Exit.OK
+
+
+def schema_text() -> str:
+    """The JSON Schema of the `gpufleet:site` object, deterministic."""
+    schema = Site.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "gpufleet:site"
+    return json.dumps(schema, indent=2, sort_keys=True) + "\n"
+
+
+def stack_file_schema(site_schema: dict[str, Any]) -> dict[str, Any]:
+    """Schema of a whole stack file: `config:` with `gpufleet:site` checked, other keys free."""
+    defs = site_schema.pop("$defs", {})
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "gpufleet stack file (stacks/Pulumi.<stack>.yaml)",
+        "type": "object",
+        "properties": {
+            "encryptionsalt": {"type": "string"},
+            "secretsprovider": {"type": "string"},
+            "encryptedkey": {"type": "string"},
+            "config": {"type": "object", "properties": {"gpufleet:site": site_schema}, "required": ["gpufleet:site"]},
+        },
+        "additionalProperties": False,
+        "$defs": defs,
+    }
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    """Write (or check) docs/schema/site.schema.json."""
+    text = json.dumps(stack_file_schema(json.loads(schema_text())), indent=2, sort_keys=True) + "\n"
+    out = args.out or project_dir() / "docs" / "schema" / "site.schema.json"
+    if str(out) == "-":
+        sys.stdout.write(text)
+        return Exit.OK
+    if args.check:
+        current = out.read_text(encoding="utf-8") if out.exists() else ""
+        if current != text:
+            sys.stderr.write(f"{out} is out of date: run `gpufleet schema`\n")
+            return Exit.FAILED
+        return Exit.OK
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text, encoding="utf-8")
+    sys.stdout.write(f"wrote {out}\n")
+    return Exit.OK
+
+
+def cmd_vram(args: argparse.Namespace) -> int:
+    """Plan GPU memory for a catalogue model or an explicit architecture."""
+    cat = resolve()
+    base = cat.models.get(args.model) if args.model else None
+    if args.model and base is None:
+        sys.stderr.write(f"error: unknown model {args.model!r}; known: {', '.join(sorted(cat.models))}\n")
+        return Exit.INVALID
+    if args.gpu not in cat.gpus:
+        sys.stderr.write(f"error: unknown GPU {args.gpu!r}; known: {', '.join(sorted(cat.gpus))}\n")
+        return Exit.INVALID
+    explicit = {"parameters": args.params, "layers": args.layers, "heads": args.heads,
+                "kv_heads": args.kv_heads, "head_dim": args.head_dim, "vocab": args.vocab}
+    values = {k: v if v is not None else (getattr(base, k) if base else None) for k, v in explicit.items()}
+    missing = [k for k, v in values.items() if v is None]
+    if missing:
+        sys.stderr.write(f"error: give --model or the architecture; missing: {', '.join(missing)}\n")
+        return Exit.INVALID
+    arch = vram.Architecture(**values)  # type: ignore[arg-type]
+    count = args.count or args.tp * args.pp
+    dep = vram.Deployment(gpu=args.gpu, gpu_usable_gib=cat.gpus[args.gpu].usable_gib, gpu_count=count,
+                          dtype=DType(args.dtype), kv_cache_dtype=KvCacheDType(args.kv_dtype),
+                          tensor_parallel=args.tp, pipeline_parallel=args.pp, utilization=args.utilization,
+                          context_length=args.context, concurrency=args.concurrency)
+    result = vram.plan(arch, dep)
+
+    def render(d: dict[str, Any]) -> str:
+        rows = [("GPU", f"{count}x {args.gpu} ({cat.gpus[args.gpu].usable_gib} GiB usable each)"),
+                ("budget per GPU", f"{d['budget_gib']:.2f} GiB ({args.utilization:.2f} utilisation)"),
+                ("weights per GPU", f"{d['weights_gib']:.2f} GiB ({args.dtype})"),
+                ("activation + overhead", f"{d['activation_gib']:.2f} GiB"),
+                ("KV cache per GPU", f"{d['kv_cache_gib']:.2f} GiB"),
+                ("KV bytes per token", f"{d['kv_bytes_per_token']} ({d['kv_bytes_per_token'] / 1024:.0f} KiB)"),
+                ("max tokens", d["max_tokens"]),
+                ("max sequences at context", d["max_sequences"]),
+                ("verdict", d["verdict"])]
+        return table(rows, ["figure", "value"])
+
+    emit(args.json, result.as_dict(), render)
+    return Exit.OK if result.fits else Exit.FAILED

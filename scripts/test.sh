@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The test command (README, CI): set up, static checks, then every test — unit, Pulumi mocks,
+# and the lab tests (marked `lab`; they need root and skip with a stated reason otherwise).
+#   ./scripts/test.sh            everything
+#   ./scripts/test.sh --no-lab   static checks + unit + Pulumi mock tests only
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/setup.sh
+export PATH="$PWD/.venv/bin:$PATH"
+
+step() { printf '\n== %s\n' "$*"; }
+step "ruff";            ruff check infra tests
+step "mypy";            mypy
+step "schema is current"; gpufleet schema --check
+step "stacks validate"; for f in stacks/Pulumi.*.yaml; do gpufleet validate --stack-file "$f"; done
+if [[ -d roles && -n "$(ls -A roles 2>/dev/null)" ]]; then
+  step "yamllint";      yamllint -s roles playbooks stacks
+  step "ansible-lint";  ANSIBLE_ROLES_PATH="$PWD/roles" ansible-lint --offline --profile production roles playbooks
+fi
+
+pytest_args=(-q)
+if [[ "${1:-}" == "--no-lab" ]]; then pytest_args+=(-m "not lab"); fi
+step "pytest"
+pytest "${pytest_args[@]}"
