@@ -470,6 +470,15 @@ class ModelArch(_Model):
     """Vocabulary size."""
 
 
+class Controller(_Model):
+    """How the controller (where `gpufleet`/`pulumi` runs) reaches nodes."""
+
+    ssh_config: str | None = Field(default=None, pattern=r"^/")
+    """OpenSSH client config used for nodes (IdentityFile, UserKnownHostsFile with pinned host keys)."""
+    known_hosts: str | None = Field(default=None, pattern=r"^/")
+    """known_hosts file with the nodes' pinned host keys (StrictHostKeyChecking=yes)."""
+
+
 class Site(_Model):
     """A whole GPU site: the `gpufleet:site` object of a stack file."""
 
@@ -495,6 +504,8 @@ class Site(_Model):
     """Additions to the built-in GPU/model catalogue."""
     admin_keys: list[str] = []
     """SSH public keys of administrators, installed for the admin user."""
+    controller: Controller = Controller()
+    """Controller-side SSH settings."""
     lab_mode: Literal[False, True] = False
     """True only in the lab stack: nodes are containers with simulated GPUs (roles skip hardware steps)."""
 
