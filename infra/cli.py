@@ -11,9 +11,7 @@ from infra.console import Exit
 from infra.model.load import SiteError
 
 # Each module defines `register(subparsers)`; commands set `func(args) -> int`.
-COMMAND_MODULES = (
-    "infra.commands.site",
-)
+COMMAND_MODULES = ("infra.commands.site",)
 
 
 def build_parser() -> argparse.ArgumentParser:

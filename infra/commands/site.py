@@ -48,8 +48,14 @@ def register(sub: Any) -> None:
 
     p = sub.add_parser("vram", help="does a model fit: weights, KV cache, max tokens, smallest change to fit")
     p.add_argument("--model", help="catalogue model name (e.g. llama-3.1-70b)")
-    for flag, typ in (("--params", float), ("--layers", int), ("--heads", int), ("--kv-heads", int),
-                      ("--head-dim", int), ("--vocab", int)):
+    for flag, typ in (
+        ("--params", float),
+        ("--layers", int),
+        ("--heads", int),
+        ("--kv-heads", int),
+        ("--head-dim", int),
+        ("--vocab", int),
+    ):
         p.add_argument(flag, type=typ, help="explicit architecture (overrides the catalogue entry)")
     p.add_argument("--gpu", default="H100", help="catalogue GPU (default H100)")
     p.add_argument("--count", type=int, help="GPUs on the node (default: tp × pp)")
@@ -75,10 +81,18 @@ def cmd_validate(args: argparse.Namespace) -> int:
         else:
             sys.stderr.write(str(exc) + "\n")
         return Exit.INVALID
-    data = {"valid": True, "site": site.name, "nodes": len(site.nodes), "segments": len(site.segments),
-            "services": len(site.services)}
-    emit(args.json, data, lambda d: f"{d['site']}: valid ({d['nodes']} nodes, {d['segments']} segments, "
-                                    f"{d['services']} services)")
+    data = {
+        "valid": True,
+        "site": site.name,
+        "nodes": len(site.nodes),
+        "segments": len(site.segments),
+        "services": len(site.services),
+    }
+    emit(
+        args.json,
+        data,
+        lambda d: f"{d['site']}: valid ({d['nodes']} nodes, {d['segments']} segments, {d['services']} services)",
+    )
     return Exit.OK
 
 
@@ -95,8 +109,12 @@ def node_plan_dict(n: NodePlan) -> dict[str, Any]:
         "packages": [{"name": p.name, "version": p.version, "component": p.component.value} for p in n.packages],
         "summary": n.summary(),
         "services": [
-            {"name": s.name, "engine": s.service.engine.value, "model": s.service.model.name,
-             "vram": s.vram.as_dict() if s.vram else None}
+            {
+                "name": s.name,
+                "engine": s.service.engine.value,
+                "model": s.service.model.name,
+                "vram": s.vram.as_dict() if s.vram else None,
+            }
             for s in n.services
         ],
     }
@@ -105,21 +123,46 @@ def node_plan_dict(n: NodePlan) -> dict[str, Any]:
 def _render_plan(data: dict[str, Any]) -> str:
     out = []
     for n in data["nodes"]:
-        out.append(f"{n['hostname']}  segment={n['segment']}{' (air-gapped)' if n['airgapped'] else ''}  "
-                   f"batch={n['batch']}  profile={n['profile']}  reboot={n['reboot_policy']}")
+        out.append(
+            f"{n['hostname']}  segment={n['segment']}{' (air-gapped)' if n['airgapped'] else ''}  "
+            f"batch={n['batch']}  profile={n['profile']}  reboot={n['reboot_policy']}"
+        )
         out.append(f"  roles: {', '.join(n['roles'])}")
-        out.append("  " + table([(p["component"], p["name"], p["version"]) for p in n["packages"]],
-                                ["component", "package", "version"]).replace("\n", "\n  "))
+        out.append(
+            "  "
+            + table(
+                [(p["component"], p["name"], p["version"]) for p in n["packages"]], ["component", "package", "version"]
+            ).replace("\n", "\n  ")
+        )
         if n["services"]:
             rows = []
             for s in n["services"]:
                 v = s["vram"]
-                rows.append((s["name"], s["engine"], s["model"],
-                             *(("-", "-", "-", "-", "n/a (llama.cpp)") if v is None else
-                               (f"{v['weights_gib']:.1f}", f"{v['kv_cache_gib']:.1f}", v["max_tokens"],
-                                v["required_tokens"], "fits" if v["fits"] else "DOES NOT FIT"))))
-            out.append("  " + table(rows, ["service", "engine", "model", "weights GiB/GPU", "KV GiB/GPU",
-                                           "max tokens", "needed", "verdict"]).replace("\n", "\n  "))
+                rows.append(
+                    (
+                        s["name"],
+                        s["engine"],
+                        s["model"],
+                        *(
+                            ("-", "-", "-", "-", "n/a (llama.cpp)")
+                            if v is None
+                            else (
+                                f"{v['weights_gib']:.1f}",
+                                f"{v['kv_cache_gib']:.1f}",
+                                v["max_tokens"],
+                                v["required_tokens"],
+                                "fits" if v["fits"] else "DOES NOT FIT",
+                            )
+                        ),
+                    )
+                )
+            out.append(
+                "  "
+                + table(
+                    rows,
+                    ["service", "engine", "model", "weights GiB/GPU", "KV GiB/GPU", "max tokens", "needed", "verdict"],
+                ).replace("\n", "\n  ")
+            )
         out.append("")
     return "\n".join(out)
 
@@ -187,8 +230,14 @@ def cmd_vram(args: argparse.Namespace) -> int:
     if args.gpu not in cat.gpus:
         sys.stderr.write(f"error: unknown GPU {args.gpu!r}; known: {', '.join(sorted(cat.gpus))}\n")
         return Exit.INVALID
-    explicit = {"parameters": args.params, "layers": args.layers, "heads": args.heads,
-                "kv_heads": args.kv_heads, "head_dim": args.head_dim, "vocab": args.vocab}
+    explicit = {
+        "parameters": args.params,
+        "layers": args.layers,
+        "heads": args.heads,
+        "kv_heads": args.kv_heads,
+        "head_dim": args.head_dim,
+        "vocab": args.vocab,
+    }
     values = {k: v if v is not None else (getattr(base, k) if base else None) for k, v in explicit.items()}
     missing = [k for k, v in values.items() if v is None]
     if missing:
@@ -196,22 +245,32 @@ def cmd_vram(args: argparse.Namespace) -> int:
         return Exit.INVALID
     arch = vram.Architecture(**values)  # type: ignore[arg-type]
     count = args.count or args.tp * args.pp
-    dep = vram.Deployment(gpu=args.gpu, gpu_usable_gib=cat.gpus[args.gpu].usable_gib, gpu_count=count,
-                          dtype=DType(args.dtype), kv_cache_dtype=KvCacheDType(args.kv_dtype),
-                          tensor_parallel=args.tp, pipeline_parallel=args.pp, utilization=args.utilization,
-                          context_length=args.context, concurrency=args.concurrency)
+    dep = vram.Deployment(
+        gpu=args.gpu,
+        gpu_usable_gib=cat.gpus[args.gpu].usable_gib,
+        gpu_count=count,
+        dtype=DType(args.dtype),
+        kv_cache_dtype=KvCacheDType(args.kv_dtype),
+        tensor_parallel=args.tp,
+        pipeline_parallel=args.pp,
+        utilization=args.utilization,
+        context_length=args.context,
+        concurrency=args.concurrency,
+    )
     result = vram.plan(arch, dep)
 
     def render(d: dict[str, Any]) -> str:
-        rows = [("GPU", f"{count}x {args.gpu} ({cat.gpus[args.gpu].usable_gib} GiB usable each)"),
-                ("budget per GPU", f"{d['budget_gib']:.2f} GiB ({args.utilization:.2f} utilisation)"),
-                ("weights per GPU", f"{d['weights_gib']:.2f} GiB ({args.dtype})"),
-                ("activation + overhead", f"{d['activation_gib']:.2f} GiB"),
-                ("KV cache per GPU", f"{d['kv_cache_gib']:.2f} GiB"),
-                ("KV bytes per token", f"{d['kv_bytes_per_token']} ({d['kv_bytes_per_token'] / 1024:.0f} KiB)"),
-                ("max tokens", d["max_tokens"]),
-                ("max sequences at context", d["max_sequences"]),
-                ("verdict", d["verdict"])]
+        rows = [
+            ("GPU", f"{count}x {args.gpu} ({cat.gpus[args.gpu].usable_gib} GiB usable each)"),
+            ("budget per GPU", f"{d['budget_gib']:.2f} GiB ({args.utilization:.2f} utilisation)"),
+            ("weights per GPU", f"{d['weights_gib']:.2f} GiB ({args.dtype})"),
+            ("activation + overhead", f"{d['activation_gib']:.2f} GiB"),
+            ("KV cache per GPU", f"{d['kv_cache_gib']:.2f} GiB"),
+            ("KV bytes per token", f"{d['kv_bytes_per_token']} ({d['kv_bytes_per_token'] / 1024:.0f} KiB)"),
+            ("max tokens", d["max_tokens"]),
+            ("max sequences at context", d["max_sequences"]),
+            ("verdict", d["verdict"]),
+        ]
         return table(rows, ["figure", "value"])
 
     emit(args.json, result.as_dict(), render)

@@ -46,8 +46,10 @@ def read_stack_config(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
-        raise SiteError(str(path), [Problem("(file)", "stack file not found",
-                                            "create it, or pass --stack with an existing stack name")]) from None
+        raise SiteError(
+            str(path),
+            [Problem("(file)", "stack file not found", "create it, or pass --stack with an existing stack name")],
+        ) from None
     except yaml.YAMLError as exc:
         raise SiteError(str(path), [Problem("(file)", f"not valid YAML: {exc}", "fix the YAML syntax")]) from None
     config = data.get("config") or {}
@@ -83,8 +85,11 @@ def parse_site(raw: Any, source: str = "gpufleet:site") -> Site:
         site = Site.model_validate(raw)
     except ValidationError as exc:
         problems = [
-            Problem(_loc_to_path(e["loc"]), e["msg"].removeprefix("Value error, "),
-                    _FIXES.get(e["type"], "correct the value"))
+            Problem(
+                _loc_to_path(e["loc"]),
+                e["msg"].removeprefix("Value error, "),
+                _FIXES.get(e["type"], "correct the value"),
+            )
             for e in exc.errors(include_url=False)
         ]
         raise SiteError(source, problems) from None
@@ -102,6 +107,7 @@ def load_site(stack: str | None = None, path: Path | None = None) -> Site:
         path = stack_path(stack)
     config = read_stack_config(path)
     if CONFIG_KEY not in config:
-        raise SiteError(str(path), [Problem(f"config.{CONFIG_KEY}", "missing",
-                                            f"put the site object under config: {CONFIG_KEY}:")])
+        raise SiteError(
+            str(path), [Problem(f"config.{CONFIG_KEY}", "missing", f"put the site object under config: {CONFIG_KEY}:")]
+        )
     return parse_site(config[CONFIG_KEY], source=f"{path} ({CONFIG_KEY})")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network, ip_address
+from ipaddress import IPv4Address, IPv4Network
 from urllib.parse import urlsplit
 
 from infra.model.catalogue import ResolvedCatalogue, resolve
@@ -58,14 +58,16 @@ def unique_names(site: Site, cat: ResolvedCatalogue) -> Iterator[Problem]:
     """Hostnames, segment, mirror and service names are unique."""
     yield from _duplicates(
         ((f"segments[{i}].name", s.name) for i, s in enumerate(site.segments)),
-        "segment name", "give each segment its own name",
+        "segment name",
+        "give each segment its own name",
     )
     hosts = [(f"nodes[{i}].hostname", n.hostname) for i, n in enumerate(site.nodes)]
     hosts += [(f"mirrors[{i}].name", m.name) for i, m in enumerate(site.mirrors)]
     yield from _duplicates(iter(hosts), "hostname", "give each node and mirror its own hostname")
     yield from _duplicates(
         ((f"services[{i}].name", s.name) for i, s in enumerate(site.services)),
-        "service name", "give each inference service its own name",
+        "service name",
+        "give each inference service its own name",
     )
 
 
@@ -94,8 +96,9 @@ def networks(site: Site, cat: ResolvedCatalogue) -> Iterator[Problem]:
                     "give each segment a distinct, non-overlapping network",
                 )
         if a.gateway is not None and a.gateway not in a.cidr:
-            yield Problem(f"segments[{i}].gateway", f"gateway {a.gateway} is outside {a.cidr}",
-                          f"use an address inside {a.cidr}")
+            yield Problem(
+                f"segments[{i}].gateway", f"gateway {a.gateway} is outside {a.cidr}", f"use an address inside {a.cidr}"
+            )
     by_name = {s.name: s for s in segs}
     hosts: list[tuple[str, str, IPv4Address]] = [
         (f"nodes[{i}]", n.segment, n.address) for i, n in enumerate(site.nodes)
@@ -106,11 +109,17 @@ def networks(site: Site, cat: ResolvedCatalogue) -> Iterator[Problem]:
         if seg is None:
             yield Problem(f"{path}.segment", f"unknown segment {seg_name!r}", f"use one of: {names}")
         elif addr not in seg.cidr:
-            yield Problem(f"{path}.address", f"{addr} is outside segment {seg.name!r} ({seg.cidr})",
-                          f"use an address inside {seg.cidr} or move the host to the right segment")
+            yield Problem(
+                f"{path}.address",
+                f"{addr} is outside segment {seg.name!r} ({seg.cidr})",
+                f"use an address inside {seg.cidr} or move the host to the right segment",
+            )
         elif addr in (seg.cidr.network_address, seg.cidr.broadcast_address) or addr == seg.gateway:
-            yield Problem(f"{path}.address", f"{addr} is the network, broadcast or gateway address of {seg.cidr}",
-                          "use a host address")
+            yield Problem(
+                f"{path}.address",
+                f"{addr} is the network, broadcast or gateway address of {seg.cidr}",
+                "use a host address",
+            )
 
 
 @rule
@@ -122,18 +131,25 @@ def references(site: Site, cat: ResolvedCatalogue) -> Iterator[Problem]:
     mirrors = {m.name for m in site.mirrors}
     for i, s in enumerate(site.segments):
         if s.mirror is not None and s.mirror not in mirrors:
-            yield Problem(f"segments[{i}].mirror", f"unknown mirror {s.mirror!r}",
-                          f"declare it under mirrors or use one of: {', '.join(sorted(mirrors)) or '(none)'}")
+            yield Problem(
+                f"segments[{i}].mirror",
+                f"unknown mirror {s.mirror!r}",
+                f"declare it under mirrors or use one of: {', '.join(sorted(mirrors)) or '(none)'}",
+            )
     gpus = ", ".join(sorted(cat.gpus))
     for i, n in enumerate(site.nodes):
         if n.profile is not None and n.profile not in site.profiles:
             yield Problem(f"nodes[{i}].profile", f"unknown profile {n.profile!r}", f"use one of: {profiles}")
         if n.gpu.model not in cat.gpus:
-            yield Problem(f"nodes[{i}].gpu.model", f"unknown GPU model {n.gpu.model!r}",
-                          f"use one of: {gpus}, or add it under catalogue.gpus")
+            yield Problem(
+                f"nodes[{i}].gpu.model",
+                f"unknown GPU model {n.gpu.model!r}",
+                f"use one of: {gpus}, or add it under catalogue.gpus",
+            )
         elif n.gpu.nvswitch and not cat.gpus[n.gpu.model].nvswitch_capable:
-            yield Problem(f"nodes[{i}].gpu.nvswitch", f"{n.gpu.model} is not sold in NVSwitch systems",
-                          "set nvswitch: false")
+            yield Problem(
+                f"nodes[{i}].gpu.nvswitch", f"{n.gpu.model} is not sold in NVSwitch systems", "set nvswitch: false"
+            )
     hostnames = {n.hostname: n for n in site.nodes}
     for i, svc in enumerate(site.services):
         for j, host in enumerate(svc.nodes):
@@ -141,8 +157,11 @@ def references(site: Site, cat: ResolvedCatalogue) -> Iterator[Problem]:
             if node is None:
                 yield Problem(f"services[{i}].nodes[{j}]", f"unknown node {host!r}", "name a node declared under nodes")
             elif "inference" not in node.roles:
-                yield Problem(f"services[{i}].nodes[{j}]", f"node {host!r} does not have the inference role",
-                              f"add 'inference' to the roles of {host}")
+                yield Problem(
+                    f"services[{i}].nodes[{j}]",
+                    f"node {host!r} does not have the inference role",
+                    f"add 'inference' to the roles of {host}",
+                )
 
 
 @rule
@@ -153,8 +172,11 @@ def ports(site: Site, cat: ResolvedCatalogue) -> Iterator[Problem]:
         for host in svc.nodes:
             key = (host, svc.port)
             if key in used:
-                yield Problem(f"services[{i}].port", f"port {svc.port} on {host} is already used by {used[key]}",
-                              "give the service another port")
+                yield Problem(
+                    f"services[{i}].port",
+                    f"port {svc.port} on {host} is already used by {used[key]}",
+                    "give the service another port",
+                )
             else:
                 used[key] = svc.name
 
@@ -178,23 +200,34 @@ def airgap(site: Site, cat: ResolvedCatalogue) -> Iterator[Problem]:
             continue
         mirror = mirrors.get(s.mirror) if s.mirror else None
         if s.mirror is None:
-            yield Problem(f"segments[{i}].mirror", "air-gapped segment has no mirror",
-                          "declare a mirror on this segment and name it here")
+            yield Problem(
+                f"segments[{i}].mirror",
+                "air-gapped segment has no mirror",
+                "declare a mirror on this segment and name it here",
+            )
             continue
         if mirror is None:
             continue  # reported by `references`
         if mirror.segment != s.name:
-            yield Problem(f"segments[{i}].mirror", f"mirror {mirror.name!r} is on segment {mirror.segment!r}",
-                          "put the air-gapped segment's mirror on the segment itself")
+            yield Problem(
+                f"segments[{i}].mirror",
+                f"mirror {mirror.name!r} is on segment {mirror.segment!r}",
+                "put the air-gapped segment's mirror on the segment itself",
+            )
         if s.sources:
-            yield Problem(f"segments[{i}].sources", "air-gapped segment lists upstream sources",
-                          "remove them: air-gapped nodes install only from their mirror")
+            yield Problem(
+                f"segments[{i}].sources",
+                "air-gapped segment lists upstream sources",
+                "remove them: air-gapped nodes install only from their mirror",
+            )
         mirror_net = IPv4Network(f"{mirror.address}/32")
         for j, net in enumerate(s.egress_allow):
             if net != mirror_net:
-                yield Problem(f"segments[{i}].egress_allow[{j}]",
-                              f"{net} is outside the mirror; an air-gapped segment may reach only {mirror_net}",
-                              "remove it (egress of air-gapped segments is the mirror only)")
+                yield Problem(
+                    f"segments[{i}].egress_allow[{j}]",
+                    f"{net} is outside the mirror; an air-gapped segment may reach only {mirror_net}",
+                    "remove it (egress of air-gapped segments is the mirror only)",
+                )
         allowed[s.name] = {str(mirror.address), mirror.name}
     for i, n in enumerate(site.nodes):
         ok = allowed.get(n.segment)
@@ -202,18 +235,28 @@ def airgap(site: Site, cat: ResolvedCatalogue) -> Iterator[Problem]:
             continue
         for j, url in enumerate(n.extra_sources):
             if _host_of(url) not in ok:
-                yield Problem(f"nodes[{i}].extra_sources[{j}]", f"{url} is outside mirror {by_seg[n.segment].mirror!r}",
-                              "serve it from the segment's mirror (gpufleet bundle) and point there")
+                yield Problem(
+                    f"nodes[{i}].extra_sources[{j}]",
+                    f"{url} is outside mirror {by_seg[n.segment].mirror!r}",
+                    "serve it from the segment's mirror (gpufleet bundle) and point there",
+                )
     nodes = {n.hostname: n for n in site.nodes}
     for i, svc in enumerate(site.services):
         segs = {nodes[h].segment for h in svc.nodes if h in nodes}
         for seg in sorted(segs & allowed.keys()):
             ok = allowed[seg]
-            for field, url in (("model.source", svc.model.source), ("image", svc.image), ("wheel", svc.wheel)):
-                if url is not None and _host_of(url) not in ok:
-                    yield Problem(f"services[{i}].{field}",
-                                  f"{url} is outside mirror {by_seg[seg].mirror!r} of air-gapped segment {seg!r}",
-                                  "import it into the mirror with `gpufleet bundle` and refer to the mirror")
+            refs: tuple[tuple[str, str | None], ...] = (
+                ("model.source", svc.model.source),
+                ("image", svc.image),
+                ("wheel", svc.wheel),
+            )
+            for field, ref in refs:
+                if ref is not None and _host_of(ref) not in ok:
+                    yield Problem(
+                        f"services[{i}].{field}",
+                        f"{ref} is outside mirror {by_seg[seg].mirror!r} of air-gapped segment {seg!r}",
+                        "import it into the mirror with `gpufleet bundle` and refer to the mirror",
+                    )
 
 
 def _version_tuple(v: str) -> tuple[int, ...]:
@@ -230,40 +273,62 @@ def versions(site: Site, cat: ResolvedCatalogue) -> Iterator[Problem]:
     for name, p in site.profiles.items():
         path = f"profiles.{name}"
         if not p.driver.version.startswith(p.driver.branch + "."):
-            yield Problem(f"{path}.driver.version", f"{p.driver.version} is not on branch {p.driver.branch}",
-                          f"set driver.branch to {p.driver.version.split('.')[0]} or pick a {p.driver.branch}.x version")
+            yield Problem(
+                f"{path}.driver.version",
+                f"{p.driver.version} is not on branch {p.driver.branch}",
+                f"set driver.branch to {p.driver.version.split('.')[0]} or pick a {p.driver.branch}.x version",
+            )
         cuda_minor = ".".join(p.cuda.version.split(".")[:2])
         need = cat.cuda_min_driver.get(cuda_minor)
         if need is None:
-            yield Problem(f"{path}.cuda.version", f"CUDA {p.cuda.version} is not in the compatibility table",
-                          f"use one of: {', '.join(cat.cuda_min_driver)}")
+            yield Problem(
+                f"{path}.cuda.version",
+                f"CUDA {p.cuda.version} is not in the compatibility table",
+                f"use one of: {', '.join(cat.cuda_min_driver)}",
+            )
         elif _version_tuple(p.driver.version) < _version_tuple(need):
-            yield Problem(f"{path}.cuda.version",
-                          f"CUDA {p.cuda.version} needs driver ≥ {need}, profile pins {p.driver.version}",
-                          f"raise driver.version to ≥ {need} or use an older CUDA")
+            yield Problem(
+                f"{path}.cuda.version",
+                f"CUDA {p.cuda.version} needs driver ≥ {need}, profile pins {p.driver.version}",
+                f"raise driver.version to ≥ {need} or use an older CUDA",
+            )
         fm = p.fabric_manager
         if name in nvswitch_profiles and not fm.enabled:
-            yield Problem(f"{path}.fabric_manager.enabled",
-                          f"{nvswitch_profiles[name]} has NVSwitch but this profile has no fabric manager",
-                          f"set fabric_manager: {{enabled: true, version: {p.driver.version}}}")
+            yield Problem(
+                f"{path}.fabric_manager.enabled",
+                f"{nvswitch_profiles[name]} has NVSwitch but this profile has no fabric manager",
+                f"set fabric_manager: {{enabled: true, version: {p.driver.version}}}",
+            )
         if fm.enabled and fm.version is None:
-            yield Problem(f"{path}.fabric_manager.version", "fabric manager is enabled but not pinned",
-                          f"set it to the driver version {p.driver.version}")
+            yield Problem(
+                f"{path}.fabric_manager.version",
+                "fabric manager is enabled but not pinned",
+                f"set it to the driver version {p.driver.version}",
+            )
         elif fm.enabled and fm.version != p.driver.version:
-            yield Problem(f"{path}.fabric_manager.version",
-                          f"fabric manager {fm.version} differs from driver {p.driver.version}",
-                          f"fabric manager must be exactly the driver version: set {p.driver.version}")
+            yield Problem(
+                f"{path}.fabric_manager.version",
+                f"fabric manager {fm.version} differs from driver {p.driver.version}",
+                f"fabric manager must be exactly the driver version: set {p.driver.version}",
+            )
         if p.dcgm.enabled and p.dcgm.version is None:
-            yield Problem(f"{path}.dcgm.version", "DCGM is enabled but not pinned",
-                          "set an exact DCGM package version, e.g. '1:4.2.3-1'")
+            yield Problem(
+                f"{path}.dcgm.version",
+                "DCGM is enabled but not pinned",
+                "set an exact DCGM package version, e.g. '1:4.2.3-1'",
+            )
 
 
 def model_arch(svc: InferenceService, cat: ResolvedCatalogue) -> vram.Architecture | None:
     """The served model's architecture: explicit fields over the catalogue entry of its name."""
     base = cat.models.get(svc.model.name)
     fields = ("parameters", "layers", "heads", "kv_heads", "head_dim", "vocab")
-    values = {f: getattr(svc.model, f) if getattr(svc.model, f) is not None else
-              (getattr(base, f) if base is not None else None) for f in fields}
+    values = {
+        f: getattr(svc.model, f)
+        if getattr(svc.model, f) is not None
+        else (getattr(base, f) if base is not None else None)
+        for f in fields
+    }
     if any(v is None for v in values.values()):
         return None
     return vram.Architecture(**values)  # type: ignore[arg-type]
@@ -273,10 +338,15 @@ def deployment(svc: InferenceService, node: Node, cat: ResolvedCatalogue) -> vra
     """The VRAM deployment of a service on one node."""
     gpu = cat.gpus[node.gpu.model]
     return vram.Deployment(
-        gpu=node.gpu.model, gpu_usable_gib=gpu.usable_gib, gpu_count=node.gpu.count,
-        dtype=svc.model.dtype, kv_cache_dtype=svc.kv_cache_dtype,
-        tensor_parallel=svc.tensor_parallel, pipeline_parallel=svc.pipeline_parallel,
-        utilization=svc.gpu_memory_utilization, context_length=svc.model.context_length,
+        gpu=node.gpu.model,
+        gpu_usable_gib=gpu.usable_gib,
+        gpu_count=node.gpu.count,
+        dtype=svc.model.dtype,
+        kv_cache_dtype=svc.kv_cache_dtype,
+        tensor_parallel=svc.tensor_parallel,
+        pipeline_parallel=svc.pipeline_parallel,
+        utilization=svc.gpu_memory_utilization,
+        context_length=svc.model.context_length,
         concurrency=svc.max_concurrency,
     )
 
@@ -288,15 +358,24 @@ def services(site: Site, cat: ResolvedCatalogue) -> Iterator[Problem]:
     for i, svc in enumerate(site.services):
         path = f"services[{i}]"
         if svc.image is None and svc.engine is not Engine.LLAMACPP:
-            yield Problem(f"{path}.image", f"{svc.engine.value} runs as a container and needs an image",
-                          "set image: registry/repo@sha256:<digest>")
+            yield Problem(
+                f"{path}.image",
+                f"{svc.engine.value} runs as a container and needs an image",
+                "set image: registry/repo@sha256:<digest>",
+            )
         if svc.engine is Engine.LLAMACPP and svc.image is None and svc.wheel is None:
-            yield Problem(f"{path}.wheel", "native llamacpp needs the llama-cpp-python wheel URL",
-                          "set wheel: to the wheel on the mirror, or set an image")
+            yield Problem(
+                f"{path}.wheel",
+                "native llamacpp needs the llama-cpp-python wheel URL",
+                "set wheel: to the wheel on the mirror, or set an image",
+            )
         arch = model_arch(svc, cat)
         if arch is None:
-            yield Problem(f"{path}.model", f"model {svc.model.name!r} is not in the catalogue and its architecture is incomplete",
-                          "set parameters, layers, heads, kv_heads, head_dim and vocab, or add it under catalogue.models")
+            yield Problem(
+                f"{path}.model",
+                f"model {svc.model.name!r} is not in the catalogue and its architecture is incomplete",
+                "set parameters, layers, heads, kv_heads, head_dim and vocab, or add it under catalogue.models",
+            )
             continue
         if svc.engine is Engine.LLAMACPP:
             continue  # llama.cpp on CPU/GPU offload: no vLLM budget rule applies
@@ -309,12 +388,17 @@ def services(site: Site, cat: ResolvedCatalogue) -> Iterator[Problem]:
                 continue
             seen_models.add(node.gpu.model)
             if svc.tensor_parallel * svc.pipeline_parallel > node.gpu.count:
-                yield Problem(f"{path}.tensor_parallel",
-                              f"tensor_parallel × pipeline_parallel = {svc.tensor_parallel * svc.pipeline_parallel} "
-                              f"exceeds the {node.gpu.count} GPUs of {host}",
-                              f"use at most {node.gpu.count} GPUs or target nodes with more")
+                yield Problem(
+                    f"{path}.tensor_parallel",
+                    f"tensor_parallel × pipeline_parallel = {svc.tensor_parallel * svc.pipeline_parallel} "
+                    f"exceeds the {node.gpu.count} GPUs of {host}",
+                    f"use at most {node.gpu.count} GPUs or target nodes with more",
+                )
                 continue
             result = vram.plan(arch, deployment(svc, node, cat))
             if not result.fits and not result.errors:
-                yield Problem(f"{path}.model", f"{svc.model.name} on {host} ({node.gpu.count}× {node.gpu.model}) "
-                              + result.verdict(), "apply one of the changes above")
+                yield Problem(
+                    f"{path}.model",
+                    f"{svc.model.name} on {host} ({node.gpu.count}× {node.gpu.model}) " + result.verdict(),
+                    "apply one of the changes above",
+                )

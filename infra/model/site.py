@@ -45,8 +45,7 @@ def _hostname(value: str) -> str:
 def _image_digest(value: str) -> str:
     if not _DIGEST.search(value):
         raise ValueError(
-            f"image {value!r} has no digest; pin it as 'registry/repo@sha256:<64 hex>' "
-            "(tags move, digests do not)"
+            f"image {value!r} has no digest; pin it as 'registry/repo@sha256:<64 hex>' (tags move, digests do not)"
         )
     return value
 

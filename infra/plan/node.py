@@ -115,8 +115,9 @@ class SitePlan:
         for n in self.nodes:
             if n.hostname == hostname:
                 return n
-        raise KeyError(f"no node {hostname!r} in site {self.site.name!r}; known: "
-                       + ", ".join(n.hostname for n in self.nodes))
+        raise KeyError(
+            f"no node {hostname!r} in site {self.site.name!r}; known: " + ", ".join(n.hostname for n in self.nodes)
+        )
 
     def batches(self, segment: str | None = None) -> list[list[NodePlan]]:
         """Rolling batches, per segment, in order."""
@@ -128,8 +129,15 @@ class SitePlan:
 
 
 def _roles_for(node: Node, segment: Segment, services: list[ServicePlan], profile: SoftwareProfile) -> tuple[str, ...]:
-    wanted = {"base", "network", "nvidia_driver", "cuda_toolkit", "container_runtime",
-              "nvidia_container_toolkit", "gpu_validate"}
+    wanted = {
+        "base",
+        "network",
+        "nvidia_driver",
+        "cuda_toolkit",
+        "container_runtime",
+        "nvidia_container_toolkit",
+        "gpu_validate",
+    }
     if segment.airgapped:
         wanted.add("airgap_firewall")
     if services:
@@ -161,8 +169,11 @@ def plan_node(site: Site, node: Node, cat: ResolvedCatalogue | None = None) -> N
         mirror=mirror,
         profile_name=profile_name,
         profile=profile,
-        packages=tuple(packages_for(profile, node.os, fabric_manager=node.gpu.nvswitch,
-                                    monitoring=NodeRole.MONITORING in node.roles)),
+        packages=tuple(
+            packages_for(
+                profile, node.os, fabric_manager=node.gpu.nvswitch, monitoring=NodeRole.MONITORING in node.roles
+            )
+        ),
         roles=_roles_for(node, segment, services, profile),
         reboot_policy=site.reboot.policy,
         services=tuple(services),

@@ -158,9 +158,7 @@ def tp_errors(arch: Architecture, tensor_parallel: int, pipeline_parallel: int =
             f"size ({tensor_parallel}), or tensor parallel size by it."
         )
     if pipeline_parallel > arch.layers:
-        errors.append(
-            f"Pipeline parallel size ({pipeline_parallel}) exceeds the number of layers ({arch.layers})."
-        )
+        errors.append(f"Pipeline parallel size ({pipeline_parallel}) exceeds the number of layers ({arch.layers}).")
     return errors
 
 
@@ -186,9 +184,7 @@ def plan(arch: Architecture, dep: Deployment, *, suggest: bool = True) -> VramPl
     gpus_used = tp * pp
     errors = tp_errors(arch, tp, pp)
     if gpus_used > dep.gpu_count:
-        errors.append(
-            f"tensor_parallel × pipeline_parallel = {gpus_used} exceeds the node's {dep.gpu_count} GPUs."
-        )
+        errors.append(f"tensor_parallel × pipeline_parallel = {gpus_used} exceeds the node's {dep.gpu_count} GPUs.")
     kv_el = kv_dtype_bytes(dep.dtype, dep.kv_cache_dtype)
     kv_token = int(2 * arch.layers * arch.kv_heads * arch.head_dim * kv_el)
     kv_heads_per_gpu = max(arch.kv_heads / tp, 1.0)
