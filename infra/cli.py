@@ -11,7 +11,10 @@ from infra.console import Exit
 from infra.model.load import SiteError
 
 # Each module defines `register(subparsers)`; commands set `func(args) -> int`.
-COMMAND_MODULES = ("infra.commands.site",)
+COMMAND_MODULES = (
+    "infra.commands.site",
+    "infra.bench.cli",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -91,35 +91,3 @@ def make_site(**overrides: Any) -> dict[str, Any]:
     }
     site.update(overrides)
     return copy.deepcopy(site)
-
-
-def generated_site(n_nodes: int, nodes_per_segment: int = 250) -> dict[str, Any]:
-    """A large valid site: `n_nodes` 8x H100 nodes spread over /22 segments (for scale tests and benchmarks)."""
-    n_segments = (n_nodes + nodes_per_segment - 1) // nodes_per_segment
-    segments = [
-        {
-            "name": f"seg{s:03d}",
-            "cidr": f"10.{s // 64}.{(s % 64) * 4}.0/22",
-            "vlan": 100 + s,
-            "gateway": f"10.{s // 64}.{(s % 64) * 4}.1",
-        }
-        for s in range(n_segments)
-    ]
-    nodes = []
-    for i in range(n_nodes):
-        s, k = divmod(i, nodes_per_segment)
-        base3 = (s % 64) * 4 + (k + 10) // 256
-        nodes.append(
-            make_node(
-                f"gpu{i:05d}",
-                f"10.{s // 64}.{base3}.{(k + 10) % 256}",
-                f"seg{s:03d}",
-                f"02:{i >> 24 & 255:02x}:{i >> 16 & 255:02x}:{i >> 8 & 255:02x}:{i & 255:02x}:01",
-            )
-        )
-    return make_site(
-        segments=segments,
-        mirrors=[],
-        nodes=nodes,
-        services=[make_service(nodes=[n["hostname"] for n in nodes[: min(n_nodes, 64)]])],
-    )

@@ -13,7 +13,8 @@ from infra.cli import main
 from infra.commands.site import schema_text, stack_file_schema
 from infra.model.load import load_site, parse_site
 from infra.plan.node import plan_site
-from tests.unit.factories import generated_site, make_site
+from infra.model.generate import generate_site
+from tests.unit.factories import make_site
 
 ROOT = Path(__file__).resolve().parents[2]
 STACKS = sorted(ROOT.glob("stacks/Pulumi.*.yaml"))
@@ -74,7 +75,7 @@ def test_every_field_has_a_description() -> None:
 
 def test_generated_10000_node_site_validates() -> None:
     """A generated 10,000-node site passes every rule (its speed is measured by `gpufleet bench`)."""
-    site = parse_site(generated_site(10_000))
+    site = parse_site(generate_site(10_000))
     assert len(site.nodes) == 10_000
     assert len({n.address for n in site.nodes}) == 10_000
 
