@@ -100,6 +100,7 @@ def node_plan_dict(n: NodePlan) -> dict[str, Any]:
     """JSON form of a node plan."""
     return {
         "hostname": n.hostname,
+        "address": str(n.node.address),
         "segment": n.segment.name,
         "airgapped": n.segment.airgapped,
         "batch": n.batch,
@@ -113,6 +114,7 @@ def node_plan_dict(n: NodePlan) -> dict[str, Any]:
                 "name": s.name,
                 "engine": s.service.engine.value,
                 "model": s.service.model.name,
+                "endpoint": f"http://{n.node.address}:{s.service.port}/v1",
                 "vram": s.vram.as_dict() if s.vram else None,
             }
             for s in n.services
