@@ -1,0 +1,83 @@
+"""What a node should be, as Pulumi `triggers`: a readable summary plus a content hash.
+
+`pulumi preview --diff` shows the summary's changed keys (driver 570.133.20 → 580.95.05) and the
+hash catches everything else that affects the node (a role edit, a host variable, the lock file).
+Expensive parts (the role tree, the lock file) are hashed once per program run, not per node.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from infra.model.site import Site
+from infra.plan.node import NodePlan, content_hash, tree_hash
+
+HostVars = Callable[[NodePlan, Site], dict[str, Any]]
+
+
+def _fallback_host_vars(plan: NodePlan, site: Site) -> dict[str, Any]:
+    # Seam: until infra.plan.rolevars (ROLES engineer) provides the node's real host variables,
+    # hash what decides them: the readable summary, the pinned packages and the node's identity.
+    return {
+        "summary": plan.summary(),
+        "packages": [p.as_dict() for p in plan.packages],
+        "address": str(plan.node.address),
+        "segment": plan.segment.model_dump(mode="json"),
+        "mirror": plan.mirror.model_dump(mode="json") if plan.mirror else None,
+        "services": [s.service.model_dump(mode="json") for s in plan.services],
+        "admin_keys": list(site.admin_keys),
+    }
+
+
+def resolve_host_vars() -> HostVars:
+    """`infra.plan.rolevars.host_vars(plan, site)` (ROLES) when importable, else the documented fallback."""
+    try:
+        from infra.plan import rolevars  # type: ignore[attr-defined,unused-ignore]
+    except ImportError:
+        return _fallback_host_vars
+    fn = getattr(rolevars, "host_vars", None)
+    return fn if callable(fn) else _fallback_host_vars
+
+
+def lock_path(project: Path, stack: str) -> Path:
+    """The stack's lock file (`stacks/Pulumi.<stack>.lock.json`, written by `gpufleet lock`)."""
+    return project / "stacks" / f"Pulumi.{stack}.lock.json"
+
+
+def file_hash(path: Path) -> str:
+    """sha256 of a file, or "" when it does not exist (no lock yet)."""
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except FileNotFoundError:
+        return ""
+
+
+@dataclass(frozen=True)
+class Fingerprints:
+    """Hashes shared by every node of one program run (computed once)."""
+
+    role_tree: str
+    """sha256 over roles/ and playbooks/."""
+    lock: str
+    """sha256 of the stack's lock file, "" without one."""
+
+    @classmethod
+    def of(cls, project: Path, stack: str) -> Fingerprints:
+        """Hash the project's role tree and the stack's lock file."""
+        return cls(role_tree=tree_hash(project), lock=file_hash(lock_path(project, stack)))
+
+
+def converge_trigger(plan: NodePlan, site: Site, prints: Fingerprints, host_vars: HostVars) -> dict[str, str]:
+    """Readable desired state plus `content_hash`: any change replaces (re-runs) the converge step."""
+    out = dict(plan.summary())
+    out["content_hash"] = content_hash(host_vars(plan, site), prints.role_tree, prints.lock)
+    return out
+
+
+def provision_trigger(plan: NodePlan) -> dict[str, str]:
+    """What only a reinstall can change: the OS and the PXE interface. A change here rebuilds the node."""
+    return {"os": plan.node.os.value, "pxe_mac": plan.node.macs[0]}

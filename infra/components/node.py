@@ -1,0 +1,98 @@
+"""`GpuNode`: one bare-metal node's lifecycle — BMC power/boot → wait for SSH → converge → validate."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pulumi
+from pulumi_command import local
+
+from infra.components.commands import NodeCommands
+from infra.components.facts import parse_json_stdout
+
+STEPS = ("bmc", "wait-ssh", "converge", "validate")
+
+
+@dataclass(frozen=True)
+class GpuNodeArgs:
+    """Everything a `GpuNode` needs; built from the node's plan in `infra.components.site`."""
+
+    commands: NodeCommands
+    """Command lines of the steps (from `infra.components.commands.node_commands`)."""
+    workdir: str
+    """Directory the commands run in (the project dir holding Pulumi.yaml and .venv)."""
+    provision_trigger: Mapping[str, str]
+    """What only a reinstall changes (OS, PXE MAC): a change replaces the BMC step = rebuild."""
+    converge_trigger: Mapping[str, str]
+    """Readable desired state plus content hash: a change re-runs converge and validate."""
+    secret_env: Mapping[str, pulumi.Input[str]] = field(default_factory=dict)
+    """Secrets for the BMC step, by environment variable name (Pulumi secrets, never in strings)."""
+    ready: Sequence[pulumi.Resource] = ()
+    """What must finish before the node is touched (its segment's mirror import and status)."""
+    after: Sequence[pulumi.Resource] = ()
+    """Steps of the previous rolling batch that must finish before this node converges."""
+
+    def __post_init__(self) -> None:
+        if not self.workdir:
+            raise ValueError("GpuNodeArgs.workdir must be the project directory")
+        if "content_hash" not in self.converge_trigger:
+            raise ValueError("GpuNodeArgs.converge_trigger needs a content_hash (see infra.components.desired)")
+        for key in self.secret_env:
+            if not key.startswith("GPUFLEET_SECRET_"):
+                raise ValueError(f"secret environment variable {key!r} must be named GPUFLEET_SECRET_<KEY>")
+
+
+class GpuNode(pulumi.ComponentResource):
+    """A GPU node: four `local.Command` steps, each running a `gpufleet` CLI call.
+
+    Replacing `<name>-bmc` (`pulumi up --replace <urn>`) rebuilds the node: its id feeds the next
+    step's triggers, so wait-ssh, converge and validate all run again after the reinstall.
+    """
+
+    bmc: local.Command
+    wait_ssh: local.Command
+    converge: local.Command
+    validate: local.Command
+    facts: pulumi.Output[dict[str, Any]]
+
+    def __init__(self, name: str, args: GpuNodeArgs, opts: pulumi.ResourceOptions | None = None) -> None:
+        super().__init__("gpufleet:node:GpuNode", name, None, opts)
+        c = args.commands
+        self.bmc = local.Command(
+            f"{name}-bmc",
+            create=c.provision,
+            # Input changes other than the trigger (e.g. the CLI path) must not reinstall a node.
+            update=c.power_on,
+            dir=args.workdir,
+            environment=dict(args.secret_env) or None,
+            triggers=[dict(args.provision_trigger)],
+            # BMC output may echo credentials or session tokens (pulumi-command#401).
+            logging=local.Logging.NONE,
+            opts=pulumi.ResourceOptions(parent=self, depends_on=list(args.ready),
+                                        additional_secret_outputs=["stdout", "stderr"]),
+        )
+        self.wait_ssh = local.Command(
+            f"{name}-wait-ssh",
+            create=c.wait_ssh,
+            dir=args.workdir,
+            triggers=[self.bmc.id],
+            opts=pulumi.ResourceOptions(parent=self, depends_on=[self.bmc]),
+        )
+        self.converge = local.Command(
+            f"{name}-converge",
+            create=c.converge,
+            dir=args.workdir,
+            triggers=[dict(args.converge_trigger), self.wait_ssh.id],
+            opts=pulumi.ResourceOptions(parent=self, depends_on=[self.wait_ssh, *args.after]),
+        )
+        self.validate = local.Command(
+            f"{name}-validate",
+            create=c.validate,
+            dir=args.workdir,
+            triggers=[self.converge.id],
+            opts=pulumi.ResourceOptions(parent=self, depends_on=[self.converge]),
+        )
+        self.facts = self.validate.stdout.apply(lambda out: parse_json_stdout(out, "validate-node"))
+        self.register_outputs({"facts": self.facts})
