@@ -12,6 +12,7 @@ from infra.model.load import SiteError
 
 # Each module defines `register(subparsers)`; commands set `func(args) -> int`.
 COMMAND_MODULES = (
+    "infra.bmc.cli",
     "infra.commands.site",
     "infra.bench.cli",
 )

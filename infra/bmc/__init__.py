@@ -1,0 +1,1 @@
+"""BMC control: Redfish power, boot override, inventory; secrets resolution."""

@@ -1,0 +1,250 @@
+"""`gpufleet bmc status|power|boot|inventory|reimage`: BMC control of one node (or every node for status)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from infra.bmc.connect import NoBmcError, client_for
+from infra.bmc.errors import BmcAuthError, BmcError, BmcNotFound, BmcTimeout, BmcTlsError, BmcUnreachable
+from infra.bmc.redfish import BootTarget, PowerAction, RedfishClient, Timeouts
+from infra.bmc.secrets import SecretError, loose_permissions
+from infra.commands.site import add_stack_args, site_from_args
+from infra.console import Exit, confirm, emit, table
+from infra.model.site import Node, Site
+
+_BOOT_CHOICES = {
+    "pxe": BootTarget.PXE,
+    "hdd": BootTarget.HDD,
+    "cd": BootTarget.CD,
+    "usb": BootTarget.USB,
+    "bios": BootTarget.BIOS,
+    "http": BootTarget.UEFI_HTTP,
+}
+
+
+def register(sub: Any) -> None:
+    """Register `gpufleet bmc ...`."""
+    bmc = sub.add_parser("bmc", help="BMC (Redfish) control: power, one-time boot, inventory, reimage")
+    bsub = bmc.add_subparsers(dest="bmc_command", required=True, metavar="ACTION")
+
+    def common(p: argparse.ArgumentParser, *, node_required: bool = True) -> None:
+        add_stack_args(p)
+        p.add_argument(
+            "--node", required=node_required, help="node hostname" + ("" if node_required else " (default: every node)")
+        )
+        p.add_argument(
+            "--timeout",
+            type=float,
+            default=Timeouts.power_timeout,
+            help="seconds to wait for a power change (default %(default)s)",
+        )
+
+    p = bsub.add_parser("status", help="power state and boot override")
+    common(p, node_required=False)
+    p.set_defaults(func=cmd_status)
+
+    p = bsub.add_parser("power", help="ensure a power state (idempotent: `on` on a running node does nothing)")
+    common(p)
+    p.add_argument("--state", required=True, choices=[a.value for a in PowerAction])
+    p.add_argument("--no-wait", action="store_true", help="return once the BMC accepted the request")
+    p.set_defaults(func=cmd_power)
+
+    p = bsub.add_parser("boot", help="set the boot device for the next boot only")
+    common(p)
+    p.add_argument("--target", required=True, choices=sorted(_BOOT_CHOICES))
+    p.add_argument("--persistent", action="store_true", help="every boot (Continuous) instead of the next one")
+    p.set_defaults(func=cmd_boot)
+
+    p = bsub.add_parser("inventory", help="model, serial, UUID and MACs (checked against the stack)")
+    common(p)
+    p.set_defaults(func=cmd_inventory)
+
+    p = bsub.add_parser("reimage", help="one-time PXE boot + reset: the node reinstalls (destroys its disk)")
+    common(p)
+    p.add_argument("--yes", action="store_true", help="do not ask")
+    p.set_defaults(func=cmd_reimage)
+
+
+def _fail(as_json: bool, code: Exit, kind: str, message: str) -> int:
+    if as_json:
+        emit(True, {"ok": False, "error": kind, "message": message}, str)
+    else:
+        sys.stderr.write(f"error: {message}\n")
+    return code
+
+
+def exit_for(exc: BmcError) -> Exit:
+    """Exit code of a BMC failure: can't reach or log in = prerequisite missing (5); else failed (1)."""
+    if isinstance(exc, BmcUnreachable | BmcTimeout | BmcTlsError | BmcAuthError):
+        return Exit.UNAVAILABLE
+    if isinstance(exc, BmcNotFound):
+        return Exit.INVALID
+    return Exit.FAILED
+
+
+def _node(site: Site, hostname: str) -> Node:
+    for n in site.nodes:
+        if n.hostname == hostname:
+            return n
+    raise KeyError(f"no node {hostname!r} in site {site.name!r}; known: " + ", ".join(n.hostname for n in site.nodes))
+
+
+def with_client(args: argparse.Namespace, body: Callable[[Node, RedfishClient], int]) -> int:
+    """Load the node, log in to its BMC, run `body`; turn every failure into a clear message and exit code."""
+    try:
+        node = _node(site_from_args(args), args.node)
+        if node.bmc is not None and loose_permissions(node.bmc.password):
+            sys.stderr.write(f"warning: {node.bmc.password.describe()} is readable by group/others; chmod 600 it\n")
+        with client_for(node, Timeouts(power_timeout=args.timeout)) as client:
+            return body(node, client)
+    except (KeyError, NoBmcError) as exc:
+        return _fail(args.json, Exit.INVALID, "config", str(exc).strip("'\""))
+    except SecretError as exc:
+        return _fail(args.json, Exit.UNAVAILABLE, "secret", str(exc))
+    except BmcError as exc:
+        return _fail(args.json, exit_for(exc), exc.kind, str(exc))
+
+
+def _status_row(node: Node, timeout: float) -> dict[str, Any]:
+    row: dict[str, Any] = {"node": node.hostname, "endpoint": node.bmc.endpoint if node.bmc else None}
+    try:
+        with client_for(node, Timeouts(power_timeout=timeout)) as c:
+            s = c.system()
+            boot = s.get("Boot") or {}
+            row.update(
+                ok=True,
+                power=s.get("PowerState"),
+                boot_target=boot.get("BootSourceOverrideTarget"),
+                boot_enabled=boot.get("BootSourceOverrideEnabled"),
+                auth=c.auth_mode,
+            )
+    except (BmcError, SecretError, NoBmcError) as exc:
+        row.update(ok=False, error=getattr(exc, "kind", "config"), message=str(exc))
+    return row
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Power state and boot override of one node, or of every node with a BMC."""
+    site = site_from_args(args)
+    try:
+        nodes = [_node(site, args.node)] if args.node else [n for n in site.nodes if n.bmc]
+    except KeyError as exc:
+        return _fail(args.json, Exit.INVALID, "config", str(exc).strip("'\""))
+    rows = [_status_row(n, args.timeout) for n in nodes]
+
+    def render(d: dict[str, Any]) -> str:
+        return table(
+            [
+                (
+                    r["node"],
+                    r.get("power", "-"),
+                    f"{r.get('boot_target', '-')} ({r.get('boot_enabled', '-')})",
+                    r["endpoint"],
+                    "ok" if r["ok"] else r["message"],
+                )
+                for r in d["nodes"]
+            ],
+            ["node", "power", "boot override", "bmc", "status"],
+        )
+
+    emit(args.json, {"nodes": rows}, render)
+    return Exit.OK if all(r["ok"] for r in rows) else Exit.UNAVAILABLE
+
+
+def cmd_power(args: argparse.Namespace) -> int:
+    """Ensure a power state and wait for it (unless --no-wait)."""
+
+    def body(node: Node, c: RedfishClient) -> int:
+        result = c.set_power(PowerAction(args.state), wait=not args.no_wait, timeout=args.timeout)
+        emit(
+            args.json,
+            {"ok": True, "node": node.hostname, **result.as_dict()},
+            lambda d: (
+                f"{d['node']}: {d['before']} → {d['after']}"
+                + (f" ({d['reset_type']}, {d['seconds']} s)" if d["changed"] else " (nothing to do)")
+            ),
+        )
+        return Exit.OK
+
+    return with_client(args, body)
+
+
+def cmd_boot(args: argparse.Namespace) -> int:
+    """Set the next boot device (one time unless --persistent)."""
+
+    def body(node: Node, c: RedfishClient) -> int:
+        result = c.set_boot_override(_BOOT_CHOICES[args.target], enabled="Continuous" if args.persistent else "Once")
+        emit(args.json, {"ok": True, "node": node.hostname, **result.as_dict()}, _render_boot(node))
+        return Exit.OK
+
+    return with_client(args, body)
+
+
+def _render_boot(node: Node) -> Callable[[dict[str, Any]], str]:
+    def render(d: dict[str, Any]) -> str:
+        text = f"{node.hostname}: next boot from {d['target']} ({d['enabled']})"
+        if not d["honoured"]:
+            text += (
+                f"\nwarning: asked {d['requested_enabled']}, the BMC reports {d['enabled']}; "
+                "gpufleet sets the boot device back to Hdd after a rebuild"
+            )
+        return text
+
+    return render
+
+
+def cmd_inventory(args: argparse.Namespace) -> int:
+    """Identity of the machine behind the BMC; exit 1 when its MACs do not include the node's PXE MAC."""
+
+    def body(node: Node, c: RedfishClient) -> int:
+        inv = c.inventory().as_dict()
+        declared = node.macs
+        inv["declared_macs"] = declared
+        inv["mac_matches"] = (declared[0] in inv["macs"]) if inv["macs"] else None
+        emit(
+            args.json,
+            {"ok": inv["mac_matches"] is not False, "node": node.hostname, **inv},
+            lambda d: table(
+                [
+                    (
+                        k,
+                        v
+                        if not isinstance(v, list | dict)
+                        else ", ".join(map(str, v))
+                        if isinstance(v, list)
+                        else str(v),
+                    )
+                    for k, v in d.items()
+                    if k != "ok"
+                ],
+                ["field", "value"],
+            ),
+        )
+        return Exit.FAILED if inv["mac_matches"] is False else Exit.OK
+
+    return with_client(args, body)
+
+
+def cmd_reimage(args: argparse.Namespace) -> int:
+    """One-time PXE boot, then reset (or power on): the node reinstalls from the network."""
+    if not confirm(f"reimage {args.node}: its disk will be reinstalled from PXE", args.yes):
+        return Exit.ABORTED
+
+    def body(node: Node, c: RedfishClient) -> int:
+        boot = c.set_boot_override(BootTarget.PXE, enabled="Once")
+        power = c.set_power(PowerAction.RESET, timeout=args.timeout)
+        emit(
+            args.json,
+            {"ok": True, "node": node.hostname, "boot": boot.as_dict(), "power": power.as_dict()},
+            lambda d: (
+                f"{node.hostname}: PXE boot set ({d['boot']['enabled']}), "
+                f"{d['power']['reset_type']}: {d['power']['before']} → {d['power']['after']} "
+                f"in {d['power']['seconds']} s"
+            ),
+        )
+        return Exit.OK
+
+    return with_client(args, body)
