@@ -107,7 +107,14 @@ class RecordingMonitor(pmocks.MockMonitor):
 
     def RegisterResource(self, request: Any) -> Any:  # gRPC method name
         """Record, then let the stock mock monitor answer."""
-        response = super().RegisterResource(request)
+        response = super().RegisterResource(request)  # type: ignore[no-untyped-call]
+        if request.additionalSecretOutputs and response.object:
+            # Do what the engine does and the stock mock does not: return these outputs as secrets.
+            state = rpc.deserialize_properties(response.object)
+            for key in request.additionalSecretOutputs:
+                if key in state:
+                    state[key] = {SECRET_SIG: SECRET_VALUE_SIG, "value": state[key]}
+            response.object.CopyFrom(_sync_await(rpc.serialize_properties(state, {})))
         if request.type != "pulumi:pulumi:Stack":
             reg = Registration(
                 type=request.type, name=request.name, urn=response.urn, parent=request.parent,
@@ -124,7 +131,7 @@ class RecordingMonitor(pmocks.MockMonitor):
         reg = self.by_urn.get(request.urn)
         if reg is not None and request.outputs:
             reg.outputs = rpc.deserialize_properties(request.outputs)
-        return super().RegisterResourceOutputs(request)
+        return super().RegisterResourceOutputs(request)  # type: ignore[no-untyped-call]
 
 
 @dataclass

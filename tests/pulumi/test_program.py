@@ -1,0 +1,288 @@
+"""The Pulumi program under mocks: resource graph, commands, triggers, secrets, URN stability."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import runpy
+from pathlib import Path
+from typing import Any
+
+import pulumi
+import pytest
+
+from infra.components import commands, mocks
+from infra.components.desired import Fingerprints, converge_trigger, resolve_host_vars
+from infra.model.load import parse_site
+from infra.plan.node import plan_site
+from tests.pulumi.conftest import CANARY, ROOT, SECRET_CONFIG, Run, raw_site, run_program
+
+CMD = "command:local:Command"
+
+
+def _by_type(run: Run) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for r in run.rec.resources:
+        out[r.type] = out.get(r.type, 0) + 1
+    return out
+
+
+def test_resource_counts_follow_the_site(stack_run: Run) -> None:
+    """One Site, a component per segment/node/service, 4 steps per node, 2 per mirror, 1 per service."""
+    site = stack_run.plan.site
+    airgapped = [s for s in site.segments if s.airgapped]
+    assert _by_type(stack_run) == {
+        "gpufleet:site:Site": 1,
+        **({"gpufleet:segment:Segment": len(site.segments) - len(airgapped)}
+           if len(site.segments) > len(airgapped) else {}),
+        **({"gpufleet:segment:AirGappedSegment": len(airgapped)} if airgapped else {}),
+        "gpufleet:node:GpuNode": len(site.nodes),
+        **({"gpufleet:inference:InferenceService": len(site.services)} if site.services else {}),
+        CMD: 4 * len(site.nodes) + 2 * len(airgapped) + len(site.services),
+    }
+
+
+def test_children_are_parented_and_named_from_their_component(stack_run: Run) -> None:
+    """Steps are `<node>-<step>` under their GpuNode; nodes sit under their segment, segments under Site."""
+    site_urn = stack_run.reg(stack_run.plan.site.name).urn
+    for p in stack_run.plan.nodes:
+        node = stack_run.reg(p.hostname)
+        assert node.parent == stack_run.reg(p.segment.name).urn
+        assert stack_run.reg(p.segment.name).parent == site_urn
+        for step in ("bmc", "wait-ssh", "converge", "validate"):
+            assert stack_run.reg(f"{p.hostname}-{step}").parent == node.urn
+    for svc in stack_run.plan.site.services:
+        assert stack_run.reg(svc.name).parent == site_urn
+        assert stack_run.reg(f"{svc.name}-health").parent == stack_run.reg(svc.name).urn
+
+
+def test_node_steps_run_in_lifecycle_order(stack_run: Run) -> None:
+    """bmc → wait-ssh → converge → validate, each depending on the one before."""
+    for p in stack_run.plan.nodes:
+        h = p.hostname
+        assert stack_run.reg(f"{h}-bmc").urn in stack_run.reg(f"{h}-wait-ssh").dependencies
+        assert stack_run.reg(f"{h}-wait-ssh").urn in stack_run.reg(f"{h}-converge").dependencies
+        assert stack_run.reg(f"{h}-converge").urn in stack_run.reg(f"{h}-validate").dependencies
+
+
+def test_airgapped_nodes_wait_for_their_mirror(stack_run: Run) -> None:
+    """Import then status of the segment's mirror happen before any of its nodes is touched."""
+    for seg in stack_run.plan.site.segments:
+        nodes = [p for p in stack_run.plan.nodes if p.segment.name == seg.name]
+        if not seg.airgapped:
+            for p in nodes:
+                assert not any("mirror" in d for d in stack_run.reg(f"{p.hostname}-bmc").dependencies)
+            continue
+        imp, status = stack_run.reg(f"{seg.name}-mirror-import"), stack_run.reg(f"{seg.name}-mirror-status")
+        assert imp.urn in status.dependencies
+        assert imp.inputs["create"] == commands.mirror_import(_stack_of(stack_run), seg.mirror or "")
+        for p in nodes:
+            assert status.urn in stack_run.reg(f"{p.hostname}-bmc").dependencies
+
+
+def _stack_of(run: Run) -> str:
+    return run.rec.resources[0].urn.split("::")[0].removeprefix("urn:pulumi:")
+
+
+def test_later_rolling_batches_converge_after_earlier_ones(prod_run: Run) -> None:
+    """With batch_size 1, each node of a segment converges only after the previous one validated."""
+    for batch_list in [prod_run.plan.batches(s.name) for s in prod_run.plan.site.segments]:
+        assert len(batch_list) > 1  # the example has several nodes per segment
+        for earlier, later in itertools.pairwise(batch_list):
+            deps = prod_run.reg(f"{later[0].hostname}-converge").dependencies
+            for e in earlier:
+                assert prod_run.reg(f"{e.hostname}-validate").urn in deps
+    # ... and never on another segment's nodes.
+    first_edge = prod_run.plan.batches("edge")[0][0].hostname
+    assert not [d for d in prod_run.reg(f"{first_edge}-converge").dependencies if "validate" in d]
+
+
+def test_services_wait_for_their_nodes_to_validate(stack_run: Run) -> None:
+    """A service's health check depends on the validate step of every node serving it."""
+    for svc in stack_run.plan.site.services:
+        deps = stack_run.reg(f"{svc.name}-health").dependencies
+        assert {stack_run.reg(f"{h}-validate").urn for h in svc.nodes} <= set(deps)
+
+
+def test_commands_are_the_shared_cli_strings(stack_run: Run) -> None:
+    """Each step's create/update is exactly what infra.components.commands builds, run from the project dir."""
+    stack = _stack_of(stack_run)
+    for p in stack_run.plan.nodes:
+        want = commands.node_commands(stack, p.hostname, reimage_on_create=True,
+                                      ssh_timeout_s=max(600, stack_run.plan.site.reboot.timeout_s))
+        bmc = stack_run.reg(f"{p.hostname}-bmc").inputs
+        assert (bmc["create"], bmc["update"]) == (want.provision, want.power_on)
+        assert "bmc reimage" in bmc["create"] and "reimage" not in bmc["update"]
+        for step, attr in (("wait-ssh", "wait_ssh"), ("converge", "converge"), ("validate", "validate")):
+            inputs = stack_run.reg(f"{p.hostname}-{step}").inputs
+            assert inputs["create"] == getattr(want, attr)
+            assert inputs["dir"] == str(ROOT)
+        assert f"--stack {stack} --node {p.hostname}" in want.converge
+
+
+def test_adopting_installed_nodes_never_reimages() -> None:
+    """With reimageOnCreate=false, creating the BMC step only powers the node on."""
+    run = run_program("lab", reimage_on_create=False)
+    for p in run.plan.nodes:
+        bmc = run.reg(f"{p.hostname}-bmc").inputs
+        assert bmc["create"] == bmc["update"]
+        assert "reimage" not in bmc["create"]
+
+
+def test_converge_triggers_are_readable_summary_plus_hash(stack_run: Run) -> None:
+    """triggers[0] is the plan summary (versions, roles, inference) plus content_hash; [1] the SSH step id."""
+    for p in stack_run.plan.nodes:
+        trig = stack_run.reg(f"{p.hostname}-converge").inputs["triggers"]
+        assert {k: v for k, v in trig[0].items() if k != "content_hash"} == p.summary()
+        assert len(trig[0]["content_hash"]) == 64
+        assert trig[1] == f"{p.hostname}-wait-ssh-id"
+        assert stack_run.reg(f"{p.hostname}-validate").inputs["triggers"] == [f"{p.hostname}-converge-id"]
+        assert stack_run.reg(f"{p.hostname}-bmc").inputs["triggers"] == [
+            {"os": p.node.os.value, "pxe_mac": p.node.macs[0]}]
+
+
+def test_hash_changes_with_driver_role_files_and_lock(tmp_path: Path) -> None:
+    """Driver bump changes summary and hash; a role edit or a new lock changes only the hash."""
+    raw = raw_site("lab")
+    site = parse_site(raw)
+    plan = plan_site(site).nodes[0]
+    (tmp_path / "roles" / "base" / "tasks").mkdir(parents=True)
+    role_file = tmp_path / "roles" / "base" / "tasks" / "main.yml"
+    role_file.write_text("- name: One\n")
+    host_vars = resolve_host_vars()
+    base = converge_trigger(plan, site, Fingerprints.of(tmp_path, "lab"), host_vars)
+
+    bumped_raw = copy.deepcopy(raw)
+    bumped_raw["profiles"]["lab-570"]["driver"]["version"] = "570.172.08"
+    bumped_raw["profiles"]["lab-570"]["fabric_manager"]["version"] = "570.172.08"
+    bumped_site = parse_site(bumped_raw)
+    bumped = converge_trigger(plan_site(bumped_site).nodes[0], bumped_site,
+                              Fingerprints.of(tmp_path, "lab"), host_vars)
+    assert bumped["driver"].startswith("570.172.08") and base["driver"].startswith("570.133.20")
+    assert bumped["content_hash"] != base["content_hash"]
+
+    role_file.write_text("- name: Two\n")
+    from infra.plan.node import tree_hash
+    tree_hash.cache_clear()  # the program hashes once per run; a new run sees the edit
+    edited = converge_trigger(plan, site, Fingerprints.of(tmp_path, "lab"), host_vars)
+    assert edited["content_hash"] != base["content_hash"]
+    assert {k: v for k, v in edited.items() if k != "content_hash"} == {
+        k: v for k, v in base.items() if k != "content_hash"}
+
+    (tmp_path / "stacks").mkdir()
+    (tmp_path / "stacks" / "Pulumi.lab.lock.json").write_text('{"packages": []}')
+    locked = converge_trigger(plan, site, Fingerprints.of(tmp_path, "lab"), host_vars)
+    assert locked["content_hash"] != edited["content_hash"]
+
+
+def test_mirror_import_reruns_when_the_lock_changes(tmp_path: Path) -> None:
+    """The mirror-import trigger carries the lock file's hash ("none" without a lock)."""
+    (tmp_path / "stacks").mkdir()
+    before = run_program("lab", project=tmp_path).reg("airgap-mirror-import").inputs["triggers"][0]
+    (tmp_path / "stacks" / "Pulumi.lab.lock.json").write_text('{"v": 1}')
+    after = run_program("lab", project=tmp_path).reg("airgap-mirror-import").inputs["triggers"][0]
+    assert before == {"mirror": "lab-mirror", "lock": "none"}
+    assert after["mirror"] == "lab-mirror" and len(after["lock"]) == 64
+
+
+def test_bmc_secret_travels_only_as_secret_environment(stack_run: Run) -> None:
+    """config SecretRefs become a secret GPUFLEET_SECRET_* env var; never in strings; logging off."""
+    for p in stack_run.plan.nodes:
+        bmc = stack_run.reg(f"{p.hostname}-bmc")
+        assert bmc.inputs["logging"] == "none"
+        assert sorted(bmc.additional_secret_outputs) == ["stderr", "stdout"]
+        ref = p.node.bmc.password if p.node.bmc else None
+        if ref is not None and ref.config:
+            env = commands.secret_env_name(ref.config)
+            assert bmc.inputs["environment"] == {env: CANARY}
+            assert any(path.startswith("environment") for path in bmc.secret_inputs)
+        else:
+            assert "environment" not in bmc.inputs  # env/file refs are read by the CLI itself
+
+
+def _plaintext(value: Any) -> str:
+    """JSON of a value with every secret-wrapped part blanked out."""
+    if isinstance(value, dict):
+        if value.get(mocks.SECRET_SIG) == mocks.SECRET_VALUE_SIG:
+            return "<secret>"
+        return "{" + ",".join(f"{k}:{_plaintext(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(_plaintext(v) for v in value) + "]"
+    return json.dumps(value, default=str)
+
+
+def test_canary_secret_appears_nowhere_in_plaintext(stack_run: Run) -> None:
+    """No input, component output or stack output carries the canary except inside a secret."""
+    for r in stack_run.rec.resources:
+        assert CANARY not in _plaintext(r.raw_inputs), r.name
+        assert CANARY not in _plaintext(r.outputs), r.name
+    outputs = dict(stack_run.rec.value)
+    outputs.pop("bmc_stdout_secret")
+    assert CANARY not in json.dumps(outputs, default=str)
+
+
+def test_bmc_output_is_secret_even_if_the_cli_echoes_it() -> None:
+    """A BMC step whose stdout echoes the password still yields only a secret Output."""
+    def leaky(typ: str, name: str, inputs: dict[str, Any]) -> str:
+        return f"password={CANARY}" if name.endswith("-bmc") else mocks.default_stdout(typ, name, inputs)
+
+    run = run_program("example-prod", stdout_for=leaky)
+    assert run.rec.value["bmc_stdout_secret"] and all(run.rec.value["bmc_stdout_secret"].values())
+
+
+def test_outputs_carry_facts_endpoints_and_mirror_status(stack_run: Run) -> None:
+    """Stack outputs: validate-node JSON per node, endpoint per serving node, mirror status per air gap."""
+    value = stack_run.rec.value
+    assert set(value["nodes"]) == {p.hostname for p in stack_run.plan.nodes}
+    for host, facts in value["nodes"].items():
+        assert facts["node"] == host and facts["validation"] == "passed"
+    site = stack_run.plan.site
+    assert value["endpoints"] == {
+        s.name: [f"http://{stack_run.plan.node(h).node.address}:{s.port}/v1" for h in s.nodes]
+        for s in site.services}
+    assert set(value["mirrors"]) == {s.name for s in site.segments if s.airgapped}
+
+
+def test_non_json_validate_output_becomes_an_error_fact() -> None:
+    """A validate-node that prints no JSON gives an `error` fact instead of failing the program."""
+    run = run_program("lab", stdout_for=lambda t, n, i: "Traceback: boom")
+    assert run.rec.value["nodes"]["lab-gpu01"]["error"] == "validate-node did not print JSON"
+
+
+def test_adding_a_node_keeps_every_other_urn() -> None:
+    """A new node adds exactly its own component and four steps; no existing URN changes."""
+    raw = raw_site("lab")
+    before = {r.urn for r in run_program("lab", raw).rec.resources}
+    grown = copy.deepcopy(raw)
+    grown["nodes"].insert(1, {**copy.deepcopy(raw["nodes"][0]), "hostname": "lab-gpu05",
+                              "address": "198.18.1.15", "macs": ["02:47:46:01:00:15"]})
+    grown["nodes"][1]["bmc"]["system_id"] = "lab-gpu05"
+    after = {r.urn for r in run_program("lab", grown).rec.resources}
+    assert before <= after
+    assert sorted(u.rsplit("::", 1)[1] for u in after - before) == sorted(
+        ["lab-gpu05", "lab-gpu05-bmc", "lab-gpu05-wait-ssh", "lab-gpu05-converge", "lab-gpu05-validate"])
+
+
+def _main() -> None:
+    runpy.run_path(str(ROOT / "infra" / "__main__.py"))
+
+
+def test_invalid_site_stops_the_program_with_config_paths() -> None:
+    """`__main__` turns a bad gpufleet:site into a RunError naming the config path, registering nothing."""
+    raw = raw_site("lab")
+    raw["nodes"][0]["segment"] = "nowhere"
+    config = {"gpufleet:site": json.dumps(raw), **SECRET_CONFIG}
+    with pytest.raises(pulumi.RunError, match=r"nodes\[0\]\.segment"):
+        mocks.run(_main, stack="lab", config=config,
+                  secret_keys=list(SECRET_CONFIG))
+
+
+def test_main_entry_point_builds_the_stack_from_config() -> None:
+    """`infra/__main__.py` reads gpufleet:site from Pulumi config and registers the same graph."""
+    config = {"gpufleet:site": json.dumps(raw_site("example-airgap")), **SECRET_CONFIG}
+    rec = mocks.run(_main, stack="example-airgap",
+                    config=config, secret_keys=list(SECRET_CONFIG))
+    names = {r.name for r in rec.resources}
+    assert {"example-airgap", "isolated", "isolated-mirror-import", "h200-01-converge", "qwen-72b-health"} <= names
+    assert rec.named("h200-02-bmc").inputs["environment"] == {"GPUFLEET_SECRET_BMCPASSWORD": CANARY}
