@@ -1,0 +1,252 @@
+"""A bounded load of OpenAI-compatible streaming completions, measured the way `vllm bench serve` measures.
+
+Metric definitions follow vLLM's serving benchmark (`vllm/benchmarks/serve.py` `calculate_metrics` and
+`benchmarks/lib/endpoint_request_func.py` `async_request_openai_completions`), so figures compare:
+
+- TTFT: request sent → first streamed chunk that carries `choices`.
+- ITL: the gap between consecutive such chunks, pooled over all requests.
+- TPOT (excludes the first token): `(E2EL − TTFT) / (output_tokens − 1)` per request, only when
+  output_tokens > 1.
+- E2EL: request sent → last chunk with `choices` (the `[DONE]` marker is not a token).
+- Output throughput: total output tokens / benchmark duration; request throughput: completed / duration;
+  duration runs from the first request sent to the last one finished.
+- Output tokens: the server's `usage.completion_tokens` when it streams usage, else the number of chunks
+  with `choices` (vLLM re-tokenizes the text instead; llama.cpp and vLLM send one token per chunk).
+- Percentiles: linear interpolation between closest ranks (numpy's default, which vLLM uses).
+
+Stdlib only (http.client + threads): the client must run on a bare controller and never be the bottleneck
+(its own overhead is a measured figure, `client_overhead`).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import math
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+PERCENTILES = (50.0, 90.0, 99.0)
+DEFAULT_PROMPT = "The quick brown fox jumps over the lazy dog. " * 4
+
+
+@dataclass
+class RequestResult:
+    """One streamed request as the client saw it (seconds)."""
+
+    success: bool = False
+    ttft: float = 0.0
+    itl: list[float] = field(default_factory=list)
+    latency: float = 0.0
+    output_tokens: int = 0
+    chunks: int = 0
+    text: str = ""
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    """How much load: bounded in count, concurrency and wall time."""
+
+    num_requests: int = 16
+    concurrency: int = 4
+    max_tokens: int = 32
+    prompt: str = DEFAULT_PROMPT
+    temperature: float = 0.0
+    request_timeout_s: float = 60.0
+    max_duration_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        if self.num_requests < 1 or self.concurrency < 1 or self.max_tokens < 1:
+            raise ValueError("num_requests, concurrency and max_tokens must be ≥ 1")
+        if self.request_timeout_s <= 0 or self.max_duration_s <= 0:
+            raise ValueError("timeouts must be > 0")
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile with linear interpolation (numpy.percentile's default method)."""
+    if not values:
+        return 0.0
+    s = sorted(values)
+    pos = (len(s) - 1) * q / 100.0
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def _summary_ms(values: Sequence[float]) -> dict[str, float]:
+    """mean, median and p50/p90/p99 in milliseconds (zeros when empty, as vLLM reports)."""
+    out = {"mean": sum(values) / len(values) * 1000 if values else 0.0,
+           "median": percentile(values, 50) * 1000}
+    for q in PERCENTILES:
+        out[f"p{q:g}"] = percentile(values, q) * 1000
+    return {k: round(v, 3) for k, v in out.items()}
+
+
+def calculate_metrics(results: Sequence[RequestResult], duration_s: float) -> dict[str, Any]:
+    """Compute vLLM's serving metrics over finished requests (`duration_s`: first send → last finish)."""
+    ok = [r for r in results if r.success]
+    ttfts = [r.ttft for r in ok]
+    e2els = [r.latency for r in ok]
+    itls = [gap for r in ok for gap in r.itl]
+    tpots = [(r.latency - r.ttft) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1]
+    total_output = sum(r.output_tokens for r in ok)
+    dur = max(duration_s, 1e-9)
+    return {
+        "completed": len(ok),
+        "failed": len(results) - len(ok),
+        "duration_s": round(duration_s, 4),
+        "total_output_tokens": total_output,
+        "request_throughput": round(len(ok) / dur, 4),
+        "output_throughput": round(total_output / dur, 4),
+        "ttft_ms": _summary_ms(ttfts),
+        "tpot_ms": _summary_ms(tpots),
+        "itl_ms": _summary_ms(itls),
+        "e2el_ms": _summary_ms(e2els),
+        "errors": sorted({r.error for r in results if r.error})[:5],
+    }
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """An OpenAI-compatible server: base URL (`http://host:port` or `.../v1`) and the model name to send."""
+
+    url: str
+    model: str
+    label: str = ""
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        """Host and port from the URL (port 80 when absent)."""
+        parts = urlsplit(self.url if "://" in self.url else f"http://{self.url}")
+        if parts.scheme != "http":
+            raise ValueError(f"{self.url}: only plain http endpoints are supported (lab and node-local)")
+        return parts.hostname or "127.0.0.1", parts.port or 80
+
+    @property
+    def completions_path(self) -> str:
+        """Path of /v1/completions under the base URL."""
+        path = urlsplit(self.url if "://" in self.url else f"http://{self.url}").path.rstrip("/")
+        return (path if path.endswith("/v1") else path + "/v1") + "/completions"
+
+
+def stream_completion(ep: Endpoint, spec: LoadSpec) -> RequestResult:
+    """Send one streaming /v1/completions request and time its chunks."""
+    host, port = ep.host_port
+    body = json.dumps({
+        "model": ep.model,
+        "prompt": spec.prompt,
+        "max_tokens": spec.max_tokens,
+        "temperature": spec.temperature,
+        "stream": True,
+        # vLLM and newer servers then send a final chunk with exact token counts.
+        "stream_options": {"include_usage": True},
+    }).encode()
+    res = RequestResult()
+    conn = http.client.HTTPConnection(host, port, timeout=spec.request_timeout_s)
+    start = time.perf_counter()
+    last = start
+    usage_tokens: int | None = None
+    try:
+        conn.request("POST", ep.completions_path, body=body,
+                     headers={"Content-Type": "application/json", "Accept": "text/event-stream"})
+        resp = conn.getresponse()
+        if resp.status != 200:
+            res.error = f"HTTP {resp.status}: {resp.read(300).decode(errors='replace').strip()}"
+            return res
+        text: list[str] = []
+        while True:
+            raw = resp.readline()
+            if not raw:
+                break
+            line = raw.strip()
+            # SSE comments (":" pings) and blank separators carry no data.
+            if not line or line.startswith(b":"):
+                continue
+            data = line.removeprefix(b"data:").strip()
+            if data == b"[DONE]":
+                break
+            chunk = json.loads(data)
+            if chunk.get("choices"):
+                now = time.perf_counter()
+                if res.chunks == 0:
+                    res.ttft = now - start
+                else:
+                    res.itl.append(now - last)
+                last = now
+                res.chunks += 1
+                text.append(chunk["choices"][0].get("text") or "")
+            usage = chunk.get("usage")
+            if usage and usage.get("completion_tokens") is not None:
+                usage_tokens = int(usage["completion_tokens"])
+        res.text = "".join(text)
+        res.output_tokens = usage_tokens if usage_tokens is not None else res.chunks
+        res.latency = last - start
+        res.success = res.chunks > 0
+        if not res.success:
+            res.error = "stream ended without any completion chunk"
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        res.error = f"{type(exc).__name__}: {exc}"
+    finally:
+        conn.close()
+    return res
+
+
+@dataclass
+class BenchResult:
+    """Metrics of one endpoint plus the load that produced them."""
+
+    endpoint: str
+    model: str
+    label: str
+    load: dict[str, Any]
+    metrics: dict[str, Any]
+    results: list[RequestResult] = field(repr=False, default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON form (without per-request samples or generated text)."""
+        load = {k: v for k, v in self.load.items() if k != "prompt"}
+        return {"endpoint": self.endpoint, "model": self.model, "label": self.label, "load": load,
+                "metrics": self.metrics}
+
+
+def run_load(ep: Endpoint, spec: LoadSpec) -> BenchResult:
+    """`spec.num_requests` streamed requests, `spec.concurrency` at a time, none started after the deadline."""
+    deadline = time.monotonic() + spec.max_duration_s
+    lock = threading.Lock()
+    started = 0
+
+    def one(_: int) -> RequestResult | None:
+        nonlocal started
+        with lock:
+            # A bounded run: past the deadline, queued requests are dropped instead of sent.
+            if time.monotonic() >= deadline:
+                return None
+            started += 1
+        return stream_completion(ep, spec)
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=min(spec.concurrency, spec.num_requests)) as pool:
+        done = [r for r in pool.map(one, range(spec.num_requests)) if r is not None]
+    duration = time.perf_counter() - t0
+    metrics = calculate_metrics(done, duration)
+    metrics["not_sent"] = spec.num_requests - started
+    return BenchResult(ep.url, ep.model, ep.label, asdict(spec), metrics, done)
+
+
+def smoke(ep: Endpoint, *, max_tokens: int = 8, timeout_s: float = 30.0) -> dict[str, Any]:
+    """One short completion: does the endpoint answer with tokens? (`gpu_validate`'s inference check)."""
+    r = stream_completion(ep, LoadSpec(num_requests=1, concurrency=1, max_tokens=max_tokens,
+                                       prompt="Hello", request_timeout_s=timeout_s, max_duration_s=timeout_s))
+    return {"endpoint": ep.url, "model": ep.model, "label": ep.label, "ok": r.success and r.output_tokens > 0,
+            "output_tokens": r.output_tokens, "ttft_ms": round(r.ttft * 1000, 3),
+            "e2el_ms": round(r.latency * 1000, 3), "error": r.error}
+
+
+def run_many(endpoints: Iterable[Endpoint], spec: LoadSpec) -> list[BenchResult]:
+    """Bench each endpoint in turn (one at a time, so endpoints do not share the client's CPU)."""
+    return [run_load(ep, spec) for ep in endpoints]
