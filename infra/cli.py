@@ -15,6 +15,8 @@ COMMAND_MODULES = (
     "infra.bmc.cli",
     "infra.commands.site",
     "infra.bench.cli",
+    "infra.inference.cli",
+    "infra.bundle.cli",
 )
 
 
