@@ -1,0 +1,236 @@
+"""CLI: `gpufleet lock`, `gpufleet bundle build|verify|import`, `gpufleet mirror status`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from infra.bundle.apt import AptError
+from infra.bundle.build import BuildError, BuildOptions, build
+from infra.bundle.lock import Lock, ResolveOptions, check, lock_path, lock_path_for, resolve, unresolved
+from infra.bundle.manifest import verify_bundle
+from infra.bundle.publish import MIRROR_KEY_ENV, ImportRefused, import_bundle, release_signer
+from infra.bundle.remote import MIRROR_ROOT, RemoteError, SshMirror
+from infra.bundle.signing import KEYRING_ENV, SIGNING_KEY_ENV, SigningError
+from infra.bundle.status import mirror_status
+from infra.bundle.store import FetchError, Store
+from infra.commands.site import add_stack_args, site_from_args
+from infra.console import Exit, emit, table
+from infra.model.site import AptSource
+
+
+def register(sub: Any) -> None:
+    """Register lock, bundle and mirror."""
+    p = sub.add_parser("lock", help="derive the stack's lock file (every artifact with version, size, sha256), "
+                                    "or --check that it still matches the stack")
+    add_stack_args(p)
+    p.add_argument("--check", action="store_true", help="compare the lock with the stack (no network); exit 1 on drift")
+    p.add_argument("--artifacts", action="append", default=[], metavar="DIR|URL",
+                   help="where model files, wheels, plugin tarballs and OCI layouts are (mirror layout); repeatable")
+    p.add_argument("--registry", action="append", default=[], metavar="HOST[:PORT]",
+                   help="registry to resolve images by repository and digest; repeatable")
+    p.add_argument("--dpkg-status", type=Path, help="installed baseline of the nodes' OS (default: nothing)")
+    p.add_argument("--out", type=Path, help="lock file to write (default: next to the stack file)")
+    p.set_defaults(func=cmd_lock)
+
+    b = sub.add_parser("bundle", help="air-gap bundle: build (connected side), verify, import (isolated side)")
+    bsub = b.add_subparsers(dest="bundle_command", required=True, metavar="STEP")
+    p = bsub.add_parser("build", help="fetch exactly the locked artifacts into DIR, write and sign the manifest")
+    add_stack_args(p)
+    p.add_argument("--segment", help="only what this segment needs (default: every segment)")
+    p.add_argument("--out", type=Path, required=True, help="new, empty directory for the bundle")
+    p.add_argument("--artifacts", action="append", default=[], metavar="DIR|URL")
+    p.add_argument("--registry", action="append", default=[], metavar="HOST[:PORT]")
+    p.add_argument("--signing-key", type=Path, default=_env_path(SIGNING_KEY_ENV),
+                   help=f"armored OpenPGP secret key file that signs the manifest (env {SIGNING_KEY_ENV})")
+    p.set_defaults(func=cmd_build)
+
+    p = bsub.add_parser("verify", help="check signature, manifest, every hash, no missing and no extra file")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--keyring", type=Path, default=_env_path(KEYRING_ENV),
+                   help=f"public key(s) trusted to sign bundles (env {KEYRING_ENV})")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_verify)
+
+    p = bsub.add_parser("import", help="verify, then publish into a mirror host over SSH (idempotent)")
+    p.add_argument("dir", type=Path)
+    add_stack_args(p)
+    p.add_argument("--mirror", required=True, help="mirror name from the stack")
+    p.add_argument("--keyring", type=Path, default=_env_path(KEYRING_ENV))
+    p.add_argument("--mirror-key", type=Path, default=_env_path(MIRROR_KEY_ENV),
+                   help=f"armored secret key that signs the mirror's apt Release (env {MIRROR_KEY_ENV})")
+    p.add_argument("--mirror-root", default=MIRROR_ROOT, help=f"served tree on the mirror (default {MIRROR_ROOT})")
+    p.set_defaults(func=cmd_import)
+
+    m = sub.add_parser("mirror", help="what a segment mirror serves")
+    msub = m.add_subparsers(dest="mirror_command", required=True, metavar="STEP")
+    p = msub.add_parser("status", help="apt packages, images, files served, and whether they match the lock")
+    add_stack_args(p)
+    p.add_argument("--mirror", required=True)
+    p.add_argument("--mirror-root", default=MIRROR_ROOT)
+    p.set_defaults(func=cmd_mirror_status)
+
+
+def _env_path(name: str) -> Path | None:
+    v = os.environ.get(name)
+    return Path(v) if v else None
+
+
+def _stack_lock_path(args: argparse.Namespace) -> Path:
+    if getattr(args, "out", None) and args.command == "lock":
+        return Path(args.out)
+    return lock_path_for(args.stack_file) if args.stack_file else lock_path(args.stack)
+
+
+def _read_lock(path: Path) -> Lock | None:
+    if not path.is_file():
+        sys.stderr.write(f"error: no lock file {path}; run `gpufleet lock` first\n")
+        return None
+    return Lock.from_json(path.read_text(encoding="utf-8"))
+
+
+def cmd_lock(args: argparse.Namespace) -> int:
+    """Write the lock, or check it (exit 1 naming each difference)."""
+    site = site_from_args(args)
+    path = _stack_lock_path(args)
+    if args.check:
+        lock = _read_lock(path)
+        if lock is None:
+            return Exit.FAILED
+        problems = check(lock, site)
+        missing = [f"{a.kind} {a.name} {a.version or ''}".strip() for a in unresolved(lock)]
+        emit(args.json, {"lock": str(path), "ok": not problems, "differences": problems, "unresolved": missing},
+             lambda d: (f"{d['lock']}: matches the stack" if d["ok"] else
+                        f"{d['lock']} does not match the stack (run `gpufleet lock`):\n"
+                        + "\n".join(f"  - {p}" for p in d["differences"]))
+             + ("".join(f"\n  note: unresolved (bundle build will refuse): {m}" for m in d["unresolved"])))
+        return Exit.OK if not problems else Exit.FAILED
+    opts = ResolveOptions(artifacts=[Store(a) for a in args.artifacts], registries=args.registry,
+                          dpkg_status=args.dpkg_status)
+    t0 = time.monotonic()
+    try:
+        lock = resolve(site, opts)
+    except (AptError, FetchError) as exc:
+        sys.stderr.write(f"error: cannot resolve the lock: {exc}\n")
+        return Exit.UNAVAILABLE
+    text = lock.to_json()
+    old = path.read_text(encoding="utf-8") if path.exists() else ""
+    if old != text:
+        path.write_text(text, encoding="utf-8")
+    kinds: dict[str, list[int]] = {}
+    for a in lock.artifacts:
+        k = kinds.setdefault(a.kind, [0, 0])
+        k[0] += 1
+        k[1] += a.size or 0
+    data = {"lock": str(path), "changed": old != text, "artifacts": {k: {"count": v[0], "bytes": v[1]}
+                                                                      for k, v in kinds.items()},
+            "unresolved": [f"{a.kind} {a.name}" for a in unresolved(lock)], "notes": lock.notes,
+            "seconds": round(time.monotonic() - t0, 1)}
+    emit(args.json, data, lambda d: "\n".join(
+        [f"{d['lock']}: {'written' if d['changed'] else 'unchanged'} ({d['seconds']} s)",
+         table([(k, v["count"], f"{v['bytes'] / 1e6:.1f} MB") for k, v in sorted(d["artifacts"].items())],
+               ["kind", "artifacts", "size"]), *(f"note: {n}" for n in d["notes"])]))
+    return Exit.OK
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    """Build and sign a bundle."""
+    site = site_from_args(args)
+    if args.signing_key is None or not args.signing_key.is_file():
+        sys.stderr.write(f"error: give --signing-key FILE (or {SIGNING_KEY_ENV}); bundles are always signed\n")
+        return Exit.INVALID
+    path = _stack_lock_path(args)
+    lock = _read_lock(path)
+    if lock is None:
+        return Exit.FAILED
+    opts = BuildOptions(artifacts=[Store(a) for a in args.artifacts], registries=args.registry)
+    t0 = time.monotonic()
+    try:
+        man = build(site, lock, path.read_text(encoding="utf-8"), args.segment, args.out, args.signing_key, opts)
+    except BuildError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return Exit.FAILED
+    except SigningError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return Exit.FAILED
+    total = sum(d.size for d in man.files.values())
+    emit(args.json, {"bundle": str(args.out), "files": len(man.files), "bytes": total,
+                     "artifacts": len(man.artifacts), "seconds": round(time.monotonic() - t0, 1)},
+         lambda d: f"{d['bundle']}: {d['artifacts']} artifacts, {d['files']} files, "
+                   f"{d['bytes'] / 1e6:.1f} MB, signed ({d['seconds']} s)")
+    return Exit.OK
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Verify a bundle; exit 1 naming each problem."""
+    if args.keyring is None:
+        sys.stderr.write(f"error: give --keyring FILE (or {KEYRING_ENV}): the keys trusted to sign bundles\n")
+        return Exit.INVALID
+    t0 = time.monotonic()
+    man, problems = verify_bundle(args.dir, args.keyring)
+    total = sum(d.size for d in man.files.values()) if man else 0
+    secs = time.monotonic() - t0
+    data = {"bundle": str(args.dir), "ok": not problems, "problems": problems, "files": len(man.files) if man else 0,
+            "bytes": total, "seconds": round(secs, 2)}
+    emit(args.json, data, lambda d: (f"{d['bundle']}: OK — signature good, {d['files']} files, "
+                                     f"{d['bytes'] / 1e6:.1f} MB verified in {d['seconds']} s")
+         if d["ok"] else f"{d['bundle']}: REJECTED\n" + "\n".join(f"  - {p}" for p in d["problems"]))
+    return Exit.OK if not problems else Exit.FAILED
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    """Verify, then publish into the mirror."""
+    site = site_from_args(args)
+    if args.keyring is None or args.mirror_key is None:
+        sys.stderr.write(f"error: give --keyring (or {KEYRING_ENV}) and --mirror-key (or {MIRROR_KEY_ENV})\n")
+        return Exit.INVALID
+    try:
+        pub = SshMirror.for_site(site, args.mirror, args.mirror_root)
+    except KeyError as exc:
+        sys.stderr.write(f"error: {exc.args[0]}\n")
+        return Exit.INVALID
+    try:
+        _man, res = import_bundle(args.dir, args.keyring, pub, release_signer(args.mirror_key))
+    except ImportRefused as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return Exit.FAILED
+    except (RemoteError, SigningError) as exc:
+        sys.stderr.write(f"error: import into {args.mirror} failed: {exc}\n")
+        return Exit.FAILED
+    data = {"mirror": args.mirror, "changed": res.changed, "uploaded": res.uploaded, "images": res.images,
+            "apt_reindexed": res.apt_reindexed, "unchanged_files": res.unchanged}
+    emit(args.json, data, lambda d: f"{d['mirror']}: " + (
+        f"{len(d['uploaded'])} files uploaded, {len(d['images'])} images copied, apt index "
+        f"{'re-signed' if d['apt_reindexed'] else 'unchanged'}" if d["changed"] else
+        f"already up to date ({d['unchanged_files']} files, nothing changed)"))
+    return Exit.OK
+
+
+def cmd_mirror_status(args: argparse.Namespace) -> int:
+    """What the mirror serves vs. the lock; exit 3 when it lacks locked artifacts."""
+    site = site_from_args(args)
+    lock = _read_lock(_stack_lock_path(args))
+    if lock is None:
+        return Exit.FAILED
+    try:
+        pub = SshMirror.for_site(site, args.mirror, args.mirror_root)
+        data = mirror_status(site, lock, pub)
+    except KeyError as exc:
+        sys.stderr.write(f"error: {exc.args[0]}\n")
+        return Exit.INVALID
+    except RemoteError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return Exit.UNAVAILABLE
+    emit(args.json, data, lambda d: "\n".join([
+        f"{d['mirror']} (segments {', '.join(d['segments'])}): apt {d['apt_packages']} packages, "
+        f"{d['images']} images, {d['files']} files — " + ("matches the lock" if d["matches_lock"] else
+                                                           f"MISSING {len(d['missing'])} locked artifact(s)"),
+        *(f"  - missing: {m}" for m in d["missing"])]))
+    return Exit.OK if data["matches_lock"] else Exit.DRIFT
+
+
+__all__ = ["AptSource", "register"]

@@ -1,0 +1,166 @@
+"""What a stack's nodes and services need from outside, derived from the plan alone (no I/O).
+
+This is the *declared* set: the top-level artifacts the stack names. `gpufleet lock` resolves it
+(dependency closure, sizes, hashes) into the lock file; `gpufleet lock --check` compares only this
+set with the lock, so it runs anywhere (CI, no network, no lab).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from dataclasses import dataclass, field
+from enum import StrEnum
+from urllib.parse import urlsplit
+
+from infra.model.site import Engine, OperatingSystem, Site
+from infra.plan.node import NodePlan, SitePlan, plan_site
+
+
+class Kind(StrEnum):
+    """Kinds of artifact a bundle carries; each has its own place on the mirror."""
+
+    DEB = "deb"
+    IMAGE = "image"
+    WHEEL = "wheel"
+    MODEL = "model"
+    PLUGIN = "plugin"
+
+
+# OS packages the roles install besides the pinned GPU stack, by role. Unversioned on purpose: the
+# lock pins the version the configured sources had when locked. Keep in step with the roles
+# (ROLES engineer: replace with a function of the plan in infra/plan/rolevars.py when it exists).
+ROLE_PACKAGES: dict[str, tuple[str, ...]] = {
+    "base": ("chrony", "ca-certificates", "curl", "gnupg", "python3-apt"),
+    "airgap_firewall": ("nftables",),
+    "inference_server": (),
+    "monitoring": (),
+}
+# Native llama.cpp services run in a venv built on the node.
+LLAMACPP_PACKAGES = ("python3-venv", "python3-pip")
+
+PLUGIN_NAME = "pulumi-resource-command"
+PLUGIN_URL = "https://get.pulumi.com/releases/plugins/{file}"
+
+
+@dataclass(frozen=True, order=True)
+class Declared:
+    """One artifact the stack names. `version` is None for OS packages the roles install unpinned."""
+
+    kind: Kind
+    name: str
+    version: str | None
+    sources: tuple[str, ...] = field(default=(), compare=False)
+    """Where it comes from as the stack says it (URLs, image references); empty for OS packages."""
+    segments: tuple[str, ...] = field(default=(), compare=False)
+    """Segments whose nodes need it."""
+
+    @property
+    def key(self) -> str:
+        """Stable identity used to compare the lock with the stack (`deb:podman`, `image:repo`)."""
+        return f"{self.kind.value}:{self.name}"
+
+    def describe(self) -> str:
+        """Human form for messages."""
+        return f"{self.kind.value} {self.name}" + (f" {self.version}" if self.version else "")
+
+
+def plugin_version() -> str:
+    """Version of the pulumi-resource-command provider matching the installed pulumi-command SDK."""
+    return importlib.metadata.version("pulumi-command")
+
+
+def plugin_file(version: str) -> str:
+    """Tarball name `pulumi plugin install resource command V --file …` expects."""
+    return f"{PLUGIN_NAME}-v{version}-linux-amd64.tar.gz"
+
+
+def url_file(url: str) -> str:
+    """Last path component of a URL (the file name a wheel or model file keeps)."""
+    return urlsplit(url).path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def files_path(url: str) -> str:
+    """Path of a file-store URL below `/files/` (the mirror layout), e.g. `models/m/rev/model.gguf`."""
+    path = urlsplit(url).path
+    marker = "/files/"
+    if marker in path:
+        return path.split(marker, 1)[1]
+    return path.lstrip("/")
+
+
+def image_repo(ref: str) -> tuple[str, str]:
+    """(`repository` without registry host, `sha256:…` digest) of a digest-pinned image reference."""
+    name, digest = ref.split("@", 1)
+    first, _, rest = name.partition("/")
+    # A first component with a dot or port is a registry host (docker's rule).
+    repo = rest if rest and ("." in first or ":" in first or first == "localhost") else name
+    return repo, digest
+
+
+def _node_debs(n: NodePlan) -> list[tuple[str, str | None]]:
+    out: list[tuple[str, str | None]] = [(p.name, p.version) for p in n.packages]
+    for role in n.roles:
+        out.extend((name, None) for name in ROLE_PACKAGES.get(role, ()))
+    if any(s.service.engine is Engine.LLAMACPP and s.service.wheel for s in n.services):
+        out.extend((name, None) for name in LLAMACPP_PACKAGES)
+    return out
+
+
+def declared(site: Site, segment: str | None = None, plan: SitePlan | None = None) -> list[Declared]:
+    """Every top-level artifact the site's nodes (of one segment, or all) need, sorted and merged.
+
+    Two versions of one package (nodes on different profiles) are two entries: a mirror serves both.
+
+    Raises:
+        ValueError: for an unknown segment.
+
+    """
+    if segment is not None and segment not in {s.name for s in site.segments}:
+        raise ValueError(f"no segment {segment!r} in site {site.name!r}; known: "
+                         + ", ".join(s.name for s in site.segments))
+    plan = plan or plan_site(site)
+    found: dict[tuple[Kind, str, str | None], tuple[set[str], set[str]]] = {}
+
+    def add(kind: Kind, name: str, version: str | None, seg: str, source: str = "") -> None:
+        segs, sources = found.setdefault((kind, name, version), (set(), set()))
+        segs.add(seg)
+        if source:
+            sources.add(source)
+
+    for n in plan.nodes:
+        seg = n.segment.name
+        if segment is not None and seg != segment:
+            continue
+        for name, version in _node_debs(n):
+            add(Kind.DEB, name, version, seg)
+        mon = n.profile.monitoring
+        if "monitoring" in n.roles and mon.dcgm_exporter_image:
+            add(Kind.IMAGE, *image_repo(mon.dcgm_exporter_image), seg, mon.dcgm_exporter_image)
+        for s in n.services:
+            svc = s.service
+            if svc.image:
+                add(Kind.IMAGE, *image_repo(svc.image), seg, svc.image)
+            if svc.wheel:
+                add(Kind.WHEEL, url_file(svc.wheel), None, seg, svc.wheel)
+            if svc.model.source.startswith(("http://", "https://")):
+                add(Kind.MODEL, f"{svc.model.name}@{svc.model.revision}", svc.model.revision, seg,
+                    svc.model.source)
+    segs = [s.name for s in site.segments if segment is None or s.name == segment]
+    if segs:
+        # The controller runs `pulumi up` on the isolated side too: it needs the provider plugin offline.
+        v = plugin_version()
+        for seg in segs:
+            add(Kind.PLUGIN, PLUGIN_NAME, v, seg, PLUGIN_URL.format(file=plugin_file(v)))
+    # Unpinned role packages that some node also pins are covered by the pinned entry.
+    pinned = {(k, name) for (k, name, v) in found if v is not None}
+    out = [
+        Declared(kind, name, version, tuple(sorted(sources)), tuple(sorted(segs_)))
+        for (kind, name, version), (segs_, sources) in found.items()
+        if version is not None or (kind, name) not in pinned
+    ]
+    return sorted(out)
+
+
+def os_of(site: Site, segment: str | None = None) -> list[OperatingSystem]:
+    """Operating systems of the nodes (of one segment): the lock resolves packages per OS."""
+    return sorted({n.os for n in site.nodes if segment is None or n.segment == segment})

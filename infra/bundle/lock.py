@@ -1,0 +1,309 @@
+"""The lock file: every artifact a stack needs, with version, source, size and sha256.
+
+`stacks/Pulumi.<stack>.lock.json` holds two lists. `declared` is what the stack names (derived by
+`infra.bundle.declared` from the plan, no I/O); `artifacts` is what that resolves to (dependency
+closure of OS packages, image blobs, files), each with its bundle path, size and sha256. The file
+is deterministic (sorted, no timestamps), so a re-lock that changes nothing changes no byte.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from infra.bundle import oci
+from infra.bundle.apt import AptRoot
+from infra.bundle.declared import Declared, Kind, declared, files_path, image_repo, plugin_file
+from infra.bundle.store import FetchError, Store, fetch_url, file_digest
+from infra.model.load import project_dir
+from infra.model.site import AptSource, Segment, Site
+
+FORMAT = 1
+
+
+@dataclass(frozen=True, order=True)
+class Artifact:
+    """One file (or image) of a bundle, as locked."""
+
+    kind: str
+    name: str
+    version: str | None
+    path: str
+    """Path inside a bundle and on the mirror (`apt/x.deb`, `files/models/…`, `images/<repo>`)."""
+    size: int | None
+    sha256: str | None
+    """sha256 of the file; for images the manifest digest (hex)."""
+    source: str
+    """Where it was resolved from (URL, image reference, artifacts store)."""
+    segments: tuple[str, ...] = ()
+    declared: bool = False
+    """Named by the stack (top level) rather than pulled in as a dependency."""
+
+    @property
+    def resolved(self) -> bool:
+        """Size and hash are known (a bundle can be built and checked)."""
+        return self.size is not None and self.sha256 is not None
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON form."""
+        d = asdict(self)
+        d["segments"] = list(self.segments)
+        return d
+
+
+@dataclass
+class Lock:
+    """A stack's lock: the declared set and what it resolved to."""
+
+    site: str
+    declared: list[dict[str, Any]]
+    artifacts: list[Artifact]
+    baseline: str = "empty"
+    """dpkg status the OS closure was computed against (`empty` = complete down to libc)."""
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        """Deterministic JSON text."""
+        data = {
+            "format": FORMAT,
+            "site": self.site,
+            "baseline": self.baseline,
+            "declared": sorted(self.declared, key=_decl_sort),
+            "artifacts": [a.as_dict() for a in sorted(self.artifacts)],
+        }
+        return json.dumps(data, indent=1, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> Lock:
+        """Parse lock text (ValueError for another format)."""
+        data = json.loads(text)
+        if data.get("format") != FORMAT:
+            raise ValueError(f"lock format {data.get('format')!r} is not {FORMAT}; re-run `gpufleet lock`")
+        arts = [Artifact(**{**a, "segments": tuple(a.get("segments", ()))}) for a in data["artifacts"]]
+        return cls(data["site"], data["declared"], arts, data.get("baseline", "empty"))
+
+    def for_segment(self, segment: str | None) -> list[Artifact]:
+        """Artifacts one segment needs (all when None)."""
+        return [a for a in self.artifacts if segment is None or segment in a.segments]
+
+
+def _decl_sort(d: dict[str, Any]) -> tuple[str, str, str]:
+    return (d["kind"], d["name"], d.get("version") or "")
+
+
+def decl_dict(d: Declared) -> dict[str, Any]:
+    """JSON form of a declared artifact (what `--check` compares)."""
+    return {"kind": d.kind.value, "name": d.name, "version": d.version, "sources": list(d.sources),
+            "segments": list(d.segments)}
+
+
+def lock_path(stack: str, root: Path | None = None) -> Path:
+    """`stacks/Pulumi.<stack>.lock.json`."""
+    return (root or project_dir()) / "stacks" / f"Pulumi.{stack}.lock.json"
+
+
+def lock_path_for(stack_file: Path) -> Path:
+    """Lock file next to a stack file (`Pulumi.x.yaml` → `Pulumi.x.lock.json`)."""
+    return stack_file.with_name(stack_file.name.removesuffix(".yaml") + ".lock.json")
+
+
+# ----------------------------------------------------------------------------------------- check
+
+def check(lock: Lock, site: Site) -> list[str]:
+    """Every difference between what the stack declares now and what the lock was made from."""
+    now = {_ident(d): d for d in (decl_dict(x) for x in declared(site))}
+    then = {_ident(d): d for d in lock.declared}
+    problems = []
+    if lock.site != site.name:
+        problems.append(f"lock is for site {lock.site!r}, the stack is {site.name!r}")
+    by_name: dict[tuple[str, str], tuple[list[str], list[str]]] = {}
+    for key in sorted(set(now) | set(then)):
+        if key in now and key in then:
+            a, b = now[key], then[key]
+            for f in ("sources", "segments"):
+                if sorted(a[f]) != sorted(b[f]):
+                    problems.append(f"{_show(key)}: {f} changed: lock has "
+                                    f"{', '.join(b[f]) or '-'}; stack has {', '.join(a[f]) or '-'}")
+            continue
+        slot = by_name.setdefault((key[0], key[1]), ([], []))
+        (slot[0] if key in now else slot[1]).append(key[2] or "(unpinned)")
+    for (kind, name), (wanted, locked) in sorted(by_name.items()):
+        if wanted and locked:
+            problems.append(f"{kind} {name}: stack wants {', '.join(wanted)}, lock has {', '.join(locked)}")
+        elif wanted:
+            problems.append(f"{kind} {name} {', '.join(wanted)}: in the stack, not in the lock")
+        else:
+            problems.append(f"{kind} {name} {', '.join(locked)}: in the lock, no longer in the stack")
+    for d in lock.declared:
+        if not any(_covers(a, d) for a in lock.artifacts):
+            problems.append(f"{_show(_ident(d))}: declared but no artifact resolved for it "
+                            "(lock edited by hand?)")
+    return problems
+
+
+def unresolved(lock: Lock) -> list[Artifact]:
+    """Locked artifacts without size/hash (their sources were not reachable when locking)."""
+    return [a for a in lock.artifacts if not a.resolved]
+
+
+def _show(key: tuple[str, str, str]) -> str:
+    return " ".join(k for k in key if k)
+
+
+def _ident(d: dict[str, Any]) -> tuple[str, str, str]:
+    return (d["kind"], d["name"], d.get("version") or "")
+
+
+def _covers(a: Artifact, d: dict[str, Any]) -> bool:
+    if a.kind != d["kind"] or not a.declared:
+        return False
+    if d["kind"] == Kind.DEB.value:
+        return a.name == d["name"] and (d["version"] is None or a.version == d["version"])
+    return a.name == d["name"] and (d["version"] is None or a.version == d["version"])
+
+
+# --------------------------------------------------------------------------------------- resolve
+
+def upstream_sources(site: Site, seg: Segment) -> list[AptSource]:
+    """Apt sources a segment's packages are resolved from on the connected side.
+
+    A connected segment uses its own `sources`; an air-gapped one installs from its mirror, which is
+    filled from the connected side — so from the sources of the site's connected segments.
+    """
+    if seg.sources:
+        return list(seg.sources)
+    seen: dict[str, AptSource] = {}
+    for s in site.segments:
+        if not s.airgapped:
+            for src in s.sources:
+                seen.setdefault(src.name, src)
+    return list(seen.values())
+
+
+@dataclass
+class ResolveOptions:
+    """Where `gpufleet lock` looks things up."""
+
+    artifacts: Sequence[Store] = ()
+    """Directories/URLs holding files/ and images/ in the mirror layout."""
+    registries: Sequence[str] = ()
+    """Registries (`host[:port]`) to inspect images at by repository and digest."""
+    dpkg_status: Path | None = None
+    """Installed baseline for the OS closure (default: nothing installed)."""
+    apt_sources: Sequence[AptSource] = ()
+    """Override the stack's sources (e.g. an internal proxy of the same repositories)."""
+    work: Path | None = None
+
+
+def resolve(site: Site, opts: ResolveOptions) -> Lock:
+    """Resolve the declared set to artifacts. Needs the sources reachable (network or lab)."""
+    decl = declared(site)
+    arts: dict[tuple[str, str, str | None, str], Artifact] = {}
+    notes: list[str] = []
+
+    def put(a: Artifact) -> None:
+        key = (a.kind, a.name, a.version, a.path)
+        old = arts.get(key)
+        if old is not None:
+            a = Artifact(**{**a.__dict__, "segments": tuple(sorted(set(old.segments) | set(a.segments))),
+                            "declared": old.declared or a.declared})
+        arts[key] = a
+
+    with tempfile.TemporaryDirectory(prefix="gpufleet-lock-") as tmp:
+        work = opts.work or Path(tmp)
+        for seg in site.segments:
+            wanted = [d for d in decl if d.kind is Kind.DEB and seg.name in d.segments]
+            if not wanted:
+                continue
+            sources = list(opts.apt_sources) or upstream_sources(site, seg)
+            if not sources:
+                raise FetchError(f"segment {seg.name!r} has no apt sources to resolve packages from; "
+                                 "give the segment `sources` or pass --apt-source")
+            root = AptRoot(work / f"apt-{seg.name}", sources, opts.dpkg_status)
+            root.update()
+            specs = [f"{d.name}={d.version}" if d.version else d.name for d in wanted]
+            top = {d.name for d in wanted}
+            for deb in root.closure(specs):
+                put(Artifact(Kind.DEB.value, deb.name, deb.version, f"apt/{deb.filename}", deb.size, deb.sha256,
+                             deb.url, (seg.name,), deb.name in top))
+        for d in decl:
+            if d.kind is Kind.DEB:
+                continue
+            for a in _resolve_other(d, opts, work, notes):
+                put(a)
+    baseline = "empty" if opts.dpkg_status is None else f"dpkg-status sha256:{file_digest(opts.dpkg_status)[1]}"
+    return Lock(site.name, [decl_dict(d) for d in decl], list(arts.values()), baseline, notes)
+
+
+def _file_rel(d: Declared) -> str:
+    if d.kind is Kind.PLUGIN:
+        return f"files/plugins/{plugin_file(d.version or '')}"
+    return "files/" + files_path(d.sources[0])
+
+
+def _resolve_other(d: Declared, opts: ResolveOptions, work: Path, notes: list[str]) -> list[Artifact]:
+    segs = d.segments
+    if d.kind is Kind.IMAGE:
+        repo, digest = image_repo(d.name + "@" + (d.version or ""))
+        for store in opts.artifacts:
+            if store.is_url:
+                continue
+            found = oci.image_in_layout(Path(store.base) / "images" / repo, digest)
+            if found:
+                return [Artifact(d.kind.value, repo, digest, f"images/{repo}", found[0],
+                                 digest.split(":", 1)[1], store.where(f"images/{repo}"), segs, True)]
+        for reg in [*opts.registries, *(r.split("/", 1)[0] for r in d.sources)]:
+            size = _registry_image_size(reg, repo, digest)
+            if size is not None:
+                return [Artifact(d.kind.value, repo, digest, f"images/{repo}", size, digest.split(":", 1)[1],
+                                 f"docker://{reg}/{repo}@{digest}", segs, True)]
+        notes.append(f"image {repo}@{digest}: not found in --artifacts or registries; locked unresolved")
+        return [Artifact(d.kind.value, repo, digest, f"images/{repo}", None, None, d.sources[0], segs, True)]
+    # Files: a model directory (source ending in /) becomes one artifact per file found in a store.
+    rel = _file_rel(d)
+    if rel.endswith("/"):
+        for store in opts.artifacts:
+            p = None if store.is_url else Path(store.base) / rel
+            if p is not None and p.is_dir():
+                return [Artifact(d.kind.value, d.name, d.version, str(f.relative_to(store.base)),
+                                 *file_digest(f), store.where(str(f.relative_to(store.base))), segs, True)
+                        for f in sorted(x for x in p.rglob("*") if x.is_file())]
+        notes.append(f"{d.describe()}: directory {rel} not found in any --artifacts directory; locked unresolved")
+        return [Artifact(d.kind.value, d.name, d.version, rel, None, None, d.sources[0], segs, True)]
+    candidates = [*(s.where(rel) for s in opts.artifacts), *d.sources]
+    for where in candidates:
+        local = Path(where) if not where.startswith(("http://", "https://")) else None
+        try:
+            if local is not None:
+                if not local.is_file():
+                    continue
+                size, sha = file_digest(local)
+            else:
+                dest = work / "files" / rel
+                fetch_url(where, dest)
+                size, sha = file_digest(dest)
+                dest.unlink()
+        except FetchError:
+            continue
+        return [Artifact(d.kind.value, d.name, d.version, rel, size, sha, where, segs, True)]
+    notes.append(f"{d.describe()}: not found at {', '.join(candidates)}; locked unresolved")
+    return [Artifact(d.kind.value, d.name, d.version, rel, None, None, d.sources[0], segs, True)]
+
+
+def _registry_image_size(registry: str, repo: str, digest: str) -> int | None:
+    try:
+        proc = subprocess.run(
+            ["skopeo", "inspect", "--raw", "--tls-verify=false", "--retry-times=0",
+             f"docker://{registry}/{repo}@{digest}"],
+            capture_output=True, timeout=60, check=False)
+    except (FileNotFoundError, subprocess.TimeoutExpired):
+        return None
+    if proc.returncode != 0:
+        return None
+    man = json.loads(proc.stdout)
+    return len(proc.stdout) + int(man["config"]["size"]) + sum(int(la["size"]) for la in man.get("layers", []))

@@ -1,0 +1,186 @@
+"""The SSH publisher: a mirror host reached with the stack's `controller.ssh_config`.
+
+Every remote step is one `ssh` call running a short, fixed script (nothing user-supplied is put in
+a command string); files travel as one tar stream; images go controller → registry with skopeo.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import shlex
+import subprocess
+import tarfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from infra.bundle.build import image_tag
+from infra.bundle.publish import release_text
+from infra.model.site import Mirror, Site
+
+MIRROR_ROOT = "/srv/gpufleet"  # the `mirror` role's `mirror_root` default; the lab bind-mounts the same path
+SSH_TIMEOUT_S = 900
+
+_LIST = r'''
+import hashlib, json, os, sys
+root = sys.argv[1]
+out = {}
+for area in ("apt", "files"):
+    base = os.path.join(root, area)
+    for d, _, fs in os.walk(base):
+        for f in fs:
+            p = os.path.join(d, f)
+            rel = os.path.relpath(p, root)
+            if area == "apt" and not f.endswith(".deb"):
+                continue
+            h = hashlib.sha256()
+            with open(p, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 22), b""):
+                    h.update(chunk)
+            out[rel] = [os.path.getsize(p), h.hexdigest()]
+json.dump(out, sys.stdout)
+'''
+
+_HAS_IMAGE = r'''
+import sys, urllib.request
+port, repo, digest = sys.argv[1:4]
+accept = ("application/vnd.oci.image.manifest.v1+json, "
+          "application/vnd.docker.distribution.manifest.v2+json")
+req = urllib.request.Request(f"http://127.0.0.1:{port}/v2/{repo}/manifests/{digest}", method="HEAD",
+                             headers={"Accept": accept})
+try:
+    urllib.request.urlopen(req, timeout=10)
+    print("yes")
+except Exception:
+    print("no")
+'''
+
+_CATALOG = r'''
+import json, sys, urllib.request
+port = sys.argv[1]
+def get(path):
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
+        return json.load(r)
+out = {}
+try:
+    for repo in get("/v2/_catalog").get("repositories") or []:
+        out[repo] = get(f"/v2/{repo}/tags/list").get("tags") or []
+    json.dump({"ok": True, "repos": out}, sys.stdout)
+except Exception as exc:
+    json.dump({"ok": False, "error": str(exc), "repos": out}, sys.stdout)
+'''
+
+
+class RemoteError(Exception):
+    """An SSH step on the mirror failed."""
+
+
+@dataclass
+class SshMirror:
+    """A mirror host over SSH (StrictHostKeyChecking via the stack's ssh_config/known_hosts)."""
+
+    mirror: Mirror
+    ssh_config: str | None
+    known_hosts: str | None = None
+    root: str = MIRROR_ROOT
+
+    @classmethod
+    def for_site(cls, site: Site, mirror_name: str, root: str = MIRROR_ROOT) -> SshMirror:
+        """The named mirror of a site; KeyError listing known mirrors otherwise."""
+        for m in site.mirrors:
+            if m.name == mirror_name:
+                return cls(m, site.controller.ssh_config, site.controller.known_hosts, root)
+        raise KeyError(f"no mirror {mirror_name!r} in site {site.name!r}; known: "
+                       + (", ".join(m.name for m in site.mirrors) or "none"))
+
+    def _ssh(self) -> list[str]:
+        cmd = ["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10", "-o", "StrictHostKeyChecking=yes"]
+        if self.ssh_config:
+            cmd += ["-F", self.ssh_config]
+        if self.known_hosts:
+            cmd += ["-o", f"UserKnownHostsFile={self.known_hosts}"]
+        # Lab and real ssh configs name hosts by mirror name; fall back to the address otherwise.
+        return [*cmd, self.mirror.name if self.ssh_config else f"root@{self.mirror.address}"]
+
+    def run(self, script: str, *args: str, stdin: bytes | None = None, python: bool = False) -> bytes:
+        """Run a fixed shell (or python3) script on the mirror with quoted arguments."""
+        if python:
+            remote = "python3 -c " + shlex.quote(script) + " " + " ".join(shlex.quote(a) for a in args)
+        else:
+            remote = "sh -c " + shlex.quote(script) + " sh " + " ".join(shlex.quote(a) for a in args)
+        try:
+            proc = subprocess.run([*self._ssh(), remote], input=stdin, capture_output=True,
+                                  timeout=SSH_TIMEOUT_S, check=False)
+        except subprocess.TimeoutExpired:
+            raise RemoteError(f"{self.mirror.name}: remote step timed out") from None
+        if proc.returncode != 0:
+            raise RemoteError(f"{self.mirror.name}: remote step failed (exit {proc.returncode}): "
+                              f"{proc.stderr.decode(errors='replace').strip()[-800:]}")
+        return proc.stdout
+
+    # ---------------------------------------------------------------- Publisher
+
+    def list_files(self) -> dict[str, tuple[int, str]]:
+        """What the mirror's apt/ and files/ hold."""
+        data = json.loads(self.run(_LIST, self.root, python=True) or b"{}")
+        return {k: (int(v[0]), str(v[1])) for k, v in data.items()}
+
+    def put_files(self, root: Path, rels: list[str]) -> None:
+        """One tar stream of the files, unpacked under the mirror root (world-readable for nginx)."""
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            for rel in rels:
+                info = tar.gettarinfo(str(root / rel), arcname=rel)
+                info.uid = info.gid = 0
+                info.uname = info.gname = "root"
+                info.mode = 0o644
+                with (root / rel).open("rb") as f:
+                    tar.addfile(info, f)
+        self.run('mkdir -p "$1" && tar -C "$1" --no-same-owner -xf - && chmod -R a+rX "$1/apt" "$1/files"',
+                 self.root, stdin=buf.getvalue())
+
+    def reindex_apt(self, sign: Callable[[bytes], tuple[bytes, bytes]]) -> bool:
+        """Packages over every deb on the mirror (--multiversion); re-sign only when it changed."""
+        packages = self.run('cd "$1/apt" && dpkg-scanpackages --multiversion . /dev/null 2>/dev/null', self.root)
+        current = self.run('cat "$1/apt/Packages" 2>/dev/null; true', self.root)
+        signed = self.run('test -s "$1/apt/InRelease" && echo yes || echo no', self.root).strip() == b"yes"
+        if packages == current and signed:
+            return False
+        gz = gzip.compress(packages, mtime=0)
+        release = release_text({"Packages": packages, "Packages.gz": gz})
+        inrelease, detached = sign(release)
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            for name, data in (("Packages", packages), ("Packages.gz", gz), ("Release", release),
+                               ("InRelease", inrelease), ("Release.gpg", detached)):
+                info = tarfile.TarInfo(f"apt/{name}")
+                info.size, info.mode = len(data), 0o644
+                tar.addfile(info, io.BytesIO(data))
+        self.run('tar -C "$1" --no-same-owner -xf -', self.root, stdin=buf.getvalue())
+        return True
+
+    def has_image(self, repo: str, digest: str) -> bool:
+        """The registry (asked on the mirror itself) serves `repo@digest`."""
+        out = self.run(_HAS_IMAGE, str(self.mirror.registry_port), repo, digest, python=True)
+        return out.strip() == b"yes"
+
+    def put_image(self, layout: Path, repo: str, digest: str) -> None:
+        """Skopeo copy oci:… docker://mirror:port/repo:<digest-tag>, digests preserved."""
+        dest = f"docker://{self.mirror.address}:{self.mirror.registry_port}/{repo}:{image_tag(digest)}"
+        proc = subprocess.run(["skopeo", "copy", "--preserve-digests", "--dest-tls-verify=false", "--quiet",
+                               f"oci:{layout}:{image_tag(digest)}", dest],
+                              capture_output=True, timeout=1800, check=False)
+        if proc.returncode != 0:
+            raise RemoteError(f"skopeo copy {repo}@{digest} → {dest} failed: "
+                              f"{proc.stderr.decode(errors='replace').strip()}")
+
+    def catalog(self) -> dict[str, object]:
+        """Registry repositories and tags, asked on the mirror."""
+        result: dict[str, object] = json.loads(self.run(_CATALOG, str(self.mirror.registry_port), python=True))
+        return result
+
+    def packages_index(self) -> bytes:
+        """The mirror's current apt Packages file (empty if none)."""
+        return self.run('cat "$1/apt/Packages" 2>/dev/null; true', self.root)

@@ -1,0 +1,392 @@
+"""Air-gap supply chain: lock check, bundle build/verify (tamper), import (nothing on failure, idempotent)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import yaml
+
+from infra.bundle import hashing, oci
+from infra.bundle.build import BuildError, BuildOptions, build
+from infra.bundle.declared import Kind, declared
+from infra.bundle.lock import Artifact, Lock, check, decl_dict, lock_path_for
+from infra.bundle.manifest import MANIFEST, SIGNATURE, verify_bundle, write_manifest
+from infra.bundle.publish import ImportRefused, import_bundle
+from infra.bundle.signing import generate_key
+from infra.bundle.store import Store, file_digest
+from infra.cli import main
+from infra.model.load import load_site, project_dir
+
+STACKS = project_dir() / "stacks"
+pytestmark = pytest.mark.skipif(shutil.which("gpg") is None or shutil.which("gpgv") is None,
+                                reason="gpg/gpgv not installed (Debian: gnupg)")
+
+
+# ------------------------------------------------------------------------------------ fixtures
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A trusted signing key and an unrelated one (the attacker's)."""
+    d = tmp_path_factory.mktemp("keys")
+    out = {}
+    for who in ("site", "other"):
+        generate_key(d / f"home-{who}", f"gpufleet {who} <{who}@lab.invalid>", d / f"{who}.sec.asc",
+                     d / f"{who}.pub.asc")
+        out[f"{who}_secret"], out[f"{who}_public"] = d / f"{who}.sec.asc", d / f"{who}.pub.asc"
+    return out
+
+
+def make_bundle(root: Path, secret: Path, *, big: int = 0, piece_size: int | None = None) -> Path:
+    """A small signed bundle: two debs, a model file (optionally `big` bytes), an OCI image."""
+    (root / "apt").mkdir(parents=True)
+    (root / "apt/a_1.0_amd64.deb").write_bytes(b"deb-a" * 1000)
+    (root / "apt/b_2.0_all.deb").write_bytes(b"deb-b" * 777)
+    model = root / "files/models/tiny/r1/model.gguf"
+    model.parent.mkdir(parents=True)
+    model.write_bytes(bytes(range(256)) * max(1, big // 256))
+    digest = oci.write_image(root / "images/lab/hello", {"bin/hello": b"#!/bin/sh\necho hello\n"})
+    arts = [Artifact("deb", "a", "1.0", "apt/a_1.0_amd64.deb", *file_digest(root / "apt/a_1.0_amd64.deb"),
+                     "http://198.18.1.250/apt/a.deb", ("airgap",), True),
+            Artifact("model", "tiny@r1", "r1", "files/models/tiny/r1/model.gguf", *file_digest(model),
+                     "http://198.18.1.250/files/models/tiny/r1/model.gguf", ("airgap",), True),
+            Artifact("image", "lab/hello", digest, "images/lab/hello", 1, digest.split(":")[1], "oci", ("airgap",),
+                     True)]
+    write_manifest(root, "lab", "airgap", "0" * 64, arts, secret, piece_size=piece_size)
+    return root
+
+
+class RecordingPublisher:
+    """An in-memory mirror that records every call (a fake for the SSH publisher)."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, tuple[int, str]] = {}
+        self.images: set[tuple[str, str]] = set()
+        self.calls: list[str] = []
+        self.packages = b""
+
+    def list_files(self) -> dict[str, tuple[int, str]]:
+        self.calls.append("list_files")
+        return dict(self.files)
+
+    def put_files(self, root: Path, rels: list[str]) -> None:
+        self.calls.append(f"put_files:{len(rels)}")
+        for r in rels:
+            self.files[r] = file_digest(root / r)
+
+    def reindex_apt(self, sign: Callable[[bytes], tuple[bytes, bytes]]) -> bool:
+        new = "\n".join(sorted(r for r in self.files if r.startswith("apt/"))).encode()
+        if new == self.packages:
+            self.calls.append("probe_apt")
+            return False
+        self.calls.append("reindex_apt")
+        self.packages = new
+        sign(new)
+        return True
+
+    def has_image(self, repo: str, digest: str) -> bool:
+        return (repo, digest) in self.images
+
+    def put_image(self, layout: Path, repo: str, digest: str) -> None:
+        self.calls.append(f"put_image:{repo}")
+        self.images.add((repo, digest))
+
+    @property
+    def writes(self) -> list[str]:
+        return [c for c in self.calls if c.startswith(("put_", "reindex"))]
+
+
+def _no_sign(data: bytes) -> tuple[bytes, bytes]:
+    return b"clear:" + data, b"sig"
+
+
+# ------------------------------------------------------------------------------ verify / tamper
+
+def test_intact_bundle_verifies(tmp_path: Path, keys: dict[str, Path]) -> None:
+    """A freshly built bundle passes verification with the site's public key."""
+    b = make_bundle(tmp_path / "b", keys["site_secret"])
+    man, problems = verify_bundle(b, keys["site_public"])
+    assert problems == []
+    assert man is not None and "apt/a_1.0_amd64.deb" in man.files
+
+
+@pytest.mark.parametrize("target", ["apt/b_2.0_all.deb", "files/models/tiny/r1/model.gguf"])
+def test_flipped_byte_is_rejected_naming_the_file(tmp_path: Path, keys: dict[str, Path], target: str) -> None:
+    """One flipped byte in any file is found and the message names that file."""
+    b = make_bundle(tmp_path / "b", keys["site_secret"])
+    data = bytearray((b / target).read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (b / target).write_bytes(bytes(data))
+    _, problems = verify_bundle(b, keys["site_public"])
+    assert len(problems) == 1 and problems[0].startswith(f"{target}: content does not match")
+
+
+def test_flipped_byte_in_one_piece_of_a_large_file(tmp_path: Path, keys: dict[str, Path]) -> None:
+    """Large files are checked piece by piece in parallel; a flip in a middle piece is still caught."""
+    b = make_bundle(tmp_path / "b", keys["site_secret"], big=40_000, piece_size=4096)
+    target = b / "files/models/tiny/r1/model.gguf"
+    assert len(json.loads((b / MANIFEST).read_text())["files"]["files/models/tiny/r1/model.gguf"]["pieces"]) > 3
+    with target.open("r+b") as f:
+        f.seek(3 * 4096 + 17)
+        byte = f.read(1)
+        f.seek(3 * 4096 + 17)
+        f.write(bytes([byte[0] ^ 0x80]))
+    _, problems = verify_bundle(b, keys["site_public"])
+    assert problems == ["files/models/tiny/r1/model.gguf: content does not match the manifest (size or sha256)"]
+
+
+def test_missing_file_is_rejected(tmp_path: Path, keys: dict[str, Path]) -> None:
+    """A file listed in the manifest but absent is named."""
+    b = make_bundle(tmp_path / "b", keys["site_secret"])
+    (b / "apt/a_1.0_amd64.deb").unlink()
+    _, problems = verify_bundle(b, keys["site_public"])
+    assert "apt/a_1.0_amd64.deb: missing (listed in the manifest)" in problems
+
+
+def test_extra_file_is_rejected(tmp_path: Path, keys: dict[str, Path]) -> None:
+    """A file the manifest does not list (a smuggled package) is named."""
+    b = make_bundle(tmp_path / "b", keys["site_secret"])
+    (b / "apt/evil_6.6_amd64.deb").write_bytes(b"not from the lock")
+    _, problems = verify_bundle(b, keys["site_public"])
+    assert problems == ["apt/evil_6.6_amd64.deb: extra file (not in the manifest)"]
+
+
+def test_signature_by_another_key_is_rejected(tmp_path: Path, keys: dict[str, Path]) -> None:
+    """A bundle signed by a key not in the trusted keyring is rejected at the signature."""
+    b = make_bundle(tmp_path / "b", keys["other_secret"])
+    _, problems = verify_bundle(b, keys["site_public"])
+    assert len(problems) == 1 and problems[0].startswith(f"{SIGNATURE}: bad signature")
+
+
+def test_rewritten_manifest_breaks_the_signature(tmp_path: Path, keys: dict[str, Path]) -> None:
+    """Swapping a file and fixing its hash in the manifest still fails: the manifest is signed."""
+    b = make_bundle(tmp_path / "b", keys["site_secret"])
+    (b / "apt/b_2.0_all.deb").write_bytes(b"trojan")
+    man = json.loads((b / MANIFEST).read_text())
+    size, sha = file_digest(b / "apt/b_2.0_all.deb")
+    man["files"]["apt/b_2.0_all.deb"] = {"size": size, "sha256": sha}
+    (b / MANIFEST).write_text(json.dumps(man, indent=1, sort_keys=True) + "\n")
+    _, problems = verify_bundle(b, keys["site_public"])
+    assert [p for p in problems if p.startswith(SIGNATURE)], problems
+
+
+def test_missing_signature_is_rejected(tmp_path: Path, keys: dict[str, Path]) -> None:
+    """An unsigned bundle is never trusted."""
+    b = make_bundle(tmp_path / "b", keys["site_secret"])
+    (b / SIGNATURE).unlink()
+    _, problems = verify_bundle(b, keys["site_public"])
+    assert problems == [f"{SIGNATURE}: missing (an unsigned bundle is never trusted)"]
+
+
+@pytest.mark.parametrize("damage", ["flip", "missing", "extra", "signature"])
+def test_import_publishes_nothing_when_verify_fails(tmp_path: Path, keys: dict[str, Path], damage: str) -> None:
+    """Import verifies first: a damaged bundle makes no call at all on the mirror."""
+    b = make_bundle(tmp_path / "b", keys["site_secret"] if damage != "signature" else keys["other_secret"])
+    if damage == "flip":
+        (b / "apt/a_1.0_amd64.deb").write_bytes(b"X" + (b / "apt/a_1.0_amd64.deb").read_bytes()[1:])
+    elif damage == "missing":
+        shutil.rmtree(b / "files")
+    elif damage == "extra":
+        (b / "files/extra.bin").write_bytes(b"x")
+    pub = RecordingPublisher()
+    with pytest.raises(ImportRefused) as err:
+        import_bundle(b, keys["site_public"], pub, _no_sign)
+    assert pub.calls == []
+    assert err.value.problems
+
+
+def test_import_is_idempotent(tmp_path: Path, keys: dict[str, Path]) -> None:
+    """First import uploads files, re-signs apt and copies the image; the second changes nothing."""
+    b = make_bundle(tmp_path / "b", keys["site_secret"])
+    pub = RecordingPublisher()
+    _, first = import_bundle(b, keys["site_public"], pub, _no_sign)
+    assert first.changed and first.apt_reindexed
+    assert set(first.uploaded) == {"apt/a_1.0_amd64.deb", "apt/b_2.0_all.deb", "files/models/tiny/r1/model.gguf"}
+    assert first.images == [f"lab/hello@{next(d for r, d in pub.images)}"]
+    before = list(pub.writes)
+    _, second = import_bundle(b, keys["site_public"], pub, _no_sign)
+    assert not second.changed and second.unchanged == 3
+    assert pub.writes == before  # the second run did not upload, re-sign or copy anything
+
+
+def test_verify_cli_exit_codes(tmp_path: Path, keys: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    """`gpufleet bundle verify` exits 0 on a good bundle and 1 naming the problem on a bad one."""
+    b = make_bundle(tmp_path / "b", keys["site_secret"])
+    assert main(["bundle", "verify", str(b), "--keyring", str(keys["site_public"])]) == 0
+    (b / "apt/a_1.0_amd64.deb").unlink()
+    capsys.readouterr()
+    assert main(["bundle", "verify", str(b), "--keyring", str(keys["site_public"]), "--json"]) == 1
+    out = json.loads(capsys.readouterr().out)
+    assert out["ok"] is False and out["problems"] == ["apt/a_1.0_amd64.deb: missing (listed in the manifest)"]
+
+
+def test_parallel_check_matches_serial_hashes(tmp_path: Path) -> None:
+    """Piece-wise parallel hashing gives the same verdicts as whole-file sha256 (good and bad files)."""
+    files = []
+    for i in range(5):
+        p = tmp_path / f"f{i}"
+        p.write_bytes(bytes([i]) * (10_000 + i * 3333))
+        files.append(p)
+    digests = hashing.digest_files(files, piece_size=4096, threads=2)
+    assert [d.sha256 for d in digests] == [file_digest(f)[1] for f in files]
+    files[2].write_bytes(b"\0" + files[2].read_bytes()[1:])
+    assert hashing.check_files(list(zip(files, digests, strict=True)), threads=2) == [files[2]]
+
+
+# -------------------------------------------------------------------------------- build
+
+def _fake_lock(site: object, store: Path, *, skip: set[str] = frozenset()) -> Lock:  # type: ignore[assignment]
+    """A lock whose file artifacts are resolved from `store` (no network, no apt)."""
+    decl = declared(site)  # type: ignore[arg-type]
+    arts = []
+    for d in decl:
+        if d.kind in (Kind.MODEL, Kind.WHEEL, Kind.PLUGIN):
+            rel = ("files/plugins/x.tar.gz" if d.kind is Kind.PLUGIN else
+                   "files/" + d.sources[0].split("/files/", 1)[1])
+            p = store / rel
+            if d.name not in skip:
+                p.parent.mkdir(parents=True, exist_ok=True)
+                p.write_bytes(f"{d.kind}:{d.name}".encode() * 100)
+            size, sha = file_digest(p) if p.exists() else (1, "f" * 64)
+            arts.append(Artifact(d.kind.value, d.name, d.version, rel, size, sha, d.sources[0], d.segments, True))
+    return Lock(site.name, [decl_dict(d) for d in decl if d.kind is not Kind.DEB], arts)  # type: ignore[attr-defined]
+
+
+def test_build_refuses_naming_what_is_missing_and_where(tmp_path: Path, keys: dict[str, Path]) -> None:
+    """A locked model that no --artifacts store holds stops the build; the error names it and the places tried."""
+    site = load_site("lab")
+    store = tmp_path / "store"
+    # Debs are out of scope here (they need apt): the lock carries files only.
+    lock = _fake_lock(site, store, skip={"gpufleet-tiny-lab@lab-1"})
+    with pytest.raises(BuildError) as err:
+        _build_without_debs(site, lock, tmp_path / "out", keys["site_secret"], store)
+    text = str(err.value)
+    assert "model gpufleet-tiny-lab@lab-1" in text
+    assert str(store / "files/models/gpufleet-tiny-lab/lab-1/model.gguf") in text
+    assert not (tmp_path / "out" / MANIFEST).exists()
+
+
+def _build_without_debs(site: object, lock: Lock, out: Path, key: Path, store: Path) -> object:
+    import infra.bundle.build as b
+
+    orig = b.check
+    b.check = lambda lock_, site_: []  # type: ignore[assignment]
+    try:
+        return build(site, lock, lock.to_json(), "airgap", out, key, BuildOptions(artifacts=[Store(str(store))]))  # type: ignore[arg-type]
+    finally:
+        b.check = orig
+
+
+# -------------------------------------------------------------------------------- lock check
+
+def _lab_copy(tmp_path: Path, edit: Callable[[dict[str, object]], None] | None = None) -> Path:
+    raw = yaml.safe_load((STACKS / "Pulumi.lab.yaml").read_text())
+    if edit:
+        edit(raw["config"]["gpufleet:site"])
+    path = tmp_path / "Pulumi.labcopy.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def test_lock_check_passes_on_an_unchanged_stack(tmp_path: Path) -> None:
+    """A lock made from a stack matches that stack."""
+    path = _lab_copy(tmp_path)
+    site = load_site(path=path)
+    lock = _fake_lock(site, tmp_path / "s")
+    lock.declared = [decl_dict(d) for d in declared(site)]
+    assert [p for p in check(lock, site) if "no artifact resolved" not in p] == []
+
+
+def test_lock_check_names_a_changed_version(tmp_path: Path) -> None:
+    """Changing the driver in a copy of the stack without re-locking is drift, naming each package."""
+    path = _lab_copy(tmp_path)
+    site = load_site(path=path)
+    lock = Lock(site.name, [decl_dict(d) for d in declared(site)], [])
+
+    def bump(s: dict[str, object]) -> None:
+        s["profiles"]["lab-570"]["driver"]["version"] = "570.124.06"  # type: ignore[index]
+        s["profiles"]["lab-570"]["fabric_manager"]["version"] = "570.124.06"  # type: ignore[index]
+
+    changed = load_site(path=_lab_copy(tmp_path, bump))
+    drift = [p for p in check(lock, changed) if "stack wants" in p]
+    assert drift == [f"deb {name}: stack wants 570.124.06-1, lock has 570.133.20-1"
+                     for name in ("nvidia-driver", "nvidia-fabricmanager-570", "nvidia-kernel-open-dkms",
+                                  "nvidia-persistenced")]
+
+
+def test_lock_check_cli_fails_on_drift(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`gpufleet lock --check --stack-file` exits 1 and prints the difference after a model revision change."""
+    path = _lab_copy(tmp_path)
+    site = load_site(path=path)
+    lock = _fake_lock(site, tmp_path / "s")
+    lock.declared = [decl_dict(d) for d in declared(site)]
+    lock_path_for(path).write_text(lock.to_json())
+
+    def new_rev(s: dict[str, object]) -> None:
+        for svc in s["services"]:  # type: ignore[attr-defined]
+            svc["model"]["revision"] = "lab-2"
+
+    path2 = _lab_copy(tmp_path, new_rev)
+    assert path2 == path
+    assert main(["lock", "--check", "--stack-file", str(path)]) == 1
+    err = capsys.readouterr().out
+    assert "model gpufleet-tiny-lab@lab-2 lab-2: in the stack, not in the lock" in err
+    assert "model gpufleet-tiny-lab@lab-1 lab-1: in the lock, no longer in the stack" in err
+
+
+@pytest.mark.parametrize("lock_file", sorted(STACKS.glob("Pulumi.*.lock.json")), ids=lambda p: p.name)
+def test_committed_locks_match_their_stacks(lock_file: Path) -> None:
+    """CI gate: every committed lock still matches its stack (`gpufleet lock --check`)."""
+    stack = lock_file.with_name(lock_file.name.replace(".lock.json", ".yaml"))
+    assert main(["lock", "--check", "--stack-file", str(stack)]) == 0
+
+
+def test_declared_air_gap_set_comes_from_the_plan() -> None:
+    """The air-gapped segment's declared set holds the plan's pinned packages, nftables and its model."""
+    site = load_site("lab")
+    got = {(d.kind.value, d.name, d.version) for d in declared(site, "airgap")}
+    assert ("deb", "nvidia-driver", "570.133.20-1") in got
+    assert ("deb", "nvidia-fabricmanager-570", "570.133.20-1") in got  # lab-gpu04 has NVSwitch
+    assert ("deb", "nftables", None) in got  # the air-gap firewall role needs it
+    assert ("model", "gpufleet-tiny-lab@lab-1", "lab-1") in got
+    assert all("connected" not in d.segments for d in declared(site, "airgap"))
+
+
+def test_skopeo_reads_a_hand_written_image(tmp_path: Path) -> None:
+    """The hand-written OCI layout is deterministic and readable by skopeo (what import copies)."""
+    d1 = oci.write_image(tmp_path / "a", {"hello": b"hi\n"}, "t")
+    d2 = oci.write_image(tmp_path / "b", {"hello": b"hi\n"}, "t")
+    assert d1 == d2
+    if shutil.which("skopeo") is None:
+        pytest.skip("skopeo not installed")
+    raw = subprocess.run(["skopeo", "inspect", "--raw", f"oci:{tmp_path / 'a'}:t"], capture_output=True,
+                         check=True, timeout=60).stdout
+    import hashlib
+
+    assert "sha256:" + hashlib.sha256(raw).hexdigest() == d1
+
+
+def test_build_writes_a_bundle_that_verifies(tmp_path: Path, keys: dict[str, Path]) -> None:
+    """Files from an --artifacts store are copied, hash-checked against the lock, signed, and verify."""
+    site = load_site("lab")
+    store = tmp_path / "store"
+    lock = _fake_lock(site, store)
+    _build_without_debs(site, lock, tmp_path / "out", keys["site_secret"], store)
+    man, problems = verify_bundle(tmp_path / "out", keys["site_public"])
+    assert problems == []
+    assert man is not None and "files/models/gpufleet-tiny-lab/lab-1/model.gguf" in man.files
+
+
+def test_build_rejects_bytes_that_differ_from_the_lock(tmp_path: Path, keys: dict[str, Path]) -> None:
+    """A store serving different bytes than were locked is refused, naming the path and both hashes."""
+    site = load_site("lab")
+    store = tmp_path / "store"
+    lock = _fake_lock(site, store)
+    (store / "files/models/gpufleet-tiny-lab/lab-1/model.gguf").write_bytes(b"other weights")
+    with pytest.raises(BuildError) as err:
+        _build_without_debs(site, lock, tmp_path / "out", keys["site_secret"], store)
+    assert "files/models/gpufleet-tiny-lab/lab-1/model.gguf has sha256" in str(err.value)
