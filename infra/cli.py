@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "infra.bench.cli",
     "infra.inference.cli",
     "infra.bundle.cli",
+    "infra.review.cli",
 )
 
 

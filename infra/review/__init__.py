@@ -1,0 +1,1 @@
+"""`gpufleet review`: a `pulumi preview --json` digest plus the plan → a Markdown change review."""
