@@ -13,6 +13,7 @@ from infra.model.load import SiteError
 # Each module defines `register(subparsers)`; commands set `func(args) -> int`.
 COMMAND_MODULES = (
     "infra.bmc.cli",
+    "infra.dr.cli",
     "infra.commands.site",
     "infra.bench.cli",
     "infra.inference.cli",

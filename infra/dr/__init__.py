@@ -1,0 +1,1 @@
+"""Disaster recovery: node fingerprints, drift, rebuild through the BMC, Pulumi state backups."""

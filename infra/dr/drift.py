@@ -1,0 +1,198 @@
+"""Drift: per node, what differs from the plan — packages, holds, config files, services, GPUs, reboot.
+
+Two sources, merged per node:
+
+- the probe (`infra.dr.probe`, one SSH round trip, read-only): pinned package versions and holds,
+  expected services running and enabled, GPUs as the plan declares them, a pending reboot;
+- the roles' check mode (`gpufleet check`, ROLES' Ansible check+diff): every task that *would*
+  change, with file diffs — this is what sees an edited managed config file.
+
+A node that cannot be reached is reported as such (it is not "clean").
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from infra.dr.probe import NodeState, expected_services
+from infra.dr.remote import RemoteError, probe
+from infra.model.site import OperatingSystem, Site
+from infra.plan.node import NodePlan
+
+
+@dataclass(frozen=True)
+class DriftItem:
+    """One difference from the plan."""
+
+    kind: str  # package, hold, file, service, gpu, reboot, task
+    item: str
+    want: Any
+    have: Any
+    source: str = "probe"  # probe | check
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON form."""
+        return {"kind": self.kind, "item": self.item, "want": self.want, "have": self.have, "source": self.source}
+
+
+@dataclass
+class NodeDrift:
+    """Drift of one node."""
+
+    hostname: str
+    reachable: bool = True
+    items: list[DriftItem] = field(default_factory=list)
+    error: str = ""
+    check: str = "not run"  # ran | unavailable: <why> | failed: <why> | not run
+    seconds: float = 0.0
+
+    @property
+    def drifted(self) -> bool:
+        """True when something differs from the plan."""
+        return bool(self.items)
+
+    @property
+    def status(self) -> str:
+        """clean, drift, unreachable, or check-failed (drift unknown: the node could not be fully read)."""
+        if not self.reachable:
+            return "unreachable"
+        if self.items:
+            return "drift"
+        return "check-failed" if self.check.startswith("failed") else "clean"
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON form."""
+        return {
+            "hostname": self.hostname,
+            "reachable": self.reachable,
+            "drifted": self.drifted,
+            "status": self.status,
+            "error": self.error,
+            "check": self.check,
+            "seconds": round(self.seconds, 2),
+            "items": [i.as_dict() for i in self.items],
+        }
+
+
+@dataclass(frozen=True)
+class CheckOutcome:
+    """What the roles' check mode says about one node: tasks that would change and files with diffs."""
+
+    would_change: tuple[str, ...] = ()
+    files: tuple[str, ...] = ()
+    reboot_required: bool | None = None
+    failed: str = ""
+
+
+CheckFn = Callable[[Site, list[NodePlan]], dict[str, CheckOutcome]]
+
+_DEBIAN_LIKE = (OperatingSystem.DEBIAN_12, OperatingSystem.UBUNTU_2204, OperatingSystem.UBUNTU_2404)
+
+
+def against_plan(plan: NodePlan, state: NodeState) -> list[DriftItem]:
+    """Differences between the plan and a probed state (pure)."""
+    items: list[DriftItem] = []
+    for pkg in plan.packages:
+        have = state.packages.get(pkg.name)
+        if have != pkg.version:
+            items.append(DriftItem("package", pkg.name, pkg.version, have))
+        elif plan.node.os in _DEBIAN_LIKE and pkg.name not in state.held:
+            # The roles hold every pinned package so `apt upgrade` cannot move it.
+            items.append(DriftItem("hold", pkg.name, "hold", "not held"))
+    for unit in expected_services(plan):
+        s = state.services.get(unit, {})
+        active, enabled = s.get("active", "absent"), s.get("enabled", "absent")
+        if active != "active" or enabled not in ("enabled", "static", "enabled-runtime"):
+            items.append(DriftItem("service", unit, "active, enabled", f"{active}, {enabled}"))
+    items.extend(_gpu_drift(plan, state))
+    if state.reboot_required:
+        items.append(DriftItem("reboot", "pending", False, True))
+    return items
+
+
+def _gpu_drift(plan: NodePlan, state: NodeState) -> list[DriftItem]:
+    out: list[DriftItem] = []
+    want_count = plan.node.gpu.count
+    if len(state.gpus) != want_count:
+        out.append(DriftItem("gpu", "count", want_count, len(state.gpus)))
+    names = sorted({g.get("name", "") for g in state.gpus})
+    if state.gpus and names != [plan.gpu_product_name]:
+        out.append(DriftItem("gpu", "product", plan.gpu_product_name, ", ".join(names)))
+    drivers = sorted({g.get("driver_version", "") for g in state.gpus})
+    if state.gpus and drivers != [plan.profile.driver.version]:
+        # The loaded driver is not the pinned one: installed but not yet rebooted into, or changed by hand.
+        out.append(DriftItem("gpu", "driver_version", plan.profile.driver.version, ", ".join(drivers)))
+    return out
+
+
+def _with_check(items: list[DriftItem], outcome: CheckOutcome) -> list[DriftItem]:
+    out = list(items)
+    seen_files = {i.item for i in out if i.kind == "file"}
+    for f in outcome.files:
+        if f not in seen_files:
+            out.append(DriftItem("file", f, "as rendered by the roles", "differs", source="check"))
+    for task in outcome.would_change:
+        out.append(DriftItem("task", task, "ok", "would change", source="check"))
+    if outcome.reboot_required and not any(i.kind == "reboot" for i in out):
+        out.append(DriftItem("reboot", "pending", False, True, source="check"))
+    return out
+
+
+def drift(
+    site: Site,
+    plans: Iterable[NodePlan],
+    *,
+    check: CheckFn | None = None,
+    probe_fn: Callable[[Site, NodePlan], NodeState] | None = None,
+    parallel: int = 4,
+) -> list[NodeDrift]:
+    """Drift of each node: probe in parallel, then one check-mode run over the reachable nodes."""
+    plans = list(plans)
+    read = probe_fn or (lambda s, p: probe(s, p))
+
+    def one(p: NodePlan) -> tuple[NodeDrift, NodeState | None]:
+        t0 = time.monotonic()
+        try:
+            state = read(site, p)
+        except RemoteError as exc:
+            return NodeDrift(p.hostname, reachable=False, error=str(exc), seconds=time.monotonic() - t0), None
+        return NodeDrift(p.hostname, items=against_plan(p, state), seconds=time.monotonic() - t0), state
+
+    with ThreadPoolExecutor(max_workers=max(1, min(parallel, len(plans) or 1))) as pool:
+        results = list(pool.map(one, plans))
+    reports = [r for r, _ in results]
+    up = [p for p, (r, _) in zip(plans, results, strict=True) if r.reachable]
+    if check is None:
+        for r in reports:
+            r.check = "not run"
+        return reports
+    t0 = time.monotonic()
+    try:
+        outcomes = check(site, up) if up else {}
+    except CheckUnavailable as exc:
+        for r in reports:
+            r.check = f"unavailable: {exc}"
+        return reports
+    share = (time.monotonic() - t0) / max(1, len(up))
+    for r in reports:
+        if not r.reachable:
+            continue
+        outcome = outcomes.get(r.hostname)
+        if outcome is None:
+            r.check = "failed: no result for this node"
+            continue
+        if outcome.failed:
+            r.check = f"failed: {outcome.failed}"
+            continue
+        r.items = _with_check(r.items, outcome)
+        r.check = "ran"
+        r.seconds += share
+    return reports
+
+
+class CheckUnavailable(Exception):
+    """The roles' check mode cannot run here (not installed yet, ansible missing …)."""

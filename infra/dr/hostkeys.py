@@ -1,0 +1,167 @@
+"""Re-pinning a rebuilt node's SSH host key from an out-of-band source — never trust-on-first-use.
+
+A reimage gives the node new host keys. Accepting whatever key answers first would let anyone on
+the management network impersonate the node. So the new key must come from somewhere the network
+cannot forge:
+
+- real sites: `--host-key FILE` — the public key the installer was given (pre-generated and served with
+  the autoinstall/kickstart), its key drop, or the key read on the BMC's serial console by a person;
+- the lab: the LAB engineer's function, which reads the key straight from the host's rootfs on this
+  machine (the lab's out-of-band channel).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol, cast
+
+from infra.model.site import Node, Site
+
+_KEY_TYPES = (
+    "ssh-ed25519",
+    "ssh-rsa",
+    "ecdsa-sha2-nistp256",
+    "ecdsa-sha2-nistp384",
+    "ecdsa-sha2-nistp521",
+    "sk-ssh-ed25519@openssh.com",
+    "sk-ecdsa-sha2-nistp256@openssh.com",
+)
+
+
+class HostKeyError(Exception):
+    """The new host key could not be obtained or pinned."""
+
+
+class HostKeySource(Protocol):
+    """Where a rebuilt node's new host key comes from."""
+
+    def describe(self) -> str:
+        """For reports."""
+        ...
+
+    def check(self, site: Site, node: Node) -> None:
+        """Raise `Refused` if this source cannot work (checked before the rebuild touches anything)."""
+        ...
+
+    def pin(self, site: Site, node: Node) -> str:
+        """Pin the node's new key in the stack's known_hosts; return its SHA256 fingerprint."""
+        ...
+
+
+def parse_public_key(text: str) -> tuple[str, str]:
+    """(key type, base64 blob) from a `.pub` line or a known_hosts line."""
+    for line in text.splitlines():
+        parts = line.strip().split()
+        for i, token in enumerate(parts):
+            if token in _KEY_TYPES and i + 1 < len(parts):
+                blob = parts[i + 1]
+                try:
+                    base64.b64decode(blob, validate=True)
+                except ValueError:
+                    continue
+                return token, blob
+    raise HostKeyError("no SSH public key found (expected e.g. `ssh-ed25519 AAAA…`)")
+
+
+def key_fingerprint(blob: str) -> str:
+    """OpenSSH-style `SHA256:…` fingerprint of a base64 key blob."""
+    digest = hashlib.sha256(base64.b64decode(blob)).digest()
+    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+
+
+def pin_key(known_hosts: Path, node: Node, key_type: str, blob: str) -> str:
+    """Replace every known_hosts entry of the node (by hostname and address) with the given key."""
+    known_hosts.parent.mkdir(parents=True, exist_ok=True)
+    if known_hosts.exists():
+        for name in (node.hostname, str(node.address)):
+            # ssh-keygen -R also removes hashed entries, which a text filter could not match.
+            subprocess.run(
+                ["ssh-keygen", "-R", name, "-f", str(known_hosts)], capture_output=True, check=False, timeout=30
+            )
+        old = Path(str(known_hosts) + ".old")
+        if old.exists():
+            old.unlink()  # ssh-keygen's backup still holds the old key; it must not linger as a trust source
+    lines = known_hosts.read_text(encoding="utf-8").splitlines() if known_hosts.exists() else []
+    lines.append(f"{node.hostname},{node.address} {key_type} {blob}")
+    tmp = known_hosts.with_name(known_hosts.name + ".tmp")
+    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, known_hosts)
+    return key_fingerprint(blob)
+
+
+class FromFile:
+    """A public key given by the operator (`--host-key FILE`)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def describe(self) -> str:
+        """For reports."""
+        return f"file {self.path}"
+
+    def check(self, site: Site, node: Node) -> None:
+        """The file must hold a key and the stack must name a known_hosts file."""
+        from infra.dr.rebuild import Refused
+
+        if not site.controller.known_hosts:
+            raise Refused("hostkey", "the stack has no `controller.known_hosts`; gpufleet pins host keys there")
+        try:
+            parse_public_key(self.path.read_text(encoding="utf-8"))
+        except (OSError, HostKeyError) as exc:
+            raise Refused("hostkey", f"--host-key {self.path}: {exc}") from None
+
+    def pin(self, site: Site, node: Node) -> str:
+        """Pin the given key."""
+        key_type, blob = parse_public_key(self.path.read_text(encoding="utf-8"))
+        return pin_key(Path(str(site.controller.known_hosts)), node, key_type, blob)
+
+
+class LabSource:
+    """The lab's re-pin function (LAB engineer's code: reads the key from the host's rootfs)."""
+
+    def describe(self) -> str:
+        """For reports."""
+        return "lab rootfs (infra.lab)"
+
+    def check(self, site: Site, node: Node) -> None:
+        """The lab's function must exist."""
+        from infra.dr.rebuild import Refused
+
+        if _lab_repin() is None:
+            raise Refused(
+                "hostkey",
+                "lab stack, but the lab's host-key re-pin function is not available "
+                "(infra.lab); bring the lab code up to date",
+            )
+
+    def pin(self, site: Site, node: Node) -> str:
+        """Let the lab pin the node's new key; returns what it reports."""
+        fn = _lab_repin()
+        if fn is None:
+            raise HostKeyError("lab re-pin function missing")
+        try:
+            result = fn(node.hostname)
+        except Exception as exc:  # the lab's errors are its own types; report them, don't guess
+            raise HostKeyError(f"lab re-pin of {node.hostname} failed: {exc}") from exc
+        return str(result)
+
+
+def _lab_repin() -> Callable[[str], object] | None:
+    """The LAB engineer's `repin_host_key(hostname)`, if the lab code provides it."""
+    try:
+        from infra.lab import hostkeys as lab_hostkeys  # type: ignore[attr-defined,unused-ignore]
+    except ImportError:
+        return None
+    fn = getattr(lab_hostkeys, "repin_host_key", None)
+    return cast("Callable[[str], object]", fn) if callable(fn) else None
+
+
+def lab_source() -> LabSource:
+    """The lab's host key source."""
+    return LabSource()
