@@ -15,6 +15,7 @@ COMMAND_MODULES = (
     "infra.bmc.cli",
     "infra.dr.cli",
     "infra.commands.site",
+    "infra.lab.cli",
     "infra.bench.cli",
     "infra.inference.cli",
     "infra.bundle.cli",

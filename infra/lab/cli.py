@@ -1,0 +1,103 @@
+"""`gpufleet lab up|status|down`: the local lab of nspawn hosts for the lab stack."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from infra.console import Exit, emit, table
+from infra.lab import lab
+from infra.lab.config import LabConfigError, Paths, lab_spec
+from infra.lab.sh import LabCommandError
+from infra.model.load import stack_path
+
+
+def register(sub: Any) -> None:
+    """Register `lab` with up, status, down."""
+    p = sub.add_parser("lab", help="local lab: nspawn hosts, bridges, mirror, Redfish BMCs for the lab stack")
+    lsub = p.add_subparsers(dest="lab_command", required=True, metavar="ACTION")
+    for name, func, text in (("up", cmd_up, "bring the lab up (idempotent: re-checks health when up)"),
+                             ("status", cmd_status, "what runs: hosts, SSH, bridges, firewall, BMC"),
+                             ("down", cmd_down, "stop and remove every lab host, bridge and rule")):
+        q = lsub.add_parser(name, help=text)
+        g = q.add_mutually_exclusive_group()
+        g.add_argument("--stack", default="lab", help="stack name (default: lab)")
+        g.add_argument("--stack-file", type=Path, help="path of a stack file instead of a stack name")
+        q.add_argument("--json", action="store_true", help="machine-readable JSON output")
+        q.add_argument("-v", "--verbose", action="store_true", help="log each step")
+        q.set_defaults(func=func)
+
+
+def _setup(args: argparse.Namespace) -> Path:
+    logging.basicConfig(level=logging.INFO if args.verbose or not args.json else logging.WARNING,
+                        format="lab: %(message)s", stream=sys.stderr)
+    return Path(args.stack_file) if args.stack_file else stack_path(args.stack)
+
+
+def _render(d: dict[str, Any]) -> str:
+    rows = [(h["name"], h["kind"], h["segment"], h["address"], "yes" if h["running"] else "no",
+             "yes" if h["ssh"] else "no", h["gpus"]) for h in d["hosts"]]
+    out = [table(rows, ["host", "kind", "segment", "address", "running", "ssh", "gpus"]), ""]
+    out.append("bridges: " + ", ".join(f"{b['name']} {b['address']}{' (air-gapped)' if b['airgapped'] else ''}"
+                                        f"{'' if b['present'] else ' MISSING'}" for b in d["bridges"]))
+    out.append(f"firewall: nft table {'present' if d['nft_table'] else 'MISSING'}; ip_forward={d['ip_forward']}")
+    out.append(f"BMC: {d['bmc']['url']} ({'running' if d['bmc']['running'] else 'NOT running'}), "
+               f"user admin, password in {d['bmc']['password_file']}")
+    out.append(f"ssh: ssh -F {d['ssh_config']} HOST")
+    if "timings" in d:
+        out.append("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in d["timings"].items()))
+    return "\n".join(out)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    """Bring the lab up."""
+    path = _setup(args)
+    t0 = time.monotonic()
+    try:
+        spec = lab_spec(stack=args.stack_file.stem.removeprefix("Pulumi.") if args.stack_file else args.stack,
+                        path=path)
+        result = lab.up(spec, Paths(), path)
+    except LabConfigError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return Exit.INVALID
+    except lab.LabUnavailable as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return Exit.UNAVAILABLE
+    except LabCommandError as exc:
+        sys.stderr.write(f"error: lab up failed: {exc}\n(`gpufleet lab down` cleans up)\n")
+        return Exit.FAILED
+    result["seconds"] = round(time.monotonic() - t0, 2)
+    emit(args.json, result, lambda d: _render(d) + f"\nlab up in {d['seconds']:.1f}s")
+    return Exit.OK if all(h["ssh"] for h in result["hosts"]) else Exit.FAILED
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Print what runs; exit 1 when the lab is down or unhealthy."""
+    path = _setup(args)
+    try:
+        spec = lab_spec(stack=args.stack_file.stem.removeprefix("Pulumi.") if args.stack_file else args.stack,
+                        path=path)
+    except LabConfigError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return Exit.INVALID
+    result = lab.status(spec, Paths())
+    emit(args.json, result, _render)
+    healthy = result["up"] and all(h["ssh"] for h in result["hosts"]) and result["nft_table"]
+    return Exit.OK if healthy else Exit.FAILED
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    """Tear the lab down."""
+    _setup(args)
+    try:
+        lab.check_prerequisites(install=False)
+    except lab.LabUnavailable as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return Exit.UNAVAILABLE
+    result = lab.down(Paths())
+    emit(args.json, result, lambda d: f"lab down in {d['seconds']:.1f}s ({len(d['hosts_stopped'])} hosts stopped)")
+    return Exit.OK

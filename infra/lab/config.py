@@ -1,0 +1,356 @@
+"""What the lab builds, derived from the lab stack: hosts, bridges, paths — pure, no I/O beyond reading the stack.
+
+The lab refuses any address outside 198.18.0.0/15 (RFC 2544 benchmarking range) or loopback for the
+BMC: this machine's own network must never be touched by a lab bridge or probed by a test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from enum import StrEnum
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, ip_address
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from infra.model.catalogue import resolve
+from infra.model.load import read_stack_config, stack_path
+from infra.model.rules import Problem
+from infra.model.site import Site
+
+LAB_KEY = "gpufleet:lab"
+LAB_NET = IPv4Network("198.18.0.0/15")
+STATE_ROOT = Path("/var/lib/gpufleet/lab")
+CACHE_ROOT = Path("/var/cache/gpufleet/lab")
+
+
+class LabConfigError(Exception):
+    """The lab stack cannot be brought up as asked (bad address, missing key); nothing was touched."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        super().__init__("lab stack refused:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+class HostKind(StrEnum):
+    """What a lab host plays."""
+
+    NODE = "node"  # a GPU node of the stack (simulated GPUs)
+    MIRROR = "mirror"  # a segment mirror (apt repo, registry, file store)
+    OUTSIDE = "outside"  # the "internet/upstream" that connected nodes may reach
+
+
+@dataclass(frozen=True)
+class Bridge:
+    """One Linux bridge per stack segment; the lab host holds `address` on it."""
+
+    segment: str
+    name: str
+    address: IPv4Interface
+    airgapped: bool
+
+
+@dataclass(frozen=True)
+class LabHost:
+    """One nspawn host."""
+
+    name: str
+    kind: HostKind
+    segment: str
+    address: IPv4Interface
+    gateway: IPv4Address | None
+    gpus: dict[str, Any] | None = None  # the lab-only gpus.json written into a node
+
+    @property
+    def serves(self) -> bool:
+        """Mirror and outside-world hosts serve apt, registry and files."""
+        return self.kind is not HostKind.NODE
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Where the lab keeps its state (hosts, keys, SSH) and its caches."""
+
+    state: Path = STATE_ROOT
+    cache: Path = CACHE_ROOT
+
+    @property
+    def state_file(self) -> Path:
+        """JSON with PIDs, mounts, bridges of the running lab."""
+        return self.state / "state.json"
+
+    @property
+    def lock_file(self) -> Path:
+        """Serialises `lab up/down` and the BMC notifier."""
+        return self.state / "lab.lock"
+
+    @property
+    def ssh_dir(self) -> Path:
+        """Controller key, OpenSSH config, known_hosts."""
+        return self.state / "ssh"
+
+    @property
+    def ssh_key(self) -> Path:
+        """Controller private key (root on every lab host accepts it)."""
+        return self.ssh_dir / "id_ed25519"
+
+    @property
+    def keys_dir(self) -> Path:
+        """Exported apt signing keyrings (`signed-by` on nodes)."""
+        return self.state / "keys"
+
+    @property
+    def gnupg_dir(self) -> Path:
+        """One GNUPGHOME per serving host (kept across `down` so keyrings stay stable)."""
+        return self.state / "gnupg"
+
+    @property
+    def hosts_dir(self) -> Path:
+        """Per-host overlay upper/work/root and console log."""
+        return self.state / "hosts"
+
+    @property
+    def srv_dir(self) -> Path:
+        """Per serving host: bind-mounted as /srv/gpufleet inside it (apt/, files/, registry/)."""
+        return self.state / "srv"
+
+    @property
+    def rootfs_dir(self) -> Path:
+        """Unpacked base root filesystems, one directory per flavour and cache key."""
+        return self.state / "rootfs"
+
+    @property
+    def bmc_dir(self) -> Path:
+        """sushy-emulator config and state, notifier log."""
+        return self.state / "bmc"
+
+    @property
+    def bmc_password(self) -> Path:
+        """The BMC password file the stack's `bmc.password` SecretRef names (mode 0600)."""
+        return self.state / "bmc-password"
+
+    @property
+    def debs_dir(self) -> Path:
+        """Debian packages fetched once from Debian's registry (seed of every lab repo)."""
+        return self.cache / "debs"
+
+    @property
+    def standins_dir(self) -> Path:
+        """Built stand-in NVIDIA packages."""
+        return self.cache / "standins"
+
+    @property
+    def files_dir(self) -> Path:
+        """Extra files published under http://HOST/files/ (models/, wheels/) on every serving host."""
+        return self.cache / "files"
+
+
+@dataclass(frozen=True)
+class BmcListen:
+    """Where the Redfish emulator listens (loopback only)."""
+
+    address: IPv4Address
+    port: int
+
+
+@dataclass(frozen=True)
+class LabSpec:
+    """Everything `lab up` needs, derived from the site and the `gpufleet:lab` key."""
+
+    stack: str
+    site: Site
+    bridges: tuple[Bridge, ...]
+    hosts: tuple[LabHost, ...]
+    bmc: BmcListen
+    known_hosts: Path
+    ssh_config: Path
+    keyrings: dict[str, Path] = field(default_factory=dict)  # serving host → exported keyring path
+
+    def host(self, name: str) -> LabHost:
+        """The host called `name` (KeyError with the known names otherwise)."""
+        for h in self.hosts:
+            if h.name == name:
+                return h
+        raise KeyError(f"no lab host {name!r}; known: {', '.join(h.name for h in self.hosts)}")
+
+    def bridge(self, segment: str) -> Bridge:
+        """The bridge of a segment."""
+        return next(b for b in self.bridges if b.segment == segment)
+
+    @property
+    def nodes(self) -> tuple[LabHost, ...]:
+        """GPU node hosts only."""
+        return tuple(h for h in self.hosts if h.kind is HostKind.NODE)
+
+
+def bridge_name(segment: str) -> str:
+    """Interface name of a segment's bridge (Linux caps names at 15 characters)."""
+    name = f"gpfl-{segment}"
+    if len(name) <= 15:
+        return name
+    return "gpfl-" + hashlib.sha256(segment.encode()).hexdigest()[:10]
+
+
+def _in_lab_net(value: str | IPv4Address | IPv4Network, where: str) -> list[Problem]:
+    try:
+        net = IPv4Network(str(value), strict=False)
+    except ValueError:
+        return []  # a name, not an address: nothing to route
+    if not net.subnet_of(LAB_NET):
+        return [Problem(where, f"{value} is outside {LAB_NET}",
+                        "the lab only uses 198.18.0.0/15 (RFC 2544); pick an address from it")]
+    return []
+
+
+def check_addresses(site: Site, lab: dict[str, Any]) -> list[Problem]:
+    """Every address the lab would configure or probe must be in 198.18.0.0/15; the BMC must be loopback."""
+    problems: list[Problem] = []
+    for i, s in enumerate(site.segments):
+        problems += _in_lab_net(s.cidr, f"segments[{i}].cidr")
+        if s.gateway:
+            problems += _in_lab_net(s.gateway, f"segments[{i}].gateway")
+        if s.egress_probe:
+            problems += _in_lab_net(s.egress_probe, f"segments[{i}].egress_probe")
+        for j, n in enumerate(s.egress_allow):
+            problems += _in_lab_net(n, f"segments[{i}].egress_allow[{j}]")
+        for j, d in enumerate(s.dns):
+            problems += _in_lab_net(d, f"segments[{i}].dns[{j}]")
+        for j, t in enumerate(s.ntp):
+            problems += _in_lab_net(t, f"segments[{i}].ntp[{j}]")
+        for j, src in enumerate(s.sources):
+            problems += _in_lab_net(urlparse(src.url).hostname or "", f"segments[{i}].sources[{j}].url")
+    for i, m in enumerate(site.mirrors):
+        problems += _in_lab_net(m.address, f"mirrors[{i}].address")
+    for i, node in enumerate(site.nodes):
+        problems += _in_lab_net(node.address, f"nodes[{i}].address")
+        if node.bmc:
+            host = urlparse(node.bmc.endpoint).hostname or ""
+            if not _is_loopback(host):
+                problems.append(Problem(f"nodes[{i}].bmc.endpoint", f"{host} is not loopback",
+                                        "lab BMCs are emulated on 127.0.0.1"))
+    outside = (lab.get("outside_world") or {}).get("address")
+    if outside is None:
+        problems.append(Problem(f"{LAB_KEY}.outside_world.address", "missing",
+                                "name the outside-world host address (198.18.0.0/15)"))
+    else:
+        problems += _in_lab_net(outside, f"{LAB_KEY}.outside_world.address")
+    bmc = (lab.get("bmc_listen") or {}).get("address", "127.0.0.1")
+    if not _is_loopback(str(bmc)):
+        problems.append(Problem(f"{LAB_KEY}.bmc_listen.address", f"{bmc} is not loopback",
+                                "the Redfish emulator listens on 127.0.0.1 only"))
+    return problems
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def gpus_json(site: Site, hostname: str) -> dict[str, Any]:
+    """The lab-only GPU declaration of a node (read by the stand-in nvidia-smi, nvidia-ctk, dcgmi)."""
+    node = next(n for n in site.nodes if n.hostname == hostname)
+    entry = resolve(site.catalogue).gpus[node.gpu.model]
+    gpus = []
+    for i in range(node.gpu.count):
+        digest = hashlib.sha256(f"{site.name}/{hostname}/{i}".encode()).hexdigest()
+        uuid = f"GPU-{digest[:8]}-{digest[8:12]}-{digest[12:16]}-{digest[16:20]}-{digest[20:32]}"
+        gpus.append({"index": i, "uuid": uuid, "pci_bus_id": f"00000000:{0x18 + 0x10 * i:02X}:00.0"})
+    return {
+        "simulated": True,
+        "hostname": hostname,
+        "model": node.gpu.model,
+        "name": entry.product_name,
+        "memory_mib": entry.smi_memory_mib,
+        "nvswitch": node.gpu.nvswitch,
+        "gpus": gpus,
+    }
+
+
+def lab_spec(stack: str = "lab", path: Path | None = None) -> LabSpec:
+    """Read the lab stack and derive hosts and bridges; raise LabConfigError/SiteError before touching anything."""
+    from infra.model.load import load_site
+
+    path = path or stack_path(stack)
+    site = load_site(path=path)
+    lab = read_stack_config(path).get(LAB_KEY) or {}
+    if not site.lab_mode:
+        raise LabConfigError([Problem("lab_mode", "is false", "only a stack with lab_mode: true can run in the lab")])
+    problems = check_addresses(site, lab)
+    if problems:
+        raise LabConfigError(problems)
+    bridges = []
+    for s in site.segments:
+        gw = s.gateway or next(s.cidr.hosts())
+        bridges.append(Bridge(s.name, bridge_name(s.name), IPv4Interface(f"{gw}/{s.cidr.prefixlen}"), s.airgapped))
+    seg = {s.name: s for s in site.segments}
+
+    def iface(addr: IPv4Address, segment: str) -> IPv4Interface:
+        return IPv4Interface(f"{addr}/{seg[segment].cidr.prefixlen}")
+
+    hosts: list[LabHost] = []
+    for n in site.nodes:
+        s = seg[n.segment]
+        hosts.append(LabHost(n.hostname, HostKind.NODE, n.segment, iface(n.address, n.segment),
+                             None if s.airgapped else s.gateway, gpus_json(site, n.hostname)))
+    keyrings: dict[str, Path] = {}
+    for m in site.mirrors:
+        hosts.append(LabHost(m.name, HostKind.MIRROR, m.segment, iface(m.address, m.segment), None))
+        keyrings[m.name] = Path(m.keyring)
+    ow = lab["outside_world"]
+    ow_seg = ow.get("segment") or next(s.name for s in site.segments if not s.airgapped)
+    if seg[ow_seg].airgapped:
+        raise LabConfigError([Problem(f"{LAB_KEY}.outside_world.segment", f"{ow_seg} is air-gapped",
+                                      "put the outside world on a connected segment")])
+    ow_addr = IPv4Address(ow["address"])
+    ow_name = ow.get("name") or _outside_name(site, ow_addr)
+    hosts.append(LabHost(ow_name, HostKind.OUTSIDE, ow_seg, iface(ow_addr, ow_seg), None))
+    for s in site.segments:
+        for src in s.sources:
+            if urlparse(src.url).hostname == str(ow_addr):
+                keyrings.setdefault(ow_name, Path(src.keyring))
+    keyrings.setdefault(ow_name, STATE_ROOT / "keys" / f"{ow_name}.gpg")
+    _check_unique(hosts, bridges)
+    bmc = lab.get("bmc_listen") or {}
+    return LabSpec(
+        stack=stack,
+        site=site,
+        bridges=tuple(bridges),
+        hosts=tuple(hosts),
+        bmc=BmcListen(IPv4Address(bmc.get("address", "127.0.0.1")), int(bmc.get("port", 8000))),
+        known_hosts=Path(site.controller.known_hosts or STATE_ROOT / "ssh" / "known_hosts"),
+        ssh_config=Path(site.controller.ssh_config or STATE_ROOT / "ssh" / "config"),
+        keyrings=keyrings,
+    )
+
+
+def _outside_name(site: Site, addr: IPv4Address) -> str:
+    """Name the outside-world host after the apt source that points at it (`lab-upstream`)."""
+    for s in site.segments:
+        for src in s.sources:
+            if urlparse(src.url).hostname == str(addr):
+                return src.name
+    return "lab-outside"
+
+
+def _check_unique(hosts: list[LabHost], bridges: list[Bridge]) -> None:
+    problems: list[Problem] = []
+    seen: dict[str, str] = {str(b.address.ip): f"bridge {b.name}" for b in bridges}
+    for h in hosts:
+        ip = str(h.address.ip)
+        if ip in seen:
+            problems.append(Problem(h.name, f"address {ip} is also used by {seen[ip]}",
+                                    "give each host its own address"))
+        seen[ip] = h.name
+    if problems:
+        raise LabConfigError(problems)
+
+
+def spec_digest(spec: LabSpec) -> str:
+    """Stable digest of what the lab would build (hosts, addresses, GPUs), for status and idempotence."""
+    data: list[Any] = [[h.name, h.kind.value, h.segment, str(h.address), str(h.gateway), h.gpus] for h in spec.hosts]
+    data.append([[b.name, str(b.address), b.airgapped] for b in spec.bridges])
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

@@ -1,0 +1,305 @@
+"""Lab hosts: an overlay clone of a base rootfs booted with systemd-nspawn, pinned SSH host key.
+
+Each host lives in /var/lib/gpufleet/lab/hosts/<name>/ (upper, work, root). The lab writes the
+host's identity (hostname, address, SSH host key, controller key, simulated GPU declaration) into
+the overlay before boot, so the host key is known — and pinned — before the host ever answers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+from infra.lab.config import HostKind, LabHost, LabSpec, Paths
+from infra.lab.sh import LabCommandError, run
+
+MARKER = "gpufleet-lab-host"  # $0 of each host's supervisor: finds our processes, guards against PID reuse
+SRV_MOUNT = "/srv/gpufleet"
+
+# Restart nspawn when the container reboots (exit 133), like systemd-nspawn@.service does; forward
+# SIGTERM so `lab down` and BMC power-off shut the container down cleanly.
+_SUPERVISOR = r"""
+echo $$ > "$PIDFILE"
+trap 'kill -TERM "$child" 2>/dev/null; wait "$child"; exit 0' TERM INT
+while :; do
+  "$@" & child=$!
+  wait "$child"; rc=$?
+  [ "$rc" = 133 ] || exit "$rc"
+  echo "gpufleet lab: container rebooted, starting it again"
+done
+"""
+
+
+def host_dir(paths: Paths, name: str) -> Path:
+    """/var/lib/gpufleet/lab/hosts/<name>."""
+    return paths.hosts_dir / name
+
+
+def root_of(paths: Paths, name: str) -> Path:
+    """The mounted root filesystem of a host (as seen from the lab host)."""
+    return host_dir(paths, name) / "root"
+
+
+def is_mounted(path: Path) -> bool:
+    """Is `path` a mount point (from /proc/self/mountinfo)."""
+    target = str(path)
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        return any(line.split()[4] == target for line in f)
+
+
+def lab_mounts(paths: Paths) -> list[Path]:
+    """Every mount point under the lab's hosts directory (deepest first, for unmounting)."""
+    prefix = str(paths.hosts_dir) + "/"
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        points = [line.split()[4] for line in f]
+    return sorted((Path(p) for p in points if p.startswith(prefix)), key=lambda p: -len(str(p)))
+
+
+def mount_overlay(paths: Paths, name: str, lower: Path) -> Path:
+    """Mount the host's overlay (idempotent); writes go to its upper layer."""
+    d = host_dir(paths, name)
+    root = d / "root"
+    if is_mounted(root):
+        return root
+    for sub in ("upper", "work", "root"):
+        (d / sub).mkdir(parents=True, exist_ok=True)
+    run(["mount", "-t", "overlay", "overlay", "-o",
+         f"lowerdir={lower},upperdir={d / 'upper'},workdir={d / 'work'}", root], timeout=30)
+    return root
+
+
+def unmount(path: Path) -> None:
+    """Unmount if mounted (lazy as a fallback, so down never hangs on a busy mount)."""
+    if not is_mounted(path):
+        return
+    if run(["umount", path], timeout=30, check=False).returncode != 0:
+        run(["umount", "-l", path], timeout=30)
+
+
+def drop_disk(paths: Paths, name: str) -> None:
+    """Forget a host's writes (its upper layer): the next boot starts from the base image."""
+    d = host_dir(paths, name)
+    unmount(d / "root")
+    for sub in ("upper", "work"):
+        shutil.rmtree(d / sub, ignore_errors=True)
+
+
+def _write(path: Path, text: str, mode: int = 0o644) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    path.chmod(mode)
+
+
+def _ids(root: Path, user: str) -> tuple[int, int] | None:
+    for line in (root / "etc/passwd").read_text(encoding="utf-8").splitlines():
+        parts = line.split(":")
+        if parts[0] == user:
+            return int(parts[2]), int(parts[3])
+    return None
+
+
+def new_host_key(root: Path, name: str) -> str:
+    """Generate a fresh ed25519 host key inside the host; return its public key line."""
+    key = root / "etc/ssh/ssh_host_ed25519_key"
+    for p in root.glob("etc/ssh/ssh_host_*"):
+        p.unlink()
+    key.parent.mkdir(parents=True, exist_ok=True)
+    run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"root@{name}", "-f", key], timeout=30)
+    return public_host_key(root)
+
+
+def public_host_key(root: Path) -> str:
+    """`ssh-ed25519 AAAA…` of a host (its source of truth is its own disk, read from the lab host)."""
+    parts = (root / "etc/ssh/ssh_host_ed25519_key.pub").read_text(encoding="utf-8").split()
+    return f"{parts[0]} {parts[1]}"
+
+
+def write_identity(spec: LabSpec, host: LabHost, root: Path, controller_pub: str) -> str:
+    """Hostname, hosts, network, controller key, GPU declaration, fresh host key; returns the host key."""
+    _write(root / "etc/hostname", host.name + "\n")
+    peers = [h for h in spec.hosts if h.segment == host.segment]
+    _write(root / "etc/hosts", "127.0.0.1\tlocalhost\n" + "".join(
+        f"{h.address.ip}\t{h.name}\n" for h in peers) + "::1\tlocalhost ip6-localhost ip6-loopback\n")
+    net = ["[Match]", "Name=host0", "", "[Network]", f"Address={host.address}", "LinkLocalAddressing=no",
+           "IPv6AcceptRA=no"]
+    if host.gateway:
+        net.append(f"Gateway={host.gateway}")
+    _write(root / "etc/systemd/network/10-gpufleet-lab.network",
+           "# gpufleet lab: static address from the lab stack.\n" + "\n".join(net) + "\n")
+    auth = controller_pub.strip() + "\n"
+    _write(root / "root/.ssh/authorized_keys", auth, 0o600)
+    (root / "root/.ssh").chmod(0o700)
+    ids = _ids(root, "lab")
+    if ids:
+        _write(root / "home/lab/.ssh/authorized_keys", auth, 0o600)
+        for p in (root / "home/lab/.ssh", root / "home/lab/.ssh/authorized_keys"):
+            os.chown(p, *ids)
+        (root / "home/lab/.ssh").chmod(0o700)
+    facts = {"name": host.name, "kind": host.kind.value, "segment": host.segment, "address": str(host.address),
+             "stack": spec.stack, "simulated": True}
+    _write(root / "etc/gpufleet-lab/host.json", json.dumps(facts, indent=2, sort_keys=True) + "\n")
+    if host.kind is HostKind.NODE and host.gpus is not None:
+        _write(root / "etc/gpufleet-lab/gpus.json", json.dumps(host.gpus, indent=2, sort_keys=True) + "\n")
+    return new_host_key(root, host.name)
+
+
+def _pidfile(paths: Paths, name: str) -> Path:
+    return host_dir(paths, name) / "supervisor.pid"
+
+
+def nspawn_argv(spec: LabSpec, host: LabHost, root: Path, paths: Paths) -> list[str]:
+    """The systemd-nspawn command line of a host (flags from the lab notes: no system bus here)."""
+    argv = ["systemd-nspawn", "-q", "-D", str(root), "-M", host.name, "--register=no", "--keep-unit", "-b",
+            f"--network-bridge={spec.bridge(host.segment).name}", "--resolv-conf=off", "--timezone=off",
+            "--console=passive", "--link-journal=no"]
+    if host.serves:
+        argv.append(f"--bind={paths.srv_dir / host.name}:{SRV_MOUNT}")
+    return argv
+
+
+def start(spec: LabSpec, host: LabHost, paths: Paths) -> int:
+    """Boot a host under its supervisor (detached from us); returns the supervisor PID."""
+    d = host_dir(paths, host.name)
+    pidfile = _pidfile(paths, host.name)
+    pidfile.unlink(missing_ok=True)
+    argv = nspawn_argv(spec, host, d / "root", paths)
+    log = open(d / "console.log", "ab")  # noqa: SIM115 - handed to the child, closed below
+    try:
+        # setsid -f: the supervisor is re-parented away from us, so a short-lived CLI or the BMC
+        # notifier can start hosts without owning (or having to reap) them.
+        subprocess.run(["setsid", "-f", "bash", "-c", _SUPERVISOR, MARKER, *argv], stdin=subprocess.DEVNULL,
+                       stdout=log, stderr=log, env={**os.environ, "PIDFILE": str(pidfile)}, timeout=10, check=True)
+    finally:
+        log.close()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        if pidfile.exists() and pidfile.read_text().strip():
+            return int(pidfile.read_text())
+        time.sleep(0.05)
+    raise LabCommandError(f"{host.name}: supervisor did not start (see {d / 'console.log'})")
+
+
+def alive(pid: int | None) -> bool:
+    """Is `pid` one of our host supervisors (not a recycled PID)."""
+    if not pid:
+        return False
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return MARKER.encode() in cmdline
+
+
+def supervisor_pids() -> dict[str, int]:
+    """Every running host supervisor of ours, by host name (finds leftovers without a state file)."""
+    out: dict[str, int] = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            args = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if len(args) > 3 and args[0].endswith(b"bash") and args[3] == MARKER.encode():
+            name = args[args.index(b"-M") + 1].decode() if b"-M" in args else proc.name
+            out[name] = int(proc.name)
+    return out
+
+
+def stop_many(pids: Iterable[int], timeout: float = 10.0) -> None:
+    """SIGTERM every supervisor at once (clean container shutdown), SIGKILL what is left after `timeout`."""
+    pending = [p for p in pids if alive(p)]
+    for p in pending:
+        os.kill(p, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while pending and time.monotonic() < deadline:
+        time.sleep(0.05)
+        pending = [p for p in pending if alive(p)]
+    for p in pending:
+        _kill_tree(p)
+
+
+def _kill_tree(pid: int) -> None:
+    children = run(["pgrep", "-P", str(pid)], timeout=5, check=False).stdout.split()
+    for c in children:
+        _kill_tree(int(c))
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+def ssh_base(spec: LabSpec, connect_timeout: int = 2) -> list[str]:
+    """Ssh with the lab's config: pinned known_hosts, StrictHostKeyChecking=yes, controller key."""
+    return ["ssh", "-F", str(spec.ssh_config), "-o", f"ConnectTimeout={connect_timeout}"]
+
+
+def wait_ssh(spec: LabSpec, names: list[str], timeout: float = 60.0) -> dict[str, float]:
+    """Poll SSH (every 0.2 s, all hosts at once) until each answers; returns seconds per host."""
+    t0 = time.monotonic()
+    pending = {n: None for n in names}
+    ready: dict[str, float] = {}
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    while pending and time.monotonic() - t0 < timeout:
+        for n in list(pending):
+            p = procs.get(n)
+            if p is None:
+                procs[n] = subprocess.Popen([*ssh_base(spec, 1), n, "true"], stdin=subprocess.DEVNULL,
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            elif p.poll() is not None:
+                if p.returncode == 0:
+                    ready[n] = time.monotonic() - t0
+                    del pending[n]
+                del procs[n]
+        time.sleep(0.1)
+    for p in procs.values():
+        p.kill()
+        p.wait()
+    if pending:
+        raise LabCommandError(f"SSH did not answer within {timeout:.0f}s: {', '.join(pending)}")
+    return ready
+
+
+def ssh_config_text(spec: LabSpec, key: Path) -> str:
+    """OpenSSH client config for every lab host (the stack's `controller.ssh_config`)."""
+    out = ["# Written by `gpufleet lab up`: lab hosts, pinned host keys (StrictHostKeyChecking yes).", ""]
+    for h in spec.hosts:
+        out += [f"Host {h.name} {h.address.ip}", f"  HostName {h.address.ip}", "  User root",
+                f"  IdentityFile {key}", "  IdentitiesOnly yes", f"  UserKnownHostsFile {spec.known_hosts}",
+                "  StrictHostKeyChecking yes", "  HostKeyAlgorithms ssh-ed25519", "  BatchMode yes",
+                "  LogLevel ERROR", ""]
+    return "\n".join(out)
+
+
+def known_hosts_line(host: LabHost, pubkey: str) -> str:
+    """`name,address ssh-ed25519 AAAA…`."""
+    return f"{host.name},{host.address.ip} {pubkey}\n"
+
+
+def _atomic_write(path: Path, text: str, mode: int = 0o644) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+
+
+def write_known_hosts(spec: LabSpec, keys: dict[str, str]) -> None:
+    """Write known_hosts with every lab host's real key (read from its own disk, never scanned)."""
+    _atomic_write(spec.known_hosts, "".join(known_hosts_line(spec.host(n), k) for n, k in sorted(keys.items())))
+
+
+def repin(spec: LabSpec, name: str, pubkey: str) -> None:
+    """Replace one host's pinned key in known_hosts, keeping the others."""
+    lines = spec.known_hosts.read_text(encoding="utf-8").splitlines(keepends=True) if spec.known_hosts.exists() else []
+    host = spec.host(name)
+    names = {host.name, str(host.address.ip)}
+    kept = [ln for ln in lines if not names & set(ln.split(" ", 1)[0].split(","))]
+    _atomic_write(spec.known_hosts, "".join(kept) + known_hosts_line(host, pubkey))

@@ -1,0 +1,328 @@
+"""`gpufleet lab up|status|down` and the node power operations the BMC notifier performs.
+
+`up` is idempotent: with everything up it only re-checks health. Every step has a timeout.
+`down` leaves nothing running: processes, mounts, bridges, the nft table, nspawn propagate dirs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from infra.lab import bmc, hosts, network, repo, rootfs, standins
+from infra.lab import state as lab_state
+from infra.lab.config import HostKind, LabHost, LabSpec, Paths, spec_digest
+from infra.lab.sh import LabCommandError, run
+
+log = logging.getLogger("gpufleet.lab")
+
+# Host packages the lab needs, by the command that proves each is there.
+HOST_PACKAGES = {
+    "debootstrap": "debootstrap",
+    "systemd-nspawn": "systemd-container",
+    "nft": "nftables",
+    "dpkg-scanpackages": "dpkg-dev",
+    "gpg": "gnupg",
+    "zstd": "zstd",
+    "ssh": "openssh-client",
+    "ssh-keygen": "openssh-client",
+    "ip": "iproute2",
+}
+PROPAGATE_DIR = Path("/run/systemd/nspawn/propagate")
+
+
+class LabUnavailable(Exception):
+    """A prerequisite is missing (not root, no nspawn, …): exit 5."""
+
+
+@dataclass
+class Timings:
+    """Seconds per step of `lab up`, for the report and the benchmark harness."""
+
+    steps: dict[str, float] = field(default_factory=dict)
+    _t: float = field(default_factory=time.monotonic)
+
+    def mark(self, step: str) -> None:
+        """Record the time since the previous mark under `step`."""
+        now = time.monotonic()
+        self.steps[step] = round(now - self._t, 2)
+        self._t = now
+
+
+def check_prerequisites(install: bool = True) -> None:
+    """Root, and the host packages (installed with apt-get when missing)."""
+    if os.geteuid() != 0:
+        raise LabUnavailable("the lab needs root (nspawn hosts, bridges, nftables)")
+    missing = sorted({pkg for cmd, pkg in HOST_PACKAGES.items() if shutil.which(cmd) is None})
+    if missing and install:
+        log.info("installing host packages: %s", " ".join(missing))
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        try:
+            run(["apt-get", "update", "-q"], timeout=300, env=env, check=False)
+            run(["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing], timeout=900, env=env)
+        except LabCommandError as exc:
+            raise LabUnavailable(f"cannot install host packages {' '.join(missing)}: {exc}") from exc
+        missing = sorted({pkg for cmd, pkg in HOST_PACKAGES.items() if shutil.which(cmd) is None})
+    if missing:
+        raise LabUnavailable(f"missing host packages: {' '.join(missing)}")
+    if not Path("/sys/module/overlay").exists():
+        run(["modprobe", "overlay"], timeout=30, check=False)
+
+
+def _controller_key(paths: Paths) -> str:
+    key = paths.ssh_key
+    if not key.exists():
+        key.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "gpufleet-lab-controller", "-f", key], timeout=30)
+    return key.with_suffix(".pub").read_text().strip()
+
+
+def _flavour(h: LabHost) -> str:
+    return "server" if h.serves else "node"
+
+
+def _seed_all(spec: LabSpec, paths: Paths, debs_dir: Path, standins_dir: Path) -> None:
+    """Fill every serving host's repository (stand-ins + seed Debian packages, signed per host)."""
+    debs = sorted([*debs_dir.glob("*.deb"), *standins_dir.glob("*.deb")])
+    for h in spec.hosts:
+        if h.serves:
+            repo.seed_repo(h.name, paths.srv_dir / h.name, debs, paths.gnupg_dir / h.name, spec.keyrings[h.name],
+                           paths.files_dir)
+
+
+def host_running(st: dict[str, Any], name: str) -> bool:
+    """Is the host's supervisor (and so its container) running."""
+    return hosts.alive(st.get("hosts", {}).get(name, {}).get("pid"))
+
+
+def _ssh_ok(spec: LabSpec, names: list[str]) -> dict[str, bool]:
+    def probe(n: str) -> bool:
+        return run([*hosts.ssh_base(spec, 2), n, "true"], timeout=10, check=False).returncode == 0
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        return dict(zip(names, pool.map(probe, names), strict=True))
+
+
+def up(spec: LabSpec, paths: Paths, stack_file: Path) -> dict[str, Any]:
+    """Bring the lab up (or re-check a running one); returns the status."""
+    t = Timings()
+    check_prerequisites()
+    t.mark("prerequisites")
+    with lab_state.locked(paths):
+        st = lab_state.load(paths)
+        if st and st.get("stack") != spec.stack:
+            raise LabUnavailable(f"a lab for stack {st.get('stack')!r} is up; run `gpufleet lab down` first")
+        if st and st.get("digest") != spec_digest(spec):
+            raise LabUnavailable("the running lab was built from a different stack file; `gpufleet lab down` first")
+        seed = rootfs.seed_package_specs(spec)
+        key, bases = rootfs.ensure_rootfs(paths, seed)
+        t.mark("base rootfs")
+        standins_dir = standins.ensure_standins(paths.standins_dir)
+        _seed_all(spec, paths, rootfs.seed_debs_path(paths, key), standins_dir)
+        t.mark("repositories")
+        for b in spec.bridges:
+            network.ensure_bridge(b)
+        network.apply_ruleset(spec.bridges)
+        t.mark("network")
+        controller_pub = _controller_key(paths)
+        st = st or {"stack": spec.stack, "digest": spec_digest(spec), "hosts": {}, "bmc": {}}
+        st["rootfs_key"] = key
+        st["bridges"] = [b.name for b in spec.bridges]
+        st["nft_table"] = network.NFT_TABLE
+        keys: dict[str, str] = {}
+        to_start: list[LabHost] = []
+        for h in spec.hosts:
+            entry = st["hosts"].get(h.name)
+            root = hosts.root_of(paths, h.name)
+            if entry and hosts.alive(entry.get("pid")):
+                keys[h.name] = hosts.public_host_key(root)
+                continue
+            lower = bases[_flavour(h)]
+            if entry and entry.get("lower") != str(lower):
+                hosts.drop_disk(paths, h.name)  # the base changed: start this host afresh
+                entry = None
+            fresh = not (hosts.host_dir(paths, h.name) / "upper" / "etc/ssh/ssh_host_ed25519_key").exists()
+            hosts.mount_overlay(paths, h.name, lower)
+            if fresh:
+                (paths.srv_dir / h.name).mkdir(parents=True, exist_ok=True) if h.serves else None
+                keys[h.name] = hosts.write_identity(spec, h, root, controller_pub)
+            else:
+                keys[h.name] = hosts.public_host_key(root)
+            st["hosts"][h.name] = {"kind": h.kind.value, "segment": h.segment, "address": str(h.address.ip),
+                                   "lower": str(lower), "root": str(root), "pid": None}
+            to_start.append(h)
+        key_path = paths.ssh_key
+        hosts._atomic_write(spec.ssh_config, hosts.ssh_config_text(spec, key_path))
+        hosts.write_known_hosts(spec, keys)
+        t.mark("host disks")
+        for h in to_start:
+            st["hosts"][h.name]["pid"] = hosts.start(spec, h, paths)
+        lab_state.save(paths, st)
+        t.mark("boot")
+        hosts.wait_ssh(spec, [h.name for h in spec.hosts], timeout=90)
+        t.mark("ssh ready")
+        _wait_services(spec)
+        t.mark("services ready")
+        pids = st.get("bmc") or {}
+        if not (bmc.pid_alive(pids.get("emulator_pid"), "sushy-emulator")
+                and bmc.pid_alive(pids.get("notifier_pid"), "infra.lab.notifier")):
+            bmc.stop(pids)
+            st["bmc"] = bmc.start(spec, paths, stack_file)
+        st["bmc"]["url"] = bmc.redfish_url(spec)
+        st["stack_file"] = str(stack_file)
+        lab_state.save(paths, st)
+        t.mark("bmc")
+    result = status(spec, paths)
+    result["timings"] = t.steps
+    return result
+
+
+def _wait_services(spec: LabSpec, timeout: float = 60.0) -> None:
+    """Until every serving host answers on HTTP (apt repo) and the registry port."""
+    servers = [h for h in spec.hosts if h.serves]
+    script = ("import urllib.request,sys\n"
+              "for u in sys.argv[1:]:\n"
+              "    urllib.request.urlopen(u, timeout=2).read()\n")
+    deadline = time.monotonic() + timeout
+    pending = {h.name for h in servers}
+    while pending and time.monotonic() < deadline:
+        for n in sorted(pending):
+            urls = ["http://127.0.0.1/apt/InRelease", "http://127.0.0.1:5000/v2/"]
+            r = run([*hosts.ssh_base(spec), n, "python3", "-c", f"'{script}'", *urls], timeout=15, check=False)
+            if r.returncode == 0:
+                pending.discard(n)
+        if pending:
+            time.sleep(0.3)
+    if pending:
+        raise LabCommandError(f"services (nginx, docker-registry) not answering on: {', '.join(sorted(pending))}")
+
+
+def status(spec: LabSpec, paths: Paths) -> dict[str, Any]:
+    """What runs: hosts (address, segment, kind, running, SSH), bridges, nft table, BMC."""
+    st = lab_state.load(paths) or {}
+    running = [h.name for h in spec.hosts if host_running(st, h.name)]
+    ssh = _ssh_ok(spec, running) if running and spec.known_hosts.exists() else {}
+    b = st.get("bmc") or {}
+    return {
+        "up": bool(st),
+        "stack": spec.stack,
+        "hosts": [{"name": h.name, "kind": h.kind.value, "segment": h.segment, "address": str(h.address.ip),
+                   "running": h.name in running, "ssh": ssh.get(h.name, False),
+                   "gpus": f"{len(h.gpus['gpus'])}x {h.gpus['model']} (simulated)" if h.gpus else ""}
+                  for h in spec.hosts],
+        "bridges": [{"name": b_.name, "segment": b_.segment, "address": str(b_.address), "airgapped": b_.airgapped,
+                     "present": network.bridge_exists(b_.name)} for b_ in spec.bridges],
+        "nft_table": network.table_exists(),
+        "ip_forward": network.ip_forward(),
+        "bmc": {"url": bmc.redfish_url(spec),
+                "running": bmc.pid_alive(b.get("emulator_pid"), "sushy-emulator")
+                and bmc.pid_alive(b.get("notifier_pid"), "infra.lab.notifier"),
+                "password_file": str(paths.bmc_password)},
+        "ssh_config": str(spec.ssh_config),
+        "known_hosts": str(spec.known_hosts),
+        "keyrings": {k: str(v) for k, v in spec.keyrings.items()},
+    }
+
+
+def down(paths: Paths) -> dict[str, Any]:
+    """Stop everything the lab started and remove every trace but the caches and signing keys."""
+    t0 = time.monotonic()
+    with lab_state.locked(paths):
+        st = lab_state.load(paths) or {}
+        bmc.stop(st.get("bmc") or {})
+        _stop_strays_bmc()
+        pids = {n: e.get("pid") for n, e in st.get("hosts", {}).items() if e.get("pid")}
+        pids.update(hosts.supervisor_pids())  # leftovers of a crashed `up` too
+        hosts.stop_many([p for p in pids.values() if p])
+        for m in hosts.lab_mounts(paths):
+            hosts.unmount(m)
+        names = set(st.get("hosts", {})) | set(pids)
+        for n in names:
+            shutil.rmtree(PROPAGATE_DIR / n, ignore_errors=True)
+        shutil.rmtree(paths.hosts_dir, ignore_errors=True)
+        network.delete_table()
+        for name in st.get("bridges", []) + _lab_bridges():
+            network.delete_bridge(name)
+        lab_state.clear(paths)
+    return {"down": True, "seconds": round(time.monotonic() - t0, 2), "hosts_stopped": sorted(names)}
+
+
+def _lab_bridges() -> list[str]:
+    return [p.name for p in Path("/sys/class/net").iterdir() if p.name.startswith("gpfl-")]
+
+
+def _stop_strays_bmc() -> None:
+    """Emulator/notifier processes of ours without a state entry (crashed `up`)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"infra.lab.notifier" in cmd or (b"sushy-emulator" in cmd and b"/gpufleet/lab/bmc/" in cmd):
+            bmc.stop({"emulator_pid": int(proc.name), "notifier_pid": int(proc.name)})
+
+
+# ---- node power operations (the BMC notifier's actions; the BMC/DR engineer's rebuild goes through Redfish)
+
+def power_off(spec: LabSpec, paths: Paths, name: str) -> bool:
+    """Stop a node's container (its disk stays). Returns True if it was running."""
+    with lab_state.locked(paths):
+        st = lab_state.load(paths) or {}
+        entry = st.get("hosts", {}).get(name)
+        if not entry or not hosts.alive(entry.get("pid")):
+            return False
+        hosts.stop_many([entry["pid"]])
+        entry["pid"] = None
+        lab_state.save(paths, st)
+        return True
+
+
+def power_on(spec: LabSpec, paths: Paths, name: str, *, reimage: bool = False) -> bool:
+    """Start a node's container; with `reimage`, from the base image (a PXE reinstall). True if it started."""
+    with lab_state.locked(paths):
+        st = lab_state.load(paths) or {}
+        entry = st.get("hosts", {}).get(name)
+        if not entry or hosts.alive(entry.get("pid")):
+            return False
+        h = spec.host(name)
+        root = hosts.root_of(paths, name)
+        if reimage:
+            hosts.drop_disk(paths, name)
+        hosts.mount_overlay(paths, name, Path(entry["lower"]))
+        if reimage:
+            pub = hosts.write_identity(spec, h, root, paths.ssh_key.with_suffix(".pub").read_text())
+            hosts.repin(spec, name, pub)
+        entry["pid"] = hosts.start(spec, h, paths)
+        lab_state.save(paths, st)
+        return True
+
+
+def repin_host_key(spec: LabSpec, name: str, paths: Paths | None = None) -> str:
+    """Pin a lab host's current SSH host key in the controller's known_hosts; returns the key.
+
+    The key is read from the host's own disk on the lab host (never scanned over the network), so
+    the BMC/DR engineer's rebuild can call this after a reimage without trusting the wire.
+    """
+    paths = paths or Paths()
+    pub = hosts.public_host_key(hosts.root_of(paths, name))
+    hosts.repin(spec, name, pub)
+    return pub
+
+
+def ssh(spec: LabSpec, host: str, command: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """Run a shell command on a lab host over SSH (pinned key)."""
+    return run([*hosts.ssh_base(spec), host, command], timeout=timeout, check=False)
+
+
+def is_kind(h: LabHost, kind: HostKind) -> bool:
+    """Small helper for callers filtering hosts."""
+    return h.kind is kind

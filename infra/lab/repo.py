@@ -1,0 +1,114 @@
+"""What the mirror and outside-world hosts serve: a signed flat apt repo, a registry, a file store.
+
+On-host layout (bind-mounted from /var/lib/gpufleet/lab/srv/<host>/ as /srv/gpufleet):
+  apt/       flat repo: *.deb, Packages(.gz), Release, InRelease, Release.gpg  → http://HOST/apt/  (suite `/`)
+  files/     models/<name>/<revision>/…, wheels/…                             → http://HOST/files/
+  registry/  docker-registry storage (filesystem driver)                       → HOST:5000 (plain HTTP)
+
+`seed_repo()` is the one function that fills a host; the air-gap bundle import can replace it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterable
+from email.utils import formatdate
+from pathlib import Path
+
+from infra.lab.sh import run
+
+KEY_UID = "gpufleet lab repository key for {host} (SIMULATED lab, not for production)"
+
+
+def _gpg(home: Path, *args: str | Path, timeout: float = 60) -> str:
+    return run(["gpg", "--batch", "--no-tty", "--homedir", home, *args], timeout=timeout).stdout
+
+
+def ensure_signing_key(home: Path, host: str, keyring: Path) -> str:
+    """A per-host ed25519 signing key (created once, kept across `down`); export its public keyring."""
+    home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    home.chmod(0o700)
+    listing = _gpg(home, "--with-colons", "--list-secret-keys")
+    if "fpr:" not in listing:
+        _gpg(home, "--pinentry-mode", "loopback", "--passphrase", "", "--quick-gen-key",
+             KEY_UID.format(host=host), "ed25519", "sign", "never")
+        listing = _gpg(home, "--with-colons", "--list-secret-keys")
+    fpr = next(line.split(":")[9] for line in listing.splitlines() if line.startswith("fpr:"))
+    keyring.parent.mkdir(parents=True, exist_ok=True)
+    # Binary keyring (what apt's signed-by expects for *.gpg); via gpg --export to bytes.
+    data = _export_bytes(home, fpr)
+    if not keyring.exists() or keyring.read_bytes() != data:
+        keyring.write_bytes(data)
+    keyring.chmod(0o644)
+    return fpr
+
+
+def _export_bytes(home: Path, fpr: str) -> bytes:
+    import subprocess
+
+    return subprocess.run(["gpg", "--batch", "--homedir", str(home), "--export", fpr], capture_output=True,
+                          timeout=30, check=True).stdout
+
+
+def release_text(apt_dir: Path, origin: str, date: float | None = None) -> str:
+    """Release of a flat repository: checksums of the index files."""
+    files = [f for f in ("Packages", "Packages.gz") if (apt_dir / f).exists()]
+    lines = [f"Origin: {origin}", f"Label: {origin}", "Suite: lab", "Codename: lab", "Architectures: amd64 all",
+             f"Date: {formatdate(date if date is not None else time.time(), usegmt=True)}",
+             f"Description: gpufleet lab repository on {origin} (SIMULATED NVIDIA stand-ins + Debian packages)"]
+    for field, algo in (("MD5Sum", "md5"), ("SHA256", "sha256")):
+        lines.append(f"{field}:")
+        for f in files:
+            data = (apt_dir / f).read_bytes()
+            lines.append(f" {hashlib.new(algo, data).hexdigest()} {len(data)} {f}")
+    return "\n".join(lines) + "\n"
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def seed_repo(host: str, srv: Path, debs: Iterable[Path], gnupg_home: Path, keyring: Path,
+              files_src: Path | None = None) -> bool:
+    """Fill a serving host's /srv/gpufleet: apt repo of `debs` signed with its key, files, registry dir.
+
+    Idempotent: a stamp of the inputs skips the rescan when nothing changed. Returns True if it
+    (re)built the repository.
+    """
+    fpr = ensure_signing_key(gnupg_home, host, keyring)
+    apt = srv / "apt"
+    for sub in ("apt", "files/models", "files/wheels", "registry"):
+        (srv / sub).mkdir(parents=True, exist_ok=True)
+    if files_src and files_src.is_dir():
+        run(["cp", "-a", "--no-preserve=ownership", f"{files_src}/.", srv / "files"], timeout=300)
+    wanted = {p.name: p for p in debs}
+    stamp = hashlib.sha256(json.dumps([fpr, sorted(wanted)]).encode()).hexdigest()
+    stamp_file = apt / ".gpufleet-seed"
+    if stamp_file.exists() and stamp_file.read_text().strip() == stamp and (apt / "InRelease").exists():
+        return False
+    for old in apt.glob("*.deb"):
+        if old.name not in wanted:
+            old.unlink()
+    for name, src in wanted.items():
+        if not (apt / name).exists():
+            _link_or_copy(src, apt / name)
+    packages = run(["dpkg-scanpackages", "--multiversion", "."], cwd=apt, timeout=600).stdout
+    (apt / "Packages").write_text(packages, encoding="utf-8")
+    (apt / "Packages.gz").write_bytes(gzip.compress(packages.encode(), mtime=0))
+    (apt / "Release").write_text(release_text(apt, host), encoding="utf-8")
+    for out in ("InRelease", "Release.gpg"):
+        (apt / out).unlink(missing_ok=True)
+    _gpg(gnupg_home, "--pinentry-mode", "loopback", "--passphrase", "", "--local-user", fpr, "--clearsign",
+         "-o", apt / "InRelease", apt / "Release")
+    _gpg(gnupg_home, "--pinentry-mode", "loopback", "--passphrase", "", "--local-user", fpr, "-abs",
+         "-o", apt / "Release.gpg", apt / "Release")
+    stamp_file.write_text(stamp + "\n")
+    return True
