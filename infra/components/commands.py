@@ -7,21 +7,25 @@ does. Strings never contain secrets: secret values travel in the command's `envi
 
 from __future__ import annotations
 
-import re
 import shlex
 from dataclasses import dataclass
+
+from infra.bmc.secrets import ENV_PREFIX, config_env_name
 
 # Relative to the command's `dir` (the project dir). Pulumi.yaml pins the same `.venv` for the
 # program, and scripts/setup.sh creates it, so provider-run commands use the program's own code
 # rather than whatever `gpufleet` happens to be first on the provider's PATH.
 CLI = ".venv/bin/gpufleet"
 
-SECRET_ENV_PREFIX = "GPUFLEET_SECRET_"
+SECRET_ENV_PREFIX = ENV_PREFIX
 
 
 def secret_env_name(config_key: str) -> str:
-    """Environment variable carrying a `config:` SecretRef's value to the CLI (`bmcPassword` → ..._BMCPASSWORD)."""
-    return SECRET_ENV_PREFIX + re.sub(r"[-.]", "_", config_key).upper()
+    """Environment variable carrying a `config:` SecretRef's value to the CLI (`bmcPassword` → ..._BMCPASSWORD).
+
+    The CLI side (`infra.bmc.secrets.resolve_secret`) reads the same name: one function decides it.
+    """
+    return config_env_name(config_key)
 
 
 def _cmd(*parts: str) -> str:
@@ -64,9 +68,13 @@ def node_commands(stack: str, hostname: str, *, reimage_on_create: bool, ssh_tim
     )
 
 
-def mirror_import(stack: str, mirror: str) -> str:
-    """Import the verified bundle into an air-gapped segment's mirror."""
-    return _cmd("bundle", "import", "--stack", stack, "--mirror", mirror)
+def mirror_import(stack: str, mirror: str, bundle_dir: str) -> str:
+    """Verify the bundle in `bundle_dir`, then publish it into an air-gapped segment's mirror.
+
+    The keyring and the mirror's signing key come from the environment `pulumi up` runs in
+    (see `gpufleet bundle import --help`), so they never appear in the command or the state.
+    """
+    return _cmd("bundle", "import", bundle_dir, "--stack", stack, "--mirror", mirror)
 
 
 def mirror_status(stack: str, mirror: str) -> str:

@@ -22,13 +22,16 @@ class ProgramSettings:
     """Project dir: where Pulumi.yaml, .venv, roles/ and stacks/ live."""
     reimage_on_create: bool = True
     """`gpufleet:reimageOnCreate` (default true): a newly created node is PXE-reinstalled."""
+    bundle_dir: str = ""
+    """`gpufleet:bundleDir` (default `bundles/<stack>`): the air-gap bundle the mirrors import."""
 
 
 def settings_from_config(config: pulumi.Config, project: Path) -> ProgramSettings:
     """Read program settings from the `gpufleet` config namespace."""
     reimage = config.get_bool("reimageOnCreate")
     return ProgramSettings(stack=pulumi.get_stack(), project=project,
-                           reimage_on_create=True if reimage is None else reimage)
+                           reimage_on_create=True if reimage is None else reimage,
+                           bundle_dir=config.get("bundleDir") or "")
 
 
 def build(plan: SitePlan, settings: ProgramSettings, secret: SecretResolver) -> Site:
@@ -40,6 +43,7 @@ def build(plan: SitePlan, settings: ProgramSettings, secret: SecretResolver) -> 
         fingerprints=Fingerprints.of(settings.project, settings.stack),
         secret=secret,
         reimage_on_create=settings.reimage_on_create,
+        bundle_dir=settings.bundle_dir or f"bundles/{settings.stack}",
     ))
 
 

@@ -38,6 +38,8 @@ class SiteArgs:
     """Role-tree and lock hashes, computed once."""
     secret: SecretResolver
     """Reads a `config:` SecretRef as a Pulumi secret (`Config.require_secret`)."""
+    bundle_dir: str = "bundles"
+    """Air-gap bundle directory (`gpufleet bundle build --out`), relative to the project dir or absolute."""
     reimage_on_create: bool = True
     """Creating (or replacing) a node's BMC step PXE-reinstalls it; false adopts installed nodes as they are."""
     host_vars: HostVars = field(default_factory=resolve_host_vars)
@@ -64,7 +66,7 @@ class Site(pulumi.ComponentResource):
                 self.segments[seg.name] = AirGappedSegment(seg.name, AirGappedSegmentArgs(
                     cidr=str(seg.cidr),
                     mirror=seg.mirror,
-                    import_command=commands.mirror_import(args.stack, seg.mirror),
+                    import_command=commands.mirror_import(args.stack, seg.mirror, args.bundle_dir),
                     status_command=commands.mirror_status(args.stack, seg.mirror),
                     workdir=args.workdir,
                     import_trigger={"mirror": seg.mirror, "lock": args.fingerprints.lock or "none"},

@@ -76,7 +76,8 @@ def test_airgapped_nodes_wait_for_their_mirror(stack_run: Run) -> None:
             continue
         imp, status = stack_run.reg(f"{seg.name}-mirror-import"), stack_run.reg(f"{seg.name}-mirror-status")
         assert imp.urn in status.dependencies
-        assert imp.inputs["create"] == commands.mirror_import(_stack_of(stack_run), seg.mirror or "")
+        stack = _stack_of(stack_run)
+        assert imp.inputs["create"] == commands.mirror_import(stack, seg.mirror or "", f"bundles/{stack}")
         for p in nodes:
             assert status.urn in stack_run.reg(f"{p.hostname}-bmc").dependencies
 
