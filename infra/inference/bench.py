@@ -11,7 +11,8 @@ Metric definitions follow vLLM's serving benchmark (`vllm/benchmarks/serve.py` `
 - Output throughput: total output tokens / benchmark duration; request throughput: completed / duration;
   duration runs from the first request sent to the last one finished.
 - Output tokens: the server's `usage.completion_tokens` when it streams usage, else the number of chunks
-  with `choices` (vLLM re-tokenizes the text instead; llama.cpp and vLLM send one token per chunk).
+  with non-empty text (vLLM re-tokenizes the text instead; llama.cpp sends one token per chunk and a
+  last empty chunk with only `finish_reason`, which TTFT/ITL count as vLLM does, but is not a token).
 - Percentiles: linear interpolation between closest ranks (numpy's default, which vLLM uses).
 
 Stdlib only (http.client + threads): the client must run on a bare controller and never be the bottleneck
@@ -151,6 +152,7 @@ def stream_completion(ep: Endpoint, spec: LoadSpec) -> RequestResult:
     start = time.perf_counter()
     last = start
     usage_tokens: int | None = None
+    text_chunks = 0
     try:
         conn.request("POST", ep.completions_path, body=body,
                      headers={"Content-Type": "application/json", "Accept": "text/event-stream"})
@@ -179,12 +181,15 @@ def stream_completion(ep: Endpoint, spec: LoadSpec) -> RequestResult:
                     res.itl.append(now - last)
                 last = now
                 res.chunks += 1
-                text.append(chunk["choices"][0].get("text") or "")
+                piece = chunk["choices"][0].get("text") or ""
+                text.append(piece)
+                # llama.cpp ends with an empty chunk carrying only finish_reason: not a token.
+                text_chunks += 1 if piece else 0
             usage = chunk.get("usage")
             if usage and usage.get("completion_tokens") is not None:
                 usage_tokens = int(usage["completion_tokens"])
         res.text = "".join(text)
-        res.output_tokens = usage_tokens if usage_tokens is not None else res.chunks
+        res.output_tokens = usage_tokens if usage_tokens is not None else text_chunks
         res.latency = last - start
         res.success = res.chunks > 0
         if not res.success:

@@ -25,6 +25,8 @@ class FakeBehaviour:
     status: int = 200
     # Tokens per chunk > 1 imitates servers that bundle tokens (usage then differs from chunk count).
     tokens_per_chunk: int = 1
+    # llama.cpp's habit: a last chunk with empty text and only `finish_reason`.
+    final_empty_chunk: bool = False
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -71,6 +73,10 @@ class _Handler(BaseHTTPRequestHandler):
             chunk = {"id": "cmpl-fake", "object": "text_completion", "model": body.get("model"),
                      "choices": [{"index": 0, "text": "a" * b.tokens_per_chunk, "finish_reason": None}]}
             self.wfile.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+        if b.final_empty_chunk:
+            time.sleep(b.gap_s)
+            last = {"id": "cmpl-fake", "choices": [{"index": 0, "text": "", "finish_reason": "length"}]}
+            self.wfile.write(b"data: " + json.dumps(last).encode() + b"\n\n")
         if b.send_usage and body.get("stream_options", {}).get("include_usage"):
             usage = {"id": "cmpl-fake", "choices": [], "usage": {"completion_tokens": n, "prompt_tokens": 4}}
             self.wfile.write(b"data: " + json.dumps(usage).encode() + b"\n\n")

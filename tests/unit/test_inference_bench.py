@@ -99,6 +99,14 @@ def test_without_usage_chunks_are_counted() -> None:
     assert r.output_tokens == r.chunks == 5
 
 
+def test_final_empty_chunk_is_timed_but_not_a_token() -> None:
+    """llama.cpp's closing chunk (empty text, finish_reason) adds an ITL gap as in vLLM, not a token."""
+    with FakeOpenAIServer(FakeBehaviour(send_usage=False, final_empty_chunk=True)) as srv:
+        r = stream_completion(Endpoint(srv.url, "m"), LoadSpec(max_tokens=5))
+    assert r.chunks == 6 and len(r.itl) == 5
+    assert r.output_tokens == 5
+
+
 def test_http_error_and_unreachable_are_failures() -> None:
     """An HTTP 500 and a closed port are failed requests with a readable error, never exceptions."""
     with FakeOpenAIServer(FakeBehaviour(status=500)) as srv:
