@@ -1,4 +1,4 @@
-"""What a stack's nodes and services need from outside, derived from the plan alone (no I/O).
+"""What a stack's nodes and services need from outside, derived from the plan (and the roles' defaults).
 
 This is the *declared* set: the top-level artifacts the stack names. `gpufleet lock` resolves it
 (dependency closure, sizes, hashes) into the lock file; `gpufleet lock --check` compares only this
@@ -10,8 +10,13 @@ from __future__ import annotations
 import importlib.metadata
 from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import cache
+from pathlib import Path
 from urllib.parse import urlsplit
 
+import yaml
+
+from infra.model.load import project_dir
 from infra.model.site import Engine, OperatingSystem, Site
 from infra.plan.node import NodePlan, SitePlan, plan_site
 
@@ -26,14 +31,14 @@ class Kind(StrEnum):
     PLUGIN = "plugin"
 
 
-# OS packages the roles install besides the pinned GPU stack, by role. Unversioned on purpose: the
-# lock pins the version the configured sources had when locked. Keep in step with the roles
-# (ROLES engineer: replace with a function of the plan in infra/plan/rolevars.py when it exists).
+# OS packages the roles install besides the pinned GPU stack. Unversioned on purpose: the lock pins
+# the version the configured sources had when locked. Lists the roles keep in their defaults
+# (`base_packages`, …) are read from the roles themselves (`role_default_packages`), so the offline
+# list cannot drift from the real defaults; this table only adds names the roles' tasks install
+# literally, and what Ansible itself needs on a node (python3-apt for the apt module).
 ROLE_PACKAGES: dict[str, tuple[str, ...]] = {
-    "base": ("chrony", "ca-certificates", "curl", "gnupg", "python3-apt"),
+    "base": ("python3-apt",),
     "airgap_firewall": ("nftables",),
-    "inference_server": (),
-    "monitoring": (),
 }
 # Native llama.cpp services run in a venv built on the node.
 LLAMACPP_PACKAGES = ("python3-venv", "python3-pip")
@@ -97,10 +102,24 @@ def image_repo(ref: str) -> tuple[str, str]:
     return repo, digest
 
 
+@cache
+def role_default_packages(role: str, root: Path | None = None) -> tuple[str, ...]:
+    """Unpinned package names a role's defaults list (`<role>_*packages` lists of plain strings)."""
+    f = (root or project_dir()) / "roles" / role / "defaults" / "main.yml"
+    if not f.is_file():
+        return ()
+    data = yaml.safe_load(f.read_text(encoding="utf-8")) or {}
+    out: list[str] = []
+    for key, value in sorted(data.items()):
+        if key.startswith(role) and key.endswith("packages") and isinstance(value, list):
+            out.extend(v for v in value if isinstance(v, str) and "{{" not in v)
+    return tuple(out)
+
+
 def _node_debs(n: NodePlan) -> list[tuple[str, str | None]]:
     out: list[tuple[str, str | None]] = [(p.name, p.version) for p in n.packages]
     for role in n.roles:
-        out.extend((name, None) for name in ROLE_PACKAGES.get(role, ()))
+        out.extend((name, None) for name in (*role_default_packages(role), *ROLE_PACKAGES.get(role, ())))
     if any(s.service.engine is Engine.LLAMACPP and s.service.wheel for s in n.services):
         out.extend((name, None) for name in LLAMACPP_PACKAGES)
     return out
@@ -141,7 +160,8 @@ def declared(site: Site, segment: str | None = None, plan: SitePlan | None = Non
             if svc.image:
                 add(Kind.IMAGE, *image_repo(svc.image), seg, svc.image)
             if svc.wheel:
-                add(Kind.WHEEL, url_file(svc.wheel), None, seg, svc.wheel)
+                # Wheel file names carry the version (`name-1.2.3-py3-none-any.whl`, PEP 427).
+                add(Kind.WHEEL, url_file(svc.wheel), url_file(svc.wheel).split("-")[1], seg, svc.wheel)
             if svc.model.source.startswith(("http://", "https://")):
                 add(Kind.MODEL, f"{svc.model.name}@{svc.model.revision}", svc.model.revision, seg,
                     svc.model.source)

@@ -84,7 +84,7 @@ def write_manifest(root: Path, site: str, segment: str | None, lock_sha256: str,
     return man
 
 
-def verify_bundle(root: Path, keyring: Path) -> tuple[Manifest | None, list[str]]:
+def verify_bundle(root: Path, keyring: Path, threads: int | None = None) -> tuple[Manifest | None, list[str]]:
     """(manifest, problems): signature, manifest, every hash, no missing and no extra file.
 
     Each problem names the file. The signature is checked first and nothing in an unsigned or
@@ -116,7 +116,7 @@ def verify_bundle(root: Path, keyring: Path) -> tuple[Manifest | None, list[str]
         if ".." in Path(rel).parts or rel.startswith("/"):
             problems.append(f"{rel}: path escapes the bundle")
     ok_paths = sorted((listed & present) - {r for r in listed if ".." in Path(r).parts or r.startswith("/")})
-    for bad in check_files([(root / r, man.files[r]) for r in ok_paths]):
+    for bad in check_files([(root / r, man.files[r]) for r in ok_paths], threads=threads):
         rel = bad.relative_to(root).as_posix()
         problems.append(f"{rel}: content does not match the manifest (size or sha256)")
     for a in man.artifacts:
