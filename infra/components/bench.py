@@ -1,0 +1,76 @@
+"""Benchmark: Pulumi program evaluation under mocks vs registering as many bare `local.Command`s.
+
+`figure(ctx)` is the function the benchmark harness (`gpufleet bench`) calls; `compare()` can be
+used on its own. Times are wall clock of one mocked program run (registration + outputs), after
+validation and planning, which figure 3 measures separately.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pulumi
+from pulumi_command import local
+
+from infra.bench.harness import Context, Measurement, Ratio, interleave
+from infra.components import mocks
+from infra.components.program import ProgramSettings, build
+from infra.model.generate import generate_site
+from infra.model.load import parse_site
+from infra.plan.node import SitePlan, plan_site
+
+_SECRET = {"gpufleet:bmcPassword": "bench-not-a-secret"}
+
+
+def _program(plan: SitePlan, settings: ProgramSettings) -> mocks.Recording:
+    def program() -> pulumi.Output[Any]:
+        site = build(plan, settings, pulumi.Config("gpufleet").require_secret)
+        return site.node_facts
+
+    return mocks.run(program, stack=settings.stack, config=_SECRET, secret_keys=list(_SECRET))
+
+
+def _bare(count: int) -> mocks.Recording:
+    def program() -> pulumi.Output[Any]:
+        cmds = [local.Command(f"c{i}", create=f"true {i}") for i in range(count)]
+        return pulumi.Output.all(*[c.stdout for c in cmds])
+
+    return mocks.run(program, stack="bench")
+
+
+def compare(nodes: int, repeats: int, settings: ProgramSettings) -> dict[str, Any]:
+    """Time the gpufleet program for a generated site of `nodes` nodes against the same number of bare commands."""
+    plan = plan_site(parse_site(generate_site(nodes)))
+    registered = len(_program(plan, settings).resources)  # warm-up, and the resource count to match
+    times = interleave({"program": lambda: _program(plan, settings), "bare": lambda: _bare(registered)}, repeats)
+    return {
+        "resources": registered,
+        "program": times["program"],
+        "bare": times["bare"],
+        "ratio": Ratio(times["program"], times["bare"], f"program / {registered} bare local.Command",
+                       goal="≤ 1.5×"),
+    }
+
+
+def figure(ctx: Context) -> dict[str, Measurement | Ratio | str]:
+    """Program evaluation for 10, 100 and 1,000 nodes (quick: 10, 100) as a ratio to bare commands."""
+    settings = ProgramSettings(stack="bench", project=ctx.root)
+    out: dict[str, Measurement | Ratio | str] = {}
+    for n in (10, 100) if ctx.quick else (10, 100, 1000):
+        r = compare(n, ctx.repeats, settings)
+        out[f"{n} nodes: program ({r['resources']} resources)"] = r["program"]
+        out[f"{n} nodes: {r['resources']} bare local.Command"] = r["bare"]
+        out[f"{n} nodes: ratio"] = r["ratio"]
+        out[f"{n} nodes: per node"] = f"{r['program'].median / n * 1e3:.1f} ms"
+    return out
+
+
+if __name__ == "__main__":  # `python -m infra.components.bench [N ...]`: print figures without the harness
+    import sys
+    from pathlib import Path
+
+    sizes = [int(a) for a in sys.argv[1:]] or [10, 100, 1000]
+    for n in sizes:
+        res = compare(n, 3, ProgramSettings(stack="bench", project=Path.cwd()))
+        print(f"{n} nodes, {res['resources']} resources: program {res['program']}, bare {res['bare']}, "
+              f"{res['ratio']}")

@@ -1,0 +1,57 @@
+"""The exact command strings the Pulumi resources carry, run for real against the lab.
+
+Needs the lab (`lab` fixture of tests/lab/conftest.py: `gpufleet lab up` done, root) and the CLI
+commands of the contract: `bmc power|reimage` (BMC/DR), `wait-ssh`, `converge`, `validate-node`
+(ROLES). Commands run the way pulumi-command's local provider runs them: `/bin/sh -c <create>` in
+the resource's `dir`, with the provider's environment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from typing import Any
+
+import pytest
+
+from infra.components.node import STEPS
+from tests.pulumi.conftest import run_program
+
+pytestmark = pytest.mark.lab
+
+NODE = "lab-gpu02"  # no inference service: the quickest full node lifecycle in the lab
+TIMEOUTS = {"bmc": 600, "wait-ssh": 700, "converge": 1800, "validate": 300}
+
+
+def _sh(command: str, cwd: str, timeout: int) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["/bin/sh", "-c", command], cwd=cwd, env=dict(os.environ), capture_output=True,
+                          text=True, timeout=timeout, check=False)
+
+
+@pytest.fixture(scope="module")
+def node_steps() -> dict[str, dict[str, Any]]:
+    run = run_program("lab")
+    return {step: run.reg(f"{NODE}-{step}").inputs for step in STEPS}
+
+
+def test_node_lifecycle_strings_succeed_in_order(lab: Any, node_steps: dict[str, dict[str, Any]]) -> None:
+    """bmc (power on + reimage) → wait-ssh → converge → validate-node all exit 0; validate prints facts."""
+    results = {}
+    for step in STEPS:
+        inputs = node_steps[step]
+        p = _sh(inputs["create"], inputs["dir"], TIMEOUTS[step])
+        results[step] = p
+        assert p.returncode == 0, f"{step}: {inputs['create']}\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}"
+    facts = json.loads(results["validate"].stdout)
+    assert isinstance(facts, dict) and facts, "validate-node printed no facts"
+
+
+def test_steps_are_idempotent_on_a_converged_node(lab: Any, node_steps: dict[str, dict[str, Any]]) -> None:
+    """The BMC step's update (power on), wait-ssh, converge and validate run again with exit 0."""
+    bmc = node_steps["bmc"]
+    assert _sh(bmc["update"], bmc["dir"], TIMEOUTS["bmc"]).returncode == 0
+    for step in ("wait-ssh", "converge", "validate"):
+        inputs = node_steps[step]
+        p = _sh(inputs["create"], inputs["dir"], TIMEOUTS[step])
+        assert p.returncode == 0, f"{step} (second run): {p.stderr[-2000:]}"
