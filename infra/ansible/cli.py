@@ -1,0 +1,263 @@
+"""`gpufleet converge | check | validate-node | wait-ssh`: the Ansible side of a node's lifecycle."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from infra.ansible.inventory import build_inventory
+from infra.ansible.rollout import NodeOutcome, RolloutResult, roll
+from infra.ansible.runner import Progress, RunResult, run_playbook
+from infra.ansible.settings import SshSettings, Tuning
+from infra.commands.site import add_stack_args, site_from_args
+from infra.console import Exit, emit, table
+from infra.model.site import Site
+from infra.plan.node import NodePlan, SitePlan, plan_site
+
+# SecretRef convention (`GPUFLEET_SECRET_<KEY>`): the registry token of the inference images.
+REGISTRY_TOKEN_ENV = "GPUFLEET_SECRET_REGISTRY_TOKEN"
+
+
+def _selection_args(p: argparse.ArgumentParser) -> None:
+    add_stack_args(p)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--node", action="append", help="only this node (repeatable)")
+    g.add_argument("--segment", help="only the nodes of this segment")
+    p.add_argument("--tuning", choices=[t.value for t in Tuning], default=Tuning.TUNED.value,
+                   help="runner settings: tuned (default) or plain Ansible defaults (for benchmarks)")
+
+
+def register(sub: Any) -> None:
+    """Register converge, check, validate-node and wait-ssh."""
+    p = sub.add_parser("converge", help="apply the plan to nodes with Ansible, in rolling batches per segment")
+    _selection_args(p)
+    p.set_defaults(func=cmd_converge)
+
+    p = sub.add_parser("check", help="check + diff: what a converge would change per node (exit 3 if anything)")
+    _selection_args(p)
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("validate-node", help="check one node against its plan and print its facts")
+    add_stack_args(p)
+    p.add_argument("--node", required=True, help="node hostname")
+    p.add_argument("--tuning", choices=[t.value for t in Tuning], default=Tuning.TUNED.value)
+    p.set_defaults(func=cmd_validate_node)
+
+    p = sub.add_parser("wait-ssh", help="wait until a node answers SSH with its pinned host key")
+    add_stack_args(p)
+    p.add_argument("--node", required=True, help="node hostname")
+    p.add_argument("--timeout", type=float, default=600, help="seconds to wait (default 600)")
+    p.set_defaults(func=cmd_wait_ssh)
+
+
+def select(plan: SitePlan, nodes: Sequence[str] | None, segment: str | None) -> list[NodePlan]:
+    """Nodes named by --node/--segment (all when neither); KeyError/ValueError name what is known."""
+    if nodes:
+        return [plan.node(n) for n in nodes]
+    if segment:
+        chosen = [n for n in plan.nodes if n.segment.name == segment]
+        if not chosen:
+            known = sorted({n.segment.name for n in plan.nodes})
+            raise ValueError(f"no nodes on segment {segment!r}; segments with nodes: {', '.join(known)}")
+        return chosen
+    return list(plan.nodes)
+
+
+def secrets_from_env() -> dict[str, str]:
+    """Secret role variables from the environment (values never printed)."""
+    token = os.environ.get(REGISTRY_TOKEN_ENV)
+    return {"inference_server_registry_token": token} if token else {}
+
+
+def converge(
+    site: Site,
+    nodes: Sequence[NodePlan],
+    *,
+    check: bool = False,
+    tuning: Tuning = Tuning.TUNED,
+    progress: bool = False,
+    playbook: str = "node.yml",
+) -> RolloutResult:
+    """Converge (or check) nodes wave by wave; the function the CLI and the benchmark harness call."""
+    plan = plan_site(site)
+    ssh = SshSettings(site.controller.ssh_config, site.controller.known_hosts)
+    secrets = secrets_from_env()
+
+    def run(batch: list[NodePlan]) -> RunResult:
+        hosts = [n.hostname for n in batch]
+        return run_playbook(playbook, build_inventory(site, batch), hosts, ssh=ssh, check=check, tuning=tuning,
+                            secrets=secrets, progress=Progress(hosts) if progress else None,
+                            label="check" if check else "converge")
+
+    # Check mode changes nothing, so there is nothing to roll: every node is looked at in one run.
+    max_failures = len(nodes) if check else site.rollout.max_failures
+    if check:
+        result = run(list(nodes))
+        out = []
+        for n in nodes:
+            h = result.hosts.get(n.hostname)
+            status = "ok" if h and h.succeeded else ("unreachable" if h and h.unreachable else "failed")
+            out.append(NodeOutcome(n.hostname, n.segment.name, n.batch, status, h.changed if h else 0,
+                                   h.as_dict() if h else {}))
+        return RolloutResult(nodes=out, runs=[result], stopped_segments={})
+    return roll(plan, nodes, run, max_failures=max_failures)
+
+
+def _load(args: argparse.Namespace) -> tuple[Site, list[NodePlan]] | int:
+    site = site_from_args(args)
+    try:
+        return site, select(plan_site(site), args.node, args.segment)
+    except (KeyError, ValueError) as exc:
+        sys.stderr.write(f"error: {exc.args[0]}\n")
+        return Exit.INVALID
+
+
+def _render_converge(d: dict[str, Any]) -> str:
+    rows = [(n["hostname"], n["segment"], n["batch"], n["status"], n.get("changed", 0),
+             "; ".join(f"{f['task']}: {f['msg'][:80]}" for f in n.get("failures", []))[:120])
+            for n in d["nodes"]]
+    out = table(rows, ["node", "segment", "batch", "status", "changed", "failure"])
+    for seg, why in d["stopped_segments"].items():
+        out += f"\nsegment {seg} stopped: {why}"
+    return out
+
+
+def cmd_converge(args: argparse.Namespace) -> int:
+    """Converge the selected nodes; exit 1 when any node failed or was not run."""
+    loaded = _load(args)
+    if isinstance(loaded, int):
+        return loaded
+    site, nodes = loaded
+    result = converge(site, nodes, tuning=Tuning(args.tuning), progress=not args.json and sys.stderr.isatty())
+    emit(args.json, result.as_dict(), _render_converge)
+    return Exit.OK if result.succeeded else Exit.FAILED
+
+
+def check_report(result: RolloutResult) -> dict[str, Any]:
+    """Per node: would anything change, which packages and files, would a reboot be required."""
+    nodes = []
+    for n in result.nodes:
+        d = n.detail
+        packages = sorted({p for v in (d.get("package_changes") or {}).values() for p in v})
+        stale = (d.get("facts") or {}).get("nvidia_driver_stale_packages") or []
+        nodes.append({
+            "hostname": n.hostname,
+            "segment": n.segment,
+            "status": n.status,
+            "changes": n.changed,
+            "changed_tasks": d.get("changed_tasks", []),
+            "packages": packages,
+            "packages_removed": sorted(stale),
+            "files": d.get("files_changed", []),
+            "reboot_required": bool(d.get("reboot_required")),
+            "failures": d.get("failures", []),
+        })
+    return {"drift": any(x["changes"] for x in nodes), "succeeded": result.succeeded, "nodes": nodes}
+
+
+def _render_check(d: dict[str, Any]) -> str:
+    out = []
+    for n in d["nodes"]:
+        head = f"{n['hostname']}: {n['status']}, {n['changes']} change(s)"
+        if n["reboot_required"]:
+            head += ", reboot required"
+        out.append(head)
+        out += [f"  package {p}" for p in n["packages"]]
+        out += [f"  remove  {p}" for p in n["packages_removed"]]
+        out += [f"  file    {f}" for f in n["files"]]
+        out += [f"  FAILED  {f['task']}: {f['msg'][:200]}" for f in n["failures"]]
+    return "\n".join(out)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Check + diff; exit 3 when any node would change, 1 when the check itself failed."""
+    loaded = _load(args)
+    if isinstance(loaded, int):
+        return loaded
+    site, nodes = loaded
+    result = converge(site, nodes, check=True, tuning=Tuning(args.tuning),
+                      progress=not args.json and sys.stderr.isatty())
+    report = check_report(result)
+    emit(args.json, report, _render_check)
+    if not result.succeeded:
+        return Exit.FAILED
+    return Exit.DRIFT if report["drift"] else Exit.OK
+
+
+def cmd_validate_node(args: argparse.Namespace) -> int:
+    """Run gpu_validate on one node and print its facts; exit 1 when validation fails."""
+    site = site_from_args(args)
+    try:
+        node = plan_site(site).node(args.node)
+    except KeyError as exc:
+        sys.stderr.write(f"error: {exc.args[0]}\n")
+        return Exit.INVALID
+    result = converge(site, [node], tuning=Tuning(args.tuning), playbook="validate.yml")
+    n = result.nodes[0]
+    facts = (n.detail.get("facts") or {}).get("gpu_validate_result")
+    data: dict[str, Any] = {"node": node.hostname, "reachable": n.status != "unreachable",
+                            "passed": bool(facts and facts.get("passed")), "facts": facts,
+                            "failures": n.detail.get("failures", [])}
+
+    def render(d: dict[str, Any]) -> str:
+        f = d["facts"] or {}
+        lines = [f"{d['node']}: {'PASSED' if d['passed'] else 'FAILED'}"]
+        if f:
+            lines.append(f"  gpus: {len(f['gpus']['seen'])} seen, declared {f['gpus']['declared']['count']}x "
+                         f"{f['gpus']['declared']['product_name']}")
+            lines.append(f"  driver: {', '.join(f['driver']['seen']) or '-'} (pinned {f['driver']['pinned']})")
+            lines.append(f"  cuda: pinned {f['cuda']['pinned']}")
+            lines.append(f"  reboot_required: {f['reboot_required']}")
+            lines += [f"  problem: {p}" for p in f["problems"]]
+        lines += [f"  failure: {x['task']}: {x['msg'][:200]}" for x in d["failures"]]
+        return "\n".join(lines)
+
+    emit(args.json, data, render)
+    return Exit.OK if data["passed"] else Exit.FAILED
+
+
+def ssh_command(site: Site, node: NodePlan, *command: str) -> list[str]:
+    """The ssh argv for a node with the stack's config and pinned host keys (StrictHostKeyChecking=yes)."""
+    ssh = SshSettings(site.controller.ssh_config, site.controller.known_hosts)
+    return ["ssh", *ssh.args(), "-o", "ConnectTimeout=2", f"{node.node.ssh_user}@{node.node.address}", *command]
+
+
+def wait_ssh(site: Site, node: NodePlan, timeout: float) -> tuple[bool, float, str]:
+    """Poll SSH until a command runs with the pinned key; (ok, seconds, last error)."""
+    start = time.monotonic()
+    last = ""
+    while True:
+        try:
+            p = subprocess.run(ssh_command(site, node, "true"), capture_output=True, text=True, timeout=10,
+                               check=False)
+            if p.returncode == 0:
+                return True, time.monotonic() - start, ""
+            last = p.stderr.strip().splitlines()[-1] if p.stderr.strip() else f"rc={p.returncode}"
+        except subprocess.TimeoutExpired:
+            last = "ssh timed out"
+        if "REMOTE HOST IDENTIFICATION HAS CHANGED" in last or "Host key verification failed" in last:
+            # A wrong host key never fixes itself by waiting: report it at once.
+            return False, time.monotonic() - start, last
+        if time.monotonic() - start >= timeout:
+            return False, time.monotonic() - start, last
+        time.sleep(0.5)
+
+
+def cmd_wait_ssh(args: argparse.Namespace) -> int:
+    """Wait for SSH with the pinned key; exit 1 on timeout or host key mismatch."""
+    site = site_from_args(args)
+    try:
+        node = plan_site(site).node(args.node)
+    except KeyError as exc:
+        sys.stderr.write(f"error: {exc.args[0]}\n")
+        return Exit.INVALID
+    ok, seconds, err = wait_ssh(site, node, args.timeout)
+    data = {"node": node.hostname, "ready": ok, "seconds": round(seconds, 2), "error": err}
+    emit(args.json, data, lambda d: f"{d['node']}: {'ssh ready' if d['ready'] else 'NOT ready: ' + d['error']}"
+                                    f" after {d['seconds']} s")
+    return Exit.OK if ok else Exit.FAILED

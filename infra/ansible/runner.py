@@ -1,0 +1,365 @@
+"""The only caller of ansible_runner: one fresh private data dir per run, a typed result, no secrets left.
+
+A run is `ansible-playbook <playbook>` over an inventory built from the plan. Everything the run
+needs is passed explicitly (inventory file, environment, command line) with `suppress_env_files`,
+so nothing from an earlier run is reused and no secret is written to `env/`. Secrets go into one
+0600 vars file that is deleted after the run, and every file left in the data dir is scrubbed of
+their values.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from infra.ansible.settings import SshSettings, Tuning, project_root, runner_env
+
+RUNS_ENV = "GPUFLEET_RUNS_DIR"
+DEFAULT_RUNS_DIR = Path("/var/lib/gpufleet/runs")
+KEEP_RUNS = 20  # older run directories are removed (each holds the scrubbed event log of one run)
+MASK = "********"
+
+# Facts the roles publish with set_fact that the result reports (see the roles' tasks).
+_REPORTED_FACTS = ("nvidia_driver_reboot_required", "nvidia_driver_stale_packages", "gpu_validate_result")
+
+
+@dataclass
+class HostResult:
+    """What one host did in one run."""
+
+    host: str
+    ok: int = 0
+    changed: int = 0
+    failed: int = 0
+    unreachable: bool = False
+    skipped: int = 0
+    changed_tasks: list[str] = field(default_factory=list)
+    failures: list[dict[str, str]] = field(default_factory=list)
+    diffs: list[dict[str, Any]] = field(default_factory=list)
+    package_changes: dict[str, list[str]] = field(default_factory=dict)
+    facts: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def succeeded(self) -> bool:
+        """No failed task and reachable."""
+        return not self.failed and not self.unreachable
+
+    @property
+    def files_changed(self) -> list[str]:
+        """Paths of files a task changed (or would change in check mode)."""
+        return sorted({d["path"] for d in self.diffs if d.get("path")})
+
+    @property
+    def reboot_required(self) -> bool:
+        """The driver role's verdict: a reboot is (or, in check mode, would be) required."""
+        return bool(self.facts.get("nvidia_driver_reboot_required", False))
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form (diff bodies left out: they can be large; paths are listed)."""
+        d = asdict(self)
+        d.pop("diffs")
+        d["files_changed"] = self.files_changed
+        d["reboot_required"] = self.reboot_required
+        d["succeeded"] = self.succeeded
+        return d
+
+
+@dataclass
+class RunResult:
+    """The outcome of one ansible-playbook run."""
+
+    playbook: str
+    check: bool
+    status: str
+    rc: int
+    duration_s: float
+    hosts: dict[str, HostResult]
+    run_dir: str
+
+    @property
+    def succeeded(self) -> bool:
+        """Every host succeeded and ansible-playbook exited 0."""
+        return self.rc == 0 and all(h.succeeded for h in self.hosts.values())
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {"playbook": self.playbook, "check": self.check, "status": self.status, "rc": self.rc,
+                "duration_s": round(self.duration_s, 2), "run_dir": self.run_dir,
+                "hosts": {k: v.as_dict() for k, v in sorted(self.hosts.items())}}
+
+
+class Progress:
+    """Live per-host progress for a person at a terminal: current task and counts per host."""
+
+    def __init__(self, hosts: Sequence[str], out: TextIO | None = None) -> None:
+        self.out = out or sys.stderr
+        self.hosts = list(hosts)
+        self.current: dict[str, str] = dict.fromkeys(hosts, "waiting")
+        self.counts: dict[str, dict[str, int]] = {h: {"ok": 0, "changed": 0, "failed": 0} for h in hosts}
+        self.tty = self.out.isatty()
+        self._drawn = 0
+        self._lock = threading.Lock()
+
+    def update(self, host: str, task: str | None = None, outcome: str | None = None) -> None:
+        """Record a task start or outcome and redraw."""
+        with self._lock:
+            if host not in self.current:
+                return
+            if task is not None:
+                self.current[host] = task
+            if outcome in ("ok", "changed", "failed"):
+                self.counts[host][outcome] += 1
+            if self.tty:
+                self._draw()
+            elif outcome == "failed":
+                self.out.write(f"{host}: FAILED {self.current[host]}\n")
+
+    def _draw(self) -> None:
+        if self._drawn:
+            self.out.write(f"\x1b[{self._drawn}A")
+        for h in self.hosts:
+            c = self.counts[h]
+            line = f"{h:<16} ok={c['ok']:<3} changed={c['changed']:<3} failed={c['failed']:<2} {self.current[h]}"
+            self.out.write("\x1b[2K" + line[:150] + "\n")
+        self._drawn = len(self.hosts)
+        self.out.flush()
+
+    def finish(self, result: RunResult) -> None:
+        """One summary line per host."""
+        with self._lock:
+            for h, r in sorted(result.hosts.items()):
+                state = "UNREACHABLE" if r.unreachable else ("FAILED" if r.failed else "ok")
+                self.out.write(f"{h}: {state} ok={r.ok} changed={r.changed} failed={r.failed}"
+                               f"{' reboot required' if r.reboot_required else ''}\n")
+            self.out.flush()
+
+
+def runs_dir() -> Path:
+    """Where run directories live (env GPUFLEET_RUNS_DIR overrides)."""
+    return Path(os.environ.get(RUNS_ENV) or DEFAULT_RUNS_DIR)
+
+
+def _prune(base: Path, keep: int) -> None:
+    runs = sorted((p for p in base.iterdir() if p.is_dir() and p.name.startswith("run-")),
+                  key=lambda p: p.stat().st_mtime)
+    for old in runs[:-keep] if keep else runs:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def scrub(root: Path, secrets: Sequence[str]) -> int:
+    """Replace every secret value in every file under `root` with a mask; returns files changed."""
+    values = sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True)
+    if not values:
+        return 0
+    changed = 0
+    for path in root.rglob("*"):
+        if not path.is_file() or path.is_symlink():
+            continue
+        data = path.read_bytes()
+        new = data
+        for v in values:
+            for form in {v, json.dumps(v)[1:-1]}:
+                new = new.replace(form.encode(), MASK.encode())
+        if new != data:
+            path.write_bytes(new)
+            changed += 1
+    return changed
+
+
+def _diff_entries(task: str, res: Mapping[str, Any]) -> list[dict[str, Any]]:
+    diffs = res.get("diff")
+    items = diffs if isinstance(diffs, list) else [diffs] if isinstance(diffs, dict) else []
+    out = []
+    for d in items:
+        if not isinstance(d, dict) or not d:
+            continue
+        path = d.get("after_header") or d.get("before_header") or res.get("dest") or res.get("path")
+        if isinstance(path, str) and path.startswith("/"):
+            out.append({"task": task, "path": path, "before": d.get("before"), "after": d.get("after")})
+    if not out and res.get("changed") and isinstance(res.get("dest"), str):
+        out.append({"task": task, "path": res["dest"], "before": None, "after": None})
+    return out
+
+
+class _Collector:
+    """Turns runner events into per-host results and progress updates."""
+
+    def __init__(self, hosts: Sequence[str], progress: Progress | None) -> None:
+        self.hosts = {h: HostResult(h) for h in hosts}
+        self.progress = progress
+
+    def _host(self, name: str) -> HostResult:
+        return self.hosts.setdefault(name, HostResult(name))
+
+    def __call__(self, event: dict[str, Any]) -> bool:
+        kind = event.get("event", "")
+        data = event.get("event_data") or {}
+        host = data.get("host")
+        task = str(data.get("task") or "")
+        role = data.get("role")
+        label = f"{role} : {task}" if role else task
+        if not host:
+            return True
+        r = self._host(host)
+        res = data.get("res") or {}
+        if kind == "runner_on_start":
+            if self.progress:
+                self.progress.update(host, task=label)
+        elif kind == "runner_on_ok":
+            facts = res.get("ansible_facts") or {}
+            for key, value in facts.items():
+                if key.endswith("_package_changes") and isinstance(value, list):
+                    if value:
+                        r.package_changes[key.removesuffix("_package_changes")] = [str(v) for v in value]
+                    else:
+                        r.package_changes.pop(key.removesuffix("_package_changes"), None)
+                elif key in _REPORTED_FACTS:
+                    r.facts[key] = value
+            if res.get("changed"):
+                r.changed_tasks.append(label)
+                r.diffs.extend(_diff_entries(label, res))
+            if self.progress:
+                self.progress.update(host, outcome="changed" if res.get("changed") else "ok")
+        elif kind == "runner_on_failed" and not data.get("ignore_errors"):
+            msg = str(res.get("msg") or res.get("stderr") or "")[:2000]
+            r.failures.append({"task": label, "msg": msg})
+            if self.progress:
+                self.progress.update(host, outcome="failed")
+        elif kind == "runner_on_unreachable":
+            r.unreachable = True
+            r.failures.append({"task": label, "msg": str(res.get("msg") or "unreachable")[:2000]})
+            if self.progress:
+                self.progress.update(host, outcome="failed")
+        return True
+
+
+def run_playbook(
+    playbook: str,
+    inventory: Mapping[str, Any],
+    hosts: Sequence[str],
+    *,
+    ssh: SshSettings,
+    check: bool = False,
+    tuning: Tuning = Tuning.TUNED,
+    secrets: Mapping[str, Any] | None = None,
+    secret_values: Sequence[str] = (),
+    progress: Progress | None = None,
+    timeout_s: int = 3600,
+    label: str = "run",
+) -> RunResult:
+    """Run one playbook of playbooks/ over `hosts` and return the typed result.
+
+    Args:
+        playbook: File name under playbooks/ (e.g. `node.yml`).
+        inventory: Inventory as built by `infra.ansible.inventory.build_inventory`.
+        hosts: Hosts to run on (the `--limit`).
+        ssh: The stack's SSH settings (config file, pinned known_hosts).
+        check: Run with `--check --diff` (nothing changes on the nodes).
+        tuning: `tuned` (gpufleet's settings) or `defaults` (plain Ansible, for benchmarks).
+        secrets: Extra variables that are secret (passed via a 0600 file, deleted after the run).
+        secret_values: Further values to scrub from what the run leaves behind.
+        progress: Live progress sink, or None for quiet (JSON) runs.
+        timeout_s: Hard limit of the whole run.
+        label: Short word in the run directory's name.
+
+    """
+    import ansible_runner
+
+    base = runs_dir()
+    base.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _prune(base, KEEP_RUNS - 1)
+    work = Path(tempfile.mkdtemp(prefix=f"run-{time.strftime('%Y%m%dT%H%M%S')}-{label}-", dir=base))
+    pdd = work / "pdd"
+    (pdd / "inventory").mkdir(parents=True)
+    (work / "tmp").mkdir()
+    inv_path = pdd / "inventory" / "hosts.json"
+    inv_path.write_text(json.dumps(inventory, indent=1, sort_keys=True), encoding="utf-8")
+    # ControlPath sockets must be short (108 bytes); one dir per run so runs never share a master.
+    control_dir = Path(tempfile.mkdtemp(prefix="gpf-cp-", dir="/tmp"))
+    fact_cache = base / "fact-cache"
+    env, forks = runner_env(tuning, hosts=len(hosts), ssh=ssh, work_dir=work, control_dir=control_dir,
+                            fact_cache=fact_cache)
+    cmd = ["--limit", ",".join(hosts)]
+    if check:
+        cmd += ["--check", "--diff"]
+    else:
+        cmd += ["--diff"]
+    secret_file: Path | None = None
+    all_secrets = [str(v) for v in secret_values]
+    if secrets:
+        fd, name = tempfile.mkstemp(prefix="secrets-", suffix=".json", dir=work / "tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(dict(secrets), f)
+        secret_file = Path(name)
+        os.chmod(secret_file, 0o600)
+        cmd += ["-e", f"@{secret_file}"]
+        all_secrets += _leaves(secrets)
+    collector = _Collector(hosts, progress)
+    started = time.monotonic()
+    try:
+        r = ansible_runner.run(
+            private_data_dir=str(pdd),
+            playbook=str(project_root() / "playbooks" / playbook),
+            inventory=str(inv_path),
+            envvars=env,
+            cmdline=" ".join(_quote(c) for c in cmd),
+            forks=forks,
+            suppress_env_files=True,
+            quiet=True,
+            event_handler=collector,
+            timeout=timeout_s,
+            ident="artifacts",
+        )
+        status, rc = str(r.status), int(r.rc if r.rc is not None else 1)
+        stats = r.stats or {}
+    finally:
+        if secret_file is not None:
+            secret_file.unlink(missing_ok=True)
+        shutil.rmtree(work / "tmp", ignore_errors=True)
+        shutil.rmtree(work / "ansible-home", ignore_errors=True)
+        shutil.rmtree(control_dir, ignore_errors=True)
+        scrub(work, all_secrets)
+    for name, h in collector.hosts.items():
+        h.ok = int((stats.get("ok") or {}).get(name, 0))
+        h.changed = int((stats.get("changed") or {}).get(name, 0))
+        h.failed = max(h.failed, int((stats.get("failures") or {}).get(name, 0)))
+        h.skipped = int((stats.get("skipped") or {}).get(name, 0))
+        h.unreachable = h.unreachable or bool((stats.get("dark") or {}).get(name, 0))
+        if not stats and rc != 0 and not h.failures:
+            # ansible-playbook died before any host ran (bad playbook, missing binary): fail them all.
+            h.failed = 1
+            h.failures.append({"task": "(ansible-playbook)", "msg": f"status={status} rc={rc}"})
+    result = RunResult(playbook=playbook, check=check, status=status, rc=rc,
+                       duration_s=time.monotonic() - started, hosts=collector.hosts, run_dir=str(work))
+    (work / "result.json").write_text(json.dumps(result.as_dict(), indent=1, sort_keys=True, default=str),
+                                      encoding="utf-8")
+    scrub(work, all_secrets)
+    if progress:
+        progress.finish(result)
+    return result
+
+
+def _leaves(value: Any) -> list[str]:
+    if isinstance(value, Mapping):
+        return [s for v in value.values() for s in _leaves(v)]
+    if isinstance(value, list | tuple):
+        return [s for v in value for s in _leaves(v)]
+    return [str(value)] if isinstance(value, str) else []
+
+
+def _quote(arg: str) -> str:
+    import shlex
+
+    return shlex.quote(arg)
+
+
+ProgressFactory = Callable[[Sequence[str]], Progress | None]

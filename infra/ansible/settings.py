@@ -1,0 +1,105 @@
+"""Ansible settings of a run: the tuned profile gpufleet uses and plain defaults for comparison.
+
+Settings travel as environment variables of the single ansible-playbook process (never an
+ansible.cfg in the project, which would silently apply to every other Ansible run on the machine).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+
+class Tuning(StrEnum):
+    """Which runner settings a converge uses (`--tuning`); `defaults` exists for benchmarks."""
+
+    TUNED = "tuned"
+    DEFAULTS = "defaults"
+
+
+# Upper bound of parallel hosts per run; a batch is rarely larger and each fork costs ~60 MB.
+MAX_FORKS = 32
+
+
+@dataclass(frozen=True)
+class SshSettings:
+    """How the controller reaches nodes (from the stack's `controller` section)."""
+
+    ssh_config: str | None
+    known_hosts: str | None
+
+    def args(self) -> list[str]:
+        """OpenSSH options every connection gets: the stack's config and pinned host keys only."""
+        out = []
+        if self.ssh_config:
+            out += ["-F", self.ssh_config]
+        if self.known_hosts:
+            out += ["-o", f"UserKnownHostsFile={self.known_hosts}"]
+        # Never trust a host key on first use: rebuilt nodes are re-pinned by the BMC/lab code.
+        out += ["-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10"]
+        return out
+
+
+def project_root() -> Path:
+    """The checkout holding roles/ and playbooks/ (installed package: its parent directory)."""
+    from infra.model.load import project_dir
+
+    return project_dir()
+
+
+def runner_env(
+    tuning: Tuning,
+    *,
+    hosts: int,
+    ssh: SshSettings,
+    work_dir: Path,
+    control_dir: Path,
+    fact_cache: Path | None,
+) -> tuple[dict[str, str], int]:
+    """Environment of the ansible-playbook process and the fork count for `hosts` parallel hosts."""
+    root = project_root()
+    venv_bin = str(Path(sys.executable).parent)
+    env = {
+        # ansible-runner finds ansible-playbook on PATH only; without the venv's bin it "fails" with
+        # rc=127 and no exception (see notes/pulumi-and-runner.md).
+        "PATH": f"{venv_bin}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}",
+        "ANSIBLE_ROLES_PATH": str(root / "roles"),
+        "ANSIBLE_HOME": str(work_dir / "ansible-home"),
+        "ANSIBLE_LOCAL_TEMP": str(work_dir / "tmp"),
+        "ANSIBLE_RETRY_FILES_ENABLED": "false",
+        "ANSIBLE_HOST_KEY_CHECKING": "true",
+        "ANSIBLE_NOCOLOR": "true",
+        "ANSIBLE_DEPRECATION_WARNINGS": "false",
+        "ANSIBLE_SSH_RETRIES": "2",
+        "ANSIBLE_TIMEOUT": "15",
+    }
+    ssh_args = " ".join(ssh.args())
+    if tuning is Tuning.TUNED:
+        forks = max(1, min(hosts, MAX_FORKS))
+        env |= {
+            # One SSH connection per host for the whole run instead of one per task.
+            "ANSIBLE_SSH_ARGS": f"{ssh_args} -o ControlMaster=auto -o ControlPersist=120s",
+            # A short path: the socket name must fit in 108 bytes.
+            "ANSIBLE_SSH_CONTROL_PATH_DIR": str(control_dir),
+            # Modules go over stdin instead of sftp + chmod + execute + rm per task.
+            "ANSIBLE_PIPELINING": "true",
+            "ANSIBLE_PYTHON_INTERPRETER": "/usr/bin/python3",
+            "ANSIBLE_GATHER_SUBSET": "!all,min",
+        }
+        if fact_cache is not None:
+            env |= {
+                "ANSIBLE_GATHERING": "smart",
+                "ANSIBLE_CACHE_PLUGIN": "ansible.builtin.jsonfile",
+                "ANSIBLE_CACHE_PLUGIN_CONNECTION": str(fact_cache),
+                "ANSIBLE_CACHE_PLUGIN_TIMEOUT": "3600",
+            }
+    else:
+        forks = 5
+        env |= {
+            "ANSIBLE_SSH_ARGS": f"{ssh_args} -o ControlMaster=no",
+            "ANSIBLE_PIPELINING": "false",
+        }
+    return env, forks

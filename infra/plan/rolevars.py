@@ -1,0 +1,187 @@
+"""NodePlan → Ansible host variables: the only mapping from the plan to role variables.
+
+Every role receives its inputs here, under its own prefix; no role sets another role's variables
+and no role knows a package name or a version (those come from `infra.plan.packages` through the
+plan). Pure: the same plan always gives the same variables, so the content hash is stable.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+from typing import Any
+from urllib.parse import urlsplit
+
+from infra.model.site import ContainerEngine, Engine, RebootPolicy, Site
+from infra.plan.node import NodePlan, ServicePlan
+from infra.plan.packages import Component
+
+# Where each engine answers "ready"; the role polls it after (re)starting the service.
+HEALTH_PATHS: dict[Engine, str] = {
+    Engine.VLLM: "/health",
+    Engine.TGI: "/health",
+    Engine.TRITON: "/v2/health/ready",
+    Engine.LLAMACPP: "/v1/models",
+}
+
+# `name-1.2.3-cp311-...whl` → distribution name and version (PEP 427 file names).
+_WHEEL = re.compile(r"^(?P<name>[A-Za-z0-9_.]+)-(?P<version>[0-9][^-]*)-.*\.whl$")
+
+
+def _pkgs(plan: NodePlan, *components: Component) -> list[dict[str, str]]:
+    return [p.as_dict() for c in components for p in plan.packages_of(c)]
+
+
+def apt_sources(plan: NodePlan) -> list[dict[str, Any]]:
+    """Apt sources of the node: its segment's mirror when there is one, else the segment's sources."""
+    if plan.mirror is not None:
+        m = plan.mirror
+        port = "" if m.http_port == 80 else f":{m.http_port}"
+        return [{"name": m.name, "uris": f"http://{m.address}{port}/apt", "suites": "/", "components": [],
+                 "keyring": m.keyring}]
+    return [{"name": s.name, "uris": s.url, "suites": s.suite, "components": list(s.components),
+             "keyring": s.keyring} for s in plan.segment.sources]
+
+
+def wheel_requirement(url: str) -> tuple[str, str]:
+    """(requirement `name==version`, find-links directory) for a wheel URL.
+
+    The node installs with `--no-index --find-links <dir>`: the wheel's own dependencies must sit
+    next to it on the mirror, so nothing ever reaches PyPI (air-gapped nodes cannot).
+    """
+    path = urlsplit(url).path
+    m = _WHEEL.match(posixpath.basename(path))
+    if not m:
+        raise ValueError(f"{url!r} does not name a wheel file (name-version-tags.whl)")
+    return f"{m['name']}=={m['version']}", url[: url.rindex("/") + 1]
+
+
+def _service(sp: ServicePlan, plan: NodePlan) -> dict[str, Any]:
+    s = sp.service
+    out: dict[str, Any] = {
+        "name": s.name,
+        "engine": s.engine.value,
+        "image": s.image or "",
+        "model_name": s.model.name,
+        "model_revision": s.model.revision,
+        "model_source": s.model.source,
+        "max_model_len": s.model.context_length,
+        "tensor_parallel": s.tensor_parallel,
+        "pipeline_parallel": s.pipeline_parallel,
+        "gpu_memory_utilization": s.gpu_memory_utilization,
+        "kv_cache_dtype": s.kv_cache_dtype.value,
+        "port": s.port,
+        "health_path": HEALTH_PATHS[s.engine],
+        "native": s.engine is Engine.LLAMACPP and s.image is None,
+        "pip_requirement": "",
+        "pip_find_links": "",
+    }
+    if out["native"]:
+        if not s.wheel:
+            raise ValueError(f"service {s.name!r}: a native llamacpp service needs `wheel`")
+        out["pip_requirement"], out["pip_find_links"] = wheel_requirement(s.wheel)
+    return out
+
+
+def _interfaces(plan: NodePlan) -> list[dict[str, Any]]:
+    seg, node = plan.segment, plan.node
+    return [{
+        "name": "mgmt",
+        "mac": node.macs[0],
+        "address": f"{node.address}/{seg.cidr.prefixlen}",
+        "gateway": str(seg.gateway) if seg.gateway else "",
+        "dns": [str(d) for d in seg.dns],
+        "mtu": seg.mtu,
+        "vlan": seg.vlan or 0,
+    }]
+
+
+def host_vars(plan: NodePlan, site: Site) -> dict[str, Any]:
+    """Every role variable of one node (plus `gpufleet_*` play-level facts), JSON-serialisable."""
+    p, seg, lab = plan.profile, plan.segment, plan.lab_mode
+    engine = p.container_runtime.engine
+    fm = _pkgs(plan, Component.FABRIC_MANAGER)
+    gpu_names = sorted({pkg.name for pkg in plan.packages if pkg.component is not Component.MONITORING})
+    allow = sorted({str(seg.cidr), *(str(n) for n in seg.egress_allow),
+                    *([f"{plan.mirror.address}/32"] if plan.mirror else [])})
+    docker_options: dict[str, Any] = {"log-driver": "journald", "live-restore": True}
+    if engine is ContainerEngine.DOCKER:
+        # Declared here (not by `nvidia-ctk runtime configure`) so the daemon.json the runtime role
+        # renders already has the NVIDIA runtime and both roles agree on one file content.
+        docker_options["runtimes"] = {"nvidia": {"path": "nvidia-container-runtime", "args": []}}
+        docker_options["features"] = {"cdi": True}
+    services = [_service(s, plan) for s in plan.services]
+    # Registries that get credentials (when a token is given): those of the images, and the mirror's.
+    registries = sorted({img.split("/", 1)[0] for s in plan.services if (img := s.service.image)
+                         and "/" in img and ("." in img.split("/", 1)[0] or ":" in img.split("/", 1)[0])}
+                        | ({f"{plan.mirror.address}:{plan.mirror.registry_port}"} if plan.mirror else set()))
+    return {
+        "gpufleet_roles": list(plan.roles),
+        "gpufleet_segment": seg.name,
+        "gpufleet_airgapped": seg.airgapped,
+        "gpufleet_lab_mode": lab,
+        # base
+        "base_ntp_servers": list(seg.ntp),
+        "base_time_sync_start": not lab,  # nspawn hosts share the host clock; chronyd lacks CAP_SYS_TIME
+        "base_sysctl_apply": not lab,  # /proc/sys is read-only inside nspawn hosts
+        "base_admin_keys": list(site.admin_keys),
+        "base_apt_sources": apt_sources(plan),
+        "base_apt_sources_exclusive": seg.airgapped or bool(seg.sources) or plan.mirror is not None,
+        "base_unattended_upgrades_blacklist": gpu_names,
+        # network
+        "network_interfaces": _interfaces(plan),
+        "network_apply": not lab,  # lab hosts get their address from the lab; render + validate only
+        "network_management_address": str(plan.node.address),
+        # airgap_firewall
+        "airgap_firewall_allow": allow,
+        "airgap_firewall_probe_address": str(seg.egress_probe) if seg.egress_probe else "",
+        "airgap_firewall_mirror_address": str(plan.mirror.address) if plan.mirror else "",
+        "airgap_firewall_mirror_port": plan.mirror.http_port if plan.mirror else 80,
+        # nvidia_driver
+        "nvidia_driver_branch": p.driver.branch,
+        "nvidia_driver_version": p.driver.version,
+        "nvidia_driver_open_modules": p.driver.open_modules,
+        "nvidia_driver_packages": _pkgs(plan, Component.DRIVER),
+        "nvidia_driver_fabric_manager_packages": fm,
+        "nvidia_driver_reboot_policy": plan.reboot_policy.value,
+        # A lab host is a container on the host's kernel: a reboot would end it, not load a module.
+        "nvidia_driver_reboot_enabled": plan.reboot_policy is RebootPolicy.IF_REQUIRED and not lab,
+        "nvidia_driver_reboot_timeout": site.reboot.timeout_s,
+        "nvidia_driver_manage_kernel_modules": not lab,
+        # cuda_toolkit
+        "cuda_toolkit_version": p.cuda.version,
+        "cuda_toolkit_packages": _pkgs(plan, Component.CUDA),
+        # container_runtime
+        "container_runtime_engine": engine.value,
+        "container_runtime_packages": _pkgs(plan, Component.CONTAINER_RUNTIME),
+        "container_runtime_podman_storage_driver": "vfs" if lab else "overlay",
+        "container_runtime_podman_keyring": not lab,  # nspawn blocks keyring syscalls
+        "container_runtime_docker_daemon_options": docker_options,
+        # The lab mirror's registry speaks plain HTTP; real mirrors are expected to serve TLS.
+        "container_runtime_insecure_registries": (
+            [f"{plan.mirror.address}:{plan.mirror.registry_port}"] if lab and plan.mirror else []),
+        # nvidia_container_toolkit
+        "nvidia_container_toolkit_packages": _pkgs(plan, Component.CONTAINER_TOOLKIT),
+        "nvidia_container_toolkit_runtime": engine.value,
+        "nvidia_container_toolkit_driver_version": p.driver.version,
+        # inference_server
+        "inference_server_services": services,
+        "inference_server_container_engine": engine.value,
+        "inference_server_container_cgroups": "disabled" if lab else "enabled",
+        "inference_server_registries": registries,
+        # monitoring
+        "monitoring_node_exporter_packages": _pkgs(plan, Component.MONITORING),
+        "monitoring_dcgm_packages": _pkgs(plan, Component.DCGM),
+        "monitoring_dcgm_exporter_image": p.monitoring.dcgm_exporter_image or "",
+        "monitoring_container_engine": engine.value,
+        # gpu_validate
+        "gpu_validate_product_name": plan.gpu_product_name,
+        "gpu_validate_gpu_count": plan.node.gpu.count,
+        "gpu_validate_memory_mib": plan.gpu_memory_mib,
+        "gpu_validate_driver_version": p.driver.version,
+        "gpu_validate_cuda_version": p.cuda.version,
+        "gpu_validate_packages": [pkg.as_dict() for pkg in plan.packages],
+        "gpu_validate_fabric_manager_required": bool(fm),
+        "gpu_validate_endpoints": [{"name": s["name"], "port": s["port"], "path": s["health_path"]}
+                                   for s in services],
+    }
