@@ -15,6 +15,7 @@ COMMAND_MODULES = (
     "infra.bmc.cli",
     "infra.dr.cli",
     "infra.commands.site",
+    "infra.ansible.cli",
     "infra.lab.cli",
     "infra.bench.cli",
     "infra.inference.cli",
