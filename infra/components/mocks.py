@@ -105,6 +105,19 @@ class RecordingMonitor(pmocks.MockMonitor):
         self.registrations: list[Registration] = []
         self.by_urn: dict[str, Registration] = {}
 
+    def make_urn(self, parent: str, type_: str, name: str) -> str:
+        """URNs as the engine builds them: the parent's whole type chain, without the root stack.
+
+        The stock mock keeps only the parent's own type, which hides URN changes a real engine would
+        make (e.g. a node moving under another segment type).
+        """
+        qualified = type_
+        if parent:
+            parent_type = parent.split("::")[2]
+            if parent_type != "pulumi:pulumi:Stack":
+                qualified = f"{parent_type}${type_}"
+        return "urn:pulumi:" + "::".join([pulumi.get_stack(), pulumi.get_project(), qualified, name])
+
     def RegisterResource(self, request: Any) -> Any:  # gRPC method name
         """Record, then let the stock mock monitor answer."""
         response = super().RegisterResource(request)  # type: ignore[no-untyped-call]
