@@ -52,6 +52,11 @@ class HostKeySource(Protocol):
         """Pin the node's new key in the stack's known_hosts; return its SHA256 fingerprint."""
         ...
 
+    @property
+    def refreshable(self) -> bool:
+        """True when re-reading the key may give a newer one (a mismatch is then a race, not an attack)."""
+        ...
+
 
 def parse_public_key(text: str) -> tuple[str, str]:
     """(key type, base64 blob) from a `.pub` line or a known_hosts line."""
@@ -98,6 +103,8 @@ def pin_key(known_hosts: Path, node: Node, key_type: str, blob: str) -> str:
 class FromFile:
     """A public key given by the operator (`--host-key FILE`)."""
 
+    refreshable = False  # a mismatch with an operator-given key is an alarm, not a race
+
     def __init__(self, path: Path) -> None:
         self.path = path
 
@@ -123,11 +130,17 @@ class FromFile:
 
 
 class LabSource:
-    """The lab's re-pin function (LAB engineer's code: reads the key from the host's rootfs)."""
+    """The lab's re-pin function: reads the host key from the host's own disk on this machine."""
+
+    refreshable = True  # the reimage may finish after the BMC reports On: re-read until SSH agrees
+
+    def __init__(self, stack: str | None, stack_file: Path | None) -> None:
+        self.stack = stack
+        self.stack_file = stack_file
 
     def describe(self) -> str:
         """For reports."""
-        return "lab rootfs (infra.lab)"
+        return "lab host's own disk (infra.lab.lab.repin_host_key)"
 
     def check(self, site: Site, node: Node) -> None:
         """The lab's function must exist."""
@@ -136,32 +149,34 @@ class LabSource:
         if _lab_repin() is None:
             raise Refused(
                 "hostkey",
-                "lab stack, but the lab's host-key re-pin function is not available "
-                "(infra.lab); bring the lab code up to date",
+                "lab stack, but the lab's host-key re-pin function is not available (infra.lab.lab.repin_host_key)",
             )
 
     def pin(self, site: Site, node: Node) -> str:
-        """Let the lab pin the node's new key; returns what it reports."""
+        """Let the lab pin the node's current key; returns its fingerprint."""
         fn = _lab_repin()
         if fn is None:
             raise HostKeyError("lab re-pin function missing")
+        from infra.lab.config import lab_spec
+
         try:
-            result = fn(node.hostname)
+            spec = lab_spec(self.stack or "lab", path=self.stack_file)
+            pub = str(fn(spec, node.hostname))
         except Exception as exc:  # the lab's errors are its own types; report them, don't guess
             raise HostKeyError(f"lab re-pin of {node.hostname} failed: {exc}") from exc
-        return str(result)
+        return key_fingerprint(parse_public_key(pub)[1])
 
 
-def _lab_repin() -> Callable[[str], object] | None:
-    """The LAB engineer's `repin_host_key(hostname)`, if the lab code provides it."""
+def _lab_repin() -> Callable[..., object] | None:
+    """The LAB engineer's `repin_host_key(spec, name)`, if the lab code provides it."""
     try:
-        from infra.lab import hostkeys as lab_hostkeys  # type: ignore[attr-defined,unused-ignore]
+        from infra.lab import lab as lab_module
     except ImportError:
         return None
-    fn = getattr(lab_hostkeys, "repin_host_key", None)
-    return cast("Callable[[str], object]", fn) if callable(fn) else None
+    fn = getattr(lab_module, "repin_host_key", None)
+    return cast("Callable[..., object]", fn) if callable(fn) else None
 
 
-def lab_source() -> LabSource:
-    """The lab's host key source."""
-    return LabSource()
+def lab_source(stack: str | None, stack_file: Path | None) -> LabSource:
+    """The lab's host key source for a stack."""
+    return LabSource(stack, stack_file)

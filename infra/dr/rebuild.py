@@ -83,12 +83,12 @@ class Hooks:
     validate: Callable[[StackRef, str], StepResult] = field(default=lambda r, h: validate(r, h))
 
 
-def plan_host_key_source(site: Site, node: Node, host_key: Path | None) -> hostkeys.HostKeySource:
+def plan_host_key_source(site: Site, node: Node, host_key: Path | None, ref: StackRef) -> hostkeys.HostKeySource:
     """Decide, before anything is touched, where the rebuilt node's new SSH host key will come from."""
     if host_key is not None:
         return hostkeys.FromFile(host_key)
     if site.lab_mode:
-        return hostkeys.lab_source()
+        return hostkeys.lab_source(ref.stack, ref.stack_file)
     raise Refused(
         "hostkey",
         (
@@ -125,7 +125,7 @@ def rebuild(
     pre = h.preflight(node)
     if not pre.ok:
         raise Refused("bmc", f"BMC check failed, nothing was done: {pre.problem}")
-    keys = plan_host_key_source(site, node, host_key)
+    keys = plan_host_key_source(site, node, host_key, ref)
     keys.check(site, node)
     report.step("preflight", t0, power=pre.power_state, mac_matches=pre.mac_matches, hostkey=keys.describe())
 
@@ -155,17 +155,25 @@ def rebuild(
 
     # -- new host key, SSH ----------------------------------------------------------------------------
     t0 = time.monotonic()
-    try:
-        pinned = keys.pin(site, node)
-    except hostkeys.HostKeyError as exc:
-        return _fail(report, "hostkey", str(exc), start)
-    report.step("hostkey", t0, pinned=pinned)
-    t0 = time.monotonic()
-    try:
-        h.wait_ssh(site, node, ssh_timeout or float(site.reboot.timeout_s))
-    except RemoteError as exc:
-        return _fail(report, "wait-ssh", str(exc), start)
-    report.step("wait-ssh", t0)
+    limit = ssh_timeout or float(site.reboot.timeout_s)
+    pinned = ""
+    while True:
+        try:
+            pinned = keys.pin(site, node)
+            h.wait_ssh(site, node, max(1.0, limit - (time.monotonic() - t0)))
+            break
+        except hostkeys.HostKeyError as exc:
+            # The lab's disk may be mid-reimage (unmounted) when we read it: retry within the time limit.
+            if keys.refreshable and time.monotonic() - t0 < limit:
+                time.sleep(1)
+                continue
+            return _fail(report, "hostkey", str(exc), start)
+        except RemoteError as exc:
+            if exc.kind == "hostkey" and keys.refreshable and time.monotonic() - t0 < limit:
+                time.sleep(1)  # the lab's reimage finished after our read: read the key from disk again
+                continue
+            return _fail(report, "wait-ssh", str(exc), start)
+    report.step("hostkey+wait-ssh", t0, pinned=pinned)
 
     if not boot.honoured_once:
         # The BMC kept PXE as a persistent override (the emulator always does): put the disk back first,

@@ -189,9 +189,18 @@ def make_stack(
     system: str = "node-a",
     mac: str = MAC_A,
     ca_bundle: str | None = None,
+    lab_mode: bool = True,
 ) -> Path:
-    """A copy of the lab stack whose lab-gpu01 BMC is the test emulator (password in a 0600 file)."""
+    """A copy of the lab stack whose lab-gpu01 BMC is the test emulator (password in a 0600 file).
+
+    The controller's SSH files point into `tmp`, so nothing here can touch a running lab's known_hosts.
+    """
     data = yaml.safe_load((project_dir() / "stacks" / "Pulumi.lab.yaml").read_text())
+    data["config"]["gpufleet:site"]["lab_mode"] = lab_mode
+    data["config"]["gpufleet:site"]["controller"] = {
+        "known_hosts": str(tmp / "known_hosts"),
+        "ssh_config": str(tmp / "ssh_config"),
+    }
     secret = tmp / "bmc-password"
     secret.write_text(password + "\n")
     secret.chmod(0o600)
@@ -416,3 +425,118 @@ def test_cli_inventory_flags_mac_mismatch(emulator: Emulator, tmp_path: Path) ->
 def test_emulator_log_has_no_password(emulator: Emulator) -> None:
     """Nothing the client sent put the password into the BMC's log."""
     assert PASSWORD not in emulator.log.read_text(errors="replace")
+
+
+# --- rebuild: refuse up-front, and the full flow with the emulator as BMC ---------------------------------
+
+HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl root@new"
+
+
+class Recorder:
+    """Rebuild hooks that record what was called; the probe answers from a list of states."""
+
+    def __init__(self, states: list[dict[str, str | None]]) -> None:
+        self.calls: list[str] = []
+        self.states = states
+
+    def hooks(self) -> Any:
+        from infra.dr.probe import NodeState
+        from infra.dr.rebuild import Hooks
+        from infra.dr.steps import StepResult
+
+        def probe(_s: Any, p: Any) -> NodeState:
+            self.calls.append("probe")
+            return NodeState(p.hostname, self.states.pop(0), (), {"/etc/x": "a" * 64}, {}, (), False)
+
+        def step(name: str) -> Any:
+            def fn(*_a: Any) -> StepResult:
+                self.calls.append(name)
+                return StepResult(True, 0.0, 0)
+
+            return fn
+
+        return Hooks(
+            probe=probe,
+            reachable=lambda s, n: self.calls.append("reachable") or True,
+            wait_ssh=lambda s, n, t: self.calls.append("wait_ssh") or 0.0,
+            converge=step("converge"),
+            validate=step("validate"),
+        )
+
+
+def _rebuild(stack: Path, rec: Recorder, **kw: Any) -> Any:
+    from infra.dr.rebuild import rebuild
+    from infra.dr.steps import StackRef
+    from infra.plan.node import plan_site
+
+    site = load_site(path=stack)
+    return rebuild(
+        site, plan_site(site).node("lab-gpu01"), StackRef(None, stack), hooks=rec.hooks(), power_timeout=20, **kw
+    )
+
+
+def _boot_target(emu: Emulator) -> str:
+    with client(emu) as c:
+        return str(c.system()["Boot"]["BootSourceOverrideTarget"])
+
+
+@pytest.mark.parametrize("case", ["wrong-password", "unreachable", "no-host-key"])
+def test_rebuild_refuses_up_front_and_touches_nothing(emulator: Emulator, tmp_path: Path, case: str) -> None:
+    """Bad credentials, a dead BMC or no out-of-band host key: Refused, no SSH, no BMC change, no key pinned."""
+    from infra.dr.rebuild import Refused
+
+    with client(emulator) as c:
+        c.set_boot_override(BootTarget.HDD)
+    endpoint = f"http://127.0.0.1:{free_port()}" if case == "unreachable" else emulator.url
+    stack = make_stack(tmp_path, endpoint, password="wrong" if case == "wrong-password" else PASSWORD, lab_mode=False)
+    rec = Recorder([])
+    with pytest.raises(Refused) as exc:
+        _rebuild(stack, rec, record_dir=tmp_path / "fp")
+    assert exc.value.kind == ("hostkey" if case == "no-host-key" else "bmc")
+    assert rec.calls == []
+    assert _boot_target(emulator) == "Hdd"
+    assert not (tmp_path / "known_hosts").exists() and not (tmp_path / "fp").exists()
+    assert PASSWORD not in str(exc.value)
+
+
+def test_rebuild_full_flow_identical(emulator: Emulator, tmp_path: Path) -> None:
+    """PXE once + reset through the BMC, key pinned, converge, validate, same fingerprint; disk boot restored."""
+    stack = make_stack(tmp_path, emulator.url, lab_mode=False)
+    key = tmp_path / "new_host_key.pub"
+    key.write_text(HOST_KEY + "\n")
+    pkgs = {"nvidia-driver": "570.133.20-1"}
+    rec = Recorder([dict(pkgs), dict(pkgs)])
+    report = _rebuild(stack, rec, record_dir=tmp_path / "fp", host_key=key)
+    assert report.ok and report.identical is True and report.baseline == "live", report.as_dict()
+    assert rec.calls == ["reachable", "probe", "wait_ssh", "converge", "validate", "probe"]
+    steps = [s["step"] for s in report.steps]
+    assert steps == [
+        "preflight",
+        "fingerprint-before",
+        "bmc-reimage",
+        "hostkey+wait-ssh",
+        "boot-restore",
+        "converge",
+        "validate",
+        "fingerprint-after",
+    ]
+    reimage = report.steps[2]
+    assert reimage["boot"]["target"] == "Pxe" and reimage["power"]["after"] == "On"
+    # The emulator kept PXE as Continuous: the rebuild put the disk back so the next reboot doesn't reinstall.
+    assert _boot_target(emulator) == "Hdd"
+    assert "lab-gpu01,198.18.1.11 ssh-ed25519 AAAAC3" in (tmp_path / "known_hosts").read_text()
+
+
+def test_rebuild_reports_each_difference(emulator: Emulator, tmp_path: Path) -> None:
+    """A node that comes back different is not ok, and every difference is listed."""
+    stack = make_stack(tmp_path, emulator.url, lab_mode=False)
+    key = tmp_path / "k.pub"
+    key.write_text(HOST_KEY)
+    rec = Recorder(
+        [{"nvidia-driver": "570.133.20-1", "podman": "4.3.1"}, {"nvidia-driver": "580.65.06-1", "podman": "4.3.1"}]
+    )
+    report = _rebuild(stack, rec, record_dir=tmp_path / "fp", host_key=key)
+    assert report.ok is False and report.identical is False and report.failed_step == ""
+    assert [(d.kind, d.item, d.before, d.after) for d in report.differences] == [
+        ("package", "nvidia-driver", "570.133.20-1", "580.65.06-1")
+    ]

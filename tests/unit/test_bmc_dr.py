@@ -1,0 +1,260 @@
+"""DR logic without hosts: fingerprints and their differences, drift against the plan, check output, host keys."""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from infra.dr import fingerprint as fp
+from infra.dr.drift import CheckOutcome, CheckUnavailable, NodeDrift, against_plan, drift
+from infra.dr.hostkeys import HostKeyError, key_fingerprint, parse_public_key, pin_key
+from infra.dr.probe import NodeState, expected_services, remote_program
+from infra.dr.remote import RemoteError
+from infra.dr.steps import StepResult, parse_check
+from infra.model.load import load_site
+from infra.model.site import Site
+from infra.plan.node import NodePlan, plan_site
+
+BLOB = "AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl"
+
+
+@pytest.fixture(scope="module")
+def site() -> Site:
+    return load_site(stack="lab")
+
+
+def plan_of(site: Site, host: str) -> NodePlan:
+    return plan_site(site).node(host)
+
+
+def converged_state(plan: NodePlan, **overrides: Any) -> NodeState:
+    """What a correctly converged node looks like to the probe."""
+    gpus = tuple(
+        {
+            "name": plan.gpu_product_name,
+            "memory.total": str(plan.gpu_memory_mib),
+            "driver_version": plan.profile.driver.version,
+            "uuid": f"GPU-{i:04d}",
+            "index": str(i),
+            "pci.bus_id": f"00000000:{i:02X}:00.0",
+        }
+        for i in range(plan.node.gpu.count)
+    )
+    st = NodeState(
+        hostname=plan.hostname,
+        packages={p.name: p.version for p in plan.packages},
+        held=tuple(p.name for p in plan.packages),
+        files={"/etc/apt/preferences.d/gpufleet-nvidia-driver": "a" * 64, "/etc/cdi/nvidia.yaml": "b" * 64},
+        services={u: {"active": "active", "enabled": "enabled"} for u in expected_services(plan)},
+        gpus=gpus,
+        reboot_required=False,
+    )
+    return replace(st, **overrides)
+
+
+# --- fingerprints ---------------------------------------------------------------------------------------
+
+
+def test_identical_fingerprints_have_no_differences(site: Site) -> None:
+    """Two probes of the same state compare equal, whatever the order of GPUs or files."""
+    plan = plan_of(site, "lab-gpu01")
+    a = converged_state(plan)
+    b = replace(a, gpus=tuple(reversed(a.gpus)), files=dict(reversed(list(a.files.items()))))
+    assert fp.compare(fp.fingerprint(a), fp.fingerprint(b)) == []
+
+
+def test_each_kind_of_difference_is_named(site: Site) -> None:
+    """Package version, file hash, hold, service and GPU differences are each reported with before/after."""
+    plan = plan_of(site, "lab-gpu02")
+    a = converged_state(plan)
+    pk = {**a.packages, "nvidia-driver": "580.65.06-1"}
+    files = {**a.files, "/etc/cdi/nvidia.yaml": "c" * 64}
+    services = {**a.services, "nvidia-fabricmanager.service": {"active": "inactive", "enabled": "enabled"}}
+    b = replace(a, packages=pk, files=files, services=services, held=a.held[1:], gpus=a.gpus[:-1])
+    diffs = {(d.kind, d.item): d for d in fp.compare(fp.fingerprint(a), fp.fingerprint(b))}
+    assert set(diffs) == {
+        ("package", "nvidia-driver"),
+        ("file", "/etc/cdi/nvidia.yaml"),
+        ("service", "nvidia-fabricmanager.service"),
+        ("hold", a.held[0]),
+        ("gpu", "GPU-0007"),
+    }
+    assert diffs[("package", "nvidia-driver")].after == "580.65.06-1"
+    assert "570.133.20-1 → 580.65.06-1" in str(diffs[("package", "nvidia-driver")])
+    assert diffs[("gpu", "GPU-0007")].after is None
+
+
+def test_fingerprint_record_round_trip(site: Site, tmp_path: Path) -> None:
+    """A saved fingerprint loads back equal; a node never recorded gives None."""
+    f = fp.fingerprint(converged_state(plan_of(site, "lab-gpu03")))
+    fp.save(tmp_path, "lab", f)
+    assert fp.load(tmp_path, "lab", "lab-gpu03") == f
+    assert fp.load(tmp_path, "lab", "lab-gpu04") is None
+
+
+# --- drift against the plan -----------------------------------------------------------------------------
+
+
+def test_converged_node_has_no_drift(site: Site) -> None:
+    """A node exactly as planned has no drift items."""
+    for plan in plan_site(site).nodes:
+        assert against_plan(plan, converged_state(plan)) == []
+
+
+def test_out_of_band_changes_are_reported_precisely(site: Site) -> None:
+    """Removed package, lost hold, stopped service, pending reboot, missing GPU each give one item."""
+    plan = plan_of(site, "lab-gpu01")
+    ok = converged_state(plan)
+    packages = {**ok.packages, "prometheus-node-exporter": None}
+    held = tuple(h for h in ok.held if h != "cuda-toolkit-12-8")
+    services = {**ok.services, "tiny-connected.service": {"active": "inactive", "enabled": "enabled"}}
+    st = replace(ok, packages=packages, held=held, services=services, reboot_required=True, gpus=ok.gpus[:1])
+    items = {(i.kind, i.item): i for i in against_plan(plan, st)}
+    assert set(items) == {
+        ("package", "prometheus-node-exporter"),
+        ("hold", "cuda-toolkit-12-8"),
+        ("service", "tiny-connected.service"),
+        ("reboot", "pending"),
+        ("gpu", "count"),
+    }
+    assert items[("package", "prometheus-node-exporter")].have is None
+    assert items[("gpu", "count")].want == 2 and items[("gpu", "count")].have == 1
+
+
+def test_loaded_driver_other_than_pinned_is_drift(site: Site) -> None:
+    """nvidia-smi reporting another driver than the pin shows as gpu driver_version drift."""
+    plan = plan_of(site, "lab-gpu03")
+    ok = converged_state(plan)
+    st = replace(ok, gpus=tuple({**g, "driver_version": "570.124.06"} for g in ok.gpus))
+    assert [(i.kind, i.item, i.have) for i in against_plan(plan, st)] == [("gpu", "driver_version", "570.124.06")]
+
+
+def test_expected_services_follow_the_plan(site: Site) -> None:
+    """Fabric manager only on NVSwitch nodes; the inference unit only where the service runs."""
+    assert "nvidia-fabricmanager.service" in expected_services(plan_of(site, "lab-gpu02"))
+    assert "nvidia-fabricmanager.service" not in expected_services(plan_of(site, "lab-gpu01"))
+    assert "tiny-airgap.service" in expected_services(plan_of(site, "lab-gpu03"))
+    assert not any(u.startswith("tiny-") for u in expected_services(plan_of(site, "lab-gpu04")))
+
+
+def test_drift_merges_probe_and_check_and_keeps_unreachable_apart(site: Site) -> None:
+    """Check-mode file changes join probe items; an unreachable node is reported, not called clean."""
+    plans = list(plan_site(site).nodes)
+
+    def probe(_s: Site, p: NodePlan) -> NodeState:
+        if p.hostname == "lab-gpu04":
+            raise RemoteError(p.hostname, "unreachable", "no route")
+        return converged_state(p)
+
+    seen: list[str] = []
+
+    def check(_s: Site, ps: list[NodePlan]) -> dict[str, CheckOutcome]:
+        seen.extend(p.hostname for p in ps)
+        return {
+            p.hostname: CheckOutcome(files=("/etc/chrony/chrony.conf",) if p.hostname == "lab-gpu02" else ())
+            for p in ps
+        }
+
+    reports = {r.hostname: r for r in drift(site, plans, check=check, probe_fn=probe)}
+    assert seen == ["lab-gpu01", "lab-gpu02", "lab-gpu03"]  # unreachable node not sent to check mode
+    assert reports["lab-gpu01"].status == "clean" and reports["lab-gpu01"].check == "ran"
+    assert reports["lab-gpu02"].status == "drift"
+    assert [(i.kind, i.item, i.source) for i in reports["lab-gpu02"].items] == [
+        ("file", "/etc/chrony/chrony.conf", "check")
+    ]
+    assert reports["lab-gpu04"].status == "unreachable" and not reports["lab-gpu04"].drifted
+
+
+def test_drift_without_check_mode_says_so(site: Site) -> None:
+    """When check mode cannot run, every node says why instead of pretending it ran."""
+
+    def check(_s: Site, _p: list[NodePlan]) -> dict[str, CheckOutcome]:
+        raise CheckUnavailable("`gpufleet check` is not installed")
+
+    reports = drift(site, [plan_of(site, "lab-gpu01")], check=check, probe_fn=lambda s, p: converged_state(p))
+    assert reports[0].check.startswith("unavailable") and isinstance(reports[0], NodeDrift)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {
+            "nodes": [
+                {
+                    "hostname": "n1",
+                    "changed_tasks": ["Base | Render chrony"],
+                    "diffs": [{"path": "/etc/x.conf"}],
+                    "reboot_required": True,
+                }
+            ]
+        },
+        {
+            "hosts": {
+                "n1": {
+                    "would_change": [{"name": "Base | Render chrony"}],
+                    "files": ["/etc/x.conf"],
+                    "reboot_required": True,
+                }
+            }
+        },
+    ],
+)
+def test_check_output_shapes_are_read(payload: dict[str, Any]) -> None:
+    """The roles' check JSON (list or mapping of nodes) becomes tasks, files and the reboot flag."""
+    out = parse_check(StepResult(True, 0.1, 0, payload), "n1")
+    assert out == CheckOutcome(would_change=("Base | Render chrony",), files=("/etc/x.conf",), reboot_required=True)
+
+
+def test_check_without_json_is_a_failure_not_clean() -> None:
+    """A check that printed no JSON is reported as failed for the node."""
+    assert parse_check(StepResult(False, 0.1, 1, None, "boom"), "n1").failed.startswith("check gave no JSON")
+
+
+def test_remote_program_is_valid_python_with_plan_inputs(site: Site) -> None:
+    """The probe program compiles and carries the plan's package names and services."""
+    plan = plan_of(site, "lab-gpu02")
+    text = remote_program(plan)
+    compile(text, "probe", "exec")
+    assert "nvidia-fabricmanager-570" in text and "nvidia-fabricmanager.service" in text
+
+
+def test_probe_program_runs_locally(site: Site) -> None:
+    """Run the probe on this machine: JSON with every planned package (absent here) and no crash."""
+    import json
+    import sys
+
+    plan = plan_of(site, "lab-gpu01")
+    p = subprocess.run(
+        [sys.executable, "-"], input=remote_program(plan), capture_output=True, text=True, timeout=60, check=True
+    )
+    data = json.loads(p.stdout)
+    assert set(data["packages"]) == {pk.name for pk in plan.packages}
+    assert set(data["services"]) == set(expected_services(plan))
+
+
+# --- host keys ------------------------------------------------------------------------------------------
+
+
+def test_parse_public_key_from_pub_or_known_hosts_line() -> None:
+    """Both `.pub` and known_hosts lines give the key; garbage is refused."""
+    assert parse_public_key(f"ssh-ed25519 {BLOB} root@x") == ("ssh-ed25519", BLOB)
+    assert parse_public_key(f"gpu01,10.0.0.1 ssh-ed25519 {BLOB}") == ("ssh-ed25519", BLOB)
+    with pytest.raises(HostKeyError):
+        parse_public_key("hello world")
+
+
+def test_pin_key_replaces_only_this_nodes_entries(site: Site, tmp_path: Path) -> None:
+    """Old entries of the node (by name and address) go, other hosts stay, no .old backup lingers."""
+    node = plan_of(site, "lab-gpu01").node
+    kh = tmp_path / "known_hosts"
+    other = "lab-gpu02,198.18.1.12 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBBBB"
+    kh.write_text(f"lab-gpu01,198.18.1.11 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOLD\n{other}\n")
+    fpr = pin_key(kh, node, "ssh-ed25519", BLOB)
+    lines = kh.read_text().splitlines()
+    assert other in lines and f"lab-gpu01,198.18.1.11 ssh-ed25519 {BLOB}" in lines and len(lines) == 2
+    assert not (tmp_path / "known_hosts.old").exists()
+    assert fpr == key_fingerprint(BLOB) and fpr.startswith("SHA256:")
