@@ -68,7 +68,8 @@ class PowerController:
             elif target == "On" and lab.power_on(self.spec, self.paths, node, reimage=pxe):
                 log.info("%s: powered on%s", node, " from PXE (reimaged, host key re-pinned)" if pxe else "")
                 if pxe:
-                    self._clear_pxe(node)
+                    # Not under the node lock: the PATCH makes the emulator notify us again.
+                    threading.Thread(target=self._clear_pxe, args=(node,), daemon=True).start()
 
     def _clear_pxe(self, node: str) -> None:
         """One-time boot override: back to disk after the PXE boot was used."""
