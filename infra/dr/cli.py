@@ -14,7 +14,7 @@ from infra.dr import state
 from infra.dr.drift import NodeDrift, drift
 from infra.dr.rebuild import DEFAULT_RECORD_DIR, Refused, rebuild
 from infra.dr.remote import RemoteError, probe
-from infra.dr.steps import StackRef, check_via_cli
+from infra.dr.steps import StackRef, check_with_roles
 from infra.model.load import project_dir
 from infra.plan.node import plan_site
 
@@ -165,7 +165,7 @@ def run_drift(args: argparse.Namespace) -> tuple[list[NodeDrift], float]:
     sp = plan_site(site)
     plans = [sp.node(h) for h in args.node] if args.node else list(sp.nodes)
     t0 = time.monotonic()
-    reports = drift(site, plans, check=None if args.no_check else check_via_cli(_ref(args)))
+    reports = drift(site, plans, check=None if args.no_check else check_with_roles)
     return reports, time.monotonic() - t0
 
 

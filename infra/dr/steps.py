@@ -91,6 +91,18 @@ def validate(ref: StackRef, hostname: str, *, timeout: float = 600) -> StepResul
     return gpufleet(["validate-node", *ref.argv(), "--node", hostname, "--json"], timeout=timeout)
 
 
+def check_with_roles(site: Site, plans: list[NodePlan]) -> dict[str, CheckOutcome]:
+    """A drift `CheckFn` on ROLES' Python API: one check+diff run over all nodes, read like `gpufleet check`."""
+    try:
+        from infra.ansible.cli import check_report
+        from infra.ansible.cli import converge as ansible_converge
+    except ImportError as exc:
+        raise CheckUnavailable(f"the roles' check mode is not available ({exc})") from None
+    report = check_report(ansible_converge(site, plans, check=True))
+    res = StepResult(True, 0.0, 0, report)
+    return {p.hostname: parse_check(res, p.hostname) for p in plans}
+
+
 def check_via_cli(ref: StackRef, *, timeout: float = 3600) -> Any:
     """A drift `CheckFn` running `gpufleet check --json` per node (ROLES' check + diff, no change)."""
 
@@ -114,8 +126,11 @@ def parse_check(res: StepResult, hostname: str) -> CheckOutcome:
     node = _node_entry(data, hostname)
     if node is None:
         return CheckOutcome(failed=f"check output has no entry for {hostname}")
-    if node.get("failed") or node.get("unreachable"):
-        return CheckOutcome(failed=str(node.get("error") or node.get("message") or "check failed on the node"))
+    if node.get("failed") or node.get("unreachable") or node.get("status") in ("failed", "unreachable"):
+        why = "; ".join(
+            f"{f.get('task')}: {str(f.get('msg'))[:120]}" for f in node.get("failures") or [] if isinstance(f, dict)
+        )
+        return CheckOutcome(failed=str(node.get("error") or why or node.get("status") or "check failed"))
     tasks = [
         str(t if isinstance(t, str) else t.get("name", t))
         for t in node.get("changed_tasks", []) or node.get("would_change", [])
