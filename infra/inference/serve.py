@@ -83,7 +83,9 @@ class LlamaServer:
     def start(self) -> LlamaServer:
         """Start the server and wait until /v1/models answers."""
         cmd = [str(self.python), "-m", "llama_cpp.server", "--model", str(self.model), "--model_alias", self.alias,
-               "--host", "127.0.0.1", "--port", str(self.port), "--n_ctx", str(self.n_ctx)]
+               "--host", "127.0.0.1", "--port", str(self.port), "--n_ctx", str(self.n_ctx),
+               # Default True: a new request cuts off the one streaming; concurrent clients must queue.
+               "--interrupt_requests", "False"]
         t0 = time.monotonic()
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)

@@ -1,0 +1,78 @@
+"""Inference figures for the benchmark harness (issue 8): client overhead and llama.cpp serving numbers.
+
+Plain functions the harness (or anyone) can call; importing this module also registers them as
+harness figures `8a` and `8b` (`infra/bench/figures.py` imports it).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from infra.bench.harness import Context, Measurement, Skip, figure
+from infra.inference.bench import Endpoint, LoadSpec, run_load
+from infra.inference.fakeserver import FakeBehaviour, FakeOpenAIServer
+
+
+def client_overhead(num_requests: int = 2000, concurrency: int = 4, max_tokens: int = 16) -> dict[str, Any]:
+    """The client's request and chunk rate against a loopback server that does no work.
+
+    Server and client share this process (and its GIL), so the figure is a lower bound of what the
+    client alone sustains; a real endpoint slower than this is never limited by the client.
+    """
+    with FakeOpenAIServer(FakeBehaviour()) as srv:
+        b = run_load(Endpoint(srv.url, "fake"),
+                     LoadSpec(num_requests=num_requests, concurrency=concurrency, max_tokens=max_tokens,
+                              max_duration_s=600))
+    m = b.metrics
+    return {"requests": m["completed"], "concurrency": concurrency, "tokens_per_request": max_tokens,
+            "requests_per_s": m["request_throughput"], "chunks_per_s": m["output_throughput"],
+            "e2el_p50_ms": m["e2el_ms"]["p50"]}
+
+
+def llama_local(num_requests: int = 32, concurrency: int = 1, max_tokens: int = 32,
+                work: Path | None = None) -> dict[str, Any]:
+    """Build (once) the wheel, venv and tiny model, serve on loopback, bench it; figures and timings."""
+    from infra.inference.serve import LlamaServer, server_venv
+    from infra.inference.tinymodel import MODEL_NAME, ensure_tiny_model
+    from infra.inference.wheel import ensure_llama_wheel_build, ensure_server_wheelhouse
+
+    build = ensure_llama_wheel_build()
+    house = ensure_server_wheelhouse()
+    with tempfile.TemporaryDirectory(prefix="gpufleet-llama-bench-", dir=work) as tmp:
+        t0 = time.monotonic()
+        python = server_venv(Path(tmp) / "venv", house)
+        venv_s = time.monotonic() - t0
+        with LlamaServer(python, ensure_tiny_model(), log=Path(tmp) / "server.log") as srv:
+            b = run_load(Endpoint(srv.url, MODEL_NAME),
+                         LoadSpec(num_requests=num_requests, concurrency=concurrency, max_tokens=max_tokens))
+            startup = srv.startup_s
+    return {"wheel_build_s": round(build.seconds, 1), "wheel_cached": build.cached,
+            "offline_venv_install_s": round(venv_s, 2), "server_startup_s": round(startup, 2),
+            "load": {"requests": num_requests, "concurrency": concurrency, "max_tokens": max_tokens},
+            "metrics": b.metrics}
+
+
+@figure("8a", "bench-inference client overhead",
+        "Requests/s and streamed chunks/s the bench client sustains against an in-process loopback server "
+        "that answers instantly (16 chunks per request, 4 in flight): the ceiling above which the client, "
+        "not the endpoint, would be measured. Quick mode sends 300 requests, full mode 2,000.")
+def fig_client_overhead(ctx: Context) -> dict[str, Any]:
+    """Client overhead against a no-work server."""
+    runs = [client_overhead(300 if ctx.quick else 2000) for _ in range(max(1, ctx.repeats))]
+    return {"requests/s": Measurement([r["requests_per_s"] for r in runs], "req/s"),
+            "chunks/s": Measurement([r["chunks_per_s"] for r in runs], "chunks/s")}
+
+
+@figure("8b", "llama.cpp serving the tiny lab model (loopback, CPU)",
+        "The lab's serving path run on this machine: llama-cpp-python built from the PyPI sdist (CPU-only), "
+        "installed offline into a venv, serving the seeded gpufleet-tiny-lab GGUF on 127.0.0.1; bench-inference "
+        "with 32 requests × 32 tokens, one at a time. Output tokens/s and TTFT/TPOT/ITL/E2EL p50/p90/p99.")
+def fig_llama_local(ctx: Context) -> dict[str, Any]:
+    """Local llama.cpp bench (builds the wheel on first use)."""
+    try:
+        return llama_local(num_requests=16 if ctx.quick else 32)
+    except OSError as exc:  # e.g. /var/cache not writable: say so instead of a number
+        raise Skip(f"cannot build or run the llama.cpp server here: {exc}") from exc
