@@ -69,6 +69,14 @@ def release_text(apt_dir: Path, origin: str, date: float | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _same(src: Path, dst: Path) -> bool:
+    """Same file (hard link) or an identical copy (copy2 keeps size and mtime)."""
+    if os.path.samefile(src, dst):
+        return True
+    a, b = src.stat(), dst.stat()
+    return (a.st_size, int(a.st_mtime)) == (b.st_size, int(b.st_mtime))
+
+
 def _link_or_copy(src: Path, dst: Path) -> None:
     try:
         os.link(src, dst)
@@ -90,7 +98,8 @@ def seed_repo(host: str, srv: Path, debs: Iterable[Path], gnupg_home: Path, keyr
     if files_src and files_src.is_dir():
         run(["cp", "-a", "--no-preserve=ownership", f"{files_src}/.", srv / "files"], timeout=300)
     wanted = {p.name: p for p in debs}
-    stamp = hashlib.sha256(json.dumps([fpr, sorted(wanted)]).encode()).hexdigest()
+    # Source paths carry the cache keys, so rebuilt stand-ins with unchanged file names still re-seed.
+    stamp = hashlib.sha256(json.dumps([fpr, sorted(str(p) for p in wanted.values())]).encode()).hexdigest()
     stamp_file = apt / ".gpufleet-seed"
     if stamp_file.exists() and stamp_file.read_text().strip() == stamp and (apt / "InRelease").exists():
         return False
@@ -98,8 +107,11 @@ def seed_repo(host: str, srv: Path, debs: Iterable[Path], gnupg_home: Path, keyr
         if old.name not in wanted:
             old.unlink()
     for name, src in wanted.items():
-        if not (apt / name).exists():
-            _link_or_copy(src, apt / name)
+        dst = apt / name
+        if dst.exists() and not _same(src, dst):
+            dst.unlink()
+        if not dst.exists():
+            _link_or_copy(src, dst)
     packages = run(["dpkg-scanpackages", "--multiversion", "."], cwd=apt, timeout=600).stdout
     (apt / "Packages").write_text(packages, encoding="utf-8")
     (apt / "Packages.gz").write_bytes(gzip.compress(packages.encode(), mtime=0))

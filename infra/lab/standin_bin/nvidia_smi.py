@@ -89,10 +89,11 @@ def summary(decl: dict[str, Any], driver: dict[str, Any], now: float | None = No
            "|" + "=" * 41 + "+" + "=" * 24 + "+" + "=" * 22 + "|"]
     mem = decl["memory_mib"]
     for g in decl["gpus"]:
-        out.append(f"| {g['index']:>3}  {decl['name'][:26]:<26}       On | {g['pci_bus_id']:>16} Off |"
-                   f"{'0':>21} |")
-        out.append(f"| N/A   34C    P8             16W /  350W | {'0MiB / ' + str(mem) + 'MiB':>22} |"
-                   f"      0%      Default |")
+        cells = (f" {g['index']:>3}  {decl['name'][:28]:<28}  On ", f" {g['pci_bus_id']:>16} Off ", f"{'0':>21} ")
+        out.append("|" + "|".join(c.ljust(n) for c, n in zip(cells, (41, 24, 22), strict=True)) + "|")
+        cells = (" N/A   34C    P8             16W /  350W ", f" {'0MiB / ' + str(mem) + 'MiB':>22} ",
+                 "      0%      Default ")
+        out.append("|" + "|".join(c.ljust(n) for c, n in zip(cells, (41, 24, 22), strict=True)) + "|")
         out.append(sep)
     out += ["", "+" + "-" * w + "+",
             f"| {'Processes:':<{w - 1}}|",
