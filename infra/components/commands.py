@@ -83,5 +83,5 @@ def mirror_status(stack: str, mirror: str) -> str:
 
 
 def service_health(stack: str, service: str) -> str:
-    """Probe an inference service's endpoints with a short request (JSON result)."""
-    return _cmd("bench-inference", "--stack", stack, "--service", service, "--json")
+    """Probe an inference service's endpoints with one short completion each (JSON result)."""
+    return _cmd("bench-inference", "--stack", stack, "--service", service, "--smoke", "--json")

@@ -102,8 +102,10 @@ def test_later_rolling_batches_converge_after_earlier_ones(prod_run: Run) -> Non
 def test_services_wait_for_their_nodes_to_validate(stack_run: Run) -> None:
     """A service's health check depends on the validate step of every node serving it."""
     for svc in stack_run.plan.site.services:
-        deps = stack_run.reg(f"{svc.name}-health").dependencies
-        assert {stack_run.reg(f"{h}-validate").urn for h in svc.nodes} <= set(deps)
+        health = stack_run.reg(f"{svc.name}-health")
+        assert {stack_run.reg(f"{h}-validate").urn for h in svc.nodes} <= set(health.dependencies)
+        assert health.inputs["create"] == commands.service_health(_stack_of(stack_run), svc.name)
+        assert "--smoke" in health.inputs["create"]
 
 
 def test_commands_are_the_shared_cli_strings(stack_run: Run) -> None:
