@@ -94,7 +94,7 @@ def _seed_all(spec: LabSpec, paths: Paths, debs_dir: Path, standins_dir: Path) -
     for h in spec.hosts:
         if h.serves:
             repo.seed_repo(h.name, paths.srv_dir / h.name, debs, paths.gnupg_dir / h.name, spec.keyrings[h.name],
-                           paths.files_dir)
+                           paths.files_dir, scan_cache=paths.cache / "scan")
 
 
 def host_running(st: dict[str, Any], name: str) -> bool:

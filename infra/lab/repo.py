@@ -85,7 +85,7 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 
 def seed_repo(host: str, srv: Path, debs: Iterable[Path], gnupg_home: Path, keyring: Path,
-              files_src: Path | None = None) -> bool:
+              files_src: Path | None = None, scan_cache: Path | None = None) -> bool:
     """Fill a serving host's /srv/gpufleet: apt repo of `debs` signed with its key, files, registry dir.
 
     Idempotent: a stamp of the inputs skips the rescan when nothing changed. Returns True if it
@@ -112,7 +112,18 @@ def seed_repo(host: str, srv: Path, debs: Iterable[Path], gnupg_home: Path, keyr
             dst.unlink()
         if not dst.exists():
             _link_or_copy(src, dst)
-    packages = run(["dpkg-scanpackages", "--multiversion", "."], cwd=apt, timeout=600).stdout
+    # The index depends only on the .debs: hosts seeded from the same files share one scan.
+    scan_key = hashlib.sha256(json.dumps(sorted(str(p) for p in wanted.values())).encode()).hexdigest()[:16]
+    cached = scan_cache / f"Packages-{scan_key}" if scan_cache else None
+    if cached and cached.exists():
+        packages = cached.read_text(encoding="utf-8")
+    else:
+        packages = run(["dpkg-scanpackages", "--multiversion", "."], cwd=apt, timeout=600).stdout
+        if cached:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            for old in cached.parent.glob("Packages-*"):
+                old.unlink()
+            cached.write_text(packages, encoding="utf-8")
     (apt / "Packages").write_text(packages, encoding="utf-8")
     (apt / "Packages.gz").write_bytes(gzip.compress(packages.encode(), mtime=0))
     (apt / "Release").write_text(release_text(apt, host), encoding="utf-8")

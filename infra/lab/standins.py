@@ -208,4 +208,7 @@ def ensure_standins(cache: Path) -> Path:
         build_deb(pkg, out, work)
     shutil.rmtree(work, ignore_errors=True)
     (out / ".complete").write_text(key + "\n")
+    for old in cache.iterdir():  # earlier builds: the repos hold hard links, not references
+        if old != out and old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
     return out
