@@ -65,8 +65,28 @@ def gpufleet(args: list[str], *, timeout: float) -> StepResult:
             data = json.loads(out)
         except ValueError:
             data = None
-    tail = "\n".join(((p.stderr or "") + out).strip().splitlines()[-20:])
+    tail = _failures(data) or "\n".join(((p.stderr or "") + out).strip().splitlines()[-20:])
     return StepResult(p.returncode == 0, time.monotonic() - t0, p.returncode, data, tail)
+
+
+def _failures(data: Any) -> str:
+    """`node: task: message` lines from a converge/validate JSON answer (what a person needs to act)."""
+    if not isinstance(data, dict):
+        return ""
+    lines = []
+    nodes = data.get("nodes")
+    entries = nodes if isinstance(nodes, list) else [data]
+    for n in entries:
+        if not isinstance(n, dict):
+            continue
+        name = n.get("hostname") or n.get("node") or "?"
+        for f in n.get("failures") or []:
+            if isinstance(f, dict):
+                lines.append(f"{name}: {f.get('task')}: {str(f.get('msg'))[:300]}")
+        facts = n.get("facts")
+        if isinstance(facts, dict):
+            lines += [f"{name}: {p}" for p in facts.get("problems") or []]
+    return "\n".join(lines)
 
 
 def command_exists(name: str) -> bool:

@@ -258,3 +258,23 @@ def test_pin_key_replaces_only_this_nodes_entries(site: Site, tmp_path: Path) ->
     assert other in lines and f"lab-gpu01,198.18.1.11 ssh-ed25519 {BLOB}" in lines and len(lines) == 2
     assert not (tmp_path / "known_hosts.old").exists()
     assert fpr == key_fingerprint(BLOB) and fpr.startswith("SHA256:")
+
+
+def test_failed_step_output_names_node_task_and_message() -> None:
+    """A failed converge is summarised as `node: task: message` lines, not a JSON tail."""
+    from infra.dr.steps import _failures
+
+    data = {
+        "nodes": [
+            {
+                "hostname": "lab-gpu02",
+                "failures": [
+                    {"task": "nvidia_driver : Blacklist nouveau", "msg": "Destination directory /etc/modprobe.d"}
+                ],
+            }
+        ]
+    }
+    assert _failures(data) == "lab-gpu02: nvidia_driver : Blacklist nouveau: Destination directory /etc/modprobe.d"
+    assert (
+        _failures({"node": "n1", "facts": {"problems": ["2 GPUs seen, 8 declared"]}}) == "n1: 2 GPUs seen, 8 declared"
+    )

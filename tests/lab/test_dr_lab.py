@@ -1,0 +1,129 @@
+"""DR on the lab: drift sees out-of-band changes and converge repairs them; rebuild gives back the same node.
+
+Uses lab-gpu02 (connected, NVSwitch) and lab-gpu04 (air-gapped, NVSwitch): neither serves an inference
+service, so other engineers' inference tests on lab-gpu01/03 are not disturbed by a reimage.
+Needs the ROLES engineer's `gpufleet converge`/`check`/`validate-node` working on the lab.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from infra.lab.session import Lab
+
+pytestmark = pytest.mark.lab
+
+CONNECTED, AIRGAPPED = "lab-gpu02", "lab-gpu04"
+
+
+def gpufleet(*args: str, timeout: float = 1800) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "infra.cli", *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def as_json(r: subprocess.CompletedProcess[str]) -> Any:
+    try:
+        return json.loads(r.stdout)
+    except ValueError:
+        pytest.fail(f"no JSON (exit {r.returncode}): {r.stdout[-1500:]} {r.stderr[-1500:]}")
+
+
+@pytest.fixture(scope="module")
+def converged(lab: Lab) -> Lab:
+    """Both DR nodes converged to the plan (the starting point of every DR story)."""
+    r = gpufleet("converge", "--stack", lab.stack, "--node", CONNECTED, "--node", AIRGAPPED, "--json")
+    if r.returncode != 0:
+        pytest.fail(
+            f"`gpufleet converge` (ROLES) failed, DR cannot be shown on the lab: {r.stdout[-2000:]} {r.stderr[-1000:]}"
+        )
+    return lab
+
+
+def test_drift_is_clean_after_converge(converged: Lab) -> None:
+    """A freshly converged node has no drift: exit 0, check mode ran, no items."""
+    r = gpufleet("drift", "--stack", converged.stack, "--node", CONNECTED, "--node", AIRGAPPED, "--json")
+    data = as_json(r)
+    assert r.returncode == 0, data
+    assert all(n["status"] == "clean" and n["check"] == "ran" for n in data["nodes"]), data
+
+
+def test_out_of_band_changes_are_reported_and_converge_repairs_them(converged: Lab) -> None:
+    """Removed pinned package, edited managed config, stopped service: drift names each; converge repairs."""
+    node = CONNECTED
+    changes = (
+        "apt-get remove -y -q --allow-change-held-packages datacenter-gpu-manager-4-cuda12 >/dev/null",
+        "echo '# edited by hand' >> /etc/sysctl.d/90-gpufleet.conf",
+        "systemctl stop nvidia-fabricmanager.service",
+    )
+    for cmd in changes:
+        r = converged.ssh(node, cmd)
+        assert r.returncode == 0, (cmd, r.stderr)
+
+    r = gpufleet("drift", "--stack", converged.stack, "--node", node, "--json")
+    data = as_json(r)
+    assert r.returncode == 3, data
+    items = data["nodes"][0]["items"]
+    probe = {
+        (i["kind"], i["item"], i["have"] if i["kind"] == "package" else None) for i in items if i["source"] == "probe"
+    }
+    assert probe == {
+        ("package", "datacenter-gpu-manager-4-cuda12", None),
+        ("service", "nvidia-fabricmanager.service", None),
+    }, items
+    files = {i["item"] for i in items if i["kind"] == "file"}
+    assert "/etc/sysctl.d/90-gpufleet.conf" in files, items
+
+    r = gpufleet("converge", "--stack", converged.stack, "--node", node, "--json")
+    assert r.returncode == 0, r.stdout[-2000:]
+    r = gpufleet("drift", "--stack", converged.stack, "--node", node, "--json")
+    assert r.returncode == 0, as_json(r)
+
+
+@pytest.mark.parametrize("node", [CONNECTED, AIRGAPPED])
+def test_rebuild_gives_back_the_same_node(converged: Lab, node: str, tmp_path: Path) -> None:
+    """Rebuild through the lab BMC: reimaged (marker gone, new host key), validated, identical fingerprint."""
+    assert converged.ssh(node, "touch /root/gpufleet-dr-marker").returncode == 0
+    key_before = _pinned_key(converged, node)
+
+    r = gpufleet(
+        "rebuild",
+        "--stack",
+        converged.stack,
+        "--node",
+        node,
+        "--yes",
+        "--json",
+        "--records",
+        str(tmp_path / "fingerprints"),
+        timeout=3600,
+    )
+    report = as_json(r)
+    assert r.returncode == 0, report
+    assert report["identical"] is True and report["baseline"] == "live", report["differences"]
+    steps = [s["step"] for s in report["steps"]]
+    assert steps[:3] == ["preflight", "fingerprint-before", "bmc-reimage"] and "validate" in steps
+    print(
+        f"\n{node}: rebuild {report['seconds']:.1f} s; steps: "
+        + ", ".join(f"{s['step']} {s['seconds']:.1f}" for s in report["steps"])
+    )
+
+    assert converged.ssh(node, "test ! -e /root/gpufleet-dr-marker").returncode == 0  # a fresh disk
+    assert _pinned_key(converged, node) != key_before  # a new host key, pinned from the host's own disk
+    r = gpufleet("bmc", "status", "--stack", converged.stack, "--node", node, "--json")
+    assert as_json(r)["nodes"][0]["boot_target"] == "Hdd"  # next reboot boots the disk, not PXE again
+
+
+def _pinned_key(lab: Lab, node: str) -> str:
+    address = str(lab.host(node).address.ip)
+    for line in lab.known_hosts.read_text().splitlines():
+        hosts = line.split(" ", 1)[0].split(",")
+        if node in hosts or address in hosts:
+            return line.split()[-1]
+    raise AssertionError(f"{node} not pinned in {lab.known_hosts}")
