@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -24,6 +25,17 @@ from infra.model.load import project_dir
 from infra.model.site import AptSource, Segment, Site
 
 FORMAT = 1
+BASELINE = "baseline"  # `source` of packages the nodes' installed OS already provides (nothing to fetch)
+
+
+def installed(status: Path) -> dict[str, str]:
+    """Package → version of everything a dpkg status file marks installed."""
+    out: dict[str, str] = {}
+    for para in status.read_text(encoding="utf-8", errors="replace").split("\n\n"):
+        rec = dict(line.split(": ", 1) for line in para.splitlines() if ": " in line and not line.startswith(" "))
+        if rec.get("Status", "").endswith(" installed") and "Package" in rec:
+            out[rec["Package"]] = rec.get("Version", "")
+    return out
 
 
 @dataclass(frozen=True, order=True)
@@ -88,8 +100,9 @@ class Lock:
         return cls(data["site"], data["declared"], arts, data.get("baseline", "empty"))
 
     def for_segment(self, segment: str | None) -> list[Artifact]:
-        """Artifacts one segment needs (all when None)."""
-        return [a for a in self.artifacts if segment is None or segment in a.segments]
+        """Artifacts one segment needs from a bundle (all segments when None); baseline ones are not fetched."""
+        return [a for a in self.artifacts
+                if (segment is None or segment in a.segments) and a.source != BASELINE]
 
 
 def _decl_sort(d: dict[str, Any]) -> tuple[str, str, str]:
@@ -198,11 +211,21 @@ class ResolveOptions:
     apt_sources: Sequence[AptSource] = ()
     """Override the stack's sources (e.g. an internal proxy of the same repositories)."""
     work: Path | None = None
+    mirror_hosts: Sequence[str] = ()
+    """Addresses/names of the site's mirrors: URLs on them are destinations, never sources."""
+
+
+def _upstream(urls: Sequence[str], opts: ResolveOptions) -> list[str]:
+    """The URLs that are not on one of the site's own mirrors (those are filled from the bundle)."""
+    from urllib.parse import urlsplit
+
+    return [u for u in urls if (urlsplit(u).hostname or "") not in opts.mirror_hosts]
 
 
 def resolve(site: Site, opts: ResolveOptions) -> Lock:
     """Resolve the declared set to artifacts. Needs the sources reachable (network or lab)."""
     decl = declared(site)
+    opts.mirror_hosts = [*opts.mirror_hosts, *(str(m.address) for m in site.mirrors), *(m.name for m in site.mirrors)]
     arts: dict[tuple[str, str, str | None, str], Artifact] = {}
     notes: list[str] = []
 
@@ -226,16 +249,24 @@ def resolve(site: Site, opts: ResolveOptions) -> Lock:
                                  "give the segment `sources` or pass --apt-source")
             root = AptRoot(work / f"apt-{seg.name}", sources, opts.dpkg_status)
             root.update()
-            specs = [f"{d.name}={d.version}" if d.version else d.name for d in wanted]
+            base = installed(opts.dpkg_status) if opts.dpkg_status else {}
+            # Unpinned packages the baseline OS already has are not fetched: the nodes have them.
+            from_base = [d for d in wanted if d.version is None and d.name in base]
+            specs = [f"{d.name}={d.version}" if d.version else d.name for d in wanted if d not in from_base]
             top = {d.name for d in wanted}
             for deb in root.closure(specs):
                 put(Artifact(Kind.DEB.value, deb.name, deb.version, f"apt/{deb.filename}", deb.size, deb.sha256,
                              deb.url, (seg.name,), deb.name in top))
+            for d in from_base:
+                put(Artifact(Kind.DEB.value, d.name, base[d.name], "", 0, "", BASELINE, (seg.name,), True))
         for d in decl:
             if d.kind is Kind.DEB:
                 continue
             for a in _resolve_other(d, opts, work, notes):
                 put(a)
+            if d.kind is Kind.WHEEL:
+                for a in _wheel_closure(d, opts, work, notes):
+                    put(a)
     baseline = "empty" if opts.dpkg_status is None else f"dpkg-status sha256:{file_digest(opts.dpkg_status)[1]}"
     return Lock(site.name, [decl_dict(d) for d in decl], list(arts.values()), baseline, notes)
 
@@ -275,7 +306,7 @@ def _resolve_other(d: Declared, opts: ResolveOptions, work: Path, notes: list[st
                         for f in sorted(x for x in p.rglob("*") if x.is_file())]
         notes.append(f"{d.describe()}: directory {rel} not found in any --artifacts directory; locked unresolved")
         return [Artifact(d.kind.value, d.name, d.version, rel, None, None, d.sources[0], segs, True)]
-    candidates = [*(s.where(rel) for s in opts.artifacts), *d.sources]
+    candidates = [*(s.where(rel) for s in opts.artifacts), *_upstream(d.sources, opts)]
     for where in candidates:
         local = Path(where) if not where.startswith(("http://", "https://")) else None
         try:
@@ -293,6 +324,49 @@ def _resolve_other(d: Declared, opts: ResolveOptions, work: Path, notes: list[st
         return [Artifact(d.kind.value, d.name, d.version, rel, size, sha, where, segs, True)]
     notes.append(f"{d.describe()}: not found at {', '.join(candidates)}; locked unresolved")
     return [Artifact(d.kind.value, d.name, d.version, rel, None, None, d.sources[0], segs, True)]
+
+
+# llama.cpp's OpenAI-compatible server (what the inference role runs) lives in the `server` extra.
+WHEEL_EXTRAS = {"llama_cpp_python": "server"}
+
+
+def _wheel_closure(d: Declared, opts: ResolveOptions, work: Path, notes: list[str]) -> list[Artifact]:
+    """The wheel's dependency wheels, resolved offline by pip from the stores and the connected-side URL.
+
+    Nodes install with `pip --no-index --find-links <mirror>/files/wheels/`, so every dependency must
+    sit next to the wheel on the mirror.
+    """
+    project = d.name.split("-", 1)[0]
+    extra = WHEEL_EXTRAS.get(project)
+    links = [s.where("files/wheels/") if s.is_url else str(Path(s.base) / "files" / "wheels")
+             for s in opts.artifacts]
+    links += [src.rsplit("/", 1)[0] + "/" for src in _upstream(d.sources, opts)]
+    dest = work / "wheels"
+    dest.mkdir(parents=True, exist_ok=True)
+    args = [sys.executable, "-m", "pip", "download", "--quiet", "--no-index", "--only-binary=:all:",
+            "--dest", str(dest)]
+    for link in links:
+        args += ["--find-links", link]
+    args.append(f"{project}[{extra}]=={d.version}" if extra else f"{project}=={d.version}")
+    try:
+        proc = subprocess.run(args, capture_output=True, timeout=600, check=False, text=True)
+    except subprocess.TimeoutExpired:
+        proc = None
+    if proc is None or proc.returncode != 0:
+        why = (proc.stderr.strip().splitlines() or [""])[-1] if proc else "timeout"
+        notes.append(f"wheel {d.name}: dependencies not resolvable offline from {', '.join(links)} ({why}); "
+                     "only the wheel is locked")
+        return []
+    out = []
+    for f in sorted(dest.glob("*.whl")):
+        if f.name == d.name:
+            continue
+        size, sha = file_digest(f)
+        src = next((str(Path(link) / f.name) for link in links if (Path(link) / f.name).is_file()),
+                   next((f"{link.rstrip('/')}/{f.name}" for link in links if "://" in link), f.name))
+        out.append(Artifact(Kind.WHEEL.value, f.name, f.name.split("-")[1], f"files/wheels/{f.name}", size, sha, src,
+                            d.segments, False))
+    return out
 
 
 def _registry_image_size(registry: str, repo: str, digest: str) -> int | None:

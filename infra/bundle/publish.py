@@ -40,8 +40,8 @@ class Publisher(Protocol):
     def put_files(self, root: Path, rels: list[str]) -> None:
         """Upload files of a local tree to the same relative paths on the mirror."""
 
-    def reindex_apt(self, sign: Callable[[bytes], tuple[bytes, bytes]]) -> bool:
-        """Rebuild Packages/Release over the mirror's debs and sign them; False when nothing changed."""
+    def reindex_apt(self, stanzas: bytes, sign: Callable[[bytes], tuple[bytes, bytes]]) -> bool:
+        """Merge the bundle's Packages stanzas into the mirror's index, re-sign; False when nothing changed."""
 
     def has_image(self, repo: str, digest: str) -> bool:
         """The mirror registry serves `repo@digest`."""
@@ -66,13 +66,23 @@ class ImportResult:
 
 
 def release_signer(secret_key: Path) -> Callable[[bytes], tuple[bytes, bytes]]:
-    """Sign a Release file with the mirror key: returns (InRelease, Release.gpg)."""
+    """Sign a Release file with the mirror key: returns (InRelease, Release.gpg).
+
+    `secret_key` is an armored secret key file, or a GnuPG home holding the key (the lab keeps one
+    per serving host); either way the key is used from a throwaway copy, never modified.
+    """
 
     def sign(release: bytes) -> tuple[bytes, bytes]:
         with tempfile.TemporaryDirectory(prefix="gpufleet-mirror-gpg-") as home:
             h = Path(home)
             h.chmod(0o700)
-            if _gpg(h, "--import", str(secret_key)).returncode != 0:
+            key = secret_key
+            if secret_key.is_dir():
+                exported = subprocess.run(["gpg", "--homedir", str(secret_key), "--batch", "--armor",
+                                           "--export-secret-keys"], capture_output=True, timeout=60, check=False)
+                key = h / "mirror.sec.asc"
+                key.write_bytes(exported.stdout)
+            if _gpg(h, "--import", str(key)).returncode != 0:
                 raise SigningError(f"cannot import mirror key {secret_key}")
             fpr = _secret_fingerprint(h)
             clear = _gpg(h, "--armor", "--local-user", fpr, "--clearsign", "--output", "-", stdin=release)
@@ -85,8 +95,13 @@ def release_signer(secret_key: Path) -> Callable[[bytes], tuple[bytes, bytes]]:
 
 
 def import_bundle(root: Path, keyring: Path, publisher: Publisher,
-                  sign_release: Callable[[bytes], tuple[bytes, bytes]]) -> tuple[Manifest, ImportResult]:
-    """Verify `root` against `keyring`; only if that passes, publish what the mirror lacks."""
+                  sign_release: Callable[[bytes], tuple[bytes, bytes]],
+                  scan: Callable[[Path], bytes] | None = None) -> tuple[Manifest, ImportResult]:
+    """Verify `root` against `keyring`; only if that passes, publish what the mirror lacks.
+
+    The apt index is built on the controller (`dpkg-scanpackages` over the bundle's debs, merged
+    with the mirror's existing stanzas), so the mirror needs no build tools, only a web server.
+    """
     man, problems = verify_bundle(root, keyring)
     if problems or man is None:
         raise ImportRefused(problems or ["manifest unreadable"])
@@ -99,12 +114,28 @@ def import_bundle(root: Path, keyring: Path, publisher: Publisher,
         publisher.put_files(root, todo)
         result.uploaded = todo
     if any(rel.startswith("apt/") for rel in want):
-        result.apt_reindexed = publisher.reindex_apt(sign_release)
+        result.apt_reindexed = publisher.reindex_apt((scan or scan_packages)(root / "apt"), sign_release)
     for a in man.artifacts:
         if a.kind == "image" and a.version and not publisher.has_image(a.name, a.version):
             publisher.put_image(root / a.path, a.name, a.version)
             result.images.append(f"{a.name}@{a.version}")
     return man, result
+
+
+def merge_packages(current: bytes, present: set[str], new: bytes) -> bytes:
+    """Packages stanzas of `current` whose file is still `present`, replaced/added by `new` (by Filename)."""
+    by_file: dict[str, bytes] = {}
+    for text in (current, new):
+        for para in text.split(b"\n\n"):
+            para = para.strip(b"\n")
+            fields = dict(line.split(b": ", 1) for line in para.splitlines() if b": " in line and line[:1] != b" ")
+            fname = fields.get(b"Filename", b"").decode()
+            if fname and (text is new or fname.removeprefix("./") in present):
+                by_file[fname] = para
+    def key(item: tuple[str, bytes]) -> tuple[bytes, str]:
+        pkg = next((ln for ln in item[1].splitlines() if ln.startswith(b"Package: ")), b"")
+        return pkg, item[0]
+    return b"".join(para + b"\n\n" for _, para in sorted(by_file.items(), key=key))
 
 
 def scan_packages(apt_dir: Path) -> bytes:
@@ -116,12 +147,22 @@ def scan_packages(apt_dir: Path) -> bytes:
     return proc.stdout
 
 
-def release_text(files: dict[str, bytes], origin: str = "gpufleet", label: str = "gpufleet mirror") -> bytes:
-    """A flat repository's Release: hashes of its index files, no date (same input → same bytes)."""
-    import hashlib
+DEFAULT_RELEASE_FIELDS = {"Origin": "gpufleet", "Label": "gpufleet mirror", "Suite": "gpufleet",
+                          "Codename": "gpufleet", "Architectures": "amd64 all"}
 
-    lines = [f"Origin: {origin}", f"Label: {label}", "Suite: ./", "Codename: ./", "Architectures: amd64 all",
-             "Acquire-By-Hash: no"]
+
+def release_text(files: dict[str, bytes], fields: dict[str, str] | None = None, date: str | None = None) -> bytes:
+    """A flat repository's Release: identity fields and hashes of its index files.
+
+    `fields` keeps an existing repository's Origin/Label/Suite/Codename: apt refuses an update whose
+    Suite or Codename changed since the last one, so re-publishing must not rename the repository.
+    """
+    import hashlib
+    from email.utils import formatdate
+
+    keep = {**DEFAULT_RELEASE_FIELDS, **{k: v for k, v in (fields or {}).items() if k in DEFAULT_RELEASE_FIELDS}}
+    lines = [f"{k}: {keep[k]}" for k in ("Origin", "Label", "Suite", "Codename", "Architectures")]
+    lines.append(f"Date: {date or formatdate(usegmt=True)}")
     for algo, name in (("md5", "MD5Sum"), ("sha256", "SHA256")):
         lines.append(f"{name}:")
         for fname, data in sorted(files.items()):

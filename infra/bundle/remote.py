@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from infra.bundle.build import image_tag
-from infra.bundle.publish import release_text
+from infra.bundle.publish import merge_packages, release_text
 from infra.model.site import Mirror, Site
 
 MIRROR_ROOT = "/srv/gpufleet"  # the `mirror` role's `mirror_root` default; the lab bind-mounts the same path
@@ -55,6 +55,20 @@ try:
     print("yes")
 except Exception:
     print("no")
+'''
+
+_APT_STATE = r'''
+import json, os, sys
+apt = os.path.join(sys.argv[1], "apt")
+def read(name):
+    try:
+        with open(os.path.join(apt, name), encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except OSError:
+        return ""
+debs = sorted(f for f in os.listdir(apt) if f.endswith(".deb")) if os.path.isdir(apt) else []
+json.dump({"packages": read("Packages"), "release": read("Release").split("\nMD5Sum:")[0],
+           "signed": bool(read("InRelease")), "debs": debs}, sys.stdout)
 '''
 
 _CATALOG = r'''
@@ -141,15 +155,16 @@ class SshMirror:
         self.run('mkdir -p "$1" && tar -C "$1" --no-same-owner -xf - && chmod -R a+rX "$1/apt" "$1/files"',
                  self.root, stdin=buf.getvalue())
 
-    def reindex_apt(self, sign: Callable[[bytes], tuple[bytes, bytes]]) -> bool:
-        """Packages over every deb on the mirror (--multiversion); re-sign only when it changed."""
-        packages = self.run('cd "$1/apt" && dpkg-scanpackages --multiversion . /dev/null 2>/dev/null', self.root)
-        current = self.run('cat "$1/apt/Packages" 2>/dev/null; true', self.root)
-        signed = self.run('test -s "$1/apt/InRelease" && echo yes || echo no', self.root).strip() == b"yes"
-        if packages == current and signed:
+    def reindex_apt(self, stanzas: bytes, sign: Callable[[bytes], tuple[bytes, bytes]]) -> bool:
+        """Merge the bundle's stanzas with the mirror's index; re-sign only when the index changed."""
+        state = json.loads(self.run(_APT_STATE, self.root, python=True))
+        current = state["packages"].encode()
+        packages = merge_packages(current, set(state["debs"]), stanzas)
+        if packages == current and state["signed"]:
             return False
         gz = gzip.compress(packages, mtime=0)
-        release = release_text({"Packages": packages, "Packages.gz": gz})
+        fields = dict(line.split(": ", 1) for line in state["release"].splitlines() if ": " in line)
+        release = release_text({"Packages": packages, "Packages.gz": gz}, fields)
         inrelease, detached = sign(release)
         buf = io.BytesIO()
         with tarfile.open(fileobj=buf, mode="w") as tar:

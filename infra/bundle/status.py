@@ -33,7 +33,7 @@ def mirror_status(site: Site, lock: Lock, view: MirrorView, mirror: str | None =
     repos: dict[str, list[str]] = cat.get("repos", {}) if isinstance(cat.get("repos"), dict) else {}  # type: ignore[assignment]
     missing = []
     for a in lock.artifacts:
-        if not set(a.segments) & set(segments):
+        if not set(a.segments) & set(segments) or a.source == "baseline":
             continue
         if a.kind == "deb":
             if (a.name, a.version) not in served_debs or files.get(a.path, (0, ""))[1] != a.sha256:

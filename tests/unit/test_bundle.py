@@ -78,8 +78,8 @@ class RecordingPublisher:
         for r in rels:
             self.files[r] = file_digest(root / r)
 
-    def reindex_apt(self, sign: Callable[[bytes], tuple[bytes, bytes]]) -> bool:
-        new = "\n".join(sorted(r for r in self.files if r.startswith("apt/"))).encode()
+    def reindex_apt(self, stanzas: bytes, sign: Callable[[bytes], tuple[bytes, bytes]]) -> bool:
+        new = stanzas
         if new == self.packages:
             self.calls.append("probe_apt")
             return False
@@ -98,6 +98,10 @@ class RecordingPublisher:
     @property
     def writes(self) -> list[str]:
         return [c for c in self.calls if c.startswith(("put_", "reindex"))]
+
+
+def _fake_scan(apt: Path) -> bytes:
+    return b"".join(f"Package: {p.name}\nFilename: ./{p.name}\n\n".encode() for p in sorted(apt.glob("*.deb")))
 
 
 def _no_sign(data: bytes) -> tuple[bytes, bytes]:
@@ -194,7 +198,7 @@ def test_import_publishes_nothing_when_verify_fails(tmp_path: Path, keys: dict[s
         (b / "files/extra.bin").write_bytes(b"x")
     pub = RecordingPublisher()
     with pytest.raises(ImportRefused) as err:
-        import_bundle(b, keys["site_public"], pub, _no_sign)
+        import_bundle(b, keys["site_public"], pub, _no_sign, _fake_scan)
     assert pub.calls == []
     assert err.value.problems
 
@@ -203,12 +207,12 @@ def test_import_is_idempotent(tmp_path: Path, keys: dict[str, Path]) -> None:
     """First import uploads files, re-signs apt and copies the image; the second changes nothing."""
     b = make_bundle(tmp_path / "b", keys["site_secret"])
     pub = RecordingPublisher()
-    _, first = import_bundle(b, keys["site_public"], pub, _no_sign)
+    _, first = import_bundle(b, keys["site_public"], pub, _no_sign, _fake_scan)
     assert first.changed and first.apt_reindexed
     assert set(first.uploaded) == {"apt/a_1.0_amd64.deb", "apt/b_2.0_all.deb", "files/models/tiny/r1/model.gguf"}
     assert first.images == [f"lab/hello@{next(d for r, d in pub.images)}"]
     before = list(pub.writes)
-    _, second = import_bundle(b, keys["site_public"], pub, _no_sign)
+    _, second = import_bundle(b, keys["site_public"], pub, _no_sign, _fake_scan)
     assert not second.changed and second.unchanged == 3
     assert pub.writes == before  # the second run did not upload, re-sign or copy anything
 
@@ -252,7 +256,8 @@ def _fake_lock(site: object, store: Path, *, skip: set[str] = frozenset()) -> Lo
                 p.parent.mkdir(parents=True, exist_ok=True)
                 p.write_bytes(f"{d.kind}:{d.name}".encode() * 100)
             size, sha = file_digest(p) if p.exists() else (1, "f" * 64)
-            arts.append(Artifact(d.kind.value, d.name, d.version, rel, size, sha, d.sources[0], d.segments, True))
+            # Source = the store path itself: unit tests never fall back to the stack's (lab) URLs.
+            arts.append(Artifact(d.kind.value, d.name, d.version, rel, size, sha, str(p), d.segments, True))
     return Lock(site.name, [decl_dict(d) for d in decl if d.kind is not Kind.DEB], arts)  # type: ignore[attr-defined]
 
 
@@ -390,3 +395,26 @@ def test_build_rejects_bytes_that_differ_from_the_lock(tmp_path: Path, keys: dic
     with pytest.raises(BuildError) as err:
         _build_without_debs(site, lock, tmp_path / "out", keys["site_secret"], store)
     assert "files/models/gpufleet-tiny-lab/lab-1/model.gguf has sha256" in str(err.value)
+
+
+def test_merged_apt_index_keeps_earlier_imports_and_drops_deleted_files() -> None:
+    """The mirror index keeps stanzas of debs still on the mirror, replaces re-imported ones, drops gone ones."""
+    from infra.bundle.publish import merge_packages
+
+    current = (b"Package: a\nVersion: 1\nFilename: ./a_1.deb\n\nPackage: gone\nVersion: 1\nFilename: ./gone_1.deb\n\n"
+               b"Package: c\nVersion: 1\nFilename: ./c_1.deb\nSize: 1\n\n")
+    new = b"Package: b\nVersion: 2\nFilename: ./b_2.deb\n\nPackage: c\nVersion: 1\nFilename: ./c_1.deb\nSize: 9\n\n"
+    merged = merge_packages(current, {"a_1.deb", "b_2.deb", "c_1.deb"}, new).decode()
+    assert [ln for ln in merged.splitlines() if ln.startswith("Package")] == ["Package: a", "Package: b", "Package: c"]
+    assert "Size: 9" in merged and "gone" not in merged
+    assert merge_packages(merged.encode(), {"a_1.deb", "b_2.deb", "c_1.deb"}, new) == merged.encode()
+
+
+def test_release_keeps_the_repository_identity() -> None:
+    """Re-publishing keeps Suite/Codename of the existing Release (apt rejects a renamed repository)."""
+    from infra.bundle.publish import release_text
+
+    text = release_text({"Packages": b"x"}, {"Suite": "lab", "Codename": "lab", "Origin": "lab-mirror"}).decode()
+    assert "Suite: lab\n" in text and "Codename: lab\n" in text and "Origin: lab-mirror\n" in text
+    sha_lines = text.split("SHA256:\n", 1)[1].split()
+    assert sha_lines == ["2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881", "1", "Packages"]
