@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from infra.bmc.connect import NoBmcError, client_for
@@ -65,6 +66,11 @@ def register(sub: Any) -> None:
     p = bsub.add_parser("reimage", help="one-time PXE boot + reset: the node reinstalls (destroys its disk)")
     common(p)
     p.add_argument("--yes", action="store_true", help="do not ask")
+    p.add_argument(
+        "--host-key",
+        type=Path,
+        help="the reinstalled node's SSH public host key (out-of-band); pinned in the stack's known_hosts",
+    )
     p.set_defaults(func=cmd_reimage)
 
 
@@ -230,15 +236,31 @@ def cmd_inventory(args: argparse.Namespace) -> int:
 
 def cmd_reimage(args: argparse.Namespace) -> int:
     """One-time PXE boot, then reset (or power on): the node reinstalls from the network."""
+    key: tuple[str, str] | None = None
+    if args.host_key is not None:
+        # Checked before the BMC is touched: a bad key file must not leave a reimaged node nobody can reach.
+        from infra.dr.hostkeys import HostKeyError, parse_public_key
+
+        try:
+            key = parse_public_key(args.host_key.read_text(encoding="utf-8"))
+        except (OSError, HostKeyError) as exc:
+            return _fail(args.json, Exit.INVALID, "hostkey", f"--host-key {args.host_key}: {exc}")
+        if not site_from_args(args).controller.known_hosts:
+            return _fail(args.json, Exit.INVALID, "hostkey", "the stack has no `controller.known_hosts` to pin into")
     if not confirm(f"reimage {args.node}: its disk will be reinstalled from PXE", args.yes):
         return Exit.ABORTED
 
     def body(node: Node, c: RedfishClient) -> int:
         boot = c.set_boot_override(BootTarget.PXE, enabled="Once")
         power = c.set_power(PowerAction.RESET, timeout=args.timeout)
+        pinned = None
+        if key is not None:
+            from infra.dr.hostkeys import pin_key
+
+            pinned = pin_key(Path(str(site_from_args(args).controller.known_hosts)), node, *key)
         emit(
             args.json,
-            {"ok": True, "node": node.hostname, "boot": boot.as_dict(), "power": power.as_dict()},
+            {"ok": True, "node": node.hostname, "boot": boot.as_dict(), "power": power.as_dict(), "host_key": pinned},
             lambda d: (
                 f"{node.hostname}: PXE boot set ({d['boot']['enabled']}), "
                 f"{d['power']['reset_type']}: {d['power']['before']} → {d['power']['after']} "

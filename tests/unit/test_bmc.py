@@ -540,3 +540,23 @@ def test_rebuild_reports_each_difference(emulator: Emulator, tmp_path: Path) -> 
     assert [(d.kind, d.item, d.before, d.after) for d in report.differences] == [
         ("package", "nvidia-driver", "570.133.20-1", "580.65.06-1")
     ]
+
+
+def test_cli_reimage_pins_out_of_band_host_key(emulator: Emulator, tmp_path: Path) -> None:
+    """`bmc reimage --host-key` pins the given key after the reset; a bad key file stops before the BMC."""
+    stack = str(make_stack(tmp_path, emulator.url))
+    bad = tmp_path / "bad.pub"
+    bad.write_text("not a key\n")
+    with client(emulator) as c:
+        c.set_boot_override(BootTarget.HDD)
+    code, out, _ = run_cli(
+        "bmc", "reimage", "--stack-file", stack, "--node", "lab-gpu01", "--yes", "--host-key", str(bad), "--json"
+    )
+    assert code == 2 and json.loads(out)["error"] == "hostkey" and _boot_target(emulator) == "Hdd"
+    good = tmp_path / "good.pub"
+    good.write_text(HOST_KEY + "\n")
+    code, out, _ = run_cli(
+        "bmc", "reimage", "--stack-file", stack, "--node", "lab-gpu01", "--yes", "--host-key", str(good), "--json"
+    )
+    assert code == 0 and json.loads(out)["host_key"].startswith("SHA256:")
+    assert "lab-gpu01,198.18.1.11 ssh-ed25519" in (tmp_path / "known_hosts").read_text()
