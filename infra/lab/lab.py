@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from infra.lab import bmc, hosts, network, repo, rootfs, standins
+from infra.lab import bmc, hosts, network, registry, repo, rootfs, standins
 from infra.lab import state as lab_state
 from infra.lab.config import HostKind, LabHost, LabSpec, Paths, spec_digest
 from infra.lab.sh import LabCommandError, run
@@ -169,6 +169,9 @@ def up(spec: LabSpec, paths: Paths, stack_file: Path) -> dict[str, Any]:
         hosts.wait_ssh(spec, [h.name for h in spec.hosts], timeout=90)
         t.mark("ssh ready")
         _wait_services(spec)
+        for h in spec.hosts:
+            if h.serves:
+                registry.seed_registry(f"{h.address.ip}:5000", paths.cache / "registry")
         t.mark("services ready")
         pids = st.get("bmc") or {}
         if not (bmc.pid_alive(pids.get("emulator_pid"), "sushy-emulator")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import string
 import subprocess
 import time
 from pathlib import Path
@@ -127,6 +129,46 @@ def test_repo_signed_by_another_key_is_rejected(lab: Lab) -> None:
     url = f"http://{lab.host('lab-mirror').address.ip}/apt"
     r = _apt(lab, AIRGAP_NODE, url, lab.spec.keyrings["lab-upstream"], "update -q")
     assert "NO_PUBKEY" in r.stdout + r.stderr or "not signed" in r.stdout + r.stderr
+
+
+_NODE_STACK_SCRIPT = string.Template(r"""set -e
+export DEBIAN_FRONTEND=noninteractive
+mkdir -p /etc/apt/keyrings /etc/containers
+echo $key | python3 -c 'import sys; sys.stdout.buffer.write(bytes.fromhex(sys.stdin.read().strip()))' \
+    > /etc/apt/keyrings/lab-mirror.gpg
+echo 'deb [signed-by=/etc/apt/keyrings/lab-mirror.gpg] http://$mirror/apt /' > /etc/apt/sources.list.d/lab-mirror.list
+apt-get update -q >/dev/null
+apt-get install -y -q $packages >/dev/null 2>&1
+printf '[storage]\ndriver = "vfs"\nrunroot = "/run/containers/storage"\ngraphroot = "/var/lib/containers/storage"\n' \
+    > /etc/containers/storage.conf
+printf '[containers]\nkeyring = false\ncgroups = "disabled"\n' > /etc/containers/containers.conf
+nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml 2>/dev/null
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader,nounits
+podman run --rm --network=none --tls-verify=false --device nvidia.com/gpu=all \
+    $mirror:5000/gpufleet/lab-hello:1 /bin/sh -c 'ls /dev | grep -c "^nvidia[0-9]"'
+""")
+
+
+def test_airgapped_node_installs_stack_and_runs_a_gpu_container_from_the_mirror(lab: Lab) -> None:
+    """Mirror only: pinned stand-ins + podman install, nvidia-smi shows the stack's GPUs, a CDI container runs.
+
+    Runs on the BMC node, which the reimage test below returns to the base image.
+    """
+    node = lab.host(BMC_NODE)
+    assert node.gpus is not None
+    packages = [f"{p}=570.133.20-1" for p in ("nvidia-driver", "nvidia-kernel-open-dkms", "nvidia-persistenced")]
+    packages += [f"{p}=1.17.8-1" for p in ("nvidia-container-toolkit", "nvidia-container-toolkit-base",
+                                           "libnvidia-container-tools", "libnvidia-container1")]
+    script = _NODE_STACK_SCRIPT.substitute(key=lab.spec.keyrings["lab-mirror"].read_bytes().hex(),
+                                           mirror=lab.host("lab-mirror").address.ip,
+                                           packages=" ".join([*packages, "podman"]))
+    encoded = base64.b64encode(script.encode()).decode()
+    r = lab.ssh(BMC_NODE, f"echo {encoded} | base64 -d | bash", timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = r.stdout.strip().splitlines()
+    count = len(node.gpus["gpus"])
+    assert lines[:count] == [f"{node.gpus['name']}, {node.gpus['memory_mib']}, 570.133.20"] * count
+    assert lines[-1] == str(count)
 
 
 def _system(lab: Lab, name: str) -> str:

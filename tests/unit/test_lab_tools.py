@@ -94,6 +94,8 @@ def test_cdi_spec_has_one_device_per_gpu_and_all() -> None:
     assert names == ["0", "GPU-00000000-0000-0000-0000-000000000000", "1",
                      "GPU-00000001-0000-0000-0000-000000000000", "all"]
     assert len(spec["devices"][-1]["containerEdits"]["deviceNodes"]) == 2
+    nodes = [n for d in spec["devices"] for n in d["containerEdits"]["deviceNodes"]]
+    assert {n["hostPath"] for n in nodes} == {"/dev/null"}  # no GPU devices exist on lab nodes
 
 
 def test_cdi_generate_then_list(tmp_path: Path) -> None:

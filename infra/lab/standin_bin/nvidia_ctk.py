@@ -25,20 +25,25 @@ RUNTIME_CONFIGS = {
 
 def cdi_spec(decl: dict[str, Any]) -> dict[str, Any]:
     """CDI spec of kind nvidia.com/gpu: one device per GPU (by index and by UUID) plus `all`."""
+    # No GPU device exists on a lab node: every simulated device node is backed by the host's
+    # /dev/null (CDI `hostPath`), so `--device nvidia.com/gpu=all` really works in containers.
+    def node(path: str) -> dict[str, str]:
+        return {"path": path, "hostPath": "/dev/null"}
+
     devices = []
     for g in decl["gpus"]:
-        edits = {"deviceNodes": [{"path": f"/dev/nvidia{g['index']}"}]}
+        edits = {"deviceNodes": [node(f"/dev/nvidia{g['index']}")]}
         devices.append({"name": str(g["index"]), "containerEdits": edits})
         devices.append({"name": g["uuid"], "containerEdits": edits})
     devices.append({"name": "all", "containerEdits": {
-        "deviceNodes": [{"path": f"/dev/nvidia{g['index']}"} for g in decl["gpus"]]}})
+        "deviceNodes": [node(f"/dev/nvidia{g['index']}") for g in decl["gpus"]]}})
     return {
         "cdiVersion": "0.5.0",
         "kind": "nvidia.com/gpu",
         "devices": devices,
         "containerEdits": {
             "env": ["NVIDIA_VISIBLE_DEVICES=void", "GPUFLEET_LAB_SIMULATED_GPUS=1"],
-            "deviceNodes": [{"path": "/dev/nvidiactl"}, {"path": "/dev/nvidia-uvm"}],
+            "deviceNodes": [node("/dev/nvidiactl"), node("/dev/nvidia-uvm")],
         },
     }
 
