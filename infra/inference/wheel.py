@@ -135,6 +135,8 @@ def ensure_llama_wheel(cache: Path | None = None, *, timeout: float = BUILD_TIME
 NODE_PYTHON = "3.11"
 NODE_PLATFORMS = ("manylinux_2_36_x86_64", "manylinux2014_x86_64", "linux_x86_64")
 SERVER_REQUIREMENT = f"llama_cpp_python[server]=={LLAMA_CPP_PYTHON_VERSION}"
+# Exact dependency versions, so every machine assembles the same wheelhouse (and the lock the same hashes).
+SERVER_CONSTRAINTS = Path(__file__).with_name("server-constraints.txt")
 
 
 def ensure_server_wheelhouse(cache: Path | None = None, *, timeout: float = 600) -> Path:
@@ -159,6 +161,7 @@ def ensure_server_wheelhouse(cache: Path | None = None, *, timeout: float = 600)
         platforms = [arg for p in NODE_PLATFORMS for arg in ("--platform", p)]
         _run([sys.executable, "-m", "pip", "download", "--only-binary", ":all:", *platforms,
               "--python-version", NODE_PYTHON, "--implementation", "cp", "--find-links", str(cache),
+              "--constraint", str(SERVER_CONSTRAINTS),
               "-d", str(house), SERVER_REQUIREMENT],
              env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}, cwd=cache, timeout=timeout, log=log)
         if not (house / wheel.name).is_file():

@@ -104,3 +104,11 @@ def test_publish_layout_matches_stack_urls(tmp_path: Path, model: Path) -> None:
         assert (files / s.model.source.split("/files/", 1)[1]).is_file()
         assert s.wheel and (files / s.wheel.split("/files/", 1)[1]).is_file()
     assert publish.publish_llamacpp_files(files, wheel_cache=cache, model_cache=model.parents[2]) == placed
+
+
+def test_server_dependencies_are_pinned_exactly() -> None:
+    """The wheelhouse constraints pin each `[server]` dependency to one version (same wheelhouse everywhere)."""
+    lines = [ln for ln in wheel.SERVER_CONSTRAINTS.read_text().splitlines() if ln and not ln.startswith("#")]
+    names = {ln.split("==")[0] for ln in lines}
+    assert all(ln.count("==") == 1 for ln in lines)
+    assert {"uvicorn", "fastapi", "sse-starlette", "starlette-context", "pydantic-settings", "numpy"} <= names
