@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from infra.bundle.lock import Lock, ResolveOptions, check, lock_path, lock_path_
 from infra.bundle.manifest import verify_bundle
 from infra.bundle.publish import MIRROR_KEY_ENV, ImportRefused, import_bundle, release_signer
 from infra.bundle.remote import MIRROR_ROOT, RemoteError, SshMirror
-from infra.bundle.signing import KEYRING_ENV, SIGNING_KEY_ENV, SigningError
+from infra.bundle.signing import KEYRING_ENV, SIGNING_KEY_ENV, SigningError, generate_key
 from infra.bundle.status import mirror_status
 from infra.bundle.store import FetchError, Store
 from infra.commands.site import add_stack_args, site_from_args
@@ -48,6 +49,11 @@ def register(sub: Any) -> None:
     p.add_argument("--signing-key", type=Path, default=_env_path(SIGNING_KEY_ENV),
                    help=f"armored OpenPGP secret key file that signs the manifest (env {SIGNING_KEY_ENV})")
     p.set_defaults(func=cmd_build)
+
+    p = bsub.add_parser("keygen", help="make a bundle signing key pair (DIR/bundle.sec.asc, DIR/bundle.pub.asc)")
+    p.add_argument("--out", type=Path, required=True, help="directory for the key files (created, mode 0700)")
+    p.add_argument("--uid", default="gpufleet bundle signing key", help="user id of the key")
+    p.set_defaults(func=cmd_keygen)
 
     p = bsub.add_parser("verify", help="check signature, manifest, every hash, no missing and no extra file")
     p.add_argument("dir", type=Path)
@@ -162,6 +168,25 @@ def cmd_build(args: argparse.Namespace) -> int:
                      "artifacts": len(man.artifacts), "seconds": round(time.monotonic() - t0, 1)},
          lambda d: f"{d['bundle']}: {d['artifacts']} artifacts, {d['files']} files, "
                    f"{d['bytes'] / 1e6:.1f} MB, signed ({d['seconds']} s)")
+    return Exit.OK
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    """Generate a signing key pair; refuses to overwrite."""
+    sec, pub = args.out / "bundle.sec.asc", args.out / "bundle.pub.asc"
+    if sec.exists() or pub.exists():
+        sys.stderr.write(f"error: {args.out} already holds a key; refusing to overwrite it\n")
+        return Exit.INVALID
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.out.chmod(0o700)
+    with tempfile.TemporaryDirectory(prefix="gpufleet-keygen-") as home:
+        try:
+            fpr = generate_key(Path(home) / "gnupg", args.uid, sec, pub)
+        except SigningError as exc:
+            sys.stderr.write(f"error: {exc}\n")
+            return Exit.FAILED
+    sys.stdout.write(f"{fpr}\n  secret: {sec} (keep it on the connected side)\n  public: {pub} (give it to "
+                     "`bundle verify/import --keyring`)\n")
     return Exit.OK
 
 

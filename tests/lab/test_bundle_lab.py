@@ -238,3 +238,17 @@ def test_tampered_bundle_is_not_imported(flow: Flow, tmp_path: Path) -> None:
     assert r.returncode == 1 and f"apt/{victim.name}: content does not match" in r.stderr
     after = ssh("lab-mirror", "cd /srv/gpufleet && find apt files -type f | sort | xargs sha256sum | sha256sum").stdout
     assert before == after
+
+
+@pytest.mark.xfail(reason="ROLES: inference_server's wheel task reads `pip_trusted_host`, which rolevars does not "
+                          "emit yet (every package role before it converges from the mirror)", strict=False)
+def test_air_gapped_node_converges_from_the_imported_mirror(flow: Flow) -> None:
+    """The ROLES engineer's converge of lab-gpu03 (lab stack) succeeds with only the imported mirror reachable."""
+    # The lab stack itself: the bundle's stack copy differs only by an image on this node, which the
+    # mirror now also serves; converging the real stack is what the other lab tests expect on the node.
+    r = gpufleet("converge", "--stack", "lab", "--node", NODE, "--json", timeout=1500)
+    policy = ssh(NODE, "apt-cache policy nvidia-driver podman | grep -E '^ +[0-9]+ http' | sort -u").stdout
+    assert f"http://{MIRROR}/apt" in policy and OUTSIDE not in policy
+    assert outside_unreachable_from_node()
+    data = json.loads(r.stdout)
+    assert r.returncode == 0 and data["succeeded"], [n.get("failures") for n in data.get("nodes", [])]

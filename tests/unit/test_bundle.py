@@ -418,3 +418,13 @@ def test_release_keeps_the_repository_identity() -> None:
     assert "Suite: lab\n" in text and "Codename: lab\n" in text and "Origin: lab-mirror\n" in text
     sha_lines = text.split("SHA256:\n", 1)[1].split()
     assert sha_lines == ["2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881", "1", "Packages"]
+
+
+def test_keygen_cli_makes_a_pair_that_signs_and_verifies(tmp_path: Path) -> None:
+    """`bundle keygen` writes a 0600 secret key whose signatures verify with the public key; no overwrite."""
+    out = tmp_path / "k"
+    assert main(["bundle", "keygen", "--out", str(out)]) == 0
+    assert (out / "bundle.sec.asc").stat().st_mode & 0o077 == 0
+    b = make_bundle(tmp_path / "b", out / "bundle.sec.asc")
+    assert verify_bundle(b, out / "bundle.pub.asc")[1] == []
+    assert main(["bundle", "keygen", "--out", str(out)]) == 2
