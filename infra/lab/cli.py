@@ -39,7 +39,8 @@ def _setup(args: argparse.Namespace) -> Path:
 
 
 def _render(d: dict[str, Any]) -> str:
-    rows = [(h["name"], h["kind"], h["segment"], h["address"], "yes" if h["running"] else "no",
+    rows = [(h["name"], h["kind"], h["segment"], h["address"],
+             "yes" if h["running"] else ("off (BMC)" if h.get("bmc_off") else "no"),
              "yes" if h["ssh"] else "no", h["gpus"]) for h in d["hosts"]]
     out = [table(rows, ["host", "kind", "segment", "address", "running", "ssh", "gpus"]), ""]
     out.append("bridges: " + ", ".join(f"{b['name']} {b['address']}{' (air-gapped)' if b['airgapped'] else ''}"
@@ -72,7 +73,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         return Exit.FAILED
     result["seconds"] = round(time.monotonic() - t0, 2)
     emit(args.json, result, lambda d: _render(d) + f"\nlab up in {d['seconds']:.1f}s")
-    return Exit.OK if all(h["ssh"] for h in result["hosts"]) else Exit.FAILED
+    return Exit.OK if all(h["ssh"] or h["bmc_off"] for h in result["hosts"]) else Exit.FAILED
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -86,7 +87,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         return Exit.INVALID
     result = lab.status(spec, Paths())
     emit(args.json, result, _render)
-    healthy = result["up"] and all(h["ssh"] for h in result["hosts"]) and result["nft_table"]
+    healthy = result["up"] and all(h["ssh"] or h["bmc_off"] for h in result["hosts"]) and result["nft_table"]
     return Exit.OK if healthy else Exit.FAILED
 
 

@@ -138,11 +138,19 @@ def up(spec: LabSpec, paths: Paths, stack_file: Path) -> dict[str, Any]:
         st["nft_table"] = network.NFT_TABLE
         keys: dict[str, str] = {}
         to_start: list[LabHost] = []
+        # A node powered off through its BMC stays off while the BMC runs (someone's test or rebuild
+        # is using it); if the BMC is restarted it reports every node On again, so all start.
+        bmc_up = _bmc_alive(st)
+        kept_off: list[str] = []
         for h in spec.hosts:
             entry = st["hosts"].get(h.name)
             root = hosts.root_of(paths, h.name)
             if entry and hosts.alive(entry.get("pid")):
                 keys[h.name] = hosts.public_host_key(root)
+                continue
+            if entry and entry.get("bmc_off") and bmc_up and hosts.is_mounted(root):
+                keys[h.name] = hosts.public_host_key(root)
+                kept_off.append(h.name)
                 continue
             lower = bases[_flavour(h)]
             if entry and entry.get("lower") != str(lower):
@@ -156,7 +164,7 @@ def up(spec: LabSpec, paths: Paths, stack_file: Path) -> dict[str, Any]:
             else:
                 keys[h.name] = hosts.public_host_key(root)
             st["hosts"][h.name] = {"kind": h.kind.value, "segment": h.segment, "address": str(h.address.ip),
-                                   "lower": str(lower), "root": str(root), "pid": None}
+                                   "lower": str(lower), "root": str(root), "pid": None, "bmc_off": False}
             to_start.append(h)
         key_path = paths.ssh_key
         hosts._atomic_write(spec.ssh_config, hosts.ssh_config_text(spec, key_path))
@@ -166,7 +174,7 @@ def up(spec: LabSpec, paths: Paths, stack_file: Path) -> dict[str, Any]:
             st["hosts"][h.name]["pid"] = hosts.start(spec, h, paths)
         lab_state.save(paths, st)
         t.mark("boot")
-        hosts.wait_ssh(spec, [h.name for h in spec.hosts], timeout=90)
+        hosts.wait_ssh(spec, [h.name for h in spec.hosts if h.name not in kept_off], timeout=90)
         t.mark("ssh ready")
         _wait_services(spec)
         for h in spec.hosts:
@@ -174,8 +182,7 @@ def up(spec: LabSpec, paths: Paths, stack_file: Path) -> dict[str, Any]:
                 registry.seed_registry(f"{h.address.ip}:5000", paths.cache / "registry")
         t.mark("services ready")
         pids = st.get("bmc") or {}
-        if not (bmc.pid_alive(pids.get("emulator_pid"), "sushy-emulator")
-                and bmc.pid_alive(pids.get("notifier_pid"), "infra.lab.notifier")):
+        if not _bmc_alive(st):
             bmc.stop(pids)
             st["bmc"] = bmc.start(spec, paths, stack_file)
         st["bmc"]["url"] = bmc.redfish_url(spec)
@@ -185,6 +192,12 @@ def up(spec: LabSpec, paths: Paths, stack_file: Path) -> dict[str, Any]:
     result = status(spec, paths)
     result["timings"] = t.steps
     return result
+
+
+def _bmc_alive(st: dict[str, Any]) -> bool:
+    pids = st.get("bmc") or {}
+    return bmc.pid_alive(pids.get("emulator_pid"), "sushy-emulator") and \
+        bmc.pid_alive(pids.get("notifier_pid"), "infra.lab.notifier")
 
 
 def _wait_services(spec: LabSpec, timeout: float = 60.0) -> None:
@@ -218,6 +231,7 @@ def status(spec: LabSpec, paths: Paths) -> dict[str, Any]:
         "stack": spec.stack,
         "hosts": [{"name": h.name, "kind": h.kind.value, "segment": h.segment, "address": str(h.address.ip),
                    "running": h.name in running, "ssh": ssh.get(h.name, False),
+                   "bmc_off": bool(st.get("hosts", {}).get(h.name, {}).get("bmc_off")) and h.name not in running,
                    "gpus": f"{len(h.gpus['gpus'])}x {h.gpus['model']} (simulated)" if h.gpus else ""}
                   for h in spec.hosts],
         "bridges": [{"name": b_.name, "segment": b_.segment, "address": str(b_.address), "airgapped": b_.airgapped,
@@ -285,6 +299,7 @@ def power_off(spec: LabSpec, paths: Paths, name: str) -> bool:
             return False
         hosts.stop_many([entry["pid"]])
         entry["pid"] = None
+        entry["bmc_off"] = True
         lab_state.save(paths, st)
         return True
 
@@ -305,6 +320,7 @@ def power_on(spec: LabSpec, paths: Paths, name: str, *, reimage: bool = False) -
             pub = hosts.write_identity(spec, h, root, paths.ssh_key.with_suffix(".pub").read_text())
             hosts.repin(spec, name, pub)
         entry["pid"] = hosts.start(spec, h, paths)
+        entry["bmc_off"] = False
         lab_state.save(paths, st)
         return True
 

@@ -61,4 +61,4 @@ class Lab:
     def healthy(self) -> bool:
         """Every host running and answering SSH."""
         st = lab_mod.status(self.spec, self.paths)
-        return bool(st["up"]) and all(h["ssh"] for h in st["hosts"])
+        return bool(st["up"]) and all(h["ssh"] or h["bmc_off"] for h in st["hosts"])

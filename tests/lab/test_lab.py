@@ -207,9 +207,13 @@ def _wait_ssh(lab: Lab, host: str, up: bool, timeout: float = 40) -> None:
 
 @pytest.fixture
 def bmc_node(lab: Lab) -> Any:
-    """The node the BMC tests power-cycle; guaranteed back up afterwards."""
+    """The node the BMC tests power-cycle; powered on again through Redfish afterwards if a test left it off."""
     yield BMC_NODE
-    lab_mod.up(lab.spec, lab.paths, lab.stack_file)
+    system = _system(lab, BMC_NODE)
+    if requests.get(system, auth=lab.bmc_auth(), timeout=10).json()["PowerState"] != "On":
+        _reset(lab, system, "On")
+        _wait_power(lab, system, "On")
+    _wait_ssh(lab, BMC_NODE, up=True)
 
 
 def test_redfish_rejects_requests_without_the_password(lab: Lab) -> None:
@@ -223,6 +227,9 @@ def test_bmc_powers_a_node_off_and_on(lab: Lab, bmc_node: str) -> None:
     _reset(lab, system, "ForceOff")
     _wait_power(lab, system, "Off")
     _wait_ssh(lab, bmc_node, up=False)
+    # `lab up` (any session's fixture) keeps a node the BMC powered off, off.
+    lab_mod.up(lab.spec, lab.paths, lab.stack_file)
+    assert lab.ssh(bmc_node, "true", timeout=15).returncode != 0
     _reset(lab, system, "On")
     _wait_power(lab, system, "On")
     _wait_ssh(lab, bmc_node, up=True)
