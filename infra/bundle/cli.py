@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from infra.bundle.apt import AptError
 from infra.bundle.build import BuildError, BuildOptions, build
 from infra.bundle.lock import Lock, ResolveOptions, check, lock_path, lock_path_for, resolve, unresolved
@@ -35,6 +37,7 @@ def register(sub: Any) -> None:
     p.add_argument("--registry", action="append", default=[], metavar="HOST[:PORT]",
                    help="registry to resolve images by repository and digest; repeatable")
     p.add_argument("--dpkg-status", type=Path, help="installed baseline of the nodes' OS (default: nothing)")
+    _sources_arg(p)
     p.add_argument("--out", type=Path, help="lock file to write (default: next to the stack file)")
     p.set_defaults(func=cmd_lock)
 
@@ -46,6 +49,7 @@ def register(sub: Any) -> None:
     p.add_argument("--out", type=Path, required=True, help="new, empty directory for the bundle")
     p.add_argument("--artifacts", action="append", default=[], metavar="DIR|URL")
     p.add_argument("--registry", action="append", default=[], metavar="HOST[:PORT]")
+    _sources_arg(p)
     p.add_argument("--signing-key", type=Path, default=_env_path(SIGNING_KEY_ENV),
                    help=f"armored OpenPGP secret key file that signs the manifest (env {SIGNING_KEY_ENV})")
     p.set_defaults(func=cmd_build)
@@ -79,6 +83,22 @@ def register(sub: Any) -> None:
     p.add_argument("--mirror", required=True)
     p.add_argument("--mirror-root", default=MIRROR_ROOT)
     p.set_defaults(func=cmd_mirror_status)
+
+
+def _sources_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sources", type=Path, metavar="FILE",
+                   help="YAML list of apt sources ({name, url, suite, components, keyring}) to resolve and fetch "
+                        "packages from instead of the stack's connected sources (e.g. when the connected side "
+                        "is not in the stack)")
+
+
+def _load_sources(path: Path | None) -> list[AptSource]:
+    if path is None:
+        return []
+    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or []
+    if not isinstance(raw, list):
+        raise ValueError(f"{path}: expected a YAML list of apt sources")
+    return [AptSource.model_validate(s) for s in raw]
 
 
 def _env_path(name: str) -> Path | None:
@@ -115,8 +135,13 @@ def cmd_lock(args: argparse.Namespace) -> int:
                         + "\n".join(f"  - {p}" for p in d["differences"]))
              + ("".join(f"\n  note: unresolved (bundle build will refuse): {m}" for m in d["unresolved"])))
         return Exit.OK if not problems else Exit.FAILED
+    try:
+        sources = _load_sources(args.sources)
+    except (OSError, ValueError) as exc:
+        sys.stderr.write(f"error: --sources: {exc}\n")
+        return Exit.INVALID
     opts = ResolveOptions(artifacts=[Store(a) for a in args.artifacts], registries=args.registry,
-                          dpkg_status=args.dpkg_status)
+                          dpkg_status=args.dpkg_status, apt_sources=sources)
     t0 = time.monotonic()
     try:
         lock = resolve(site, opts)
@@ -153,7 +178,13 @@ def cmd_build(args: argparse.Namespace) -> int:
     lock = _read_lock(path)
     if lock is None:
         return Exit.FAILED
-    opts = BuildOptions(artifacts=[Store(a) for a in args.artifacts], registries=args.registry)
+    try:
+        sources = _load_sources(args.sources)
+    except (OSError, ValueError) as exc:
+        sys.stderr.write(f"error: --sources: {exc}\n")
+        return Exit.INVALID
+    opts = BuildOptions(artifacts=[Store(a) for a in args.artifacts], registries=args.registry,
+                        apt_sources=sources)
     t0 = time.monotonic()
     try:
         man = build(site, lock, path.read_text(encoding="utf-8"), args.segment, args.out, args.signing_key, opts)
@@ -258,4 +289,4 @@ def cmd_mirror_status(args: argparse.Namespace) -> int:
     return Exit.OK if data["matches_lock"] else Exit.DRIFT
 
 
-__all__ = ["AptSource", "register"]
+__all__ = ["register"]

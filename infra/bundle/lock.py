@@ -246,7 +246,7 @@ def resolve(site: Site, opts: ResolveOptions) -> Lock:
             sources = list(opts.apt_sources) or upstream_sources(site, seg)
             if not sources:
                 raise FetchError(f"segment {seg.name!r} has no apt sources to resolve packages from; "
-                                 "give the segment `sources` or pass --apt-source")
+                                 "give the segment `sources` or pass --sources FILE")
             root = AptRoot(work / f"apt-{seg.name}", sources, opts.dpkg_status)
             root.update()
             base = installed(opts.dpkg_status) if opts.dpkg_status else {}
