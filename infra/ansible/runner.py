@@ -182,9 +182,15 @@ def _diff_entries(task: str, res: Mapping[str, Any]) -> list[dict[str, Any]]:
     for d in items:
         if not isinstance(d, dict) or not d:
             continue
-        path = d.get("after_header") or d.get("before_header") or res.get("dest") or res.get("path")
+        # before_header is the destination; after_header of template/copy is a temporary source on
+        # the controller, so a file that does not exist yet is named by its task instead.
+        path = res.get("dest") or d.get("before_header") or res.get("path")
+        if not path and d.get("after_header") and not str(d["after_header"]).startswith(str(runs_dir())):
+            path = d["after_header"]
         if isinstance(path, str) and path.startswith("/"):
             out.append({"task": task, "path": path, "before": d.get("before"), "after": d.get("after")})
+        elif d.get("after") is not None:
+            out.append({"task": task, "path": f"(new file) {task}", "before": None, "after": d.get("after")})
     if not out and res.get("changed") and isinstance(res.get("dest"), str):
         out.append({"task": task, "path": res["dest"], "before": None, "after": None})
     return out
@@ -196,6 +202,7 @@ class _Collector:
     def __init__(self, hosts: Sequence[str], progress: Progress | None) -> None:
         self.hosts = {h: HostResult(h) for h in hosts}
         self.progress = progress
+        self.stats: dict[str, Any] = {}
 
     def _host(self, name: str) -> HostResult:
         return self.hosts.setdefault(name, HostResult(name))
@@ -203,6 +210,9 @@ class _Collector:
     def __call__(self, event: dict[str, Any]) -> bool:
         kind = event.get("event", "")
         data = event.get("event_data") or {}
+        if kind == "playbook_on_stats":
+            self.stats = {k: data.get(k) or {} for k in ("ok", "changed", "failures", "dark", "skipped")}
+            return True
         host = data.get("host")
         task = str(data.get("task") or "")
         role = data.get("role")
@@ -320,7 +330,7 @@ def run_playbook(
             ident="artifacts",
         )
         status, rc = str(r.status), int(r.rc if r.rc is not None else 1)
-        stats = r.stats or {}
+        stats = r.stats or collector.stats
     finally:
         if secret_file is not None:
             secret_file.unlink(missing_ok=True)
@@ -330,7 +340,8 @@ def run_playbook(
         scrub(work, all_secrets)
     for name, h in collector.hosts.items():
         h.ok = int((stats.get("ok") or {}).get(name, 0))
-        h.changed = int((stats.get("changed") or {}).get(name, 0))
+        # A canceled or killed run has no stats event: count what the events showed.
+        h.changed = int((stats.get("changed") or {}).get(name, 0)) if stats else len(h.changed_tasks)
         h.failed = max(h.failed, int((stats.get("failures") or {}).get(name, 0)))
         h.skipped = int((stats.get("skipped") or {}).get(name, 0))
         h.unreachable = h.unreachable or bool((stats.get("dark") or {}).get(name, 0))

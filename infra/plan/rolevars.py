@@ -75,11 +75,16 @@ def _service(sp: ServicePlan, plan: NodePlan) -> dict[str, Any]:
         "native": s.engine is Engine.LLAMACPP and s.image is None,
         "pip_requirement": "",
         "pip_find_links": "",
+        "pip_trusted_host": "",
     }
     if out["native"]:
         if not s.wheel:
             raise ValueError(f"service {s.name!r}: a native llamacpp service needs `wheel`")
         out["pip_requirement"], out["pip_find_links"] = wheel_requirement(s.wheel)
+        # pip ignores plain-HTTP find-links unless the host is named; the mirror/file store is the
+        # site's own (air-gapped: the only) source, declared in the stack.
+        url = urlsplit(s.wheel)
+        out["pip_trusted_host"] = url.hostname or "" if url.scheme == "http" else ""
     return out
 
 

@@ -43,7 +43,7 @@ def _installed(names: list[str]) -> dict[str, str]:
         return {}
     if os.path.exists("/usr/bin/dpkg-query"):
         _rc, out = _run(["dpkg-query", "-W", "-f=${Package} ${Version} ${db:Status-Abbrev}\n", *names])
-        return {p[0]: p[1] for p in (line.split() for line in out.splitlines()) if len(p) >= 3 and p[2] == "ii"}
+        return {p[0]: p[1] for p in (line.split() for line in out.splitlines()) if len(p) >= 3 and p[2] in ("ii", "hi")}
     _rc, out = _run(["rpm", "-q", "--qf", "%{NAME} %{VERSION}-%{RELEASE}\n", *names])
     return {p[0]: p[1] for p in (line.split() for line in out.splitlines()) if len(p) == 2}
 
