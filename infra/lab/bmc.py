@@ -17,7 +17,6 @@ import time
 import uuid
 from pathlib import Path
 
-import bcrypt
 import requests
 
 from infra.lab.config import LabSpec, Paths
@@ -95,6 +94,8 @@ def start(spec: LabSpec, paths: Paths, stack_file: Path) -> dict[str, int]:
     d = paths.bmc_dir
     shutil.rmtree(d / "state", ignore_errors=True)
     d.mkdir(parents=True, exist_ok=True)
+    import bcrypt  # sushy-tools' own dependency (lab extra); imported here so the CLI loads without it
+
     password = ensure_password(paths)
     hashed = bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=6)).decode()
     users = {n.bmc.username for n in spec.site.nodes if n.bmc} or {"admin"}

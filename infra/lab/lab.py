@@ -18,7 +18,7 @@ from typing import Any
 
 from infra.lab import bmc, hosts, network, registry, repo, rootfs, standins
 from infra.lab import state as lab_state
-from infra.lab.config import HostKind, LabHost, LabSpec, Paths, spec_digest
+from infra.lab.config import LabHost, LabSpec, Paths, spec_digest
 from infra.lab.sh import LabCommandError, run
 
 log = logging.getLogger("gpufleet.lab")
@@ -340,8 +340,3 @@ def repin_host_key(spec: LabSpec, name: str, paths: Paths | None = None) -> str:
 def ssh(spec: LabSpec, host: str, command: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
     """Run a shell command on a lab host over SSH (pinned key)."""
     return run([*hosts.ssh_base(spec), host, command], timeout=timeout, check=False)
-
-
-def is_kind(h: LabHost, kind: HostKind) -> bool:
-    """Small helper for callers filtering hosts."""
-    return h.kind is kind
