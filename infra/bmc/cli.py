@@ -8,9 +8,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from infra.bmc.connect import NoBmcError, client_for
+from infra.bmc.connect import BmcClient, NoBmcError, client_for
 from infra.bmc.errors import BmcAuthError, BmcError, BmcNotFound, BmcTimeout, BmcTlsError, BmcUnreachable
-from infra.bmc.redfish import BootTarget, PowerAction, RedfishClient, Timeouts
+from infra.bmc.redfish import BootTarget, PowerAction, Timeouts
 from infra.bmc.secrets import SecretError, loose_permissions
 from infra.commands.site import add_stack_args, site_from_args
 from infra.console import Exit, confirm, emit, table
@@ -98,7 +98,7 @@ def _node(site: Site, hostname: str) -> Node:
     raise KeyError(f"no node {hostname!r} in site {site.name!r}; known: " + ", ".join(n.hostname for n in site.nodes))
 
 
-def with_client(args: argparse.Namespace, body: Callable[[Node, RedfishClient], int]) -> int:
+def with_client(args: argparse.Namespace, body: Callable[[Node, BmcClient], int]) -> int:
     """Load the node, log in to its BMC, run `body`; turn every failure into a clear message and exit code."""
     try:
         node = _node(site_from_args(args), args.node)
@@ -163,7 +163,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_power(args: argparse.Namespace) -> int:
     """Ensure a power state and wait for it (unless --no-wait)."""
 
-    def body(node: Node, c: RedfishClient) -> int:
+    def body(node: Node, c: BmcClient) -> int:
         result = c.set_power(PowerAction(args.state), wait=not args.no_wait, timeout=args.timeout)
         emit(
             args.json,
@@ -181,7 +181,7 @@ def cmd_power(args: argparse.Namespace) -> int:
 def cmd_boot(args: argparse.Namespace) -> int:
     """Set the next boot device (one time unless --persistent)."""
 
-    def body(node: Node, c: RedfishClient) -> int:
+    def body(node: Node, c: BmcClient) -> int:
         result = c.set_boot_override(_BOOT_CHOICES[args.target], enabled="Continuous" if args.persistent else "Once")
         emit(args.json, {"ok": True, "node": node.hostname, **result.as_dict()}, _render_boot(node))
         return Exit.OK
@@ -205,7 +205,7 @@ def _render_boot(node: Node) -> Callable[[dict[str, Any]], str]:
 def cmd_inventory(args: argparse.Namespace) -> int:
     """Identity of the machine behind the BMC; exit 1 when its MACs do not include the node's PXE MAC."""
 
-    def body(node: Node, c: RedfishClient) -> int:
+    def body(node: Node, c: BmcClient) -> int:
         inv = c.inventory().as_dict()
         declared = node.macs
         inv["declared_macs"] = declared
@@ -250,7 +250,7 @@ def cmd_reimage(args: argparse.Namespace) -> int:
     if not confirm(f"reimage {args.node}: its disk will be reinstalled from PXE", args.yes):
         return Exit.ABORTED
 
-    def body(node: Node, c: RedfishClient) -> int:
+    def body(node: Node, c: BmcClient) -> int:
         boot = c.set_boot_override(BootTarget.PXE, enabled="Once")
         power = c.set_power(PowerAction.RESET, timeout=args.timeout)
         pinned = None

@@ -4,35 +4,33 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from infra.bmc.errors import BmcError, BmcUnsupported
+from infra.bmc.errors import BmcError
+from infra.bmc.ipmi import IpmiClient
 from infra.bmc.redfish import RedfishClient, Timeouts
 from infra.bmc.secrets import SecretError, resolve_secret
 from infra.model.site import BmcProtocol, Node
+
+# Both speak the same methods (power, boot override, inventory, system summary).
+BmcClient = RedfishClient | IpmiClient
 
 
 class NoBmcError(ValueError):
     """The node has no `bmc:` section in the stack."""
 
 
-def client_for(node: Node, timeouts: Timeouts | None = None) -> RedfishClient:
-    """A (not yet logged-in) Redfish client for the node's BMC; the password resolved from its SecretRef.
+def client_for(node: Node, timeouts: Timeouts | None = None) -> BmcClient:
+    """A (not yet logged-in) Redfish or IPMI client for the node's BMC; the password from its SecretRef.
 
     Raises:
         NoBmcError: the node has no BMC configured.
-        BmcUnsupported: the BMC speaks IPMI only (see docs/dr-runbook.md, "BMCs without Redfish").
         infra.bmc.secrets.SecretError: the password cannot be read.
 
     """
     bmc = node.bmc
     if bmc is None:
         raise NoBmcError(f"node {node.hostname} has no `bmc:` in the stack; add one to control power and rebuild it")
-    if bmc.protocol is BmcProtocol.IPMI:
-        raise BmcUnsupported(
-            bmc.endpoint,
-            "IPMI-only BMCs are not supported by gpufleet yet",
-            "use the BMC's Redfish service if it has one, or power/PXE the node by hand "
-            "(docs/dr-runbook.md) and run `gpufleet converge`",
-        )
+    if bmc.protocol is BmcProtocol.IPMI or bmc.endpoint.startswith("ipmi://"):
+        return IpmiClient(bmc.endpoint, bmc.username, resolve_secret(bmc.password), timeouts=timeouts)
     verify: bool | str = bmc.ca_bundle if bmc.ca_bundle else bmc.verify_tls
     return RedfishClient(
         bmc.endpoint,

@@ -264,8 +264,6 @@ def down(paths: Paths) -> dict[str, Any]:
         for n in names:
             shutil.rmtree(PROPAGATE_DIR / n, ignore_errors=True)
         shutil.rmtree(paths.hosts_dir, ignore_errors=True)
-        for home in paths.gnupg_dir.glob("*"):
-            repo.stop_agent(home)
         network.delete_table()
         for name in st.get("bridges", []) + _lab_bridges():
             network.delete_bridge(name)
