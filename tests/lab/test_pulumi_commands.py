@@ -24,6 +24,18 @@ NODE = "lab-gpu02"  # no inference service: the quickest full node lifecycle in 
 TIMEOUTS = {"bmc": 600, "wait-ssh": 700, "converge": 1800, "validate": 300}
 
 
+def _why(p: subprocess.CompletedProcess[str]) -> str:
+    """The failed tasks of a `--json` result, else the output's tail."""
+    try:
+        data = json.loads(p.stdout)
+    except json.JSONDecodeError:
+        return p.stdout[-2000:] + p.stderr[-2000:]
+    hosts = data.get("hosts", []) if isinstance(data, dict) else []
+    entries = list(hosts.values()) if isinstance(hosts, dict) else list(hosts)
+    failures = [e.get("failures") for e in entries if isinstance(e, dict) and e.get("failures")]
+    return json.dumps(failures or data, indent=1)[-3000:] + p.stderr[-1000:]
+
+
 def _sh(command: str, cwd: str, timeout: int) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["/bin/sh", "-c", command], cwd=cwd, env=dict(os.environ), capture_output=True,
                           text=True, timeout=timeout, check=False)
@@ -42,7 +54,7 @@ def test_node_lifecycle_strings_succeed_in_order(lab: Any, node_steps: dict[str,
         inputs = node_steps[step]
         p = _sh(inputs["create"], inputs["dir"], TIMEOUTS[step])
         results[step] = p
-        assert p.returncode == 0, f"{step}: {inputs['create']}\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}"
+        assert p.returncode == 0, f"{step}: {inputs['create']}\n{_why(p)}"
     facts = json.loads(results["validate"].stdout)
     assert isinstance(facts, dict) and facts, "validate-node printed no facts"
 
@@ -54,4 +66,4 @@ def test_steps_are_idempotent_on_a_converged_node(lab: Any, node_steps: dict[str
     for step in ("wait-ssh", "converge", "validate"):
         inputs = node_steps[step]
         p = _sh(inputs["create"], inputs["dir"], TIMEOUTS[step])
-        assert p.returncode == 0, f"{step} (second run): {p.stderr[-2000:]}"
+        assert p.returncode == 0, f"{step} (second run): {_why(p)}"
