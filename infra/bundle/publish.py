@@ -37,8 +37,8 @@ class Publisher(Protocol):
     def list_files(self) -> dict[str, tuple[int, str]]:
         """Relative path (`apt/x.deb`, `files/…`) → (size, sha256) of what the mirror holds."""
 
-    def put_files(self, root: Path, rels: list[str]) -> None:
-        """Upload files of a local tree to the same relative paths on the mirror."""
+    def put_files(self, root: Path, rels: list[str], expected: dict[str, str]) -> None:
+        """Upload files of a local tree to the same relative paths; each must still hash to `expected`."""
 
     def reindex_apt(self, stanzas: bytes, sign: Callable[[bytes], tuple[bytes, bytes]]) -> bool:
         """Merge the bundle's Packages stanzas into the mirror's index, re-sign; False when nothing changed."""
@@ -111,7 +111,7 @@ def import_bundle(root: Path, keyring: Path, publisher: Publisher,
     todo = sorted(rel for rel, d in want.items() if have.get(rel) != (d.size, d.sha256))
     result.unchanged = len(want) - len(todo)
     if todo:
-        publisher.put_files(root, todo)
+        publisher.put_files(root, todo, {rel: want[rel].sha256 for rel in todo})
         result.uploaded = todo
     if any(rel.startswith("apt/") for rel in want):
         result.apt_reindexed = publisher.reindex_apt((scan or scan_packages)(root / "apt"), sign_release)

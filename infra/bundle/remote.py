@@ -7,14 +7,17 @@ a command string); files travel as one tar stream; images go controller → regi
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import json
 import shlex
 import subprocess
 import tarfile
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from infra.bundle.build import image_tag
 from infra.bundle.publish import merge_packages, release_text
@@ -87,6 +90,36 @@ except Exception as exc:
 '''
 
 
+# Receive a tar on stdin into a staging dir next to the served tree, then rename file by file
+# (same file system: each file appears whole). On any failure the staging dir is removed.
+_RECEIVE = r'''set -eu
+root="$1"
+mkdir -p "$root/.incoming"
+stage=$(mktemp -d "$root/.incoming/import.XXXXXX")
+trap 'rm -rf "$stage"' EXIT
+tar -C "$stage" --no-same-owner -xf -
+cd "$stage"
+find . -type f -exec sh -c 'for f; do mkdir -p "$0/${f%/*}"; chmod 0644 "$f"; mv -f "$f" "$0/$f"; done' "$root" {} +
+chmod -R a+rX "$root/apt" "$root/files" 2>/dev/null || true
+'''
+
+
+class _HashingReader:
+    """A file wrapper that hashes what tarfile reads from it."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self._f = f
+        self._h = hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._f.read(n)
+        self._h.update(data)
+        return data
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
+
+
 class RemoteError(Exception):
     """An SSH step on the mirror failed."""
 
@@ -141,19 +174,40 @@ class SshMirror:
         data = json.loads(self.run(_LIST, self.root, python=True) or b"{}")
         return {k: (int(v[0]), str(v[1])) for k, v in data.items()}
 
-    def put_files(self, root: Path, rels: list[str]) -> None:
-        """One tar stream of the files, unpacked under the mirror root (world-readable for nginx)."""
-        buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w") as tar:
-            for rel in rels:
-                info = tar.gettarinfo(str(root / rel), arcname=rel)
-                info.uid = info.gid = 0
-                info.uname = info.gname = "root"
-                info.mode = 0o644
-                with (root / rel).open("rb") as f:
-                    tar.addfile(info, f)
-        self.run('mkdir -p "$1" && tar -C "$1" --no-same-owner -xf - && chmod -R a+rX "$1/apt" "$1/files"',
-                 self.root, stdin=buf.getvalue())
+    def put_files(self, root: Path, rels: list[str], expected: dict[str, str]) -> None:
+        """Stream the files as one tar into a staging dir on the mirror, then rename each into place.
+
+        Each file is hashed again while it streams and must still match the verified manifest (a
+        bundle changed between verify and upload aborts the stream); the mirror only moves files into
+        the served tree after the whole stream arrived, so an abort leaves nothing half-published.
+        """
+        with tempfile.TemporaryFile() as err:
+            proc = subprocess.Popen([*self._ssh(), "sh -c " + shlex.quote(_RECEIVE) + " sh " + shlex.quote(self.root)],
+                                    stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err)
+            assert proc.stdin is not None
+            try:
+                with tarfile.open(fileobj=proc.stdin, mode="w|") as tar:
+                    for rel in rels:
+                        info = tar.gettarinfo(str(root / rel), arcname=rel)
+                        info.uid = info.gid = 0
+                        info.uname = info.gname = "root"
+                        info.mode = 0o644
+                        with (root / rel).open("rb") as f:
+                            reader = _HashingReader(f)
+                            tar.addfile(info, reader)
+                        if reader.hexdigest() != expected[rel]:
+                            raise RemoteError(f"{rel}: changed since it was verified; upload aborted, "
+                                              "nothing published")
+            except BaseException:
+                proc.kill()
+                proc.wait()
+                raise
+            proc.stdin.close()
+            rc = proc.wait(timeout=SSH_TIMEOUT_S)
+            if rc != 0:
+                err.seek(0)
+                raise RemoteError(f"{self.mirror.name}: upload failed (exit {rc}): "
+                                  f"{err.read().decode(errors='replace').strip()[-800:]}")
 
     def reindex_apt(self, stanzas: bytes, sign: Callable[[bytes], tuple[bytes, bytes]]) -> bool:
         """Merge the bundle's stanzas with the mirror's index; re-sign only when the index changed."""

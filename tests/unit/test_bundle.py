@@ -17,6 +17,7 @@ from infra.bundle.declared import Kind, declared
 from infra.bundle.lock import Artifact, Lock, check, decl_dict, lock_path_for
 from infra.bundle.manifest import MANIFEST, SIGNATURE, verify_bundle, write_manifest
 from infra.bundle.publish import ImportRefused, import_bundle
+from infra.bundle.remote import SshMirror
 from infra.bundle.signing import generate_key
 from infra.bundle.store import Store, file_digest
 from infra.cli import main
@@ -73,10 +74,11 @@ class RecordingPublisher:
         self.calls.append("list_files")
         return dict(self.files)
 
-    def put_files(self, root: Path, rels: list[str]) -> None:
+    def put_files(self, root: Path, rels: list[str], expected: dict[str, str]) -> None:
         self.calls.append(f"put_files:{len(rels)}")
         for r in rels:
             self.files[r] = file_digest(root / r)
+            assert self.files[r][1] == expected[r]
 
     def reindex_apt(self, stanzas: bytes, sign: Callable[[bytes], tuple[bytes, bytes]]) -> bool:
         new = stanzas
@@ -428,3 +430,77 @@ def test_keygen_cli_makes_a_pair_that_signs_and_verifies(tmp_path: Path) -> None
     b = make_bundle(tmp_path / "b", out / "bundle.sec.asc")
     assert verify_bundle(b, out / "bundle.pub.asc")[1] == []
     assert main(["bundle", "keygen", "--out", str(out)]) == 2
+
+
+# ------------------------------------------------------------------ the SSH publisher, run locally
+
+class LocalMirror(SshMirror):
+    """The real SSH publisher with `ssh HOST CMD` replaced by `sh -c CMD` on this machine."""
+
+    def _ssh(self) -> list[str]:
+        return ["sh", "-c"]
+
+
+def _local_mirror(root: Path) -> LocalMirror:
+    from infra.model.site import Mirror
+
+    m = Mirror(name="lab-mirror", segment="airgap", address="198.18.2.10", keyring="/dev/null")
+    return LocalMirror(m, None, None, str(root))
+
+
+def _real_deb(out: Path, name: str, version: str) -> Path:
+    pkg = out / f"{name}-src"
+    (pkg / "DEBIAN").mkdir(parents=True)
+    (pkg / "DEBIAN/control").write_text(f"Package: {name}\nVersion: {version}\nArchitecture: all\n"
+                                        f"Maintainer: t <t@lab.invalid>\nDescription: test package\n")
+    deb = out / f"{name}_{version}_all.deb"
+    subprocess.run(["dpkg-deb", "--build", "--root-owner-group", str(pkg), str(deb)], check=True,
+                   capture_output=True, timeout=60)
+    shutil.rmtree(pkg)
+    return deb
+
+
+@pytest.mark.skipif(shutil.which("dpkg-deb") is None or shutil.which("dpkg-scanpackages") is None,
+                    reason="dpkg-dev not installed")
+def test_ssh_publisher_publishes_a_signed_repo_idempotently(tmp_path: Path, keys: dict[str, Path]) -> None:
+    """Import through the real publisher: debs and files land, Release is signed by the mirror key, re-run no-op."""
+    from infra.bundle.publish import release_signer
+
+    b = tmp_path / "b"
+    (b / "apt").mkdir(parents=True)
+    for name in ("alpha", "beta"):
+        _real_deb(b / "apt", name, "1.0-1")
+    (b / "files/models/m/r").mkdir(parents=True)
+    (b / "files/models/m/r/model.gguf").write_bytes(b"weights")
+    write_manifest(b, "lab", "airgap", "0" * 64, [], keys["site_secret"])
+    served = tmp_path / "srv"
+    mirror = _local_mirror(served)
+    _, first = import_bundle(b, keys["site_public"], mirror, release_signer(keys["other_secret"]))
+    assert first.apt_reindexed and len(first.uploaded) == 3
+    packages = (served / "apt/Packages").read_text()
+    assert "Package: alpha" in packages and "Package: beta" in packages
+    assert (served / "files/models/m/r/model.gguf").read_bytes() == b"weights"
+    ring = tmp_path / "mirror.gpg"
+    subprocess.run(["gpg", "--dearmor", "--output", str(ring), str(keys["other_public"])], check=True, timeout=30)
+    assert subprocess.run(["gpgv", "--keyring", str(ring), str(served / "apt/InRelease")], capture_output=True,
+                          timeout=30).returncode == 0
+    assert not list((served / ".incoming").iterdir())
+    stamp = (served / "apt/InRelease").read_bytes()
+    _, second = import_bundle(b, keys["site_public"], mirror, release_signer(keys["other_secret"]))
+    assert not second.changed and (served / "apt/InRelease").read_bytes() == stamp
+
+
+def test_upload_aborts_when_a_file_changed_after_verify(tmp_path: Path) -> None:
+    """Bytes that no longer match the verified hash stop the stream; nothing reaches the served tree."""
+    from infra.bundle.remote import RemoteError
+
+    src = tmp_path / "b"
+    (src / "files").mkdir(parents=True)
+    (src / "files/a.bin").write_bytes(b"verified bytes")
+    (src / "files/b.bin").write_bytes(b"swapped after verify")
+    good = file_digest(src / "files/a.bin")[1]
+    served = tmp_path / "srv"
+    with pytest.raises(RemoteError, match=r"files/b\.bin: changed since it was verified"):
+        _local_mirror(served).put_files(src, ["files/a.bin", "files/b.bin"], {"files/a.bin": good,
+                                                                             "files/b.bin": "0" * 64})
+    assert not (served / "files").exists() or not any((served / "files").rglob("*.bin"))
