@@ -79,13 +79,17 @@ names = spec["packages"]
 for n in names:
     out["packages"][n] = None
 if shutil.which("dpkg-query"):
+    held = set()
     rc, so, _ = run(["dpkg-query", "-W", "-f", "${Package}\t${Version}\t${db:Status-Abbrev}\n"] + names)
     for line in so.splitlines():
         parts = line.split("\t")
-        if len(parts) == 3 and parts[0] in out["packages"] and parts[2].startswith("ii"):
+        # Status-Abbrev: desired (i install, h hold, ...), then state (i = installed), then error flag.
+        if len(parts) == 3 and parts[0] in out["packages"] and parts[2][1:2] == "i":
             out["packages"][parts[0]] = parts[1]
+            if parts[2][:1] == "h":
+                held.add(parts[0])
     rc, so, _ = run(["apt-mark", "showhold"])
-    out["held"] = sorted(set(so.split()) & set(names))
+    out["held"] = sorted((held | set(so.split())) & set(names))
 elif shutil.which("rpm"):
     for n in names:
         rc, so, _ = run(["rpm", "-q", "--qf", "%{EPOCH}:%{VERSION}-%{RELEASE}", n])

@@ -278,3 +278,35 @@ def test_failed_step_output_names_node_task_and_message() -> None:
     assert (
         _failures({"node": "n1", "facts": {"problems": ["2 GPUs seen, 8 declared"]}}) == "n1: 2 GPUs seen, 8 declared"
     )
+
+
+def test_probe_reads_held_and_installed_packages(site: Site, tmp_path: Path) -> None:
+    """dpkg's `hi` (held, installed) counts as installed and held; `rc`/`un` are absent."""
+    import json
+    import os
+    import sys
+
+    plan = plan_of(site, "lab-gpu01")
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "dpkg-query").write_text(
+        "#!/bin/sh\nprintf 'nvidia-driver\\t570.133.20-1\\thi \\npodman\\t4.3.1\\tii \\n"
+        "cuda-toolkit-12-8\\t12.8.1-1\\trc \\nnvidia-persistenced\\t570.133.20-1\\tun \\n'\n"
+    )
+    (bindir / "apt-mark").write_text("#!/bin/sh\necho podman\n")
+    for f in bindir.iterdir():
+        f.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}"}
+    p = subprocess.run(
+        [sys.executable, "-"],
+        input=remote_program(plan),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        env=env,
+    )
+    data = json.loads(p.stdout)
+    assert data["packages"]["nvidia-driver"] == "570.133.20-1" and data["packages"]["podman"] == "4.3.1"
+    assert data["packages"]["cuda-toolkit-12-8"] is None and data["packages"]["nvidia-persistenced"] is None
+    assert data["held"] == ["nvidia-driver", "podman"]
