@@ -102,8 +102,8 @@ def start(spec: LabSpec, paths: Paths, stack_file: Path) -> dict[str, int]:
     (d / "htpasswd").write_text("".join(f"{u}:{hashed}\n" for u in sorted(users)))
     (d / "htpasswd").chmod(0o600)
     (d / "emulator.conf").write_text(render_config(spec, paths))
-    notifier = _spawn([sys.executable, "-m", "infra.lab.notifier", "--stack-file", str(stack_file)],
-                      d / "notifier.log")
+    notifier = _spawn([sys.executable, "-m", "infra.lab.notifier", "--stack-file", str(stack_file),
+                       "--state-dir", str(paths.state)], d / "notifier.log")
     emulator = _spawn([str(_sushy_bin()), "--config", str(d / "emulator.conf")], d / "emulator.log")
     wait_ready(spec, password)
     return {"emulator_pid": emulator, "notifier_pid": notifier}

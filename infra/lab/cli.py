@@ -61,7 +61,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     try:
         spec = lab_spec(stack=args.stack_file.stem.removeprefix("Pulumi.") if args.stack_file else args.stack,
                         path=path)
-        result = lab.up(spec, Paths(), path)
+        result = lab.up(spec, Paths.from_env(), path)
     except LabConfigError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return Exit.INVALID
@@ -85,7 +85,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     except LabConfigError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return Exit.INVALID
-    result = lab.status(spec, Paths())
+    result = lab.status(spec, Paths.from_env())
     emit(args.json, result, _render)
     healthy = result["up"] and all(h["ssh"] or h["bmc_off"] for h in result["hosts"]) and result["nft_table"]
     return Exit.OK if healthy else Exit.FAILED
@@ -99,6 +99,6 @@ def cmd_down(args: argparse.Namespace) -> int:
     except lab.LabUnavailable as exc:
         sys.stderr.write(f"error: {exc}\n")
         return Exit.UNAVAILABLE
-    result = lab.down(Paths())
+    result = lab.down(Paths.from_env())
     emit(args.json, result, lambda d: f"lab down in {d['seconds']:.1f}s ({len(d['hosts_stopped'])} hosts stopped)")
     return Exit.OK

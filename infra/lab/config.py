@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from enum import StrEnum
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network, ip_address
@@ -24,6 +25,7 @@ LAB_KEY = "gpufleet:lab"
 LAB_NET = IPv4Network("198.18.0.0/15")
 STATE_ROOT = Path("/var/lib/gpufleet/lab")
 CACHE_ROOT = Path("/var/cache/gpufleet/lab")
+STATE_ENV = "GPUFLEET_LAB_STATE_DIR"  # a second lab (another stack) keeps its state elsewhere
 
 
 class LabConfigError(Exception):
@@ -75,6 +77,11 @@ class Paths:
 
     state: Path = STATE_ROOT
     cache: Path = CACHE_ROOT
+
+    @classmethod
+    def from_env(cls) -> Paths:
+        """Default paths, or the state directory named by GPUFLEET_LAB_STATE_DIR."""
+        return cls(state=Path(os.environ[STATE_ENV])) if os.environ.get(STATE_ENV) else cls()
 
     @property
     def state_file(self) -> Path:

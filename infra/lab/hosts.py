@@ -198,9 +198,13 @@ def alive(pid: int | None) -> bool:
     return MARKER.encode() in cmdline
 
 
-def supervisor_pids() -> dict[str, int]:
-    """Every running host supervisor of ours, by host name (finds leftovers without a state file)."""
+def supervisor_pids(paths: Paths) -> dict[str, int]:
+    """Running host supervisors of this lab, by host name (finds leftovers without a state file).
+
+    Only supervisors whose root is under this lab's hosts directory: a second lab is left alone.
+    """
     out: dict[str, int] = {}
+    prefix = (str(paths.hosts_dir) + "/").encode()
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
@@ -208,7 +212,8 @@ def supervisor_pids() -> dict[str, int]:
             args = (proc / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if len(args) > 3 and args[0].endswith(b"bash") and args[3] == MARKER.encode():
+        if len(args) > 3 and args[0].endswith(b"bash") and args[3] == MARKER.encode() and \
+                any(a.startswith(prefix) for a in args):
             name = args[args.index(b"-M") + 1].decode() if b"-M" in args else proc.name
             out[name] = int(proc.name)
     return out

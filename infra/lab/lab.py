@@ -127,15 +127,16 @@ def up(spec: LabSpec, paths: Paths, stack_file: Path) -> dict[str, Any]:
         standins_dir = standins.ensure_standins(paths.standins_dir)
         _seed_all(spec, paths, rootfs.seed_debs_path(paths, key), standins_dir)
         t.mark("repositories")
-        for b in spec.bridges:
-            network.ensure_bridge(b)
-        network.apply_ruleset(spec.bridges)
-        t.mark("network")
-        controller_pub = _controller_key(paths)
         st = st or {"stack": spec.stack, "digest": spec_digest(spec), "hosts": {}, "bmc": {}}
         st["rootfs_key"] = key
         st["bridges"] = [b.name for b in spec.bridges]
-        st["nft_table"] = network.NFT_TABLE
+        st["nft_table"] = network.table_name(spec.stack)
+        lab_state.save(paths, st)  # before creating anything, so `down` finds what a failed `up` left
+        for b in spec.bridges:
+            network.ensure_bridge(b)
+        network.apply_ruleset(spec.bridges, st["nft_table"])
+        t.mark("network")
+        controller_pub = _controller_key(paths)
         keys: dict[str, str] = {}
         to_start: list[LabHost] = []
         # A node powered off through its BMC stays off while the BMC runs (someone's test or rebuild
@@ -236,7 +237,7 @@ def status(spec: LabSpec, paths: Paths) -> dict[str, Any]:
                   for h in spec.hosts],
         "bridges": [{"name": b_.name, "segment": b_.segment, "address": str(b_.address), "airgapped": b_.airgapped,
                      "present": network.bridge_exists(b_.name)} for b_ in spec.bridges],
-        "nft_table": network.table_exists(),
+        "nft_table": network.table_exists(network.table_name(spec.stack)),
         "ip_forward": network.ip_forward(),
         "bmc": {"url": bmc.redfish_url(spec),
                 "running": bmc.pid_alive(b.get("emulator_pid"), "sushy-emulator")
@@ -254,9 +255,9 @@ def down(paths: Paths) -> dict[str, Any]:
     with lab_state.locked(paths):
         st = lab_state.load(paths) or {}
         bmc.stop(st.get("bmc") or {})
-        _stop_strays_bmc()
+        _stop_strays_bmc(paths)
         pids = {n: e.get("pid") for n, e in st.get("hosts", {}).items() if e.get("pid")}
-        pids.update(hosts.supervisor_pids())  # leftovers of a crashed `up` too
+        pids.update(hosts.supervisor_pids(paths))  # leftovers of a crashed `up` too
         hosts.stop_many([p for p in pids.values() if p])
         for m in hosts.lab_mounts(paths):
             hosts.unmount(m)
@@ -264,19 +265,20 @@ def down(paths: Paths) -> dict[str, Any]:
         for n in names:
             shutil.rmtree(PROPAGATE_DIR / n, ignore_errors=True)
         shutil.rmtree(paths.hosts_dir, ignore_errors=True)
-        network.delete_table()
-        for name in st.get("bridges", []) + _lab_bridges():
+        for home in paths.gnupg_dir.glob("*"):
+            repo.stop_agent(home)
+        default = network.NFT_TABLE if paths.state == Paths().state else None
+        table = st.get("nft_table", default)
+        if table:
+            network.delete_table(table)
+        for name in st.get("bridges", []):
             network.delete_bridge(name)
         lab_state.clear(paths)
     return {"down": True, "seconds": round(time.monotonic() - t0, 2), "hosts_stopped": sorted(names)}
 
 
-def _lab_bridges() -> list[str]:
-    return [p.name for p in Path("/sys/class/net").iterdir() if p.name.startswith("gpfl-")]
-
-
-def _stop_strays_bmc() -> None:
-    """Emulator/notifier processes of ours without a state entry (crashed `up`)."""
+def _stop_strays_bmc(paths: Paths) -> None:
+    """Emulator/notifier of this lab without a state entry (crashed `up`); other labs' are left alone."""
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
@@ -284,7 +286,9 @@ def _stop_strays_bmc() -> None:
             cmd = (proc / "cmdline").read_bytes()
         except OSError:
             continue
-        if b"infra.lab.notifier" in cmd or (b"sushy-emulator" in cmd and b"/gpufleet/lab/bmc/" in cmd):
+        ours_notifier = b"infra.lab.notifier" in cmd and f"\0{paths.state}\0".encode() in cmd + b"\0"
+        ours_emulator = b"sushy-emulator" in cmd and f"{paths.bmc_dir}/".encode() in cmd
+        if ours_notifier or ours_emulator:
             bmc.stop({"emulator_pid": int(proc.name), "notifier_pid": int(proc.name)})
 
 
@@ -331,7 +335,7 @@ def repin_host_key(spec: LabSpec, name: str, paths: Paths | None = None) -> str:
     The key is read from the host's own disk on the lab host (never scanned over the network), so
     the BMC/DR engineer's rebuild can call this after a reimage without trusting the wire.
     """
-    paths = paths or Paths()
+    paths = paths or Paths.from_env()
     pub = hosts.public_host_key(hosts.root_of(paths, name))
     hosts.repin(spec, name, pub)
     return pub

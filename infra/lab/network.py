@@ -12,14 +12,19 @@ from pathlib import Path
 from infra.lab.config import Bridge
 from infra.lab.sh import run
 
-NFT_TABLE = "gpufleet_lab"
+NFT_TABLE = "gpufleet_lab"  # the lab stack's table; another stack gets gpufleet_<stack>
 
 
-def render_ruleset(bridges: tuple[Bridge, ...] | list[Bridge]) -> str:
+def table_name(stack: str) -> str:
+    """Our nftables table for a lab stack (one per lab, so a second lab never touches the first)."""
+    return f"gpufleet_{stack.replace('-', '_')}"
+
+
+def render_ruleset(bridges: tuple[Bridge, ...] | list[Bridge], table: str = NFT_TABLE) -> str:
     """The nftables table (deterministic text; `nft -c -f` validates it)."""
     names = ", ".join(f'"{b.name}"' for b in bridges)
     lines = [
-        f"table inet {NFT_TABLE} {{",
+        f"table inet {table} {{",
         "  chain forward {",
         "    type filter hook forward priority filter - 10; policy accept;",
         "    # Same-bridge traffic (bridged frames seen through br_netfilter) stays on its segment.",
@@ -66,23 +71,23 @@ def delete_bridge(name: str) -> None:
         run(["ip", "link", "del", name], timeout=10)
 
 
-def apply_ruleset(bridges: tuple[Bridge, ...] | list[Bridge]) -> None:
+def apply_ruleset(bridges: tuple[Bridge, ...] | list[Bridge], table: str = NFT_TABLE) -> None:
     """Replace our table atomically (one nft transaction: delete + add)."""
-    text = render_ruleset(bridges)
-    if table_exists():
-        text = f"delete table inet {NFT_TABLE}\n" + text
+    text = render_ruleset(bridges, table)
+    if table_exists(table):
+        text = f"delete table inet {table}\n" + text
     run(["nft", "-f", "-"], input=text, timeout=10)
 
 
-def table_exists() -> bool:
+def table_exists(table: str = NFT_TABLE) -> bool:
     """Is our nftables table loaded."""
-    return run(["nft", "list", "table", "inet", NFT_TABLE], timeout=10, check=False).returncode == 0
+    return run(["nft", "list", "table", "inet", table], timeout=10, check=False).returncode == 0
 
 
-def delete_table() -> None:
+def delete_table(table: str = NFT_TABLE) -> None:
     """Remove our table if present."""
-    if table_exists():
-        run(["nft", "delete", "table", "inet", NFT_TABLE], timeout=10)
+    if table_exists(table):
+        run(["nft", "delete", "table", "inet", table], timeout=10)
 
 
 def ip_forward() -> str:

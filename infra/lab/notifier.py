@@ -119,10 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     """Serve notifications until terminated (started by `gpufleet lab up`, stopped by `down`)."""
     p = argparse.ArgumentParser(prog="gpufleet-lab-notifier")
     p.add_argument("--stack-file", type=Path, required=True)
+    p.add_argument("--state-dir", type=Path, required=True, help="the lab's state directory (its Paths.state)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     spec = lab_spec(path=args.stack_file, stack=args.stack_file.name.removeprefix("Pulumi.").removesuffix(".yaml"))
-    ctl = PowerController(spec, Paths())
+    ctl = PowerController(spec, Paths(state=args.state_dir))
     server = ThreadingHTTPServer((str(spec.bmc.address), spec.bmc.port + bmc.NOTIFIER_PORT_OFFSET),
                                  make_handler(ctl))
     server.serve_forever()

@@ -29,6 +29,12 @@ def _gpg(home: Path, *args: str | Path, timeout: float = 60) -> str:
     return run(["gpg", "--batch", "--no-tty", "--homedir", home, *args], timeout=timeout).stdout
 
 
+def stop_agent(home: Path) -> None:
+    """Stop the gpg-agent gpg starts per home directory: it outlives us (`lab down` leaves no process)."""
+    if home.is_dir():
+        run(["gpgconf", "--homedir", home, "--kill", "all"], timeout=30, check=False)
+
+
 def ensure_signing_key(home: Path, host: str, keyring: Path) -> str:
     """A per-host ed25519 signing key (created once, kept across `down`); export its public keyring."""
     home.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -91,6 +97,14 @@ def seed_repo(host: str, srv: Path, debs: Iterable[Path], gnupg_home: Path, keyr
     Idempotent: a stamp of the inputs skips the rescan when nothing changed. Returns True if it
     (re)built the repository.
     """
+    try:
+        return _seed(host, srv, debs, gnupg_home, keyring, files_src, scan_cache)
+    finally:
+        stop_agent(gnupg_home)
+
+
+def _seed(host: str, srv: Path, debs: Iterable[Path], gnupg_home: Path, keyring: Path,
+          files_src: Path | None, scan_cache: Path | None) -> bool:
     fpr = ensure_signing_key(gnupg_home, host, keyring)
     apt = srv / "apt"
     for sub in ("apt", "files/models", "files/wheels", "registry"):

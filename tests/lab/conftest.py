@@ -34,7 +34,7 @@ def lab() -> Iterator[Lab]:
         lab_mod.check_prerequisites(install=True)
     except lab_mod.LabUnavailable as exc:
         pytest.skip(f"lab unavailable: {exc}")
-    paths = Paths()
+    paths = Paths.from_env()
     path = stack_path(STACK)
     spec = lab_spec(STACK, path)
     handle = Lab(spec, paths, path, started_here=lab_state.load(paths) is None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import shutil
 import string
 import subprocess
 import time
@@ -11,13 +12,15 @@ from typing import Any
 
 import pytest
 import requests
+import yaml
 
 from infra.lab import hosts as lab_hosts
 from infra.lab import lab as lab_mod
 from infra.lab import network
-from infra.lab.config import HostKind
+from infra.lab.config import HostKind, Paths, lab_spec
 from infra.lab.session import Lab
 from infra.lab.standins import STANDIN_VERSIONS
+from infra.model.load import stack_path
 
 pytestmark = pytest.mark.lab
 
@@ -261,12 +264,57 @@ def test_down_leaves_nothing_behind(lab: Lab) -> None:
         pytest.skip("the lab belongs to a developer session; never tear down a lab this run did not bring up")
     lab_mod.down(lab.paths)
     try:
-        assert lab_hosts.supervisor_pids() == {}
+        assert lab_hosts.supervisor_pids(lab.paths) == {}
         assert lab_hosts.lab_mounts(lab.paths) == []
         assert not any(network.bridge_exists(b.name) for b in lab.spec.bridges)
-        assert not network.table_exists()
+        assert not network.table_exists(network.table_name(lab.stack))
         assert not any((lab_mod.PROPAGATE_DIR / h.name).exists() for h in lab.hosts)
         ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True).stdout
-        assert "systemd-nspawn" not in ps and "infra.lab.notifier" not in ps and "sushy-emulator" not in ps
+        for leftover in ("systemd-nspawn", "infra.lab.notifier", "sushy-emulator", str(lab.paths.gnupg_dir)):
+            assert leftover not in ps
     finally:
         lab_mod.up(lab.spec, lab.paths, lab.stack_file)  # later lab tests (other files) need it
+
+
+def make_second_stack(tmp_path: Path) -> tuple[Path, Paths]:
+    """A small second lab (2 nodes, mirror, outside world) on 198.19.0.0/16 with its own names, state and BMC port."""
+    text = stack_path("lab").read_text(encoding="utf-8")
+    for old, new in (("198.18.", "198.19."), ("lab-gpu0", "ci-gpu0"), ("lab-mirror", "ci-mirror"),
+                     ("lab-upstream", "ci-upstream"), ("/var/lib/gpufleet/lab/", f"{tmp_path}/state/"),
+                     ("127.0.0.1:8000", "127.0.0.1:8100"), ("port: 8000", "port: 8100"),
+                     ("name: connected", "name: ci-conn"), ("segment: connected", "segment: ci-conn"),
+                     ("name: airgap", "name: ci-gap"), ("segment: airgap", "segment: ci-gap")):
+        text = text.replace(old, new)
+    data = yaml.safe_load(text)
+    site = data["config"]["gpufleet:site"]
+    site["name"] = "labci"
+    site["nodes"] = [n for n in site["nodes"] if n["hostname"] in ("ci-gpu01", "ci-gpu03")]
+    site["services"] = []
+    path = tmp_path / "Pulumi.labci.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return path, Paths(state=tmp_path / "state")
+
+
+def test_second_lab_comes_up_and_goes_down_without_touching_the_first(lab: Lab, tmp_path: Path) -> None:
+    """Another stack's lab runs beside this one; its `down` removes all of its own traces and none of ours."""
+    path, paths = make_second_stack(tmp_path)
+    spec = lab_spec("labci", path)
+    try:
+        result = lab_mod.up(spec, paths, path)
+        assert all(h["ssh"] for h in result["hosts"]), result["hosts"]
+        probe = subprocess.run([*lab_hosts.ssh_base(spec, 5), "ci-gpu03", _FETCH + "http://198.19.2.10/apt/InRelease"],
+                               capture_output=True, text=True, timeout=60, check=False)
+        assert probe.returncode == 0, probe.stdout + probe.stderr
+        # The two labs are isolated from each other as well: the first lab's mirror is unreachable.
+        assert fetch(lab, AIRGAP_NODE, "http://198.19.2.10/apt/InRelease").returncode == 1
+    finally:
+        lab_mod.down(paths)
+    assert lab_hosts.supervisor_pids(paths) == {}
+    shutil.rmtree(paths.rootfs_dir)  # ~600 MB of unpacked bases; pytest keeps tmp dirs of recent runs
+    assert lab_hosts.lab_mounts(paths) == []
+    assert not any(network.bridge_exists(b.name) for b in spec.bridges)
+    assert not network.table_exists(network.table_name("labci"))
+    assert not any((lab_mod.PROPAGATE_DIR / h.name).exists() for h in spec.hosts)
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True).stdout
+    assert str(paths.state) not in ps
+    assert lab.healthy()  # the first lab is untouched
