@@ -148,7 +148,8 @@ def _render_drift(d: dict[str, Any]) -> str:
             rows.append((n["hostname"], "UNREACHABLE", "", "", n["error"]))
             continue
         if not n["items"]:
-            rows.append((n["hostname"], n["status"], "", "", "" if n["check"] == "ran" else f"check {n['check']}"))
+            extra = [] if n["check"] == "ran" else [f"check {n['check']}"]
+            rows.append((n["hostname"], n["status"], "", "", "; ".join(extra + n.get("notes", []))))
         for i in n["items"]:
             rows.append((n["hostname"], i["kind"], i["item"], _cell(i["want"]), _cell(i["have"])))
     summary = (

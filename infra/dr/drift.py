@@ -49,6 +49,7 @@ class NodeDrift:
     error: str = ""
     check: str = "not run"  # ran | unavailable: <why> | failed: <why> | not run
     seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)  # reported, not counted as drift
 
     @property
     def drifted(self) -> bool:
@@ -75,6 +76,7 @@ class NodeDrift:
             "check": self.check,
             "seconds": round(self.seconds, 2),
             "items": [i.as_dict() for i in self.items],
+            "notes": self.notes,
         }
 
 
@@ -160,11 +162,14 @@ def drift(
             state = read(site, p)
         except RemoteError as exc:
             return NodeDrift(p.hostname, reachable=False, error=str(exc), seconds=time.monotonic() - t0), None
-        return NodeDrift(p.hostname, items=against_plan(p, state), seconds=time.monotonic() - t0), state
+        r = NodeDrift(p.hostname, items=against_plan(p, state), seconds=time.monotonic() - t0)
+        _lab_reboot_as_note(p, r)
+        return r, state
 
     with ThreadPoolExecutor(max_workers=max(1, min(parallel, len(plans) or 1))) as pool:
         results = list(pool.map(one, plans))
     reports = [r for r, _ in results]
+    plan_by_host = {p.hostname: p for p in plans}
     up = [p for p, (r, _) in zip(plans, results, strict=True) if r.reachable]
     if check is None:
         for r in reports:
@@ -189,9 +194,25 @@ def drift(
             r.check = f"failed: {outcome.failed}"
             continue
         r.items = _with_check(r.items, outcome)
+        _lab_reboot_as_note(plan_by_host[r.hostname], r)
         r.check = "ran"
         r.seconds += share
     return reports
+
+
+def _lab_reboot_as_note(plan: NodePlan, report: NodeDrift) -> None:
+    """In lab mode a pending reboot is a note, not drift.
+
+    Lab nodes are containers on the lab host's kernel: a reboot cannot load another driver, and the
+    roles never reboot them (`nvidia_driver_reboot_enabled` is off in lab mode), so the flag can never clear.
+    """
+    if not plan.lab_mode:
+        return
+    reboots = [i for i in report.items if i.kind == "reboot"]
+    if reboots:
+        report.items = [i for i in report.items if i.kind != "reboot"]
+        if "reboot pending (lab node: not counted as drift)" not in report.notes:
+            report.notes.append("reboot pending (lab node: not counted as drift)")
 
 
 class CheckUnavailable(Exception):

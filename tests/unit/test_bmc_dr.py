@@ -310,3 +310,14 @@ def test_probe_reads_held_and_installed_packages(site: Site, tmp_path: Path) -> 
     assert data["packages"]["nvidia-driver"] == "570.133.20-1" and data["packages"]["podman"] == "4.3.1"
     assert data["packages"]["cuda-toolkit-12-8"] is None and data["packages"]["nvidia-persistenced"] is None
     assert data["held"] == ["nvidia-driver", "podman"]
+
+
+def test_pending_reboot_is_drift_except_on_lab_nodes(site: Site) -> None:
+    """A pending reboot is drift on real nodes; on lab containers (no reboot possible) it is only a note."""
+    lab_plan = plan_of(site, "lab-gpu02")
+    real_site = site.model_copy(update={"lab_mode": False})
+    real_plan = plan_site(real_site).node("lab-gpu02")
+    lab = drift(site, [lab_plan], probe_fn=lambda s, p: converged_state(p, reboot_required=True))[0]
+    real = drift(real_site, [real_plan], probe_fn=lambda s, p: converged_state(p, reboot_required=True))[0]
+    assert lab.status == "clean" and lab.notes and "reboot" in lab.notes[0]
+    assert real.status == "drift" and [(i.kind, i.item) for i in real.items] == [("reboot", "pending")]
