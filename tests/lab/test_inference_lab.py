@@ -85,6 +85,8 @@ def test_converged_service_answers_and_benches(stable_lab: Lab, stores: None, no
     assert code == 0, bench
     m = bench["endpoints"][0]["metrics"]  # type: ignore[index]
     assert m["completed"] == 16 and m["output_throughput"] > 0
+    # Concurrent requests must queue, not cut each other off (llama.cpp needs `--interrupt_requests False`).
+    assert m["total_output_tokens"] == 16 * 32
     for key in ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms"):
         assert 0 < m[key]["p50"] <= m[key]["p90"] <= m[key]["p99"]
 
