@@ -240,8 +240,6 @@ def test_tampered_bundle_is_not_imported(flow: Flow, tmp_path: Path) -> None:
     assert before == after
 
 
-@pytest.mark.xfail(reason="ROLES: inference_server's wheel task reads `pip_trusted_host`, which rolevars does not "
-                          "emit yet (every package role before it converges from the mirror)", strict=False)
 def test_air_gapped_node_converges_from_the_imported_mirror(flow: Flow) -> None:
     """The ROLES engineer's converge of lab-gpu03 (lab stack) succeeds with only the imported mirror reachable."""
     # The lab stack itself: the bundle's stack copy differs only by an image on this node, which the
