@@ -102,6 +102,8 @@ def cmd_bench_inference(args: argparse.Namespace) -> int:
                              f"{f' on {args.node}' if args.node else ''}\n")
             return Exit.INVALID
     try:
+        for ep in eps:
+            _ = ep.host_port  # refuse https or a malformed URL before anything is sent
         spec = LoadSpec(num_requests=args.requests, concurrency=args.concurrency, max_tokens=args.max_tokens,
                         request_timeout_s=args.timeout, max_duration_s=args.max_duration)
     except ValueError as exc:

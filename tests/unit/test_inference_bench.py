@@ -199,3 +199,5 @@ def test_cli_unknown_service_and_bad_load(capsys: pytest.CaptureFixture[str]) ->
     assert main(["bench-inference", "--stack", "lab", "--service", "nope"]) == 2
     assert "no endpoint for service 'nope'" in capsys.readouterr().err
     assert main(["bench-inference", "--endpoint", "http://127.0.0.1:9/v1", "--requests", "0"]) == 2
+    assert main(["bench-inference", "--endpoint", "https://127.0.0.1:9/v1", "--facts-dir", "-"]) == 2
+    assert "plain http" in capsys.readouterr().err
