@@ -72,9 +72,16 @@ def _run(cmd: list[str], *, env: dict[str, str], cwd: Path, timeout: float, log:
         raise WheelBuildError(f"{' '.join(cmd[:5])} … exited {proc.returncode}; log {log}:\n{tail}")
 
 
+def missing_build_tools() -> list[str]:
+    """Debian packages the build needs but this machine lacks (CMake and Ninja come from PyPI if absent)."""
+    return [pkg for tool, pkg in (("cc", "gcc"), ("c++", "g++")) if shutil.which(tool) is None]
+
+
 def build_llama_wheel(dest: Path, *, version: str = LLAMA_CPP_PYTHON_VERSION,
                       timeout: float = BUILD_TIMEOUT_S, jobs: int | None = None) -> Path:
     """Download the sdist with pip and build the CPU-only wheel into `dest` (no cache check)."""
+    if missing := missing_build_tools():
+        raise WheelBuildError(f"cannot build llama-cpp-python: no C/C++ toolchain; apt-get install {' '.join(missing)}")
     deadline = time.monotonic() + timeout
     dest.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="gpufleet-llama-") as tmp:

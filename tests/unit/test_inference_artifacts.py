@@ -112,3 +112,11 @@ def test_server_dependencies_are_pinned_exactly() -> None:
     names = {ln.split("==")[0] for ln in lines}
     assert all(ln.count("==") == 1 for ln in lines)
     assert {"uvicorn", "fastapi", "sse-starlette", "starlette-context", "pydantic-settings", "numpy"} <= names
+
+
+def test_build_without_compiler_says_what_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a machine without cc/c++ the build stops before downloading, naming the Debian packages."""
+    monkeypatch.setattr(wheel.shutil, "which", lambda _tool: None)
+    with pytest.raises(wheel.WheelBuildError, match="apt-get install gcc g\\+\\+"):
+        wheel.ensure_llama_wheel(tmp_path)
+    assert not list(tmp_path.glob("*.whl"))
