@@ -287,7 +287,8 @@ def known_hosts_line(host: LabHost, pubkey: str) -> str:
     return f"{host.name},{host.address.ip} {pubkey}\n"
 
 
-def _atomic_write(path: Path, text: str, mode: int = 0o644) -> None:
+def atomic_write(path: Path, text: str, mode: int = 0o644) -> None:
+    """Write a file so readers see the old or the new content, never a partial one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -298,7 +299,7 @@ def _atomic_write(path: Path, text: str, mode: int = 0o644) -> None:
 
 def write_known_hosts(spec: LabSpec, keys: dict[str, str]) -> None:
     """Write known_hosts with every lab host's real key (read from its own disk, never scanned)."""
-    _atomic_write(spec.known_hosts, "".join(known_hosts_line(spec.host(n), k) for n, k in sorted(keys.items())))
+    atomic_write(spec.known_hosts, "".join(known_hosts_line(spec.host(n), k) for n, k in sorted(keys.items())))
 
 
 def repin(spec: LabSpec, name: str, pubkey: str) -> None:
@@ -307,4 +308,4 @@ def repin(spec: LabSpec, name: str, pubkey: str) -> None:
     host = spec.host(name)
     names = {host.name, str(host.address.ip)}
     kept = [ln for ln in lines if not names & set(ln.split(" ", 1)[0].split(","))]
-    _atomic_write(spec.known_hosts, "".join(kept) + known_hosts_line(host, pubkey))
+    atomic_write(spec.known_hosts, "".join(kept) + known_hosts_line(host, pubkey))

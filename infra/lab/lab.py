@@ -159,8 +159,9 @@ def up(spec: LabSpec, paths: Paths, stack_file: Path) -> dict[str, Any]:
                 entry = None
             fresh = not (hosts.host_dir(paths, h.name) / "upper" / "etc/ssh/ssh_host_ed25519_key").exists()
             hosts.mount_overlay(paths, h.name, lower)
+            if h.serves:
+                (paths.srv_dir / h.name).mkdir(parents=True, exist_ok=True)  # nspawn binds it as /srv/gpufleet
             if fresh:
-                (paths.srv_dir / h.name).mkdir(parents=True, exist_ok=True) if h.serves else None
                 keys[h.name] = hosts.write_identity(spec, h, root, controller_pub)
             else:
                 keys[h.name] = hosts.public_host_key(root)
@@ -168,7 +169,7 @@ def up(spec: LabSpec, paths: Paths, stack_file: Path) -> dict[str, Any]:
                                    "lower": str(lower), "root": str(root), "pid": None, "bmc_off": False}
             to_start.append(h)
         key_path = paths.ssh_key
-        hosts._atomic_write(spec.ssh_config, hosts.ssh_config_text(spec, key_path))
+        hosts.atomic_write(spec.ssh_config, hosts.ssh_config_text(spec, key_path))
         hosts.write_known_hosts(spec, keys)
         t.mark("host disks")
         for h in to_start:
