@@ -22,6 +22,7 @@ import pytest
 from infra.cli import build_parser, main
 from infra.inference.publish import publish_llamacpp_files
 from infra.inference.wheel import LLAMA_CPP_PYTHON_VERSION
+from infra.lab.config import Paths
 from infra.lab.session import Lab
 from infra.model.load import project_dir
 
@@ -55,6 +56,9 @@ def stable_lab(request: pytest.FixtureRequest) -> Lab:
 @pytest.fixture(scope="module")
 def stores(stable_lab: Lab) -> None:
     """Both file stores (upstream and the air-gap mirror) hold the wheelhouse and the tiny model."""
+    # The lab's drop-in directory (published on both serving hosts at every `lab up`) and, for the lab
+    # already running, the serving hosts' stores themselves.
+    publish_llamacpp_files(Paths().files_dir)
     for host in ("lab-upstream", "lab-mirror"):
         publish_llamacpp_files(SRV / host / "files")
 
