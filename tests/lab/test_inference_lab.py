@@ -63,12 +63,19 @@ def stores(stable_lab: Lab) -> None:
         publish_llamacpp_files(SRV / host / "files")
 
 
+_CONVERGED: dict[str, dict[str, object]] = {}
+
+
 def converge(node: str) -> dict[str, object]:
+    """Converge a node once per module (later tests reuse the result: converge is the expensive step)."""
+    if node in _CONVERGED:
+        return _CONVERGED[node]
     proc = subprocess.run([sys.executable, "-m", "infra.cli", "converge", "--stack", "lab", "--node", node,
                            "--json"], capture_output=True, text=True, timeout=1800, cwd=project_dir(),
                           check=False)
     assert proc.returncode == 0, f"converge {node} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     out: dict[str, object] = json.loads(proc.stdout) if proc.stdout.strip().startswith("{") else {}
+    _CONVERGED[node] = out
     return out
 
 
