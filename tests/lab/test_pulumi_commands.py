@@ -20,7 +20,9 @@ from tests.pulumi.conftest import run_program
 
 pytestmark = pytest.mark.lab
 
-NODE = "lab-gpu02"  # no inference service: the quickest full node lifecycle in the lab
+# No inference service: the quickest full node lifecycle. The lab is shared, and this test reimages the
+# node: pick another with GPUFLEET_PULUMI_LAB_NODE when someone else is using lab-gpu02.
+NODE = os.environ.get("GPUFLEET_PULUMI_LAB_NODE", "lab-gpu02")
 TIMEOUTS = {"bmc": 600, "wait-ssh": 700, "converge": 1800, "validate": 300}
 
 
