@@ -8,12 +8,13 @@ gives
     files_dir/wheels/llama_cpp_python-0.3.36-cp311-cp311-linux_x86_64.whl  (+ every `[server]` dependency)
     files_dir/models/gpufleet-tiny-lab/lab-1/model.gguf
 
-matching the lab stack's service URLs. Files are hard-linked from the caches when on the same file
-system (copied otherwise) and replaced atomically, so a host serving files_dir never sees a partial file.
+matching the lab stack's service URLs. Files are copied from the caches (see `_place`) and replaced
+atomically, so a host serving files_dir never sees a partial file; an identical file is left alone.
 """
 
 from __future__ import annotations
 
+import filecmp
 import os
 import shutil
 from pathlib import Path
@@ -23,15 +24,14 @@ from infra.inference.wheel import ensure_server_wheelhouse
 
 
 def _place(src: Path, dest: Path) -> Path:
-    if dest.is_file() and dest.stat().st_size == src.stat().st_size and os.path.samefile(src, dest):
+    # Copies, never hard links: the lab seeding copies the drop-in onto the stores with `cp -a`, which
+    # refuses ("are the same file") when source and target share an inode.
+    if dest.is_file() and not os.path.samefile(src, dest) and filecmp.cmp(src, dest, shallow=False):
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(dest.name + ".tmp")
     tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
+    shutil.copyfile(src, tmp)
     tmp.replace(dest)
     return dest
 
