@@ -5,8 +5,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# The engine runs this file by path; make the project importable even without the editable install.
+# The language host runs this directory as a script, which puts infra/ itself first on sys.path:
+# infra/ansible would then shadow the real `ansible` package. Import the project as a package instead
+# (and make it importable even without the editable install).
 _PROJECT = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _PROJECT / "infra"]
 if str(_PROJECT) not in sys.path:
     sys.path.insert(0, str(_PROJECT))
 

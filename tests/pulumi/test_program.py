@@ -6,6 +6,7 @@ import copy
 import itertools
 import json
 import runpy
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -268,7 +269,8 @@ def test_adding_a_node_keeps_every_other_urn() -> None:
 
 
 def _main() -> None:
-    runpy.run_path(str(ROOT / "infra" / "__main__.py"))
+    # As the language host does (`main: infra/`): run the directory, which puts infra/ on sys.path.
+    runpy.run_path(str(ROOT / "infra"), run_name="__main__")
 
 
 def test_invalid_site_stops_the_program_with_config_paths() -> None:
@@ -289,3 +291,4 @@ def test_main_entry_point_builds_the_stack_from_config() -> None:
     names = {r.name for r in rec.resources}
     assert {"example-airgap", "isolated", "isolated-mirror-import", "h200-01-converge", "qwen-72b-health"} <= names
     assert rec.named("h200-02-bmc").inputs["environment"] == {"GPUFLEET_SECRET_BMCPASSWORD": CANARY}
+    assert str(ROOT / "infra") not in sys.path  # infra/ansible must not shadow the real ansible package
