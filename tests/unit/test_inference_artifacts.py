@@ -104,6 +104,8 @@ def test_publish_layout_matches_stack_urls(tmp_path: Path, model: Path) -> None:
         assert (files / s.model.source.split("/files/", 1)[1]).is_file()
         assert s.wheel and (files / s.wheel.split("/files/", 1)[1]).is_file()
     assert publish.publish_llamacpp_files(files, wheel_cache=cache, model_cache=model.parents[2]) == placed
+    # Copies, not hard links: the lab's `cp -a` seeding refuses same-inode source and target.
+    assert all(p.stat().st_nlink == 1 for p in placed)
 
 
 def test_server_dependencies_are_pinned_exactly() -> None:
