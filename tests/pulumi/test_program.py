@@ -290,3 +290,18 @@ def test_main_entry_point_builds_the_stack_from_config() -> None:
     names = {r.name for r in rec.resources}
     assert {"example-airgap", "isolated", "isolated-mirror-import", "h200-01-converge", "qwen-72b-health"} <= names
     assert rec.named("h200-02-bmc").inputs["environment"] == {"GPUFLEET_SECRET_BMCPASSWORD": CANARY}
+
+
+def test_preview_mode_registers_the_same_graph() -> None:
+    """Under `pulumi preview` (dry run, unknown command outputs) the program registers the same resources."""
+    from infra.components.program import ProgramSettings, build
+
+    plan = plan_site(parse_site(raw_site("example-prod")))
+
+    def program() -> None:
+        build(plan, ProgramSettings(stack="example-prod", project=ROOT), pulumi.Config("gpufleet").require_secret)
+
+    preview = mocks.run(program, stack="example-prod", config=SECRET_CONFIG, secret_keys=list(SECRET_CONFIG),
+                        preview=True)
+    full = run_program("example-prod")
+    assert sorted(r.urn for r in preview.resources) == sorted(r.urn for r in full.rec.resources)
