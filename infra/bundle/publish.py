@@ -40,8 +40,12 @@ class Publisher(Protocol):
     def put_files(self, root: Path, rels: list[str], expected: dict[str, str]) -> None:
         """Upload files of a local tree to the same relative paths; each must still hash to `expected`."""
 
-    def reindex_apt(self, stanzas: bytes, sign: Callable[[bytes], tuple[bytes, bytes]]) -> bool:
-        """Merge the bundle's Packages stanzas into the mirror's index, re-sign; False when nothing changed."""
+    def reindex_apt(self, debs: dict[str, str], scan: Callable[[], bytes],
+                    sign: Callable[[bytes], tuple[bytes, bytes]]) -> bool:
+        """Make the mirror's signed index list `debs` (file name → sha256); False when it already did.
+
+        `scan()` gives the bundle's Packages stanzas; it is only called when the index must change.
+        """
 
     def has_image(self, repo: str, digest: str) -> bool:
         """The mirror registry serves `repo@digest`."""
@@ -113,13 +117,25 @@ def import_bundle(root: Path, keyring: Path, publisher: Publisher,
     if todo:
         publisher.put_files(root, todo, {rel: want[rel].sha256 for rel in todo})
         result.uploaded = todo
-    if any(rel.startswith("apt/") for rel in want):
-        result.apt_reindexed = publisher.reindex_apt((scan or scan_packages)(root / "apt"), sign_release)
+    debs = {rel.removeprefix("apt/"): d.sha256 for rel, d in want.items() if rel.startswith("apt/")}
+    if debs:
+        result.apt_reindexed = publisher.reindex_apt(debs, lambda: (scan or scan_packages)(root / "apt"),
+                                                     sign_release)
     for a in man.artifacts:
         if a.kind == "image" and a.version and not publisher.has_image(a.name, a.version):
             publisher.put_image(root / a.path, a.name, a.version)
             result.images.append(f"{a.name}@{a.version}")
     return man, result
+
+
+def index_covers(packages: bytes, present: set[str], debs: dict[str, str]) -> bool:
+    """The index lists every deb of `debs` with its sha256, and only files that are `present`."""
+    listed: dict[str, str] = {}
+    for para in packages.split(b"\n\n"):
+        fields = dict(line.split(b": ", 1) for line in para.splitlines() if b": " in line and line[:1] != b" ")
+        if b"Filename" in fields:
+            listed[fields[b"Filename"].decode().removeprefix("./")] = fields.get(b"SHA256", b"").decode()
+    return all(listed.get(f) == sha for f, sha in debs.items()) and set(listed) <= present
 
 
 def merge_packages(current: bytes, present: set[str], new: bytes) -> bytes:

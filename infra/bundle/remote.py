@@ -20,16 +20,24 @@ from pathlib import Path
 from typing import BinaryIO
 
 from infra.bundle.build import image_tag
-from infra.bundle.publish import merge_packages, release_text
+from infra.bundle.publish import index_covers, merge_packages, release_text
 from infra.model.site import Mirror, Site
 
 MIRROR_ROOT = "/srv/gpufleet"  # the `mirror` role's `mirror_root` default; the lab bind-mounts the same path
 SSH_TIMEOUT_S = 900
 
+# Hashes are cached on the mirror by (size, mtime_ns): a no-op import of a large mirror must not
+# re-read every model file. A file rewritten in place changes its mtime, so the cache cannot go stale.
 _LIST = r'''
 import hashlib, json, os, sys
 root = sys.argv[1]
-out = {}
+cache_path = os.path.join(root, ".gpufleet-hashes.json")
+try:
+    with open(cache_path) as fh:
+        cache = json.load(fh)
+except (OSError, ValueError):
+    cache = {}
+out, new_cache = {}, {}
 for area in ("apt", "files"):
     base = os.path.join(root, area)
     for d, _, fs in os.walk(base):
@@ -38,11 +46,23 @@ for area in ("apt", "files"):
             rel = os.path.relpath(p, root)
             if area == "apt" and not f.endswith(".deb"):
                 continue
-            h = hashlib.sha256()
-            with open(p, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 22), b""):
-                    h.update(chunk)
-            out[rel] = [os.path.getsize(p), h.hexdigest()]
+            st = os.stat(p)
+            hit = cache.get(rel)
+            if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
+                digest = hit[2]
+            else:
+                h = hashlib.sha256()
+                with open(p, "rb") as fh:
+                    for chunk in iter(lambda: fh.read(1 << 22), b""):
+                        h.update(chunk)
+                digest = h.hexdigest()
+            new_cache[rel] = [st.st_size, st.st_mtime_ns, digest]
+            out[rel] = [st.st_size, digest]
+if new_cache != cache and os.path.isdir(root):
+    tmp = cache_path + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(new_cache, fh)
+    os.replace(tmp, cache_path)
 json.dump(out, sys.stdout)
 '''
 
@@ -209,11 +229,14 @@ class SshMirror:
                 raise RemoteError(f"{self.mirror.name}: upload failed (exit {rc}): "
                                   f"{err.read().decode(errors='replace').strip()[-800:]}")
 
-    def reindex_apt(self, stanzas: bytes, sign: Callable[[bytes], tuple[bytes, bytes]]) -> bool:
+    def reindex_apt(self, debs: dict[str, str], scan: Callable[[], bytes],
+                    sign: Callable[[bytes], tuple[bytes, bytes]]) -> bool:
         """Merge the bundle's stanzas with the mirror's index; re-sign only when the index changed."""
         state = json.loads(self.run(_APT_STATE, self.root, python=True))
         current = state["packages"].encode()
-        packages = merge_packages(current, set(state["debs"]), stanzas)
+        if state["signed"] and index_covers(current, set(state["debs"]), debs):
+            return False  # nothing to add or drop: skip the scan (minutes on a large bundle)
+        packages = merge_packages(current, set(state["debs"]), scan())
         if packages == current and state["signed"]:
             return False
         gz = gzip.compress(packages, mtime=0)

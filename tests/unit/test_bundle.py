@@ -80,8 +80,9 @@ class RecordingPublisher:
             self.files[r] = file_digest(root / r)
             assert self.files[r][1] == expected[r]
 
-    def reindex_apt(self, stanzas: bytes, sign: Callable[[bytes], tuple[bytes, bytes]]) -> bool:
-        new = stanzas
+    def reindex_apt(self, debs: dict[str, str], scan: Callable[[], bytes],
+                    sign: Callable[[bytes], tuple[bytes, bytes]]) -> bool:
+        new = scan()
         if new == self.packages:
             self.calls.append("probe_apt")
             return False
