@@ -173,11 +173,9 @@ def _ident(d: dict[str, Any]) -> tuple[str, str, str]:
 
 
 def _covers(a: Artifact, d: dict[str, Any]) -> bool:
-    if a.kind != d["kind"] or not a.declared:
-        return False
-    if d["kind"] == Kind.DEB.value:
-        return a.name == d["name"] and (d["version"] is None or a.version == d["version"])
-    return a.name == d["name"] and (d["version"] is None or a.version == d["version"])
+    # An unpinned declaration (role packages) is covered by whatever version was resolved.
+    return (a.kind == d["kind"] and a.declared and a.name == d["name"]
+            and (d["version"] is None or a.version == d["version"]))
 
 
 # --------------------------------------------------------------------------------------- resolve
