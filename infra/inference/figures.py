@@ -1,7 +1,7 @@
 """Inference figures for the benchmark harness (issue 8): client overhead and llama.cpp serving numbers.
 
 Plain functions the harness (or anyone) can call; importing this module also registers them as
-harness figures `8a` and `8b` (`infra/bench/figures.py` imports it).
+harness figures `8a`, `8b`, `8c` (`infra/bench/figures.py` imports it).
 """
 
 from __future__ import annotations
@@ -76,3 +76,36 @@ def fig_llama_local(ctx: Context) -> dict[str, Any]:
         return llama_local(num_requests=16 if ctx.quick else 32)
     except OSError as exc:  # e.g. /var/cache not writable: say so instead of a number
         raise Skip(f"cannot build or run the llama.cpp server here: {exc}") from exc
+
+
+def lab_services(stack: str = "lab", num_requests: int = 32, concurrency: int = 1,
+                 max_tokens: int = 32) -> dict[str, Any]:
+    """Bench every deployed endpoint of a stack (the lab's converged llama.cpp services); per-endpoint metrics."""
+    from infra.inference.bench import smoke
+    from infra.inference.cli import endpoints_of
+    from infra.model.load import load_site
+
+    out: dict[str, Any] = {}
+    for ep in endpoints_of(load_site(stack=stack)):
+        probe = smoke(ep, timeout_s=5)
+        if not probe["ok"]:
+            out[ep.label] = {"skipped": probe["error"] or "no tokens"}
+            continue
+        out[ep.label] = run_load(ep, LoadSpec(num_requests=num_requests, concurrency=concurrency,
+                                              max_tokens=max_tokens)).metrics
+    return out
+
+
+@figure("8c", "llama.cpp services of the lab stack (converged nodes)",
+        "bench-inference against the lab stack's services as `gpufleet converge` deployed them (tiny-connected "
+        "on lab-gpu01 via the upstream store, tiny-airgap on lab-gpu03 via lab-mirror): 32 requests × 32 tokens, "
+        "one at a time. Skipped when the lab is not up or the services are not converged.")
+def fig_lab_services(ctx: Context) -> dict[str, Any]:
+    """Bench the lab's converged services."""
+    res = lab_services(num_requests=16 if ctx.quick else 32)
+    if not res or all("skipped" in v for v in res.values()):
+        raise Skip("no lab inference endpoint answers (lab down or services not converged)")
+    return {label: (f"{m['output_throughput']:.0f} tok/s, TTFT p50 {m['ttft_ms']['p50']:.1f} ms, "
+                    f"TPOT p50 {m['tpot_ms']['p50']:.2f} ms, E2EL p99 {m['e2el_ms']['p99']:.0f} ms"
+                    if "skipped" not in m else f"skipped: {m['skipped']}")
+            for label, m in res.items()}
