@@ -286,7 +286,9 @@ def _resolve_other(d: Declared, opts: ResolveOptions, work: Path, notes: list[st
             if found:
                 return [Artifact(d.kind.value, repo, digest, f"images/{repo}", found[0],
                                  digest.split(":", 1)[1], store.where(f"images/{repo}"), segs, True)]
-        for reg in [*opts.registries, *(r.split("/", 1)[0] for r in d.sources)]:
+        # The stack's own reference may name a site mirror (the destination): never resolve from it.
+        own = [r.split("/", 1)[0] for r in d.sources]
+        for reg in [*opts.registries, *(r for r in own if r.split(":", 1)[0] not in opts.mirror_hosts)]:
             size = _registry_image_size(reg, repo, digest)
             if size is not None:
                 return [Artifact(d.kind.value, repo, digest, f"images/{repo}", size, digest.split(":", 1)[1],
