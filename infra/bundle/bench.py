@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from infra.bench.harness import Measurement, Ratio, interleave
+from infra.bench.harness import Context, Measurement, Ratio, interleave
 from infra.bundle.hashing import workers
 from infra.bundle.manifest import bundle_files, verify_bundle, write_manifest
 from infra.bundle.signing import generate_key
@@ -95,6 +95,11 @@ def verify_throughput(size: int = GIB, repeats: int = 3, work: Path | None = Non
             "speed-up": Ratio(m["sha256sum"], m["verify"], "sha256sum time / bundle verify time",
                               goal="≥ 1.5× on 2 cores"),
         }
+
+
+def bundle_verify_figure(ctx: Context) -> dict[str, Any]:
+    """The harness figure: 1 GiB (quick mode: 128 MiB), `ctx.repeats` alternating runs."""
+    return verify_throughput(GIB // 8 if ctx.quick else GIB, max(ctx.repeats, 1))
 
 
 def main() -> None:
