@@ -1,0 +1,63 @@
+"""Roles and playbooks pass ansible-lint (production profile), yamllint and a syntax check; specs are complete."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+ROLES = sorted(p.name for p in (ROOT / "roles").iterdir() if p.is_dir() and p.name != "mirror")
+OURS = [f"roles/{r}" for r in ROLES] + ["playbooks/node.yml", "playbooks/site.yml", "playbooks/validate.yml"]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}", "ANSIBLE_ROLES_PATH": str(ROOT / "roles"),
+            "NO_COLOR": "1"}
+
+
+def test_every_planned_role_exists() -> None:
+    """Every role the plan can ask for exists (the mirror role belongs to the bundle)."""
+    from infra.plan.node import ROLE_ORDER
+
+    assert set(ROLE_ORDER) <= set(ROLES)
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_argument_specs_cover_every_default(role: str) -> None:
+    """Every public default has a spec entry with type, default and description, and vice versa."""
+    defaults = yaml.safe_load((ROOT / "roles" / role / "defaults" / "main.yml").read_text()) or {}
+    spec = yaml.safe_load((ROOT / "roles" / role / "meta" / "argument_specs.yml").read_text())
+    options = spec["argument_specs"]["main"]["options"]
+    assert set(options) == set(defaults)
+    for name, opt in options.items():
+        assert name.startswith(role + "_")
+        assert {"type", "default", "description"} <= set(opt), name
+        assert opt["default"] == defaults[name], name
+
+
+def test_yamllint_clean() -> None:
+    """yamllint (roles/.yamllint) finds nothing in our roles and playbooks."""
+    p = subprocess.run([str(BIN / "yamllint"), "-s", "-c", str(ROOT / "roles/.yamllint"), *OURS], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120, check=False, env=_env())
+    assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_playbooks_pass_syntax_check() -> None:
+    """ansible-playbook --syntax-check accepts every playbook."""
+    p = subprocess.run([str(BIN / "ansible-playbook"), "-i", "localhost,", "--syntax-check",
+                        "playbooks/site.yml", "playbooks/node.yml", "playbooks/validate.yml"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120, check=False, env=_env())
+    assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_ansible_lint_production_profile() -> None:
+    """ansible-lint --offline --profile production passes on our roles and playbooks."""
+    p = subprocess.run([str(BIN / "ansible-lint"), "--offline", "--profile", "production", "--nocolor", *OURS],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600, check=False, env=_env())
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
