@@ -1,0 +1,251 @@
+"""Roles against the running lab: check on a fresh node, converge, idempotence, validation, air-gap,
+driver upgrade through a stack change, rollout stop on failure, SIGKILL recovery, secret canary.
+
+Uses lab-gpu02 (connected, NVSwitch) and lab-gpu04 (air-gapped, NVSwitch) for destructive steps
+(reimage, driver changes): neither serves an inference service, so tests on lab-gpu01/03 are not
+disturbed. Every converge runs through the `gpufleet` CLI with its own runs directory.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from infra.lab import lab as lab_mod
+from infra.lab.session import Lab
+from infra.model.load import stack_path
+
+pytestmark = pytest.mark.lab
+
+GPUFLEET = str(Path(sys.executable).parent / "gpufleet")
+UPGRADE_NODE, AIRGAP_NODE = "lab-gpu02", "lab-gpu04"
+OUTSIDE = "198.18.1.250"
+
+
+def gpufleet(*args: str, runs: Path, env: dict[str, str] | None = None,
+             timeout: float = 1500) -> tuple[int, dict[str, Any]]:
+    """Run a gpufleet command with --json in its own runs dir; (exit code, parsed JSON)."""
+    e = {**os.environ, "GPUFLEET_RUNS_DIR": str(runs), **(env or {})}
+    p = subprocess.run([GPUFLEET, *args, "--json"], capture_output=True, text=True, timeout=timeout, env=e,
+                       check=False)
+    try:
+        data = json.loads(p.stdout)
+    except json.JSONDecodeError:
+        data = {"stdout": p.stdout[-3000:], "stderr": p.stderr[-3000:]}
+    return p.returncode, data
+
+
+def stack_copy(tmp: Path, edit: Any) -> Path:
+    """A modified copy of the lab stack (edit(site_dict) mutates it) as a stack file."""
+    data = yaml.safe_load(stack_path("lab").read_text())
+    edit(data["config"]["gpufleet:site"])
+    out = tmp / "Pulumi.lab-modified.yaml"
+    out.write_text(yaml.safe_dump(data, sort_keys=False))
+    return out
+
+
+def with_profile_580(site: dict[str, Any]) -> None:
+    """lab-gpu02 gets a copy of the lab profile on driver/fabric manager 580.95.05."""
+    prof = json.loads(json.dumps(site["profiles"]["lab-570"]))
+    prof["driver"] = {"branch": "580", "version": "580.95.05", "open_modules": True}
+    prof["fabric_manager"] = {"enabled": True, "version": "580.95.05"}
+    site["profiles"]["lab-580"] = prof
+    next(n for n in site["nodes"] if n["hostname"] == UPGRADE_NODE)["profile"] = "lab-580"
+
+
+@pytest.fixture(scope="module")
+def lab_ready(lab: Lab) -> Iterator[Lab]:
+    """The lab, with lab-gpu02 and lab-gpu04 reimaged to the base OS (fresh nodes)."""
+    for node in (UPGRADE_NODE, AIRGAP_NODE):
+        lab_mod.power_off(lab.spec, lab.paths, node)
+        assert lab_mod.power_on(lab.spec, lab.paths, node, reimage=True)
+    for node in (UPGRADE_NODE, AIRGAP_NODE):
+        code, data = gpufleet("wait-ssh", "--stack", "lab", "--node", node, "--timeout", "120", runs=Path("/tmp"))
+        assert code == 0, data
+    yield lab
+
+
+def test_check_on_fresh_nodes_completes(lab_ready: Lab, tmp_path: Path) -> None:
+    """Check mode on freshly reimaged nodes finishes, changes nothing and lists every pinned package."""
+    code, rep = gpufleet("check", "--stack", "lab", "--node", UPGRADE_NODE, "--node", AIRGAP_NODE, runs=tmp_path)
+    assert code == 3, rep
+    nodes = {n["hostname"]: n for n in rep["nodes"]}
+    for name in (UPGRADE_NODE, AIRGAP_NODE):
+        assert nodes[name]["status"] == "ok", nodes[name]["failures"]
+        assert "nvidia-driver=570.133.20-1" in nodes[name]["packages"]
+        assert "nvidia-fabricmanager-570=570.133.20-1" in nodes[name]["packages"]
+        assert nodes[name]["reboot_required"] is True
+    r = lab_ready.ssh(UPGRADE_NODE, "dpkg-query -W nvidia-driver 2>&1; ls /etc/apt/sources.list.d/")
+    assert "gpufleet-" not in r.stdout and "570.133.20" not in r.stdout  # check mode wrote nothing
+
+
+def test_converge_then_noop_everywhere(lab_ready: Lab, tmp_path: Path) -> None:
+    """The whole lab converges; a second converge reports changed=0 on every node."""
+    code, first = gpufleet("converge", "--stack", "lab", runs=tmp_path)
+    assert code == 0, [(n["hostname"], n.get("failures")) for n in first.get("nodes", [])] or first
+    code, second = gpufleet("converge", "--stack", "lab", runs=tmp_path)
+    assert code == 0, second
+    assert {n["hostname"]: n["changed"] for n in second["nodes"]} == dict.fromkeys(
+        ("lab-gpu01", "lab-gpu02", "lab-gpu03", "lab-gpu04"), 0), [
+        (n["hostname"], n["changed_tasks"]) for n in second["nodes"]]
+
+
+@pytest.mark.parametrize("node", ["lab-gpu01", "lab-gpu02", "lab-gpu03", "lab-gpu04"])
+def test_validate_node_passes(lab_ready: Lab, tmp_path: Path, node: str) -> None:
+    """validate-node reports the declared GPUs, pinned driver, no reboot pending after converge in lab mode."""
+    code, data = gpufleet("validate-node", "--stack", "lab", "--node", node, runs=tmp_path)
+    assert code == 0 and data["passed"], data
+    facts = data["facts"]
+    declared = facts["gpus"]["declared"]
+    assert len(facts["gpus"]["seen"]) == declared["count"] > 0
+    assert facts["driver"]["seen"] == ["570.133.20"] and facts["cdi"]["ok"]
+
+
+@pytest.mark.parametrize("node", ["lab-gpu03", AIRGAP_NODE])
+def test_airgapped_nodes_install_from_mirror_only(lab_ready: Lab, node: str) -> None:
+    """Air-gapped nodes have only the mirror as apt source, got every GPU package from it, cannot reach out."""
+    r = lab_ready.ssh(node, "cat /etc/apt/sources.list; ls /etc/apt/sources.list.d/; "
+                            "grep -h '^URIs' /etc/apt/sources.list.d/*")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("URIs:") == 1 and "URIs: http://198.18.2.10/apt" in r.stdout
+    assert "deb " not in r.stdout
+    r = lab_ready.ssh(node, "apt-cache policy nvidia-driver cuda-toolkit-12-8 podman")
+    origins = {ln.split()[1] for ln in r.stdout.splitlines() if ln.strip().startswith(("500 ", "1001 "))
+               and "http" in ln}
+    assert origins == {"http://198.18.2.10/apt"}, r.stdout
+    r = lab_ready.ssh(node, "nft list table inet gpufleet_airgap")
+    assert r.returncode == 0 and "policy drop" in r.stdout
+    probe = lab_ready.ssh(node, f"python3 -c \"import socket; socket.create_connection(('{OUTSIDE}', 80), 3)\"")
+    assert probe.returncode != 0
+
+
+def test_driver_upgrade_through_stack_change(lab_ready: Lab, tmp_path: Path) -> None:
+    """570→580 on one node: check names exactly that node and its packages + reboot; converge applies it;
+    fabric manager follows the driver; the original stack downgrades it again."""
+    modified = stack_copy(tmp_path, with_profile_580)
+    code, rep = gpufleet("check", "--stack-file", str(modified), runs=tmp_path)
+    assert code == 3, rep
+    changed = {n["hostname"]: n for n in rep["nodes"] if n["changes"]}
+    assert set(changed) == {UPGRADE_NODE}, {n["hostname"]: n["changed_tasks"] for n in rep["nodes"]}
+    node = changed[UPGRADE_NODE]
+    assert node["packages"] == sorted(["nvidia-driver=580.95.05-1", "nvidia-kernel-open-dkms=580.95.05-1",
+                                       "nvidia-persistenced=580.95.05-1", "nvidia-fabricmanager-580=580.95.05-1"])
+    assert node["packages_removed"] == ["nvidia-fabricmanager-570"] and node["reboot_required"] is True
+
+    code, conv = gpufleet("converge", "--stack-file", str(modified), "--node", UPGRADE_NODE, runs=tmp_path)
+    assert code == 0, conv
+    r = lab_ready.ssh(UPGRADE_NODE, "nvidia-smi --query-gpu=driver_version --format=csv,noheader | sort -u; "
+                                    "dpkg-query -W -f='${Package} ${Version} ${db:Status-Abbrev}\\n' "
+                                    "'nvidia-fabricmanager-*' nvidia-driver; systemctl is-active nvidia-fabricmanager; "
+                                    "cat /etc/ansible/facts.d/gpufleet.fact")
+    lines = r.stdout.splitlines()
+    assert lines[0] == "580.95.05"
+    assert "nvidia-fabricmanager-580 580.95.05-1 hi" in r.stdout and "nvidia-driver 580.95.05-1 hi" in r.stdout
+    assert "nvidia-fabricmanager-570 570" not in r.stdout and "active" in lines
+    assert json.loads(r.stdout[r.stdout.index("{"):])["reboot_required"] is True  # lab: recorded, not rebooted
+
+    code, back = gpufleet("converge", "--stack", "lab", "--node", UPGRADE_NODE, runs=tmp_path)
+    assert code == 0, back
+    r = lab_ready.ssh(UPGRADE_NODE, "nvidia-smi --query-gpu=driver_version --format=csv,noheader | sort -u")
+    assert r.stdout.strip() == "570.133.20"
+
+
+def test_failure_stops_rollout_and_leaves_rest_untouched(lab_ready: Lab, tmp_path: Path) -> None:
+    """Batch size 1, max_failures 0: lab-gpu01 fails validation, lab-gpu02 (next batch) is never run."""
+    def edit(site: dict[str, Any]) -> None:
+        site["rollout"] = {"batch_size": 1, "max_failures": 0}
+        # The stack now declares a GPU the node does not have: gpu_validate must fail on it.
+        next(n for n in site["nodes"] if n["hostname"] == "lab-gpu01")["gpu"]["count"] = 3
+
+    modified = stack_copy(tmp_path, edit)
+    before = lab_ready.ssh(UPGRADE_NODE, "stat -c %Y /var/lib/gpufleet/validate.json").stdout
+    code, res = gpufleet("converge", "--stack-file", str(modified), "--segment", "connected", runs=tmp_path)
+    assert code == 1
+    status = {n["hostname"]: n["status"] for n in res["nodes"]}
+    assert status == {"lab-gpu01": "failed", UPGRADE_NODE: "not-run"}
+    assert "connected" in res["stopped_segments"] and len(res["runs"]) == 1
+    assert any("GPUs seen" in f["msg"] for f in res["nodes"][0]["failures"])
+    assert lab_ready.ssh(UPGRADE_NODE, "stat -c %Y /var/lib/gpufleet/validate.json").stdout == before
+
+
+def _newest_events(runs: Path) -> list[str]:
+    out = []
+    for d in runs.glob("run-*/pdd/artifacts/*/job_events"):
+        for f in d.glob("*.json"):
+            try:
+                out.append(json.loads(f.read_text()).get("event_data", {}).get("task") or "")
+            except (OSError, ValueError):
+                continue
+    return out
+
+
+@pytest.mark.parametrize(("version", "kill_at"), [
+    ("570.124.06", "Packages | Install pinned driver packages"),
+    ("570.133.20", "Reboot | Record the driver state"),
+    ("570.124.06", "Packages | Install pinned container toolkit packages"),
+])
+def test_sigkill_mid_converge_then_reconverge(lab_ready: Lab, tmp_path: Path, version: str, kill_at: str) -> None:
+    """SIGKILL of the whole converge at a task boundary; the next converge succeeds and dpkg is healthy."""
+    def edit(site: dict[str, Any]) -> None:
+        prof = site["profiles"]["lab-570"]
+        prof["driver"]["version"] = version
+        prof["fabric_manager"]["version"] = version
+
+    modified = stack_copy(tmp_path, edit)
+    runs = tmp_path / "runs"
+    env = {**os.environ, "GPUFLEET_RUNS_DIR": str(runs)}
+    p = subprocess.Popen([GPUFLEET, "converge", "--stack-file", str(modified), "--node", UPGRADE_NODE, "--json"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    deadline = time.monotonic() + 900
+    try:
+        while kill_at not in _newest_events(runs):
+            assert p.poll() is None, "converge ended before the kill point"
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    finally:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait(timeout=30)
+    code, res = gpufleet("converge", "--stack-file", str(modified), "--node", UPGRADE_NODE, runs=tmp_path)
+    assert code == 0, res
+    r = lab_ready.ssh(UPGRADE_NODE, "dpkg --audit; apt-get check -q; "
+                                    "nvidia-smi --query-gpu=driver_version --format=csv,noheader | sort -u")
+    assert r.returncode == 0 and r.stdout.strip().splitlines()[-1] == version, r.stdout + r.stderr
+    if version != "570.133.20":
+        code, res = gpufleet("converge", "--stack", "lab", "--node", UPGRADE_NODE, runs=tmp_path)
+        assert code == 0, res
+
+
+def test_secret_canary_never_left_on_controller(lab_ready: Lab, tmp_path: Path) -> None:
+    """A registry token used by the run reaches the node, but no artifact, log or file on the controller."""
+    canary = f"gpf-canary-{os.getpid()}-{int(time.time())}"
+    started = time.time()
+    code, res = gpufleet("converge", "--stack", "lab", "--node", "lab-gpu03", runs=tmp_path / "runs",
+                         env={"GPUFLEET_SECRET_REGISTRY_TOKEN": canary})
+    assert code == 0, res
+    r = lab_ready.ssh("lab-gpu03", "cat /etc/gpufleet/registry/config.json")
+    auths = json.loads(r.stdout)["auths"]
+    assert base64.b64decode(auths["198.18.2.10:5000"]["auth"]).decode() == f"gpufleet:{canary}"
+    assert canary not in json.dumps(res)
+    needle = canary.encode()
+    leaks = []
+    # Node disks live under /var/lib/gpufleet/lab (the token is meant to be there); runs are not.
+    for base in (tmp_path / "runs", Path("/tmp"), Path.home() / ".ansible", Path("/var/lib/gpufleet/runs")):
+        for f in base.rglob("*") if base.exists() else []:
+            try:
+                if f.is_file() and not f.is_symlink() and f.stat().st_mtime >= started - 1 \
+                        and f.stat().st_size < 50_000_000 and needle in f.read_bytes():
+                    leaks.append(str(f))
+            except OSError:
+                continue
+    assert leaks == []
