@@ -46,14 +46,12 @@ def _status(url: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def lab_mirror() -> None:
-    """Skip unless root and the lab's mirror answers SSH."""
-    if os.geteuid() != 0:
-        pytest.skip("lab tests need root")
+def lab_mirror(lab: object) -> None:
+    """The session lab (LAB engineer's fixture), with its mirror answering SSH."""
     r = subprocess.run(["ssh", "-F", str(LAB / "ssh/config"), "lab-mirror", "true"], capture_output=True,
-                       timeout=20, check=False) if (LAB / "ssh/config").is_file() else None
-    if r is None or r.returncode != 0:
-        pytest.skip("the lab is not up (`sudo .venv/bin/gpufleet lab up`)")
+                       timeout=20, check=False)
+    if r.returncode != 0:
+        pytest.skip("lab-mirror does not answer SSH")
 
 
 def test_mirror_role_is_idempotent_and_serves(lab_mirror: None, tmp_path: Path) -> None:
