@@ -17,7 +17,7 @@ import yaml
 from infra.lab import hosts as lab_hosts
 from infra.lab import lab as lab_mod
 from infra.lab import network
-from infra.lab.config import HostKind, Paths, lab_spec
+from infra.lab.config import HostKind, LabHost, Paths, lab_spec
 from infra.lab.session import Lab
 from infra.lab.standins import STANDIN_VERSIONS
 from infra.model.load import stack_path
@@ -32,6 +32,17 @@ CONNECTED_NODE = "lab-gpu01"
 _FETCH = ("python3 -c 'import sys,urllib.request\n"
           "try:\n    urllib.request.urlopen(sys.argv[1], timeout=3).read(); sys.exit(0)\n"
           "except Exception as e:\n    print(e); sys.exit(1)' ")
+
+
+def mirror_of(lab: Lab) -> LabHost:
+    """The mirror of the air-gapped test node's segment."""
+    seg = lab.host(AIRGAP_NODE).segment
+    return next(h for h in lab.hosts if h.kind is HostKind.MIRROR and h.segment == seg)
+
+
+def outside_of(lab: Lab) -> LabHost:
+    """The outside-world host."""
+    return next(h for h in lab.hosts if h.kind is HostKind.OUTSIDE)
 
 
 def fetch(lab: Lab, host: str, url: str) -> subprocess.CompletedProcess[str]:
@@ -51,7 +62,7 @@ def test_every_host_answers_ssh_against_pinned_known_hosts(lab: Lab) -> None:
 
 def test_wrong_pinned_key_is_refused(lab: Lab, tmp_path: Path) -> None:
     """With another host's key pinned for a node, SSH refuses to connect (the pin is really checked)."""
-    target, other = lab.host(AIRGAP_NODE), lab.host("lab-mirror")
+    target, other = lab.host(AIRGAP_NODE), mirror_of(lab)
     other_key = lab_hosts.public_host_key(lab_hosts.root_of(lab.paths, other.name))
     kh = tmp_path / "known_hosts"
     kh.write_text(f"{target.address.ip} {other_key}\n")
@@ -64,7 +75,7 @@ def test_wrong_pinned_key_is_refused(lab: Lab, tmp_path: Path) -> None:
 
 def test_airgapped_node_reaches_its_mirror_services(lab: Lab) -> None:
     """The air-gapped node gets the mirror's apt repo, registry API and file store over HTTP."""
-    mirror = lab.host("lab-mirror").address.ip
+    mirror = mirror_of(lab).address.ip
     for url in (f"http://{mirror}/apt/InRelease", f"http://{mirror}:5000/v2/", f"http://{mirror}/files/"):
         r = fetch(lab, AIRGAP_NODE, url)
         assert r.returncode == 0, f"{url}: {r.stdout}{r.stderr}"
@@ -72,16 +83,16 @@ def test_airgapped_node_reaches_its_mirror_services(lab: Lab) -> None:
 
 def test_airgapped_node_cannot_reach_outside_or_the_lab_host(lab: Lab) -> None:
     """From the air-gapped node the outside-world host and the connected bridge are unreachable."""
-    outside = next(h for h in lab.hosts if h.kind is HostKind.OUTSIDE).address.ip
-    for url in (f"http://{outside}/apt/InRelease", f"http://{lab.spec.bridge('connected').address.ip}/"):
+    outside = outside_of(lab).address.ip
+    for url in (f"http://{outside}/apt/InRelease", f"http://{lab.spec.bridge(outside_of(lab).segment).address.ip}/"):
         r = fetch(lab, AIRGAP_NODE, url)
         assert r.returncode == 1, f"{url} answered from the air-gapped segment"
 
 
 def test_airgapped_node_cannot_get_out_even_with_a_route(lab: Lab) -> None:
     """A route via the lab host does not help: the host neither forwards nor accepts from the air gap."""
-    outside = next(h for h in lab.hosts if h.kind is HostKind.OUTSIDE).address.ip
-    gw = lab.spec.bridge("airgap").address.ip
+    outside = outside_of(lab).address.ip
+    gw = lab.spec.bridge(lab.host(AIRGAP_NODE).segment).address.ip
     add = lab.ssh(AIRGAP_NODE, f"ip route add {outside}/32 via {gw}")
     assert add.returncode == 0, add.stderr
     try:
@@ -94,7 +105,7 @@ def test_airgapped_node_cannot_get_out_even_with_a_route(lab: Lab) -> None:
 
 def test_connected_node_reaches_the_outside_world(lab: Lab) -> None:
     """The connected node reaches the outside-world host's apt repo and file store."""
-    outside = next(h for h in lab.hosts if h.kind is HostKind.OUTSIDE).address.ip
+    outside = outside_of(lab).address.ip
     for url in (f"http://{outside}/apt/InRelease", f"http://{outside}/files/"):
         r = fetch(lab, CONNECTED_NODE, url)
         assert r.returncode == 0, f"{url}: {r.stdout}{r.stderr}"
@@ -115,9 +126,9 @@ def _apt(lab: Lab, host: str, url: str, keyring: Path, cmd: str) -> subprocess.C
 
 def test_mirror_repo_is_signed_and_offers_every_standin_version(lab: Lab) -> None:
     """apt on the air-gapped node verifies the mirror with its keyring and sees all stand-in driver versions."""
-    mirror = lab.host("lab-mirror")
+    mirror = mirror_of(lab)
     url = f"http://{mirror.address.ip}/apt"
-    r = _apt(lab, AIRGAP_NODE, url, lab.spec.keyrings["lab-mirror"],
+    r = _apt(lab, AIRGAP_NODE, url, lab.spec.keyrings[mirror.name],
              "update -q && apt-cache -o Dir::State::Lists=/tmp/gpufleet-lab-apt-test/lists "
              "-o Dir::Etc::SourceList=/tmp/gpufleet-lab-apt-test/sources.list -o Dir::Etc::SourceParts=- "
              "madison nvidia-driver podman")
@@ -129,49 +140,9 @@ def test_mirror_repo_is_signed_and_offers_every_standin_version(lab: Lab) -> Non
 
 def test_repo_signed_by_another_key_is_rejected(lab: Lab) -> None:
     """The mirror's repo does not verify with lab-upstream's keyring: signed-by really pins the key."""
-    url = f"http://{lab.host('lab-mirror').address.ip}/apt"
-    r = _apt(lab, AIRGAP_NODE, url, lab.spec.keyrings["lab-upstream"], "update -q")
+    url = f"http://{mirror_of(lab).address.ip}/apt"
+    r = _apt(lab, AIRGAP_NODE, url, lab.spec.keyrings[outside_of(lab).name], "update -q")
     assert "NO_PUBKEY" in r.stdout + r.stderr or "not signed" in r.stdout + r.stderr
-
-
-_NODE_STACK_SCRIPT = string.Template(r"""set -e
-export DEBIAN_FRONTEND=noninteractive
-mkdir -p /etc/apt/keyrings /etc/containers
-echo $key | python3 -c 'import sys; sys.stdout.buffer.write(bytes.fromhex(sys.stdin.read().strip()))' \
-    > /etc/apt/keyrings/lab-mirror.gpg
-echo 'deb [signed-by=/etc/apt/keyrings/lab-mirror.gpg] http://$mirror/apt /' > /etc/apt/sources.list.d/lab-mirror.list
-apt-get update -q >/dev/null
-apt-get install -y -q $packages >/dev/null 2>&1
-printf '[storage]\ndriver = "vfs"\nrunroot = "/run/containers/storage"\ngraphroot = "/var/lib/containers/storage"\n' \
-    > /etc/containers/storage.conf
-printf '[containers]\nkeyring = false\ncgroups = "disabled"\n' > /etc/containers/containers.conf
-nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml 2>/dev/null
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader,nounits
-podman run --rm --network=none --tls-verify=false --device nvidia.com/gpu=all \
-    $mirror:5000/gpufleet/lab-hello:1 /bin/sh -c 'ls /dev | grep -c "^nvidia[0-9]"'
-""")
-
-
-def test_airgapped_node_installs_stack_and_runs_a_gpu_container_from_the_mirror(lab: Lab) -> None:
-    """Mirror only: pinned stand-ins + podman install, nvidia-smi shows the stack's GPUs, a CDI container runs.
-
-    Runs on the BMC node, which the reimage test below returns to the base image.
-    """
-    node = lab.host(BMC_NODE)
-    assert node.gpus is not None
-    packages = [f"{p}=570.133.20-1" for p in ("nvidia-driver", "nvidia-kernel-open-dkms", "nvidia-persistenced")]
-    packages += [f"{p}=1.17.8-1" for p in ("nvidia-container-toolkit", "nvidia-container-toolkit-base",
-                                           "libnvidia-container-tools", "libnvidia-container1")]
-    script = _NODE_STACK_SCRIPT.substitute(key=lab.spec.keyrings["lab-mirror"].read_bytes().hex(),
-                                           mirror=lab.host("lab-mirror").address.ip,
-                                           packages=" ".join([*packages, "podman"]))
-    encoded = base64.b64encode(script.encode()).decode()
-    r = lab.ssh(BMC_NODE, f"echo {encoded} | base64 -d | bash", timeout=600)
-    assert r.returncode == 0, r.stdout + r.stderr
-    lines = r.stdout.strip().splitlines()
-    count = len(node.gpus["gpus"])
-    assert lines[:count] == [f"{node.gpus['name']}, {node.gpus['memory_mib']}, 570.133.20"] * count
-    assert lines[-1] == str(count)
 
 
 def _system(lab: Lab, name: str) -> str:
@@ -208,6 +179,17 @@ def _wait_ssh(lab: Lab, host: str, up: bool, timeout: float = 40) -> None:
     raise AssertionError(f"{host}: SSH {'never came up' if up else 'still answers'}")
 
 
+def _reimage(lab: Lab, node: str) -> None:
+    """One-time PXE override + reset through Redfish; returns once the node answers SSH again."""
+    system = _system(lab, node)
+    r = requests.patch(system, json={"Boot": {"BootSourceOverrideTarget": "Pxe", "BootSourceOverrideEnabled": "Once"}},
+                       auth=lab.bmc_auth(), timeout=10)
+    assert r.status_code in (200, 204), r.text
+    _reset(lab, system, "ForceRestart")
+    _wait_power(lab, system, "On")
+    _wait_ssh(lab, node, up=True)
+
+
 @pytest.fixture
 def bmc_node(lab: Lab) -> Any:
     """The node the BMC tests power-cycle; powered on again through Redfish afterwards if a test left it off."""
@@ -242,13 +224,7 @@ def test_pxe_reset_reimages_the_node_and_repins_its_key(lab: Lab, bmc_node: str)
     """A reset after a one-time PXE override gives back the base image: marker gone, new key, re-pinned."""
     assert lab.ssh(bmc_node, "touch /root/gpufleet-lab-marker").returncode == 0
     old_key = lab_hosts.public_host_key(lab_hosts.root_of(lab.paths, bmc_node))
-    system = _system(lab, bmc_node)
-    r = requests.patch(system, json={"Boot": {"BootSourceOverrideTarget": "Pxe", "BootSourceOverrideEnabled": "Once"}},
-                       auth=lab.bmc_auth(), timeout=10)
-    assert r.status_code in (200, 204), r.text
-    _reset(lab, system, "ForceRestart")
-    _wait_power(lab, system, "On")
-    _wait_ssh(lab, bmc_node, up=True)
+    _reimage(lab, bmc_node)
     r2 = lab.ssh(bmc_node, "test -e /root/gpufleet-lab-marker && echo present || echo gone; "
                            "cat /etc/ssh/ssh_host_ed25519_key.pub")
     assert r2.returncode == 0, r2.stderr
@@ -256,6 +232,59 @@ def test_pxe_reset_reimages_the_node_and_repins_its_key(lab: Lab, bmc_node: str)
     new_key = " ".join(r2.stdout.splitlines()[1].split()[:2])
     assert new_key != old_key
     assert f"{bmc_node},{lab.host(bmc_node).address.ip} {new_key}" in lab.known_hosts.read_text()
+
+
+# Private apt and podman configuration under /tmp: a node another engineer has converged (its own
+# mirror source, keyring path and container config) is neither broken nor changed by this test.
+_NODE_STACK_SCRIPT = string.Template(r"""set -e
+export DEBIAN_FRONTEND=noninteractive
+d=/tmp/gpufleet-lab-stack-test
+rm -rf $$d && mkdir -p $$d/lists/partial $$d/archives/partial $$d/run $$d/graph
+echo $key | python3 -c 'import sys; sys.stdout.buffer.write(bytes.fromhex(sys.stdin.read().strip()))' > $$d/key.gpg
+echo "deb [signed-by=$$d/key.gpg] http://$mirror/apt /" > $$d/sources.list
+apt="apt-get -o Dir::Etc::SourceList=$$d/sources.list -o Dir::Etc::SourceParts=- -o Dir::State::Lists=$$d/lists
+     -o Dir::Cache::Archives=$$d/archives -o Dir::Cache::pkgcache= -o Dir::Cache::srcpkgcache="
+$$apt update -q >/dev/null
+$$apt install -y -q $packages >/dev/null 2>&1
+printf '[storage]\ndriver = "vfs"\nrunroot = "%s/run"\ngraphroot = "%s/graph"\n' $$d $$d > $$d/storage.conf
+printf '[containers]\nkeyring = false\ncgroups = "disabled"\n' > $$d/containers.conf
+export CONTAINERS_STORAGE_CONF=$$d/storage.conf CONTAINERS_CONF=$$d/containers.conf
+nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml 2>/dev/null
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader,nounits
+podman run --rm --network=none --tls-verify=false --device nvidia.com/gpu=all \
+    $mirror:5000/gpufleet/lab-hello:1 /bin/sh -c 'ls /dev | grep -c "^nvidia[0-9]"'
+rm -rf $$d
+""")
+
+
+def test_airgapped_node_installs_stack_and_runs_a_gpu_container_from_the_mirror(lab: Lab, bmc_node: str) -> None:
+    """Mirror only: pinned stand-ins + podman install, nvidia-smi shows the stack's GPUs, a CDI container runs.
+
+    Reimages the BMC node first, so it starts from the base image whatever other tests did to it.
+    """
+    _reimage(lab, BMC_NODE)
+    node = lab.host(BMC_NODE)
+    assert node.gpus is not None
+    packages = [f"{p}=570.133.20-1" for p in ("nvidia-driver", "nvidia-kernel-open-dkms", "nvidia-persistenced")]
+    packages += [f"{p}=1.17.8-1" for p in ("nvidia-container-toolkit", "nvidia-container-toolkit-base",
+                                           "libnvidia-container-tools", "libnvidia-container1")]
+    script = _NODE_STACK_SCRIPT.substitute(key=lab.spec.keyrings[mirror_of(lab).name].read_bytes().hex(),
+                                           mirror=mirror_of(lab).address.ip,
+                                           packages=" ".join([*packages, "podman"]))
+    encoded = base64.b64encode(script.encode()).decode()
+    r = lab.ssh(BMC_NODE, f"echo {encoded} | base64 -d | bash", timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = r.stdout.strip().splitlines()
+    count = len(node.gpus["gpus"])
+    assert lines[:count] == [f"{node.gpus['name']}, {node.gpus['memory_mib']}, 570.133.20"] * count
+    assert lines[-1] == str(count)
+
+
+def leftover_processes(paths: Paths) -> list[str]:
+    """Processes of the lab with this state directory: nspawn hosts, BMC emulator and notifier, gpg-agents."""
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True).stdout.splitlines()
+    marks = [f"{paths.hosts_dir}/", f"{paths.bmc_dir}/", f"{paths.gnupg_dir}/", f"--state-dir {paths.state}"]
+    return [line for line in ps if any(m in line + "/" for m in marks)]
 
 
 def test_down_leaves_nothing_behind(lab: Lab) -> None:
@@ -269,9 +298,7 @@ def test_down_leaves_nothing_behind(lab: Lab) -> None:
         assert not any(network.bridge_exists(b.name) for b in lab.spec.bridges)
         assert not network.table_exists(network.table_name(lab.stack))
         assert not any((lab_mod.PROPAGATE_DIR / h.name).exists() for h in lab.hosts)
-        ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True).stdout
-        for leftover in ("systemd-nspawn", "infra.lab.notifier", "sushy-emulator", str(lab.paths.gnupg_dir)):
-            assert leftover not in ps
+        assert leftover_processes(lab.paths) == []
     finally:
         lab_mod.up(lab.spec, lab.paths, lab.stack_file)  # later lab tests (other files) need it
 
@@ -315,6 +342,5 @@ def test_second_lab_comes_up_and_goes_down_without_touching_the_first(lab: Lab, 
     assert not any(network.bridge_exists(b.name) for b in spec.bridges)
     assert not network.table_exists(network.table_name("labci"))
     assert not any((lab_mod.PROPAGATE_DIR / h.name).exists() for h in spec.hosts)
-    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True).stdout
-    assert str(paths.state) not in ps
+    assert leftover_processes(paths) == []
     assert lab.healthy()  # the first lab is untouched
