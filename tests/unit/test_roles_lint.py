@@ -61,3 +61,10 @@ def test_ansible_lint_production_profile() -> None:
     p = subprocess.run([str(BIN / "ansible-lint"), "--offline", "--profile", "production", "--nocolor", *OURS],
                        cwd=ROOT, capture_output=True, text=True, timeout=600, check=False, env=_env())
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+
+
+def test_docs_reference_matches_argument_specs() -> None:
+    """docs/roles.md's variable reference is the one generated from the argument specs."""
+    from infra.ansible.docs import main
+
+    assert main(["--check"]) == 0

@@ -1,0 +1,98 @@
+"""Converge benchmark: first and no-op converge for 1, 2, 4 nodes, tuned vs plain Ansible defaults.
+
+Not a test (tests never assert wall-clock times): `python -m infra.ansible.bench --stack lab` prints
+a JSON report; `bench()` is what a benchmark harness calls. `--fresh` reimages lab nodes first (lab
+only) so the first converge starts from the base OS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from infra.ansible.cli import converge
+from infra.ansible.settings import Tuning
+from infra.model.load import load_site
+from infra.plan.node import plan_site
+
+
+def _timed(stack: str, hosts: Sequence[str], tuning: Tuning) -> dict[str, Any]:
+    site = load_site(stack)
+    nodes = [plan_site(site).node(h) for h in hosts]
+    start = time.monotonic()
+    result = converge(site, nodes, tuning=tuning)
+    return {"seconds": round(time.monotonic() - start, 2), "succeeded": result.succeeded,
+            "changed": {n.hostname: n.changed for n in result.nodes}}
+
+
+def lab_reimage(stack: str) -> Callable[[Sequence[str]], None]:
+    """A `fresh` hook for the lab: reimage nodes through the lab's BMC path and wait for SSH."""
+    from infra.ansible.cli import wait_ssh
+    from infra.lab import lab as lab_mod
+    from infra.lab.config import Paths, lab_spec
+    from infra.model.load import stack_path
+
+    spec, paths = lab_spec(stack, stack_path(stack)), Paths.from_env()
+
+    def fresh(hosts: Sequence[str]) -> None:
+        for h in hosts:
+            lab_mod.power_off(spec, paths, h)
+            lab_mod.power_on(spec, paths, h, reimage=True)
+        site = load_site(stack)
+        for h in hosts:
+            ok, _, err = wait_ssh(site, plan_site(site).node(h), 180)
+            if not ok:
+                raise RuntimeError(f"{h} did not come back: {err}")
+
+    return fresh
+
+
+def bench(
+    stack: str = "lab",
+    counts: Sequence[int] = (1, 2, 4),
+    *,
+    fresh: Callable[[Sequence[str]], None] | None = None,
+    compare_defaults: bool = True,
+) -> dict[str, Any]:
+    """Measure converges of the first N nodes (plan order) for each N; returns a JSON-ready report."""
+    all_hosts = [n.hostname for n in plan_site(load_site(stack)).nodes]
+    report: dict[str, Any] = {"stack": stack, "runs": []}
+    for count in counts:
+        hosts = all_hosts[:count]
+        row: dict[str, Any] = {"nodes": hosts}
+        if fresh is not None:
+            fresh(hosts)
+            row["first"] = _timed(stack, hosts, Tuning.TUNED)
+        row["noop_tuned"] = _timed(stack, hosts, Tuning.TUNED)
+        if compare_defaults:
+            row["noop_defaults"] = _timed(stack, hosts, Tuning.DEFAULTS)
+            row["defaults_over_tuned"] = round(row["noop_defaults"]["seconds"] / row["noop_tuned"]["seconds"], 2)
+        report["runs"].append(row)
+    base = next((r["noop_tuned"]["seconds"] for r in report["runs"] if len(r["nodes"]) == 1), None)
+    if base:
+        for r in report["runs"]:
+            r["noop_vs_one_node"] = round(r["noop_tuned"]["seconds"] / base, 2)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the benchmark report as JSON."""
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--stack", default="lab")
+    p.add_argument("--counts", default="1,2,4", help="node counts, comma-separated")
+    p.add_argument("--fresh", action="store_true", help="reimage lab nodes first to time the first converge")
+    p.add_argument("--no-defaults", action="store_true", help="skip the plain-defaults comparison")
+    args = p.parse_args(argv)
+    report = bench(args.stack, [int(c) for c in args.counts.split(",")],
+                   fresh=lab_reimage(args.stack) if args.fresh else None, compare_defaults=not args.no_defaults)
+    json.dump(report, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
