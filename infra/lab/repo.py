@@ -13,6 +13,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -21,6 +22,8 @@ from email.utils import formatdate
 from pathlib import Path
 
 from infra.lab.sh import run
+
+log = logging.getLogger("gpufleet.lab")
 
 KEY_UID = "gpufleet lab repository key for {host} (SIMULATED lab, not for production)"
 
@@ -61,16 +64,16 @@ def _export_bytes(home: Path, fpr: str) -> bytes:
                           timeout=30, check=True).stdout
 
 
-def release_text(apt_dir: Path, origin: str, date: float | None = None) -> str:
-    """Release of a flat repository: checksums of the index files."""
-    files = [f for f in ("Packages", "Packages.gz") if (apt_dir / f).exists()]
+def release_text(apt_dir: Path, origin: str, date: float | None = None, files: dict[str, bytes] | None = None) -> str:
+    """Release of a flat repository: checksums of the index files (given, or read from `apt_dir`)."""
+    if files is None:
+        files = {f: (apt_dir / f).read_bytes() for f in ("Packages", "Packages.gz") if (apt_dir / f).exists()}
     lines = [f"Origin: {origin}", f"Label: {origin}", "Suite: lab", "Codename: lab", "Architectures: amd64 all",
              f"Date: {formatdate(date if date is not None else time.time(), usegmt=True)}",
              f"Description: gpufleet lab repository on {origin} (SIMULATED NVIDIA stand-ins + Debian packages)"]
     for field, algo in (("MD5Sum", "md5"), ("SHA256", "sha256")):
         lines.append(f"{field}:")
-        for f in files:
-            data = (apt_dir / f).read_bytes()
+        for f, data in files.items():
             lines.append(f" {hashlib.new(algo, data).hexdigest()} {len(data)} {f}")
     return "\n".join(lines) + "\n"
 
@@ -81,6 +84,32 @@ def _same(src: Path, dst: Path) -> bool:
         return True
     a, b = src.stat(), dst.stat()
     return (a.st_size, int(a.st_mtime)) == (b.st_size, int(b.st_mtime))
+
+
+def _scan(srv: Path, wanted: dict[str, Path], scan_cache: Path | None) -> str:
+    """`dpkg-scanpackages --multiversion` over exactly the wanted files (in a staging dir of hard links).
+
+    The index depends only on the .debs, so hosts seeded from the same files share one scan.
+    """
+    scan_key = hashlib.sha256(json.dumps(sorted(str(p) for p in wanted.values())).encode()).hexdigest()[:16]
+    cached = scan_cache / f"Packages-{scan_key}" if scan_cache else None
+    if cached and cached.exists():
+        return cached.read_text(encoding="utf-8")
+    staging = srv / ".apt-staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        for name, src in wanted.items():
+            _link_or_copy(src, staging / name)
+        packages = run(["dpkg-scanpackages", "--multiversion", "."], cwd=staging, timeout=600).stdout
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    if cached:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        for old in cached.parent.glob("Packages-*"):
+            old.unlink()
+        cached.write_text(packages, encoding="utf-8")
+    return packages
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -115,37 +144,42 @@ def _seed(host: str, srv: Path, debs: Iterable[Path], gnupg_home: Path, keyring:
     # Source paths carry the cache keys, so rebuilt stand-ins with unchanged file names still re-seed.
     stamp = hashlib.sha256(json.dumps([fpr, sorted(str(p) for p in wanted.values())]).encode()).hexdigest()
     stamp_file = apt / ".gpufleet-seed"
-    if stamp_file.exists() and stamp_file.read_text().strip() == stamp and (apt / "InRelease").exists():
-        return False
+    if stamp_file.exists() and (apt / "InRelease").exists():
+        recorded = stamp_file.read_text().split()
+        current = hashlib.sha256((apt / "InRelease").read_bytes()).hexdigest()
+        if len(recorded) == 2 and recorded[1] != current:
+            # Someone else published this repo since (e.g. `gpufleet bundle import`): theirs now.
+            log.info("%s: apt repo republished by another tool; lab seeding leaves it alone", host)
+            return False
+        if recorded and recorded[0] == stamp:
+            return False
+    # Republish so that a client never sees an index without its files: add and replace packages
+    # first (each replacement an atomic rename), switch the index files by rename, and only then
+    # remove packages that are no longer wanted. (Roles saw a failed apt run during a re-seed.)
+    for name, src in wanted.items():
+        dst = apt / name
+        if not dst.exists() or not _same(src, dst):
+            tmp = apt / f".{name}.tmp"
+            tmp.unlink(missing_ok=True)
+            _link_or_copy(src, tmp)
+            os.replace(tmp, dst)
+    packages = _scan(srv, wanted, scan_cache)
+    staged = {
+        "Packages.gz": gzip.compress(packages.encode(), mtime=0),
+        "Packages": packages.encode(),
+    }
+    for name, data in staged.items():
+        (apt / f".{name}.tmp").write_bytes(data)
+    release = release_text(apt, host, files={n: staged[n] for n in ("Packages", "Packages.gz")}).encode()
+    (apt / ".Release.tmp").write_bytes(release)
+    for out, args in ((".InRelease.tmp", ["--clearsign"]), (".Release.gpg.tmp", ["-abs"])):
+        (apt / out).unlink(missing_ok=True)
+        _gpg(gnupg_home, "--pinentry-mode", "loopback", "--passphrase", "", "--local-user", fpr, *args,
+             "-o", apt / out, apt / ".Release.tmp")
+    for name in ("Packages.gz", "Packages", "Release.gpg", "Release", "InRelease"):
+        os.replace(apt / f".{name}.tmp", apt / name)
     for old in apt.glob("*.deb"):
         if old.name not in wanted:
             old.unlink()
-    for name, src in wanted.items():
-        dst = apt / name
-        if dst.exists() and not _same(src, dst):
-            dst.unlink()
-        if not dst.exists():
-            _link_or_copy(src, dst)
-    # The index depends only on the .debs: hosts seeded from the same files share one scan.
-    scan_key = hashlib.sha256(json.dumps(sorted(str(p) for p in wanted.values())).encode()).hexdigest()[:16]
-    cached = scan_cache / f"Packages-{scan_key}" if scan_cache else None
-    if cached and cached.exists():
-        packages = cached.read_text(encoding="utf-8")
-    else:
-        packages = run(["dpkg-scanpackages", "--multiversion", "."], cwd=apt, timeout=600).stdout
-        if cached:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            for old in cached.parent.glob("Packages-*"):
-                old.unlink()
-            cached.write_text(packages, encoding="utf-8")
-    (apt / "Packages").write_text(packages, encoding="utf-8")
-    (apt / "Packages.gz").write_bytes(gzip.compress(packages.encode(), mtime=0))
-    (apt / "Release").write_text(release_text(apt, host), encoding="utf-8")
-    for out in ("InRelease", "Release.gpg"):
-        (apt / out).unlink(missing_ok=True)
-    _gpg(gnupg_home, "--pinentry-mode", "loopback", "--passphrase", "", "--local-user", fpr, "--clearsign",
-         "-o", apt / "InRelease", apt / "Release")
-    _gpg(gnupg_home, "--pinentry-mode", "loopback", "--passphrase", "", "--local-user", fpr, "-abs",
-         "-o", apt / "Release.gpg", apt / "Release")
-    stamp_file.write_text(stamp + "\n")
+    stamp_file.write_text(f"{stamp} {hashlib.sha256((apt / 'InRelease').read_bytes()).hexdigest()}\n")
     return True
