@@ -49,6 +49,8 @@ def _render(d: dict[str, Any]) -> str:
     out.append(f"BMC: {d['bmc']['url']} ({'running' if d['bmc']['running'] else 'NOT running'}), "
                f"user admin, password in {d['bmc']['password_file']}")
     out.append(f"ssh: ssh -F {d['ssh_config']} HOST")
+    if d.get("stack_changed"):
+        out.append("WARNING: the stack file changed since `lab up`; run `gpufleet lab down` and `up` to follow it")
     if "timings" in d:
         out.append("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in d["timings"].items()))
     return "\n".join(out)

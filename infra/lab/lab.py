@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -231,6 +230,8 @@ def status(spec: LabSpec, paths: Paths) -> dict[str, Any]:
     return {
         "up": bool(st),
         "stack": spec.stack,
+        # The stack file changed since `up`: hosts/addresses may differ; `down` then `up` to follow it.
+        "stack_changed": bool(st) and st.get("digest") != spec_digest(spec),
         "hosts": [{"name": h.name, "kind": h.kind.value, "segment": h.segment, "address": str(h.address.ip),
                    "running": h.name in running, "ssh": ssh.get(h.name, False),
                    "bmc_off": bool(st.get("hosts", {}).get(h.name, {}).get("bmc_off")) and h.name not in running,
@@ -340,8 +341,3 @@ def repin_host_key(spec: LabSpec, name: str, paths: Paths | None = None) -> str:
     pub = hosts.public_host_key(hosts.root_of(paths, name))
     hosts.repin(spec, name, pub)
     return pub
-
-
-def ssh(spec: LabSpec, host: str, command: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-    """Run a shell command on a lab host over SSH (pinned key)."""
-    return run([*hosts.ssh_base(spec), host, command], timeout=timeout, check=False)
