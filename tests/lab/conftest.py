@@ -15,6 +15,7 @@ when not root or when the host cannot provide systemd-nspawn/debootstrap.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -25,6 +26,7 @@ from infra.lab.session import Lab
 from infra.model.load import stack_path
 
 STACK = "lab"
+STABLE = Path("/tmp/gpufleet-lab-stable")
 
 
 @pytest.fixture(scope="session")
@@ -39,11 +41,17 @@ def lab() -> Iterator[Lab]:
     spec = lab_spec(STACK, path)
     handle = Lab(spec, paths, path, started_here=lab_state.load(paths) is None)
     if not handle.started_here:
-        lab_mod.up(spec, paths, path)  # a developer's lab: re-check (restarts a stopped host), leave it up
+        lab_mod.up(spec, paths, path)  # a running lab: re-check it (BMC-off nodes stay off), leave it up
         yield handle
         return
+    marked = False
     try:
         lab_mod.up(spec, paths, path)
+        if not STABLE.exists():  # the "a lab is up and usable" marker other lab tests wait for (CI)
+            STABLE.touch()
+            marked = True
         yield handle
     finally:
+        if marked:
+            STABLE.unlink(missing_ok=True)
         lab_mod.down(paths)
