@@ -505,3 +505,20 @@ def test_upload_aborts_when_a_file_changed_after_verify(tmp_path: Path) -> None:
         _local_mirror(served).put_files(src, ["files/a.bin", "files/b.bin"], {"files/a.bin": good,
                                                                              "files/b.bin": "0" * 64})
     assert not (served / "files").exists() or not any((served / "files").rglob("*.bin"))
+
+
+def test_build_refuses_a_lock_that_no_longer_matches_the_stack(tmp_path: Path, keys: dict[str, Path]) -> None:
+    """A stack changed after locking cannot be bundled from the old lock; the error names the change."""
+    path = _lab_copy(tmp_path)
+    site = load_site(path=path)
+    lock = _fake_lock(site, tmp_path / "s")
+    lock.declared = [decl_dict(d) for d in declared(site)]
+
+    def bump(s: dict[str, object]) -> None:
+        s["profiles"]["lab-570"]["container_toolkit"]["version"] = "1.18.0-1"  # type: ignore[index]
+
+    changed = load_site(path=_lab_copy(tmp_path, bump))
+    with pytest.raises(BuildError) as err:
+        build(changed, lock, lock.to_json(), "airgap", tmp_path / "out", keys["site_secret"], BuildOptions())
+    assert "deb nvidia-container-toolkit: stack wants 1.18.0-1, lock has 1.17.8-1" in str(err.value)
+    assert not (tmp_path / "out").exists()
