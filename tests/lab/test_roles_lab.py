@@ -90,10 +90,16 @@ def test_check_on_fresh_nodes_completes(lab_ready: Lab, tmp_path: Path) -> None:
     assert "gpufleet-" not in r.stdout and "570.133.20" not in r.stdout  # check mode wrote nothing
 
 
-def test_converge_then_noop_everywhere(lab_ready: Lab, tmp_path: Path) -> None:
-    """The whole lab converges; a second converge reports changed=0 on every node."""
-    code, first = gpufleet("converge", "--stack", "lab", runs=tmp_path)
+@pytest.fixture(scope="module")
+def converged(lab_ready: Lab, tmp_path_factory: pytest.TempPathFactory) -> Lab:
+    """The whole lab converged once (after the fresh-node check, when that runs first)."""
+    code, first = gpufleet("converge", "--stack", "lab", runs=tmp_path_factory.mktemp("converge"))
     assert code == 0, [(n["hostname"], n.get("failures")) for n in first.get("nodes", [])] or first
+    return lab_ready
+
+
+def test_converge_then_noop_everywhere(converged: Lab, tmp_path: Path) -> None:
+    """After the lab converged, a second converge reports changed=0 on every node."""
     code, second = gpufleet("converge", "--stack", "lab", runs=tmp_path)
     assert code == 0, second
     assert {n["hostname"]: n["changed"] for n in second["nodes"]} == dict.fromkeys(
@@ -102,7 +108,7 @@ def test_converge_then_noop_everywhere(lab_ready: Lab, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("node", ["lab-gpu01", "lab-gpu02", "lab-gpu03", "lab-gpu04"])
-def test_validate_node_passes(lab_ready: Lab, tmp_path: Path, node: str) -> None:
+def test_validate_node_passes(converged: Lab, tmp_path: Path, node: str) -> None:
     """validate-node reports the declared GPUs, pinned driver, no reboot pending after converge in lab mode."""
     code, data = gpufleet("validate-node", "--stack", "lab", "--node", node, runs=tmp_path)
     assert code == 0 and data["passed"], data
@@ -113,24 +119,24 @@ def test_validate_node_passes(lab_ready: Lab, tmp_path: Path, node: str) -> None
 
 
 @pytest.mark.parametrize("node", ["lab-gpu03", AIRGAP_NODE])
-def test_airgapped_nodes_install_from_mirror_only(lab_ready: Lab, node: str) -> None:
+def test_airgapped_nodes_install_from_mirror_only(converged: Lab, node: str) -> None:
     """Air-gapped nodes have only the mirror as apt source, got every GPU package from it, cannot reach out."""
-    r = lab_ready.ssh(node, "cat /etc/apt/sources.list; ls /etc/apt/sources.list.d/; "
+    r = converged.ssh(node, "cat /etc/apt/sources.list; ls /etc/apt/sources.list.d/; "
                             "grep -h '^URIs' /etc/apt/sources.list.d/*")
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("URIs:") == 1 and "URIs: http://198.18.2.10/apt" in r.stdout
     assert "deb " not in r.stdout
-    r = lab_ready.ssh(node, "apt-cache policy nvidia-driver cuda-toolkit-12-8 podman")
+    r = converged.ssh(node, "apt-cache policy nvidia-driver cuda-toolkit-12-8 podman")
     origins = {ln.split()[1] for ln in r.stdout.splitlines() if ln.strip().startswith(("500 ", "1001 "))
                and "http" in ln}
     assert origins == {"http://198.18.2.10/apt"}, r.stdout
-    r = lab_ready.ssh(node, "nft list table inet gpufleet_airgap")
+    r = converged.ssh(node, "nft list table inet gpufleet_airgap")
     assert r.returncode == 0 and "policy drop" in r.stdout
-    probe = lab_ready.ssh(node, f"python3 -c \"import socket; socket.create_connection(('{OUTSIDE}', 80), 3)\"")
+    probe = converged.ssh(node, f"python3 -c \"import socket; socket.create_connection(('{OUTSIDE}', 80), 3)\"")
     assert probe.returncode != 0
 
 
-def test_driver_upgrade_through_stack_change(lab_ready: Lab, tmp_path: Path) -> None:
+def test_driver_upgrade_through_stack_change(converged: Lab, tmp_path: Path) -> None:
     """570→580 on one node: check names exactly that node and its packages + reboot; converge applies it;
     fabric manager follows the driver; the original stack downgrades it again."""
     modified = stack_copy(tmp_path, with_profile_580)
@@ -145,7 +151,7 @@ def test_driver_upgrade_through_stack_change(lab_ready: Lab, tmp_path: Path) -> 
 
     code, conv = gpufleet("converge", "--stack-file", str(modified), "--node", UPGRADE_NODE, runs=tmp_path)
     assert code == 0, conv
-    r = lab_ready.ssh(UPGRADE_NODE, "nvidia-smi --query-gpu=driver_version --format=csv,noheader | sort -u; "
+    r = converged.ssh(UPGRADE_NODE, "nvidia-smi --query-gpu=driver_version --format=csv,noheader | sort -u; "
                                     "dpkg-query -W -f='${Package} ${Version} ${db:Status-Abbrev}\\n' "
                                     "'nvidia-fabricmanager-*' nvidia-driver; systemctl is-active nvidia-fabricmanager; "
                                     "cat /etc/ansible/facts.d/gpufleet.fact")
@@ -157,11 +163,11 @@ def test_driver_upgrade_through_stack_change(lab_ready: Lab, tmp_path: Path) -> 
 
     code, back = gpufleet("converge", "--stack", "lab", "--node", UPGRADE_NODE, runs=tmp_path)
     assert code == 0, back
-    r = lab_ready.ssh(UPGRADE_NODE, "nvidia-smi --query-gpu=driver_version --format=csv,noheader | sort -u")
+    r = converged.ssh(UPGRADE_NODE, "nvidia-smi --query-gpu=driver_version --format=csv,noheader | sort -u")
     assert r.stdout.strip() == "570.133.20"
 
 
-def test_failure_stops_rollout_and_leaves_rest_untouched(lab_ready: Lab, tmp_path: Path) -> None:
+def test_failure_stops_rollout_and_leaves_rest_untouched(converged: Lab, tmp_path: Path) -> None:
     """Batch size 1, max_failures 0: lab-gpu01 fails validation, lab-gpu02 (next batch) is never run."""
     def edit(site: dict[str, Any]) -> None:
         site["rollout"] = {"batch_size": 1, "max_failures": 0}
@@ -169,14 +175,14 @@ def test_failure_stops_rollout_and_leaves_rest_untouched(lab_ready: Lab, tmp_pat
         next(n for n in site["nodes"] if n["hostname"] == "lab-gpu01")["gpu"]["count"] = 3
 
     modified = stack_copy(tmp_path, edit)
-    before = lab_ready.ssh(UPGRADE_NODE, "stat -c %Y /var/lib/gpufleet/validate.json").stdout
+    before = converged.ssh(UPGRADE_NODE, "stat -c %Y /var/lib/gpufleet/validate.json").stdout
     code, res = gpufleet("converge", "--stack-file", str(modified), "--segment", "connected", runs=tmp_path)
     assert code == 1
     status = {n["hostname"]: n["status"] for n in res["nodes"]}
     assert status == {"lab-gpu01": "failed", UPGRADE_NODE: "not-run"}
     assert "connected" in res["stopped_segments"] and len(res["runs"]) == 1
     assert any("GPUs seen" in f["msg"] for f in res["nodes"][0]["failures"])
-    assert lab_ready.ssh(UPGRADE_NODE, "stat -c %Y /var/lib/gpufleet/validate.json").stdout == before
+    assert converged.ssh(UPGRADE_NODE, "stat -c %Y /var/lib/gpufleet/validate.json").stdout == before
 
 
 def _newest_events(runs: Path) -> list[str]:
@@ -195,7 +201,7 @@ def _newest_events(runs: Path) -> list[str]:
     ("570.133.20", "Reboot | Record the driver state"),
     ("570.124.06", "Packages | Install pinned container toolkit packages"),
 ])
-def test_sigkill_mid_converge_then_reconverge(lab_ready: Lab, tmp_path: Path, version: str, kill_at: str) -> None:
+def test_sigkill_mid_converge_then_reconverge(converged: Lab, tmp_path: Path, version: str, kill_at: str) -> None:
     """SIGKILL of the whole converge at a task boundary; the next converge succeeds and dpkg is healthy."""
     def edit(site: dict[str, Any]) -> None:
         prof = site["profiles"]["lab-570"]
@@ -218,7 +224,7 @@ def test_sigkill_mid_converge_then_reconverge(lab_ready: Lab, tmp_path: Path, ve
         p.wait(timeout=30)
     code, res = gpufleet("converge", "--stack-file", str(modified), "--node", UPGRADE_NODE, runs=tmp_path)
     assert code == 0, res
-    r = lab_ready.ssh(UPGRADE_NODE, "dpkg --audit; apt-get check -q; "
+    r = converged.ssh(UPGRADE_NODE, "dpkg --audit; apt-get check -q; "
                                     "nvidia-smi --query-gpu=driver_version --format=csv,noheader | sort -u")
     assert r.returncode == 0 and r.stdout.strip().splitlines()[-1] == version, r.stdout + r.stderr
     if version != "570.133.20":
@@ -226,14 +232,14 @@ def test_sigkill_mid_converge_then_reconverge(lab_ready: Lab, tmp_path: Path, ve
         assert code == 0, res
 
 
-def test_secret_canary_never_left_on_controller(lab_ready: Lab, tmp_path: Path) -> None:
+def test_secret_canary_never_left_on_controller(converged: Lab, tmp_path: Path) -> None:
     """A registry token used by the run reaches the node, but no artifact, log or file on the controller."""
     canary = f"gpf-canary-{os.getpid()}-{int(time.time())}"
     started = time.time()
     code, res = gpufleet("converge", "--stack", "lab", "--node", "lab-gpu03", runs=tmp_path / "runs",
                          env={"GPUFLEET_SECRET_REGISTRY_TOKEN": canary})
     assert code == 0, res
-    r = lab_ready.ssh("lab-gpu03", "cat /etc/gpufleet/registry/config.json")
+    r = converged.ssh("lab-gpu03", "cat /etc/gpufleet/registry/config.json")
     auths = json.loads(r.stdout)["auths"]
     assert base64.b64decode(auths["198.18.2.10:5000"]["auth"]).decode() == f"gpufleet:{canary}"
     assert canary not in json.dumps(res)
