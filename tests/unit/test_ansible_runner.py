@@ -261,3 +261,32 @@ def test_no_pinned_version_pattern_in_task_files() -> None:
         if f.parts[-3] == "mirror":
             continue
         assert not pat.search(f.read_text()), f
+
+
+class _Tty(__import__("io").StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_shows_current_task_and_counts_per_host() -> None:
+    """At a terminal every host gets a line with its counts and current task, redrawn in place."""
+    out = _Tty()
+    p = runner_mod.Progress(["n1", "n2"], out)
+    p.update("n1", task="base : Apt | Write sources")
+    p.update("n1", outcome="changed")
+    p.update("n2", task="nvidia_driver : Packages | Install")
+    p.update("n2", outcome="failed")
+    last = out.getvalue().split("\x1b[2A")[-1]
+    assert "n1" in last and "changed=1" in last and "base : Apt | Write sources" in last
+    assert "failed=1" in last and "nvidia_driver : Packages | Install" in last
+
+
+def test_progress_without_terminal_reports_failures_and_summary() -> None:
+    """Piped output gets no redraw codes: a line per failure and one summary line per host."""
+    out = __import__("io").StringIO()
+    p = runner_mod.Progress(["n1"], out)
+    p.update("n1", task="gpu_validate : Fail")
+    p.update("n1", outcome="failed")
+    p.finish(make_result({"n1": {"failed": 1, "ok": 7}}))
+    text = out.getvalue()
+    assert "\x1b[" not in text and "n1: FAILED gpu_validate : Fail" in text and "n1: FAILED ok=7" in text
