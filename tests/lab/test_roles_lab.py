@@ -68,8 +68,14 @@ def with_profile_580(site: dict[str, Any]) -> None:
 def lab_ready(lab: Lab) -> Iterator[Lab]:
     """The lab, with lab-gpu02 and lab-gpu04 reimaged to the base OS (fresh nodes)."""
     for node in (UPGRADE_NODE, AIRGAP_NODE):
-        lab_mod.power_off(lab.spec, lab.paths, node)
-        assert lab_mod.power_on(lab.spec, lab.paths, node, reimage=True)
+        # Other sessions on a shared lab may restart a stopped host in between: retry the pair.
+        for _ in range(10):
+            lab_mod.power_off(lab.spec, lab.paths, node)
+            if lab_mod.power_on(lab.spec, lab.paths, node, reimage=True):
+                break
+            time.sleep(1)
+        else:
+            pytest.fail(f"could not reimage {node}")
     for node in (UPGRADE_NODE, AIRGAP_NODE):
         code, data = gpufleet("wait-ssh", "--stack", "lab", "--node", node, "--timeout", "120", runs=Path("/tmp"))
         assert code == 0, data
