@@ -105,7 +105,7 @@ def test_rebuild_gives_back_the_same_node(converged: Lab, node: str, tmp_path: P
         timeout=3600,
     )
     report = as_json(r)
-    assert r.returncode == 0, report
+    assert r.returncode == 0, f"failed at {report.get('failed_step')}: {report.get('message')}"
     assert report["identical"] is True and report["baseline"] == "live", report["differences"]
     steps = [s["step"] for s in report["steps"]]
     assert steps[:3] == ["preflight", "fingerprint-before", "bmc-reimage"] and "validate" in steps
