@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from infra.console import Exit, emit, table
-from infra.lab import lab
+from infra.lab import lab, measure
 from infra.lab.config import LabConfigError, Paths, lab_spec
 from infra.lab.sh import LabCommandError
 from infra.model.load import stack_path
@@ -30,6 +30,11 @@ def register(sub: Any) -> None:
         q.add_argument("--json", action="store_true", help="machine-readable JSON output")
         q.add_argument("-v", "--verbose", action="store_true", help="log each step")
         q.set_defaults(func=func)
+    q = lsub.add_parser("measure", help="benchmark figures from a second lab beside the shared one (198.19.x)")
+    q.add_argument("--cold", action="store_true", help="empty caches: includes the debootstrap build (~4-5 min)")
+    q.add_argument("--json", action="store_true", help="machine-readable JSON output")
+    q.add_argument("-v", "--verbose", action="store_true", help="log each step")
+    q.set_defaults(func=cmd_measure, stack="lab", stack_file=None)
 
 
 def _setup(args: argparse.Namespace) -> Path:
@@ -103,4 +108,20 @@ def cmd_down(args: argparse.Namespace) -> int:
         return Exit.UNAVAILABLE
     result = lab.down(Paths.from_env())
     emit(args.json, result, lambda d: f"lab down in {d['seconds']:.1f}s ({len(d['hosts_stopped'])} hosts stopped)")
+    return Exit.OK
+
+
+def cmd_measure(args: argparse.Namespace) -> int:
+    """Print cold/warm/idle `up` and `down` seconds of a throwaway second lab."""
+    _setup(args)
+    try:
+        lab.check_prerequisites()
+        result = measure.measure(cold=args.cold)
+    except lab.LabUnavailable as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return Exit.UNAVAILABLE
+    except LabCommandError as exc:
+        sys.stderr.write(f"error: measure failed: {exc}\n")
+        return Exit.FAILED
+    emit(args.json, result, lambda d: table([(k, v) for k, v in d.items() if k.endswith("_s")], ["figure", "seconds"]))
     return Exit.OK

@@ -12,12 +12,12 @@ from typing import Any
 
 import pytest
 import requests
-import yaml
 
 from infra.lab import hosts as lab_hosts
 from infra.lab import lab as lab_mod
 from infra.lab import network
 from infra.lab.config import HostKind, LabHost, Paths, lab_spec
+from infra.lab.measure import second_stack
 from infra.lab.session import Lab
 from infra.lab.standins import STANDIN_VERSIONS
 from infra.model.load import stack_path
@@ -304,21 +304,8 @@ def test_down_leaves_nothing_behind(lab: Lab) -> None:
 
 
 def make_second_stack(tmp_path: Path) -> tuple[Path, Paths]:
-    """A small second lab (2 nodes, mirror, outside world) on 198.19.0.0/16 with its own names, state and BMC port."""
-    text = stack_path("lab").read_text(encoding="utf-8")
-    for old, new in (("198.18.", "198.19."), ("lab-gpu0", "ci-gpu0"), ("lab-mirror", "ci-mirror"),
-                     ("lab-upstream", "ci-upstream"), ("/var/lib/gpufleet/lab/", f"{tmp_path}/state/"),
-                     ("127.0.0.1:8000", "127.0.0.1:8100"), ("port: 8000", "port: 8100"),
-                     ("name: connected", "name: ci-conn"), ("segment: connected", "segment: ci-conn"),
-                     ("name: airgap", "name: ci-gap"), ("segment: airgap", "segment: ci-gap")):
-        text = text.replace(old, new)
-    data = yaml.safe_load(text)
-    site = data["config"]["gpufleet:site"]
-    site["name"] = "labci"
-    site["nodes"] = [n for n in site["nodes"] if n["hostname"] in ("ci-gpu01", "ci-gpu03")]
-    site["services"] = []
-    path = tmp_path / "Pulumi.labci.yaml"
-    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    """A small second lab (2 nodes, mirror, outside world) on 198.19.x with its own names, state and BMC port."""
+    path = second_stack(stack_path("lab"), tmp_path, prefix="ci", bmc_port=8100, nodes=("ci-gpu01", "ci-gpu03"))
     return path, Paths(state=tmp_path / "state")
 
 
@@ -326,6 +313,9 @@ def test_second_lab_comes_up_and_goes_down_without_touching_the_first(lab: Lab, 
     """Another stack's lab runs beside this one; its `down` removes all of its own traces and none of ours."""
     path, paths = make_second_stack(tmp_path)
     spec = lab_spec("labci", path)
+    serving = {n: p for n, p in lab_hosts.supervisor_pids(lab.paths).items()
+               if lab.host(n).kind is not HostKind.NODE}
+    assert {h.name for h in spec.hosts} == {"ci-gpu01", "ci-gpu03", "ci-mirror", "ci-upstream"}
     try:
         result = lab_mod.up(spec, paths, path)
         assert all(h["ssh"] for h in result["hosts"]), result["hosts"]
@@ -343,4 +333,7 @@ def test_second_lab_comes_up_and_goes_down_without_touching_the_first(lab: Lab, 
     assert not network.table_exists(network.table_name("labci"))
     assert not any((lab_mod.PROPAGATE_DIR / h.name).exists() for h in spec.hosts)
     assert leftover_processes(paths) == []
-    assert lab.healthy()  # the first lab is untouched
+    # The first lab is untouched: its bridges, table and serving hosts (never power-cycled by anyone) remain.
+    assert all(network.bridge_exists(b.name) for b in lab.spec.bridges)
+    assert network.table_exists(network.table_name(lab.stack))
+    assert {n: p for n, p in lab_hosts.supervisor_pids(lab.paths).items() if n in serving} == serving
