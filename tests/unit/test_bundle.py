@@ -522,3 +522,33 @@ def test_build_refuses_a_lock_that_no_longer_matches_the_stack(tmp_path: Path, k
         build(changed, lock, lock.to_json(), "airgap", tmp_path / "out", keys["site_secret"], BuildOptions())
     assert "deb nvidia-container-toolkit: stack wants 1.18.0-1, lock has 1.17.8-1" in str(err.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_mirror_status_names_what_the_mirror_lacks() -> None:
+    """Status compares served packages, files and registry tags with the lock of the mirror's segments."""
+    from infra.bundle.status import mirror_status
+
+    site = load_site("lab")
+    arts = [Artifact("deb", "podman", "4.3", "apt/podman_4.3_amd64.deb", 1, "a" * 64, "u", ("airgap",), True),
+            Artifact("deb", "chrony", "4.3", "apt/chrony_4.3_amd64.deb", 1, "b" * 64, "u", ("airgap",), True),
+            Artifact("model", "m@r", "r", "files/models/m/r/model.gguf", 1, "c" * 64, "u", ("airgap",), True),
+            Artifact("image", "lab/x", "sha256:" + "d" * 64, "images/lab/x", 1, "d" * 64, "u", ("airgap",), True),
+            Artifact("deb", "curl", "7", "", 0, "", "baseline", ("airgap",), True),
+            Artifact("deb", "only-connected", "1", "apt/oc.deb", 1, "e" * 64, "u", ("connected",), True)]
+    lock = Lock("lab", [], arts)
+
+    class View:
+        def list_files(self) -> dict[str, tuple[int, str]]:
+            return {"apt/podman_4.3_amd64.deb": (1, "a" * 64), "apt/chrony_4.3_amd64.deb": (1, "0" * 64),
+                    "files/models/m/r/model.gguf": (1, "c" * 64)}
+
+        def packages_index(self) -> bytes:
+            return b"Package: podman\nVersion: 4.3\n\nPackage: chrony\nVersion: 4.3\n\n"
+
+        def catalog(self) -> dict[str, object]:
+            return {"ok": True, "repos": {"lab/x": ["other-tag"]}}
+
+    st = mirror_status(site, lock, View(), "lab-mirror")
+    assert st["segments"] == ["airgap"] and st["apt_packages"] == 2
+    assert st["missing"] == ["deb chrony 4.3", f"image lab/x@sha256:{'d' * 64}"]
+    assert st["matches_lock"] is False
