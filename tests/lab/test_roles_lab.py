@@ -11,9 +11,11 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -64,6 +66,15 @@ def with_profile_580(site: dict[str, Any]) -> None:
     next(n for n in site["nodes"] if n["hostname"] == UPGRADE_NODE)["profile"] = "lab-580"
 
 
+@pytest.fixture
+def tmp_path() -> Iterator[Path]:
+    """A per-test directory outside pytest's basetemp: on a shared machine other pytest sessions prune
+    old basetemps (retention 3), which deleted a running converge's data dir under it."""
+    d = Path(tempfile.mkdtemp(prefix="gpufleet-roles-test-", dir="/var/tmp"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
 def lab_ready(lab: Lab) -> Iterator[Lab]:
     """The lab, with lab-gpu02 and lab-gpu04 reimaged to the base OS (fresh nodes)."""
@@ -97,9 +108,11 @@ def test_check_on_fresh_nodes_completes(lab_ready: Lab, tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def converged(lab_ready: Lab, tmp_path_factory: pytest.TempPathFactory) -> Lab:
+def converged(lab_ready: Lab) -> Lab:
     """The whole lab converged once (after the fresh-node check, when that runs first)."""
-    code, first = gpufleet("converge", "--stack", "lab", runs=tmp_path_factory.mktemp("converge"))
+    runs = Path(tempfile.mkdtemp(prefix="gpufleet-roles-converge-", dir="/var/tmp"))
+    code, first = gpufleet("converge", "--stack", "lab", runs=runs)
+    shutil.rmtree(runs, ignore_errors=True)
     assert code == 0, [(n["hostname"], n.get("failures")) for n in first.get("nodes", [])] or first
     return lab_ready
 
