@@ -25,8 +25,11 @@ def _timed(stack: str, hosts: Sequence[str], tuning: Tuning) -> dict[str, Any]:
     nodes = [plan_site(site).node(h) for h in hosts]
     start = time.monotonic()
     result = converge(site, nodes, tuning=tuning)
-    return {"seconds": round(time.monotonic() - start, 2), "succeeded": result.succeeded,
-            "changed": {n.hostname: n.changed for n in result.nodes}}
+    return {
+        "seconds": round(time.monotonic() - start, 2),
+        "succeeded": result.succeeded,
+        "changed": {n.hostname: n.changed for n in result.nodes},
+    }
 
 
 def lab_reimage(stack: str) -> Callable[[Sequence[str]], None]:
@@ -89,9 +92,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fresh", action="store_true", help="reimage lab nodes first to time the first converge")
     p.add_argument("--no-defaults", action="store_true", help="skip the plain-defaults comparison")
     args = p.parse_args(argv)
-    report = bench(args.stack, [int(c) for c in args.counts.split(",")],
-                   order=args.order.split(",") if args.order else None,
-                   fresh=lab_reimage(args.stack) if args.fresh else None, compare_defaults=not args.no_defaults)
+    report = bench(
+        args.stack,
+        [int(c) for c in args.counts.split(",")],
+        order=args.order.split(",") if args.order else None,
+        fresh=lab_reimage(args.stack) if args.fresh else None,
+        compare_defaults=not args.no_defaults,
+    )
     json.dump(report, sys.stdout, indent=2)
     sys.stdout.write("\n")
     return 0

@@ -28,8 +28,12 @@ def _selection_args(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--node", action="append", help="only this node (repeatable)")
     g.add_argument("--segment", help="only the nodes of this segment")
-    p.add_argument("--tuning", choices=[t.value for t in Tuning], default=Tuning.TUNED.value,
-                   help="runner settings: tuned (default) or plain Ansible defaults (for benchmarks)")
+    p.add_argument(
+        "--tuning",
+        choices=[t.value for t in Tuning],
+        default=Tuning.TUNED.value,
+        help="runner settings: tuned (default) or plain Ansible defaults (for benchmarks)",
+    )
 
 
 def register(sub: Any) -> None:
@@ -90,9 +94,17 @@ def converge(
 
     def run(batch: list[NodePlan]) -> RunResult:
         hosts = [n.hostname for n in batch]
-        return run_playbook(playbook, build_inventory(site, batch), hosts, ssh=ssh, check=check, tuning=tuning,
-                            secrets=secrets, progress=Progress(hosts) if progress else None,
-                            label="check" if check else "converge")
+        return run_playbook(
+            playbook,
+            build_inventory(site, batch),
+            hosts,
+            ssh=ssh,
+            check=check,
+            tuning=tuning,
+            secrets=secrets,
+            progress=Progress(hosts) if progress else None,
+            label="check" if check else "converge",
+        )
 
     # Check mode changes nothing, so there is nothing to roll: every node is looked at in one run.
     max_failures = len(nodes) if check else site.rollout.max_failures
@@ -102,8 +114,11 @@ def converge(
         for n in nodes:
             h = result.hosts.get(n.hostname)
             status = "ok" if h and h.succeeded else ("unreachable" if h and h.unreachable else "failed")
-            out.append(NodeOutcome(n.hostname, n.segment.name, n.batch, status, h.changed if h else 0,
-                                   h.as_dict() if h else {}))
+            out.append(
+                NodeOutcome(
+                    n.hostname, n.segment.name, n.batch, status, h.changed if h else 0, h.as_dict() if h else {}
+                )
+            )
         return RolloutResult(nodes=out, runs=[result], stopped_segments={})
     return roll(plan, nodes, run, max_failures=max_failures)
 
@@ -118,9 +133,17 @@ def _load(args: argparse.Namespace) -> tuple[Site, list[NodePlan]] | int:
 
 
 def _render_converge(d: dict[str, Any]) -> str:
-    rows = [(n["hostname"], n["segment"], n["batch"], n["status"], n.get("changed", 0),
-             "; ".join(f"{f['task']}: {f['msg'][:80]}" for f in n.get("failures", []))[:120])
-            for n in d["nodes"]]
+    rows = [
+        (
+            n["hostname"],
+            n["segment"],
+            n["batch"],
+            n["status"],
+            n.get("changed", 0),
+            "; ".join(f"{f['task']}: {f['msg'][:80]}" for f in n.get("failures", []))[:120],
+        )
+        for n in d["nodes"]
+    ]
     out = table(rows, ["node", "segment", "batch", "status", "changed", "failure"])
     for seg, why in d["stopped_segments"].items():
         out += f"\nsegment {seg} stopped: {why}"
@@ -145,18 +168,20 @@ def check_report(result: RolloutResult) -> dict[str, Any]:
         d = n.detail
         packages = sorted({p for v in (d.get("package_changes") or {}).values() for p in v})
         stale = (d.get("facts") or {}).get("nvidia_driver_stale_packages") or []
-        nodes.append({
-            "hostname": n.hostname,
-            "segment": n.segment,
-            "status": n.status,
-            "changes": n.changed,
-            "changed_tasks": d.get("changed_tasks", []),
-            "packages": packages,
-            "packages_removed": sorted(stale),
-            "files": d.get("files_changed", []),
-            "reboot_required": bool(d.get("reboot_required")),
-            "failures": d.get("failures", []),
-        })
+        nodes.append(
+            {
+                "hostname": n.hostname,
+                "segment": n.segment,
+                "status": n.status,
+                "changes": n.changed,
+                "changed_tasks": d.get("changed_tasks", []),
+                "packages": packages,
+                "packages_removed": sorted(stale),
+                "files": d.get("files_changed", []),
+                "reboot_required": bool(d.get("reboot_required")),
+                "failures": d.get("failures", []),
+            }
+        )
     return {"drift": any(x["changes"] for x in nodes), "succeeded": result.succeeded, "nodes": nodes}
 
 
@@ -180,8 +205,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     if isinstance(loaded, int):
         return loaded
     site, nodes = loaded
-    result = converge(site, nodes, check=True, tuning=Tuning(args.tuning),
-                      progress=not args.json and sys.stderr.isatty())
+    result = converge(
+        site, nodes, check=True, tuning=Tuning(args.tuning), progress=not args.json and sys.stderr.isatty()
+    )
     report = check_report(result)
     emit(args.json, report, _render_check)
     if not result.succeeded:
@@ -200,16 +226,22 @@ def cmd_validate_node(args: argparse.Namespace) -> int:
     result = converge(site, [node], tuning=Tuning(args.tuning), playbook="validate.yml")
     n = result.nodes[0]
     facts = (n.detail.get("facts") or {}).get("gpu_validate_result")
-    data: dict[str, Any] = {"node": node.hostname, "reachable": n.status != "unreachable",
-                            "passed": bool(facts and facts.get("passed")), "facts": facts,
-                            "failures": n.detail.get("failures", [])}
+    data: dict[str, Any] = {
+        "node": node.hostname,
+        "reachable": n.status != "unreachable",
+        "passed": bool(facts and facts.get("passed")),
+        "facts": facts,
+        "failures": n.detail.get("failures", []),
+    }
 
     def render(d: dict[str, Any]) -> str:
         f = d["facts"] or {}
         lines = [f"{d['node']}: {'PASSED' if d['passed'] else 'FAILED'}"]
         if f:
-            lines.append(f"  gpus: {len(f['gpus']['seen'])} seen, declared {f['gpus']['declared']['count']}x "
-                         f"{f['gpus']['declared']['product_name']}")
+            lines.append(
+                f"  gpus: {len(f['gpus']['seen'])} seen, declared {f['gpus']['declared']['count']}x "
+                f"{f['gpus']['declared']['product_name']}"
+            )
             lines.append(f"  driver: {', '.join(f['driver']['seen']) or '-'} (pinned {f['driver']['pinned']})")
             lines.append(f"  cuda: pinned {f['cuda']['pinned']}")
             lines.append(f"  reboot_required: {f['reboot_required']}")
@@ -233,8 +265,7 @@ def wait_ssh(site: Site, node: NodePlan, timeout: float) -> tuple[bool, float, s
     last = ""
     while True:
         try:
-            p = subprocess.run(ssh_command(site, node, "true"), capture_output=True, text=True, timeout=10,
-                               check=False)
+            p = subprocess.run(ssh_command(site, node, "true"), capture_output=True, text=True, timeout=10, check=False)
             if p.returncode == 0:
                 return True, time.monotonic() - start, ""
             last = p.stderr.strip().splitlines()[-1] if p.stderr.strip() else f"rc={p.returncode}"
@@ -258,6 +289,9 @@ def cmd_wait_ssh(args: argparse.Namespace) -> int:
         return Exit.INVALID
     ok, seconds, err = wait_ssh(site, node, args.timeout)
     data = {"node": node.hostname, "ready": ok, "seconds": round(seconds, 2), "error": err}
-    emit(args.json, data, lambda d: f"{d['node']}: {'ssh ready' if d['ready'] else 'NOT ready: ' + d['error']}"
-                                    f" after {d['seconds']} s")
+    emit(
+        args.json,
+        data,
+        lambda d: f"{d['node']}: {'ssh ready' if d['ready'] else 'NOT ready: ' + d['error']} after {d['seconds']} s",
+    )
     return Exit.OK if ok else Exit.FAILED

@@ -49,10 +49,27 @@ class RolloutResult:
         return {
             "succeeded": self.succeeded,
             "stopped_segments": self.stopped_segments,
-            "nodes": [{"hostname": n.hostname, "segment": n.segment, "batch": n.batch, "status": n.status,
-                       "changed": n.changed, **n.detail} for n in self.nodes],
-            "runs": [{"hosts": sorted(r.hosts), "status": r.status, "rc": r.rc,
-                      "duration_s": round(r.duration_s, 2), "run_dir": r.run_dir} for r in self.runs],
+            "nodes": [
+                {
+                    "hostname": n.hostname,
+                    "segment": n.segment,
+                    "batch": n.batch,
+                    "status": n.status,
+                    "changed": n.changed,
+                    **n.detail,
+                }
+                for n in self.nodes
+            ],
+            "runs": [
+                {
+                    "hosts": sorted(r.hosts),
+                    "status": r.status,
+                    "rc": r.rc,
+                    "duration_s": round(r.duration_s, 2),
+                    "run_dir": r.run_dir,
+                }
+                for r in self.runs
+            ],
         }
 
 

@@ -92,9 +92,15 @@ class RunResult:
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
-        return {"playbook": self.playbook, "check": self.check, "status": self.status, "rc": self.rc,
-                "duration_s": round(self.duration_s, 2), "run_dir": self.run_dir,
-                "hosts": {k: v.as_dict() for k, v in sorted(self.hosts.items())}}
+        return {
+            "playbook": self.playbook,
+            "check": self.check,
+            "status": self.status,
+            "rc": self.rc,
+            "duration_s": round(self.duration_s, 2),
+            "run_dir": self.run_dir,
+            "hosts": {k: v.as_dict() for k, v in sorted(self.hosts.items())},
+        }
 
 
 class Progress:
@@ -138,8 +144,10 @@ class Progress:
         with self._lock:
             for h, r in sorted(result.hosts.items()):
                 state = "UNREACHABLE" if r.unreachable else ("FAILED" if r.failed else "ok")
-                self.out.write(f"{h}: {state} ok={r.ok} changed={r.changed} failed={r.failed}"
-                               f"{' reboot required' if r.reboot_required else ''}\n")
+                self.out.write(
+                    f"{h}: {state} ok={r.ok} changed={r.changed} failed={r.failed}"
+                    f"{' reboot required' if r.reboot_required else ''}\n"
+                )
             self.out.flush()
 
 
@@ -149,8 +157,9 @@ def runs_dir() -> Path:
 
 
 def _prune(base: Path, keep: int) -> None:
-    runs = sorted((p for p in base.iterdir() if p.is_dir() and p.name.startswith("run-")),
-                  key=lambda p: p.stat().st_mtime)
+    runs = sorted(
+        (p for p in base.iterdir() if p.is_dir() and p.name.startswith("run-")), key=lambda p: p.stat().st_mtime
+    )
     for old in runs[:-keep] if keep else runs:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -296,8 +305,9 @@ def run_playbook(
     # ControlPath sockets must be short (108 bytes); one dir per run so runs never share a master.
     control_dir = Path(tempfile.mkdtemp(prefix="gpf-cp-", dir="/tmp"))
     fact_cache = base / "fact-cache"
-    env, forks = runner_env(tuning, hosts=len(hosts), ssh=ssh, work_dir=work, control_dir=control_dir,
-                            fact_cache=fact_cache)
+    env, forks = runner_env(
+        tuning, hosts=len(hosts), ssh=ssh, work_dir=work, control_dir=control_dir, fact_cache=fact_cache
+    )
     cmd = ["--limit", ",".join(hosts)]
     if check:
         cmd += ["--check", "--diff"]
@@ -349,10 +359,18 @@ def run_playbook(
             # ansible-playbook died before any host ran (bad playbook, missing binary): fail them all.
             h.failed = 1
             h.failures.append({"task": "(ansible-playbook)", "msg": f"status={status} rc={rc}"})
-    result = RunResult(playbook=playbook, check=check, status=status, rc=rc,
-                       duration_s=time.monotonic() - started, hosts=collector.hosts, run_dir=str(work))
-    (work / "result.json").write_text(json.dumps(result.as_dict(), indent=1, sort_keys=True, default=str),
-                                      encoding="utf-8")
+    result = RunResult(
+        playbook=playbook,
+        check=check,
+        status=status,
+        rc=rc,
+        duration_s=time.monotonic() - started,
+        hosts=collector.hosts,
+        run_dir=str(work),
+    )
+    (work / "result.json").write_text(
+        json.dumps(result.as_dict(), indent=1, sort_keys=True, default=str), encoding="utf-8"
+    )
     scrub(work, all_secrets)
     if progress:
         progress.finish(result)

@@ -37,10 +37,19 @@ def apt_sources(plan: NodePlan) -> list[dict[str, Any]]:
     if plan.mirror is not None:
         m = plan.mirror
         port = "" if m.http_port == 80 else f":{m.http_port}"
-        return [{"name": m.name, "uris": f"http://{m.address}{port}/apt", "suites": "/", "components": [],
-                 "keyring": m.keyring}]
-    return [{"name": s.name, "uris": s.url, "suites": s.suite, "components": list(s.components),
-             "keyring": s.keyring} for s in plan.segment.sources]
+        return [
+            {
+                "name": m.name,
+                "uris": f"http://{m.address}{port}/apt",
+                "suites": "/",
+                "components": [],
+                "keyring": m.keyring,
+            }
+        ]
+    return [
+        {"name": s.name, "uris": s.url, "suites": s.suite, "components": list(s.components), "keyring": s.keyring}
+        for s in plan.segment.sources
+    ]
 
 
 def wheel_requirement(url: str) -> tuple[str, str]:
@@ -90,15 +99,17 @@ def _service(sp: ServicePlan, plan: NodePlan) -> dict[str, Any]:
 
 def _interfaces(plan: NodePlan) -> list[dict[str, Any]]:
     seg, node = plan.segment, plan.node
-    return [{
-        "name": "mgmt",
-        "mac": node.macs[0],
-        "address": f"{node.address}/{seg.cidr.prefixlen}",
-        "gateway": str(seg.gateway) if seg.gateway else "",
-        "dns": [str(d) for d in seg.dns],
-        "mtu": seg.mtu,
-        "vlan": seg.vlan or 0,
-    }]
+    return [
+        {
+            "name": "mgmt",
+            "mac": node.macs[0],
+            "address": f"{node.address}/{seg.cidr.prefixlen}",
+            "gateway": str(seg.gateway) if seg.gateway else "",
+            "dns": [str(d) for d in seg.dns],
+            "mtu": seg.mtu,
+            "vlan": seg.vlan or 0,
+        }
+    ]
 
 
 def host_vars(plan: NodePlan, site: Site) -> dict[str, Any]:
@@ -107,8 +118,9 @@ def host_vars(plan: NodePlan, site: Site) -> dict[str, Any]:
     engine = p.container_runtime.engine
     fm = _pkgs(plan, Component.FABRIC_MANAGER)
     gpu_names = sorted({pkg.name for pkg in plan.packages if pkg.component is not Component.MONITORING})
-    allow = sorted({str(seg.cidr), *(str(n) for n in seg.egress_allow),
-                    *([f"{plan.mirror.address}/32"] if plan.mirror else [])})
+    allow = sorted(
+        {str(seg.cidr), *(str(n) for n in seg.egress_allow), *([f"{plan.mirror.address}/32"] if plan.mirror else [])}
+    )
     docker_options: dict[str, Any] = {"log-driver": "journald", "live-restore": True}
     if engine is ContainerEngine.DOCKER:
         # Declared here (not by `nvidia-ctk runtime configure`) so the daemon.json the runtime role
@@ -117,9 +129,14 @@ def host_vars(plan: NodePlan, site: Site) -> dict[str, Any]:
         docker_options["features"] = {"cdi": True}
     services = [_service(s, plan) for s in plan.services]
     # Registries that get credentials (when a token is given): those of the images, and the mirror's.
-    registries = sorted({img.split("/", 1)[0] for s in plan.services if (img := s.service.image)
-                         and "/" in img and ("." in img.split("/", 1)[0] or ":" in img.split("/", 1)[0])}
-                        | ({f"{plan.mirror.address}:{plan.mirror.registry_port}"} if plan.mirror else set()))
+    registries = sorted(
+        {
+            img.split("/", 1)[0]
+            for s in plan.services
+            if (img := s.service.image) and "/" in img and ("." in img.split("/", 1)[0] or ":" in img.split("/", 1)[0])
+        }
+        | ({f"{plan.mirror.address}:{plan.mirror.registry_port}"} if plan.mirror else set())
+    )
     return {
         "gpufleet_roles": list(plan.roles),
         "gpufleet_segment": seg.name,
@@ -164,7 +181,8 @@ def host_vars(plan: NodePlan, site: Site) -> dict[str, Any]:
         "container_runtime_docker_daemon_options": docker_options,
         # The lab mirror's registry speaks plain HTTP; real mirrors are expected to serve TLS.
         "container_runtime_insecure_registries": (
-            [f"{plan.mirror.address}:{plan.mirror.registry_port}"] if lab and plan.mirror else []),
+            [f"{plan.mirror.address}:{plan.mirror.registry_port}"] if lab and plan.mirror else []
+        ),
         # nvidia_container_toolkit
         "nvidia_container_toolkit_packages": _pkgs(plan, Component.CONTAINER_TOOLKIT),
         "nvidia_container_toolkit_runtime": engine.value,
@@ -187,6 +205,5 @@ def host_vars(plan: NodePlan, site: Site) -> dict[str, Any]:
         "gpu_validate_cuda_version": p.cuda.version,
         "gpu_validate_packages": [pkg.as_dict() for pkg in plan.packages],
         "gpu_validate_fabric_manager_required": bool(fm),
-        "gpu_validate_endpoints": [{"name": s["name"], "port": s["port"], "path": s["health_path"]}
-                                   for s in services],
+        "gpu_validate_endpoints": [{"name": s["name"], "port": s["port"], "path": s["health_path"]} for s in services],
     }

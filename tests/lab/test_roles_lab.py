@@ -35,12 +35,12 @@ UPGRADE_NODE, AIRGAP_NODE = "lab-gpu02", "lab-gpu04"
 OUTSIDE = "198.18.1.250"
 
 
-def gpufleet(*args: str, runs: Path, env: dict[str, str] | None = None,
-             timeout: float = 1500) -> tuple[int, dict[str, Any]]:
+def gpufleet(
+    *args: str, runs: Path, env: dict[str, str] | None = None, timeout: float = 1500
+) -> tuple[int, dict[str, Any]]:
     """Run a gpufleet command with --json in its own runs dir; (exit code, parsed JSON)."""
     e = {**os.environ, "GPUFLEET_RUNS_DIR": str(runs), **(env or {})}
-    p = subprocess.run([GPUFLEET, *args, "--json"], capture_output=True, text=True, timeout=timeout, env=e,
-                       check=False)
+    p = subprocess.run([GPUFLEET, *args, "--json"], capture_output=True, text=True, timeout=timeout, env=e, check=False)
     try:
         data = json.loads(p.stdout)
     except json.JSONDecodeError:
@@ -122,8 +122,8 @@ def test_converge_then_noop_everywhere(converged: Lab, tmp_path: Path) -> None:
     code, second = gpufleet("converge", "--stack", "lab", runs=tmp_path)
     assert code == 0, second
     assert {n["hostname"]: n["changed"] for n in second["nodes"]} == dict.fromkeys(
-        ("lab-gpu01", "lab-gpu02", "lab-gpu03", "lab-gpu04"), 0), [
-        (n["hostname"], n["changed_tasks"]) for n in second["nodes"]]
+        ("lab-gpu01", "lab-gpu02", "lab-gpu03", "lab-gpu04"), 0
+    ), [(n["hostname"], n["changed_tasks"]) for n in second["nodes"]]
 
 
 @pytest.mark.parametrize("node", ["lab-gpu01", "lab-gpu02", "lab-gpu03", "lab-gpu04"])
@@ -140,14 +140,16 @@ def test_validate_node_passes(converged: Lab, tmp_path: Path, node: str) -> None
 @pytest.mark.parametrize("node", ["lab-gpu03", AIRGAP_NODE])
 def test_airgapped_nodes_install_from_mirror_only(converged: Lab, node: str) -> None:
     """Air-gapped nodes have only the mirror as apt source, got every GPU package from it, cannot reach out."""
-    r = converged.ssh(node, "cat /etc/apt/sources.list; ls /etc/apt/sources.list.d/; "
-                            "grep -h '^URIs' /etc/apt/sources.list.d/*")
+    r = converged.ssh(
+        node, "cat /etc/apt/sources.list; ls /etc/apt/sources.list.d/; grep -h '^URIs' /etc/apt/sources.list.d/*"
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("URIs:") == 1 and "URIs: http://198.18.2.10/apt" in r.stdout
     assert "deb " not in r.stdout
     r = converged.ssh(node, "apt-cache policy nvidia-driver cuda-toolkit-12-8 podman")
-    origins = {ln.split()[1] for ln in r.stdout.splitlines() if ln.strip().startswith(("500 ", "1001 "))
-               and "http" in ln}
+    origins = {
+        ln.split()[1] for ln in r.stdout.splitlines() if ln.strip().startswith(("500 ", "1001 ")) and "http" in ln
+    }
     assert origins == {"http://198.18.2.10/apt"}, r.stdout
     r = converged.ssh(node, "nft list table inet gpufleet_airgap")
     assert r.returncode == 0 and "policy drop" in r.stdout
@@ -164,21 +166,30 @@ def test_driver_upgrade_through_stack_change(converged: Lab, tmp_path: Path) -> 
     changed = {n["hostname"]: n for n in rep["nodes"] if n["changes"]}
     assert set(changed) == {UPGRADE_NODE}, {n["hostname"]: n["changed_tasks"] for n in rep["nodes"]}
     node = changed[UPGRADE_NODE]
-    assert node["packages"] == sorted(["nvidia-driver=580.95.05-1", "nvidia-kernel-open-dkms=580.95.05-1",
-                                       "nvidia-persistenced=580.95.05-1", "nvidia-fabricmanager-580=580.95.05-1"])
+    assert node["packages"] == sorted(
+        [
+            "nvidia-driver=580.95.05-1",
+            "nvidia-kernel-open-dkms=580.95.05-1",
+            "nvidia-persistenced=580.95.05-1",
+            "nvidia-fabricmanager-580=580.95.05-1",
+        ]
+    )
     assert node["packages_removed"] == ["nvidia-fabricmanager-570"] and node["reboot_required"] is True
 
     code, conv = gpufleet("converge", "--stack-file", str(modified), "--node", UPGRADE_NODE, runs=tmp_path)
     assert code == 0, conv
-    r = converged.ssh(UPGRADE_NODE, "nvidia-smi --query-gpu=driver_version --format=csv,noheader | sort -u; "
-                                    "dpkg-query -W -f='${Package} ${Version} ${db:Status-Abbrev}\\n' "
-                                    "'nvidia-fabricmanager-*' nvidia-driver; systemctl is-active nvidia-fabricmanager; "
-                                    "cat /etc/ansible/facts.d/gpufleet.fact")
+    r = converged.ssh(
+        UPGRADE_NODE,
+        "nvidia-smi --query-gpu=driver_version --format=csv,noheader | sort -u; "
+        "dpkg-query -W -f='${Package} ${Version} ${db:Status-Abbrev}\\n' "
+        "'nvidia-fabricmanager-*' nvidia-driver; systemctl is-active nvidia-fabricmanager; "
+        "cat /etc/ansible/facts.d/gpufleet.fact",
+    )
     lines = r.stdout.splitlines()
     assert lines[0] == "580.95.05"
     assert "nvidia-fabricmanager-580 580.95.05-1 hi" in r.stdout and "nvidia-driver 580.95.05-1 hi" in r.stdout
     assert "nvidia-fabricmanager-570 570" not in r.stdout and "active" in lines
-    assert json.loads(r.stdout[r.stdout.index("{"):])["reboot_required"] is True  # lab: recorded, not rebooted
+    assert json.loads(r.stdout[r.stdout.index("{") :])["reboot_required"] is True  # lab: recorded, not rebooted
 
     code, back = gpufleet("converge", "--stack", "lab", "--node", UPGRADE_NODE, runs=tmp_path)
     assert code == 0, back
@@ -188,6 +199,7 @@ def test_driver_upgrade_through_stack_change(converged: Lab, tmp_path: Path) -> 
 
 def test_failure_stops_rollout_and_leaves_rest_untouched(converged: Lab, tmp_path: Path) -> None:
     """Batch size 1, max_failures 0: lab-gpu01 fails validation, lab-gpu02 (next batch) is never run."""
+
     def edit(site: dict[str, Any]) -> None:
         site["rollout"] = {"batch_size": 1, "max_failures": 0}
         # The stack now declares a GPU the node does not have: gpu_validate must fail on it.
@@ -215,13 +227,17 @@ def _newest_events(runs: Path) -> list[str]:
     return out
 
 
-@pytest.mark.parametrize(("version", "kill_at"), [
-    ("570.124.06", "Packages | Install pinned driver packages"),
-    ("570.133.20", "Reboot | Record the driver state"),
-    ("570.124.06", "Packages | Install pinned container toolkit packages"),
-])
+@pytest.mark.parametrize(
+    ("version", "kill_at"),
+    [
+        ("570.124.06", "Packages | Install pinned driver packages"),
+        ("570.133.20", "Reboot | Record the driver state"),
+        ("570.124.06", "Packages | Install pinned container toolkit packages"),
+    ],
+)
 def test_sigkill_mid_converge_then_reconverge(converged: Lab, tmp_path: Path, version: str, kill_at: str) -> None:
     """SIGKILL of the whole converge at a task boundary; the next converge succeeds and dpkg is healthy."""
+
     def edit(site: dict[str, Any]) -> None:
         prof = site["profiles"]["lab-570"]
         prof["driver"]["version"] = version
@@ -230,8 +246,13 @@ def test_sigkill_mid_converge_then_reconverge(converged: Lab, tmp_path: Path, ve
     modified = stack_copy(tmp_path, edit)
     runs = tmp_path / "runs"
     env = {**os.environ, "GPUFLEET_RUNS_DIR": str(runs)}
-    p = subprocess.Popen([GPUFLEET, "converge", "--stack-file", str(modified), "--node", UPGRADE_NODE, "--json"],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    p = subprocess.Popen(
+        [GPUFLEET, "converge", "--stack-file", str(modified), "--node", UPGRADE_NODE, "--json"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 900
     try:
         while kill_at not in _newest_events(runs):
@@ -243,8 +264,10 @@ def test_sigkill_mid_converge_then_reconverge(converged: Lab, tmp_path: Path, ve
         p.wait(timeout=30)
     code, res = gpufleet("converge", "--stack-file", str(modified), "--node", UPGRADE_NODE, runs=tmp_path)
     assert code == 0, res
-    r = converged.ssh(UPGRADE_NODE, "dpkg --audit; apt-get check -q; "
-                                    "nvidia-smi --query-gpu=driver_version --format=csv,noheader | sort -u")
+    r = converged.ssh(
+        UPGRADE_NODE,
+        "dpkg --audit; apt-get check -q; nvidia-smi --query-gpu=driver_version --format=csv,noheader | sort -u",
+    )
     assert r.returncode == 0 and r.stdout.strip().splitlines()[-1] == version, r.stdout + r.stderr
     if version != "570.133.20":
         code, res = gpufleet("converge", "--stack", "lab", "--node", UPGRADE_NODE, runs=tmp_path)
@@ -255,8 +278,15 @@ def test_secret_canary_never_left_on_controller(converged: Lab, tmp_path: Path) 
     """A registry token used by the run reaches the node, but no artifact, log or file on the controller."""
     canary = f"gpf-canary-{os.getpid()}-{int(time.time())}"
     started = time.time()
-    code, res = gpufleet("converge", "--stack", "lab", "--node", "lab-gpu03", runs=tmp_path / "runs",
-                         env={"GPUFLEET_SECRET_REGISTRY_TOKEN": canary})
+    code, res = gpufleet(
+        "converge",
+        "--stack",
+        "lab",
+        "--node",
+        "lab-gpu03",
+        runs=tmp_path / "runs",
+        env={"GPUFLEET_SECRET_REGISTRY_TOKEN": canary},
+    )
     assert code == 0, res
     r = converged.ssh("lab-gpu03", "cat /etc/gpufleet/registry/config.json")
     auths = json.loads(r.stdout)["auths"]
@@ -268,8 +298,13 @@ def test_secret_canary_never_left_on_controller(converged: Lab, tmp_path: Path) 
     for base in (tmp_path / "runs", Path("/tmp"), Path.home() / ".ansible", Path("/var/lib/gpufleet/runs")):
         for f in base.rglob("*") if base.exists() else []:
             try:
-                if f.is_file() and not f.is_symlink() and f.stat().st_mtime >= started - 1 \
-                        and f.stat().st_size < 50_000_000 and needle in f.read_bytes():
+                if (
+                    f.is_file()
+                    and not f.is_symlink()
+                    and f.stat().st_mtime >= started - 1
+                    and f.stat().st_size < 50_000_000
+                    and needle in f.read_bytes()
+                ):
                     leaks.append(str(f))
             except OSError:
                 continue

@@ -46,8 +46,9 @@ def test_role_vars_carry_plan_packages(lab: tuple[Any, SitePlan]) -> None:
     n = plan.node("lab-gpu02")
     hv = host_vars(n, site)
     assert hv["nvidia_driver_packages"] == [p.as_dict() for p in n.packages if p.component.value == "nvidia_driver"]
-    assert hv["nvidia_driver_fabric_manager_packages"] == [{"name": "nvidia-fabricmanager-570",
-                                                            "version": "570.133.20-1"}]
+    assert hv["nvidia_driver_fabric_manager_packages"] == [
+        {"name": "nvidia-fabricmanager-570", "version": "570.133.20-1"}
+    ]
     assert hv["gpu_validate_fabric_manager_required"] is True
     assert hv["gpu_validate_gpu_count"] == 8 and hv["gpu_validate_product_name"] == "NVIDIA H100 80GB HBM3"
 
@@ -69,12 +70,27 @@ def test_lab_mode_turns_hardware_steps_off(lab: tuple[Any, SitePlan]) -> None:
     """Lab nodes never reboot, load modules, apply networking or start chrony; production nodes do."""
     site, plan = lab
     hv = host_vars(plan.node("lab-gpu01"), site)
-    assert not any(hv[k] for k in ("nvidia_driver_reboot_enabled", "nvidia_driver_manage_kernel_modules",
-                                   "network_apply", "base_time_sync_start", "base_sysctl_apply"))
+    assert not any(
+        hv[k]
+        for k in (
+            "nvidia_driver_reboot_enabled",
+            "nvidia_driver_manage_kernel_modules",
+            "network_apply",
+            "base_time_sync_start",
+            "base_sysctl_apply",
+        )
+    )
     prod = load_site("example-prod")
     hv = host_vars(plan_site(prod).nodes[0], prod)
-    assert all(hv[k] for k in ("nvidia_driver_reboot_enabled", "nvidia_driver_manage_kernel_modules",
-                               "network_apply", "base_time_sync_start"))
+    assert all(
+        hv[k]
+        for k in (
+            "nvidia_driver_reboot_enabled",
+            "nvidia_driver_manage_kernel_modules",
+            "network_apply",
+            "base_time_sync_start",
+        )
+    )
     never = load_site("example-airgap")
     assert host_vars(plan_site(never).nodes[0], never)["nvidia_driver_reboot_enabled"] is False
 
@@ -87,15 +103,20 @@ def test_roles_hold_no_package_version() -> None:
         for prof in site.profiles.values():
             for os_ in ("debian-12", "ubuntu-22.04", "rhel-9"):
                 versions |= {p.version for p in packages_for(prof, os_, fabric_manager=True)}  # type: ignore[arg-type]
-    text = "\n".join(p.read_text(errors="replace") for p in (ROOT / "roles").rglob("*")
-                     if p.is_file() and "mirror" not in p.relative_to(ROOT / "roles").parts[:1])
+    text = "\n".join(
+        p.read_text(errors="replace")
+        for p in (ROOT / "roles").rglob("*")
+        if p.is_file() and "mirror" not in p.relative_to(ROOT / "roles").parts[:1]
+    )
     assert versions and not [v for v in versions if v in text]
 
 
 def test_wheel_requirement_parses_pep427_names() -> None:
     """A wheel URL becomes `name==version` plus the directory pip finds its dependencies in."""
     assert wheel_requirement("http://m/files/wheels/llama_cpp_python-0.3.36-cp311-cp311-linux_x86_64.whl") == (
-        "llama_cpp_python==0.3.36", "http://m/files/wheels/")
+        "llama_cpp_python==0.3.36",
+        "http://m/files/wheels/",
+    )
     with pytest.raises(ValueError, match="wheel"):
         wheel_requirement("http://m/files/wheels/llama.tar.gz")
 
@@ -123,8 +144,9 @@ def test_tuning_profiles_differ_as_documented(tmp_path: Path) -> None:
     ssh = SshSettings(None, None)
     tuned, forks = runner_env(Tuning.TUNED, hosts=8, ssh=ssh, work_dir=tmp_path, control_dir=tmp_path, fact_cache=None)
     assert forks == 8 and tuned["ANSIBLE_PIPELINING"] == "true" and "ControlPersist=" in tuned["ANSIBLE_SSH_ARGS"]
-    plain, forks = runner_env(Tuning.DEFAULTS, hosts=8, ssh=ssh, work_dir=tmp_path, control_dir=tmp_path,
-                              fact_cache=None)
+    plain, forks = runner_env(
+        Tuning.DEFAULTS, hosts=8, ssh=ssh, work_dir=tmp_path, control_dir=tmp_path, fact_cache=None
+    )
     assert forks == 5 and plain["ANSIBLE_PIPELINING"] == "false" and "ControlMaster=no" in plain["ANSIBLE_SSH_ARGS"]
     assert tuned["PATH"].split(":")[0] == str(Path(sys.executable).parent)
 
@@ -133,7 +155,8 @@ def test_waves_group_batch_k_of_every_segment(lab: tuple[Any, SitePlan]) -> None
     """Batch k of every segment runs in the same wave (lab: batch_size 2, two segments → one wave)."""
     _, plan = lab
     assert [[n.hostname for n in w] for w in waves(plan, plan.nodes)] == [
-        ["lab-gpu01", "lab-gpu02", "lab-gpu03", "lab-gpu04"]]
+        ["lab-gpu01", "lab-gpu02", "lab-gpu03", "lab-gpu04"]
+    ]
 
 
 def _batch1_plan() -> SitePlan:
@@ -190,12 +213,30 @@ def _event(kind: str, host: str, task: str, res: dict[str, Any], **extra: Any) -
 def test_collector_turns_events_into_changes_and_reboot_verdict() -> None:
     """Package changes, reboot verdict, changed tasks, file paths and failures come out of runner events."""
     c = _Collector(["n1"], None)
-    c(_event("runner_on_ok", "n1", "Packages | Work out", {"changed": False, "ansible_facts": {
-        "nvidia_driver_package_changes": ["nvidia-driver=580.95.05-1"]}}))
-    c(_event("runner_on_ok", "n1", "Reboot | Decide", {"changed": False, "ansible_facts": {
-        "nvidia_driver_reboot_required": True}}))
-    c(_event("runner_on_ok", "n1", "Pin", {"changed": True, "diff": [{"before_header": "/etc/apt/preferences.d/x",
-                                                                      "before": "a", "after": "b"}]}))
+    c(
+        _event(
+            "runner_on_ok",
+            "n1",
+            "Packages | Work out",
+            {"changed": False, "ansible_facts": {"nvidia_driver_package_changes": ["nvidia-driver=580.95.05-1"]}},
+        )
+    )
+    c(
+        _event(
+            "runner_on_ok",
+            "n1",
+            "Reboot | Decide",
+            {"changed": False, "ansible_facts": {"nvidia_driver_reboot_required": True}},
+        )
+    )
+    c(
+        _event(
+            "runner_on_ok",
+            "n1",
+            "Pin",
+            {"changed": True, "diff": [{"before_header": "/etc/apt/preferences.d/x", "before": "a", "after": "b"}]},
+        )
+    )
     c(_event("runner_on_failed", "n1", "Ignored", {"msg": "no"}, ignore_errors=True))
     c(_event("runner_on_failed", "n1", "Broken", {"msg": "apt failed"}))
     h = c.hosts["n1"]
@@ -208,9 +249,12 @@ def test_collector_turns_events_into_changes_and_reboot_verdict() -> None:
 def test_check_report_lists_packages_files_and_reboot() -> None:
     """`gpufleet check` JSON says per node which packages and files change and whether a reboot is needed."""
     plan = _batch1_plan()
-    h = {"changed": 2, "package_changes": {"nvidia_driver": ["nvidia-driver=580.95.05-1"]},
-         "facts": {"nvidia_driver_reboot_required": True, "nvidia_driver_stale_packages": ["nvidia-fabricmanager-570"]},
-         "changed_tasks": ["x"]}
+    h = {
+        "changed": 2,
+        "package_changes": {"nvidia_driver": ["nvidia-driver=580.95.05-1"]},
+        "facts": {"nvidia_driver_reboot_required": True, "nvidia_driver_stale_packages": ["nvidia-fabricmanager-570"]},
+        "changed_tasks": ["x"],
+    }
     result = roll(plan, [plan.node("lab-gpu02")], lambda b: make_result({"lab-gpu02": h}), max_failures=0)
     rep = check_report(result)
     node = rep["nodes"][0]
@@ -229,18 +273,38 @@ def test_scrub_masks_raw_and_json_escaped_secrets(tmp_path: Path) -> None:
     assert all("canary" not in p.read_text() for p in tmp_path.rglob("*") if p.is_file())
 
 
-def test_real_run_is_typed_and_leaves_no_secret(lab: tuple[Any, SitePlan], tmp_path: Path,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_real_run_is_typed_and_leaves_no_secret(
+    lab: tuple[Any, SitePlan], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A real ansible-runner run (validate.yml on localhost) gives a typed result; a canary secret is gone after."""
     monkeypatch.setenv(runner_mod.RUNS_ENV, str(tmp_path / "runs"))
     site, plan = lab
     node = plan.node("lab-gpu01")
-    inv = {"all": {"children": {"gpufleet_nodes": {"hosts": {"lab-gpu01": {
-        **host_vars(node, site), "ansible_connection": "local", "ansible_python_interpreter": sys.executable,
-        "ansible_become": False, "gpu_validate_result_file": str(tmp_path / "validate.json")}}}}}}
+    inv = {
+        "all": {
+            "children": {
+                "gpufleet_nodes": {
+                    "hosts": {
+                        "lab-gpu01": {
+                            **host_vars(node, site),
+                            "ansible_connection": "local",
+                            "ansible_python_interpreter": sys.executable,
+                            "ansible_become": False,
+                            "gpu_validate_result_file": str(tmp_path / "validate.json"),
+                        }
+                    }
+                }
+            }
+        }
+    }
     canary = "gpf-canary-7d1e4b2a9c"
-    result = run_playbook("validate.yml", inv, ["lab-gpu01"], ssh=SshSettings(None, None),
-                          secrets={"inference_server_registry_token": canary})
+    result = run_playbook(
+        "validate.yml",
+        inv,
+        ["lab-gpu01"],
+        ssh=SshSettings(None, None),
+        secrets={"inference_server_registry_token": canary},
+    )
     h = result.hosts["lab-gpu01"]
     # No GPU here: validation runs and fails on its own assertion, with the facts published.
     assert h.failed and not h.unreachable

@@ -17,8 +17,12 @@ OURS = [f"roles/{r}" for r in ROLES] + ["playbooks/node.yml", "playbooks/site.ym
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}", "ANSIBLE_ROLES_PATH": str(ROOT / "roles"),
-            "NO_COLOR": "1"}
+    return {
+        **os.environ,
+        "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
+        "ANSIBLE_ROLES_PATH": str(ROOT / "roles"),
+        "NO_COLOR": "1",
+    }
 
 
 def test_every_planned_role_exists() -> None:
@@ -43,23 +47,51 @@ def test_argument_specs_cover_every_default(role: str) -> None:
 
 def test_yamllint_clean() -> None:
     """yamllint (roles/.yamllint) finds nothing in our roles and playbooks."""
-    p = subprocess.run([str(BIN / "yamllint"), "-s", "-c", str(ROOT / "roles/.yamllint"), *OURS], cwd=ROOT,
-                       capture_output=True, text=True, timeout=120, check=False, env=_env())
+    p = subprocess.run(
+        [str(BIN / "yamllint"), "-s", "-c", str(ROOT / "roles/.yamllint"), *OURS],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env=_env(),
+    )
     assert p.returncode == 0, p.stdout + p.stderr
 
 
 def test_playbooks_pass_syntax_check() -> None:
     """ansible-playbook --syntax-check accepts every playbook."""
-    p = subprocess.run([str(BIN / "ansible-playbook"), "-i", "localhost,", "--syntax-check",
-                        "playbooks/site.yml", "playbooks/node.yml", "playbooks/validate.yml"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=120, check=False, env=_env())
+    p = subprocess.run(
+        [
+            str(BIN / "ansible-playbook"),
+            "-i",
+            "localhost,",
+            "--syntax-check",
+            "playbooks/site.yml",
+            "playbooks/node.yml",
+            "playbooks/validate.yml",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env=_env(),
+    )
     assert p.returncode == 0, p.stdout + p.stderr
 
 
 def test_ansible_lint_production_profile() -> None:
     """ansible-lint --offline --profile production passes on our roles and playbooks."""
-    p = subprocess.run([str(BIN / "ansible-lint"), "--offline", "--profile", "production", "--nocolor", *OURS],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600, check=False, env=_env())
+    p = subprocess.run(
+        [str(BIN / "ansible-lint"), "--offline", "--profile", "production", "--nocolor", *OURS],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+        env=_env(),
+    )
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
 
 

@@ -53,36 +53,85 @@ def _cases() -> list[dict[str, Any]]:
                 native = [hv["inference_server_container_engine"]]
                 runtimes = ["podman", "docker", "containerd"] if svc["image"] else native
                 for rt in runtimes:
-                    cases.append({"role": "inference_server", "template": "inference.service.j2",
-                                  "out": f"units/{stack}-{svc['name']}-{rt}.service",
-                                  "vars": _role_vars("inference_server") | hv | {
-                                      "inference_server_service": svc, "inference_server_container_engine": rt,
-                                      "inference_server_registry_token": "x" if rt != "containerd" else ""}})
+                    cases.append(
+                        {
+                            "role": "inference_server",
+                            "template": "inference.service.j2",
+                            "out": f"units/{stack}-{svc['name']}-{rt}.service",
+                            "vars": _role_vars("inference_server")
+                            | hv
+                            | {
+                                "inference_server_service": svc,
+                                "inference_server_container_engine": rt,
+                                "inference_server_registry_token": "x" if rt != "containerd" else "",
+                            },
+                        }
+                    )
             if hv["monitoring_dcgm_exporter_image"] and f"dcgm-{stack}" not in seen:
                 seen.add(f"dcgm-{stack}")
-                cases.append({"role": "monitoring", "template": "dcgm-exporter.service.j2",
-                              "out": f"units/{stack}-dcgm-exporter.service", "vars": _role_vars("monitoring") | hv})
+                cases.append(
+                    {
+                        "role": "monitoring",
+                        "template": "dcgm-exporter.service.j2",
+                        "out": f"units/{stack}-dcgm-exporter.service",
+                        "vars": _role_vars("monitoring") | hv,
+                    }
+                )
             if "airgap_firewall" in hv["gpufleet_roles"]:
-                cases.append({"role": "airgap_firewall", "template": "airgap.nft.j2", "out": f"nft/{key}.nft",
-                              "vars": _role_vars("airgap_firewall") | hv})
+                cases.append(
+                    {
+                        "role": "airgap_firewall",
+                        "template": "airgap.nft.j2",
+                        "out": f"nft/{key}.nft",
+                        "vars": _role_vars("airgap_firewall") | hv,
+                    }
+                )
                 if f"fw-{stack}" not in seen:
                     seen.add(f"fw-{stack}")
-                    cases.append({"role": "airgap_firewall", "template": "airgap-firewall.service.j2",
-                                  "out": f"units/{stack}-airgap-firewall.service",
-                                  "vars": _role_vars("airgap_firewall") | hv})
+                    cases.append(
+                        {
+                            "role": "airgap_firewall",
+                            "template": "airgap-firewall.service.j2",
+                            "out": f"units/{stack}-airgap-firewall.service",
+                            "vars": _role_vars("airgap_firewall") | hv,
+                        }
+                    )
             if n.hostname in ("lab-gpu01", "hgx-01"):
                 for t in ("networkd-link.network.j2", "networkd-vlan.netdev.j2", "networkd-vlan.network.j2"):
-                    cases.append({"role": "network", "template": t, "out": f"networkd/{key}-{t[:-3]}",
-                                  "vars": _role_vars("network") | hv | {"item": hv["network_interfaces"][0]}})
-                cases.append({"role": "network", "template": "netplan.yaml.j2", "out": f"netplan/{key}.yaml",
-                              "vars": _role_vars("network") | hv})
+                    cases.append(
+                        {
+                            "role": "network",
+                            "template": t,
+                            "out": f"networkd/{key}-{t[:-3]}",
+                            "vars": _role_vars("network") | hv | {"item": hv["network_interfaces"][0]},
+                        }
+                    )
+                cases.append(
+                    {
+                        "role": "network",
+                        "template": "netplan.yaml.j2",
+                        "out": f"netplan/{key}.yaml",
+                        "vars": _role_vars("network") | hv,
+                    }
+                )
             if n.hostname in ("lab-gpu03", "lab-gpu04"):
-                cases.append({"role": "base", "template": "51gpufleet-unattended-upgrades.j2",
-                              "out": f"apt/{key}-unattended", "vars": _role_vars("base") | hv})
+                cases.append(
+                    {
+                        "role": "base",
+                        "template": "51gpufleet-unattended-upgrades.j2",
+                        "out": f"apt/{key}-unattended",
+                        "vars": _role_vars("base") | hv,
+                    }
+                )
                 for src in hv["base_apt_sources"]:
-                    cases.append({"role": "base", "template": "source.sources.j2",
-                                  "out": f"apt/{key}-{src['name']}.sources",
-                                  "vars": _role_vars("base") | hv | {"item": src}})
+                    cases.append(
+                        {
+                            "role": "base",
+                            "template": "source.sources.j2",
+                            "out": f"apt/{key}-{src['name']}.sources",
+                            "vars": _role_vars("base") | hv | {"item": src},
+                        }
+                    )
     return cases
 
 
@@ -97,22 +146,51 @@ def rendered(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("rendered")
     cases = _cases()
     tasks: list[dict[str, Any]] = [
-        {"name": f"Render {c['out']}",
-         "ansible.builtin.set_fact": {f"case_{i}": "{{ lookup('ansible.builtin.template', '%s') }}"
-                                      % (ROLES / c["role"] / "templates" / c["template"])},
-         "vars": c["vars"]} for i, c in enumerate(cases)]
+        {
+            "name": f"Render {c['out']}",
+            "ansible.builtin.set_fact": {
+                f"case_{i}": "{{ lookup('ansible.builtin.template', '%s') }}"
+                % (ROLES / c["role"] / "templates" / c["template"])
+            },
+            "vars": c["vars"],
+        }
+        for i, c in enumerate(cases)
+    ]
     names = ", ".join(f"case_{i}" for i in range(len(cases)))
     all_cases = "{{ [" + names + "] | to_json }}"
-    tasks.append({"name": "Write every rendering", "ansible.builtin.copy": {
-        "content": all_cases, "dest": str(out / "rendered.json"), "mode": "0644"}})
-    (out / "play.yml").write_text(yaml.safe_dump([{"name": "Render role templates", "hosts": "localhost",
-                                                  "gather_facts": False, "tasks": tasks}]))
-    env = {**os.environ, "ANSIBLE_LOCALHOST_WARNING": "false", "ANSIBLE_INVENTORY_UNPARSED_WARNING": "false",
-           "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
-           "ANSIBLE_HOME": str(out / ".ansible"), "ANSIBLE_LOCAL_TEMP": str(out / ".tmp"),
-           "ANSIBLE_PYTHON_INTERPRETER": sys.executable}
-    p = subprocess.run([str(Path(sys.executable).parent / "ansible-playbook"), "-i", "localhost,", "-c", "local",
-                        str(out / "play.yml")], capture_output=True, text=True, timeout=300, env=env, check=False)
+    tasks.append(
+        {
+            "name": "Write every rendering",
+            "ansible.builtin.copy": {"content": all_cases, "dest": str(out / "rendered.json"), "mode": "0644"},
+        }
+    )
+    (out / "play.yml").write_text(
+        yaml.safe_dump([{"name": "Render role templates", "hosts": "localhost", "gather_facts": False, "tasks": tasks}])
+    )
+    env = {
+        **os.environ,
+        "ANSIBLE_LOCALHOST_WARNING": "false",
+        "ANSIBLE_INVENTORY_UNPARSED_WARNING": "false",
+        "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
+        "ANSIBLE_HOME": str(out / ".ansible"),
+        "ANSIBLE_LOCAL_TEMP": str(out / ".tmp"),
+        "ANSIBLE_PYTHON_INTERPRETER": sys.executable,
+    }
+    p = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "ansible-playbook"),
+            "-i",
+            "localhost,",
+            "-c",
+            "local",
+            str(out / "play.yml"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        check=False,
+    )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     results = json.loads((out / "rendered.json").read_text())
     assert len(results) == len(cases)
@@ -156,8 +234,13 @@ def test_units_pass_systemd_analyze_verify(rendered: Path, tmp_path: Path) -> No
                 stub.chmod(0o755)
         shutil.copy(unit, root / "etc/systemd/system" / unit.name)
     for unit in units:
-        p = subprocess.run([SYSTEMD_ANALYZE, "verify", f"--root={root}", f"/etc/systemd/system/{unit.name}"],
-                           capture_output=True, text=True, timeout=60, check=False)
+        p = subprocess.run(
+            [SYSTEMD_ANALYZE, "verify", f"--root={root}", f"/etc/systemd/system/{unit.name}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
         noise = [ln for ln in (p.stdout + p.stderr).splitlines() if ln.strip()]
         assert p.returncode == 0 and not noise, f"{unit.name}: {noise}"
 
@@ -168,8 +251,7 @@ def test_a_broken_unit_fails_verify(tmp_path: Path) -> None:
         pytest.skip("systemd-analyze is not installed")
     unit = tmp_path / "broken.service"
     unit.write_text("[Service]\nExecStart=relative/path\nBogusKey=1\n")
-    p = subprocess.run([SYSTEMD_ANALYZE, "verify", str(unit)], capture_output=True, text=True, timeout=60,
-                       check=False)
+    p = subprocess.run([SYSTEMD_ANALYZE, "verify", str(unit)], capture_output=True, text=True, timeout=60, check=False)
     assert p.returncode != 0 or (p.stdout + p.stderr).strip()
 
 

@@ -63,27 +63,38 @@ def _endpoint(e: dict[str, object]) -> dict[str, object]:
 def probe(p: dict[str, object]) -> dict[str, object]:
     """Every check, each with what was expected and what was seen."""
     problems: list[str] = []
-    rc, out = _run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version",
-                    "--format=csv,noheader,nounits"])
-    seen = [dict(zip(("name", "memory_mib", "driver_version"), (c.strip() for c in line.split(",")), strict=False))
-            for line in out.splitlines() if line.strip()] if rc == 0 else []
+    rc, out = _run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader,nounits"])
+    seen = (
+        [
+            dict(zip(("name", "memory_mib", "driver_version"), (c.strip() for c in line.split(",")), strict=False))
+            for line in out.splitlines()
+            if line.strip()
+        ]
+        if rc == 0
+        else []
+    )
     names_ok = all(g.get("name") == p["product_name"] for g in seen)
     mem_ok = not p["memory_mib"] or all(str(g.get("memory_mib")) == str(p["memory_mib"]) for g in seen)
     gpus_ok = rc == 0 and len(seen) == p["gpu_count"] and names_ok and mem_ok
     if not gpus_ok:
-        problems.append(f"GPUs seen {[g.get('name') for g in seen]} (nvidia-smi rc={rc}) != declared "
-                        f"{p['gpu_count']}x {p['product_name']}")
+        problems.append(
+            f"GPUs seen {[g.get('name') for g in seen]} (nvidia-smi rc={rc}) != declared "
+            f"{p['gpu_count']}x {p['product_name']}"
+        )
     drivers = sorted({g.get("driver_version", "") for g in seen})
     driver_ok = drivers == [p["driver_version"]]
     if not driver_ok:
         problems.append(f"driver seen {drivers} != pinned {p['driver_version']}")
     wanted = {str(x["name"]): str(x["version"]) for x in p["packages"]}  # type: ignore[attr-defined]
     have = _installed(sorted(wanted))
-    mismatched = [{"name": n, "pinned": v, "installed": have.get(n, "")} for n, v in sorted(wanted.items())
-                  if have.get(n) != v]
+    mismatched = [
+        {"name": n, "pinned": v, "installed": have.get(n, "")} for n, v in sorted(wanted.items()) if have.get(n) != v
+    ]
     if mismatched:
-        problems.append("packages not at the pinned version: "
-                        + ", ".join(f"{m['name']} {m['installed'] or 'missing'} != {m['pinned']}" for m in mismatched))
+        problems.append(
+            "packages not at the pinned version: "
+            + ", ".join(f"{m['name']} {m['installed'] or 'missing'} != {m['pinned']}" for m in mismatched)
+        )
     fm_active = None
     if p["fabric_manager_required"]:
         _rc_fm, out_fm = _run(["systemctl", "is-active", "nvidia-fabricmanager"])
@@ -96,8 +107,9 @@ def probe(p: dict[str, object]) -> dict[str, object]:
     if not cdi_ok:
         problems.append(f"CDI devices {cdi} (rc={rc_cdi}) do not list every GPU and nvidia.com/gpu=all")
     endpoints = [_endpoint(e) for e in p["endpoints"]]  # type: ignore[attr-defined]
-    problems.extend(f"endpoint {e['name']} {e['url']} answered {e['status'] or 'nothing'}"
-                    for e in endpoints if not e["ok"])
+    problems.extend(
+        f"endpoint {e['name']} {e['url']} answered {e['status'] or 'nothing'}" for e in endpoints if not e["ok"]
+    )
     try:
         with open(str(p["fact_file"]), encoding="utf-8") as f:
             state = json.load(f)
@@ -106,8 +118,11 @@ def probe(p: dict[str, object]) -> dict[str, object]:
     return {
         "passed": not problems,
         "problems": problems,
-        "gpus": {"declared": {"product_name": p["product_name"], "count": p["gpu_count"],
-                              "memory_mib": p["memory_mib"]}, "seen": seen, "ok": gpus_ok},
+        "gpus": {
+            "declared": {"product_name": p["product_name"], "count": p["gpu_count"], "memory_mib": p["memory_mib"]},
+            "seen": seen,
+            "ok": gpus_ok,
+        },
         "driver": {"pinned": p["driver_version"], "seen": drivers, "ok": driver_ok},
         "cuda": {"pinned": p["cuda_version"]},
         "packages": {"mismatched": mismatched, "ok": not mismatched},
