@@ -179,6 +179,7 @@ def check_report(result: RolloutResult) -> dict[str, Any]:
                 "packages_removed": sorted(stale),
                 "files": d.get("files_changed", []),
                 "reboot_required": bool(d.get("reboot_required")),
+                "reboot_pending": bool(d.get("reboot_pending")),
                 "failures": d.get("failures", []),
             }
         )

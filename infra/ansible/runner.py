@@ -29,7 +29,12 @@ KEEP_RUNS = 20  # older run directories are removed (each holds the scrubbed eve
 MASK = "********"
 
 # Facts the roles publish with set_fact that the result reports (see the roles' tasks).
-_REPORTED_FACTS = ("nvidia_driver_reboot_required", "nvidia_driver_stale_packages", "gpu_validate_result")
+_REPORTED_FACTS = (
+    "nvidia_driver_reboot_for_change",
+    "nvidia_driver_reboot_required",
+    "nvidia_driver_stale_packages",
+    "gpu_validate_result",
+)
 
 
 @dataclass
@@ -60,7 +65,12 @@ class HostResult:
 
     @property
     def reboot_required(self) -> bool:
-        """The driver role's verdict: a reboot is (or, in check mode, would be) required."""
+        """Whether the driver change of this run needs (check mode: would need) a reboot."""
+        return bool(self.facts.get("nvidia_driver_reboot_for_change", False))
+
+    @property
+    def reboot_pending(self) -> bool:
+        """The node waits for a reboot: this run's change or an earlier one since the last boot."""
         return bool(self.facts.get("nvidia_driver_reboot_required", False))
 
     def as_dict(self) -> dict[str, Any]:
@@ -69,6 +79,7 @@ class HostResult:
         d.pop("diffs")
         d["files_changed"] = self.files_changed
         d["reboot_required"] = self.reboot_required
+        d["reboot_pending"] = self.reboot_pending
         d["succeeded"] = self.succeeded
         return d
 

@@ -226,7 +226,10 @@ def test_collector_turns_events_into_changes_and_reboot_verdict() -> None:
             "runner_on_ok",
             "n1",
             "Reboot | Decide",
-            {"changed": False, "ansible_facts": {"nvidia_driver_reboot_required": True}},
+            {
+                "changed": False,
+                "ansible_facts": {"nvidia_driver_reboot_for_change": False, "nvidia_driver_reboot_required": True},
+            },
         )
     )
     c(
@@ -241,7 +244,8 @@ def test_collector_turns_events_into_changes_and_reboot_verdict() -> None:
     c(_event("runner_on_failed", "n1", "Broken", {"msg": "apt failed"}))
     h = c.hosts["n1"]
     assert h.package_changes == {"nvidia_driver": ["nvidia-driver=580.95.05-1"]}
-    assert h.reboot_required and h.files_changed == ["/etc/apt/preferences.d/x"]
+    # An earlier change still waits for a reboot, this run changed no driver package.
+    assert h.reboot_pending and not h.reboot_required and h.files_changed == ["/etc/apt/preferences.d/x"]
     assert h.changed_tasks == ["nvidia_driver : Pin"]
     assert h.failures == [{"task": "nvidia_driver : Broken", "msg": "apt failed"}]
 
@@ -252,7 +256,10 @@ def test_check_report_lists_packages_files_and_reboot() -> None:
     h = {
         "changed": 2,
         "package_changes": {"nvidia_driver": ["nvidia-driver=580.95.05-1"]},
-        "facts": {"nvidia_driver_reboot_required": True, "nvidia_driver_stale_packages": ["nvidia-fabricmanager-570"]},
+        "facts": {
+            "nvidia_driver_reboot_for_change": True,
+            "nvidia_driver_stale_packages": ["nvidia-fabricmanager-570"],
+        },
         "changed_tasks": ["x"],
     }
     result = roll(plan, [plan.node("lab-gpu02")], lambda b: make_result({"lab-gpu02": h}), max_failures=0)
@@ -260,6 +267,7 @@ def test_check_report_lists_packages_files_and_reboot() -> None:
     node = rep["nodes"][0]
     assert rep["drift"] and node["packages"] == ["nvidia-driver=580.95.05-1"]
     assert node["packages_removed"] == ["nvidia-fabricmanager-570"] and node["reboot_required"] is True
+    assert node["reboot_pending"] is False
 
 
 def test_scrub_masks_raw_and_json_escaped_secrets(tmp_path: Path) -> None:
