@@ -75,8 +75,9 @@ def default_stdout(typ: str, name: str, inputs: dict[str, Any]) -> str:
     """Fake stdout of a command: plausible JSON for the steps whose output becomes stack outputs."""
     create = str(inputs.get("create", ""))
     if " validate-node " in create:
-        return json.dumps({"node": name.removesuffix("-validate"), "validation": "passed",
-                           "reboot_required": False})
+        # The shape `gpufleet validate-node --json` prints (ROLES).
+        return json.dumps({"node": name.removesuffix("-validate"), "passed": True, "reachable": True,
+                           "facts": {"reboot_required": False}, "failures": []})
     if " mirror status " in create:
         return json.dumps({"mirror": "ok"})
     return "ok"

@@ -57,8 +57,9 @@ def test_node_lifecycle_strings_succeed_in_order(lab: Any, node_steps: dict[str,
         p = _sh(inputs["create"], inputs["dir"], TIMEOUTS[step])
         results[step] = p
         assert p.returncode == 0, f"{step}: {inputs['create']}\n{_why(p)}"
-    facts = json.loads(results["validate"].stdout)
-    assert isinstance(facts, dict) and facts, "validate-node printed no facts"
+    facts = json.loads(results["validate"].stdout)  # what becomes the stack output `nodes.<host>`
+    assert facts["node"] == NODE and facts["passed"] is True and facts["reachable"] is True
+    assert facts["facts"]["gpus"]["ok"] and facts["facts"]["driver"]["ok"]
 
 
 def test_steps_are_idempotent_on_a_converged_node(lab: Any, node_steps: dict[str, dict[str, Any]]) -> None:

@@ -239,7 +239,7 @@ def test_outputs_carry_facts_endpoints_and_mirror_status(stack_run: Run) -> None
     value = stack_run.rec.value
     assert set(value["nodes"]) == {p.hostname for p in stack_run.plan.nodes}
     for host, facts in value["nodes"].items():
-        assert facts["node"] == host and facts["validation"] == "passed"
+        assert facts["node"] == host and facts["passed"] is True
     site = stack_run.plan.site
     assert value["endpoints"] == {
         s.name: [f"http://{stack_run.plan.node(h).node.address}:{s.port}/v1" for h in s.nodes]
