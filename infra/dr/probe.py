@@ -15,8 +15,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Any
 
+import yaml
+
+from infra.model.load import project_dir
 from infra.model.site import ContainerEngine, NodeRole
 from infra.plan.node import NodePlan
 from infra.plan.packages import Component
@@ -39,13 +43,14 @@ STATE_FILES = ("/etc/ansible/facts.d/gpufleet.fact",)
 MANAGED_MARKER = "Ansible managed"
 NVIDIA_SMI_FIELDS = "name,memory.total,driver_version,uuid,index,pci.bus_id"
 DRIVER_FACT_FILE = "/etc/ansible/facts.d/gpufleet.fact"
+_DEFAULT_INFERENCE_PREFIX = "gpufleet-inference-"
 
 
 def expected_services(plan: NodePlan) -> list[str]:
     """Systemd units that must be enabled and running on the node, from the plan.
 
-    Unit names follow the packages the plan pins (stand-ins in the lab ship the same units) and the
-    model's rule that an inference service's name is its systemd unit name.
+    Unit names follow the packages the plan pins (stand-ins in the lab ship the same units); inference
+    services are `<prefix><service name>.service` with the inference_server role's prefix.
     """
     units = []
     if plan.packages_of(Component.DRIVER):
@@ -58,8 +63,19 @@ def expected_services(plan: NodePlan) -> list[str]:
         units.append("docker.service")
     if NodeRole.MONITORING in plan.node.roles and plan.packages_of(Component.MONITORING):
         units.append("prometheus-node-exporter.service")
-    units.extend(f"{s.name}.service" for s in plan.services)
+    prefix = inference_unit_prefix()
+    units.extend(f"{prefix}{s.name}.service" for s in plan.services)
     return units
+
+
+@cache
+def inference_unit_prefix() -> str:
+    """Prefix of inference service units, read from the inference_server role so both agree on one name."""
+    try:
+        data = yaml.safe_load((project_dir() / "roles" / "inference_server" / "vars" / "main.yml").read_text())
+        return str(data["_inference_server_unit_prefix"])
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        return _DEFAULT_INFERENCE_PREFIX
 
 
 # Runs on the node with the system python3; standard library only, read-only.

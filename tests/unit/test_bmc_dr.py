@@ -111,13 +111,16 @@ def test_out_of_band_changes_are_reported_precisely(site: Site) -> None:
     ok = converged_state(plan)
     packages = {**ok.packages, "prometheus-node-exporter": None}
     held = tuple(h for h in ok.held if h != "cuda-toolkit-12-8")
-    services = {**ok.services, "tiny-connected.service": {"active": "inactive", "enabled": "enabled"}}
+    services = {
+        **ok.services,
+        "gpufleet-inference-tiny-connected.service": {"active": "inactive", "enabled": "enabled"},
+    }
     st = replace(ok, packages=packages, held=held, services=services, reboot_required=True, gpus=ok.gpus[:1])
     items = {(i.kind, i.item): i for i in against_plan(plan, st)}
     assert set(items) == {
         ("package", "prometheus-node-exporter"),
         ("hold", "cuda-toolkit-12-8"),
-        ("service", "tiny-connected.service"),
+        ("service", "gpufleet-inference-tiny-connected.service"),
         ("reboot", "pending"),
         ("gpu", "count"),
     }
@@ -137,8 +140,8 @@ def test_expected_services_follow_the_plan(site: Site) -> None:
     """Fabric manager only on NVSwitch nodes; the inference unit only where the service runs."""
     assert "nvidia-fabricmanager.service" in expected_services(plan_of(site, "lab-gpu02"))
     assert "nvidia-fabricmanager.service" not in expected_services(plan_of(site, "lab-gpu01"))
-    assert "tiny-airgap.service" in expected_services(plan_of(site, "lab-gpu03"))
-    assert not any(u.startswith("tiny-") for u in expected_services(plan_of(site, "lab-gpu04")))
+    assert "gpufleet-inference-tiny-airgap.service" in expected_services(plan_of(site, "lab-gpu03"))
+    assert not any("tiny-" in u for u in expected_services(plan_of(site, "lab-gpu04")))
 
 
 def test_drift_merges_probe_and_check_and_keeps_unreachable_apart(site: Site) -> None:
