@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from infra.bench.harness import Context, figure, repeat
+from infra.bench.harness import Context, Measurement, Ratio, Skip, figure, repeat
 
 
 @figure(
@@ -30,3 +30,126 @@ def validation_and_planning(ctx: Context) -> dict[str, Any]:
         f"plan {n} nodes": plan,
         "per node (validate + plan)": f"{(validate.median + plan.median) / n * 1e6:.0f} µs",
     }
+
+
+def _require_lab(stack: str = "lab") -> None:
+    """Skip unless this machine runs the lab with every node answering SSH."""
+    import os
+
+    if os.geteuid() != 0:
+        raise Skip("needs root (the lab is systemd-nspawn hosts)")
+    from infra.lab import lab
+    from infra.lab.config import Paths, lab_spec
+    from infra.model.load import stack_path
+
+    st = lab.status(lab_spec(stack, stack_path(stack)), Paths.from_env())
+    down = [h["name"] for h in st["hosts"] if h["kind"] == "node" and not h["ssh"]]
+    if not st["up"] or down:
+        raise Skip(f"the lab is not up (`sudo gpufleet lab up`); nodes not answering: {', '.join(down) or 'all'}")
+
+
+@figure(
+    "1",
+    "Fleet convergence on the lab",
+    "First converge (nodes reimaged to the base OS first; full mode only) and no-op re-converge of 1, 2 and 4 lab "
+    "nodes with gpufleet's tuned runner (pipelining, ControlPersist, forks = nodes), and the same no-op run with plain "
+    "Ansible defaults (forks 5, no pipelining, no ControlPersist). The lab stack has 4 nodes, so 8 is not measured. "
+    "Quick mode: no-op of 1 node only.",
+)
+def fleet_convergence(ctx: Context) -> dict[str, Any]:
+    """Converge timings from infra.ansible.bench."""
+    _require_lab()
+    from infra.ansible.bench import bench, lab_reimage
+
+    counts = (1,) if ctx.quick else (1, 2, 4)
+    report = bench("lab", counts, fresh=None if ctx.quick else lab_reimage("lab"))
+    out: dict[str, Any] = {}
+    for run in report["runs"]:
+        n = len(run["nodes"])
+        if "first" in run:
+            out[f"{n} node(s): first converge"] = Measurement([run["first"]["seconds"]])
+        out[f"{n} node(s): no-op, tuned"] = Measurement([run["noop_tuned"]["seconds"]])
+        out[f"{n} node(s): no-op, Ansible defaults"] = Measurement([run["noop_defaults"]["seconds"]])
+        out[f"{n} node(s): defaults / tuned"] = Ratio(
+            Measurement([run["noop_defaults"]["seconds"]]),
+            Measurement([run["noop_tuned"]["seconds"]]),
+            "no-op with defaults / no-op tuned",
+            goal="≥ 2×",
+        )
+        if n > 1 and "noop_vs_one_node" in run:
+            out[f"{n} node(s): no-op vs 1 node"] = Ratio(
+                Measurement([run["noop_tuned"]["seconds"]]),
+                Measurement([report["runs"][0]["noop_tuned"]["seconds"]]),
+                f"no-op of {n} nodes / no-op of 1 node",
+                goal="≤ 1.5× (4 nodes)",
+            )
+    return out
+
+
+@figure(
+    "2",
+    "Pulumi program evaluation under mocks",
+    "The whole gpufleet Pulumi program (components, 5 resources per node, triggers, secrets, outputs) under "
+    "pulumi.runtime.set_mocks for generated sites of 10, 100, 1,000 and 5,000 nodes, against registering the same "
+    "number of bare local.Command resources, measured alternately. Quick mode: 10 and 100 nodes; 5,000 runs once.",
+)
+def pulumi_program(ctx: Context) -> dict[str, Any]:
+    """Program vs bare commands, from infra.components.bench."""
+    from infra.components.bench import compare
+    from infra.components.program import ProgramSettings
+
+    settings = ProgramSettings(stack="bench", project=ctx.root)
+    out: dict[str, Any] = {}
+    for n in (10, 100) if ctx.quick else (10, 100, 1000, 5000):
+        r = compare(n, 1 if n >= 5000 else ctx.repeats, settings)
+        out[f"{n} nodes: program ({r['resources']} resources)"] = r["program"]
+        out[f"{n} nodes: same number of bare local.Command"] = r["bare"]
+        out[f"{n} nodes: program / bare"] = r["ratio"]
+    return out
+
+
+@figure(
+    "4",
+    "bundle verify throughput vs sha256sum",
+    "`gpufleet bundle verify` (signature, manifest, parallel sha256 of every file) against coreutils sha256sum "
+    "over the same files (a 512 MiB model plus 32 MiB files, 1 GiB in all; quick mode 128 MiB), page cache warm, "
+    "measured alternately.",
+)
+def bundle_verify(ctx: Context) -> dict[str, Any]:
+    """From infra.bundle.bench."""
+    from infra.bundle.bench import bundle_verify_figure
+
+    return bundle_verify_figure(ctx)
+
+
+@figure(
+    "5",
+    "Lab up/down, rebuild of one node, drift check",
+    "`gpufleet lab up` warm (base image cached) and `lab down`, measured on a throwaway second lab beside the "
+    "shared one; `gpufleet rebuild` of lab-gpu02 end to end (fingerprint, BMC PXE + reset = reimage, SSH, converge, "
+    "validate, fingerprint; full mode only); `gpufleet drift` over the whole lab stack.",
+)
+def lab_lifecycle(ctx: Context) -> dict[str, Any]:
+    """From infra.lab.measure and infra.dr.measure."""
+    _require_lab()
+    from infra.dr.measure import measure_drift, measure_rebuild
+    from infra.lab.measure import measure
+
+    lab_runs = [measure() for _ in range(1 if ctx.quick else max(1, ctx.repeats // 2))]
+    out: dict[str, Any] = {
+        "lab up (warm)": Measurement([r["warm_up_s"] for r in lab_runs], goal="≤ 15 s"),
+        "lab up (already up)": Measurement([r["idle_up_s"] for r in lab_runs]),
+        "lab down": Measurement([r["down_s"] for r in lab_runs], goal="≤ 5 s"),
+    }
+    if not ctx.quick:
+        rb = measure_rebuild("lab", "lab-gpu02")
+        out["rebuild lab-gpu02"] = Measurement([rb["seconds"]])
+        out["rebuild fingerprint identical"] = str(rb["identical"])
+    d = measure_drift("lab")
+    out[f"drift check, {d['nodes']} nodes"] = Measurement([d["seconds"]])
+    out["drifted nodes"] = str(d["drifted"])
+    return out
+
+
+# Figure 6 (inference): registered by infra.inference.figures as 6a, 6b, 6c.
+import infra.inference.figures  # noqa: E402, F401

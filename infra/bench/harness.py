@@ -146,7 +146,7 @@ def run(ctx: Context, only: list[str] | None = None, log: Callable[[str], None] 
         "repeats": ctx.repeats,
         "figures": {},
     }
-    for fig in FIGURES:
+    for fig in sorted(FIGURES, key=lambda f: f.key):
         if only and fig.key not in only:
             continue
         log(f"== {fig.key} {fig.title}")

@@ -1,7 +1,7 @@
 """Inference figures for the benchmark harness (issue 8): client overhead and llama.cpp serving numbers.
 
 Plain functions the harness (or anyone) can call; importing this module also registers them as
-harness figures `8a`, `8b`, `8c` (`infra/bench/figures.py` imports it).
+harness figures `6a`, `6b`, `6c` (`infra/bench/figures.py` imports it).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def llama_local(num_requests: int = 32, concurrency: int = 1, max_tokens: int = 
             "metrics": b.metrics}
 
 
-@figure("8a", "bench-inference client overhead",
+@figure("6a", "bench-inference client overhead",
         "Requests/s and streamed chunks/s the bench client sustains against an in-process loopback server "
         "that answers instantly (16 chunks per request, 4 in flight): the ceiling above which the client, "
         "not the endpoint, would be measured. Quick mode sends 300 requests, full mode 2,000.")
@@ -66,7 +66,7 @@ def fig_client_overhead(ctx: Context) -> dict[str, Any]:
             "chunks/s": Measurement([r["chunks_per_s"] for r in runs], "chunks/s")}
 
 
-@figure("8b", "llama.cpp serving the tiny lab model (loopback, CPU)",
+@figure("6b", "llama.cpp serving the tiny lab model (loopback, CPU)",
         "The lab's serving path run on this machine: llama-cpp-python built from the PyPI sdist (CPU-only), "
         "installed offline into a venv, serving the seeded gpufleet-tiny-lab GGUF on 127.0.0.1; bench-inference "
         "with 32 requests × 32 tokens, one at a time. Output tokens/s and TTFT/TPOT/ITL/E2EL p50/p90/p99.")
@@ -96,7 +96,7 @@ def lab_services(stack: str = "lab", num_requests: int = 32, concurrency: int = 
     return out
 
 
-@figure("8c", "llama.cpp services of the lab stack (converged nodes)",
+@figure("6c", "llama.cpp services of the lab stack (converged nodes)",
         "bench-inference against the lab stack's services as `gpufleet converge` deployed them (tiny-connected "
         "on lab-gpu01 via the upstream store, tiny-airgap on lab-gpu03 via lab-mirror): 32 requests × 32 tokens, "
         "one at a time. Skipped when the lab is not up or the services are not converged.")
