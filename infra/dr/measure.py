@@ -12,7 +12,7 @@ from typing import Any
 
 from infra.dr.drift import drift
 from infra.dr.rebuild import DEFAULT_RECORD_DIR, rebuild
-from infra.dr.steps import StackRef, check_with_roles
+from infra.dr.steps import StackRef, check_with_roles, converge
 from infra.model.load import load_site
 from infra.plan.node import plan_site
 
@@ -24,15 +24,31 @@ def measure_rebuild(
     stack_file: Path | None = None,
     record_dir: Path = DEFAULT_RECORD_DIR,
 ) -> dict[str, Any]:
-    """Rebuild one node (destructive!) and return total and per-step seconds plus the verdict."""
+    """Converge the node first (a rebuild must start from the plan), then rebuild it (destructive!).
+
+    Returns total and per-step seconds of the rebuild alone, the verdict, and the preparatory converge time.
+    """
     site = load_site(stack=stack, path=stack_file)
-    report = rebuild(site, plan_site(site).node(node), StackRef(stack, stack_file), record_dir=record_dir)
+    ref = StackRef(stack, stack_file)
+    prep = converge(ref, node)
+    if not prep.ok:
+        return {
+            "node": node,
+            "seconds": None,
+            "identical": None,
+            "ok": False,
+            "failed_step": "prepare-converge",
+            "message": prep.output,
+            "steps": {},
+        }
+    report = rebuild(site, plan_site(site).node(node), ref, record_dir=record_dir)
     return {
         "node": node,
         "seconds": round(report.seconds, 2),
         "identical": report.identical,
         "ok": report.ok,
         "failed_step": report.failed_step,
+        "prepare_converge_seconds": round(prep.seconds, 2),
         "steps": {s["step"]: s["seconds"] for s in report.steps},
     }
 
