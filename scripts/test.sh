@@ -5,7 +5,7 @@
 #   ./scripts/test.sh --no-lab   static checks + unit + Pulumi mock tests only
 set -euo pipefail
 cd "$(dirname "$0")/.."
-./scripts/setup.sh
+./scripts/setup.sh --test
 export PATH="$PWD/.venv/bin:$PATH"
 
 step() { printf '\n== %s\n' "$*"; }
