@@ -15,7 +15,6 @@ when not root or when the host cannot provide systemd-nspawn/debootstrap.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -26,7 +25,6 @@ from infra.lab.session import Lab
 from infra.model.load import stack_path
 
 STACK = "lab"
-STABLE = Path("/tmp/gpufleet-lab-stable")
 
 
 @pytest.fixture(scope="session")
@@ -44,14 +42,8 @@ def lab() -> Iterator[Lab]:
         lab_mod.up(spec, paths, path)  # a running lab: re-check it (BMC-off nodes stay off), leave it up
         yield handle
         return
-    marked = False
     try:
         lab_mod.up(spec, paths, path)
-        if not STABLE.exists():  # the "a lab is up and usable" marker other lab tests wait for (CI)
-            STABLE.touch()
-            marked = True
         yield handle
     finally:
-        if marked:
-            STABLE.unlink(missing_ok=True)
         lab_mod.down(paths)

@@ -5,7 +5,7 @@ Contract used (no private interfaces):
   `llama_cpp_python[server]==0.3.36` offline from the segment file store, the model from the store, a unit.
 - `gpufleet bench-inference --stack lab --service S [--smoke] --json` reaches `http://<node>:<port>/v1`.
 The file stores get the wheelhouse and the tiny model from `publish_llamacpp_files` (what the lab seeding
-and the bundle import serve). Waits for /tmp/gpufleet-lab-stable; never takes the lab down.
+and the bundle import serve). Never takes the lab down.
 """
 
 from __future__ import annotations
@@ -14,12 +14,11 @@ import hashlib
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from infra.cli import build_parser, main
+from infra.cli import main
 from infra.inference.publish import publish_llamacpp_files
 from infra.inference.wheel import LLAMA_CPP_PYTHON_VERSION
 from infra.lab.config import Paths
@@ -28,28 +27,13 @@ from infra.model.load import project_dir
 
 pytestmark = pytest.mark.lab
 
-STABLE = Path("/tmp/gpufleet-lab-stable")
 SRV = Path("/var/lib/gpufleet/lab/srv")
 OUTSIDE = "198.18.1.250"
 
 
-def _commands() -> set[str]:
-    sub = next(a for a in build_parser()._actions if a.dest == "command")
-    return set(sub.choices)  # type: ignore[arg-type]
-
-
 @pytest.fixture(scope="module")
-def stable_lab(request: pytest.FixtureRequest) -> Lab:
-    """The shared lab, only once its owner marks it stable (so the session fixture reuses, never downs it)."""
-    # Checked before touching the lab: the session fixture re-runs `lab up`, which restarts stopped hosts.
-    if "converge" not in _commands():
-        pytest.skip("`gpufleet converge` (ROLES) is not registered yet")
-    deadline = time.monotonic() + 900
-    while not STABLE.exists():
-        if time.monotonic() > deadline:
-            pytest.fail(f"{STABLE} did not appear within 15 min: the lab is not up and stable")
-        time.sleep(5)
-    lab: Lab = request.getfixturevalue("lab")
+def stable_lab(lab: Lab) -> Lab:
+    """The session lab (a running lab is reused and left up)."""
     return lab
 
 
