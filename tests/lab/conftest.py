@@ -47,3 +47,13 @@ def lab() -> Iterator[Lab]:
         yield handle
     finally:
         lab_mod.down(paths)
+
+
+# Tests that take the whole lab down and up again, or run a second lab beside it, go last: whatever
+# they leave behind can then not break the tests of other files that share the session's lab.
+_LAST = ("test_down_leaves_nothing_behind", "test_second_lab_comes_up_and_goes_down_without_touching_the_first")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run the lab-lifecycle tests after every other lab test."""
+    items.sort(key=lambda item: item.name in _LAST)

@@ -195,6 +195,18 @@ def test_mirror_status_matches_the_lock(flow: Flow) -> None:
     assert st["apt_packages"] > 50 and st["images"] >= 1
 
 
+def test_air_gapped_node_converges_from_the_imported_mirror(flow: Flow) -> None:
+    """The ROLES engineer's converge of lab-gpu03 (lab stack) succeeds with only the imported mirror reachable."""
+    # The lab stack itself: the bundle's stack copy differs only by an image on this node, which the
+    # mirror now also serves; converging the real stack is what the other lab tests expect on the node.
+    r = gpufleet("converge", "--stack", "lab", "--node", NODE, "--json", timeout=1500)
+    policy = ssh(NODE, "apt-cache policy nvidia-driver podman | grep -E '^ +[0-9]+ http' | sort -u").stdout
+    assert f"http://{MIRROR}/apt" in policy and OUTSIDE not in policy
+    assert outside_unreachable_from_node()
+    data = json.loads(r.stdout)
+    assert r.returncode == 0 and data["succeeded"], [n.get("failures") for n in data.get("nodes", [])]
+
+
 def test_air_gapped_node_installs_from_the_mirror_only(flow: Flow) -> None:
     """lab-gpu03 fetches and signature-checks the whole locked set from lab-mirror; outside stays unreachable."""
     assert flow.outputs["outside_before"].returncode == 0, "outside-world host reachable from the air-gapped node"
@@ -235,15 +247,3 @@ def test_tampered_bundle_is_not_imported(flow: Flow, tmp_path: Path) -> None:
     assert r.returncode == 1 and f"apt/{victim.name}: content does not match" in r.stderr
     after = ssh("lab-mirror", "cd /srv/gpufleet && find apt files -type f | sort | xargs sha256sum | sha256sum").stdout
     assert before == after
-
-
-def test_air_gapped_node_converges_from_the_imported_mirror(flow: Flow) -> None:
-    """The ROLES engineer's converge of lab-gpu03 (lab stack) succeeds with only the imported mirror reachable."""
-    # The lab stack itself: the bundle's stack copy differs only by an image on this node, which the
-    # mirror now also serves; converging the real stack is what the other lab tests expect on the node.
-    r = gpufleet("converge", "--stack", "lab", "--node", NODE, "--json", timeout=1500)
-    policy = ssh(NODE, "apt-cache policy nvidia-driver podman | grep -E '^ +[0-9]+ http' | sort -u").stdout
-    assert f"http://{MIRROR}/apt" in policy and OUTSIDE not in policy
-    assert outside_unreachable_from_node()
-    data = json.loads(r.stdout)
-    assert r.returncode == 0 and data["succeeded"], [n.get("failures") for n in data.get("nodes", [])]

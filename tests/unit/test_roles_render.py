@@ -287,6 +287,7 @@ def test_units_run_offline_by_digest_with_plan_arguments(rendered: Path) -> None
     assert "--authfile /etc/gpufleet/registry/config.json" in tgi
     llama = (rendered / "units" / "lab-tiny-airgap-podman.service").read_text()
     assert "-m llama_cpp.server" in llama and "--port 8080" in llama and "--n_ctx 512" in llama
+    assert "--interrupt_requests False" in llama  # concurrent clients queue instead of cutting each other off
     assert "/var/lib/gpufleet/models/gpufleet-tiny-lab/lab-1/model.gguf" in llama
 
 
