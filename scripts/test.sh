@@ -24,3 +24,9 @@ pytest_args=(-q)
 if [[ "${1:-}" == "--no-lab" ]]; then pytest_args+=(-m "not lab"); fi
 step "pytest"
 pytest "${pytest_args[@]}"
+
+# The benchmark harness in quick mode, so it cannot rot (times are reported, never asserted).
+# Figures that need the lab skip here with their reason; tests/lab/test_bench_quick.py runs them
+# while the lab is up.
+step "benchmark harness (quick)"
+gpufleet bench --quick --out bench-results/quick.json
