@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from infra.console import Exit
 from infra.model.load import SiteError
+from infra.plan.node import UnknownNodeError
 
 # Each module defines `register(subparsers)`; commands set `func(args) -> int`.
 COMMAND_MODULES = (
@@ -42,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         code: int = args.func(args)
-    except SiteError as exc:
+    except (SiteError, UnknownNodeError) as exc:
         sys.stderr.write(f"error: {exc}\n")
         return Exit.INVALID
     except KeyboardInterrupt:

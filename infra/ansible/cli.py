@@ -219,11 +219,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_validate_node(args: argparse.Namespace) -> int:
     """Run gpu_validate on one node and print its facts; exit 1 when validation fails."""
     site = site_from_args(args)
-    try:
-        node = plan_site(site).node(args.node)
-    except KeyError as exc:
-        sys.stderr.write(f"error: {exc.args[0]}\n")
-        return Exit.INVALID
+    node = plan_site(site).node(args.node)
     result = converge(site, [node], tuning=Tuning(args.tuning), playbook="validate.yml")
     n = result.nodes[0]
     facts = (n.detail.get("facts") or {}).get("gpu_validate_result")
@@ -283,11 +279,7 @@ def wait_ssh(site: Site, node: NodePlan, timeout: float) -> tuple[bool, float, s
 def cmd_wait_ssh(args: argparse.Namespace) -> int:
     """Wait for SSH with the pinned key; exit 1 on timeout or host key mismatch."""
     site = site_from_args(args)
-    try:
-        node = plan_site(site).node(args.node)
-    except KeyError as exc:
-        sys.stderr.write(f"error: {exc.args[0]}\n")
-        return Exit.INVALID
+    node = plan_site(site).node(args.node)
     ok, seconds, err = wait_ssh(site, node, args.timeout)
     data = {"node": node.hostname, "ready": ok, "seconds": round(seconds, 2), "error": err}
     emit(

@@ -103,6 +103,13 @@ class NodePlan:
         return out
 
 
+class UnknownNodeError(KeyError):
+    """A node name the site does not have; the CLI reports it as invalid input (exit 2)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 @dataclass(frozen=True)
 class SitePlan:
     """Plans of every node, in converge order (segment, then batch)."""
@@ -115,7 +122,7 @@ class SitePlan:
         for n in self.nodes:
             if n.hostname == hostname:
                 return n
-        raise KeyError(
+        raise UnknownNodeError(
             f"no node {hostname!r} in site {self.site.name!r}; known: " + ", ".join(n.hostname for n in self.nodes)
         )
 

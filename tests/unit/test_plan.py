@@ -100,3 +100,14 @@ def test_plan_unknown_node_names_known_ones() -> None:
     plan = plan_site(load_site("lab"))
     with pytest.raises(KeyError, match="lab-gpu01"):
         plan.node("nope")
+
+
+@pytest.mark.parametrize("command", ["validate-node", "wait-ssh", "rebuild", "fingerprint"])
+def test_unknown_node_is_invalid_input_for_every_node_command(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Any command given a node the stack lacks exits 2 naming the known nodes, before touching anything."""
+    argv = [command, "--stack", "lab", "--node", "nope"] + (["--yes"] if command == "rebuild" else [])
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "no node 'nope'" in err and "lab-gpu01" in err
