@@ -23,9 +23,16 @@ from infra.bmc.errors import (
     BmcTimeout,
     BmcUnreachable,
     BmcUnsupported,
-    PowerTimeout,
 )
-from infra.bmc.redfish import BootOverride, BootTarget, Inventory, PowerAction, PowerResult, Timeouts
+from infra.bmc.redfish import (
+    BootOverride,
+    BootTarget,
+    Inventory,
+    PowerAction,
+    PowerResult,
+    Timeouts,
+    poll_power,
+)
 
 _BOOTDEV = {
     BootTarget.PXE.value: "pxe",
@@ -171,16 +178,9 @@ class IpmiClient:
 
     def wait_power(self, want: str, timeout: float | None = None) -> tuple[str, float]:
         """Poll until the power state is `want`."""
-        limit = self.timeouts.power_timeout if timeout is None else timeout
-        start = time.monotonic()
-        while True:
-            state = self.power_state()
-            waited = time.monotonic() - start
-            if state == want:
-                return state, waited
-            if waited >= limit:
-                raise PowerTimeout(self.endpoint, f"system still {state} after {waited:.0f} s (wanted {want})")
-            self._sleep(self.timeouts.poll_interval)
+        return poll_power(
+            self.power_state, want, endpoint=self.endpoint, timeouts=self.timeouts, timeout=timeout, sleep=self._sleep
+        )
 
     def set_power(self, action: PowerAction, *, wait: bool = True, timeout: float | None = None) -> PowerResult:
         """Ensure a power state; idempotent like the Redfish client (`on` when on sends nothing)."""

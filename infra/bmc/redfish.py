@@ -76,6 +76,29 @@ class Timeouts:
     power_timeout: float = 120.0
 
 
+def poll_power(
+    read: Callable[[], str],
+    want: str,
+    *,
+    endpoint: str,
+    timeouts: Timeouts,
+    timeout: float | None,
+    sleep: Callable[[float], None],
+    hint: str = "",
+) -> tuple[str, float]:
+    """Poll `read()` until it says `want` (BMCs apply power changes asynchronously); (state, seconds waited)."""
+    limit = timeouts.power_timeout if timeout is None else timeout
+    start = time.monotonic()
+    while True:
+        state = read()
+        waited = time.monotonic() - start
+        if state == want:
+            return state, waited
+        if waited >= limit:
+            raise PowerTimeout(endpoint, f"system still {state} after {waited:.0f} s (wanted {want})", hint)
+        sleep(timeouts.poll_interval)
+
+
 @dataclass(frozen=True)
 class PowerResult:
     """What a power request did."""
@@ -410,20 +433,15 @@ class RedfishClient:
 
     def wait_power(self, want: str, timeout: float | None = None) -> tuple[str, float]:
         """Poll until PowerState is `want`; returns (state, seconds waited)."""
-        limit = self.timeouts.power_timeout if timeout is None else timeout
-        start = time.monotonic()
-        while True:
-            state = self.power_state()
-            waited = time.monotonic() - start
-            if state == want:
-                return state, waited
-            if waited >= limit:
-                raise PowerTimeout(
-                    self.endpoint,
-                    f"system still {state} after {waited:.0f} s (wanted {want})",
-                    "the request was accepted; check the BMC's event log, then retry",
-                )
-            self._sleep(self.timeouts.poll_interval)
+        return poll_power(
+            self.power_state,
+            want,
+            endpoint=self.endpoint,
+            timeouts=self.timeouts,
+            timeout=timeout,
+            sleep=self._sleep,
+            hint="the request was accepted; check the BMC's event log, then retry",
+        )
 
     def _first_allowed(self, allowed: tuple[str, ...], *choices: str) -> str:
         for c in choices:
