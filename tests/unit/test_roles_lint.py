@@ -25,6 +25,11 @@ def _env() -> dict[str, str]:
     }
 
 
+def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    """Run a lint tool from the project root with the project's venv and roles path."""
+    return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False, env=_env())
+
+
 def test_every_planned_role_exists() -> None:
     """Every role the plan can ask for exists (the mirror role belongs to the bundle)."""
     from infra.plan.node import ROLE_ORDER
@@ -47,21 +52,13 @@ def test_argument_specs_cover_every_default(role: str) -> None:
 
 def test_yamllint_clean() -> None:
     """yamllint (the project's .yamllint) finds nothing in our roles and playbooks."""
-    p = subprocess.run(
-        [str(BIN / "yamllint"), "-s", "-c", str(ROOT / ".yamllint"), *OURS],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        env=_env(),
-    )
+    p = _run([str(BIN / "yamllint"), "-s", "-c", str(ROOT / ".yamllint"), *OURS])
     assert p.returncode == 0, p.stdout + p.stderr
 
 
 def test_playbooks_pass_syntax_check() -> None:
     """ansible-playbook --syntax-check accepts every playbook."""
-    p = subprocess.run(
+    p = _run(
         [
             str(BIN / "ansible-playbook"),
             "-i",
@@ -70,13 +67,7 @@ def test_playbooks_pass_syntax_check() -> None:
             "playbooks/site.yml",
             "playbooks/node.yml",
             "playbooks/validate.yml",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        env=_env(),
+        ]
     )
     assert p.returncode == 0, p.stdout + p.stderr
 
