@@ -165,11 +165,28 @@ def nspawn_argv(spec: LabSpec, host: LabHost, root: Path, paths: Paths) -> list[
     return argv
 
 
+def _wait_veth_gone(name: str, timeout: float = 15.0) -> None:
+    """Wait for the host-side veth of a container that just stopped to go away.
+
+    The kernel tears a dead container's network namespace down asynchronously; a new nspawn for
+    the same machine name fails ("File exists") if it asks for the veth before that is done.
+    """
+    veth = Path("/sys/class/net") / f"vb-{name}"
+    if len(veth.name) > 15:  # nspawn shortens long names with a hash; nothing to wait for by name
+        return
+    deadline = time.monotonic() + timeout
+    while veth.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if veth.exists():
+        run(["ip", "link", "delete", veth.name], timeout=10, check=False)
+
+
 def start(spec: LabSpec, host: LabHost, paths: Paths) -> int:
     """Boot a host under its supervisor (detached from us); returns the supervisor PID."""
     d = host_dir(paths, host.name)
     pidfile = _pidfile(paths, host.name)
     pidfile.unlink(missing_ok=True)
+    _wait_veth_gone(host.name)
     argv = nspawn_argv(spec, host, d / "root", paths)
     log = open(d / "console.log", "ab")  # noqa: SIM115 - handed to the child, closed below
     try:
@@ -245,8 +262,8 @@ def ssh_base(spec: LabSpec, connect_timeout: int = 2) -> list[str]:
     return ["ssh", "-F", str(spec.ssh_config), "-o", f"ConnectTimeout={connect_timeout}"]
 
 
-def wait_ssh(spec: LabSpec, names: list[str], timeout: float = 60.0) -> dict[str, float]:
-    """Poll SSH (every 0.2 s, all hosts at once) until each answers; returns seconds per host."""
+def poll_ssh(spec: LabSpec, names: list[str], timeout: float = 60.0) -> tuple[dict[str, float], list[str]]:
+    """Poll SSH (every 0.1 s, all hosts at once) until each answers or `timeout`; (seconds per host, silent)."""
     t0 = time.monotonic()
     pending = {n: None for n in names}
     ready: dict[str, float] = {}
@@ -266,9 +283,24 @@ def wait_ssh(spec: LabSpec, names: list[str], timeout: float = 60.0) -> dict[str
     for p in procs.values():
         p.kill()
         p.wait()
+    return ready, list(pending)
+
+
+def wait_ssh(spec: LabSpec, names: list[str], timeout: float = 60.0) -> dict[str, float]:
+    """Like poll_ssh, but a host that stays silent is an error."""
+    ready, pending = poll_ssh(spec, names, timeout)
     if pending:
         raise LabCommandError(f"SSH did not answer within {timeout:.0f}s: {', '.join(pending)}")
     return ready
+
+
+def console_tail(paths: Paths, name: str, lines: int = 25) -> str:
+    """The last lines of a host's console log (nspawn and the container's boot messages)."""
+    log = host_dir(paths, name) / "console.log"
+    if not log.exists():
+        return "(no console log)"
+    text = log.read_bytes()[-16384:].decode("utf-8", "replace")
+    return "\n".join(text.splitlines()[-lines:])
 
 
 def ssh_config_text(spec: LabSpec, key: Path) -> str:

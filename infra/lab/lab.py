@@ -175,7 +175,7 @@ def up(spec: LabSpec, paths: Paths, stack_file: Path) -> dict[str, Any]:
             st["hosts"][h.name]["pid"] = hosts.start(spec, h, paths)
         lab_state.save(paths, st)
         t.mark("boot")
-        hosts.wait_ssh(spec, [h.name for h in spec.hosts if h.name not in kept_off], timeout=90)
+        _wait_booted(spec, paths, st, [h.name for h in spec.hosts if h.name not in kept_off])
         t.mark("ssh ready")
         _wait_services(spec)
         for h in spec.hosts:
@@ -193,6 +193,28 @@ def up(spec: LabSpec, paths: Paths, stack_file: Path) -> dict[str, Any]:
     result = status(spec, paths)
     result["timings"] = t.steps
     return result
+
+
+def _wait_booted(spec: LabSpec, paths: Paths, st: dict[str, Any], names: list[str]) -> None:
+    """Until every host answers SSH; a host that does not within 60 s is booted once more.
+
+    A container's first boot can fail for reasons outside it (seen once in a few hundred boots on a
+    loaded machine: one host of six never answered). A second boot of the same disk is what an
+    operator would try; if that fails too, the error carries the host's console log.
+    """
+    _, silent = hosts.poll_ssh(spec, names, timeout=60)
+    if not silent:
+        return
+    for n in silent:
+        log.warning("%s: no SSH after 60 s (supervisor %s); booting it again. Console:\n%s", n,
+                    "running" if hosts.alive(st["hosts"][n].get("pid")) else "gone", hosts.console_tail(paths, n))
+        hosts.stop_many([p for p in [st["hosts"][n].get("pid")] if p])
+        st["hosts"][n]["pid"] = hosts.start(spec, spec.host(n), paths)
+    lab_state.save(paths, st)
+    _, silent = hosts.poll_ssh(spec, silent, timeout=90)
+    if silent:
+        detail = "\n".join(f"--- {n} console (last lines):\n{hosts.console_tail(paths, n)}" for n in silent)
+        raise LabCommandError(f"SSH did not answer after two boots: {', '.join(silent)}\n{detail}")
 
 
 def _bmc_alive(st: dict[str, Any]) -> bool:
