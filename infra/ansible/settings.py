@@ -6,6 +6,7 @@ ansible.cfg in the project, which would silently apply to every other Ansible ru
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from dataclasses import dataclass
@@ -14,9 +15,16 @@ from pathlib import Path
 
 
 class Tuning(StrEnum):
-    """Which runner settings a converge uses (`--tuning`); `defaults` exists for benchmarks."""
+    """Which runner settings a converge uses (`--tuning`).
+
+    `tuned` (the default) runs Ansible's linear strategy through Mitogen: one SSH connection and one
+    persistent Python interpreter per node for the whole run. `pipelined` is stock Ansible made fast
+    (pipelining, ControlPersist, a fork per host), the fallback if a node cannot run Mitogen.
+    `defaults` is plain Ansible (forks 5, no pipelining, no ControlPersist), for benchmarks.
+    """
 
     TUNED = "tuned"
+    PIPELINED = "pipelined"
     DEFAULTS = "defaults"
 
 
@@ -50,6 +58,14 @@ def project_root() -> Path:
     return project_dir()
 
 
+def mitogen_strategy_dir() -> Path:
+    """The strategy plugins shipped in the installed mitogen package (ansible_mitogen)."""
+    spec = importlib.util.find_spec("ansible_mitogen")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("mitogen is not installed (a gpufleet dependency): run scripts/setup.sh")
+    return Path(spec.submodule_search_locations[0]) / "plugins" / "strategy"
+
+
 def runner_env(
     tuning: Tuning,
     *,
@@ -77,7 +93,7 @@ def runner_env(
         "ANSIBLE_TIMEOUT": "15",
     }
     ssh_args = " ".join(ssh.args())
-    if tuning is Tuning.TUNED:
+    if tuning in (Tuning.TUNED, Tuning.PIPELINED):
         forks = max(1, min(hosts, MAX_FORKS))
         env |= {
             # One SSH connection per host for the whole run instead of one per task.
@@ -89,6 +105,14 @@ def runner_env(
             "ANSIBLE_PYTHON_INTERPRETER": "/usr/bin/python3",
             "ANSIBLE_GATHER_SUBSET": "!all,min",
         }
+        if tuning is Tuning.TUNED:
+            env |= {
+                # Mitogen keeps its own connection per node (same ssh config, pinned keys and
+                # StrictHostKeyChecking: it builds its ssh command line from these settings).
+                "ANSIBLE_SSH_ARGS": ssh_args,
+                "ANSIBLE_STRATEGY_PLUGINS": str(mitogen_strategy_dir()),
+                "ANSIBLE_STRATEGY": "mitogen_linear",
+            }
         if fact_cache is not None:
             env |= {
                 "ANSIBLE_GATHERING": "smart",
