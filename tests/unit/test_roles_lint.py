@@ -43,11 +43,25 @@ def test_argument_specs_cover_every_default(role: str) -> None:
     defaults = yaml.safe_load((ROOT / "roles" / role / "defaults" / "main.yml").read_text()) or {}
     spec = yaml.safe_load((ROOT / "roles" / role / "meta" / "argument_specs.yml").read_text())
     options = spec["argument_specs"]["main"]["options"]
-    assert set(options) == set(defaults)
+    required = {name for name, opt in options.items() if opt.get("required")}
+    assert set(options) - required == set(defaults)
     for name, opt in options.items():
         assert name.startswith(role + "_")
+        if name in required:  # the caller must pass it: a default would hide a missing argument
+            assert "default" not in opt and "description" in opt, name
+            continue
         assert {"type", "default", "description"} <= set(opt), name
         assert opt["default"] == defaults[name], name
+
+
+def test_node_playbook_includes_roles_in_plan_order() -> None:
+    """playbooks/node.yml includes exactly ROLE_ORDER, in that order, each only where the plan lists it."""
+    from infra.plan.node import ROLE_ORDER
+
+    play = yaml.safe_load((ROOT / "playbooks" / "node.yml").read_text())[0]
+    included = [t["ansible.builtin.include_role"]["name"] for t in play["tasks"]]
+    assert included == list(ROLE_ORDER)
+    assert [t["when"] for t in play["tasks"]] == [f"'{r}' in gpufleet_roles" for r in ROLE_ORDER]
 
 
 def test_yamllint_clean() -> None:
