@@ -46,8 +46,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SiteError, UnknownNodeError) as exc:
         sys.stderr.write(f"error: {exc}\n")
         return Exit.INVALID
-    except KeyboardInterrupt:
-        sys.stderr.write("interrupted\n")
+    except KeyboardInterrupt as exc:
+        sys.stderr.write(f"interrupted: {exc}\n" if str(exc) else "interrupted\n")
         return 130
     return code
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -336,6 +337,7 @@ def run_playbook(
         all_secrets += _leaves(secrets)
     collector = _Collector(hosts, progress)
     started = time.monotonic()
+    stop = _StopOnSignal()
     try:
         r = ansible_runner.run(
             private_data_dir=str(pdd),
@@ -347,12 +349,16 @@ def run_playbook(
             suppress_env_files=True,
             quiet=True,
             event_handler=collector,
+            # SIGINT/SIGTERM/SIGHUP reach only us (ansible-playbook runs in its own session under
+            # a pty): ansible-runner then stops it, so no playbook carries on without us.
+            cancel_callback=stop.requested,
             timeout=timeout_s,
             ident="artifacts",
         )
         status, rc = str(r.status), int(r.rc if r.rc is not None else 1)
         stats = r.stats or collector.stats
     finally:
+        stop.restore()
         if secret_file is not None:
             secret_file.unlink(missing_ok=True)
         shutil.rmtree(work / "tmp", ignore_errors=True)
@@ -385,7 +391,42 @@ def run_playbook(
     scrub(work, all_secrets)
     if progress:
         progress.finish(result)
+    if stop.signal is not None:
+        raise RunInterrupted(
+            f"{playbook} stopped on {stop.signal.name} after {result.duration_s:.0f}s; the nodes of this batch "
+            f"({', '.join(hosts)}) may be mid-change and no later batch was started. Run the same command "
+            f"again to finish (the roles recover interrupted package runs). Events: {work}"
+        )
     return result
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """A run stopped because gpufleet got SIGINT/SIGTERM/SIGHUP (the message says what to do)."""
+
+
+class _StopOnSignal:
+    """Turns SIGINT/SIGTERM/SIGHUP into a cancel request for the running playbook (main thread only)."""
+
+    _SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self) -> None:
+        self.signal: signal.Signals | None = None
+        self._old: dict[signal.Signals, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            self._old = {s: signal.signal(s, self._handle) for s in self._SIGNALS}
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        self.signal = signal.Signals(signum)
+
+    def requested(self) -> bool:
+        """ansible-runner's cancel_callback: True once a signal arrived."""
+        return self.signal is not None
+
+    def restore(self) -> None:
+        """Put the previous handlers back."""
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        self._old = {}
 
 
 def _leaves(value: Any) -> list[str]:

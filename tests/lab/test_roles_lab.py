@@ -9,6 +9,7 @@ disturbed. Every converge runs through the `gpufleet` CLI with its own runs dire
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import shutil
@@ -227,6 +228,68 @@ def _newest_events(runs: Path) -> list[str]:
     return out
 
 
+def _tree(pid: int) -> list[int]:
+    """`pid` and every descendant (ansible-playbook runs in its own session, out of our process group)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
+    return out
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    """Command lines of running processes that contain `text` (e.g. a runs directory)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in args:
+            found.append(args)
+    return found
+
+
+def _start_converge(stack_file: Path, runs: Path, until_task: str) -> subprocess.Popen[bytes]:
+    """`gpufleet converge` of UPGRADE_NODE in the background, returned once `until_task` has started."""
+    p = subprocess.Popen(
+        [GPUFLEET, "converge", "--stack-file", str(stack_file), "--node", UPGRADE_NODE, "--json"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "GPUFLEET_RUNS_DIR": str(runs)},
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 900
+    while until_task not in _newest_events(runs):
+        if p.poll() is not None or time.monotonic() > deadline:
+            p.kill()
+            pytest.fail(f"converge ended or stalled before {until_task!r}")
+        time.sleep(0.2)
+    return p
+
+
+def test_sigterm_stops_the_playbook_and_says_how_to_finish(converged: Lab, tmp_path: Path) -> None:
+    """SIGTERM to `gpufleet converge` stops its ansible-playbook too (exit 130, message); a re-run finishes."""
+    runs = tmp_path / "runs"
+    p = _start_converge(stack_path("lab"), runs, "Role nvidia_driver")
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err
+    assert b"Run the same command again" in err and UPGRADE_NODE.encode() in err
+    time.sleep(1)
+    assert _processes_mentioning(str(runs)) == []
+    code, res = gpufleet("converge", "--stack", "lab", "--node", UPGRADE_NODE, runs=tmp_path)
+    assert code == 0 and res["nodes"][0]["changed"] == 0, res
+
+
 @pytest.mark.parametrize(
     ("version", "kill_at"),
     [
@@ -245,23 +308,22 @@ def test_sigkill_mid_converge_then_reconverge(converged: Lab, tmp_path: Path, ve
 
     modified = stack_copy(tmp_path, edit)
     runs = tmp_path / "runs"
-    env = {**os.environ, "GPUFLEET_RUNS_DIR": str(runs)}
-    p = subprocess.Popen(
-        [GPUFLEET, "converge", "--stack-file", str(modified), "--node", UPGRADE_NODE, "--json"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=env,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 900
-    try:
-        while kill_at not in _newest_events(runs):
-            assert p.poll() is None, "converge ended before the kill point"
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
-    finally:
-        os.killpg(p.pid, signal.SIGKILL)
-        p.wait(timeout=30)
+    p = _start_converge(modified, runs, kill_at)
+    # The whole converge dies at once, as in a crash or an OOM kill: gpufleet, ansible-playbook and
+    # its workers (not only our process group: ansible-playbook runs in a session of its own).
+    # Freeze the tree first (until no new process appears), so nothing forks between listing and killing.
+    frozen: set[int] = set()
+    while new := set(_tree(p.pid)) - frozen:
+        for pid in new:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+        frozen |= new
+    for pid in frozen:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    p.wait(timeout=30)
+    time.sleep(1)
+    assert _processes_mentioning(str(runs)) == []
     code, res = gpufleet("converge", "--stack-file", str(modified), "--node", UPGRADE_NODE, runs=tmp_path)
     assert code == 0, res
     r = converged.ssh(
