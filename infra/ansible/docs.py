@@ -49,7 +49,8 @@ def reference(root: Path | None = None) -> str:
                 typ += f" of {opt['elements']}"
             if opt.get("choices"):
                 typ += " (" + ", ".join(str(c) for c in opt["choices"]) + ")"
-            out.append(f"| `{name}` | {typ} | {_cell(opt.get('default'))} | {opt.get('description', '')} |")
+            default = "required" if opt.get("required") else _cell(opt.get("default"))
+            out.append(f"| `{name}` | {typ} | {default} | {opt.get('description', '')} |")
         out.append("")
     out.append(END)
     return "\n".join(out)

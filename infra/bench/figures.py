@@ -52,8 +52,9 @@ def _require_lab(stack: str = "lab") -> None:
     "1",
     "Fleet convergence on the lab",
     "First converge (nodes reimaged to the base OS first; full mode only) and no-op re-converge of 1, 2 and 4 lab "
-    "nodes with gpufleet's tuned runner (pipelining, ControlPersist, forks = nodes), and the same no-op run with plain "
-    "Ansible defaults (forks 5, no pipelining, no ControlPersist). The lab stack has 4 nodes, so 8 is not measured. "
+    "nodes with gpufleet's tuned runner (Mitogen, forks = nodes), and the same no-op run with plain "
+    "Ansible defaults (forks 5, no pipelining, no ControlPersist) for 1 and 4 nodes. The lab stack has 4 nodes, so 8 "
+    "is not measured. "
     "Quick mode: no-op of 1 node only.",
 )
 def fleet_convergence(ctx: Context) -> dict[str, Any]:
@@ -62,20 +63,23 @@ def fleet_convergence(ctx: Context) -> dict[str, Any]:
     from infra.ansible.bench import bench, lab_reimage
 
     counts = (1,) if ctx.quick else (1, 2, 4)
-    report = bench("lab", counts, fresh=None if ctx.quick else lab_reimage("lab"))
+    # Defaults for 1 and 4 nodes only: each plain-Ansible no-op takes minutes, and the 20-minute
+    # budget of the whole harness cannot hold a third one.
+    report = bench("lab", counts, fresh=None if ctx.quick else lab_reimage("lab"), compare_defaults=(1, 4))
     out: dict[str, Any] = {}
     for run in report["runs"]:
         n = len(run["nodes"])
         if "first" in run:
             out[f"{n} node(s): first converge"] = Measurement([run["first"]["seconds"]])
         out[f"{n} node(s): no-op, tuned"] = Measurement([run["noop_tuned"]["seconds"]])
-        out[f"{n} node(s): no-op, Ansible defaults"] = Measurement([run["noop_defaults"]["seconds"]])
-        out[f"{n} node(s): defaults / tuned"] = Ratio(
-            Measurement([run["noop_defaults"]["seconds"]]),
-            Measurement([run["noop_tuned"]["seconds"]]),
-            "no-op with defaults / no-op tuned",
-            goal="≥ 2×",
-        )
+        if "noop_defaults" in run:
+            out[f"{n} node(s): no-op, Ansible defaults"] = Measurement([run["noop_defaults"]["seconds"]])
+            out[f"{n} node(s): defaults / tuned"] = Ratio(
+                Measurement([run["noop_defaults"]["seconds"]]),
+                Measurement([run["noop_tuned"]["seconds"]]),
+                "no-op with defaults / no-op tuned",
+                goal="≥ 2×",
+            )
         if n > 1 and "noop_vs_one_node" in run:
             out[f"{n} node(s): no-op vs 1 node"] = Ratio(
                 Measurement([run["noop_tuned"]["seconds"]]),

@@ -146,6 +146,7 @@ def run(ctx: Context, only: list[str] | None = None, log: Callable[[str], None] 
         "repeats": ctx.repeats,
         "figures": {},
     }
+    started = time.perf_counter()
     for fig in sorted(FIGURES, key=lambda f: f.key):
         if only and fig.key not in only:
             continue
@@ -163,6 +164,7 @@ def run(ctx: Context, only: list[str] | None = None, log: Callable[[str], None] 
             log(f"   skipped: {exc}")
         entry["seconds"] = round(time.perf_counter() - t0, 1)
         report["figures"][fig.key] = entry
+    report["total_seconds"] = round(time.perf_counter() - started, 1)
     return report
 
 
@@ -179,8 +181,9 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "Written by `gpufleet bench` (reproduce: `sudo .venv/bin/gpufleet bench`; CI runs `--quick`). "
         f"Mode: {report['mode']}, repeats: {report['repeats']}, machine: {report['machine']['cpus']} CPUs, "
-        f"Python {report['machine']['python']}. Times are medians (min–max, n); ratios compare two things measured "
-        "alternately in the same run, so machine noise affects both.",
+        f"Python {report['machine']['python']}, whole run {report.get('total_seconds', 0) / 60:.1f} min. "
+        "Times are medians (min–max, n); ratios compare two things measured alternately in the same run, so machine "
+        "noise affects both.",
         "",
         "| # | figure | measured | goal |",
         "|---|---|---|---|",
