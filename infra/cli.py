@@ -7,6 +7,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from infra.ansible.rolespecs import RoleArgumentError
 from infra.console import Exit
 from infra.model.load import SiteError
 from infra.plan.node import UnknownNodeError
@@ -46,6 +47,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SiteError, UnknownNodeError) as exc:
         sys.stderr.write(f"error: {exc}\n")
         return Exit.INVALID
+    except RoleArgumentError as exc:
+        sys.stderr.write(f"error: {exc}\nThis is a gpufleet bug (the plan and a role disagree); please report it.\n")
+        return Exit.FAILED
     except KeyboardInterrupt as exc:
         sys.stderr.write(f"interrupted: {exc}\n" if str(exc) else "interrupted\n")
         return 130

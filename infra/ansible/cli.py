@@ -10,7 +10,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from infra.ansible.inventory import build_inventory
+from infra.ansible import rolespecs
+from infra.ansible.inventory import GROUP, build_inventory
 from infra.ansible.rollout import NodeOutcome, RolloutResult, roll
 from infra.ansible.runner import Progress, RunResult, run_playbook
 from infra.ansible.settings import SshSettings, Tuning
@@ -89,6 +90,9 @@ def converge(
 ) -> RolloutResult:
     """Converge (or check) nodes wave by wave; the function the CLI and the benchmark harness call."""
     plan = plan_site(site)
+    # Every selected node's role variables against the roles' argument specs, before any host is
+    # touched (node.yml includes the roles with rolespec_validate: false).
+    rolespecs.check_inventory(build_inventory(site, nodes), GROUP)
     ssh = SshSettings(site.controller.ssh_config, site.controller.known_hosts)
     secrets = secrets_from_env()
 

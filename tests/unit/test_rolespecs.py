@@ -1,0 +1,67 @@
+"""Role arguments are checked on the controller against meta/argument_specs.yml before any host is touched."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from infra.ansible import cli as ansible_cli
+from infra.ansible.inventory import GROUP, build_inventory
+from infra.ansible.rolespecs import RoleArgumentError, check_inventory, problems
+from infra.cli import main
+from infra.model.load import load_site
+from infra.plan.node import plan_site
+
+
+@pytest.mark.parametrize("stack", ["lab", "example-prod", "example-airgap"])
+def test_every_planned_node_satisfies_its_roles_specs(stack: str) -> None:
+    """The plan of every shipped stack gives each node variables its roles accept."""
+    site = load_site(stack)
+    check_inventory(build_inventory(site, plan_site(site).nodes), GROUP)
+
+
+def _lab_hostvars() -> tuple[str, dict[str, Any]]:
+    site = load_site("lab")
+    hosts = build_inventory(site, plan_site(site).nodes)["all"]["children"][GROUP]["hosts"]
+    return "lab-gpu01", dict(hosts["lab-gpu01"])
+
+
+def test_wrong_type_and_choice_are_named_with_host_role_and_argument() -> None:
+    host, hv = _lab_hostvars()
+    hv["base_time_sync_start"] = "maybe"
+    hv["container_runtime_engine"] = "lxc"
+    found = problems(host, hv["gpufleet_roles"], hv)
+    assert len(found) == 2
+    assert found[0].startswith("lab-gpu01: role base: argument 'base_time_sync_start'")
+    assert "container_runtime_engine must be one of: containerd, docker, podman, got: lxc" in found[1]
+
+
+def test_roles_the_node_does_not_have_are_not_checked() -> None:
+    host, hv = _lab_hostvars()
+    assert "airgap_firewall" not in hv["gpufleet_roles"]
+    hv["airgap_firewall_allow"] = {"not": "a list"}
+    assert problems(host, hv["gpufleet_roles"], hv) == []
+
+
+def test_converge_refuses_before_running_anything(monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """A plan/role disagreement stops `gpufleet converge` (exit 1) before a playbook starts."""
+    ran: list[Any] = []
+    monkeypatch.setattr(ansible_cli, "run_playbook", lambda *a, **k: ran.append(a))
+    real = build_inventory
+
+    def broken(site: Any, nodes: Any) -> dict[str, Any]:
+        inv = real(site, nodes)
+        for hv in inv["all"]["children"][GROUP]["hosts"].values():
+            hv["container_runtime_engine"] = "lxc"
+        return inv
+
+    monkeypatch.setattr(ansible_cli, "build_inventory", broken)
+    with pytest.raises(RoleArgumentError):
+        ansible_cli.converge(load_site("lab"), plan_site(load_site("lab")).nodes)
+    assert main(["converge", "--stack", "lab", "--node", "lab-gpu02"]) == 1
+    assert ran == []
+    err = capsys.readouterr().err
+    assert "lab-gpu02: role container_runtime: value of container_runtime_engine must be one of" in err
+    assert "nothing was run" in err
