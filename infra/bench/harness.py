@@ -165,6 +165,7 @@ def run(ctx: Context, only: list[str] | None = None, log: Callable[[str], None] 
         entry["seconds"] = round(time.perf_counter() - t0, 1)
         report["figures"][fig.key] = entry
     report["total_seconds"] = round(time.perf_counter() - started, 1)
+    report["finished"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     return report
 
 
@@ -202,6 +203,59 @@ def markdown(report: dict[str, Any]) -> str:
     for key, entry in report["figures"].items():
         lines.append(f"- **{key} {entry['title']}** — {entry['meaning']}")
     return "\n".join(lines) + "\n"
+
+
+README_BEGIN = "<!-- bench:begin (written by `gpufleet bench --readme`; edit infra/bench, not this table) -->"
+README_END = "<!-- bench:end -->"
+# Rows without a goal that the README shows too: what a reader of the Performance section asks first.
+HEADLINE = ("first converge", "no-op, tuned", "validate 10000", "plan 10000", "rebuild lab", "drift check", "@lab-gpu")
+
+
+def readme_table(report: dict[str, Any]) -> str:
+    """The README's Performance table: every figure with a goal, plus the headline rows (see HEADLINE)."""
+    when = report.get("finished", "")
+    lines = [
+        README_BEGIN,
+        f"Latest full run: {when} on {report['machine']['cpus']} CPUs, mode {report['mode']}, "
+        f"{report.get('total_seconds', 0) / 60:.1f} min in all. Every row: [docs/benchmarks.md](docs/benchmarks.md).",
+        "",
+        "| # | figure | measured | goal |",
+        "|---|---|---|---|",
+    ]
+    for key, entry in report["figures"].items():
+        if "skipped" in entry:
+            lines.append(f"| {key} | {entry['title']} | skipped: {entry['skipped']} | |")
+            continue
+        for name, text in entry["results"].items():
+            data = entry["data"].get(name)
+            goal = data.get("goal", "") if isinstance(data, dict) else ""
+            if goal or any(h in name for h in HEADLINE):
+                met = ""
+                if goal and isinstance(data, dict) and "ratio" in data:
+                    met = " — " + ("met" if _meets(data["ratio"], goal) else "**not met**")
+                lines.append(f"| {key} | {entry['title']}: {name} | {text}{met} | {goal} |")
+    lines.append(README_END)
+    return "\n".join(lines)
+
+
+def _meets(value: float, goal: str) -> bool:
+    """`≥ 2×` / `≤ 1.5× (4 nodes)` style goals against a ratio."""
+    import re
+
+    m = re.match(r"\s*([≥≤])\s*([0-9.]+)", goal)
+    if not m:
+        return True
+    bound = float(m.group(2))
+    return value >= bound if m.group(1) == "≥" else value <= bound
+
+
+def update_readme(readme: Path, report: dict[str, Any]) -> None:
+    """Replace the marked block of the README with `readme_table(report)`."""
+    text = readme.read_text(encoding="utf-8")
+    if README_BEGIN not in text or README_END not in text:
+        raise ValueError(f"{readme} has no `{README_BEGIN}` … `{README_END}` block to update")
+    head, rest = text.split(README_BEGIN, 1)
+    readme.write_text(head + readme_table(report) + rest.split(README_END, 1)[1], encoding="utf-8")
 
 
 def write(report: dict[str, Any], json_path: Path, md_path: Path | None) -> None:

@@ -36,3 +36,38 @@ def test_run_reports_results_and_skips(tmp_path: Path, monkeypatch: object) -> N
     assert "| a | counts: x | 2 s (1–3, n=3) | ≤ 2 s |" in md
     assert "skipped: not root" in md
     assert json.loads((tmp_path / "r.json").read_text())["mode"] == "quick"
+
+
+def _report(tmp_path: Path) -> dict[str, object]:
+    figs = [
+        harness.Figure("1", "converge", "m", lambda ctx: {
+            "1 node(s): no-op, tuned": Measurement([10.0]),
+            "1 node(s): no-op, Ansible defaults": Measurement([90.0]),
+            "1 node(s): defaults / tuned": Ratio(Measurement([90.0]), Measurement([10.0]), "d/t", goal="≥ 2×"),
+            "4 node(s): no-op vs 1 node": Ratio(Measurement([30.0]), Measurement([10.0]), "4/1", goal="≤ 1.5× (4)"),
+        }),
+    ]
+    saved = list(harness.FIGURES)
+    harness.FIGURES[:] = figs
+    try:
+        return harness.run(Context(quick=False, repeats=1, root=tmp_path), log=lambda s: None)
+    finally:
+        harness.FIGURES[:] = saved
+
+
+def test_readme_table_shows_goals_with_verdicts_and_headlines_only(tmp_path: Path) -> None:
+    """Rows with a goal say met / not met from the measured ratio; headline rows come too; others stay out."""
+    table = harness.readme_table(_report(tmp_path))
+    assert "| 1 | converge: 1 node(s): defaults / tuned | 9.00× (d/t) — met | ≥ 2× |" in table
+    assert "| 1 | converge: 4 node(s): no-op vs 1 node | 3.00× (4/1) — **not met** | ≤ 1.5× (4) |" in table
+    assert "1 node(s): no-op, tuned | 10 s |" in table
+    assert "no-op, Ansible defaults" not in table
+
+
+def test_update_readme_replaces_only_the_marked_block(tmp_path: Path) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{harness.README_BEGIN}\nold table\n{harness.README_END}\noutro\n")
+    harness.update_readme(readme, _report(tmp_path))
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("\noutro\n") and "old table" not in text
+    assert text.count(harness.README_BEGIN) == 1 and "defaults / tuned" in text
