@@ -186,19 +186,8 @@ def markdown(report: dict[str, Any]) -> str:
         "Times are medians (min–max, n); ratios compare two things measured alternately in the same run, so machine "
         "noise affects both.",
         "",
-        "| # | figure | measured | goal |",
-        "|---|---|---|---|",
+        *_table(report, lambda name, goal: True),
     ]
-    for key, entry in report["figures"].items():
-        if "skipped" in entry:
-            lines.append(f"| {key} | {entry['title']} | skipped: {entry['skipped']} | |")
-            continue
-        for name, text in entry["results"].items():
-            goal = ""
-            data = entry["data"].get(name)
-            if isinstance(data, dict):
-                goal = data.get("goal", "")
-            lines.append(f"| {key} | {entry['title']}: {name} | {text} | {goal} |")
     lines += ["", "## What each figure means", ""]
     for key, entry in report["figures"].items():
         lines.append(f"- **{key} {entry['title']}** — {entry['meaning']}")
@@ -219,9 +208,18 @@ def readme_table(report: dict[str, Any]) -> str:
         f"Latest full run: {when} on {report['machine']['cpus']} CPUs, mode {report['mode']}, "
         f"{report.get('total_seconds', 0) / 60:.1f} min in all. Every row: [docs/benchmarks.md](docs/benchmarks.md).",
         "",
-        "| # | figure | measured | goal |",
-        "|---|---|---|---|",
+        *_table(report, lambda name, goal: bool(goal) or any(h in name for h in HEADLINE)),
+        README_END,
     ]
+    return "\n".join(lines)
+
+
+def _table(report: dict[str, Any], keep: Callable[[str, str], bool]) -> list[str]:
+    """Markdown table rows (# | figure | measured | goal) of the results `keep(name, goal)` selects.
+
+    A ratio with a goal says whether it is met; skipped figures give their reason.
+    """
+    lines = ["| # | figure | measured | goal |", "|---|---|---|---|"]
     for key, entry in report["figures"].items():
         if "skipped" in entry:
             lines.append(f"| {key} | {entry['title']} | skipped: {entry['skipped']} | |")
@@ -229,13 +227,13 @@ def readme_table(report: dict[str, Any]) -> str:
         for name, text in entry["results"].items():
             data = entry["data"].get(name)
             goal = data.get("goal", "") if isinstance(data, dict) else ""
-            if goal or any(h in name for h in HEADLINE):
-                met = ""
-                if goal and isinstance(data, dict) and "ratio" in data:
-                    met = " — " + ("met" if _meets(data["ratio"], goal) else "**not met**")
-                lines.append(f"| {key} | {entry['title']}: {name} | {text}{met} | {goal} |")
-    lines.append(README_END)
-    return "\n".join(lines)
+            if not keep(name, goal):
+                continue
+            met = ""
+            if goal and isinstance(data, dict) and "ratio" in data:
+                met = " — " + ("met" if _meets(data["ratio"], goal) else "**not met**")
+            lines.append(f"| {key} | {entry['title']}: {name} | {text}{met} | {goal} |")
+    return lines
 
 
 def _meets(value: float, goal: str) -> bool:

@@ -337,8 +337,14 @@ def test_sigkill_mid_converge_then_reconverge(converged: Lab, tmp_path: Path, ve
 
 
 def test_secret_canary_never_left_on_controller(converged: Lab, tmp_path: Path) -> None:
-    """A registry token used by the run reaches the node, but no artifact, log or file on the controller."""
+    """A registry token used by the run reaches the node, but no artifact, log or file on the controller.
+
+    A BMC password in gpufleet's environment (how Pulumi hands secrets to the commands it runs) must
+    not leak either: ansible-runner would write its environment to env/envvars without
+    suppress_env_files, and Ansible inherits it.
+    """
     canary = f"gpf-canary-{os.getpid()}-{int(time.time())}"
+    bmc_canary = f"gpf-bmc-canary-{os.getpid()}-{int(time.time())}"
     started = time.time()
     code, res = gpufleet(
         "converge",
@@ -347,14 +353,14 @@ def test_secret_canary_never_left_on_controller(converged: Lab, tmp_path: Path) 
         "--node",
         "lab-gpu03",
         runs=tmp_path / "runs",
-        env={"GPUFLEET_SECRET_REGISTRY_TOKEN": canary},
+        env={"GPUFLEET_SECRET_REGISTRY_TOKEN": canary, "GPUFLEET_SECRET_BMC_LAB_GPU03": bmc_canary},
     )
     assert code == 0, res
     r = converged.ssh("lab-gpu03", "cat /etc/gpufleet/registry/config.json")
     auths = json.loads(r.stdout)["auths"]
     assert base64.b64decode(auths["198.18.2.10:5000"]["auth"]).decode() == f"gpufleet:{canary}"
-    assert canary not in json.dumps(res)
-    needle = canary.encode()
+    assert canary not in json.dumps(res) and bmc_canary not in json.dumps(res)
+    needles = (canary.encode(), bmc_canary.encode())
     leaks = []
     # Node disks live under /var/lib/gpufleet/lab (the token is meant to be there); runs are not.
     for base in (tmp_path / "runs", Path("/tmp"), Path.home() / ".ansible", Path("/var/lib/gpufleet/runs")):
@@ -365,7 +371,7 @@ def test_secret_canary_never_left_on_controller(converged: Lab, tmp_path: Path) 
                     and not f.is_symlink()
                     and f.stat().st_mtime >= started - 1
                     and f.stat().st_size < 50_000_000
-                    and needle in f.read_bytes()
+                    and any(n in f.read_bytes() for n in needles)
                 ):
                     leaks.append(str(f))
             except OSError:
