@@ -23,11 +23,14 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from infra.ansible.settings import SshSettings, Tuning, project_root, runner_env
+from infra.bmc.secrets import ENV_PREFIX as SECRET_ENV_PREFIX
 
 RUNS_ENV = "GPUFLEET_RUNS_DIR"
 DEFAULT_RUNS_DIR = Path("/var/lib/gpufleet/runs")
 KEEP_RUNS = 20  # older run directories are removed (each holds the scrubbed event log of one run)
 MASK = "********"
+# Environment variables with secrets besides GPUFLEET_SECRET_* (Pulumi passes these to its commands).
+SECRET_ENV_NAMES = frozenset({"PULUMI_CONFIG_PASSPHRASE", "PULUMI_ACCESS_TOKEN"})
 
 # Facts the roles publish with set_fact that the result reports (see the roles' tasks).
 _REPORTED_FACTS = (
@@ -335,11 +338,14 @@ def run_playbook(
         os.chmod(secret_file, 0o600)
         cmd += ["-e", f"@{secret_file}"]
         all_secrets += _leaves(secrets)
+    # Secrets this process holds in its environment (GPUFLEET_SECRET_*, Pulumi's passphrase) are
+    # none of Ansible's business: scrubbed from what the run leaves and kept out of its environment.
+    all_secrets += [v for k, v in os.environ.items() if _is_secret_env(k)]
     collector = _Collector(hosts, progress)
     started = time.monotonic()
     stop = _StopOnSignal()
     try:
-        r = ansible_runner.run(
+        config = ansible_runner.RunnerConfig(
             private_data_dir=str(pdd),
             playbook=str(project_root() / "playbooks" / playbook),
             inventory=str(inv_path),
@@ -348,13 +354,20 @@ def run_playbook(
             forks=forks,
             suppress_env_files=True,
             quiet=True,
+            timeout=timeout_s,
+            ident="artifacts",
+        )
+        config.prepare()
+        # ansible-runner seeds the child's environment with ours and writes it to artifacts/command.
+        config.env = {k: v for k, v in config.env.items() if not _is_secret_env(k)}
+        r = ansible_runner.Runner(
+            config,
             event_handler=collector,
             # SIGINT/SIGTERM/SIGHUP reach only us (ansible-playbook runs in its own session under
             # a pty): ansible-runner then stops it, so no playbook carries on without us.
             cancel_callback=stop.requested,
-            timeout=timeout_s,
-            ident="artifacts",
         )
+        r.run()
         status, rc = str(r.status), int(r.rc if r.rc is not None else 1)
         stats = r.stats or collector.stats
     finally:
@@ -398,6 +411,11 @@ def run_playbook(
             f"again to finish (the roles recover interrupted package runs). Events: {work}"
         )
     return result
+
+
+def _is_secret_env(name: str) -> bool:
+    """True for environment variables that carry secrets (never passed on to Ansible)."""
+    return name.startswith(SECRET_ENV_PREFIX) or name in SECRET_ENV_NAMES
 
 
 class RunInterrupted(KeyboardInterrupt):

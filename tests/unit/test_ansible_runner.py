@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from pathlib import Path
@@ -292,8 +293,14 @@ def test_scrub_masks_raw_and_json_escaped_secrets(tmp_path: Path) -> None:
 def test_real_run_is_typed_and_leaves_no_secret(
     lab: tuple[Any, SitePlan], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A real ansible-runner run (validate.yml on localhost) gives a typed result; a canary secret is gone after."""
+    """A real ansible-runner run (validate.yml on localhost) gives a typed result; canary secrets are gone after.
+
+    One canary is an extra var of the run, the other a secret in gpufleet's own environment (as a
+    Pulumi command passes BMC credentials), which Ansible must neither inherit nor record.
+    """
     monkeypatch.setenv(runner_mod.RUNS_ENV, str(tmp_path / "runs"))
+    env_canary = "gpf-env-canary-51c0ffee"
+    monkeypatch.setenv("GPUFLEET_SECRET_BMC_LAB_GPU01", env_canary)
     site, plan = lab
     node = plan.node("lab-gpu01")
     inv = {
@@ -329,9 +336,15 @@ def test_real_run_is_typed_and_leaves_no_secret(
     assert (tmp_path / "validate.json").exists()
     run_dir = Path(result.run_dir)
     assert (run_dir / "pdd" / "artifacts").is_dir() and not (run_dir / "pdd" / "env").exists()
-    leaks = [p for p in run_dir.rglob("*") if p.is_file() and canary.encode() in p.read_bytes()]
+    leaks = [
+        p
+        for p in run_dir.rglob("*")
+        if p.is_file() and (canary.encode() in p.read_bytes() or env_canary.encode() in p.read_bytes())
+    ]
     assert leaks == []
     assert not list(run_dir.rglob("secrets-*"))
+    child_env = json.loads((run_dir / "pdd" / "artifacts" / "artifacts" / "command").read_text())["env"]
+    assert "GPUFLEET_SECRET_BMC_LAB_GPU01" not in child_env and child_env["ANSIBLE_ROLES_PATH"].endswith("roles")
 
 
 def test_no_pinned_version_pattern_in_task_files() -> None:
