@@ -113,12 +113,17 @@ def build_llama_wheel(dest: Path, *, version: str = LLAMA_CPP_PYTHON_VERSION,
         return target
 
 
+def wheel_cached(cache: Path | None = None) -> bool:
+    """Is the llama-cpp-python wheel already built in the cache (no build on the next `ensure_*`)."""
+    return ((cache or WHEEL_CACHE) / wheel_name()).is_file()
+
+
 def ensure_llama_wheel_build(cache: Path | None = None, *, timeout: float = BUILD_TIMEOUT_S) -> WheelBuild:
     """Return the cached wheel, building it first if missing (one build at a time per machine)."""
     cache = cache or WHEEL_CACHE
     cache.mkdir(parents=True, exist_ok=True)
     target = cache / wheel_name()
-    if target.is_file():
+    if wheel_cached(cache):
         return WheelBuild(target, 0.0, True)
     # A file lock so the lab seeding, the bundle and a test running at once build it only once.
     with (cache / ".build.lock").open("w") as lock:

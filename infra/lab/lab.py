@@ -15,10 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from infra.inference.publish import publish_llamacpp_files
+from infra.inference.tinymodel import MODEL_NAME
+from infra.inference.wheel import LLAMA_CPP_PYTHON_VERSION, wheel_cached
 from infra.lab import bmc, hosts, network, registry, repo, rootfs, standins
 from infra.lab import state as lab_state
 from infra.lab.config import LabHost, LabSpec, Paths, spec_digest
 from infra.lab.sh import LabCommandError, run
+from infra.model.site import Engine
 
 log = logging.getLogger("gpufleet.lab")
 
@@ -96,6 +100,21 @@ def _seed_all(spec: LabSpec, paths: Paths, debs_dir: Path, standins_dir: Path) -
                            paths.files_dir, scan_cache=paths.cache / "scan")
 
 
+def _publish_inference_files(spec: LabSpec, paths: Paths) -> bool:
+    """Put the llama.cpp wheelhouse and the tiny model into the drop-in directory (published on both stores).
+
+    Only when the stack serves the lab's tiny model natively (the lab stack does): `converge` then works
+    right after `up`, as the quickstart runs it.
+    """
+    if not any(s.engine is Engine.LLAMACPP and s.wheel and s.model.name == MODEL_NAME for s in spec.site.services):
+        return False
+    if not wheel_cached():
+        log.info("building llama-cpp-python %s for CPU from the PyPI sdist — first run only, ~10 min",
+                 LLAMA_CPP_PYTHON_VERSION)
+    publish_llamacpp_files(paths.files_dir)
+    return True
+
+
 def host_running(st: dict[str, Any], name: str) -> bool:
     """Is the host's supervisor (and so its container) running."""
     return hosts.alive(st.get("hosts", {}).get(name, {}).get("pid"))
@@ -124,6 +143,8 @@ def up(spec: LabSpec, paths: Paths, stack_file: Path) -> dict[str, Any]:
         key, bases = rootfs.ensure_rootfs(paths, seed)
         t.mark("base rootfs")
         standins_dir = standins.ensure_standins(paths.standins_dir)
+        if _publish_inference_files(spec, paths):
+            t.mark("inference files")
         _seed_all(spec, paths, rootfs.seed_debs_path(paths, key), standins_dir)
         t.mark("repositories")
         st = st or {"stack": spec.stack, "digest": spec_digest(spec), "hosts": {}, "bmc": {}}

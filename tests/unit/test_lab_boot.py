@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -75,3 +76,20 @@ def test_host_silent_after_two_boots_fails_with_its_console(setup: Any) -> None:
         lab._wait_booted(spec, paths, st, names)
     assert names[1] in str(exc.value)
     assert "Failed to add new veth interfaces" in str(exc.value)
+
+
+def test_up_publishes_inference_files_only_for_stacks_serving_the_tiny_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lab stack's llama.cpp services need the wheelhouse and model in the stores; other stacks do not."""
+    calls: list[Path] = []
+    monkeypatch.setattr(lab, "publish_llamacpp_files", lambda d: calls.append(d) or [])
+    monkeypatch.setattr(lab, "wheel_cached", lambda: True)
+    spec = lab_spec("lab", stack_path("lab"))
+    paths = Paths(state=tmp_path / "state", cache=tmp_path / "cache")
+    assert lab._publish_inference_files(spec, paths) is True
+    assert calls == [paths.files_dir]
+    kept = [s for s in spec.site.services if s.engine.value != "llamacpp"]
+    no_llama = spec.site.model_copy(update={"services": kept})
+    assert lab._publish_inference_files(dataclasses.replace(spec, site=no_llama), paths) is False
+    assert len(calls) == 1
