@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import signal
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -383,3 +385,28 @@ def test_progress_without_terminal_reports_failures_and_summary() -> None:
     p.finish(make_result({"n1": {"failed": 1, "ok": 7}}))
     text = out.getvalue()
     assert "\x1b[" not in text and "n1: FAILED gpu_validate : Fail" in text and "n1: FAILED ok=7" in text
+
+
+def test_leftover_processes_of_a_run_are_stopped_even_if_they_ignore_sigterm(tmp_path: Path) -> None:
+    """Orphaned Ansible workers (own session) of a run are found by the run's path and stopped."""
+    marker = str(tmp_path / "pdd" / "inventory" / "hosts.json")
+    code = "import signal, sys, time\nif sys.argv[1] == 'stubborn': signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+    code += "print('up', flush=True)\ntime.sleep(120)"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, kind, marker], start_new_session=True, stdout=subprocess.PIPE
+        )
+        for kind in ("polite", "stubborn")
+    ]
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "other"])
+    try:
+        for p in procs:
+            assert p.stdout is not None and p.stdout.readline() == b"up\n"
+        assert runner_mod.stop_processes_mentioning(marker, grace_s=0.5) == 2
+        assert [p.wait(timeout=5) for p in procs] == [-signal.SIGTERM, -signal.SIGKILL]
+        assert bystander.poll() is None
+        assert runner_mod.stop_processes_mentioning(marker, grace_s=0.5) == 0
+    finally:
+        for p in [*procs, bystander]:
+            p.kill()
+            p.wait()
