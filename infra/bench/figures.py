@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from infra.bench.harness import Context, Measurement, Ratio, Skip, figure, repeat
@@ -53,8 +54,12 @@ def _require_lab(stack: str = "lab") -> None:
     "Fleet convergence on the lab",
     "First converge (nodes reimaged to the base OS first; full mode only) and no-op re-converge of 1, 2 and 4 lab "
     "nodes with gpufleet's tuned runner (Mitogen, forks = nodes), and the same no-op run with plain "
-    "Ansible defaults (forks 5, no pipelining, no ControlPersist) for 4 nodes. The lab stack has 4 nodes, so 8 "
-    "is not measured. "
+    "Ansible defaults (forks 5, no pipelining, no ControlPersist) for 4 nodes. Per-task overhead: no-op wall time "
+    "divided by the tasks each node ran. CPU: what the whole machine used during the no-op — the lab's nodes run "
+    "on the controller's own cores, so the CPU-seconds of N nodes divided by the core count is the shortest wall "
+    "time this machine allows for that work ('CPU floor vs 1 node' puts it over the 1-node wall time); the "
+    "controller's share (gpufleet, ansible-playbook, its workers, Mitogen) is shown apart from it. The lab "
+    "stack has 4 nodes, so 8 is not measured. "
     "Quick mode: no-op of 1 node only.",
 )
 def fleet_convergence(ctx: Context) -> dict[str, Any]:
@@ -67,11 +72,24 @@ def fleet_convergence(ctx: Context) -> dict[str, Any]:
     # no-op takes minutes (130 s for one node, 214 s for four) in a harness that must stay under 20.
     report = bench("lab", counts, fresh=None if ctx.quick else lab_reimage("lab"), compare_defaults=(counts[-1],))
     out: dict[str, Any] = {}
+    one, cores = report["runs"][0]["noop_tuned"], os.cpu_count() or 1
     for run in report["runs"]:
         n = len(run["nodes"])
+        noop = run["noop_tuned"]
         if "first" in run:
             out[f"{n} node(s): first converge"] = Measurement([run["first"]["seconds"]])
-        out[f"{n} node(s): no-op, tuned"] = Measurement([run["noop_tuned"]["seconds"]])
+        out[f"{n} node(s): no-op, tuned"] = Measurement([noop["seconds"]])
+        out[f"{n} node(s): no-op per task, tuned"] = Measurement(
+            [1000 * noop["seconds"] / max(max(noop["tasks"].values(), default=1), 1)], "ms"
+        )
+        out[f"{n} node(s): no-op CPU (whole machine)"] = Measurement([noop["cpu_seconds"]], "CPU-s")
+        out[f"{n} node(s): no-op CPU (controller: Ansible)"] = Measurement([noop["controller_cpu_seconds"]], "CPU-s")
+        if n > 1:
+            out[f"{n} node(s): CPU floor vs 1 node"] = Ratio(
+                Measurement([noop["cpu_seconds"] / cores]),
+                Measurement([one["seconds"]]),
+                f"CPU-seconds of the {n}-node no-op / {cores} cores, over the 1-node no-op wall time",
+            )
         if "noop_defaults" in run:
             out[f"{n} node(s): no-op, Ansible defaults"] = Measurement([run["noop_defaults"]["seconds"]])
             out[f"{n} node(s): defaults / tuned"] = Ratio(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 from infra.bench import harness
@@ -71,3 +73,14 @@ def test_update_readme_replaces_only_the_marked_block(tmp_path: Path) -> None:
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith("\noutro\n") and "old table" not in text
     assert text.count(harness.README_BEGIN) == 1 and "defaults / tuned" in text
+
+
+def test_cpu_counters_see_work_of_reaped_children() -> None:
+    """Figure 1's CPU columns: the controller counter includes a reaped child's CPU, the machine counter too."""
+    from infra.ansible.bench import controller_cpu_seconds, machine_cpu_seconds
+
+    m0, c0 = machine_cpu_seconds(), controller_cpu_seconds()
+    subprocess.run([sys.executable, "-c", "sum(i * i for i in range(4_000_000))"], check=True)
+    spent = controller_cpu_seconds() - c0
+    assert spent > 0.1
+    assert machine_cpu_seconds() - m0 >= spent * 0.8
