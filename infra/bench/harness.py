@@ -217,7 +217,7 @@ def readme_table(report: dict[str, Any]) -> str:
 def _table(report: dict[str, Any], keep: Callable[[str, str], bool]) -> list[str]:
     """Markdown table rows (# | figure | measured | goal) of the results `keep(name, goal)` selects.
 
-    A ratio with a goal says whether it is met; skipped figures give their reason.
+    A ratio or a timing with a goal says whether it is met; skipped figures give their reason.
     """
     lines = ["| # | figure | measured | goal |", "|---|---|---|---|"]
     for key, entry in report["figures"].items():
@@ -230,14 +230,15 @@ def _table(report: dict[str, Any], keep: Callable[[str, str], bool]) -> list[str
             if not keep(name, goal):
                 continue
             met = ""
-            if goal and isinstance(data, dict) and "ratio" in data:
-                met = " — " + ("met" if _meets(data["ratio"], goal) else "**not met**")
+            value = data.get("ratio", data.get("median")) if isinstance(data, dict) else None
+            if goal and value is not None:
+                met = " — " + ("met" if _meets(float(value), goal) else "**not met**")
             lines.append(f"| {key} | {entry['title']}: {name} | {text}{met} | {goal} |")
     return lines
 
 
 def _meets(value: float, goal: str) -> bool:
-    """`≥ 2×` / `≤ 1.5× (4 nodes)` style goals against a ratio."""
+    """`≥ 2×` / `≤ 1.5×` / `≤ 15 s` style goals against a ratio or a median (in the goal's unit)."""
     import re
 
     m = re.match(r"\s*([≥≤])\s*([0-9.]+)", goal)

@@ -35,7 +35,7 @@ def test_run_reports_results_and_skips(tmp_path: Path, monkeypatch: object) -> N
     assert report["figures"]["b"]["skipped"] == "not root"
     harness.write(report, tmp_path / "r.json", tmp_path / "b.md")
     md = (tmp_path / "b.md").read_text()
-    assert "| a | counts: x | 2 s (1–3, n=3) | ≤ 2 s |" in md
+    assert "| a | counts: x | 2 s (1–3, n=3) — met | ≤ 2 s |" in md
     assert "skipped: not root" in md
     assert json.loads((tmp_path / "r.json").read_text())["mode"] == "quick"
 
@@ -47,6 +47,8 @@ def _report(tmp_path: Path) -> dict[str, object]:
             "1 node(s): no-op, Ansible defaults": Measurement([90.0]),
             "1 node(s): defaults / tuned": Ratio(Measurement([90.0]), Measurement([10.0]), "d/t", goal="≥ 2×"),
             "4 node(s): no-op vs 1 node": Ratio(Measurement([30.0]), Measurement([10.0]), "4/1", goal="≤ 1.5× (4)"),
+            "lab up": Measurement([5.0, 6.0, 7.0], goal="≤ 15 s"),
+            "lab down": Measurement([7.0], goal="≤ 5 s"),
         }),
     ]
     saved = list(harness.FIGURES)
@@ -58,12 +60,14 @@ def _report(tmp_path: Path) -> dict[str, object]:
 
 
 def test_readme_table_shows_goals_with_verdicts_and_headlines_only(tmp_path: Path) -> None:
-    """Rows with a goal say met / not met from the measured ratio; headline rows come too; others stay out."""
+    """Rows with a goal say met / not met from the measured ratio or median; headline rows come too; others stay out."""
     table = harness.readme_table(_report(tmp_path))
     assert "| 1 | converge: 1 node(s): defaults / tuned | 9.00× (d/t) — met | ≥ 2× |" in table
     assert "| 1 | converge: 4 node(s): no-op vs 1 node | 3.00× (4/1) — **not met** | ≤ 1.5× (4) |" in table
     assert "1 node(s): no-op, tuned | 10 s |" in table
     assert "no-op, Ansible defaults" not in table
+    assert "| 1 | converge: lab up | 6 s (5–7, n=3) — met | ≤ 15 s |" in table
+    assert "| 1 | converge: lab down | 7 s — **not met** | ≤ 5 s |" in table
 
 
 def test_update_readme_replaces_only_the_marked_block(tmp_path: Path) -> None:
