@@ -7,6 +7,7 @@ states instead of a number. Tests never assert wall-clock times; this harness is
 
 from __future__ import annotations
 
+import gc
 import json
 import platform
 import statistics
@@ -94,10 +95,14 @@ def repeat(fn: Callable[[], Any], n: int, *, unit: str = "s", goal: str = "") ->
 
 
 def interleave(fns: dict[str, Callable[[], Any]], n: int) -> dict[str, Measurement]:
-    """Time several functions alternately (A B A B …) so machine noise hits both alike."""
+    """Time several functions alternately (A B A B …) so machine noise hits both alike.
+
+    The garbage one function leaves is collected before the next is timed, not during it.
+    """
     samples: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(n):
         for k, fn in fns.items():
+            gc.collect()
             t0 = time.perf_counter()
             fn()
             samples[k].append(time.perf_counter() - t0)
