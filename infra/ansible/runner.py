@@ -9,7 +9,6 @@ their values.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -24,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from infra import procs
 from infra.ansible.settings import SshSettings, Tuning, project_root, runner_env
 from infra.bmc.secrets import ENV_PREFIX as SECRET_ENV_PREFIX
 
@@ -379,9 +379,10 @@ def run_playbook(
         # Ansible's workers run in sessions of their own (WorkerProcess._detach): when a canceled
         # ansible-playbook dies, a worker mid-task lives on, orphaned. Every process of this run
         # names its inventory (inside `work`), so none is left running after us.
-        stray = stop_processes_mentioning(str(inv_path))
-        if stray:
-            log.warning("stopped %d leftover process(es) of %s", stray, work)
+        marker = str(inv_path)
+        if stray := procs.pids_mentioning(marker):
+            procs.terminate(stray, lambda pid: procs.cmdline_contains(pid, marker))
+            log.warning("stopped %d leftover process(es) of %s", len(stray), work)
         if secret_file is not None:
             secret_file.unlink(missing_ok=True)
         shutil.rmtree(work / "tmp", ignore_errors=True)
@@ -421,32 +422,6 @@ def run_playbook(
             f"again to finish (the roles recover interrupted package runs). Events: {work}"
         )
     return result
-
-
-def stop_processes_mentioning(marker: str, *, grace_s: float = 5.0) -> int:
-    """SIGTERM, then after `grace_s` SIGKILL, every process whose command line contains `marker`; returns how many."""
-
-    def matching() -> list[int]:
-        pids = []
-        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-            try:
-                if marker.encode() in cmdline.read_bytes():
-                    pids.append(int(cmdline.parent.name))
-            except (OSError, ValueError):
-                continue
-        return [p for p in pids if p != os.getpid()]
-
-    first = pids = matching()
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        if not pids:
-            break
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, sig)
-        deadline = time.monotonic() + grace_s
-        while (pids := matching()) and time.monotonic() < deadline:
-            time.sleep(0.1)
-    return len(first)
 
 
 def _is_secret_env(name: str) -> bool:

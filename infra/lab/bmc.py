@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import requests
 
+from infra import procs
 from infra.lab.config import LabSpec, Paths
 from infra.lab.sh import LabCommandError
 
@@ -128,24 +128,12 @@ def wait_ready(spec: LabSpec, password: str, timeout: float = 20.0) -> None:
 
 def pid_alive(pid: int | None, needle: str) -> bool:
     """Is `pid` alive and its command line contains `needle` (guards against PID reuse)."""
-    if not pid:
-        return False
-    try:
-        return needle.encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
+    return procs.cmdline_contains(pid, needle)
 
 
 def stop(pids: dict[str, int]) -> None:
     """Stop the emulator and the notifier."""
-    for key, needle in (("emulator_pid", "sushy-emulator"), ("notifier_pid", "infra.lab.notifier")):
-        pid = pids.get(key)
-        if pid_alive(pid, needle):
-            os.kill(pid, signal.SIGTERM)  # type: ignore[arg-type]
-    deadline = time.monotonic() + 5
-    for key, needle in (("emulator_pid", "sushy-emulator"), ("notifier_pid", "infra.lab.notifier")):
-        pid = pids.get(key)
-        while pid_alive(pid, needle) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if pid_alive(pid, needle):
-            os.kill(pid, signal.SIGKILL)  # type: ignore[arg-type]
+    # (pid, needle) pairs, not a dict: the stray sweep passes one unknown process as both.
+    ours = [(pids.get(key), needle) for key, needle in (("emulator_pid", "sushy-emulator"),
+                                                        ("notifier_pid", "infra.lab.notifier"))]
+    procs.terminate({p for p, _ in ours if p}, lambda pid: any(p == pid and pid_alive(p, n) for p, n in ours))

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from infra import procs as procs_mod
 from infra.ansible import runner as runner_mod
 from infra.ansible.cli import check_report, select
 from infra.ansible.inventory import build_inventory
@@ -402,10 +403,13 @@ def test_leftover_processes_of_a_run_are_stopped_even_if_they_ignore_sigterm(tmp
     try:
         for p in procs:
             assert p.stdout is not None and p.stdout.readline() == b"up\n"
-        assert runner_mod.stop_processes_mentioning(marker, grace_s=0.5) == 2
+        found = procs_mod.pids_mentioning(marker)
+        assert sorted(found) == sorted(p.pid for p in procs)
+        killed = procs_mod.terminate(found, lambda pid: procs_mod.cmdline_contains(pid, marker), grace_s=0.5)
+        assert killed == [procs[1].pid]
         assert [p.wait(timeout=5) for p in procs] == [-signal.SIGTERM, -signal.SIGKILL]
         assert bystander.poll() is None
-        assert runner_mod.stop_processes_mentioning(marker, grace_s=0.5) == 0
+        assert procs_mod.pids_mentioning(marker) == []
     finally:
         for p in [*procs, bystander]:
             p.kill()
