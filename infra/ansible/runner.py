@@ -254,13 +254,15 @@ class _Collector:
                 self.progress.update(host, task=label)
         elif kind == "runner_on_ok":
             facts = res.get("ansible_facts") or {}
+            # Every pinned package set's changes, keyed by the role that pinned it (roles/pinned_packages).
+            published = facts.get("pinned_packages_published")
+            for role, changes in (published.items() if isinstance(published, dict) else ()):
+                if changes:
+                    r.package_changes[str(role)] = [str(v) for v in changes]
+                else:
+                    r.package_changes.pop(str(role), None)
             for key, value in facts.items():
-                if key.endswith("_package_changes") and isinstance(value, list):
-                    if value:
-                        r.package_changes[key.removesuffix("_package_changes")] = [str(v) for v in value]
-                    else:
-                        r.package_changes.pop(key.removesuffix("_package_changes"), None)
-                elif key in _REPORTED_FACTS:
+                if key in _REPORTED_FACTS:
                     r.facts[key] = value
             if res.get("changed"):
                 r.changed_tasks.append(label)

@@ -230,7 +230,12 @@ def test_collector_turns_events_into_changes_and_reboot_verdict() -> None:
             "runner_on_ok",
             "n1",
             "Packages | Work out",
-            {"changed": False, "ansible_facts": {"nvidia_driver_package_changes": ["nvidia-driver=580.95.05-1"]}},
+            {
+                "changed": False,
+                "ansible_facts": {
+                    "pinned_packages_published": {"nvidia_driver": ["nvidia-driver=580.95.05-1"], "cuda_toolkit": []}
+                },
+            },
         )
     )
     c(

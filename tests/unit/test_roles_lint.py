@@ -95,3 +95,57 @@ def test_docs_reference_matches_argument_specs() -> None:
     from infra.ansible.docs import main
 
     assert main(["--check"]) == 0
+
+
+def _tasks(items: list[dict] | None) -> list[dict]:
+    """Every task of a task list, blocks flattened."""
+    out: list[dict] = []
+    for t in items or []:
+        out += _tasks(t["block"]) + _tasks(t.get("rescue")) + _tasks(t.get("always")) if "block" in t else [t]
+    return out
+
+
+def _list_sources(role: str, expr: str, role_vars: dict[str, str]) -> set[str]:
+    """The role arguments a `{{ ... }}` expression is built from (role vars resolved)."""
+    import re
+
+    found: set[str] = set()
+    for name in re.findall(r"\b[a-z_][a-z0-9_]*\b", expr.strip("{} ")):
+        found |= _list_sources(role, role_vars[name], role_vars) if name in role_vars else {name}
+    return found
+
+
+def test_pinned_packages_include_sites_satisfy_its_spec() -> None:
+    """Every include of pinned_packages passes arguments its spec accepts, built from validated role arguments.
+
+    The sites skip Ansible's per-include argument check (one task per package set per node), so this is
+    where a wrong or missing argument is caught.
+    """
+    from ansible.module_utils.common.arg_spec import ArgumentSpecValidator
+
+    spec = yaml.safe_load((ROOT / "roles" / "pinned_packages" / "meta" / "argument_specs.yml").read_text())
+    options = spec["argument_specs"]["main"]["options"]
+    published: list[str] = []
+    for role in ROLES:
+        role_options = yaml.safe_load((ROOT / "roles" / role / "meta" / "argument_specs.yml").read_text())[
+            "argument_specs"
+        ]["main"].get("options", {})
+        vars_file = ROOT / "roles" / role / "vars" / "main.yml"
+        role_vars = (yaml.safe_load(vars_file.read_text()) or {}) if vars_file.exists() else {}
+        for path in sorted((ROOT / "roles" / role / "tasks").glob("*.yml")):
+            for task in _tasks(yaml.safe_load(path.read_text())):
+                include = task.get("ansible.builtin.include_role")
+                if not include or include["name"] != "pinned_packages":
+                    continue
+                args = task["vars"]
+                assert include.get("rolespec_validate") is False, (path, task["name"])
+                literal = {k: v for k, v in args.items() if k != "pinned_packages_list"}
+                result = ArgumentSpecValidator(options).validate({**literal, "pinned_packages_list": []})
+                assert not result.error_messages, (path, task["name"], result.error_messages)
+                # The list comes from the calling role's own arguments: lists of {name, version} dicts.
+                for source in _list_sources(role, args["pinned_packages_list"], role_vars):
+                    assert role_options[source]["type"] == "list", (path, source)
+                    assert role_options[source]["elements"] == "dict", (path, source)
+                assert args["pinned_packages_publish_as"].startswith(role)
+                published.append(args["pinned_packages_publish_as"])
+    assert len(published) == len(set(published)) >= 6
