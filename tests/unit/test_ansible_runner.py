@@ -147,19 +147,20 @@ def test_tuning_profiles_differ_as_documented(tmp_path: Path) -> None:
     """Tuned: Mitogen, a fork per host; pipelined: pipelining + ControlPersist; defaults: forks 5, none of it."""
     ssh = SshSettings("/etc/lab/ssh_config", "/etc/lab/known_hosts")
     tuned, forks = runner_env(Tuning.TUNED, hosts=8, ssh=ssh, work_dir=tmp_path, control_dir=tmp_path, fact_cache=None)
-    assert forks == 8 and tuned["ANSIBLE_STRATEGY"] == "mitogen_linear"
-    assert (Path(tuned["ANSIBLE_STRATEGY_PLUGINS"]) / "mitogen_linear.py").is_file()
+    assert forks == 8 and tuned["ANSIBLE_STRATEGY"] == "mitogen_free"
+    assert (Path(tuned["ANSIBLE_STRATEGY_PLUGINS"]) / "mitogen_free.py").is_file()
     # Mitogen builds its ssh command from these: the pinned known_hosts and strict checking stay.
     assert tuned["ANSIBLE_SSH_ARGS"] == " ".join(ssh.args()) and tuned["ANSIBLE_HOST_KEY_CHECKING"] == "true"
     piped, forks = runner_env(
         Tuning.PIPELINED, hosts=8, ssh=ssh, work_dir=tmp_path, control_dir=tmp_path, fact_cache=None
     )
     assert forks == 8 and piped["ANSIBLE_PIPELINING"] == "true" and "ControlPersist=" in piped["ANSIBLE_SSH_ARGS"]
-    assert "ANSIBLE_STRATEGY" not in piped
+    assert piped["ANSIBLE_STRATEGY"] == "free"
     plain, forks = runner_env(
         Tuning.DEFAULTS, hosts=8, ssh=ssh, work_dir=tmp_path, control_dir=tmp_path, fact_cache=None
     )
     assert forks == 5 and plain["ANSIBLE_PIPELINING"] == "false" and "ControlMaster=no" in plain["ANSIBLE_SSH_ARGS"]
+    assert "ANSIBLE_STRATEGY" not in plain  # Ansible's default, linear
     assert tuned["PATH"].split(":")[0] == str(Path(sys.executable).parent)
 
 
