@@ -6,6 +6,9 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from infra.bench import harness
 from infra.bench.harness import Context, Measurement, Ratio, Skip
@@ -88,3 +91,28 @@ def test_cpu_counters_see_work_of_reaped_children() -> None:
     spent = controller_cpu_seconds() - c0
     assert spent > 0.1
     assert machine_cpu_seconds() - m0 >= spent * 0.8
+
+
+def test_converge_bench_takes_noop_rounds_over_every_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No-op rounds visit every count in turn; each count keeps its median run and the ratios use it."""
+    from infra.ansible import bench as cb
+    from infra.ansible.settings import Tuning
+
+    calls: list[tuple[int, str]] = []
+    # Each count's no-ops take these seconds, in order (1 node: 10, 12, 11; 2 nodes: 30, 20, 25).
+    times = {1: [10.0, 12.0, 11.0], 2: [30.0, 20.0, 25.0]}
+
+    def timed(stack: str, hosts: list[str], tuning: Tuning) -> dict[str, Any]:
+        calls.append((len(hosts), tuning.value))
+        if tuning is Tuning.DEFAULTS:
+            return {"seconds": 55.0}
+        return {"seconds": times[len(hosts)].pop(0)}
+
+    monkeypatch.setattr(cb, "_timed", timed)
+    report = cb.bench("lab", (1, 2), order=["a", "b"], compare_defaults=(1,), noop_rounds=3)
+    # Round 1 with the defaults run, then two rounds of every count.
+    assert calls == [(1, "tuned"), (1, "defaults"), (2, "tuned")] + [(1, "tuned"), (2, "tuned")] * 2
+    one, two = report["runs"]
+    assert [r["seconds"] for r in one["noop_tuned_runs"]] == [10.0, 12.0, 11.0]
+    assert one["noop_tuned"]["seconds"] == 11.0 and two["noop_tuned"]["seconds"] == 25.0
+    assert one["defaults_over_tuned"] == 5.0 and two["noop_vs_one_node"] == round(25 / 11, 2)
