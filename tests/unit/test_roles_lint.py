@@ -105,13 +105,13 @@ def _tasks(items: list[dict] | None) -> list[dict]:
     return out
 
 
-def _list_sources(role: str, expr: str, role_vars: dict[str, str]) -> set[str]:
+def _list_sources(expr: str, role_vars: dict[str, str]) -> set[str]:
     """The role arguments a `{{ ... }}` expression is built from (role vars resolved)."""
     import re
 
     found: set[str] = set()
     for name in re.findall(r"\b[a-z_][a-z0-9_]*\b", expr.strip("{} ")):
-        found |= _list_sources(role, role_vars[name], role_vars) if name in role_vars else {name}
+        found |= _list_sources(role_vars[name], role_vars) if name in role_vars else {name}
     return found
 
 
@@ -143,7 +143,7 @@ def test_pinned_packages_include_sites_satisfy_its_spec() -> None:
                 result = ArgumentSpecValidator(options).validate({**literal, "pinned_packages_list": []})
                 assert not result.error_messages, (path, task["name"], result.error_messages)
                 # The list comes from the calling role's own arguments: lists of {name, version} dicts.
-                for source in _list_sources(role, args["pinned_packages_list"], role_vars):
+                for source in _list_sources(args["pinned_packages_list"], role_vars):
                     assert role_options[source]["type"] == "list", (path, source)
                     assert role_options[source]["elements"] == "dict", (path, source)
                 assert args["pinned_packages_publish_as"].startswith(role)
