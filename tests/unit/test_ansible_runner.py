@@ -156,11 +156,13 @@ def test_tuning_profiles_differ_as_documented(tmp_path: Path) -> None:
     )
     assert forks == 8 and piped["ANSIBLE_PIPELINING"] == "true" and "ControlPersist=" in piped["ANSIBLE_SSH_ARGS"]
     assert piped["ANSIBLE_STRATEGY"] == "free"
+    assert tuned["ANSIBLE_INJECT_FACT_VARS"] == piped["ANSIBLE_INJECT_FACT_VARS"] == "false"
     plain, forks = runner_env(
         Tuning.DEFAULTS, hosts=8, ssh=ssh, work_dir=tmp_path, control_dir=tmp_path, fact_cache=None
     )
     assert forks == 5 and plain["ANSIBLE_PIPELINING"] == "false" and "ControlMaster=no" in plain["ANSIBLE_SSH_ARGS"]
     assert "ANSIBLE_STRATEGY" not in plain  # Ansible's default, linear
+    assert "ANSIBLE_INJECT_FACT_VARS" not in plain  # Ansible's default, facts injected as variables
     assert tuned["PATH"].split(":")[0] == str(Path(sys.executable).parent)
 
 
@@ -230,7 +232,7 @@ def test_collector_turns_events_into_changes_and_reboot_verdict() -> None:
         _event(
             "runner_on_ok",
             "n1",
-            "Packages | Work out",
+            "Packages | Publish which driver packages change",
             {
                 "changed": False,
                 "ansible_facts": {
