@@ -149,3 +149,38 @@ def test_pinned_packages_include_sites_satisfy_its_spec() -> None:
                 assert args["pinned_packages_publish_as"].startswith(role)
                 published.append(args["pinned_packages_publish_as"])
     assert len(published) == len(set(published)) >= 6
+
+
+# Special variables Ansible sets itself (not facts): the only `ansible_*` names roles may read.
+_SPECIAL_VARIABLES = {
+    "ansible_check_mode",
+    "ansible_diff_mode",
+    "ansible_facts",
+    "ansible_managed",
+    "ansible_play_hosts",
+    "ansible_play_batch",
+    "ansible_role_name",
+    "ansible_parent_role_names",
+    "ansible_loop",
+    "ansible_version",
+    "ansible_verbosity",
+}
+
+
+def test_roles_read_facts_through_ansible_facts_only() -> None:
+    """Tuned runs set INJECT_FACT_VARS=false: a role reading `ansible_os_family` would see it undefined there.
+
+    Every `ansible_*` name in roles and playbooks must be a special variable; facts are read as
+    ansible_facts['os_family'].
+    """
+    import re
+
+    used: dict[str, set[str]] = {}
+    for base in ("roles", "playbooks"):
+        for path in (ROOT / base).rglob("*"):
+            if path.suffix not in {".yml", ".yaml", ".j2"} or not path.is_file():
+                continue
+            for name in re.findall(r"\bansible_[a-z0-9_]+", path.read_text()):
+                used.setdefault(name, set()).add(str(path.relative_to(ROOT)))
+    assert "ansible_facts" in used  # the scan sees role files
+    assert {n: sorted(p) for n, p in used.items() if n not in _SPECIAL_VARIABLES} == {}
