@@ -2,7 +2,8 @@
 
 Not a test (tests never assert wall-clock times): `python -m infra.ansible.bench --stack lab` prints
 a JSON report; `bench()` is what a benchmark harness calls. `--fresh` reimages lab nodes first (lab
-only) so the first converge starts from the base OS.
+only) so the first converge starts from the base OS. `reference_noop()` times a yardstick: a playbook
+of as many trivial tasks as the roles' no-op, through the same runner, nodes and settings.
 """
 
 from __future__ import annotations
@@ -12,13 +13,16 @@ import json
 import os
 import resource
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from infra.ansible.cli import converge
-from infra.ansible.settings import Tuning
+from infra.ansible.inventory import GROUP, build_inventory
+from infra.ansible.runner import run_playbook
+from infra.ansible.settings import SshSettings, Tuning
 from infra.model.load import load_site
 from infra.plan.node import plan_site
 
@@ -122,6 +126,64 @@ def bench(
         for r in report["runs"]:
             r["noop_vs_one_node"] = round(r["noop_tuned"]["seconds"] / base, 2)
     return report
+
+
+def reference_playbook(tasks: int, path: Path) -> Path:
+    """Write a playbook of `tasks` trivial tasks (`/bin/true` on the node, never "changed"), no facts.
+
+    Each of them costs Ansible what any task costs, per task and node (a forked worker, templating,
+    one module run on the node over the same connection, the runner's events), and does nothing of
+    ours: its N-node/1-node ratio is what this machine allows a playbook of that length.
+    """
+    lines = [
+        "---",
+        "# Written by infra.ansible.bench.reference_playbook: the yardstick of the no-op benchmark.",
+        "- name: Reference no-op",
+        f"  hosts: {GROUP}",
+        "  gather_facts: false",
+        "  tasks:",
+    ]
+    for i in range(1, tasks + 1):
+        lines += [
+            f"    - name: Reference task {i}",
+            "      ansible.builtin.command: /bin/true",
+            "      changed_when: false",
+        ]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def reference_noop(
+    stack: str,
+    counts: Sequence[int],
+    tasks: int,
+    *,
+    order: Sequence[str] | None = None,
+    rounds: int = 1,
+) -> dict[str, Any]:
+    """Time `reference_playbook(tasks)` over the first N nodes for each N, in rounds like `bench()`.
+
+    Same runner, settings (tuned), inventory and nodes as a converge. Returns
+    `{"tasks": T, "runs": [{"nodes": [...], "runs": [{"seconds", "cpu_seconds"}, ...]}, ...]}`.
+    """
+    site = load_site(stack)
+    plan = plan_site(site)
+    all_hosts = list(order or [n.hostname for n in plan.nodes])
+    ssh = SshSettings(site.controller.ssh_config, site.controller.known_hosts)
+    rows: list[dict[str, Any]] = [{"nodes": all_hosts[:c], "runs": []} for c in counts]
+    with tempfile.TemporaryDirectory(prefix="gpufleet-reference-") as tmp:
+        playbook = reference_playbook(tasks, Path(tmp) / "reference.yml")
+        for _ in range(rounds):
+            for row in rows:
+                hosts = row["nodes"]
+                inventory = build_inventory(site, [plan.node(h) for h in hosts])
+                cpu0, start = machine_cpu_seconds(), time.monotonic()
+                result = run_playbook(str(playbook), inventory, hosts, ssh=ssh, tuning=Tuning.TUNED, label="reference")
+                seconds, cpu = time.monotonic() - start, machine_cpu_seconds() - cpu0
+                if not result.succeeded:
+                    raise RuntimeError(f"reference playbook failed on {', '.join(hosts)}: see {result.run_dir}")
+                row["runs"].append({"seconds": round(seconds, 2), "cpu_seconds": round(cpu, 1)})
+    return {"tasks": tasks, "runs": rows}
 
 
 def main(argv: list[str] | None = None) -> int:

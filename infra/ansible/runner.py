@@ -299,7 +299,7 @@ def run_playbook(
     """Run one playbook of playbooks/ over `hosts` and return the typed result.
 
     Args:
-        playbook: File name under playbooks/ (e.g. `node.yml`).
+        playbook: File name under playbooks/ (e.g. `node.yml`), or an absolute path (benchmarks).
         inventory: Inventory as built by `infra.ansible.inventory.build_inventory`.
         hosts: Hosts to run on (the `--limit`).
         ssh: The stack's SSH settings (config file, pinned known_hosts).

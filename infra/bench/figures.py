@@ -61,7 +61,9 @@ def _require_lab(stack: str = "lab") -> None:
     "on the controller's own cores, so the CPU-seconds of N nodes divided by the core count is the shortest wall "
     "time this machine allows for that work ('CPU floor vs 1 node' puts it over the 1-node wall time); the "
     "controller's share (gpufleet, ansible-playbook, its workers, Mitogen) is shown apart from it. The lab "
-    "stack has 4 nodes, so 8 is not measured. "
+    "stack has 4 nodes, so 8 is not measured. Reference playbook (full mode): as many `/bin/true` tasks as "
+    "the roles' 1-node no-op ran, through the same runner, settings and nodes, 3 rounds over 1 and 4 nodes: "
+    "its 4-node/1-node ratio is what Ansible itself manages on this machine for a playbook of that length. "
     "Quick mode: no-op of 1 node only.",
 )
 def fleet_convergence(ctx: Context) -> dict[str, Any]:
@@ -114,7 +116,38 @@ def fleet_convergence(ctx: Context) -> dict[str, Any]:
                 f"no-op of {n} nodes / no-op of 1 node",
                 goal="≤ 1.5×" if n == 4 else "",  # the issue's goal is for the 4-node fleet
             )
+    if not ctx.quick:
+        out |= _reference(report, one)
     return out
+
+
+def _reference(report: dict[str, Any], roles_one: Measurement) -> dict[str, Any]:
+    """The yardstick: as many trivial tasks as the roles' 1-node no-op ran, over 1 and 4 nodes."""
+    from infra.ansible.bench import reference_noop
+
+    tasks = max(report["runs"][0]["noop_tuned"]["tasks"].values())
+    counts = (1, max(len(r["nodes"]) for r in report["runs"]))
+    ref = reference_noop("lab", counts, tasks, rounds=3)
+    one_row, many_row = ref["runs"]
+    one = Measurement([r["seconds"] for r in one_row["runs"]])
+    many = Measurement([r["seconds"] for r in many_row["runs"]])
+    n = len(many_row["nodes"])
+    cores = os.cpu_count() or 1
+    return {
+        f"reference playbook ({tasks} × /bin/true), 1 node": one,
+        f"reference playbook ({tasks} × /bin/true), {n} nodes": many,
+        f"reference playbook: {n} nodes vs 1 node": Ratio(
+            many, one, f"the same ratio for {tasks} trivial tasks: what Ansible manages on this machine"
+        ),
+        f"reference playbook: CPU floor {n} nodes vs 1 node": Ratio(
+            Measurement([r["cpu_seconds"] / cores for r in many_row["runs"]]),
+            one,
+            f"CPU-seconds of the {n}-node reference / {cores} cores, over its 1-node wall time",
+        ),
+        "reference playbook 1 node / roles' no-op 1 node": Ratio(
+            one, roles_one, "how much of a 1-node no-op is Ansible's cost per task alone"
+        ),
+    }
 
 
 @figure(

@@ -116,3 +116,56 @@ def test_converge_bench_takes_noop_rounds_over_every_count(monkeypatch: pytest.M
     assert [r["seconds"] for r in one["noop_tuned_runs"]] == [10.0, 12.0, 11.0]
     assert one["noop_tuned"]["seconds"] == 11.0 and two["noop_tuned"]["seconds"] == 25.0
     assert one["defaults_over_tuned"] == 5.0 and two["noop_vs_one_node"] == round(25 / 11, 2)
+
+
+def test_reference_playbook_is_n_trivial_tasks_that_pass_syntax_check(tmp_path: Path) -> None:
+    """The yardstick playbook: exactly N `/bin/true` tasks on the nodes group, never "changed", no facts."""
+    import yaml
+
+    from infra.ansible.bench import reference_playbook
+    from infra.ansible.inventory import GROUP
+
+    path = reference_playbook(7, tmp_path / "reference.yml")
+    (play,) = yaml.safe_load(path.read_text())
+    assert play["hosts"] == GROUP and play["gather_facts"] is False
+    assert len(play["tasks"]) == 7
+    assert all(t["ansible.builtin.command"] == "/bin/true" and t["changed_when"] is False for t in play["tasks"])
+    assert len({t["name"] for t in play["tasks"]}) == 7
+    bin_dir = Path(sys.executable).parent
+    p = subprocess.run(
+        [str(bin_dir / "ansible-playbook"), "-i", "localhost,", "--syntax-check", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_reference_noop_runs_rounds_over_every_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reference runs like the no-op bench (rounds over every count, tuned runner, the stack's
+    inventory of exactly those nodes) and a failed run is an error, not a fast number."""
+    from infra.ansible import bench as cb
+    from infra.ansible.runner import RunResult
+    from infra.ansible.settings import Tuning
+
+    calls: list[tuple[list[str], list[str], str, int]] = []
+
+    def run(playbook: str, inventory: dict[str, Any], hosts: list[str], **kw: Any) -> RunResult:
+        inv_hosts = sorted(inventory["all"]["children"]["gpufleet_nodes"]["hosts"])
+        tasks = Path(playbook).read_text().count("ansible.builtin.command: /bin/true")
+        calls.append((list(hosts), inv_hosts, kw["tuning"].value, tasks))
+        assert kw["tuning"] is Tuning.TUNED
+        return RunResult(playbook, False, "successful", 0, 1.0, {}, "/tmp/x")
+
+    monkeypatch.setattr(cb, "run_playbook", run)
+    order = ["lab-gpu01", "lab-gpu02", "lab-gpu03", "lab-gpu04"]
+    report = cb.reference_noop("lab", (1, 4), 5, order=order, rounds=2)
+    assert [c[0] for c in calls] == [order[:1], order, order[:1], order]
+    assert all(c[0] == c[1] and c[3] == 5 for c in calls)
+    assert report["tasks"] == 5
+    assert [len(r["runs"]) for r in report["runs"]] == [2, 2]
+    assert [r["nodes"] for r in report["runs"]] == [order[:1], order]
+
+    monkeypatch.setattr(cb, "run_playbook", lambda *a, **k: RunResult("p", False, "failed", 2, 1.0, {}, "/tmp/x"))
+    with pytest.raises(RuntimeError, match="reference playbook failed on lab-gpu01"):
+        cb.reference_noop("lab", (1,), 2, order=order)
