@@ -169,14 +169,14 @@ def reference_noop(
     site = load_site(stack)
     plan = plan_site(site)
     all_hosts = list(order or [n.hostname for n in plan.nodes])
-    ssh = SshSettings(site.controller.ssh_config, site.controller.known_hosts)
+    ssh = SshSettings.of(site)
     rows: list[dict[str, Any]] = [{"nodes": all_hosts[:c], "runs": []} for c in counts]
+    inventories = [build_inventory(site, [plan.node(h) for h in row["nodes"]]) for row in rows]
     with tempfile.TemporaryDirectory(prefix="gpufleet-reference-") as tmp:
         playbook = reference_playbook(tasks, Path(tmp) / "reference.yml")
         for _ in range(rounds):
-            for row in rows:
+            for row, inventory in zip(rows, inventories, strict=True):
                 hosts = row["nodes"]
-                inventory = build_inventory(site, [plan.node(h) for h in hosts])
                 cpu0, start = machine_cpu_seconds(), time.monotonic()
                 result = run_playbook(str(playbook), inventory, hosts, ssh=ssh, tuning=Tuning.TUNED, label="reference")
                 seconds, cpu = time.monotonic() - start, machine_cpu_seconds() - cpu0

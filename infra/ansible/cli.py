@@ -93,7 +93,7 @@ def converge(
     # Every selected node's role variables against the roles' argument specs, before any host is
     # touched (node.yml includes the roles with rolespec_validate: false).
     rolespecs.check_inventory(build_inventory(site, nodes), GROUP)
-    ssh = SshSettings(site.controller.ssh_config, site.controller.known_hosts)
+    ssh = SshSettings.of(site)
     secrets = secrets_from_env()
 
     def run(batch: list[NodePlan]) -> RunResult:
@@ -256,7 +256,7 @@ def cmd_validate_node(args: argparse.Namespace) -> int:
 
 def ssh_command(site: Site, node: NodePlan, *command: str) -> list[str]:
     """The ssh argv for a node with the stack's config and pinned host keys (StrictHostKeyChecking=yes)."""
-    ssh = SshSettings(site.controller.ssh_config, site.controller.known_hosts)
+    ssh = SshSettings.of(site)
     return ["ssh", *ssh.args(), "-o", "ConnectTimeout=2", f"{node.node.ssh_user}@{node.node.address}", *command]
 
 

@@ -12,6 +12,10 @@ import sys
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from infra.model.site import Site
 
 
 class Tuning(StrEnum):
@@ -40,6 +44,11 @@ class SshSettings:
 
     ssh_config: str | None
     known_hosts: str | None
+
+    @classmethod
+    def of(cls, site: Site) -> SshSettings:
+        """The settings of a site's controller section."""
+        return cls(site.controller.ssh_config, site.controller.known_hosts)
 
     def args(self) -> list[str]:
         """OpenSSH options every connection gets: the stack's config and pinned host keys only."""

@@ -138,7 +138,7 @@ def test_inventory_connects_with_plan_addresses(lab: tuple[Any, SitePlan]) -> No
 def test_ssh_settings_pin_host_keys(lab: tuple[Any, SitePlan]) -> None:
     """Every connection uses the stack's ssh config and known_hosts with strict host key checking."""
     site, _ = lab
-    args = SshSettings(site.controller.ssh_config, site.controller.known_hosts).args()
+    args = SshSettings.of(site).args()
     assert args[:2] == ["-F", "/var/lib/gpufleet/lab/ssh/config"]
     assert "StrictHostKeyChecking=yes" in args and "UserKnownHostsFile=/var/lib/gpufleet/lab/ssh/known_hosts" in args
 

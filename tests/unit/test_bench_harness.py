@@ -145,23 +145,23 @@ def test_reference_noop_runs_rounds_over_every_count(monkeypatch: pytest.MonkeyP
     """The reference runs like the no-op bench (rounds over every count, tuned runner, the stack's
     inventory of exactly those nodes) and a failed run is an error, not a fast number."""
     from infra.ansible import bench as cb
+    from infra.ansible.inventory import GROUP
     from infra.ansible.runner import RunResult
     from infra.ansible.settings import Tuning
 
-    calls: list[tuple[list[str], list[str], str, int]] = []
+    calls: list[tuple[list[str], list[str], Tuning, int]] = []
 
     def run(playbook: str, inventory: dict[str, Any], hosts: list[str], **kw: Any) -> RunResult:
-        inv_hosts = sorted(inventory["all"]["children"]["gpufleet_nodes"]["hosts"])
+        inv_hosts = sorted(inventory["all"]["children"][GROUP]["hosts"])
         tasks = Path(playbook).read_text().count("ansible.builtin.command: /bin/true")
-        calls.append((list(hosts), inv_hosts, kw["tuning"].value, tasks))
-        assert kw["tuning"] is Tuning.TUNED
+        calls.append((list(hosts), inv_hosts, kw["tuning"], tasks))
         return RunResult(playbook, False, "successful", 0, 1.0, {}, "/tmp/x")
 
     monkeypatch.setattr(cb, "run_playbook", run)
     order = ["lab-gpu01", "lab-gpu02", "lab-gpu03", "lab-gpu04"]
     report = cb.reference_noop("lab", (1, 4), 5, order=order, rounds=2)
     assert [c[0] for c in calls] == [order[:1], order, order[:1], order]
-    assert all(c[0] == c[1] and c[3] == 5 for c in calls)
+    assert all(c[0] == c[1] and c[2] is Tuning.TUNED and c[3] == 5 for c in calls)
     assert report["tasks"] == 5
     assert [len(r["runs"]) for r in report["runs"]] == [2, 2]
     assert [r["nodes"] for r in report["runs"]] == [order[:1], order]
