@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from infra.console import Exit, emit, table
+from infra.model import sizing
 from infra.model.catalogue import resolve
 from infra.model.load import SiteError, load_site, project_dir
 from infra.model.site import DType, KvCacheDType, Site
-from infra.plan import vram
 from infra.plan.node import NodePlan, plan_site
 
 
@@ -245,9 +245,9 @@ def cmd_vram(args: argparse.Namespace) -> int:
     if missing:
         sys.stderr.write(f"error: give --model or the architecture; missing: {', '.join(missing)}\n")
         return Exit.INVALID
-    arch = vram.Architecture(**values)  # type: ignore[arg-type]
+    arch = sizing.Architecture(**values)  # type: ignore[arg-type]
     count = args.count or args.tp * args.pp
-    dep = vram.Deployment(
+    dep = sizing.Deployment(
         gpu=args.gpu,
         gpu_usable_gib=cat.gpus[args.gpu].usable_gib,
         gpu_count=count,
@@ -259,7 +259,7 @@ def cmd_vram(args: argparse.Namespace) -> int:
         context_length=args.context,
         concurrency=args.concurrency,
     )
-    result = vram.plan(arch, dep)
+    result = sizing.plan(arch, dep)
 
     def render(d: dict[str, Any]) -> str:
         rows = [

@@ -7,9 +7,10 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from urllib.parse import urlsplit
 
+from infra.model import sizing
 from infra.model.catalogue import ResolvedCatalogue, resolve
-from infra.model.site import Engine, InferenceService, Node, Site
-from infra.plan import vram
+from infra.model.site import Engine, Site
+from infra.model.sizing import deployment, model_arch
 
 
 @dataclass(frozen=True)
@@ -319,38 +320,6 @@ def versions(site: Site, cat: ResolvedCatalogue) -> Iterator[Problem]:
             )
 
 
-def model_arch(svc: InferenceService, cat: ResolvedCatalogue) -> vram.Architecture | None:
-    """The served model's architecture: explicit fields over the catalogue entry of its name."""
-    base = cat.models.get(svc.model.name)
-    fields = ("parameters", "layers", "heads", "kv_heads", "head_dim", "vocab")
-    values = {
-        f: getattr(svc.model, f)
-        if getattr(svc.model, f) is not None
-        else (getattr(base, f) if base is not None else None)
-        for f in fields
-    }
-    if any(v is None for v in values.values()):
-        return None
-    return vram.Architecture(**values)  # type: ignore[arg-type]
-
-
-def deployment(svc: InferenceService, node: Node, cat: ResolvedCatalogue) -> vram.Deployment:
-    """The VRAM deployment of a service on one node."""
-    gpu = cat.gpus[node.gpu.model]
-    return vram.Deployment(
-        gpu=node.gpu.model,
-        gpu_usable_gib=gpu.usable_gib,
-        gpu_count=node.gpu.count,
-        dtype=svc.model.dtype,
-        kv_cache_dtype=svc.kv_cache_dtype,
-        tensor_parallel=svc.tensor_parallel,
-        pipeline_parallel=svc.pipeline_parallel,
-        utilization=svc.gpu_memory_utilization,
-        context_length=svc.model.context_length,
-        concurrency=svc.max_concurrency,
-    )
-
-
 @rule
 def services(site: Site, cat: ResolvedCatalogue) -> Iterator[Problem]:
     """Images by digest where needed; TP divides the heads; the model fits in GPU memory."""
@@ -379,7 +348,7 @@ def services(site: Site, cat: ResolvedCatalogue) -> Iterator[Problem]:
             continue
         if svc.engine is Engine.LLAMACPP:
             continue  # llama.cpp on CPU/GPU offload: no vLLM budget rule applies
-        for msg in vram.tp_errors(arch, svc.tensor_parallel, svc.pipeline_parallel):
+        for msg in sizing.tp_errors(arch, svc.tensor_parallel, svc.pipeline_parallel):
             yield Problem(f"{path}.tensor_parallel", msg, "pick a size that divides the model's attention and KV heads")
         seen_models: set[str] = set()
         for host in svc.nodes:
@@ -395,7 +364,7 @@ def services(site: Site, cat: ResolvedCatalogue) -> Iterator[Problem]:
                     f"use at most {node.gpu.count} GPUs or target nodes with more",
                 )
                 continue
-            result = vram.plan(arch, deployment(svc, node, cat))
+            result = sizing.plan(arch, deployment(svc, node, cat))
             if not result.fits and not result.errors:
                 yield Problem(
                     f"{path}.model",

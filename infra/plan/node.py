@@ -9,8 +9,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from infra.model import sizing
 from infra.model.catalogue import ResolvedCatalogue, resolve
-from infra.model.rules import deployment, model_arch
 from infra.model.site import (
     Engine,
     InferenceService,
@@ -22,7 +22,7 @@ from infra.model.site import (
     Site,
     SoftwareProfile,
 )
-from infra.plan import vram
+from infra.model.sizing import deployment, model_arch
 from infra.plan.packages import Component, Package, packages_for
 
 # Ansible roles in converge order: drivers before runtimes before inference.
@@ -45,7 +45,7 @@ class ServicePlan:
     """One inference service as deployed on one node."""
 
     service: InferenceService
-    vram: vram.VramPlan | None
+    vram: sizing.VramPlan | None
 
     @property
     def name(self) -> str:
@@ -167,7 +167,7 @@ def plan_node(site: Site, node: Node, cat: ResolvedCatalogue | None = None) -> N
             arch = model_arch(svc, cat)
             fit = None
             if arch is not None and svc.engine is not Engine.LLAMACPP:
-                fit = vram.plan(arch, deployment(svc, node, cat))
+                fit = sizing.plan(arch, deployment(svc, node, cat))
             services.append(ServicePlan(svc, fit))
     gpu = cat.gpus[node.gpu.model]
     return NodePlan(

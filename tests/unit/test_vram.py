@@ -25,22 +25,22 @@ from dataclasses import replace
 import pytest
 
 from infra.cli import main
+from infra.model import sizing
 from infra.model.catalogue import resolve
 from infra.model.site import DType, KvCacheDType
-from infra.plan import vram
 
 TOL = 0.05
 CAT = resolve()
 
 
-def arch(name: str) -> vram.Architecture:
+def arch(name: str) -> sizing.Architecture:
     m = CAT.models[name]
-    return vram.Architecture(parameters=m.parameters, layers=m.layers, heads=m.heads, kv_heads=m.kv_heads,
+    return sizing.Architecture(parameters=m.parameters, layers=m.layers, heads=m.heads, kv_heads=m.kv_heads,
                              head_dim=m.head_dim, vocab=m.vocab)
 
 
-def dep(gpu: str = "H100", tp: int = 1, count: int | None = None, **kw: object) -> vram.Deployment:
-    return vram.Deployment(gpu=gpu, gpu_usable_gib=CAT.gpus[gpu].usable_gib, gpu_count=count or tp,
+def dep(gpu: str = "H100", tp: int = 1, count: int | None = None, **kw: object) -> sizing.Deployment:
+    return sizing.Deployment(gpu=gpu, gpu_usable_gib=CAT.gpus[gpu].usable_gib, gpu_count=count or tp,
                            tensor_parallel=tp, **kw)  # type: ignore[arg-type]
 
 
@@ -50,7 +50,7 @@ def close(actual: float, published: float, tol: float = TOL) -> bool:
 
 def test_llama3_8b_h100_matches_vllm_startup_log() -> None:
     """Llama-3-8B bf16 on one H100 at 0.90: weights ≈ 14.96 GiB, KV ≈ 53.3 GiB, 128 KiB/token (#10511)."""
-    p = vram.plan(arch("llama-3.1-8b"), dep())
+    p = sizing.plan(arch("llama-3.1-8b"), dep())
     assert close(p.weights_gib, 14.96)
     assert close(p.kv_cache_gib, 53.29)
     assert close(p.activation_gib, 1.26, tol=0.15)  # an allowance, checked loosely on purpose
@@ -60,25 +60,25 @@ def test_llama3_8b_h100_matches_vllm_startup_log() -> None:
 
 def test_llama3_8b_tp2_weights_per_gpu() -> None:
     """With tensor parallel 2 each H100 holds half the weights: 7.48 GiB in vLLM's log (#10511)."""
-    p = vram.plan(arch("llama-3.1-8b"), dep(tp=2))
+    p = sizing.plan(arch("llama-3.1-8b"), dep(tp=2))
     assert close(p.weights_gib, 7.48)
     assert p.kv_bytes_per_token_per_gpu == p.kv_bytes_per_token // 2
 
 
 def test_llama_70b_tp8_weights_per_gpu() -> None:
     """Llama-3 70B at TP 8: 16.46 GiB of weights per rank (vllm-ascend#2235)."""
-    p = vram.plan(arch("llama-3.1-70b"), dep(tp=8))
+    p = sizing.plan(arch("llama-3.1-70b"), dep(tp=8))
     assert close(p.weights_gib, 16.461)
     assert p.fits
 
 
 def test_llama_70b_needs_tensor_parallel_on_h100() -> None:
     """70B bf16 (≈131 GiB) cannot fit one H100; TP 4 fits 8k context with room for many sequences."""
-    one = vram.plan(arch("llama-3.1-70b"), dep(tp=1))
+    one = sizing.plan(arch("llama-3.1-70b"), dep(tp=1))
     assert not one.fits and one.kv_cache_gib < 0
-    four = vram.plan(arch("llama-3.1-70b"), dep(tp=4))
+    four = sizing.plan(arch("llama-3.1-70b"), dep(tp=4))
     assert four.fits
-    assert close(four.weights_gib, 70.55e9 * 2 / 4 / vram.GIB, tol=0.001)
+    assert close(four.weights_gib, 70.55e9 * 2 / 4 / sizing.GIB, tol=0.001)
     # 80 layers × 8 KV heads × 128 × 2 (K,V) × 2 bytes = 320 KiB per token; TP 4 splits the heads.
     assert four.kv_bytes_per_token == 320 * 1024
     assert four.kv_bytes_per_token_per_gpu == 80 * 1024
@@ -87,28 +87,28 @@ def test_llama_70b_needs_tensor_parallel_on_h100() -> None:
 
 def test_kv_tokens_per_gib_matches_qwen3_235b_tp4() -> None:
     """KV tokens per GiB under TP 4 with 4 KV heads match vLLM's 8.11 GiB → 178,880 tokens (#21348)."""
-    qwen3 = vram.Architecture(parameters=235e9, layers=94, heads=64, kv_heads=4, head_dim=128, vocab=151936)
-    p = vram.plan(qwen3, dep(tp=4, dtype=DType.FP8))
-    tokens_in_8_11_gib = int(8.11 * vram.GIB // p.kv_bytes_per_token_per_gpu)
+    qwen3 = sizing.Architecture(parameters=235e9, layers=94, heads=64, kv_heads=4, head_dim=128, vocab=151936)
+    p = sizing.plan(qwen3, dep(tp=4, dtype=DType.FP8))
+    tokens_in_8_11_gib = int(8.11 * sizing.GIB // p.kv_bytes_per_token_per_gpu)
     assert close(tokens_in_8_11_gib, 178_880, tol=0.02)
 
 
 def test_405b_bf16_does_not_fit_8_h100_and_fp8_is_a_lower_bound() -> None:
     """405B bf16 exceeds 8×H100; our FP8 weights stay below vLLM's 57.75 GiB for Meta's mixed FP8 (#6746)."""
-    bf16 = vram.plan(arch("llama-3.1-405b"), dep(tp=8))
+    bf16 = sizing.plan(arch("llama-3.1-405b"), dep(tp=8))
     assert not bf16.fits
     assert bf16.weights_gib > bf16.budget_gib
     assert "tensor_parallel 16 (16 GPUs)" in [s.change for s in bf16.suggestions]
-    fp8 = vram.plan(arch("llama-3.1-405b"), dep(tp=8, dtype=DType.FP8))
+    fp8 = sizing.plan(arch("llama-3.1-405b"), dep(tp=8, dtype=DType.FP8))
     assert 0.75 * 57.752 < fp8.weights_gib < 57.752
 
 
 def test_mixtral_8x7b_bf16_weights() -> None:
     """Mixtral 8x7B (46.7 B parameters) bf16 is ≈87 GiB: not one H100, fits TP 2 with 32 KiB/token/GPU."""
-    one = vram.plan(arch("mixtral-8x7b"), dep())
+    one = sizing.plan(arch("mixtral-8x7b"), dep())
     assert not one.fits
-    two = vram.plan(arch("mixtral-8x7b"), dep(tp=2))
-    assert close(two.weights_gib, 46.7e9 * 2 / 2 / vram.GIB, tol=0.001)
+    two = sizing.plan(arch("mixtral-8x7b"), dep(tp=2))
+    assert close(two.weights_gib, 46.7e9 * 2 / 2 / sizing.GIB, tol=0.001)
     assert two.fits
     assert two.kv_bytes_per_token_per_gpu == 2 * 32 * 4 * 128 * 2
 
@@ -127,23 +127,23 @@ def test_mixtral_8x7b_bf16_weights() -> None:
 )
 def test_quantised_weights(dtype: DType, low: float, high: float) -> None:
     """Quantised Llama-3-8B weights land between the pure-bit count and published checkpoint sizes."""
-    p = vram.plan(arch("llama-3.1-8b"), dep(dtype=dtype))
+    p = sizing.plan(arch("llama-3.1-8b"), dep(dtype=dtype))
     assert low <= p.weights_gib <= high
-    bf16 = vram.plan(arch("llama-3.1-8b"), dep())
+    bf16 = sizing.plan(arch("llama-3.1-8b"), dep())
     assert p.kv_cache_gib > bf16.kv_cache_gib
 
 
 def test_fp8_kv_cache_halves_bytes_per_token_and_doubles_tokens() -> None:
     """kv_cache_dtype fp8 halves KV bytes per token, so max tokens roughly doubles at the same budget."""
-    auto = vram.plan(arch("llama-3.1-8b"), dep())
-    fp8 = vram.plan(arch("llama-3.1-8b"), dep(kv_cache_dtype=KvCacheDType.FP8))
+    auto = sizing.plan(arch("llama-3.1-8b"), dep())
+    fp8 = sizing.plan(arch("llama-3.1-8b"), dep(kv_cache_dtype=KvCacheDType.FP8))
     assert fp8.kv_bytes_per_token * 2 == auto.kv_bytes_per_token
     assert fp8.max_tokens == pytest.approx(2 * auto.max_tokens, rel=0.001)
 
 
 def test_tp_divisibility_error_uses_vllm_wording() -> None:
     """TP 3 on a 32-head model fails with vLLM's own sentence (vllm/config.py verify_with_parallel_config)."""
-    p = vram.plan(arch("llama-3.1-8b"), dep(tp=3))
+    p = sizing.plan(arch("llama-3.1-8b"), dep(tp=3))
     assert not p.fits
     assert "Total number of attention heads (32) must be divisible by tensor parallel size (3)." in p.errors
     assert p.suggestions == []
@@ -152,15 +152,15 @@ def test_tp_divisibility_error_uses_vllm_wording() -> None:
 
 def test_kv_heads_replicated_or_split() -> None:
     """TP 16 with 8 KV heads replicates (allowed); 6 KV heads with TP 4 is neither split nor replicated."""
-    assert vram.tp_errors(arch("llama-3.1-405b"), 16) == []
-    odd = vram.Architecture(parameters=1e9, layers=24, heads=24, kv_heads=6, head_dim=64, vocab=32000)
-    errs = vram.tp_errors(odd, 4)
+    assert sizing.tp_errors(arch("llama-3.1-405b"), 16) == []
+    odd = sizing.Architecture(parameters=1e9, layers=24, heads=24, kv_heads=6, head_dim=64, vocab=32000)
+    errs = sizing.tp_errors(odd, 4)
     assert any("key/value heads (6)" in e for e in errs)
 
 
 def test_tp_times_pp_beyond_gpu_count_is_an_error() -> None:
     """Asking for more GPUs than the node has is reported, not silently planned."""
-    p = vram.plan(arch("llama-3.1-70b"), dep(tp=8, count=4))
+    p = sizing.plan(arch("llama-3.1-70b"), dep(tp=8, count=4))
     assert any("exceeds the node's 4 GPUs" in e for e in p.errors)
 
 
@@ -169,7 +169,7 @@ _FIELD = {"tensor_parallel": "tensor_parallel", "kv_cache_dtype": "kv_cache_dtyp
           "max_concurrency": "concurrency"}
 
 
-def apply(d: vram.Deployment, s: vram.Suggestion) -> vram.Deployment:
+def apply(d: sizing.Deployment, s: sizing.Suggestion) -> sizing.Deployment:
     """Apply a suggestion as an admin would edit the stack."""
     value: object = s.value
     if s.field == "kv_cache_dtype":
@@ -195,11 +195,11 @@ def test_every_suggestion_makes_the_plan_fit() -> None:
     )
     for model, gpu, dtype, tp, ctx, conc in grid:
         d = dep(gpu=gpu, tp=tp, count=8, dtype=dtype, context_length=ctx, concurrency=conc)
-        p = vram.plan(arch(model), d)
+        p = sizing.plan(arch(model), d)
         if p.fits or p.errors:
             continue
         for s in p.suggestions:
-            after = vram.plan(arch(model), apply(d, s), suggest=False)
+            after = sizing.plan(arch(model), apply(d, s), suggest=False)
             assert after.fits, f"{model} on {gpu} {dtype} tp{tp} ctx{ctx}×{conc}: {s.change} does not fit"
             checked += 1
     assert checked > 100  # the grid really exercised suggestions
@@ -207,7 +207,7 @@ def test_every_suggestion_makes_the_plan_fit() -> None:
 
 def test_no_suggestion_when_nothing_single_fits() -> None:
     """405B bf16 at 128k×64 on 8 L4 has no single fix; the verdict says to use a larger GPU."""
-    p = vram.plan(arch("llama-3.1-405b"), dep(gpu="L4", tp=8, context_length=131072, concurrency=64))
+    p = sizing.plan(arch("llama-3.1-405b"), dep(gpu="L4", tp=8, context_length=131072, concurrency=64))
     assert not p.fits
     assert p.suggestions == []
     assert "no single change found, use a larger GPU" in p.verdict()
@@ -215,7 +215,7 @@ def test_no_suggestion_when_nothing_single_fits() -> None:
 
 def test_tiny_lab_model_fits_anything() -> None:
     """The lab's tiny model (catalogue entry) needs a few MiB: it fits an L4 trivially."""
-    p = vram.plan(arch("gpufleet-tiny-lab"), dep(gpu="L4", context_length=512))
+    p = sizing.plan(arch("gpufleet-tiny-lab"), dep(gpu="L4", context_length=512))
     assert p.fits
     assert p.kv_bytes_per_token == 2 * 2 * 2 * 16 * 2
     assert p.weights_gib < 0.01
@@ -229,7 +229,7 @@ def test_cli_vram_json_catalogue_model(capsys: pytest.CaptureFixture[str]) -> No
     assert main(["vram", "--model", "llama-3.1-8b", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data.keys() >= REQUIRED_JSON
-    expected = vram.plan(arch("llama-3.1-8b"), dep()).as_dict()
+    expected = sizing.plan(arch("llama-3.1-8b"), dep()).as_dict()
     for key in REQUIRED_JSON:
         assert data[key] == expected[key]
     assert data["kv_bytes_per_token"] == 131072

@@ -16,7 +16,8 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from infra.model.site import DType, KvCacheDType
+from infra.model.catalogue import ResolvedCatalogue
+from infra.model.site import DType, InferenceService, KvCacheDType, Node
 
 GIB = 1024**3
 
@@ -247,3 +248,35 @@ def _suggest(arch: Architecture, dep: Deployment, max_tokens: int) -> list[Sugge
         conc = max_tokens // dep.context_length
         out.append(Suggestion(f"max_concurrency ≤ {conc}", "max_concurrency", conc))
     return out
+
+
+def model_arch(svc: InferenceService, cat: ResolvedCatalogue) -> Architecture | None:
+    """The served model's architecture: explicit fields over the catalogue entry of its name."""
+    base = cat.models.get(svc.model.name)
+    fields = ("parameters", "layers", "heads", "kv_heads", "head_dim", "vocab")
+    values = {
+        f: getattr(svc.model, f)
+        if getattr(svc.model, f) is not None
+        else (getattr(base, f) if base is not None else None)
+        for f in fields
+    }
+    if any(v is None for v in values.values()):
+        return None
+    return Architecture(**values)  # type: ignore[arg-type]
+
+
+def deployment(svc: InferenceService, node: Node, cat: ResolvedCatalogue) -> Deployment:
+    """The VRAM deployment of a service on one node."""
+    gpu = cat.gpus[node.gpu.model]
+    return Deployment(
+        gpu=node.gpu.model,
+        gpu_usable_gib=gpu.usable_gib,
+        gpu_count=node.gpu.count,
+        dtype=svc.model.dtype,
+        kv_cache_dtype=svc.kv_cache_dtype,
+        tensor_parallel=svc.tensor_parallel,
+        pipeline_parallel=svc.pipeline_parallel,
+        utilization=svc.gpu_memory_utilization,
+        context_length=svc.model.context_length,
+        concurrency=svc.max_concurrency,
+    )
