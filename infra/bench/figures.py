@@ -17,7 +17,7 @@ from infra.bench.harness import Context, Measurement, Ratio, Skip, figure, repea
 )
 def validation_and_planning(ctx: Context) -> dict[str, Any]:
     """Validate and plan a generated site."""
-    from infra.model.generate import generate_site
+    from infra.bench.sitegen import generate_site
     from infra.model.load import parse_site
     from infra.plan.node import plan_site
 
@@ -67,9 +67,9 @@ def _require_lab(stack: str = "lab") -> None:
     "Quick mode: no-op of 1 node only.",
 )
 def fleet_convergence(ctx: Context) -> dict[str, Any]:
-    """Converge timings from infra.ansible.bench."""
+    """Converge timings from infra.bench.converge."""
     _require_lab()
-    from infra.ansible.bench import bench, lab_reimage
+    from infra.bench.converge import bench, lab_reimage
 
     counts = (1,) if ctx.quick else (1, 2, 4)
     # Plain defaults for one node only: that no-op alone takes about 3 minutes (4 nodes: 5.5) in a
@@ -123,7 +123,7 @@ def fleet_convergence(ctx: Context) -> dict[str, Any]:
 
 def _reference(report: dict[str, Any], roles_one: Measurement) -> dict[str, Any]:
     """The yardstick: as many trivial tasks as the roles' 1-node no-op ran, over 1 and 4 nodes."""
-    from infra.ansible.bench import reference_noop
+    from infra.bench.converge import reference_noop
 
     tasks = max(report["runs"][0]["noop_tuned"]["tasks"].values())
     counts = (1, max(len(r["nodes"]) for r in report["runs"]))
@@ -159,8 +159,8 @@ def _reference(report: dict[str, Any], roles_one: Measurement) -> dict[str, Any]
     "1,000 and 5,000 once (a pair takes 1 and 5 minutes). Quick mode: 10 and 100 nodes.",
 )
 def pulumi_program(ctx: Context) -> dict[str, Any]:
-    """Program vs bare commands, from infra.components.bench."""
-    from infra.components.bench import compare
+    """Program vs bare commands, from infra.bench.program."""
+    from infra.bench.program import compare
     from infra.components.program import ProgramSettings
 
     settings = ProgramSettings(stack="bench", project=ctx.root)
@@ -184,8 +184,8 @@ def pulumi_program(ctx: Context) -> dict[str, Any]:
     "measured alternately.",
 )
 def bundle_verify(ctx: Context) -> dict[str, Any]:
-    """From infra.bundle.bench."""
-    from infra.bundle.bench import bundle_verify_figure
+    """From infra.bench.bundle."""
+    from infra.bench.bundle import bundle_verify_figure
 
     return bundle_verify_figure(ctx)
 
@@ -198,9 +198,9 @@ def bundle_verify(ctx: Context) -> dict[str, Any]:
     "validate, fingerprint; full mode only); `gpufleet drift` over the whole lab stack.",
 )
 def lab_lifecycle(ctx: Context) -> dict[str, Any]:
-    """From infra.lab.measure and infra.dr.measure."""
+    """From infra.lab.measure and infra.bench.dr."""
     _require_lab()
-    from infra.dr.measure import measure_drift, measure_rebuild
+    from infra.bench.dr import measure_drift, measure_rebuild
     from infra.lab.measure import measure
 
     lab_runs = [measure()]  # up, idle up, down, warm up, down: five lab operations per run
@@ -219,5 +219,5 @@ def lab_lifecycle(ctx: Context) -> dict[str, Any]:
     return out
 
 
-# Figure 6 (inference): registered by infra.inference.figures as 6a, 6b, 6c.
-import infra.inference.figures  # noqa: E402, F401
+# Figure 6 (inference): registered by infra.bench.inference as 6a, 6b, 6c.
+import infra.bench.inference  # noqa: E402, F401

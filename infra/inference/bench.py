@@ -32,6 +32,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from infra.model.site import Site
+from infra.plan.node import plan_site
+
 PERCENTILES = (50.0, 90.0, 99.0)
 DEFAULT_PROMPT = "The quick brown fox jumps over the lazy dog. " * 4
 
@@ -255,3 +258,17 @@ def smoke(ep: Endpoint, *, max_tokens: int = 8, timeout_s: float = 30.0) -> dict
 def run_many(endpoints: Iterable[Endpoint], spec: LoadSpec) -> list[BenchResult]:
     """Bench each endpoint in turn (one at a time, so endpoints do not share the client's CPU)."""
     return [run_load(ep, spec) for ep in endpoints]
+
+
+def endpoints_of(site: Site, service: str | None = None, node: str | None = None) -> list[Endpoint]:
+    """Every (service, node) endpoint of the plan: `http://<node address>:<port>/v1`, sorted."""
+    out = []
+    for n in plan_site(site).nodes:
+        if node and n.hostname != node:
+            continue
+        for s in n.services:
+            if service and s.name != service:
+                continue
+            out.append(Endpoint(f"http://{n.node.address}:{s.service.port}/v1", s.service.model.name,
+                                f"{s.name}@{n.hostname}"))
+    return sorted(out, key=lambda e: e.label)

@@ -28,7 +28,7 @@ def test_lab_figures_are_measured_not_skipped(lab: Lab, tmp_path: Path) -> None:
 
 def test_reference_playbook_runs_for_real_and_changes_nothing(lab: Lab, monkeypatch: pytest.MonkeyPatch) -> None:
     """The yardstick of figure 1 goes through the real runner to real nodes: every task ok, none changed."""
-    from infra.ansible import bench as cb
+    from infra.bench import converge as cb
 
     seen: list[Any] = []
     real = cb.run_playbook

@@ -84,7 +84,7 @@ def test_update_readme_replaces_only_the_marked_block(tmp_path: Path) -> None:
 
 def test_cpu_counters_see_work_of_reaped_children() -> None:
     """Figure 1's CPU columns: the controller counter includes a reaped child's CPU, the machine counter too."""
-    from infra.ansible.bench import controller_cpu_seconds, machine_cpu_seconds
+    from infra.bench.converge import controller_cpu_seconds, machine_cpu_seconds
 
     m0, c0 = machine_cpu_seconds(), controller_cpu_seconds()
     subprocess.run([sys.executable, "-c", "sum(i * i for i in range(4_000_000))"], check=True)
@@ -95,7 +95,7 @@ def test_cpu_counters_see_work_of_reaped_children() -> None:
 
 def test_converge_bench_takes_noop_rounds_over_every_count(monkeypatch: pytest.MonkeyPatch) -> None:
     """No-op rounds visit every count in turn; each count keeps its median run and the ratios use it."""
-    from infra.ansible import bench as cb
+    from infra.bench import converge as cb
     from infra.ansible.settings import Tuning
 
     calls: list[tuple[int, str]] = []
@@ -122,8 +122,8 @@ def test_reference_playbook_is_n_trivial_tasks_that_pass_syntax_check(tmp_path: 
     """The yardstick playbook: exactly N `/bin/true` tasks on the nodes group, never "changed", no facts."""
     import yaml
 
-    from infra.ansible.bench import reference_playbook
     from infra.ansible.inventory import GROUP
+    from infra.bench.converge import reference_playbook
 
     path = reference_playbook(7, tmp_path / "reference.yml")
     (play,) = yaml.safe_load(path.read_text())
@@ -144,7 +144,7 @@ def test_reference_playbook_is_n_trivial_tasks_that_pass_syntax_check(tmp_path: 
 def test_reference_noop_runs_rounds_over_every_count(monkeypatch: pytest.MonkeyPatch) -> None:
     """The reference runs like the no-op bench (rounds over every count, tuned runner, the stack's
     inventory of exactly those nodes) and a failed run is an error, not a fast number."""
-    from infra.ansible import bench as cb
+    from infra.bench import converge as cb
     from infra.ansible.inventory import GROUP
     from infra.ansible.runner import RunResult
     from infra.ansible.settings import Tuning

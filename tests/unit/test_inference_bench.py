@@ -15,12 +15,12 @@ from infra.inference.bench import (
     LoadSpec,
     RequestResult,
     calculate_metrics,
+    endpoints_of,
     percentile,
     run_load,
     smoke,
     stream_completion,
 )
-from infra.inference.cli import endpoints_of
 from infra.inference.fakeserver import FakeBehaviour, FakeOpenAIServer
 from infra.model.load import load_site
 

@@ -9,9 +9,9 @@ import jsonschema
 import pytest
 import yaml
 
+from infra.bench.sitegen import generate_site
 from infra.cli import main
 from infra.commands.site import schema_text, stack_file_schema
-from infra.model.generate import generate_site
 from infra.model.load import load_site, parse_site
 from infra.plan.node import plan_site
 from tests.unit.factories import make_site

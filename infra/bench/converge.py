@@ -1,6 +1,6 @@
 """Converge benchmark: first and no-op converge for 1, 2, 4 nodes, tuned vs plain Ansible defaults.
 
-Not a test (tests never assert wall-clock times): `python -m infra.ansible.bench --stack lab` prints
+Not a test (tests never assert wall-clock times): `python -m infra.bench.converge --stack lab` prints
 a JSON report; `bench()` is what a benchmark harness calls. `--fresh` reimages lab nodes first (lab
 only) so the first converge starts from the base OS. `reference_noop()` times a yardstick: a playbook
 of as many trivial tasks as the roles' no-op, through the same runner, nodes and settings.
@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from infra.ansible.cli import converge
+from infra.ansible.converge import converge
 from infra.ansible.inventory import GROUP, build_inventory
 from infra.ansible.runner import run_playbook
 from infra.ansible.settings import SshSettings, Tuning
@@ -65,10 +65,10 @@ def _timed(stack: str, hosts: Sequence[str], tuning: Tuning) -> dict[str, Any]:
 
 def lab_reimage(stack: str) -> Callable[[Sequence[str]], None]:
     """A `fresh` hook for the lab: reimage nodes through the lab's BMC path and wait for SSH."""
-    from infra.ansible.cli import wait_ssh
     from infra.lab import lab as lab_mod
     from infra.lab.config import Paths, lab_spec
     from infra.model.load import stack_path
+    from infra.ssh import wait_ssh
 
     spec, paths = lab_spec(stack, stack_path(stack)), Paths.from_env()
 
@@ -137,7 +137,7 @@ def reference_playbook(tasks: int, path: Path) -> Path:
     """
     lines = [
         "---",
-        "# Written by infra.ansible.bench.reference_playbook: the yardstick of the no-op benchmark.",
+        "# Written by infra.bench.converge.reference_playbook: the yardstick of the no-op benchmark.",
         "- name: Reference no-op",
         f"  hosts: {GROUP}",
         "  gather_facts: false",

@@ -13,6 +13,7 @@ from typing import Any
 from infra.dr.drift import drift
 from infra.dr.rebuild import DEFAULT_RECORD_DIR, rebuild
 from infra.dr.steps import StackRef, check_with_roles, converge
+from infra.lab import hostkeys as lab_hostkeys
 from infra.model.load import load_site
 from infra.plan.node import plan_site
 
@@ -41,6 +42,7 @@ def measure_rebuild(
             "message": prep.output,
             "steps": {},
         }
+    lab_hostkeys.register()
     report = rebuild(site, plan_site(site).node(node), ref, record_dir=record_dir)
     return {
         "node": node,

@@ -4,7 +4,7 @@
 package-sized files — the shape of a real air-gap bundle), warms the page cache, then times
 `sha256sum` over the files and `verify_bundle` over the bundle alternately, so machine noise hits
 both alike. The benchmark harness (`infra/bench`) calls it; it can also run alone:
-`python -m infra.bundle.bench [GiB]`.
+`python -m infra.bench.bundle [GiB]`.
 """
 
 from __future__ import annotations

@@ -81,8 +81,7 @@ def fig_llama_local(ctx: Context) -> dict[str, Any]:
 def lab_services(stack: str = "lab", num_requests: int = 32, concurrency: int = 1,
                  max_tokens: int = 32) -> dict[str, Any]:
     """Bench every deployed endpoint of a stack (the lab's converged llama.cpp services); per-endpoint metrics."""
-    from infra.inference.bench import smoke
-    from infra.inference.cli import endpoints_of
+    from infra.inference.bench import endpoints_of, smoke
     from infra.model.load import load_site
 
     out: dict[str, Any] = {}
