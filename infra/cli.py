@@ -14,15 +14,15 @@ from infra.plan.node import UnknownNodeError
 
 # Each module defines `register(subparsers)`; commands set `func(args) -> int`.
 COMMAND_MODULES = (
-    "infra.bmc.cli",
-    "infra.dr.cli",
+    "infra.commands.bmc",
+    "infra.commands.dr",
     "infra.commands.site",
-    "infra.ansible.cli",
-    "infra.lab.cli",
-    "infra.bench.cli",
-    "infra.inference.cli",
-    "infra.bundle.cli",
-    "infra.review.cli",
+    "infra.commands.converge",
+    "infra.commands.lab",
+    "infra.commands.bench",
+    "infra.commands.inference",
+    "infra.commands.bundle",
+    "infra.commands.review",
 )
 
 

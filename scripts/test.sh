@@ -11,6 +11,7 @@ export PATH="$PWD/.venv/bin:$PATH"
 step() { printf '\n== %s\n' "$*"; }
 step "ruff";            ruff check infra tests
 step "mypy";            mypy
+step "layers (import-linter)"; lint-imports --no-cache >/dev/null || lint-imports --no-cache
 step "schema is current"; gpufleet schema --check
 step "stacks validate"; for f in stacks/Pulumi.*.yaml; do gpufleet validate --stack-file "$f"; done
 step "locks match stacks"

@@ -25,7 +25,7 @@ from typing import Any, TextIO
 
 from infra import procs
 from infra.ansible.settings import SshSettings, Tuning, project_root, runner_env
-from infra.bmc.secrets import ENV_PREFIX as SECRET_ENV_PREFIX
+from infra.secrets import ENV_PREFIX as SECRET_ENV_PREFIX
 
 log = logging.getLogger("gpufleet.ansible")
 

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from infra.bmc.errors import BmcError
 from infra.bmc.ipmi import IpmiClient
 from infra.bmc.redfish import RedfishClient, Timeouts
-from infra.bmc.secrets import SecretError, resolve_secret
 from infra.model.site import BmcProtocol, Node
+from infra.secrets import SecretError, resolve_secret
 
 # Both speak the same methods (power, boot override, inventory, system summary).
 BmcClient = RedfishClient | IpmiClient
@@ -23,7 +23,7 @@ def client_for(node: Node, timeouts: Timeouts | None = None) -> BmcClient:
 
     Raises:
         NoBmcError: the node has no BMC configured.
-        infra.bmc.secrets.SecretError: the password cannot be read.
+        infra.secrets.SecretError: the password cannot be read.
 
     """
     bmc = node.bmc

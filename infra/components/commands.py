@@ -10,7 +10,7 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass
 
-from infra.bmc.secrets import ENV_PREFIX, config_env_name
+from infra.secrets import ENV_PREFIX, config_env_name
 
 # Relative to the command's `dir` (the project dir). Pulumi.yaml pins the same `.venv` for the
 # program, and scripts/setup.sh creates it, so provider-run commands use the program's own code
@@ -23,7 +23,7 @@ SECRET_ENV_PREFIX = ENV_PREFIX
 def secret_env_name(config_key: str) -> str:
     """Environment variable carrying a `config:` SecretRef's value to the CLI (`bmcPassword` → ..._BMCPASSWORD).
 
-    The CLI side (`infra.bmc.secrets.resolve_secret`) reads the same name: one function decides it.
+    The CLI side (`infra.secrets.resolve_secret`) reads the same name: one function decides it.
     """
     return config_env_name(config_key)
 

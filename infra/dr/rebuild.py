@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from infra import hostkeys
 from infra.bmc.connect import Preflight, client_for, preflight
 from infra.bmc.errors import BmcError
 from infra.bmc.redfish import BootTarget, PowerAction, Timeouts
 from infra.dr import fingerprint as fp
-from infra.dr import hostkeys
 from infra.dr.probe import NodeState
 from infra.dr.remote import RemoteError, probe, reachable, wait_ssh
 from infra.dr.steps import StackRef, StepResult, converge, validate
@@ -88,7 +88,10 @@ def plan_host_key_source(site: Site, node: Node, host_key: Path | None, ref: Sta
     if host_key is not None:
         return hostkeys.FromFile(host_key)
     if site.lab_mode:
-        return hostkeys.lab_source(ref.stack, ref.stack_file)
+        try:
+            return hostkeys.lab_source(ref.stack, ref.stack_file)
+        except hostkeys.HostKeyError as exc:
+            raise Refused("hostkey", str(exc)) from None
     raise Refused(
         "hostkey",
         (
@@ -126,7 +129,10 @@ def rebuild(
     if not pre.ok:
         raise Refused("bmc", f"BMC check failed, nothing was done: {pre.problem}")
     keys = plan_host_key_source(site, node, host_key, ref)
-    keys.check(site, node)
+    try:
+        keys.check(site, node)
+    except hostkeys.HostKeyError as exc:
+        raise Refused("hostkey", str(exc)) from None
     report.step("preflight", t0, power=pre.power_state, mac_matches=pre.mac_matches, hostkey=keys.describe())
 
     # -- fingerprint before ---------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from infra.bmc.secrets import ENV_PREFIX
+from infra.secrets import ENV_PREFIX
 
 # Pulumi marks secret values in a deployment with this signature key; with --show-secrets they carry
 # `plaintext`, without it only `ciphertext`.

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from infra.dr.drift import CheckOutcome, CheckUnavailable
+from infra.ansible.converge import check_report
+from infra.ansible.converge import converge as ansible_converge
+from infra.dr.drift import CheckOutcome
 from infra.model.site import Site
 from infra.plan.node import NodePlan
 
@@ -89,18 +91,6 @@ def _failures(data: Any) -> str:
     return "\n".join(lines)
 
 
-def command_exists(name: str) -> bool:
-    """Whether a `gpufleet` subcommand is registered (another engineer's command may not exist yet)."""
-    from infra.cli import build_parser
-
-    parser = build_parser()
-    for action in parser._subparsers._group_actions if parser._subparsers else []:
-        choices = getattr(action, "choices", None) or {}
-        if name in choices:
-            return True
-    return False
-
-
 def converge(ref: StackRef, hostname: str, *, timeout: float = 3600) -> StepResult:
     """`gpufleet converge --node N --json` (ROLES)."""
     return gpufleet(["converge", *ref.argv(), "--node", hostname, "--json"], timeout=timeout)
@@ -113,11 +103,6 @@ def validate(ref: StackRef, hostname: str, *, timeout: float = 600) -> StepResul
 
 def check_with_roles(site: Site, plans: list[NodePlan]) -> dict[str, CheckOutcome]:
     """A drift `CheckFn` on ROLES' Python API: one check+diff run over all nodes, read like `gpufleet check`."""
-    try:
-        from infra.ansible.cli import check_report
-        from infra.ansible.cli import converge as ansible_converge
-    except ImportError as exc:
-        raise CheckUnavailable(f"the roles' check mode is not available ({exc})") from None
     report = check_report(ansible_converge(site, plans, check=True))
     res = StepResult(True, 0.0, 0, report)
     return {p.hostname: parse_check(res, p.hostname) for p in plans}
@@ -127,8 +112,6 @@ def check_via_cli(ref: StackRef, *, timeout: float = 3600) -> Any:
     """A drift `CheckFn` running `gpufleet check --json` per node (ROLES' check + diff, no change)."""
 
     def run(site: Site, plans: list[NodePlan]) -> dict[str, CheckOutcome]:
-        if not command_exists("check"):
-            raise CheckUnavailable("`gpufleet check` is not installed (ROLES engineer's command)")
         out: dict[str, CheckOutcome] = {}
         for p in plans:
             res = gpufleet(["check", *ref.argv(), "--node", p.hostname, "--json"], timeout=timeout)

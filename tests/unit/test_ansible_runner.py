@@ -14,7 +14,7 @@ import pytest
 
 from infra import procs as procs_mod
 from infra.ansible import runner as runner_mod
-from infra.ansible.cli import check_report, select
+from infra.ansible.converge import check_report, select
 from infra.ansible.inventory import build_inventory
 from infra.ansible.rollout import NOT_RUN, roll, waves
 from infra.ansible.runner import HostResult, RunResult, _Collector, run_playbook, scrub

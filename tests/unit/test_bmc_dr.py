@@ -11,10 +11,10 @@ import pytest
 
 from infra.dr import fingerprint as fp
 from infra.dr.drift import CheckOutcome, CheckUnavailable, NodeDrift, against_plan, drift
-from infra.dr.hostkeys import HostKeyError, key_fingerprint, parse_public_key, pin_key
 from infra.dr.probe import NodeState, expected_services, remote_program
 from infra.dr.remote import RemoteError
 from infra.dr.steps import StepResult, parse_check
+from infra.hostkeys import HostKeyError, key_fingerprint, parse_public_key, pin_key
 from infra.model.load import load_site
 from infra.model.site import Site
 from infra.plan.node import NodePlan, plan_site

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from infra.ansible import cli as ansible_cli
+from infra.ansible import converge as ansible_converge
 from infra.ansible.inventory import GROUP, build_inventory
 from infra.ansible.rolespecs import RoleArgumentError, check_inventory, problems
 from infra.cli import main
@@ -48,7 +48,7 @@ def test_converge_refuses_before_running_anything(monkeypatch: pytest.MonkeyPatc
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     """A plan/role disagreement stops `gpufleet converge` (exit 1) before a playbook starts."""
     ran: list[Any] = []
-    monkeypatch.setattr(ansible_cli, "run_playbook", lambda *a, **k: ran.append(a))
+    monkeypatch.setattr(ansible_converge, "run_playbook", lambda *a, **k: ran.append(a))
     real = build_inventory
 
     def broken(site: Any, nodes: Any) -> dict[str, Any]:
@@ -57,9 +57,9 @@ def test_converge_refuses_before_running_anything(monkeypatch: pytest.MonkeyPatc
             hv["container_runtime_engine"] = "lxc"
         return inv
 
-    monkeypatch.setattr(ansible_cli, "build_inventory", broken)
+    monkeypatch.setattr(ansible_converge, "build_inventory", broken)
     with pytest.raises(RoleArgumentError):
-        ansible_cli.converge(load_site("lab"), plan_site(load_site("lab")).nodes)
+        ansible_converge.converge(load_site("lab"), plan_site(load_site("lab")).nodes)
     assert main(["converge", "--stack", "lab", "--node", "lab-gpu02"]) == 1
     assert ran == []
     err = capsys.readouterr().err

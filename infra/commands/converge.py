@@ -3,25 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
-import time
-from collections.abc import Sequence
 from typing import Any
 
-from infra.ansible import rolespecs
-from infra.ansible.inventory import GROUP, build_inventory
-from infra.ansible.rollout import NodeOutcome, RolloutResult, roll
-from infra.ansible.runner import Progress, RunResult, run_playbook
-from infra.ansible.settings import SshSettings, Tuning
+from infra.ansible.converge import check_report, converge, select
+from infra.ansible.settings import Tuning
 from infra.commands.site import add_stack_args, site_from_args
 from infra.console import Exit, emit, table
 from infra.model.site import Site
-from infra.plan.node import NodePlan, SitePlan, plan_site
-
-# SecretRef convention (`GPUFLEET_SECRET_<KEY>`): the registry token of the inference images.
-REGISTRY_TOKEN_ENV = "GPUFLEET_SECRET_REGISTRY_TOKEN"
+from infra.plan.node import NodePlan, plan_site
+from infra.ssh import wait_ssh
 
 
 def _selection_args(p: argparse.ArgumentParser) -> None:
@@ -60,73 +51,6 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_wait_ssh)
 
 
-def select(plan: SitePlan, nodes: Sequence[str] | None, segment: str | None) -> list[NodePlan]:
-    """Nodes named by --node/--segment (all when neither); KeyError/ValueError name what is known."""
-    if nodes:
-        return [plan.node(n) for n in nodes]
-    if segment:
-        chosen = [n for n in plan.nodes if n.segment.name == segment]
-        if not chosen:
-            known = sorted({n.segment.name for n in plan.nodes})
-            raise ValueError(f"no nodes on segment {segment!r}; segments with nodes: {', '.join(known)}")
-        return chosen
-    return list(plan.nodes)
-
-
-def secrets_from_env() -> dict[str, str]:
-    """Secret role variables from the environment (values never printed)."""
-    token = os.environ.get(REGISTRY_TOKEN_ENV)
-    return {"inference_server_registry_token": token} if token else {}
-
-
-def converge(
-    site: Site,
-    nodes: Sequence[NodePlan],
-    *,
-    check: bool = False,
-    tuning: Tuning = Tuning.TUNED,
-    progress: bool = False,
-    playbook: str = "node.yml",
-) -> RolloutResult:
-    """Converge (or check) nodes wave by wave; the function the CLI and the benchmark harness call."""
-    plan = plan_site(site)
-    # Every selected node's role variables against the roles' argument specs, before any host is
-    # touched (node.yml includes the roles with rolespec_validate: false).
-    rolespecs.check_inventory(build_inventory(site, nodes), GROUP)
-    ssh = SshSettings.of(site)
-    secrets = secrets_from_env()
-
-    def run(batch: list[NodePlan]) -> RunResult:
-        hosts = [n.hostname for n in batch]
-        return run_playbook(
-            playbook,
-            build_inventory(site, batch),
-            hosts,
-            ssh=ssh,
-            check=check,
-            tuning=tuning,
-            secrets=secrets,
-            progress=Progress(hosts) if progress else None,
-            label="check" if check else "converge",
-        )
-
-    # Check mode changes nothing, so there is nothing to roll: every node is looked at in one run.
-    max_failures = len(nodes) if check else site.rollout.max_failures
-    if check:
-        result = run(list(nodes))
-        out = []
-        for n in nodes:
-            h = result.hosts.get(n.hostname)
-            status = "ok" if h and h.succeeded else ("unreachable" if h and h.unreachable else "failed")
-            out.append(
-                NodeOutcome(
-                    n.hostname, n.segment.name, n.batch, status, h.changed if h else 0, h.as_dict() if h else {}
-                )
-            )
-        return RolloutResult(nodes=out, runs=[result], stopped_segments={})
-    return roll(plan, nodes, run, max_failures=max_failures)
-
-
 def _load(args: argparse.Namespace) -> tuple[Site, list[NodePlan]] | int:
     site = site_from_args(args)
     try:
@@ -163,31 +87,6 @@ def cmd_converge(args: argparse.Namespace) -> int:
     result = converge(site, nodes, tuning=Tuning(args.tuning), progress=not args.json and sys.stderr.isatty())
     emit(args.json, result.as_dict(), _render_converge)
     return Exit.OK if result.succeeded else Exit.FAILED
-
-
-def check_report(result: RolloutResult) -> dict[str, Any]:
-    """Per node: would anything change, which packages and files, would a reboot be required."""
-    nodes = []
-    for n in result.nodes:
-        d = n.detail
-        packages = sorted({p for v in (d.get("package_changes") or {}).values() for p in v})
-        stale = (d.get("facts") or {}).get("nvidia_driver_stale_packages") or []
-        nodes.append(
-            {
-                "hostname": n.hostname,
-                "segment": n.segment,
-                "status": n.status,
-                "changes": n.changed,
-                "changed_tasks": d.get("changed_tasks", []),
-                "packages": packages,
-                "packages_removed": sorted(stale),
-                "files": d.get("files_changed", []),
-                "reboot_required": bool(d.get("reboot_required")),
-                "reboot_pending": bool(d.get("reboot_pending")),
-                "failures": d.get("failures", []),
-            }
-        )
-    return {"drift": any(x["changes"] for x in nodes), "succeeded": result.succeeded, "nodes": nodes}
 
 
 def _render_check(d: dict[str, Any]) -> str:
@@ -252,32 +151,6 @@ def cmd_validate_node(args: argparse.Namespace) -> int:
 
     emit(args.json, data, render)
     return Exit.OK if data["passed"] else Exit.FAILED
-
-
-def ssh_command(site: Site, node: NodePlan, *command: str) -> list[str]:
-    """The ssh argv for a node with the stack's config and pinned host keys (StrictHostKeyChecking=yes)."""
-    ssh = SshSettings.of(site)
-    return ["ssh", *ssh.args(), "-o", "ConnectTimeout=2", f"{node.node.ssh_user}@{node.node.address}", *command]
-
-
-def wait_ssh(site: Site, node: NodePlan, timeout: float) -> tuple[bool, float, str]:
-    """Poll SSH until a command runs with the pinned key; (ok, seconds, last error)."""
-    start = time.monotonic()
-    last = ""
-    while True:
-        try:
-            p = subprocess.run(ssh_command(site, node, "true"), capture_output=True, text=True, timeout=10, check=False)
-            if p.returncode == 0:
-                return True, time.monotonic() - start, ""
-            last = p.stderr.strip().splitlines()[-1] if p.stderr.strip() else f"rc={p.returncode}"
-        except subprocess.TimeoutExpired:
-            last = "ssh timed out"
-        if "REMOTE HOST IDENTIFICATION HAS CHANGED" in last or "Host key verification failed" in last:
-            # A wrong host key never fixes itself by waiting: report it at once.
-            return False, time.monotonic() - start, last
-        if time.monotonic() - start >= timeout:
-            return False, time.monotonic() - start, last
-        time.sleep(0.5)
 
 
 def cmd_wait_ssh(args: argparse.Namespace) -> int:

@@ -6,8 +6,9 @@ cannot forge:
 
 - real sites: `--host-key FILE` — the public key the installer was given (pre-generated and served with
   the autoinstall/kickstart), its key drop, or the key read on the BMC's serial console by a person;
-- the lab: the LAB engineer's function, which reads the key straight from the host's rootfs on this
-  machine (the lab's out-of-band channel).
+- the lab: its own source (`infra.lab.hostkeys`), which reads the key straight from the host's rootfs on
+  this machine (the lab's out-of-band channel). Product code never imports the lab: the CLI layer
+  registers the lab's source here (`register_lab_source`) when the lab package is installed.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import os
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol, cast
+from typing import Protocol
 
 from infra.model.site import Node, Site
 
@@ -45,7 +46,7 @@ class HostKeySource(Protocol):
         ...
 
     def check(self, site: Site, node: Node) -> None:
-        """Raise `Refused` if this source cannot work (checked before the rebuild touches anything)."""
+        """Raise `HostKeyError` if this source cannot work (checked before the rebuild touches anything)."""
         ...
 
     def pin(self, site: Site, node: Node) -> str:
@@ -113,15 +114,13 @@ class FromFile:
         return f"file {self.path}"
 
     def check(self, site: Site, node: Node) -> None:
-        """The file must hold a key and the stack must name a known_hosts file."""
-        from infra.dr.rebuild import Refused
-
+        """The file must hold a key and the stack must name a known_hosts file (HostKeyError otherwise)."""
         if not site.controller.known_hosts:
-            raise Refused("hostkey", "the stack has no `controller.known_hosts`; gpufleet pins host keys there")
+            raise HostKeyError("the stack has no `controller.known_hosts`; gpufleet pins host keys there")
         try:
             parse_public_key(self.path.read_text(encoding="utf-8"))
         except (OSError, HostKeyError) as exc:
-            raise Refused("hostkey", f"--host-key {self.path}: {exc}") from None
+            raise HostKeyError(f"--host-key {self.path}: {exc}") from None
 
     def pin(self, site: Site, node: Node) -> str:
         """Pin the given key."""
@@ -129,54 +128,18 @@ class FromFile:
         return pin_key(Path(str(site.controller.known_hosts)), node, key_type, blob)
 
 
-class LabSource:
-    """The lab's re-pin function: reads the host key from the host's own disk on this machine."""
-
-    refreshable = True  # the reimage may finish after the BMC reports On: re-read until SSH agrees
-
-    def __init__(self, stack: str | None, stack_file: Path | None) -> None:
-        self.stack = stack
-        self.stack_file = stack_file
-
-    def describe(self) -> str:
-        """For reports."""
-        return "lab host's own disk (infra.lab.lab.repin_host_key)"
-
-    def check(self, site: Site, node: Node) -> None:
-        """The lab's function must exist."""
-        from infra.dr.rebuild import Refused
-
-        if _lab_repin() is None:
-            raise Refused(
-                "hostkey",
-                "lab stack, but the lab's host-key re-pin function is not available (infra.lab.lab.repin_host_key)",
-            )
-
-    def pin(self, site: Site, node: Node) -> str:
-        """Let the lab pin the node's current key; returns its fingerprint."""
-        fn = _lab_repin()
-        if fn is None:
-            raise HostKeyError("lab re-pin function missing")
-        from infra.lab.config import lab_spec
-
-        try:
-            spec = lab_spec(self.stack or "lab", path=self.stack_file)
-            pub = str(fn(spec, node.hostname))
-        except Exception as exc:  # the lab's errors are its own types; report them, don't guess
-            raise HostKeyError(f"lab re-pin of {node.hostname} failed: {exc}") from exc
-        return key_fingerprint(parse_public_key(pub)[1])
+# The lab's host-key source factory, registered by the CLI layer (`infra.lab.hostkeys.register`).
+_lab_source: Callable[[str | None, Path | None], HostKeySource] | None = None
 
 
-def _lab_repin() -> Callable[..., object] | None:
-    """The LAB engineer's `repin_host_key(spec, name)`, if the lab code provides it."""
-    try:
-        from infra.lab import lab as lab_module
-    except ImportError:
-        return None
-    fn = getattr(lab_module, "repin_host_key", None)
-    return cast("Callable[..., object]", fn) if callable(fn) else None
+def register_lab_source(factory: Callable[[str | None, Path | None], HostKeySource]) -> None:
+    """Install the lab's source factory (called by the CLI layer; product code never imports the lab)."""
+    global _lab_source
+    _lab_source = factory
 
 
-def lab_source(stack: str | None, stack_file: Path | None) -> LabSource:
-    """The lab's host key source for a stack."""
-    return LabSource(stack, stack_file)
+def lab_source(stack: str | None, stack_file: Path | None) -> HostKeySource:
+    """The lab's host key source for a stack; HostKeyError when the lab package is not installed."""
+    if _lab_source is None:
+        raise HostKeyError("lab stack, but the lab's host-key source is not available (install the `lab` extra)")
+    return _lab_source(stack, stack_file)

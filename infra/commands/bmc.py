@@ -11,10 +11,11 @@ from typing import Any
 from infra.bmc.connect import BmcClient, NoBmcError, client_for
 from infra.bmc.errors import BmcAuthError, BmcError, BmcNotFound, BmcTimeout, BmcTlsError, BmcUnreachable
 from infra.bmc.redfish import BootTarget, PowerAction, Timeouts
-from infra.bmc.secrets import SecretError, loose_permissions
 from infra.commands.site import add_stack_args, site_from_args
 from infra.console import Exit, confirm, emit, table
+from infra.hostkeys import HostKeyError, parse_public_key, pin_key
 from infra.model.site import Node, Site
+from infra.secrets import SecretError, loose_permissions
 
 _BOOT_CHOICES = {
     "pxe": BootTarget.PXE,
@@ -239,8 +240,6 @@ def cmd_reimage(args: argparse.Namespace) -> int:
     key: tuple[str, str] | None = None
     if args.host_key is not None:
         # Checked before the BMC is touched: a bad key file must not leave a reimaged node nobody can reach.
-        from infra.dr.hostkeys import HostKeyError, parse_public_key
-
         try:
             key = parse_public_key(args.host_key.read_text(encoding="utf-8"))
         except (OSError, HostKeyError) as exc:
@@ -255,8 +254,6 @@ def cmd_reimage(args: argparse.Namespace) -> int:
         power = c.set_power(PowerAction.RESET, timeout=args.timeout)
         pinned = None
         if key is not None:
-            from infra.dr.hostkeys import pin_key
-
             pinned = pin_key(Path(str(site_from_args(args).controller.known_hosts)), node, *key)
         emit(
             args.json,

@@ -82,9 +82,23 @@ def _ref(args: argparse.Namespace) -> StackRef:
 # -- rebuild ---------------------------------------------------------------------------------------------
 
 
+def register_lab_hostkeys() -> None:
+    """Hand the lab's out-of-band host-key source to `infra.hostkeys` (product code never imports the lab).
+
+    The import is here, not at the top, because the lab is an optional extra: without it a lab stack's
+    rebuild is refused with a message saying so.
+    """
+    try:
+        from infra.lab import hostkeys as lab_hostkeys
+    except ImportError:
+        return
+    lab_hostkeys.register()
+
+
 def cmd_rebuild(args: argparse.Namespace) -> int:
     """Rebuild one node; exit 0 identical, 3 different fingerprint, 1 a step failed, 5 refused up-front."""
     site = site_from_args(args)
+    register_lab_hostkeys()
     plan = plan_site(site).node(args.node)
     if not confirm(f"rebuild {args.node}: its disk is reinstalled through PXE, then converged", args.yes):
         return Exit.ABORTED

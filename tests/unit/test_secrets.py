@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from infra.bmc.secrets import SecretError, config_env_name, loose_permissions, resolve_secret
 from infra.model.site import SecretRef
+from infra.secrets import SecretError, config_env_name, loose_permissions, resolve_secret
 
 CANARY = "canary-9d1f-secret"
 
