@@ -95,8 +95,8 @@ def test_cpu_counters_see_work_of_reaped_children() -> None:
 
 def test_converge_bench_takes_noop_rounds_over_every_count(monkeypatch: pytest.MonkeyPatch) -> None:
     """No-op rounds visit every count in turn; each count keeps its median run and the ratios use it."""
-    from infra.bench import converge as cb
     from infra.ansible.settings import Tuning
+    from infra.bench import converge as cb
 
     calls: list[tuple[int, str]] = []
     # Each count's no-ops take these seconds, in order (1 node: 10, 12, 11; 2 nodes: 30, 20, 25).
@@ -144,10 +144,10 @@ def test_reference_playbook_is_n_trivial_tasks_that_pass_syntax_check(tmp_path: 
 def test_reference_noop_runs_rounds_over_every_count(monkeypatch: pytest.MonkeyPatch) -> None:
     """The reference runs like the no-op bench (rounds over every count, tuned runner, the stack's
     inventory of exactly those nodes) and a failed run is an error, not a fast number."""
-    from infra.bench import converge as cb
     from infra.ansible.inventory import GROUP
     from infra.ansible.runner import RunResult
     from infra.ansible.settings import Tuning
+    from infra.bench import converge as cb
 
     calls: list[tuple[list[str], list[str], Tuning, int]] = []
 
