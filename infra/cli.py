@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "infra.commands.inference",
     "infra.commands.bundle",
     "infra.commands.review",
+    "infra.commands.monitoring",
 )
 
 

@@ -13,7 +13,7 @@ UV_VERSION=0.13.9   # also pinned in uv.lock (dev extra), so `uv sync` keeps it
 declare -A want=([git]=git [ssh]=openssh-client [gpg]=gnupg [gpgv]=gpgv [dpkg-scanpackages]=dpkg-dev
                  [skopeo]=skopeo [ipmitool]=ipmitool [openssl]=openssl)
 if [[ "${1:-}" == "--test" ]]; then
-  want+=([systemd-analyze]=systemd [ipmi_sim]=openipmi [nft]=nftables [g++]=g++ [make]=make)
+  want+=([systemd-analyze]=systemd [ipmi_sim]=openipmi [nft]=nftables [g++]=g++ [make]=make [promtool]=prometheus)
 fi
 need_apt=()
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)

@@ -371,3 +371,65 @@ def services(site: Site, cat: ResolvedCatalogue) -> Iterator[Problem]:
                     f"{svc.model.name} on {host} ({node.gpu.count}× {node.gpu.model}) " + result.verdict(),
                     "apply one of the changes above",
                 )
+
+
+@rule
+def observability(site: Site, cat: ResolvedCatalogue) -> Iterator[Problem]:
+    """Each monitored segment has one Prometheus on a host of that segment; the site view federates them."""
+    obs = site.observability
+    if not obs.prometheus:
+        if obs.site_view is not None:
+            yield Problem(
+                "observability.site_view",
+                "names a site view but no Prometheus is declared",
+                "declare observability.prometheus",
+            )
+        return
+    segments = {s.name: s for s in site.segments}
+    hosts = {n.hostname: n.segment for n in site.nodes} | {m.name: m.segment for m in site.mirrors}
+    seen: dict[str, int] = {}
+    for i, p in enumerate(obs.prometheus):
+        path = f"observability.prometheus[{i}]"
+        if p.segment not in segments:
+            yield Problem(
+                f"{path}.segment", f"unknown segment {p.segment!r}", f"use one of: {', '.join(sorted(segments))}"
+            )
+            continue
+        if p.segment in seen:
+            yield Problem(
+                f"{path}.segment",
+                f"segment {p.segment!r} already has a Prometheus at observability.prometheus[{seen[p.segment]}]",
+                "declare one Prometheus per segment",
+            )
+        seen.setdefault(p.segment, i)
+        where = hosts.get(p.host)
+        if where is None:
+            yield Problem(f"{path}.host", f"unknown host {p.host!r}", "name a node or mirror of the segment")
+        elif where != p.segment:
+            yield Problem(
+                f"{path}.host",
+                f"{p.host} is on segment {where!r}, not {p.segment!r}",
+                "run each segment's Prometheus on a host of that segment (air-gapped: its mirror)",
+            )
+    for seg in sorted(({n.segment for n in site.nodes} & segments.keys()) - seen.keys()):
+        yield Problem(
+            "observability.prometheus",
+            f"segment {seg!r} has nodes but no Prometheus",
+            f"add {{segment: {seg}, host: <a node or mirror of {seg}>}}",
+        )
+    if obs.site_view is None:
+        yield Problem(
+            "observability.site_view", "missing", "name the connected segment whose Prometheus federates the others"
+        )
+    elif obs.site_view not in seen:
+        yield Problem(
+            "observability.site_view",
+            f"segment {obs.site_view!r} has no Prometheus",
+            f"use one of: {', '.join(sorted(seen))}",
+        )
+    elif segments[obs.site_view].airgapped and len(seen) > 1:
+        yield Problem(
+            "observability.site_view",
+            f"{obs.site_view!r} is air-gapped: metrics federate out of an air gap, never into it",
+            "make a connected segment the site view",
+        )

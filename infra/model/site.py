@@ -401,6 +401,19 @@ class ModelSpec(_Model):
     """Vocabulary size."""
 
 
+class ServiceSlo(_Model):
+    """Service-level objectives of an inference service: the alerts and `gpufleet status` compare against them."""
+
+    ttft_p99_ms: float = Field(default=2000, gt=0, le=600_000)
+    """Time to first token, 99th percentile over 5 minutes, in milliseconds."""
+    itl_p99_ms: float = Field(default=200, gt=0, le=60_000)
+    """Inter-token latency (time between streamed tokens), 99th percentile over 5 minutes, in milliseconds."""
+    min_tokens_per_s: float = Field(default=0, ge=0)
+    """Generated tokens per second the service must sustain while it has requests; 0 sets no floor."""
+    max_error_rate: float = Field(default=0.01, ge=0, le=1)
+    """Largest fraction of failed requests over 5 minutes."""
+
+
 class InferenceService(_Model):
     """An inference server deployment on one or more nodes."""
 
@@ -428,6 +441,8 @@ class InferenceService(_Model):
     """Port the OpenAI-compatible endpoint listens on."""
     nodes: list[str] = Field(min_length=1)
     """Hostnames of the nodes serving it."""
+    slo: ServiceSlo | None = None
+    """This service's objectives; the site's `observability.slo` when unset."""
 
 
 class Catalogue(_Model):
@@ -469,6 +484,43 @@ class ModelArch(_Model):
     """Vocabulary size."""
 
 
+class GpuHealth(_Model):
+    """Per-node GPU health limits; any new XID error or uncorrectable ECC error alerts regardless."""
+
+    max_temperature_c: int = Field(default=85, ge=40, le=110)
+    """GPU temperature (°C) above which a GPU alerts (sustained for 5 minutes)."""
+    max_memory_used_fraction: float = Field(default=0.98, gt=0, le=1)
+    """Framebuffer memory in use, as a fraction of the total, above which a GPU alerts (sustained 15 minutes)."""
+
+
+class PrometheusHost(_Model):
+    """Where one segment's Prometheus runs; it scrapes only that segment's nodes."""
+
+    segment: str
+    """Segment whose nodes this Prometheus scrapes."""
+    host: str
+    """Hostname of a node or mirror on that segment (air-gapped segments: usually their mirror)."""
+    port: int = Field(default=9090, ge=1, le=65535)
+    """Port of Prometheus' HTTP API (and of `/federate` for the site view)."""
+
+
+class Observability(_Model):
+    """Metrics collection, SLO alerts and the site view (see docs/observability.md)."""
+
+    prometheus: list[PrometheusHost] = []
+    """One Prometheus per monitored segment; empty disables metrics collection."""
+    site_view: str | None = None
+    """Segment whose Prometheus federates the others (the place `gpufleet status` asks); a connected segment."""
+    scrape_interval_s: int = Field(default=15, ge=1, le=300)
+    """How often every target is scraped."""
+    alertmanager_port: int = Field(default=9093, ge=1, le=65535)
+    """Port of Alertmanager on each Prometheus host."""
+    slo: ServiceSlo = ServiceSlo()
+    """Objectives of every service that sets none."""
+    gpu: GpuHealth = GpuHealth()
+    """GPU health limits of every node."""
+
+
 class Controller(_Model):
     """How the controller (where `gpufleet`/`pulumi` runs) reaches nodes."""
 
@@ -505,6 +557,8 @@ class Site(_Model):
     """SSH public keys of administrators, installed for the admin user."""
     controller: Controller = Controller()
     """Controller-side SSH settings."""
+    observability: Observability = Observability()
+    """Metrics, SLO alerts and the site view."""
     lab_mode: Literal[False, True] = False
     """True only in the lab stack: nodes are containers with simulated GPUs (roles skip hardware steps)."""
 
