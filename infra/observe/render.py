@@ -7,7 +7,7 @@ from typing import Any
 
 import yaml
 
-from infra.observe import config, ruletests
+from infra.observe import config, dashboards, ruletests
 from infra.observe.metrics import dcgm_counters_csv
 from infra.plan.node import SitePlan
 
@@ -21,7 +21,8 @@ def _yaml(data: Any) -> str:
 def files(plan: SitePlan, rules_path: str = config.RULES_FILE) -> dict[str, str]:
     """Every file by relative path; `rules_path` is where prometheus.yml finds the rules.
 
-    `rules.yml`, `rules.test.yml`, `alertmanager.yml`, `dcgm-counters.csv`, and per monitored segment
+    `rules.yml`, `rules.test.yml`, `alertmanager.yml`, `dcgm-counters.csv`, `grafana/gpufleet.json` (the site
+    dashboard) with its provisioning file `grafana/provisioning.yml`, and per monitored segment
     `<segment>/prometheus.yml` and `<segment>/probe.json`.
     """
     site = plan.site
@@ -30,6 +31,8 @@ def files(plan: SitePlan, rules_path: str = config.RULES_FILE) -> dict[str, str]
         "rules.test.yml": _yaml(ruletests.rule_tests(plan, "rules.yml")),
         "alertmanager.yml": _yaml(config.alertmanager_config(site)),
         "dcgm-counters.csv": dcgm_counters_csv(),
+        "grafana/gpufleet.json": json.dumps(dashboards.site_dashboard(site), indent=2, sort_keys=True) + "\n",
+        "grafana/provisioning.yml": _yaml(dashboards.provisioning()),
     }
     for segment in config.monitored_segments(site):
         out[f"{segment}/prometheus.yml"] = _yaml(config.prometheus_config(plan, segment, rules_path))

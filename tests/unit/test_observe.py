@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 from pathlib import Path
@@ -110,3 +111,27 @@ def test_status_without_prometheus_exits_5(capsys: pytest.CaptureFixture[str]) -
         code = main(["status", "--stack", "lab", "--prometheus", f"http://127.0.0.1:{port}"])
     err = capsys.readouterr().err
     assert code == 5 and "cannot reach Prometheus" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("stack", ["lab", "example-prod", "example-airgap"])
+def test_dashboard_is_grafana_schema_shaped_and_follows_the_objectives(stack: str) -> None:
+    """Grafana's SDK (generated from its published schema) reads the dashboard back to the same document;
+    every service has its four figures with the stack's objective as the red threshold."""
+    from grafana_foundation_sdk.cog.encoder import JSONEncoder
+    from grafana_foundation_sdk.models.dashboard import Dashboard
+
+    from infra.observe.dashboards import site_dashboard
+
+    site = load_site(stack)
+    d = site_dashboard(site)
+    assert json.loads(json.dumps(Dashboard.from_json(d), cls=JSONEncoder, sort_keys=True)) == d
+    for svc in site.services:
+        slo = config.slo_of(site, svc)
+        panels = {
+            p["title"]: p
+            for p in d["panels"]
+            if any(f'service="{svc.name}"' in t.get("expr", "") for t in p.get("targets") or [])
+        }
+        steps = panels["TTFT p99"]["fieldConfig"]["defaults"]["thresholds"]["steps"]
+        assert steps[-1] == {"color": "red", "value": slo.ttft_p99_ms}
+        assert {"TTFT p99", "inter-token latency p99", "generated tokens/s", "error ratio"} <= panels.keys()
