@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, GetCoreSchemaHandler, GetJsonSchemaHandler, model_validator
 from pydantic.json_schema import JsonSchemaValue
-from pydantic_core import CoreSchema, core_schema
+from pydantic_core import CoreSchema, PydanticCustomError, core_schema
 
 # ---------------------------------------------------------------------------------------------------------
 # Grammars. Every string of a stack file is hostile (issue 16): it may end up in an Ansible inventory, a
@@ -158,6 +158,11 @@ def _show(value: str, limit: int = 80) -> str:
     return repr(text)
 
 
+def _invalid(message: str, fix: str) -> PydanticCustomError:
+    """A grammar violation: `message` says what is wrong, `fix` how to write it (parse_site shows both)."""
+    return PydanticCustomError("grammar", "{message}", {"message": message, "fix": fix})
+
+
 def _printable(value: str) -> str:
     """The base rule of every string: bounded, and only printable characters.
 
@@ -166,12 +171,12 @@ def _printable(value: str) -> str:
     private-use code points and every space but ' '.
     """
     if len(value) > MAX_TEXT:
-        raise ValueError(f"is {len(value)} characters long; shorten it to at most {MAX_TEXT}")
+        raise _invalid(f"is {len(value)} characters long", f"shorten it to at most {MAX_TEXT} characters")
     for i, ch in enumerate(value):
         if not ch.isprintable():
-            raise ValueError(
-                f"{_show(value)} contains the control or invisible character U+{ord(ch):04X} at position {i}; "
-                "remove it (only printable characters are allowed, no newlines, tabs or bidi controls)"
+            raise _invalid(
+                f"{_show(value)} contains the control or invisible character U+{ord(ch):04X} at position {i}",
+                "remove it: only printable characters are allowed (no newlines, tabs, NULs or bidi controls)",
             )
     return value
 
@@ -202,7 +207,7 @@ def _grammar(pattern: re.Pattern[str], what: str, fix: str) -> _Check:
 
     def check(value: str) -> str:
         if not pattern.fullmatch(value):
-            raise ValueError(f"{_show(value)} is not {what}; {fix}")
+            raise _invalid(f"{_show(value)} is not {what}", fix)
         return value
 
     return _Check(check, pattern)
@@ -229,37 +234,36 @@ def _port_problem(port: str | None) -> str | None:
     return None
 
 
-def _url_problem(value: str) -> str | None:
-    """Why `value` is not a strict `http(s)://host[:port][/path]` URL (None when it is one)."""
-    if len(value) > 2048:
-        return f"is {len(value)} characters long; URLs are at most 2048"
-    scheme, sep, rest = value.partition("://")
-    if not sep or scheme not in ("http", "https"):
-        return f"{_show(value)} is not an http:// or https:// URL"
-    authority = rest.split("/", 1)[0]
-    if "@" in authority:
-        return f"{_show(value)} has a user name or password before the host; put credentials in a secret, not a URL"
-    if "?" in value or "#" in value:
-        return f"{_show(value)} has a query or fragment; give the plain path of the file or repository"
-    m = HTTP_URL.fullmatch(value)
-    if not m:
-        return (
-            f"{_show(value)} is not a plain URL; use http(s)://host[:port]/path with path segments of letters, "
-            "digits and '._~+-' only (no spaces, quotes, '%', '{', '$' or other characters)"
-        )
-    if problem := _host_problem(m["host"]) or _port_problem(m["port"]):
-        return f"{_show(value)}: {problem}"
-    segments = m["path"].split("/")[1:]
-    if any(s in (".", "..") for s in segments):
-        return f"{_show(value)} has a '.' or '..' path segment; write the normalised path"
-    if "" in segments[:-1]:
-        return f"{_show(value)} has an empty path segment ('//'); write the normalised path"
-    return None
+_URL_FIX = (
+    "write http(s)://host[:port]/path: a DNS name or IPv4 address, path segments of letters, digits and "
+    "'._~+-' only (no user name, query, '%', spaces, quotes, '{' or '$')"
+)
 
 
 def _http_url(value: str) -> str:
-    if problem := _url_problem(value):
-        raise ValueError(problem)
+    """A strict `http(s)://host[:port][/path]` URL; the message names the part that is wrong."""
+    if len(value) > 2048:
+        raise _invalid(f"is {len(value)} characters long", "URLs are at most 2048 characters")
+    scheme, sep, rest = value.partition("://")
+    if not sep or scheme not in ("http", "https"):
+        raise _invalid(f"{_show(value)} is not an http:// or https:// URL", _URL_FIX)
+    if "@" in rest.split("/", 1)[0]:
+        raise _invalid(
+            f"{_show(value)} has a user name or password before the host",
+            "remove it: credentials belong in a secret, never in a URL",
+        )
+    if "?" in value or "#" in value:
+        raise _invalid(f"{_show(value)} has a query or fragment", "give the plain path of the file or repository")
+    m = HTTP_URL.fullmatch(value)
+    if not m:
+        raise _invalid(f"{_show(value)} is not a plain URL", _URL_FIX)
+    if problem := _host_problem(m["host"]) or _port_problem(m["port"]):
+        raise _invalid(f"{_show(value)}: {problem}", _URL_FIX)
+    segments = m["path"].split("/")[1:]
+    if any(s in (".", "..") for s in segments):
+        raise _invalid(f"{_show(value)} has a '.' or '..' path segment", "write the normalised path")
+    if "" in segments[:-1]:
+        raise _invalid(f"{_show(value)} has an empty path segment ('//')", "write the normalised path")
     return value
 
 
@@ -271,26 +275,27 @@ def _model_source(value: str) -> str:
             or not all(HF_REPO_PART.fullmatch(p) for p in parts)
             or any(".." in p or "--" in p for p in parts)
         ):
-            raise ValueError(
-                f"{_show(value)} is not a Hugging Face repository; write hf://<org>/<name> with letters, digits, "
-                "'-', '_' and '.' in each part (the revision goes in `revision`, not here)"
+            raise _invalid(
+                f"{_show(value)} is not a Hugging Face repository",
+                "write hf://<org>/<name> with letters, digits, '-', '_' and '.' in each part "
+                "(the revision goes in `revision`, not here)",
             )
         return value
     if value.startswith(("http://", "https://")):
         return _http_url(value)
-    raise ValueError(
-        f"{_show(value)} is not a model source; use http(s)://host[:port]/path (file store or mirror) or "
-        "hf://<org>/<name> (other schemes such as file:// are not allowed)"
+    raise _invalid(
+        f"{_show(value)} is not a model source",
+        "use http(s)://host[:port]/path (file store or mirror) or hf://<org>/<name>; "
+        "other schemes such as file:// are not allowed",
     )
 
 
 def _wheel(value: str) -> str:
     _http_url(value)
-    name = value.rsplit("/", 1)[-1]
-    if not WHEEL_FILE.fullmatch(name):
-        raise ValueError(
-            f"{_show(value)} does not end in a wheel file name; point at a "
-            "'<name>-<version>-<python>-<abi>-<platform>.whl' file (PEP 427)"
+    if not WHEEL_FILE.fullmatch(value.rsplit("/", 1)[-1]):
+        raise _invalid(
+            f"{_show(value)} does not end in a wheel file name",
+            "point at a '<name>-<version>-<python>-<abi>-<platform>.whl' file (PEP 427)",
         )
     return value
 
@@ -299,93 +304,102 @@ def _image(value: str) -> str:
     m = OCI_REFERENCE.fullmatch(value)
     if not m:
         if not re.search(r"@sha256:[0-9a-f]{64}\Z", value):
-            raise ValueError(
-                f"image {_show(value)} has no digest; pin it as 'registry/repo[:tag]@sha256:<64 hex>' "
-                "(tags move, digests do not)"
+            raise _invalid(
+                f"image {_show(value)} has no digest",
+                "pin it as 'registry/repo[:tag]@sha256:<64 hex>' (tags move, digests do not)",
             )
-        raise ValueError(
-            f"image {_show(value)} is not an OCI image reference; write registry[:port]/path[:tag]@sha256:<64 hex> "
-            "with an explicit registry (e.g. docker.io/vllm/vllm-openai@sha256:…), lower-case path components "
-            "and no spaces or options"
+        raise _invalid(
+            f"image {_show(value)} is not an OCI image reference",
+            "write registry[:port]/path[:tag]@sha256:<64 hex> with an explicit registry "
+            "(e.g. docker.io/vllm/vllm-openai@sha256:…), lower-case path components, no spaces or options",
         )
     if len(m["domain"]) + 1 + len(m["path"]) > OCI_NAME_MAX:
-        raise ValueError(f"image {_show(value)} has a name longer than {OCI_NAME_MAX} characters; shorten it")
+        raise _invalid(f"image {_show(value)} has a name longer than {OCI_NAME_MAX} characters", "shorten it")
     domain = m["domain"]
     if "." not in domain and ":" not in domain and domain != "localhost":
-        raise ValueError(
-            f"image {_show(value)} does not name its registry; write it in full, e.g. docker.io/{value} "
-            "(short names resolve differently per container runtime)"
+        raise _invalid(
+            f"image {_show(value)} does not name its registry",
+            f"write it in full, e.g. docker.io/{value} (short names resolve differently per container runtime)",
         )
     return value
 
 
 def _abs_path(value: str) -> str:
     if not ABS_PATH.fullmatch(value) or any(c in (".", "..") for c in value.split("/")[1:]):
-        raise ValueError(
-            f"{_show(value)} is not an absolute, normalised path; write it as /dir/file with letters, digits "
-            "and '._+@-' in each component (no '.', '..', '//', trailing '/', spaces or quotes)"
+        raise _invalid(
+            f"{_show(value)} is not an absolute, normalised path",
+            "write it as /dir/file with letters, digits and '._+@-' in each component "
+            "(no '.', '..', '//', trailing '/', spaces or quotes)",
         )
     return value
 
 
 def _ntp_server(value: str) -> str:
     if problem := _host_problem(value):
-        raise ValueError(f"{problem}; give the NTP server as a DNS name or an IPv4 address")
+        raise _invalid(problem, "give the NTP server as a DNS name or an IPv4 address")
     return value
+
+
+_BMC_FIX = "write https://host[:port] (Redfish) or ipmi://host[:port] and nothing else: no user, password, path"
 
 
 def _bmc_endpoint(value: str) -> str:
     m = BMC_ENDPOINT.fullmatch(value)
     if not m:
-        raise ValueError(
-            f"{_show(value)} is not a BMC endpoint; write https://host[:port] (Redfish) or ipmi://host[:port] "
-            "with nothing else: no user name, password, path or query"
-        )
+        raise _invalid(f"{_show(value)} is not a BMC endpoint", _BMC_FIX)
     if problem := _host_problem(m["host"]) or _port_problem(m["port"]):
-        raise ValueError(f"{_show(value)}: {problem}")
+        raise _invalid(f"{_show(value)}: {problem}", _BMC_FIX)
     return value
+
+
+def _ssh_fields(blob: bytes) -> list[bytes] | None:
+    """The SSH wire strings (uint32 length + bytes, RFC 4251 §5) of a key blob; None if it is not exactly that."""
+    fields: list[bytes] = []
+    while blob:
+        if len(blob) < 4 or len(fields) >= 8:
+            return None
+        (size,) = struct.unpack(">I", blob[:4])
+        if size > len(blob) - 4:
+            return None
+        fields.append(blob[4 : 4 + size])
+        blob = blob[4 + size :]
+    return fields
 
 
 def _ssh_public_key(value: str) -> str:
     m = SSH_KEY.fullmatch(value)
     if not m or m["type"] not in SSH_KEY_FIELDS:
-        raise ValueError(
-            f"{_show(value)} is not an OpenSSH public key line; write '<type> <base64> [comment]' as in a "
-            f".pub file, with type one of {', '.join(SSH_KEY_FIELDS)} and no options (command=, from=) before it"
+        raise _invalid(
+            f"{_show(value)} is not an OpenSSH public key line",
+            f"write '<type> <base64> [comment]' as in a .pub file, with type one of {', '.join(SSH_KEY_FIELDS)} "
+            "and no options (command=, from=) before it",
         )
     if m["comment"] is not None and not SSH_KEY_COMMENT.fullmatch(m["comment"]):
-        raise ValueError(
-            f"the comment of key {_show(value, 40)} may only hold words of letters, digits and '._@+:=-' "
-            "separated by single spaces; shorten it (e.g. 'ops@example')"
+        raise _invalid(
+            f"the comment of key {_show(value, 40)} has characters other than letters, digits, '._@+:=-' "
+            "and single spaces",
+            "shorten the comment (e.g. 'ops@example')",
         )
     try:
-        blob = base64.b64decode(m["blob"], validate=True)
+        fields = _ssh_fields(base64.b64decode(m["blob"], validate=True))
     except binascii.Error:
-        raise ValueError(f"the key data of {_show(value, 40)} is not valid base64; copy the key line again") from None
-    fields: list[bytes] = []
-    while blob and len(fields) < 8:
-        if len(blob) < 4:
-            break
-        (size,) = struct.unpack(">I", blob[:4])
-        if size > len(blob) - 4:
-            break
-        fields.append(blob[4 : 4 + size])
-        blob = blob[4 + size :]
-    if blob or not fields or fields[0] != m["type"].encode() or len(fields) != SSH_KEY_FIELDS[m["type"]]:
-        raise ValueError(
-            f"the key data of {_show(value, 40)} is not a {m['type']} public key (it does not decode to one); "
-            "copy the key line again from the .pub file"
+        raise _invalid(f"the key data of {_show(value, 40)} is not valid base64", "copy the key line again") from None
+    if not fields or fields[0] != m["type"].encode() or len(fields) != SSH_KEY_FIELDS[m["type"]]:
+        raise _invalid(
+            f"the key data of {_show(value, 40)} does not decode to a {m['type']} public key",
+            "copy the key line again from the .pub file",
         )
     if m["type"] == "ssh-ed25519" and len(fields[1]) != 32:
-        raise ValueError(f"the ed25519 key of {_show(value, 40)} is not 32 bytes long; copy the key line again")
+        raise _invalid(f"the ed25519 key of {_show(value, 40)} is not 32 bytes long", "copy the key line again")
     return value
 
 
 def _exact_version(value: str) -> str:
     if len(value) > 128 or not EXACT_VERSION.fullmatch(value):
-        raise ValueError(
-            f"{_show(value)} is not an exact version; pin it (for example '570.133.20' or '1.17.8-1'), "
-            "ranges, branches and 'latest' make rebuilds non-reproducible"
+        raise _invalid(
+            f"{_show(value)} is not an exact version",
+            "pin it (for example '570.133.20' or '1.17.8-1'): ranges, branches and 'latest' make rebuilds "
+            "non-reproducible",
         )
     return value
 
@@ -393,7 +407,7 @@ def _exact_version(value: str) -> str:
 def _mac(value: str) -> str:
     lowered = value.lower()
     if not MAC.fullmatch(lowered):
-        raise ValueError(f"{_show(value)} is not a MAC address; write it as 'aa:bb:cc:dd:ee:ff'")
+        raise _invalid(f"{_show(value)} is not a MAC address", "write it as 'aa:bb:cc:dd:ee:ff'")
     return lowered
 
 
