@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import itertools
 import json
 import re
 import subprocess
@@ -47,7 +48,7 @@ def set_path(root: dict[str, Any], path: str, value: Any) -> None:
     """Put `value` at `path`; an index equal to the list's length appends, a missing list or mapping is created."""
     steps = _steps(path)
     cur: Any = root
-    for step, nxt in zip(steps, steps[1:], strict=False):
+    for step, nxt in itertools.pairwise(steps):
         if isinstance(step, int):
             if step == len(cur):
                 cur.append([] if isinstance(nxt, int) else {})
@@ -116,10 +117,7 @@ def test_validate_rejects_hostile_value(tmp_path: Path, entry: dict[str, str]) -
 
 @pytest.mark.parametrize(
     "index",
-    [
-        next(i for i, e in enumerate(CORPUS) if e["attack"] == kind)
-        for kind in ("jinja", "newline", "option")
-    ],
+    [next(i for i, e in enumerate(CORPUS) if e["attack"] == kind) for kind in ("jinja", "newline", "option")],
 )
 def test_validate_subprocess_exit_2_without_traceback(tmp_path: Path, index: int) -> None:
     """The installed `gpufleet` command: exit 2, a one-line problem naming the path, no traceback."""
