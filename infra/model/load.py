@@ -171,7 +171,10 @@ def parse_stack_text(text: str, source: str) -> Any:
         SiteError: the text is not such a document, with every problem found.
 
     """
-    loader = _StackLoader(text)
+    try:
+        loader = _StackLoader(text)  # the reader checks the whole text for forbidden characters here
+    except yaml.YAMLError as exc:
+        raise _yaml_error(source, text, exc) from None
     try:
         node = loader.get_single_node()
         if node is None:
@@ -182,15 +185,25 @@ def parse_stack_text(text: str, source: str) -> Any:
         return loader.construct_document(node)
     except _Refused as exc:
         raise SiteError(source, [exc.problem]) from None
-    except yaml.MarkedYAMLError as exc:
-        line = f" (line {exc.problem_mark.line + 1})" if exc.problem_mark else ""
-        what = " ".join(str(x) for x in (exc.context, exc.problem) if x)
-        raise SiteError(source, [Problem(f"(file){line}", f"not valid YAML: {what}", "fix the YAML syntax")]) from None
     except yaml.YAMLError as exc:
-        message = " ".join(str(exc).split())
-        raise SiteError(source, [Problem("(file)", f"not valid YAML: {message}", "fix the YAML syntax")]) from None
+        raise _yaml_error(source, text, exc) from None
     finally:
         loader.dispose()
+
+
+def _yaml_error(source: str, text: str, exc: yaml.YAMLError) -> SiteError:
+    """A PyYAML error as one problem on one line, with the line number in the path."""
+    if isinstance(exc, yaml.MarkedYAMLError):
+        where = f"(file) (line {exc.problem_mark.line + 1})" if exc.problem_mark else "(file)"
+        what = " ".join(str(x) for x in (exc.context, exc.problem) if x)
+    elif isinstance(exc, yaml.reader.ReaderError):
+        where = f"(file) (line {text.count(chr(10), 0, exc.position) + 1})"
+        char = exc.character
+        what = f"character U+{char:04X} is not allowed in YAML" if isinstance(char, int) else exc.reason
+    else:
+        where, what = "(file)", str(exc)
+    message = " ".join(f"not valid YAML: {what}".split())
+    return SiteError(source, [Problem(where, message, "fix the YAML syntax (write control characters as escapes)")])
 
 
 def read_stack_text(path: Path) -> str:
@@ -236,6 +249,8 @@ def read_stack_text(path: Path) -> str:
             source,
             [Problem("(file)", f"is larger than {MAX_STACK_BYTES} bytes", "check that this is the stack file")],
         )
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise SiteError(source, [Problem("(file)", "is UTF-16 or UTF-32 text, not UTF-8", "save the file as UTF-8")])
     if b"\x00" in data:
         raise SiteError(
             source, [Problem("(file)", "contains NUL bytes: a binary file", "give the path of a YAML stack file")]
