@@ -16,7 +16,15 @@ from enum import StrEnum
 from ipaddress import IPv4Address, IPv4Network
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, GetCoreSchemaHandler, GetJsonSchemaHandler, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    GetCoreSchemaHandler,
+    GetJsonSchemaHandler,
+    model_validator,
+)
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, PydanticCustomError, core_schema
 
@@ -411,6 +419,22 @@ def _mac(value: str) -> str:
     return lowered
 
 
+_KIND = {bool: "a boolean", int: "a number", float: "a number", list: "a list", dict: "a mapping"}
+
+
+def _address_text(value: object) -> object:
+    """Require addresses and networks as text.
+
+    pydantic would also take an integer, so YAML's `true` or `10` would silently become 0.0.0.1 or 0.0.0.10.
+    """
+    if not isinstance(value, str | IPv4Address | IPv4Network):
+        raise _invalid(
+            f"{value!r} is {_KIND.get(type(value), 'not text')}, not an address",
+            "write it in dotted form, e.g. '10.0.0.11' or '10.0.0.0/24'",
+        )
+    return value
+
+
 _BASE = _Check(_printable, max_length=MAX_TEXT)
 
 Text = Annotated[str, _BASE]
@@ -512,6 +536,8 @@ DriverBranch = Annotated[
 SshPublicKey = Annotated[str, _BASE, _Check(_ssh_public_key, SSH_KEY)]
 ExactVersion = Annotated[str, _BASE, _Check(_exact_version, EXACT_VERSION)]
 MacAddress = Annotated[str, _BASE, _Check(_mac)]
+Ipv4Addr = Annotated[IPv4Address, BeforeValidator(_address_text)]
+Ipv4Net = Annotated[IPv4Network, BeforeValidator(_address_text)]
 
 
 class _Model(BaseModel):
@@ -714,7 +740,7 @@ class Mirror(_Model):
     """Mirror name (also its hostname)."""
     segment: Name
     """Segment the mirror sits on."""
-    address: IPv4Address
+    address: Ipv4Addr
     """Mirror address inside its segment."""
     http_port: int = Field(default=80, ge=1, le=65535)
     """Port of the apt repository and the file/model store."""
@@ -744,15 +770,15 @@ class Segment(_Model):
 
     name: Name
     """Segment name."""
-    cidr: IPv4Network
+    cidr: Ipv4Net
     """Segment network, e.g. `10.20.0.0/24`."""
     vlan: int | None = Field(default=None, ge=1, le=4094)
     """802.1Q VLAN id; unset for an untagged segment."""
-    gateway: IPv4Address | None = None
+    gateway: Ipv4Addr | None = None
     """Default gateway; air-gapped segments usually have none."""
     mtu: int = Field(default=1500, ge=1280, le=9216)
     """Interface MTU on this segment."""
-    dns: list[IPv4Address] = []
+    dns: list[Ipv4Addr] = []
     """DNS resolvers."""
     ntp: list[NtpServer] = []
     """NTP servers (addresses or names reachable from the segment)."""
@@ -762,9 +788,9 @@ class Segment(_Model):
     """Name of the mirror this segment installs from (required when air-gapped)."""
     sources: list[AptSource] = []
     """Upstream apt sources for connected segments without a mirror."""
-    egress_allow: list[IPv4Network] = []
+    egress_allow: list[Ipv4Net] = []
     """Destinations nodes may reach outside their segment; air-gapped: only the mirror."""
-    egress_probe: IPv4Address | None = None
+    egress_probe: Ipv4Addr | None = None
     """An address outside the segment that the air-gap firewall check must find unreachable."""
 
 
@@ -812,7 +838,7 @@ class Node(_Model):
     """Node hostname (unique in the site)."""
     segment: Name
     """Segment the node's management address is on."""
-    address: IPv4Address
+    address: Ipv4Addr
     """Management address (inside the segment's CIDR)."""
     macs: list[MacAddress] = Field(min_length=1)
     """MAC addresses of the node's interfaces; the first is the management/PXE interface."""

@@ -374,3 +374,13 @@ def test_number_where_text_belongs_suggests_quoting() -> None:
         parse_site(raw)
     (problem,) = info.value.problems
     assert problem.path == "services[0].model.revision" and "quote" in problem.fix
+
+
+@pytest.mark.parametrize(("field", "value"), [("cidr", True), ("cidr", 167772160), ("gateway", 10), ("dns", [1])])
+def test_addresses_must_be_written_as_text(field: str, value: Any) -> None:
+    """YAML `true` or `10` are not addresses (pydantic alone would turn them into 0.0.0.1 / 0.0.0.10)."""
+    raw = make_site()
+    raw["segments"][0][field] = value
+    with pytest.raises(SiteError) as info:
+        parse_site(raw)
+    assert any(p.path.startswith(f"segments[0].{field}") and "dotted form" in p.fix for p in info.value.problems)
