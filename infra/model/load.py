@@ -53,6 +53,7 @@ MAX_DEPTH = 32
 """Deepest nesting of mappings and sequences. The site model is 8 levels deep; the composer recurses."""
 
 _MERGE_TAG = "tag:yaml.org,2002:merge"
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_.:-]+")
 
 
 class _Refused(Exception):
@@ -112,7 +113,10 @@ def _key_text(key: object) -> str:
 
 
 def _join(path: str, key: object) -> str:
-    return f"{path}.{_key_text(key)}" if path else _key_text(key)
+    """`path.key`, or `path["…"]` JSON-quoted for a key that is not a plain name (no raw control characters)."""
+    if isinstance(key, str) and _PLAIN_KEY.fullmatch(key):
+        return f"{path}.{key}" if path else key
+    return f"{path}[{json.dumps(_key_text(key))}]"
 
 
 def _check_tree(loader: _StackLoader, node: yaml.Node, path: str) -> Iterator[Problem]:
@@ -292,9 +296,6 @@ def read_stack_config(path: Path) -> dict[str, Any]:
             [Problem("config", f"is {_describe(config)}, not a mapping", "write config: as a YAML mapping of keys")],
         )
     return config
-
-
-_PLAIN_KEY = re.compile(r"[A-Za-z0-9_.:-]+")
 
 
 def _loc_to_path(loc: tuple[int | str, ...]) -> str:

@@ -447,16 +447,13 @@ Hostname = Annotated[
     _BASE,
     _grammar(NAME, "a valid hostname", "use lower-case letters, digits and inner '-', at most 63 characters"),
 ]
-PathComponent = Annotated[
-    str,
-    _BASE,
-    _grammar(
-        PATH_COMPONENT,
-        "a valid name",
-        "start with a letter or digit, then letters, digits, '.', '_' or '-' only (no '/', spaces or '..'), "
-        "at most 128 characters",
-    ),
-]
+_COMPONENT_FIX = (
+    "start with a letter or digit, then letters, digits, '.', '_' or '-' only (no '/', spaces or '..'), "
+    "at most 128 characters"
+)
+ModelName = Annotated[str, _BASE, _grammar(PATH_COMPONENT, "a valid model name", _COMPONENT_FIX)]
+GpuModelName = Annotated[str, _BASE, _grammar(PATH_COMPONENT, "a valid GPU model name", _COMPONENT_FIX)]
+CatalogueKey = Annotated[str, _BASE, _grammar(PATH_COMPONENT, "a valid catalogue name", _COMPONENT_FIX)]
 Revision = Annotated[
     str,
     _BASE,
@@ -622,9 +619,9 @@ class SecretRef(_Model):
     @model_validator(mode="after")
     def _exactly_one(self) -> SecretRef:
         if sum(x is not None for x in (self.config, self.env, self.file)) != 1:
-            raise ValueError(
-                "a secret reference names exactly one of `config`, `env` or `file`; "
-                "put the secret itself in Pulumi config (`pulumi config set --secret KEY`) and refer to it"
+            raise _invalid(
+                "a secret reference names exactly one of `config`, `env` or `file`",
+                "put the secret itself in Pulumi config (`pulumi config set --secret KEY`) and refer to it",
             )
         return self
 
@@ -764,6 +761,16 @@ class AptSource(_Model):
     keyring: AbsPath
     """Controller path of the repository's signing keyring; installed as the source's `signed-by`."""
 
+    @model_validator(mode="after")
+    def _flat_has_no_components(self) -> AptSource:
+        # sources.list(5): "If suite is an exact path, components must be omitted".
+        if self.suite.endswith("/") and self.components:
+            raise _invalid(
+                f"suite {self.suite!r} is an exact path (a flat repository), which takes no components",
+                "remove `components`, or give a suite name such as 'bookworm'",
+            )
+        return self
+
 
 class Segment(_Model):
     """An L2/L3 network segment of the site."""
@@ -823,7 +830,7 @@ class Bmc(_Model):
 class GpuSpec(_Model):
     """The GPUs a node has."""
 
-    model: PathComponent
+    model: GpuModelName
     """GPU model from the catalogue (A100-40, A100-80, H100, H200, B200, L40S, L4, A10 …)."""
     count: int = Field(ge=0, le=16)
     """Number of GPUs."""
@@ -861,7 +868,7 @@ class Node(_Model):
 class ModelSpec(_Model):
     """A served model. Architecture fields default from the catalogue entry of `name`."""
 
-    name: PathComponent
+    name: ModelName
     """Model name; a catalogue name fills in the architecture."""
     revision: Revision
     """Exact revision (commit hash or immutable tag) of the weights."""
@@ -917,9 +924,9 @@ class InferenceService(_Model):
 class Catalogue(_Model):
     """Stack-local additions to the GPU and model catalogue."""
 
-    gpus: dict[PathComponent, GpuCatalogueEntry] = {}
+    gpus: dict[CatalogueKey, GpuCatalogueEntry] = {}
     """Extra GPU models by name."""
-    models: dict[PathComponent, ModelArch] = {}
+    models: dict[CatalogueKey, ModelArch] = {}
     """Extra model architectures by name."""
 
 

@@ -216,3 +216,11 @@ def test_parsed_values_are_plain_data(tmp_path: Path) -> None:
     """The loader returns the same data as yaml.safe_load for a plain file (nothing added or lost)."""
     data: Any = read_stack_config(ROOT / "stacks/Pulumi.example-prod.yaml")
     assert data == yaml.safe_load((ROOT / "stacks/Pulumi.example-prod.yaml").read_text())["config"]
+
+
+def test_duplicate_odd_key_is_quoted_in_path(tmp_path: Path) -> None:
+    """A duplicated key holding a newline is named JSON-quoted: the message stays on one line."""
+    with pytest.raises(SiteError) as info:
+        read_stack_config(write(tmp_path, 'config:\n  "a\\nb": 1\n  "a\\nb": 2\n'))
+    (problem,) = info.value.problems
+    assert problem.path == 'config["a\\nb"]' and "\n" not in problem.path + problem.message

@@ -50,8 +50,8 @@ GRAMMARS: dict[str, tuple[Any, list[str], list[str]]] = {
         ["", "Lab", "-lab", "lab-", "lab_1", "a" * 64, "lab\n", "ｌａｂ", "lab.x", "lab 1"],
     ),
     "Hostname": (m.Hostname, ["lab-gpu01", "hgx-01", "mirror01"], ["gpu01\n", "gpu01.", "-gpu", "GPU01", "gpu_01"]),
-    "PathComponent": (
-        m.PathComponent,
+    "ModelName": (
+        m.ModelName,
         ["llama-3.1-70b", "gpufleet-tiny-lab", "Llama-3.1-70B-Instruct", "A100-80", "L40S", "qwen2.5-7b"],
         ["", ".", "..", ".hidden", "-x", "a/b", "../../etc", "a b", "{{x}}", "a" * 129, "x\u202e"],
     ),
@@ -384,3 +384,25 @@ def test_addresses_must_be_written_as_text(field: str, value: Any) -> None:
     with pytest.raises(SiteError) as info:
         parse_site(raw)
     assert any(p.path.startswith(f"segments[0].{field}") and "dotted form" in p.fix for p in info.value.problems)
+
+
+def test_flat_apt_repository_takes_no_components() -> None:
+    """sources.list(5): a suite that is an exact path ('/') takes no components."""
+    raw = make_site()
+    raw["segments"][0]["sources"] = [
+        {"name": "cuda", "url": "https://x.example/r", "suite": "/", "components": ["main"], "keyring": "/k.gpg"}
+    ]
+    with pytest.raises(SiteError) as info:
+        parse_site(raw)
+    (problem,) = info.value.problems
+    assert problem.path == "segments[0].sources[0]" and "remove `components`" in problem.fix
+
+
+def test_secret_reference_names_exactly_one_source() -> None:
+    """Two sources for one secret is a problem with its own fix (not 'see the message')."""
+    raw = make_site()
+    raw["nodes"][0]["bmc"]["password"] = {"env": "BMC_PW", "file": "/etc/gpufleet/bmc"}
+    with pytest.raises(SiteError) as info:
+        parse_site(raw)
+    (problem,) = info.value.problems
+    assert problem.path == "nodes[0].bmc.password" and "pulumi config set --secret" in problem.fix
