@@ -6,54 +6,535 @@ Field-level rules live on the fields; rules that need more than one field live i
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
 from enum import StrEnum
 from ipaddress import IPv4Address, IPv4Network
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    GetCoreSchemaHandler,
+    GetJsonSchemaHandler,
+    model_validator,
+)
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema, PydanticCustomError, core_schema
+
+# ---------------------------------------------------------------------------------------------------------
+# Grammars. Every string of a stack file is hostile (issue 16): it may end up in an Ansible inventory, a
+# systemd unit, an argv, a file path or a review comment. So every string field has the strictest grammar
+# its meaning allows, checked here once; the renderers encode on top of that (defence in depth).
+#
+# All patterns are ASCII-only and used with `fullmatch` (Python's `$` also matches before a trailing "\n",
+# and `\d`/`\w` match any Unicode digit/letter, so neither is used). Each grammar is a named constant with
+# the reason for it; the Annotated types below combine them with the base rule.
+# ---------------------------------------------------------------------------------------------------------
+
+MAX_TEXT = 4096
+"""Longest string anywhere in the model (PATH_MAX); each grammar has its own, tighter bound."""
+
+NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+"""RFC 1123 label: site, segment, service, profile, mirror and apt source names, hostnames. These become
+hostnames, systemd unit names and file names, so nothing but lower-case letters, digits and inner '-'."""
+
+PATH_COMPONENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+"""One file name: model names, revisions, catalogue keys, Redfish system ids. Starts alphanumeric, so it is
+never '.', '..', a hidden file or an option ('-…'); no '/' so it cannot leave the directory it is joined to."""
+
+REDFISH_ID = re.compile(r"(?!\.{1,2}$)[A-Za-z0-9._-]{1,128}")
+"""Redfish system Id/Name/UUID: a URI segment (`/redfish/v1/Systems/<id>`), so never '.' or '..' or a '/'."""
+
+HOST = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
+"""DNS name (RFC 1123 labels) or dotted IPv4 address; an all-numeric name must be a valid IPv4 address.
+IPv6 literals are not accepted: the site model is IPv4-only (every address field is IPv4)."""
+
+URL_PATH_SEGMENT = re.compile(r"[A-Za-z0-9._~+-]+")
+"""One segment of a URL path: RFC 3986 unreserved characters and '+' (wheel local versions). No '%': percent
+encoding only hides from a reviewer what the server will see ('%2e%2e' is '..', '%0a' a newline)."""
+
+HTTP_URL = re.compile(
+    r"(?P<scheme>https?)://(?P<host>[A-Za-z0-9.-]{1,253})(?::(?P<port>[0-9]{1,5}))?(?P<path>(?:/[A-Za-z0-9._~+-]+)*/?)"
+)
+"""`http(s)://host[:port][/path]`: no user info (credentials belong in a SecretRef, and `a@b` hides the real
+host from a reader), no query or fragment (artifacts are addressed by path alone), no '.'/'..' segments and
+no empty segments (checked after matching)."""
+
+HF_REPO_PART = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?")
+"""One half of a Hugging Face repo id (`org/name`): the rules of `huggingface_hub.utils.validate_repo_id`
+(alphanumerics, '-', '_', '.'; not starting or ending with '-'/'.'; at most 96; no '--' or '..')."""
+
+BMC_ENDPOINT = re.compile(r"(?P<scheme>https?|ipmi)://(?P<host>[A-Za-z0-9.-]{1,253})(?::(?P<port>[0-9]{1,5}))?")
+"""`https://host[:port]` (Redfish) or `ipmi://host[:port]`: scheme, host and port only."""
+
+# OCI image reference, after github.com/distribution/reference `reference.go` (v0.6.0) grammar:
+#   reference      := name [ ":" tag ] [ "@" digest ]
+#   name           := [domain '/'] path-component ['/' path-component]*
+#   domain         := domain-component ['.' domain-component]* [':' port-number]
+#   domain-component := /([a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])/
+#   path-component := alpha-numeric [separator alpha-numeric]*
+#   alpha-numeric  := /[a-z0-9]+/
+#   separator      := /[_.]|__|[-]+/
+#   tag            := /[\w][\w.-]{0,127}/        (Go's \w is ASCII [A-Za-z0-9_])
+# Stricter than upstream, on purpose: the domain is required (a short name like `vllm/x` resolves per
+# runtime: podman searches registries.conf, docker assumes docker.io), the digest is required and is
+# sha256 (tags move, digests do not), IPv6 domains are not accepted (IPv4-only model).
+_OCI_DOMAIN_COMPONENT = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+_OCI_PATH_COMPONENT = r"[a-z0-9]+(?:(?:[_.]|__|-+)[a-z0-9]+)*"
+OCI_REFERENCE = re.compile(
+    rf"(?P<domain>{_OCI_DOMAIN_COMPONENT}(?:\.{_OCI_DOMAIN_COMPONENT})*(?::[0-9]{{1,5}})?)"
+    rf"/(?P<path>{_OCI_PATH_COMPONENT}(?:/{_OCI_PATH_COMPONENT})*)"
+    r"(?::(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}))?"
+    r"@sha256:(?P<digest>[0-9a-f]{64})"
+)
+OCI_NAME_MAX = 255
+"""distribution/reference `NameTotalLengthMax`: the name (domain and path) is at most 255 characters."""
+
+WHEEL_FILE = re.compile(
+    r"(?P<dist>[A-Za-z0-9](?:[A-Za-z0-9._]*[A-Za-z0-9])?)-(?P<version>[A-Za-z0-9_.+]+)"
+    r"(?:-(?P<build>[0-9][A-Za-z0-9_.]*))?-(?P<python>[A-Za-z0-9_.]+)-(?P<abi>[A-Za-z0-9_.]+)"
+    r"-(?P<platform>[A-Za-z0-9_.]+)\.whl"
+)
+"""PEP 427 wheel file name: `{distribution}-{version}(-{build})?-{python}-{abi}-{platform}.whl` (each part
+with '-' escaped to '_', so '-' only separates parts)."""
+
+ABS_PATH = re.compile(r"(?:/[A-Za-z0-9._+@-]{1,255})+")
+"""An absolute, normalised path on the controller or a node: POSIX portable file name characters plus
+'+'/'@'; no whitespace, quotes, '$', '{' or '//'; '.'/'..' components are refused after matching."""
+
+POSIX_USER = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
+"""POSIX portable user name as `useradd` accepts it by default (NAME_REGEX): never starts with '-', so it
+cannot become an ssh option."""
+
+BMC_USER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._@-]{0,63}")
+"""BMC account name: letters, digits, '.', '_', '@', '-' (IPMI allows 16 bytes, Redfish more); not an option."""
+
+NTP_SERVER = HOST
+"""An NTP server is a DNS name or an IPv4 address (it becomes a `server` line of chrony.conf)."""
+
+APT_SUITE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}|/|\./|(?:[A-Za-z0-9][A-Za-z0-9._-]{0,63}/)+")
+"""Debian suite or codename (`bookworm`, `jammy-updates`), or an exact path ending in '/' for a flat
+repository (`/`, `./`, `stable/`), as sources.list(5) describes."""
+
+APT_COMPONENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}(?:/[A-Za-z0-9][A-Za-z0-9._-]{0,63})?")
+"""An apt component (`main`, `non-free-firmware`, `updates/main`)."""
+
+PRODUCT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._()/+-]{0,95}")
+"""A GPU product name as nvidia-smi reports it (`NVIDIA H100 80GB HBM3`)."""
+
+SECRET_CONFIG_KEY = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,127}")
+"""A Pulumi config key in this project's namespace."""
+
+ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]{0,127}")
+"""An environment variable name (POSIX: upper-case letters, digits, '_', not starting with a digit)."""
 
 # Upstream version with optional epoch, Debian/RPM suffixes (`1:4.2.3-1`, `4.3.1+ds1-8+deb12u1+b3`).
-_EXACT_VERSION = re.compile(r"^(\d+:)?\d+(\.\d+)+([~+][0-9A-Za-z.+~]*)?(-[0-9A-Za-z.+~]+)?$")
-_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
-_HOSTNAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-_DIGEST = re.compile(r"@sha256:[0-9a-f]{64}$")
+EXACT_VERSION = re.compile(r"(?:[0-9]+:)?[0-9]+(?:\.[0-9]+)+(?:[~+][0-9A-Za-z.+~]*)?(?:-[0-9A-Za-z.+~]+)?")
+DRIVER_BRANCH = re.compile(r"[0-9]{3}")
+MAC = re.compile(r"[0-9a-f]{2}(?::[0-9a-f]{2}){5}")
+
+SSH_KEY = re.compile(r"(?P<type>[a-z0-9@.-]{1,64}) (?P<blob>[A-Za-z0-9+/]{16,16384}={0,2})(?: (?P<comment>.*))?")
+"""OpenSSH public key line `<type> <base64> [comment]` (sshd(8) AUTHORIZED_KEYS FILE FORMAT) without the
+options prefix: a `command="…"` or `from=` option would change what the key may do."""
+
+SSH_KEY_COMMENT = re.compile(r"[A-Za-z0-9._@+:=-]{1,64}(?: [A-Za-z0-9._@+:=-]{1,64}){0,7}")
+"""Key comment: words of letters, digits and `._@+:=-` separated by single spaces (`ops@example`)."""
+
+SSH_KEY_FIELDS = {
+    # key type → number of SSH wire strings in its public blob (RFC 4253 §6.6, RFC 5656 §3.1, RFC 8709 §4,
+    # OpenSSH PROTOCOL.u2f), the first being the type itself.
+    "ssh-ed25519": 2,
+    "ssh-rsa": 3,
+    "ecdsa-sha2-nistp256": 3,
+    "ecdsa-sha2-nistp384": 3,
+    "ecdsa-sha2-nistp521": 3,
+    "sk-ssh-ed25519@openssh.com": 3,
+    "sk-ecdsa-sha2-nistp256@openssh.com": 4,
+}
+
+
+def _show(value: str, limit: int = 80) -> str:
+    """A value for a message: quoted and escaped (no raw control characters reach a terminal), shortened."""
+    text = value if len(value) <= limit else value[:limit] + "…"
+    return repr(text)
+
+
+def _invalid(message: str, fix: str) -> PydanticCustomError:
+    """A grammar violation: `message` says what is wrong, `fix` how to write it (parse_site shows both)."""
+    return PydanticCustomError("grammar", "{message}", {"message": message, "fix": fix})
+
+
+def _printable(value: str) -> str:
+    """The base rule of every string: bounded, and only printable characters.
+
+    `str.isprintable` is false for C0/C1 controls (newline, tab, NUL, ESC …), Unicode format characters
+    (bidi overrides like U+202E, zero-width spaces, BOM), line/paragraph separators, unassigned and
+    private-use code points and every space but ' '.
+    """
+    if len(value) > MAX_TEXT:
+        raise _invalid(f"is {len(value)} characters long", f"shorten it to at most {MAX_TEXT} characters")
+    for i, ch in enumerate(value):
+        if not ch.isprintable():
+            raise _invalid(
+                f"{_show(value)} contains the control or invisible character U+{ord(ch):04X} at position {i}",
+                "remove it: only printable characters are allowed (no newlines, tabs, NULs or bidi controls)",
+            )
+    return value
+
+
+@dataclass(frozen=True)
+class _Check:
+    """One validation step of a string type, plus what it tells editors through the JSON Schema."""
+
+    func: Callable[[str], str]
+    pattern: re.Pattern[str] | None = None
+    max_length: int | None = None
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
+        return core_schema.no_info_after_validator_function(self.func, handler(source))
+
+    def __get_pydantic_json_schema__(self, schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        js = handler(schema)
+        if self.pattern is not None:
+            # Named groups are written differently in ECMA-262 and Python (editors, jsonschema): drop the names.
+            js["pattern"] = "^(?:" + re.sub(r"\(\?P<\w+>", "(?:", self.pattern.pattern) + ")$"
+        if self.max_length is not None:
+            js["maxLength"] = self.max_length
+        return js
+
+
+def _grammar(pattern: re.Pattern[str], what: str, fix: str) -> _Check:
+    """A check requiring the whole string to match `pattern`; the message says what and how to fix it."""
+
+    def check(value: str) -> str:
+        if not pattern.fullmatch(value):
+            raise _invalid(f"{_show(value)} is not {what}", fix)
+        return value
+
+    return _Check(check, pattern)
+
+
+def _host_problem(host: str) -> str | None:
+    """Why `host` is not a DNS name or an IPv4 address (None when it is one)."""
+    if len(host) > 253 or not HOST.fullmatch(host):
+        return f"host {_show(host)} is not a DNS name or an IPv4 address"
+    labels = host.split(".")
+    if all(label.isdigit() for label in labels):
+        try:
+            IPv4Address(host)
+        except ValueError:
+            return f"host {_show(host)} is not a valid IPv4 address"
+    elif labels[-1].isdigit():
+        return f"host {_show(host)} ends in a numeric label: neither a DNS name nor an IPv4 address"
+    return None
+
+
+def _port_problem(port: str | None) -> str | None:
+    if port is not None and not 1 <= int(port) <= 65535:
+        return f"port {port} is outside 1-65535"
+    return None
+
+
+_URL_FIX = (
+    "write http(s)://host[:port]/path: a DNS name or IPv4 address, path segments of letters, digits and "
+    "'._~+-' only (no user name, query, '%', spaces, quotes, '{' or '$')"
+)
+
+
+def _http_url(value: str) -> str:
+    """A strict `http(s)://host[:port][/path]` URL; the message names the part that is wrong."""
+    if len(value) > 2048:
+        raise _invalid(f"is {len(value)} characters long", "URLs are at most 2048 characters")
+    scheme, sep, rest = value.partition("://")
+    if not sep or scheme not in ("http", "https"):
+        raise _invalid(f"{_show(value)} is not an http:// or https:// URL", _URL_FIX)
+    if "@" in rest.split("/", 1)[0]:
+        raise _invalid(
+            f"{_show(value)} has a user name or password before the host",
+            "remove it: credentials belong in a secret, never in a URL",
+        )
+    if "?" in value or "#" in value:
+        raise _invalid(f"{_show(value)} has a query or fragment", "give the plain path of the file or repository")
+    m = HTTP_URL.fullmatch(value)
+    if not m:
+        raise _invalid(f"{_show(value)} is not a plain URL", _URL_FIX)
+    if problem := _host_problem(m["host"]) or _port_problem(m["port"]):
+        raise _invalid(f"{_show(value)}: {problem}", _URL_FIX)
+    segments = m["path"].split("/")[1:]
+    if any(s in (".", "..") for s in segments):
+        raise _invalid(f"{_show(value)} has a '.' or '..' path segment", "write the normalised path")
+    if "" in segments[:-1]:
+        raise _invalid(f"{_show(value)} has an empty path segment ('//')", "write the normalised path")
+    return value
+
+
+def _model_source(value: str) -> str:
+    if value.startswith("hf://"):
+        parts = value.removeprefix("hf://").split("/")
+        if (
+            len(parts) != 2
+            or not all(HF_REPO_PART.fullmatch(p) for p in parts)
+            or any(".." in p or "--" in p for p in parts)
+        ):
+            raise _invalid(
+                f"{_show(value)} is not a Hugging Face repository",
+                "write hf://<org>/<name> with letters, digits, '-', '_' and '.' in each part "
+                "(the revision goes in `revision`, not here)",
+            )
+        return value
+    if value.startswith(("http://", "https://")):
+        return _http_url(value)
+    raise _invalid(
+        f"{_show(value)} is not a model source",
+        "use http(s)://host[:port]/path (file store or mirror) or hf://<org>/<name>; "
+        "other schemes such as file:// are not allowed",
+    )
+
+
+def _wheel(value: str) -> str:
+    _http_url(value)
+    if not WHEEL_FILE.fullmatch(value.rsplit("/", 1)[-1]):
+        raise _invalid(
+            f"{_show(value)} does not end in a wheel file name",
+            "point at a '<name>-<version>-<python>-<abi>-<platform>.whl' file (PEP 427)",
+        )
+    return value
+
+
+def _image(value: str) -> str:
+    m = OCI_REFERENCE.fullmatch(value)
+    if not m:
+        if not re.search(r"@sha256:[0-9a-f]{64}\Z", value):
+            raise _invalid(
+                f"image {_show(value)} has no digest",
+                "pin it as 'registry/repo[:tag]@sha256:<64 hex>' (tags move, digests do not)",
+            )
+        raise _invalid(
+            f"image {_show(value)} is not an OCI image reference",
+            "write registry[:port]/path[:tag]@sha256:<64 hex> with an explicit registry "
+            "(e.g. docker.io/vllm/vllm-openai@sha256:…), lower-case path components, no spaces or options",
+        )
+    if len(m["domain"]) + 1 + len(m["path"]) > OCI_NAME_MAX:
+        raise _invalid(f"image {_show(value)} has a name longer than {OCI_NAME_MAX} characters", "shorten it")
+    domain = m["domain"]
+    if "." not in domain and ":" not in domain and domain != "localhost":
+        raise _invalid(
+            f"image {_show(value)} does not name its registry",
+            f"write it in full, e.g. docker.io/{value} (short names resolve differently per container runtime)",
+        )
+    return value
+
+
+def _abs_path(value: str) -> str:
+    if not ABS_PATH.fullmatch(value) or any(c in (".", "..") for c in value.split("/")[1:]):
+        raise _invalid(
+            f"{_show(value)} is not an absolute, normalised path",
+            "write it as /dir/file with letters, digits and '._+@-' in each component "
+            "(no '.', '..', '//', trailing '/', spaces or quotes)",
+        )
+    return value
+
+
+def _ntp_server(value: str) -> str:
+    if problem := _host_problem(value):
+        raise _invalid(problem, "give the NTP server as a DNS name or an IPv4 address")
+    return value
+
+
+_BMC_FIX = "write https://host[:port] (Redfish) or ipmi://host[:port] and nothing else: no user, password, path"
+
+
+def _bmc_endpoint(value: str) -> str:
+    m = BMC_ENDPOINT.fullmatch(value)
+    if not m:
+        raise _invalid(f"{_show(value)} is not a BMC endpoint", _BMC_FIX)
+    if problem := _host_problem(m["host"]) or _port_problem(m["port"]):
+        raise _invalid(f"{_show(value)}: {problem}", _BMC_FIX)
+    return value
+
+
+def _ssh_fields(blob: bytes) -> list[bytes] | None:
+    """The SSH wire strings (uint32 length + bytes, RFC 4251 §5) of a key blob; None if it is not exactly that."""
+    fields: list[bytes] = []
+    while blob:
+        if len(blob) < 4 or len(fields) >= 8:
+            return None
+        (size,) = struct.unpack(">I", blob[:4])
+        if size > len(blob) - 4:
+            return None
+        fields.append(blob[4 : 4 + size])
+        blob = blob[4 + size :]
+    return fields
+
+
+def _ssh_public_key(value: str) -> str:
+    m = SSH_KEY.fullmatch(value)
+    if not m or m["type"] not in SSH_KEY_FIELDS:
+        raise _invalid(
+            f"{_show(value)} is not an OpenSSH public key line",
+            f"write '<type> <base64> [comment]' as in a .pub file, with type one of {', '.join(SSH_KEY_FIELDS)} "
+            "and no options (command=, from=) before it",
+        )
+    if m["comment"] is not None and not SSH_KEY_COMMENT.fullmatch(m["comment"]):
+        raise _invalid(
+            f"the comment of key {_show(value, 40)} has characters other than letters, digits, '._@+:=-' "
+            "and single spaces",
+            "shorten the comment (e.g. 'ops@example')",
+        )
+    try:
+        fields = _ssh_fields(base64.b64decode(m["blob"], validate=True))
+    except binascii.Error:
+        raise _invalid(f"the key data of {_show(value, 40)} is not valid base64", "copy the key line again") from None
+    if not fields or fields[0] != m["type"].encode() or len(fields) != SSH_KEY_FIELDS[m["type"]]:
+        raise _invalid(
+            f"the key data of {_show(value, 40)} does not decode to a {m['type']} public key",
+            "copy the key line again from the .pub file",
+        )
+    if m["type"] == "ssh-ed25519" and len(fields[1]) != 32:
+        raise _invalid(f"the ed25519 key of {_show(value, 40)} is not 32 bytes long", "copy the key line again")
+    return value
 
 
 def _exact_version(value: str) -> str:
-    if not _EXACT_VERSION.match(value):
-        raise ValueError(
-            f"{value!r} is not an exact version; pin it (for example '570.133.20' or '1.17.8-1'), "
-            "ranges, branches and 'latest' make rebuilds non-reproducible"
+    if len(value) > 128 or not EXACT_VERSION.fullmatch(value):
+        raise _invalid(
+            f"{_show(value)} is not an exact version",
+            "pin it (for example '570.133.20' or '1.17.8-1'): ranges, branches and 'latest' make rebuilds "
+            "non-reproducible",
         )
     return value
 
 
 def _mac(value: str) -> str:
     lowered = value.lower()
-    if not _MAC.match(lowered):
-        raise ValueError(f"{value!r} is not a MAC address; write it as 'aa:bb:cc:dd:ee:ff'")
+    if not MAC.fullmatch(lowered):
+        raise _invalid(f"{_show(value)} is not a MAC address", "write it as 'aa:bb:cc:dd:ee:ff'")
     return lowered
 
 
-def _hostname(value: str) -> str:
-    if not _HOSTNAME.match(value):
-        raise ValueError(f"{value!r} is not a valid hostname; use lower-case letters, digits and '-'")
-    return value
+_KIND = {bool: "a boolean", int: "a number", float: "a number", list: "a list", dict: "a mapping"}
 
 
-def _image_digest(value: str) -> str:
-    if not _DIGEST.search(value):
-        raise ValueError(
-            f"image {value!r} has no digest; pin it as 'registry/repo@sha256:<64 hex>' (tags move, digests do not)"
+def _address_text(value: object) -> object:
+    """Require addresses and networks as text.
+
+    pydantic would also take an integer, so YAML's `true` or `10` would silently become 0.0.0.1 or 0.0.0.10.
+    """
+    if not isinstance(value, str | IPv4Address | IPv4Network):
+        raise _invalid(
+            f"{value!r} is {_KIND.get(type(value), 'not text')}, not an address",
+            "write it in dotted form, e.g. '10.0.0.11' or '10.0.0.0/24'",
         )
     return value
 
 
-ExactVersion = Annotated[str, AfterValidator(_exact_version)]
-MacAddress = Annotated[str, AfterValidator(_mac)]
-Hostname = Annotated[str, AfterValidator(_hostname)]
-ImageRef = Annotated[str, AfterValidator(_image_digest)]
+_BASE = _Check(_printable, max_length=MAX_TEXT)
+
+Text = Annotated[str, _BASE]
+"""Any string: only the base rule. Every string type of the model starts with it."""
+Name = Annotated[
+    str, _BASE, _grammar(NAME, "a valid name", "use lower-case letters, digits and inner '-', at most 63 characters")
+]
+Hostname = Annotated[
+    str,
+    _BASE,
+    _grammar(NAME, "a valid hostname", "use lower-case letters, digits and inner '-', at most 63 characters"),
+]
+_COMPONENT_FIX = (
+    "start with a letter or digit, then letters, digits, '.', '_' or '-' only (no '/', spaces or '..'), "
+    "at most 128 characters"
+)
+ModelName = Annotated[str, _BASE, _grammar(PATH_COMPONENT, "a valid model name", _COMPONENT_FIX)]
+GpuModelName = Annotated[str, _BASE, _grammar(PATH_COMPONENT, "a valid GPU model name", _COMPONENT_FIX)]
+CatalogueKey = Annotated[str, _BASE, _grammar(PATH_COMPONENT, "a valid catalogue name", _COMPONENT_FIX)]
+Revision = Annotated[
+    str,
+    _BASE,
+    _grammar(
+        PATH_COMPONENT,
+        "a revision",
+        "give a commit hash or an immutable tag: letters, digits, '.', '_' and '-', starting with a letter or digit",
+    ),
+]
+RedfishId = Annotated[
+    str,
+    _BASE,
+    _grammar(REDFISH_ID, "a Redfish system id", "use the system's Id, Name or UUID: letters, digits, '.', '_', '-'"),
+]
+HttpUrl = Annotated[str, _BASE, _Check(_http_url, HTTP_URL)]
+ModelSource = Annotated[str, _BASE, _Check(_model_source)]
+WheelUrl = Annotated[str, _BASE, _Check(_wheel, HTTP_URL)]
+ImageRef = Annotated[str, _BASE, _Check(_image, OCI_REFERENCE)]
+AbsPath = Annotated[str, _BASE, _Check(_abs_path, ABS_PATH)]
+PosixUser = Annotated[
+    str,
+    _BASE,
+    _grammar(
+        POSIX_USER,
+        "a POSIX user name",
+        "use lower-case letters, digits, '_' and '-', starting with a letter or '_', at most 32 characters",
+    ),
+]
+BmcUser = Annotated[
+    str,
+    _BASE,
+    _grammar(
+        BMC_USER, "a BMC user name", "use letters, digits, '.', '_', '@' and '-', not starting with '.', '@' or '-'"
+    ),
+]
+BmcEndpoint = Annotated[str, _BASE, _Check(_bmc_endpoint, BMC_ENDPOINT)]
+NtpServer = Annotated[str, _BASE, _Check(_ntp_server, HOST)]
+AptSuite = Annotated[
+    str,
+    _BASE,
+    _grammar(
+        APT_SUITE,
+        "an apt suite",
+        "give a suite or codename such as 'bookworm' or 'jammy-updates', or a path ending in '/' "
+        "(e.g. '/') for a flat repository",
+    ),
+]
+AptComponent = Annotated[
+    str,
+    _BASE,
+    _grammar(APT_COMPONENT, "an apt component", "give a component such as 'main' or 'non-free-firmware'"),
+]
+ProductName = Annotated[
+    str,
+    _BASE,
+    _grammar(
+        PRODUCT_NAME,
+        "a GPU product name",
+        "write it as nvidia-smi reports it, e.g. 'NVIDIA H100 80GB HBM3' (letters, digits, spaces, '._()/+-')",
+    ),
+]
+SecretConfigKey = Annotated[
+    str,
+    _BASE,
+    _grammar(SECRET_CONFIG_KEY, "a Pulumi config key", "use letters, digits, '_', '.' and '-', starting with a letter"),
+]
+EnvName = Annotated[
+    str,
+    _BASE,
+    _grammar(
+        ENV_NAME, "an environment variable name", "use upper-case letters, digits and '_', not starting with a digit"
+    ),
+]
+DriverBranch = Annotated[
+    str, _BASE, _grammar(DRIVER_BRANCH, "a driver branch", "give the three-digit branch, e.g. '570'")
+]
+SshPublicKey = Annotated[str, _BASE, _Check(_ssh_public_key, SSH_KEY)]
+ExactVersion = Annotated[str, _BASE, _Check(_exact_version, EXACT_VERSION)]
+MacAddress = Annotated[str, _BASE, _Check(_mac)]
+Ipv4Addr = Annotated[IPv4Address, BeforeValidator(_address_text)]
+Ipv4Net = Annotated[IPv4Network, BeforeValidator(_address_text)]
 
 
 class _Model(BaseModel):
@@ -128,19 +609,19 @@ class SecretRef(_Model):
     Pulumi secret; the `gpufleet` CLI (break-glass, tests) reads `GPUFLEET_SECRET_<KEY>` or the file.
     """
 
-    config: str | None = Field(default=None, pattern=r"^[a-zA-Z][\w.-]*$")
+    config: SecretConfigKey | None = None
     """Pulumi config key (in this project's namespace) holding the value as a `secure:` secret."""
-    env: str | None = Field(default=None, pattern=r"^[A-Z_][A-Z0-9_]*$")
+    env: EnvName | None = None
     """Environment variable holding the value."""
-    file: str | None = Field(default=None, pattern=r"^/")
+    file: AbsPath | None = None
     """Absolute path of a file holding the value (mode 0600 recommended)."""
 
     @model_validator(mode="after")
     def _exactly_one(self) -> SecretRef:
         if sum(x is not None for x in (self.config, self.env, self.file)) != 1:
-            raise ValueError(
-                "a secret reference names exactly one of `config`, `env` or `file`; "
-                "put the secret itself in Pulumi config (`pulumi config set --secret KEY`) and refer to it"
+            raise _invalid(
+                "a secret reference names exactly one of `config`, `env` or `file`",
+                "put the secret itself in Pulumi config (`pulumi config set --secret KEY`) and refer to it",
             )
         return self
 
@@ -172,7 +653,7 @@ class RebootSettings(_Model):
 class DriverSpec(_Model):
     """NVIDIA data-centre driver pin."""
 
-    branch: str = Field(pattern=r"^\d{3}$")
+    branch: DriverBranch
     """Driver branch, e.g. `570`; must be the branch of `version`."""
     version: ExactVersion
     """Exact driver version, e.g. `570.133.20`."""
@@ -254,59 +735,69 @@ class Mirror(_Model):
 
     name: Hostname
     """Mirror name (also its hostname)."""
-    segment: str
+    segment: Name
     """Segment the mirror sits on."""
-    address: IPv4Address
+    address: Ipv4Addr
     """Mirror address inside its segment."""
     http_port: int = Field(default=80, ge=1, le=65535)
     """Port of the apt repository and the file/model store."""
     registry_port: int = Field(default=5000, ge=1, le=65535)
     """Port of the container registry."""
-    keyring: str = Field(pattern=r"^/")
+    keyring: AbsPath
     """Controller path of the keyring that signs the mirror's apt repository (`signed-by` on nodes)."""
 
 
 class AptSource(_Model):
     """An upstream apt source used by connected segments."""
 
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$")
+    name: Name
     """Short name, used for the sources and keyring file names."""
-    url: str = Field(pattern=r"^https?://")
+    url: HttpUrl
     """Repository URL."""
-    suite: str
+    suite: AptSuite
     """Suite (e.g. `bookworm`, or `/` for a flat repository)."""
-    components: list[str] = []
+    components: list[AptComponent] = []
     """Components (e.g. `main`); empty for a flat repository."""
-    keyring: str = Field(pattern=r"^/")
+    keyring: AbsPath
     """Controller path of the repository's signing keyring; installed as the source's `signed-by`."""
+
+    @model_validator(mode="after")
+    def _flat_has_no_components(self) -> AptSource:
+        # sources.list(5): "If suite is an exact path, components must be omitted".
+        if self.suite.endswith("/") and self.components:
+            raise _invalid(
+                f"suite {self.suite!r} is an exact path (a flat repository), which takes no components",
+                "remove `components`, or give a suite name such as 'bookworm'",
+            )
+        return self
 
 
 class Segment(_Model):
     """An L2/L3 network segment of the site."""
 
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$")
+    name: Name
     """Segment name."""
-    cidr: IPv4Network
+    cidr: Ipv4Net
     """Segment network, e.g. `10.20.0.0/24`."""
     vlan: int | None = Field(default=None, ge=1, le=4094)
     """802.1Q VLAN id; unset for an untagged segment."""
-    gateway: IPv4Address | None = None
+    gateway: Ipv4Addr | None = None
     """Default gateway; air-gapped segments usually have none."""
     mtu: int = Field(default=1500, ge=1280, le=9216)
     """Interface MTU on this segment."""
-    dns: list[IPv4Address] = []
+    dns: list[Ipv4Addr] = []
     """DNS resolvers."""
-    ntp: list[str] = []
+    ntp: list[NtpServer] = []
     """NTP servers (addresses or names reachable from the segment)."""
     airgapped: bool = False
     """No route to the outside: every package, image and model comes from `mirror`."""
-    mirror: str | None = None
+    mirror: Hostname | None = None
     """Name of the mirror this segment installs from (required when air-gapped)."""
     sources: list[AptSource] = []
     """Upstream apt sources for connected segments without a mirror."""
-    egress_allow: list[IPv4Network] = []
+    egress_allow: list[Ipv4Net] = []
     """Destinations nodes may reach outside their segment; air-gapped: only the mirror."""
-    egress_probe: IPv4Address | None = None
+    egress_probe: Ipv4Addr | None = None
     """An address outside the segment that the air-gap firewall check must find unreachable."""
 
 
@@ -322,24 +813,24 @@ class Bmc(_Model):
 
     protocol: BmcProtocol = BmcProtocol.REDFISH
     """Redfish (preferred) or IPMI."""
-    endpoint: str = Field(pattern=r"^(https?://|ipmi://)")
+    endpoint: BmcEndpoint
     """`https://bmc-host` for Redfish, `ipmi://bmc-host` for IPMI."""
-    system_id: str | None = None
+    system_id: RedfishId | None = None
     """Redfish system id or name; unset when the BMC manages exactly one system."""
-    username: str
+    username: BmcUser
     """BMC user name (not secret)."""
     password: SecretRef
     """Where the BMC password comes from; never the password itself."""
     verify_tls: bool = True
     """Verify the BMC's TLS certificate."""
-    ca_bundle: str | None = None
+    ca_bundle: AbsPath | None = None
     """CA bundle path to verify the BMC certificate with."""
 
 
 class GpuSpec(_Model):
     """The GPUs a node has."""
 
-    model: str
+    model: GpuModelName
     """GPU model from the catalogue (A100-40, A100-80, H100, H200, B200, L40S, L4, A10 …)."""
     count: int = Field(ge=0, le=16)
     """Number of GPUs."""
@@ -352,9 +843,9 @@ class Node(_Model):
 
     hostname: Hostname
     """Node hostname (unique in the site)."""
-    segment: str
+    segment: Name
     """Segment the node's management address is on."""
-    address: IPv4Address
+    address: Ipv4Addr
     """Management address (inside the segment's CIDR)."""
     macs: list[MacAddress] = Field(min_length=1)
     """MAC addresses of the node's interfaces; the first is the management/PXE interface."""
@@ -364,24 +855,24 @@ class Node(_Model):
     """GPU model, count and NVSwitch."""
     os: OperatingSystem = OperatingSystem.UBUNTU_2204
     """Operating system."""
-    profile: str | None = None
+    profile: Name | None = None
     """Software profile name; the site's `default_profile` when unset."""
     roles: list[NodeRole] = [NodeRole.INFERENCE, NodeRole.MONITORING]
     """What the node is for."""
-    extra_sources: list[str] = []
+    extra_sources: list[HttpUrl] = []
     """Additional URLs the node fetches from (apt, files); checked against air-gap rules."""
-    ssh_user: str = "root"
+    ssh_user: PosixUser = "root"
     """User Ansible connects as (with sudo when not root)."""
 
 
 class ModelSpec(_Model):
     """A served model. Architecture fields default from the catalogue entry of `name`."""
 
-    name: str
+    name: ModelName
     """Model name; a catalogue name fills in the architecture."""
-    revision: str = Field(min_length=1)
+    revision: Revision
     """Exact revision (commit hash or immutable tag) of the weights."""
-    source: str
+    source: ModelSource
     """Where the weights come from: `http(s)://` file store URL or `hf://org/name`."""
     dtype: DType = DType.BF16
     """Weight precision or quantisation."""
@@ -417,7 +908,7 @@ class ServiceSlo(_Model):
 class InferenceService(_Model):
     """An inference server deployment on one or more nodes."""
 
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$")
+    name: Name
     """Service name (systemd unit and endpoint name)."""
     engine: Engine
     """vllm, tgi, triton or llamacpp."""
@@ -425,7 +916,7 @@ class InferenceService(_Model):
     """The model served."""
     image: ImageRef | None = None
     """Container image by digest; only `llamacpp` may run natively without one."""
-    wheel: str | None = None
+    wheel: WheelUrl | None = None
     """Native install (`llamacpp`): URL of the llama-cpp-python wheel on the mirror or index."""
     tensor_parallel: int = Field(default=1, ge=1)
     """Tensor parallel size (GPUs per replica)."""
@@ -439,7 +930,7 @@ class InferenceService(_Model):
     """Concurrent sequences at full context the deployment must hold in KV cache."""
     port: int = Field(default=8000, ge=1, le=65535)
     """Port the OpenAI-compatible endpoint listens on."""
-    nodes: list[str] = Field(min_length=1)
+    nodes: list[Hostname] = Field(min_length=1)
     """Hostnames of the nodes serving it."""
     slo: ServiceSlo | None = None
     """This service's objectives; the site's `observability.slo` when unset."""
@@ -448,16 +939,16 @@ class InferenceService(_Model):
 class Catalogue(_Model):
     """Stack-local additions to the GPU and model catalogue."""
 
-    gpus: dict[str, GpuCatalogueEntry] = {}
+    gpus: dict[CatalogueKey, GpuCatalogueEntry] = {}
     """Extra GPU models by name."""
-    models: dict[str, ModelArch] = {}
+    models: dict[CatalogueKey, ModelArch] = {}
     """Extra model architectures by name."""
 
 
 class GpuCatalogueEntry(_Model):
     """A GPU model's memory figures."""
 
-    product_name: str
+    product_name: ProductName
     """Name nvidia-smi reports."""
     smi_memory_mib: int = Field(gt=0)
     """memory.total as nvidia-smi reports it, MiB."""
@@ -524,24 +1015,24 @@ class Observability(_Model):
 class Controller(_Model):
     """How the controller (where `gpufleet`/`pulumi` runs) reaches nodes."""
 
-    ssh_config: str | None = Field(default=None, pattern=r"^/")
+    ssh_config: AbsPath | None = None
     """OpenSSH client config used for nodes (IdentityFile, UserKnownHostsFile with pinned host keys)."""
-    known_hosts: str | None = Field(default=None, pattern=r"^/")
+    known_hosts: AbsPath | None = None
     """known_hosts file with the nodes' pinned host keys (StrictHostKeyChecking=yes)."""
 
 
 class Site(_Model):
     """A whole GPU site: the `gpufleet:site` object of a stack file."""
 
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$")
+    name: Name
     """Site name."""
     reboot: RebootSettings = RebootSettings()
     """Reboot policy."""
     rollout: RolloutPolicy = RolloutPolicy()
     """Rolling converge policy, applied per segment."""
-    default_profile: str
+    default_profile: Name
     """Software profile of nodes that name none."""
-    profiles: dict[str, SoftwareProfile] = Field(min_length=1)
+    profiles: dict[Name, SoftwareProfile] = Field(min_length=1)
     """Software profiles by name."""
     segments: list[Segment] = Field(min_length=1)
     """Network segments."""
@@ -553,7 +1044,7 @@ class Site(_Model):
     """Inference services."""
     catalogue: Catalogue = Catalogue()
     """Additions to the built-in GPU/model catalogue."""
-    admin_keys: list[str] = []
+    admin_keys: list[SshPublicKey] = []
     """SSH public keys of administrators, installed for the admin user."""
     controller: Controller = Controller()
     """Controller-side SSH settings."""

@@ -407,7 +407,7 @@ def test_cli_errors_have_exit_codes_and_no_secret(emulator: Emulator, tmp_path: 
     assert code == 5 and json.loads(out)["nodes"][0]["error"] == "auth"
     code, _, err = run_cli("bmc", "inventory", "--stack-file", stack, "--node", "lab-gpu01")
     assert code == 5 and "refused" in err and "wrong-pw" not in err
-    closed = str(make_stack(tmp_path / "..", f"http://127.0.0.1:{free_port()}"))
+    closed = str(make_stack(tmp_path.parent, f"http://127.0.0.1:{free_port()}"))
     code, out, _ = run_cli("bmc", "power", "--stack-file", closed, "--node", "lab-gpu01", "--state", "on", "--json")
     assert code == 5 and json.loads(out)["error"] == "unreachable"
     code, _, err = run_cli("bmc", "power", "--stack-file", stack, "--node", "gpu99", "--state", "on")
