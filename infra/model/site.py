@@ -987,9 +987,9 @@ class GpuHealth(_Model):
 class PrometheusHost(_Model):
     """Where one segment's Prometheus runs; it scrapes only that segment's nodes."""
 
-    segment: str
+    segment: Name
     """Segment whose nodes this Prometheus scrapes."""
-    host: str
+    host: Hostname
     """Hostname of a node or mirror on that segment (air-gapped segments: usually their mirror)."""
     port: int = Field(default=9090, ge=1, le=65535)
     """Port of Prometheus' HTTP API (and of `/federate` for the site view)."""
@@ -1000,7 +1000,7 @@ class Observability(_Model):
 
     prometheus: list[PrometheusHost] = []
     """One Prometheus per monitored segment; empty disables metrics collection."""
-    site_view: str | None = None
+    site_view: Name | None = None
     """Segment whose Prometheus federates the others (the place `gpufleet status` asks); a connected segment."""
     scrape_interval_s: int = Field(default=15, ge=1, le=300)
     """How often every target is scraped."""
