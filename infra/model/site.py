@@ -399,6 +399,8 @@ class ModelSpec(_Model):
     """Dimension per attention head."""
     vocab: int | None = Field(default=None, ge=1)
     """Vocabulary size."""
+    max_context: int | None = Field(default=None, ge=1)
+    """Longest context the engine accepts for these weights (config.json `max_position_embeddings`)."""
 
 
 class InferenceService(_Model):
@@ -467,6 +469,8 @@ class ModelArch(_Model):
     """Dimension per head."""
     vocab: int = Field(ge=1)
     """Vocabulary size."""
+    max_context: int = Field(ge=1)
+    """Longest context engines accept (config.json `max_position_embeddings`; vLLM refuses a longer max-model-len)."""
 
 
 class Controller(_Model):
