@@ -783,7 +783,9 @@ def services(site: Site, cat: ResolvedCatalogue) -> Iterator[Problem]:
                 f"{path}.tensor_parallel",
                 f"tensor_parallel × pipeline_parallel = {gpus} exceeds the {n.gpu.count} GPUs of {n.hostname} "
                 f"(nodes[{j}].gpu.count)" + (f" and {len(short) - 1} more of its nodes" if len(short) > 1 else ""),
-                f"use at most {min(m.gpu.count for _, m in short)} GPUs or target nodes with more",
+                f"use at most {least} GPUs or target nodes with more"
+                if (least := min(m.gpu.count for _, m in short))
+                else "take the nodes without GPUs out of services[].nodes or target nodes with GPUs",
                 tuple(fixes),
             )
         if tp_msgs:
