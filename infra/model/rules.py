@@ -181,39 +181,56 @@ def _bmc_key(endpoint: str) -> tuple[str, int | None]:
     return ((parts.hostname or endpoint).lower().rstrip("."), port)
 
 
+@dataclass
+class _BmcSeen:
+    """Nodes met so far on one BMC: the first, those by system id, the first without one."""
+
+    first: tuple[int, Node]
+    ids: dict[str, tuple[int, Node]]
+    anonymous: tuple[int, Node] | None
+
+
 @rule
 def unique_bmc_systems(site: Site, cat: ResolvedCatalogue) -> Iterator[Problem]:
     """No two nodes drive the same BMC system (one BMC with distinct system ids is fine, as in the lab)."""
-    by_bmc: dict[tuple[str, int | None], list[tuple[int, Node]]] = {}
-    reported: set[str] = set()
+
+    def shared(k: int, j: int, other: Node, i: int, n: Node) -> Problem:
+        return Problem(
+            f"nodes[{k}].bmc.system_id",
+            f"BMC {n.bmc.endpoint if n.bmc else ''} serves nodes[{j}] ({other.hostname}) and nodes[{i}] "
+            f"({n.hostname}), but nodes[{k}] names no system id, so its power actions would go to whichever "
+            "system the BMC lists first",
+            "set bmc.system_id of every node sharing a BMC, or give the node its own BMC endpoint",
+        )
+
+    by_bmc: dict[tuple[str, int | None], _BmcSeen] = {}
+    reported: set[int] = set()
     for i, n in enumerate(site.nodes):
         if n.bmc is None:
             continue
-        key = _bmc_key(n.bmc.endpoint)
-        for j, other in by_bmc.get(key, []):
-            assert other.bmc is not None
-            if n.bmc.system_id is not None and n.bmc.system_id == other.bmc.system_id:
-                yield Problem(
-                    f"nodes[{i}].bmc.system_id",
-                    f"BMC system {n.bmc.system_id!r} at {n.bmc.endpoint} is already driven by nodes[{j}] "
-                    f"({other.hostname}); a power or boot action on {n.hostname} would hit {other.hostname}",
-                    "set the system id of this node's own server on that BMC (see its /redfish/v1/Systems)",
-                )
-                break
-            if n.bmc.system_id is None or other.bmc.system_id is None:
-                k = i if n.bmc.system_id is None else j
-                path = f"nodes[{k}].bmc.system_id"
-                if path not in reported:
-                    reported.add(path)
-                    yield Problem(
-                        path,
-                        f"BMC {n.bmc.endpoint} serves nodes[{j}] ({other.hostname}) and nodes[{i}] ({n.hostname}), "
-                        f"but nodes[{k}] names no system id, so its power actions would go to whichever "
-                        "system the BMC lists first",
-                        "set bmc.system_id of every node sharing a BMC, or give the node its own BMC endpoint",
-                    )
-                break
-        by_bmc.setdefault(key, []).append((i, n))
+        sid = n.bmc.system_id
+        seen = by_bmc.get(key := _bmc_key(n.bmc.endpoint))
+        if seen is None:
+            by_bmc[key] = _BmcSeen((i, n), {} if sid is None else {sid: (i, n)}, (i, n) if sid is None else None)
+            continue
+        if sid is not None and sid in seen.ids:
+            j, other = seen.ids[sid]
+            yield Problem(
+                f"nodes[{i}].bmc.system_id",
+                f"BMC system {sid!r} at {n.bmc.endpoint} is already driven by nodes[{j}] "
+                f"({other.hostname}); a power or boot action on {n.hostname} would hit {other.hostname}",
+                "set the system id of this node's own server on that BMC (see its /redfish/v1/Systems)",
+            )
+        elif sid is None:
+            reported.add(i)
+            yield shared(i, *seen.first, i, n)
+        elif seen.anonymous is not None and seen.anonymous[0] not in reported:
+            reported.add(seen.anonymous[0])
+            yield shared(seen.anonymous[0], *seen.anonymous, i, n)
+        if sid is not None:
+            seen.ids.setdefault(sid, (i, n))
+        elif seen.anonymous is None:
+            seen.anonymous = (i, n)
 
 
 @rule
@@ -361,8 +378,9 @@ def ports(site: Site, cat: ResolvedCatalogue) -> Iterator[Problem]:
         if not clashes:
             continue
         # A free port: not gpufleet's and not any other service's on any of this service's nodes.
-        taken = {p for h in svc.nodes if h in nodes for p in own[h]}
-        taken |= {p for (h, p), users in by_service.items() if h in svc.nodes and users != [me]}
+        taken = {p for h in set(svc.nodes) if h in nodes for p in own[h]}
+        mine = set(svc.nodes)
+        taken |= {p for (h, p), users in by_service.items() if h in mine and users != [me]}
         free = next((p for p in range(8000, 65536) if p not in taken and p != svc.port), None)
         host, user = clashes[0]
         more = f" (and on {len(clashes) - 1} more of its nodes)" if len(clashes) > 1 else ""
@@ -776,7 +794,8 @@ def services(site: Site, cat: ResolvedCatalogue) -> Iterator[Problem]:
             j, n = short[0]
             fixes = _tensor_parallel_choices(svc, i, arch, nodes, cat)
             fixes = [s for s in fixes if s.edits[0].value < svc.tensor_parallel]
-            rest = [h for h in svc.nodes if h not in {m.hostname for _, m in short}]
+            short_hosts = {m.hostname for _, m in short}
+            rest = [h for h in dict.fromkeys(svc.nodes) if h not in short_hosts]
             if rest:
                 fixes += _try(svc, i, [(f"serve only on {_some(rest)}", "nodes", rest)], arch, nodes, cat)
             yield Problem(
