@@ -543,22 +543,85 @@ def _profile_problems(name: str, p: SoftwareProfile, cat: ResolvedCatalogue) -> 
         )
 
 
-def _fabric_manager_suggestions(
-    site: Site, name: str, p: SoftwareProfile, node_index: int, sound: bool
+@dataclass(frozen=True)
+class _Need:
+    """Something a node's hardware needs from its software profile."""
+
+    what: str
+    suffix: str
+    field: str
+    """Where the fix goes, under the profile."""
+    at: str
+    """Where the problem is reported, under the profile."""
+    applies: Callable[[Node, ResolvedCatalogue], bool]
+    met: Callable[[SoftwareProfile], bool]
+    value: Callable[[SoftwareProfile], Any]
+
+    def words(self, p: SoftwareProfile) -> str:
+        """The setting, for a fix text."""
+        return f"{self.field}: {_flow(self.value(p))}"
+
+
+def _flow(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_flow(v)}" for k, v in value.items()) + "}"
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _meeting(p: SoftwareProfile, needs: Sequence[_Need]) -> SoftwareProfile:
+    """The profile with every need met."""
+    data = p.model_dump(mode="json")
+    for need in needs:
+        head, _, tail = need.field.partition(".")
+        if tail:
+            data[head][tail] = need.value(p)
+        else:
+            data[head] = need.value(p)
+    return SoftwareProfile.model_validate(data)
+
+
+_NEEDS = (
+    _Need(
+        "fabric manager",
+        "nvswitch",
+        "fabric_manager",
+        "fabric_manager.enabled",
+        lambda n, cat: n.gpu.nvswitch,
+        lambda p: p.fabric_manager.enabled,
+        lambda p: {"enabled": True, "version": p.driver.version},
+    ),
+    _Need(
+        "open kernel modules",
+        "open",
+        "driver.open_modules",
+        "driver.open_modules",
+        lambda n, cat: n.gpu.model in cat.gpus and cat.gpus[n.gpu.model].open_modules_required,
+        lambda p: p.driver.open_modules,
+        lambda p: True,
+    ),
+)
+
+
+def _why(need: _Need, n: Node) -> str:
+    return "has NVSwitch" if need.suffix == "nvswitch" else f"has {n.gpu.model} GPUs (no proprietary-module support)"
+
+
+def _move_suggestions(
+    site: Site, name: str, p: SoftwareProfile, needs: Sequence[_Need], node_index: int, sound: bool
 ) -> tuple[Suggestion, ...]:
-    """Move one NVSwitch node to a profile with fabric manager, leaving the shared profile alone."""
-    fm = {"enabled": True, "version": p.driver.version}
-    with_fm = p.model_copy(update={"fabric_manager": p.fabric_manager.model_copy(update=fm)})
+    """Move one node to a profile meeting its needs, leaving the profile it shares with others alone."""
+    target = _meeting(p, needs)
     for other, q in site.profiles.items():
-        if other != name and q == with_fm:
+        if other != name and q == target:
             return (suggest(f"profile {other}", (f"nodes[{node_index}].profile", other)),)
     if not sound:
         return ()  # a copy of a profile with its own problems would repeat them under a new name
-    new = next(f"{name}-nvswitch{n or ''}" for n in range(100) if f"{name}-nvswitch{n or ''}" not in site.profiles)
+    stem = f"{name}-{'-'.join(n.suffix for n in needs)}"
+    new = next(f"{stem}{k or ''}" for k in range(100) if f"{stem}{k or ''}" not in site.profiles)
     return (
         suggest(
-            f"new profile {new} (= {name} with fabric manager) for this node",
-            (f"profiles.{new}", with_fm.model_dump(mode="json")),
+            f"new profile {new} (= {name} with {' and '.join(n.what for n in needs)}) for this node",
+            (f"profiles.{new}", target.model_dump(mode="json")),
             (f"nodes[{node_index}].profile", new),
         ),
     )
@@ -566,42 +629,37 @@ def _fabric_manager_suggestions(
 
 @rule
 def versions(site: Site, cat: ResolvedCatalogue) -> Iterator[Problem]:
-    """Driver branch ↔ version ↔ CUDA ↔ fabric manager ↔ DCGM are consistent and pinned, for every node."""
+    """Driver, CUDA, fabric manager and DCGM are consistent and pinned, and meet every node's hardware."""
     users: dict[str, list[tuple[int, Node]]] = {}
     for i, n in enumerate(site.nodes):
         users.setdefault(profile_of(site, n), []).append((i, n))
     for name, p in site.profiles.items():
         own = list(_profile_problems(name, p, cat))
         yield from own
-        if p.fabric_manager.enabled:
-            continue
-        nvswitch = [(i, n) for i, n in users.get(name, []) if n.gpu.nvswitch]
-        if not nvswitch:
-            continue
-        fm = f"fabric_manager: {{enabled: true, version: {p.driver.version}}}"
-        if len(nvswitch) == len(users[name]):
-            i, n = nvswitch[0]
-            yield Problem(
-                f"profiles.{name}.fabric_manager.enabled",
-                f"nodes[{i}] ({n.hostname}) has NVSwitch but this profile has no fabric manager",
-                f"set {fm}",
-                (
-                    suggest(
-                        "enable fabric manager",
-                        (f"profiles.{name}.fabric_manager", {"enabled": True, "version": p.driver.version}),
-                    ),
-                ),
-            )
-            continue
-        # The profile is shared with nodes without NVSwitch: fix each NVSwitch node, not the shared profile.
-        others = _some([n.hostname for _, n in users[name] if not n.gpu.nvswitch])
-        for i, n in nvswitch:
-            yield Problem(
-                f"nodes[{i}].profile",
-                f"{n.hostname} has NVSwitch but its profile {name!r} (shared with {others}) has no fabric manager",
-                f"give the NVSwitch nodes their own profile with {fm}",
-                _fabric_manager_suggestions(site, name, p, i, sound=not own),
-            )
+        mine = users.get(name, [])
+        needs = {id(n): [d for d in _NEEDS if d.applies(n, cat) and not d.met(p)] for _, n in mine}
+        for need in _NEEDS:
+            short = [(i, n) for i, n in mine if need in needs[id(n)]]
+            if not short:
+                continue
+            if len(short) == len(mine):
+                i, n = short[0]
+                yield Problem(
+                    f"profiles.{name}.{need.at}",
+                    f"nodes[{i}] ({n.hostname}) {_why(need, n)} but this profile has no {need.what}",
+                    f"set {need.words(p)}",
+                    (suggest(f"set {need.words(p)}", (f"profiles.{name}.{need.field}", need.value(p))),),
+                )
+                continue
+            # The profile is shared with nodes that do not need it: fix each node, not the shared profile.
+            others = _some([n.hostname for _, n in mine if need not in needs[id(n)]])
+            for i, n in short:
+                yield Problem(
+                    f"nodes[{i}].profile",
+                    f"{n.hostname} {_why(need, n)} but its profile {name!r} (shared with {others}) has no {need.what}",
+                    f"give such nodes their own profile with {need.words(p)}",
+                    _move_suggestions(site, name, p, needs[id(n)], i, sound=not own),
+                )
 
 
 def model_arch(svc: InferenceService, cat: ResolvedCatalogue) -> vram.Architecture | None:

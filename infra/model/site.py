@@ -452,6 +452,8 @@ class GpuCatalogueEntry(_Model):
     """Device memory CUDA reports, GiB (what engines budget against)."""
     nvswitch_capable: bool = False
     """Sold in NVSwitch (HGX/DGX) systems."""
+    open_modules_required: bool = False
+    """The proprietary kernel modules do not support it: profiles of its nodes need `driver.open_modules`."""
 
 
 class ModelArch(_Model):

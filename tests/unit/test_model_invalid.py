@@ -291,6 +291,25 @@ CASES: list[tuple[str, Mutation, str, str]] = [
         "4096",
     ),
     (
+        "b200-on-proprietary-modules",
+        lambda s: (
+            s["profiles"]["hgx"]["driver"].update(open_modules=False)
+            or s["nodes"][0].update(gpu={"model": "B200", "count": 8, "nvswitch": True})
+            or s["nodes"][1].update(gpu={"model": "B200", "count": 8, "nvswitch": True})
+        ),
+        "profiles.hgx.driver.open_modules",
+        "open kernel modules",
+    ),
+    (
+        "b200-node-on-shared-proprietary-profile",
+        lambda s: (
+            s["profiles"]["hgx"]["driver"].update(open_modules=False)
+            or s["nodes"][1].update(gpu={"model": "B200", "count": 8, "nvswitch": True})
+        ),
+        "nodes[1].profile",
+        "shared with gpu01",
+    ),
+    (
         "nvswitch-node-on-profile-shared-with-pcie",
         lambda s: (
             s["profiles"]["hgx"].update(fabric_manager={"enabled": False})
