@@ -637,9 +637,9 @@ def versions(site: Site, cat: ResolvedCatalogue) -> Iterator[Problem]:
         own = list(_profile_problems(name, p, cat))
         yield from own
         mine = users.get(name, [])
-        needs = {id(n): [d for d in _NEEDS if d.applies(n, cat) and not d.met(p)] for _, n in mine}
+        needs = {i: [d for d in _NEEDS if d.applies(n, cat) and not d.met(p)] for i, n in mine}
         for need in _NEEDS:
-            short = [(i, n) for i, n in mine if need in needs[id(n)]]
+            short = [(i, n) for i, n in mine if need in needs[i]]
             if not short:
                 continue
             if len(short) == len(mine):
@@ -652,13 +652,13 @@ def versions(site: Site, cat: ResolvedCatalogue) -> Iterator[Problem]:
                 )
                 continue
             # The profile is shared with nodes that do not need it: fix each node, not the shared profile.
-            others = _some([n.hostname for _, n in mine if need not in needs[id(n)]])
+            others = _some([n.hostname for i, n in mine if need not in needs[i]])
             for i, n in short:
                 yield Problem(
                     f"nodes[{i}].profile",
                     f"{n.hostname} {_why(need, n)} but its profile {name!r} (shared with {others}) has no {need.what}",
                     f"give such nodes their own profile with {need.words(p)}",
-                    _move_suggestions(site, name, p, needs[id(n)], i, sound=not own),
+                    _move_suggestions(site, name, p, needs[i], i, sound=not own),
                 )
 
 
@@ -738,7 +738,7 @@ def _passes(
     )
 
 
-# vLLM's suggestion fields → (config path under the service, how the model spells the value).
+# Fields of `vram.Suggestion` → (config path under the service, how the site model spells the value).
 _VRAM_FIELDS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "tensor_parallel": ("tensor_parallel", int),
     "kv_cache_dtype": ("kv_cache_dtype", KvCacheDType),
