@@ -1,16 +1,55 @@
-"""Cross-field rules of a site. Each finds every violation and names its config path and the fix."""
+"""Cross-field rules of a site. Each finds every violation and names its config path and the fix.
+
+A rule that concerns nodes looks at every node (never one node per GPU model or profile), and a
+problem may carry machine-applicable suggestions: each is a set of edits that, applied to the stack
+file, removes the problem without adding another. Rules build them only from values they have
+re-checked, so a suggestion never asks for more GPUs than a node has or edits a profile other nodes share.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from functools import lru_cache
 from ipaddress import IPv4Address, IPv4Network
+from typing import Any
 from urllib.parse import urlsplit
 
 from infra.model import sizing
 from infra.model.catalogue import ResolvedCatalogue, resolve
-from infra.model.site import Engine, Site
+from infra.model.ports import DCGM_EXPORTER_PORT, NODE_EXPORTER_PORT, SSH_PORT
+from infra.model.site import DType, Engine, InferenceService, KvCacheDType, Node, NodeRole, Site, SoftwareProfile
 from infra.model.sizing import deployment, model_arch
+
+
+@dataclass(frozen=True)
+class Edit:
+    """Set the value at a config path of the `gpufleet:site` object (a missing mapping key is created)."""
+
+    path: str
+    value: Any
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {"path": self.path, "value": self.value}
+
+
+@dataclass(frozen=True)
+class Suggestion:
+    """One way to fix a problem: edits applied together (alternatives are separate suggestions)."""
+
+    change: str
+    edits: tuple[Edit, ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {"change": self.change, "edits": [e.as_dict() for e in self.edits]}
+
+
+def suggest(change: str, *edits: tuple[str, Any]) -> Suggestion:
+    """A suggestion from `(path, value)` pairs."""
+    return Suggestion(change, tuple(Edit(p, v) for p, v in edits))
 
 
 @dataclass(frozen=True)
@@ -20,13 +59,17 @@ class Problem:
     path: str
     message: str
     fix: str
+    suggestions: tuple[Suggestion, ...] = ()
 
     def __str__(self) -> str:
         return f"{self.path}: {self.message}. Fix: {self.fix}"
 
-    def as_dict(self) -> dict[str, str]:
-        """JSON-ready form."""
-        return {"path": self.path, "message": self.message, "fix": self.fix}
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form (`suggestions` only when there are machine-applicable ones)."""
+        out: dict[str, Any] = {"path": self.path, "message": self.message, "fix": self.fix}
+        if self.suggestions:
+            out["suggestions"] = [s.as_dict() for s in self.suggestions]
+        return out
 
 
 Rule = Callable[[Site, ResolvedCatalogue], Iterator[Problem]]
@@ -46,12 +89,19 @@ def check(site: Site) -> list[Problem]:
 
 
 def _duplicates(items: Iterator[tuple[str, object]], what: str, fix: str) -> Iterator[Problem]:
+    """One problem per repeated value, naming both config paths."""
     seen: dict[object, str] = {}
     for path, value in items:
         if value in seen:
             yield Problem(path, f"{what} {value} is already used at {seen[value]}", fix)
         else:
             seen[value] = path
+
+
+def _some(names: Sequence[str], at_most: int = 3) -> str:
+    """`a, b, c and 4 more`: a list in a message stays one line even for a 1,000-node service."""
+    shown = ", ".join(names[:at_most])
+    return shown if len(names) <= at_most else f"{shown} and {len(names) - at_most} more"
 
 
 @rule
@@ -72,22 +122,124 @@ def unique_names(site: Site, cat: ResolvedCatalogue) -> Iterator[Problem]:
     )
 
 
+def _url_host(url: str) -> str | None:
+    """Lower-case host of a URL, None when it has none."""
+    host = urlsplit(url).hostname
+    return host.rstrip(".") if host else None
+
+
 @rule
 def unique_addresses(site: Site, cat: ResolvedCatalogue) -> Iterator[Problem]:
-    """Addresses, MACs and VLAN ids are unique."""
+    """Addresses, MACs and VLAN ids are unique; a BMC endpoint is not a host's own address."""
     addrs = [(f"nodes[{i}].address", n.address) for i, n in enumerate(site.nodes)]
     addrs += [(f"mirrors[{i}].address", m.address) for i, m in enumerate(site.mirrors)]
     yield from _duplicates(iter(addrs), "address", "give each host its own address")
     macs = ((f"nodes[{i}].macs[{j}]", mac) for i, n in enumerate(site.nodes) for j, mac in enumerate(n.macs))
     yield from _duplicates(macs, "MAC", "check the MAC against the node's NIC labels; MACs are unique")
-    vlans = ((f"segments[{i}].vlan", s.vlan) for i, s in enumerate(site.segments) if s.vlan is not None)
-    yield from _duplicates(vlans, "VLAN id", "give each segment its own VLAN id")
+    used_vlans = {s.vlan for s in site.segments if s.vlan is not None}
+    seen_vlans: dict[int, str] = {}
+    for i, s in enumerate(site.segments):
+        if s.vlan is None:
+            continue
+        if s.vlan not in seen_vlans:
+            seen_vlans[s.vlan] = f"segments[{i}].vlan"
+            continue
+        free = next((v for v in [*range(s.vlan + 1, 4095), *range(1, s.vlan)] if v not in used_vlans), None)
+        yield Problem(
+            f"segments[{i}].vlan",
+            f"VLAN id {s.vlan} is already used at {seen_vlans[s.vlan]}",
+            "give each segment its own VLAN id (the one its switch ports are tagged with)",
+            (suggest(f"vlan {free}", (f"segments[{i}].vlan", free)),) if free is not None else (),
+        )
+        if free is not None:
+            used_vlans.add(free)
+    # A BMC endpoint that is a node's or mirror's own address drives no BMC: power actions would fail
+    # or, worse, reach another machine's management plane once that address is reassigned.
+    host_paths = {str(addr): path for path, addr in addrs}
+    for i, n in enumerate(site.nodes):
+        if n.bmc is None:
+            continue
+        host = _url_host(n.bmc.endpoint)
+        if host is not None and host in host_paths:
+            yield Problem(
+                f"nodes[{i}].bmc.endpoint",
+                f"BMC host {host} is the operating-system address at {host_paths[host]}, not a BMC",
+                "use the address of this node's BMC (its out-of-band management interface)",
+            )
+
+
+_DEFAULT_PORTS = {"https": 443, "http": 80, "ipmi": 623}
+
+
+def _bmc_key(endpoint: str) -> tuple[str, int | None]:
+    """Which BMC an endpoint reaches: host and explicit port (the scheme's default port counts as none)."""
+    parts = urlsplit(endpoint)
+    try:
+        port = parts.port
+    except ValueError:  # the field grammar reports a bad port; here it is just another key
+        port = None
+    if port == _DEFAULT_PORTS.get(parts.scheme.lower()):
+        port = None
+    return ((parts.hostname or endpoint).lower().rstrip("."), port)
+
+
+@dataclass
+class _BmcSeen:
+    """Nodes met so far on one BMC: the first, those by system id, the first without one."""
+
+    first: tuple[int, Node]
+    ids: dict[str, tuple[int, Node]]
+    anonymous: tuple[int, Node] | None
+
+
+@rule
+def unique_bmc_systems(site: Site, cat: ResolvedCatalogue) -> Iterator[Problem]:
+    """No two nodes drive the same BMC system (one BMC with distinct system ids is fine, as in the lab)."""
+
+    def shared(k: int, j: int, other: Node, i: int, n: Node) -> Problem:
+        return Problem(
+            f"nodes[{k}].bmc.system_id",
+            f"BMC {n.bmc.endpoint if n.bmc else ''} serves nodes[{j}] ({other.hostname}) and nodes[{i}] "
+            f"({n.hostname}), but nodes[{k}] names no system id, so its power actions would go to whichever "
+            "system the BMC lists first",
+            "set bmc.system_id of every node sharing a BMC, or give the node its own BMC endpoint",
+        )
+
+    by_bmc: dict[tuple[str, int | None], _BmcSeen] = {}
+    reported: set[int] = set()
+    for i, n in enumerate(site.nodes):
+        if n.bmc is None:
+            continue
+        sid = n.bmc.system_id
+        seen = by_bmc.get(key := _bmc_key(n.bmc.endpoint))
+        if seen is None:
+            by_bmc[key] = _BmcSeen((i, n), {} if sid is None else {sid: (i, n)}, (i, n) if sid is None else None)
+            continue
+        if sid is not None and sid in seen.ids:
+            j, other = seen.ids[sid]
+            yield Problem(
+                f"nodes[{i}].bmc.system_id",
+                f"BMC system {sid!r} at {n.bmc.endpoint} is already driven by nodes[{j}] "
+                f"({other.hostname}); a power or boot action on {n.hostname} would hit {other.hostname}",
+                "set the system id of this node's own server on that BMC (see its /redfish/v1/Systems)",
+            )
+        elif sid is None:
+            reported.add(i)
+            yield shared(i, *seen.first, i, n)
+        elif seen.anonymous is not None and seen.anonymous[0] not in reported:
+            reported.add(seen.anonymous[0])
+            yield shared(seen.anonymous[0], *seen.anonymous, i, n)
+        if sid is not None:
+            seen.ids.setdefault(sid, (i, n))
+        elif seen.anonymous is None:
+            seen.anonymous = (i, n)
 
 
 @rule
 def networks(site: Site, cat: ResolvedCatalogue) -> Iterator[Problem]:
-    """CIDRs do not overlap; gateways, mirrors and nodes sit inside their segment."""
+    """CIDRs do not overlap; gateways, mirrors and nodes sit inside their segment; probes outside it."""
     segs = site.segments
+    mirrors = {m.name: m for m in site.mirrors}
     for i, a in enumerate(segs):
         for j in range(i):
             if a.cidr.overlaps(segs[j].cidr):
@@ -99,6 +251,15 @@ def networks(site: Site, cat: ResolvedCatalogue) -> Iterator[Problem]:
         if a.gateway is not None and a.gateway not in a.cidr:
             yield Problem(
                 f"segments[{i}].gateway", f"gateway {a.gateway} is outside {a.cidr}", f"use an address inside {a.cidr}"
+            )
+        probe = a.egress_probe
+        mirror = mirrors.get(a.mirror) if a.mirror else None
+        if probe is not None and (probe in a.cidr or (mirror is not None and probe == mirror.address)):
+            yield Problem(
+                f"segments[{i}].egress_probe",
+                f"{probe} is reachable by design (inside {a.cidr} or the segment's mirror), "
+                "so the egress check would always report a leak",
+                "use an address outside the segment that its firewall must block (e.g. an upstream gateway)",
             )
     by_name = {s.name: s for s in segs}
     hosts: list[tuple[str, str, IPv4Address]] = [
@@ -121,6 +282,11 @@ def networks(site: Site, cat: ResolvedCatalogue) -> Iterator[Problem]:
                 f"{addr} is the network, broadcast or gateway address of {seg.cidr}",
                 "use a host address",
             )
+
+
+def profile_of(site: Site, node: Node) -> str:
+    """Name of the software profile a node uses."""
+    return node.profile or site.default_profile
 
 
 @rule
@@ -149,15 +315,29 @@ def references(site: Site, cat: ResolvedCatalogue) -> Iterator[Problem]:
             )
         elif n.gpu.nvswitch and not cat.gpus[n.gpu.model].nvswitch_capable:
             yield Problem(
-                f"nodes[{i}].gpu.nvswitch", f"{n.gpu.model} is not sold in NVSwitch systems", "set nvswitch: false"
+                f"nodes[{i}].gpu.nvswitch",
+                f"{n.gpu.model} is not sold in NVSwitch systems",
+                "set nvswitch: false",
+                (suggest("nvswitch: false", (f"nodes[{i}].gpu.nvswitch", False)),),
             )
     hostnames = {n.hostname: n for n in site.nodes}
     for i, svc in enumerate(site.services):
+        listed: dict[str, int] = {}
         for j, host in enumerate(svc.nodes):
             node = hostnames.get(host)
+            if host in listed:
+                once = list(dict.fromkeys(svc.nodes))
+                yield Problem(
+                    f"services[{i}].nodes[{j}]",
+                    f"node {host!r} is already listed at services[{i}].nodes[{listed[host]}]",
+                    "list each node once",
+                    (suggest("list each node once", (f"services[{i}].nodes", once)),),
+                )
+                continue
+            listed[host] = j
             if node is None:
                 yield Problem(f"services[{i}].nodes[{j}]", f"unknown node {host!r}", "name a node declared under nodes")
-            elif "inference" not in node.roles:
+            elif NodeRole.INFERENCE not in node.roles:
                 yield Problem(
                     f"services[{i}].nodes[{j}]",
                     f"node {host!r} does not have the inference role",
@@ -165,21 +345,69 @@ def references(site: Site, cat: ResolvedCatalogue) -> Iterator[Problem]:
                 )
 
 
+def node_ports(node: Node, profile: SoftwareProfile | None) -> dict[int, str]:
+    """Ports gpufleet itself uses on a node, with what uses each (services must keep off them)."""
+    used = {SSH_PORT: "ssh, how gpufleet reaches the node"}
+    if profile is not None and NodeRole.MONITORING in node.roles:
+        if profile.monitoring.node_exporter_version:
+            used[NODE_EXPORTER_PORT] = "the node exporter (monitoring role)"
+        if profile.monitoring.dcgm_exporter_image:
+            used[DCGM_EXPORTER_PORT] = "the DCGM exporter (monitoring role)"
+    return used
+
+
 @rule
 def ports(site: Site, cat: ResolvedCatalogue) -> Iterator[Problem]:
-    """Two services on one node do not share a port."""
-    used: dict[tuple[str, int], str] = {}
+    """A port on a node has one user: a service, or gpufleet itself (ssh, exporters); mirrors likewise."""
+    nodes = {n.hostname: n for n in site.nodes}
+    own = {h: node_ports(n, site.profiles.get(profile_of(site, n))) for h, n in nodes.items()}
+    by_service: dict[tuple[str, int], list[str]] = {}
     for i, svc in enumerate(site.services):
-        for host in svc.nodes:
+        for host in dict.fromkeys(svc.nodes):
+            by_service.setdefault((host, svc.port), []).append(f"services[{i}] ({svc.name})")
+    first: dict[tuple[str, int], str] = {}
+    for i, svc in enumerate(site.services):
+        me = f"services[{i}] ({svc.name})"
+        clashes: list[tuple[str, str]] = []
+        for host in dict.fromkeys(svc.nodes):
+            if host not in nodes:
+                continue
             key = (host, svc.port)
-            if key in used:
+            if svc.port in own[host]:
+                clashes.append((host, own[host][svc.port]))
+            elif first.setdefault(key, me) != me:
+                clashes.append((host, first[key]))
+        if not clashes:
+            continue
+        # A free port: not gpufleet's and not any other service's on any of this service's nodes.
+        taken = {p for h in set(svc.nodes) if h in nodes for p in own[h]}
+        mine = set(svc.nodes)
+        taken |= {p for (h, p), users in by_service.items() if h in mine and users != [me]}
+        free = next((p for p in range(8000, 65536) if p not in taken and p != svc.port), None)
+        host, user = clashes[0]
+        more = f" (and on {len(clashes) - 1} more of its nodes)" if len(clashes) > 1 else ""
+        yield Problem(
+            f"services[{i}].port",
+            f"port {svc.port} on {host} is already used by {user}{more}",
+            f"give the service another port{f', e.g. {free}' if free else ''}",
+            (suggest(f"port {free}", (f"services[{i}].port", free)),) if free is not None else (),
+        )
+    for i, m in enumerate(site.mirrors):
+        if m.registry_port == m.http_port:
+            other = 5000 if m.http_port != 5000 else 5001
+            yield Problem(
+                f"mirrors[{i}].registry_port",
+                f"port {m.registry_port} is also mirrors[{i}].http_port",
+                "serve the registry and the apt/file store on different ports (the registry's default is 5000)",
+                (suggest(f"registry_port {other}", (f"mirrors[{i}].registry_port", other)),),
+            )
+        for field, port in (("http_port", m.http_port), ("registry_port", m.registry_port)):
+            if port == SSH_PORT:
                 yield Problem(
-                    f"services[{i}].port",
-                    f"port {svc.port} on {host} is already used by {used[key]}",
-                    "give the service another port",
+                    f"mirrors[{i}].{field}",
+                    f"port {port} is ssh, how gpufleet reaches the mirror",
+                    "use the service's usual port (80 for http_port, 5000 for registry_port)",
                 )
-            else:
-                used[key] = svc.name
 
 
 def _host_of(url: str) -> str | None:
@@ -220,14 +448,18 @@ def airgap(site: Site, cat: ResolvedCatalogue) -> Iterator[Problem]:
                 f"segments[{i}].sources",
                 "air-gapped segment lists upstream sources",
                 "remove them: air-gapped nodes install only from their mirror",
+                (suggest("remove the upstream sources", (f"segments[{i}].sources", [])),),
             )
         mirror_net = IPv4Network(f"{mirror.address}/32")
+        # Removing every entry beyond the mirror at once keeps the other entries' indexes (paths) stable.
+        kept = [str(net) for net in s.egress_allow if net == mirror_net]
         for j, net in enumerate(s.egress_allow):
             if net != mirror_net:
                 yield Problem(
                     f"segments[{i}].egress_allow[{j}]",
                     f"{net} is outside the mirror; an air-gapped segment may reach only {mirror_net}",
                     "remove it (egress of air-gapped segments is the mirror only)",
+                    (suggest(f"egress_allow: {kept}", (f"segments[{i}].egress_allow", kept)),),
                 )
         allowed[s.name] = {str(mirror.address), mirror.name}
     for i, n in enumerate(site.nodes):
@@ -261,69 +493,283 @@ def airgap(site: Site, cat: ResolvedCatalogue) -> Iterator[Problem]:
 
 
 def _version_tuple(v: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in v.split("-")[0].split(":")[-1].split("."))
+    """Numeric release parts of an exact version (`1:570.133.20-1`, `4.3.1+ds1`, `570.133~rc1` → leading digits)."""
+    release = re.split(r"[-~+]", v.split(":")[-1], maxsplit=1)[0]
+    return tuple(int(m.group()) for part in release.split(".") if (m := re.match(r"[0-9]+", part)))
+
+
+def _profile_problems(name: str, p: SoftwareProfile, cat: ResolvedCatalogue) -> Iterator[Problem]:
+    """What is wrong within one profile, whichever nodes use it."""
+    path = f"profiles.{name}"
+    if not p.driver.version.startswith(p.driver.branch + "."):
+        branch = p.driver.version.split(".")[0]
+        yield Problem(
+            f"{path}.driver.version",
+            f"{p.driver.version} is not on branch {p.driver.branch}",
+            f"set driver.branch to {branch} or pick a {p.driver.branch}.x version",
+            (suggest(f"driver.branch {branch}", (f"{path}.driver.branch", branch)),) if len(branch) == 3 else (),
+        )
+    cuda_minor = ".".join(p.cuda.version.split(".")[:2])
+    need = cat.cuda_min_driver.get(cuda_minor)
+    if need is None:
+        yield Problem(
+            f"{path}.cuda.version",
+            f"CUDA {p.cuda.version} is not in the compatibility table",
+            f"use one of: {', '.join(cat.cuda_min_driver)}",
+        )
+    elif _version_tuple(p.driver.version) < _version_tuple(need):
+        yield Problem(
+            f"{path}.cuda.version",
+            f"CUDA {p.cuda.version} needs driver ≥ {need}, profile pins {p.driver.version}",
+            f"raise driver.version to ≥ {need} or use an older CUDA",
+        )
+    fm = p.fabric_manager
+    pin = (suggest(f"fabric_manager.version {p.driver.version}", (f"{path}.fabric_manager.version", p.driver.version)),)
+    if fm.enabled and fm.version is None:
+        yield Problem(
+            f"{path}.fabric_manager.version",
+            "fabric manager is enabled but not pinned",
+            f"set it to the driver version {p.driver.version}",
+            pin,
+        )
+    elif fm.enabled and fm.version != p.driver.version:
+        yield Problem(
+            f"{path}.fabric_manager.version",
+            f"fabric manager {fm.version} differs from driver {p.driver.version}",
+            f"fabric manager must be exactly the driver version: set {p.driver.version}",
+            pin,
+        )
+    if p.dcgm.enabled and p.dcgm.version is None:
+        yield Problem(
+            f"{path}.dcgm.version",
+            "DCGM is enabled but not pinned",
+            "set an exact DCGM package version, e.g. '1:4.2.3-1'",
+        )
+
+
+@dataclass(frozen=True)
+class _Need:
+    """Something a node's hardware needs from its software profile."""
+
+    what: str
+    suffix: str
+    field: str
+    """Where the fix goes, under the profile."""
+    at: str
+    """Where the problem is reported, under the profile."""
+    applies: Callable[[Node, ResolvedCatalogue], bool]
+    met: Callable[[SoftwareProfile], bool]
+    value: Callable[[SoftwareProfile], Any]
+
+    def words(self, p: SoftwareProfile) -> str:
+        """The setting, for a fix text."""
+        return f"{self.field}: {_flow(self.value(p))}"
+
+
+def _flow(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_flow(v)}" for k, v in value.items()) + "}"
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _meeting(p: SoftwareProfile, needs: Sequence[_Need]) -> SoftwareProfile:
+    """The profile with every need met."""
+    data = p.model_dump(mode="json")
+    for need in needs:
+        head, _, tail = need.field.partition(".")
+        if tail:
+            data[head][tail] = need.value(p)
+        else:
+            data[head] = need.value(p)
+    return SoftwareProfile.model_validate(data)
+
+
+_NEEDS = (
+    _Need(
+        "fabric manager",
+        "nvswitch",
+        "fabric_manager",
+        "fabric_manager.enabled",
+        lambda n, cat: n.gpu.nvswitch,
+        lambda p: p.fabric_manager.enabled,
+        lambda p: {"enabled": True, "version": p.driver.version},
+    ),
+    _Need(
+        "open kernel modules",
+        "open",
+        "driver.open_modules",
+        "driver.open_modules",
+        lambda n, cat: n.gpu.model in cat.gpus and cat.gpus[n.gpu.model].open_modules_required,
+        lambda p: p.driver.open_modules,
+        lambda p: True,
+    ),
+)
+
+
+def _why(need: _Need, n: Node) -> str:
+    return "has NVSwitch" if need.suffix == "nvswitch" else f"has {n.gpu.model} GPUs (no proprietary-module support)"
+
+
+def _move_suggestions(
+    site: Site, name: str, p: SoftwareProfile, needs: Sequence[_Need], node_index: int, sound: bool
+) -> tuple[Suggestion, ...]:
+    """Move one node to a profile meeting its needs, leaving the profile it shares with others alone."""
+    target = _meeting(p, needs)
+    for other, q in site.profiles.items():
+        if other != name and q == target:
+            return (suggest(f"profile {other}", (f"nodes[{node_index}].profile", other)),)
+    if not sound:
+        return ()  # a copy of a profile with its own problems would repeat them under a new name
+    stem = f"{name}-{'-'.join(n.suffix for n in needs)}"
+    new = next(f"{stem}{k or ''}" for k in range(100) if f"{stem}{k or ''}" not in site.profiles)
+    return (
+        suggest(
+            f"new profile {new} (= {name} with {' and '.join(n.what for n in needs)}) for this node",
+            (f"profiles.{new}", target.model_dump(mode="json")),
+            (f"nodes[{node_index}].profile", new),
+        ),
+    )
 
 
 @rule
 def versions(site: Site, cat: ResolvedCatalogue) -> Iterator[Problem]:
-    """Driver branch ↔ version ↔ CUDA ↔ fabric manager ↔ DCGM are consistent and pinned."""
-    nvswitch_profiles: dict[str, str] = {}
+    """Driver, CUDA, fabric manager and DCGM are consistent and pinned, and meet every node's hardware."""
+    users: dict[str, list[tuple[int, Node]]] = {}
     for i, n in enumerate(site.nodes):
-        if n.gpu.nvswitch:
-            nvswitch_profiles.setdefault(n.profile or site.default_profile, f"nodes[{i}]")
+        users.setdefault(profile_of(site, n), []).append((i, n))
     for name, p in site.profiles.items():
-        path = f"profiles.{name}"
-        if not p.driver.version.startswith(p.driver.branch + "."):
-            yield Problem(
-                f"{path}.driver.version",
-                f"{p.driver.version} is not on branch {p.driver.branch}",
-                f"set driver.branch to {p.driver.version.split('.')[0]} or pick a {p.driver.branch}.x version",
-            )
-        cuda_minor = ".".join(p.cuda.version.split(".")[:2])
-        need = cat.cuda_min_driver.get(cuda_minor)
-        if need is None:
-            yield Problem(
-                f"{path}.cuda.version",
-                f"CUDA {p.cuda.version} is not in the compatibility table",
-                f"use one of: {', '.join(cat.cuda_min_driver)}",
-            )
-        elif _version_tuple(p.driver.version) < _version_tuple(need):
-            yield Problem(
-                f"{path}.cuda.version",
-                f"CUDA {p.cuda.version} needs driver ≥ {need}, profile pins {p.driver.version}",
-                f"raise driver.version to ≥ {need} or use an older CUDA",
-            )
-        fm = p.fabric_manager
-        if name in nvswitch_profiles and not fm.enabled:
-            yield Problem(
-                f"{path}.fabric_manager.enabled",
-                f"{nvswitch_profiles[name]} has NVSwitch but this profile has no fabric manager",
-                f"set fabric_manager: {{enabled: true, version: {p.driver.version}}}",
-            )
-        if fm.enabled and fm.version is None:
-            yield Problem(
-                f"{path}.fabric_manager.version",
-                "fabric manager is enabled but not pinned",
-                f"set it to the driver version {p.driver.version}",
-            )
-        elif fm.enabled and fm.version != p.driver.version:
-            yield Problem(
-                f"{path}.fabric_manager.version",
-                f"fabric manager {fm.version} differs from driver {p.driver.version}",
-                f"fabric manager must be exactly the driver version: set {p.driver.version}",
-            )
-        if p.dcgm.enabled and p.dcgm.version is None:
-            yield Problem(
-                f"{path}.dcgm.version",
-                "DCGM is enabled but not pinned",
-                "set an exact DCGM package version, e.g. '1:4.2.3-1'",
-            )
+        own = list(_profile_problems(name, p, cat))
+        yield from own
+        mine = users.get(name, [])
+        needs = {i: [d for d in _NEEDS if d.applies(n, cat) and not d.met(p)] for i, n in mine}
+        for need in _NEEDS:
+            short = [(i, n) for i, n in mine if need in needs[i]]
+            if not short:
+                continue
+            if len(short) == len(mine):
+                i, n = short[0]
+                yield Problem(
+                    f"profiles.{name}.{need.at}",
+                    f"nodes[{i}] ({n.hostname}) {_why(need, n)} but this profile has no {need.what}",
+                    f"set {need.words(p)}",
+                    (suggest(f"set {need.words(p)}", (f"profiles.{name}.{need.field}", need.value(p))),),
+                )
+                continue
+            # The profile is shared with nodes that do not need it: fix each node, not the shared profile.
+            others = _some([n.hostname for i, n in mine if need not in needs[i]])
+            for i, n in short:
+                yield Problem(
+                    f"nodes[{i}].profile",
+                    f"{n.hostname} {_why(need, n)} but its profile {name!r} (shared with {others}) has no {need.what}",
+                    f"give such nodes their own profile with {need.words(p)}",
+                    _move_suggestions(site, name, p, needs[i], i, sound=not own),
+                )
+
+
+def max_context(svc: InferenceService, cat: ResolvedCatalogue) -> int | None:
+    """Longest context engines accept for the served model: explicit field over its catalogue entry."""
+    if svc.model.max_context is not None:
+        return svc.model.max_context
+    base = cat.models.get(svc.model.name)
+    return base.max_context if base is not None else None
+
+
+@lru_cache(maxsize=4096)
+def _vram_plan(arch: sizing.Architecture, dep: sizing.Deployment, suggest: bool = True) -> sizing.VramPlan:
+    """`sizing.plan` is pure: every node with the same GPU model and count shares one computation."""
+    return sizing.plan(arch, dep, suggest=suggest)
+
+
+def _hardware(
+    svc: InferenceService, nodes: dict[str, tuple[int, Node]], cat: ResolvedCatalogue
+) -> dict[tuple[str, int], list[tuple[int, Node]]]:
+    """The service's known nodes grouped by GPU model and count (what its VRAM budget depends on)."""
+    out: dict[tuple[str, int], list[tuple[int, Node]]] = {}
+    for host in dict.fromkeys(svc.nodes):
+        if host in nodes and nodes[host][1].gpu.model in cat.gpus:
+            i, n = nodes[host]
+            out.setdefault((n.gpu.model, n.gpu.count), []).append((i, n))
+    return out
+
+
+def _passes(
+    svc: InferenceService, arch: sizing.Architecture, nodes: dict[str, tuple[int, Node]], cat: ResolvedCatalogue
+) -> bool:
+    """Whether the service passes the model rules on every one of its nodes (what a suggestion must do)."""
+    limit = max_context(svc, cat)
+    if limit is not None and svc.model.context_length > limit:
+        return False
+    if svc.engine is Engine.LLAMACPP:
+        return True
+    if sizing.tp_errors(arch, svc.tensor_parallel, svc.pipeline_parallel):
+        return False
+    return all(
+        svc.tensor_parallel * svc.pipeline_parallel <= count
+        and _vram_plan(arch, deployment(svc, group[0][1], cat), False).fits
+        for (_, count), group in _hardware(svc, nodes, cat).items()
+    )
+
+
+# Fields of `sizing.Suggestion` → (config path under the service, how the site model spells the value).
+_VRAM_FIELDS: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "tensor_parallel": ("tensor_parallel", int),
+    "kv_cache_dtype": ("kv_cache_dtype", KvCacheDType),
+    "dtype": ("model.dtype", DType),
+    "gpu_memory_utilization": ("gpu_memory_utilization", float),
+    "context_length": ("model.context_length", int),
+    "max_concurrency": ("max_concurrency", int),
+}
+
+
+def _with(svc: InferenceService, field: str, value: Any) -> InferenceService:
+    """The service with one field (`model.x` for the model's) changed."""
+    if field.startswith("model."):
+        model = svc.model.model_copy(update={field.removeprefix("model."): value})
+        return svc.model_copy(update={"model": model})
+    return svc.model_copy(update={field: value})
+
+
+def _try(
+    svc: InferenceService,
+    index: int,
+    changes: Sequence[tuple[str, str, Any]],
+    arch: sizing.Architecture,
+    nodes: dict[str, tuple[int, Node]],
+    cat: ResolvedCatalogue,
+) -> list[Suggestion]:
+    """Those of `(words, field, value)` changes after which the service passes on every node."""
+    out = []
+    for words, field, value in changes:
+        path, spell = _VRAM_FIELDS.get(field, (field, lambda v: v))
+        if _passes(_with(svc, path, spell(value)), arch, nodes, cat):
+            out.append(suggest(words, (f"services[{index}].{path}", value)))
+    return out
+
+
+def _tensor_parallel_choices(
+    svc: InferenceService,
+    index: int,
+    arch: sizing.Architecture,
+    nodes: dict[str, tuple[int, Node]],
+    cat: ResolvedCatalogue,
+) -> list[Suggestion]:
+    """The nearest tensor-parallel sizes (one below, one above) that pass on every node of the service."""
+    below = list(range(svc.tensor_parallel - 1, 0, -1))
+    above = list(range(svc.tensor_parallel + 1, 17))
+    out: list[Suggestion] = []
+    for candidates in (below, above):
+        for t in candidates:
+            found = _try(svc, index, [(f"tensor_parallel {t}", "tensor_parallel", t)], arch, nodes, cat)
+            if found:
+                out += found
+                break
+    return out
 
 
 @rule
 def services(site: Site, cat: ResolvedCatalogue) -> Iterator[Problem]:
-    """Images by digest where needed; TP divides the heads; the model fits in GPU memory."""
-    nodes = {n.hostname: n for n in site.nodes}
+    """Images where needed; context within the model's limit; TP divides the heads; the model fits every node."""
+    nodes = {n.hostname: (i, n) for i, n in enumerate(site.nodes)}
     for i, svc in enumerate(site.services):
         path = f"services[{i}]"
         if svc.image is None and svc.engine is not Engine.LLAMACPP:
@@ -339,6 +785,19 @@ def services(site: Site, cat: ResolvedCatalogue) -> Iterator[Problem]:
                 "set wheel: to the wheel on the mirror, or set an image",
             )
         arch = model_arch(svc, cat)
+        limit = max_context(svc, cat)
+        if limit is not None and svc.model.context_length > limit:
+            yield Problem(
+                f"{path}.model.context_length",
+                f"{svc.model.context_length} exceeds the {limit}-token maximum context of {svc.model.name} "
+                "(max_position_embeddings in its config.json); engines refuse to start above it",
+                f"set context_length to at most {limit}, or serve weights built for a longer context",
+                tuple(
+                    _try(svc, i, [(f"context_length {limit}", "context_length", limit)], arch, nodes, cat)
+                    if arch is not None
+                    else [suggest(f"context_length {limit}", (f"{path}.model.context_length", limit))]
+                ),
+            )
         if arch is None:
             yield Problem(
                 f"{path}.model",
@@ -348,29 +807,53 @@ def services(site: Site, cat: ResolvedCatalogue) -> Iterator[Problem]:
             continue
         if svc.engine is Engine.LLAMACPP:
             continue  # llama.cpp on CPU/GPU offload: no vLLM budget rule applies
-        for msg in sizing.tp_errors(arch, svc.tensor_parallel, svc.pipeline_parallel):
-            yield Problem(f"{path}.tensor_parallel", msg, "pick a size that divides the model's attention and KV heads")
-        seen_models: set[str] = set()
-        for host in svc.nodes:
-            node = nodes.get(host)
-            if node is None or node.gpu.model not in cat.gpus or node.gpu.model in seen_models:
+        tp_msgs = sizing.tp_errors(arch, svc.tensor_parallel, svc.pipeline_parallel)
+        choices = _tensor_parallel_choices(svc, i, arch, nodes, cat) if tp_msgs else []
+        for msg in tp_msgs:
+            yield Problem(
+                f"{path}.tensor_parallel",
+                msg,
+                "pick a size that divides the model's attention and KV heads",
+                tuple(choices),
+            )
+        gpus = svc.tensor_parallel * svc.pipeline_parallel
+        hardware = _hardware(svc, nodes, cat)
+        short = [(j, n) for (_, count), group in hardware.items() if count < gpus for j, n in group]
+        if short and not tp_msgs:
+            short.sort(key=lambda t: t[0])
+            j, n = short[0]
+            fixes = _tensor_parallel_choices(svc, i, arch, nodes, cat)
+            fixes = [s for s in fixes if s.edits[0].value < svc.tensor_parallel]
+            short_hosts = {m.hostname for _, m in short}
+            rest = [h for h in dict.fromkeys(svc.nodes) if h not in short_hosts]
+            if rest:
+                fixes += _try(svc, i, [(f"serve only on {_some(rest)}", "nodes", rest)], arch, nodes, cat)
+            yield Problem(
+                f"{path}.tensor_parallel",
+                f"tensor_parallel × pipeline_parallel = {gpus} exceeds the {n.gpu.count} GPUs of {n.hostname} "
+                f"(nodes[{j}].gpu.count)" + (f" and {len(short) - 1} more of its nodes" if len(short) > 1 else ""),
+                f"use at most {least} GPUs or target nodes with more"
+                if (least := min(m.gpu.count for _, m in short))
+                else "take the nodes without GPUs out of services[].nodes or target nodes with GPUs",
+                tuple(fixes),
+            )
+        if tp_msgs:
+            continue
+        for (model, count), group in hardware.items():
+            if count < gpus:
                 continue
-            seen_models.add(node.gpu.model)
-            if svc.tensor_parallel * svc.pipeline_parallel > node.gpu.count:
-                yield Problem(
-                    f"{path}.tensor_parallel",
-                    f"tensor_parallel × pipeline_parallel = {svc.tensor_parallel * svc.pipeline_parallel} "
-                    f"exceeds the {node.gpu.count} GPUs of {host}",
-                    f"use at most {node.gpu.count} GPUs or target nodes with more",
-                )
+            result = _vram_plan(arch, deployment(svc, group[0][1], cat))
+            if result.fits or result.errors:
                 continue
-            result = sizing.plan(arch, deployment(svc, node, cat))
-            if not result.fits and not result.errors:
-                yield Problem(
-                    f"{path}.model",
-                    f"{svc.model.name} on {host} ({node.gpu.count}× {node.gpu.model}) " + result.verdict(),
-                    "apply one of the changes above",
-                )
+            ok = _try(svc, i, [(s.change, s.field, s.value) for s in result.suggestions], arch, nodes, cat)
+            words = {s.change for s in ok}
+            shown = replace(result, suggestions=[s for s in result.suggestions if s.change in words])
+            yield Problem(
+                f"{path}.model",
+                f"{svc.model.name} on {_some([n.hostname for _, n in group])} ({count}× {model}) " + shown.verdict(),
+                "apply one of the changes above" if ok else "use nodes with more or larger GPUs or a smaller model",
+                tuple(ok),
+            )
 
 
 @rule

@@ -890,6 +890,8 @@ class ModelSpec(_Model):
     """Dimension per attention head."""
     vocab: int | None = Field(default=None, ge=1)
     """Vocabulary size."""
+    max_context: int | None = Field(default=None, ge=1)
+    """Longest context the engine accepts for these weights (config.json `max_position_embeddings`)."""
 
 
 class ServiceSlo(_Model):
@@ -956,6 +958,8 @@ class GpuCatalogueEntry(_Model):
     """Device memory CUDA reports, GiB (what engines budget against)."""
     nvswitch_capable: bool = False
     """Sold in NVSwitch (HGX/DGX) systems."""
+    open_modules_required: bool = False
+    """The proprietary kernel modules do not support it: profiles of its nodes need `driver.open_modules`."""
 
 
 class ModelArch(_Model):
@@ -973,6 +977,8 @@ class ModelArch(_Model):
     """Dimension per head."""
     vocab: int = Field(ge=1)
     """Vocabulary size."""
+    max_context: int = Field(ge=1)
+    """Longest context engines accept (config.json `max_position_embeddings`; vLLM refuses a longer max-model-len)."""
 
 
 class GpuHealth(_Model):

@@ -14,11 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from infra.model.ports import DCGM_EXPORTER_PORT, NODE_EXPORTER_PORT
 from infra.model.site import Engine, InferenceService, ServiceSlo, Site
 from infra.observe.metrics import (
-    DCGM_EXPORTER_PORT,
     ENGINE_METRICS,
-    NODE_EXPORTER_PORT,
     PROBE_FAILURES,
     PROBE_ITL_BUCKET,
     PROBE_PORT,

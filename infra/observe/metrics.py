@@ -10,10 +10,7 @@ from dataclasses import dataclass
 
 from infra.model.site import Engine
 
-# Ports of the exporters gpufleet runs on every monitored node (Debian's prometheus-node-exporter
-# default, dcgm-exporter's default `:9400`) and of the SLO probe on each Prometheus host.
-NODE_EXPORTER_PORT = 9100
-DCGM_EXPORTER_PORT = 9400
+# Port of the SLO probe on each Prometheus host (the exporters' ports live in infra.model.ports).
 PROBE_PORT = 9479
 
 

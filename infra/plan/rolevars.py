@@ -12,6 +12,7 @@ import re
 from typing import Any
 from urllib.parse import urlsplit
 
+from infra.model.ports import DCGM_EXPORTER_PORT
 from infra.model.site import ContainerEngine, Engine, RebootPolicy, Site
 from infra.plan.node import NodePlan, ServicePlan
 from infra.plan.packages import Component
@@ -197,6 +198,7 @@ def host_vars(plan: NodePlan, site: Site) -> dict[str, Any]:
         "monitoring_dcgm_packages": _pkgs(plan, Component.DCGM),
         "monitoring_dcgm_exporter_image": p.monitoring.dcgm_exporter_image or "",
         "monitoring_container_engine": engine.value,
+        "monitoring_dcgm_exporter_port": DCGM_EXPORTER_PORT,  # the validator keeps services off it
         # gpu_validate
         "gpu_validate_product_name": plan.gpu_product_name,
         "gpu_validate_gpu_count": plan.node.gpu.count,

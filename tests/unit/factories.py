@@ -37,7 +37,8 @@ def make_node(
         "macs": [mac],
         "os": "ubuntu-22.04",
         "gpu": {"model": "H100", "count": 8, "nvswitch": True},
-        "bmc": {"endpoint": "https://bmc.example", "username": "admin", "password": {"env": "BMC_PW"}},
+        # Each node its own BMC: two nodes on one BMC endpoint must name distinct system ids.
+        "bmc": {"endpoint": f"https://bmc-{hostname}.example", "username": "admin", "password": {"env": "BMC_PW"}},
     }
     n.update(overrides)
     return n

@@ -25,7 +25,7 @@ def _field(reader: object, key: str) -> object:
 
 
 def test_tiny_model_matches_catalogue(model: Path) -> None:
-    """GGUF metadata and tensor sizes equal the catalogue's gpufleet-tiny-lab (layers, heads, vocab, params)."""
+    """GGUF metadata and tensor sizes equal the catalogue's gpufleet-tiny-lab (layers, heads, vocab, context, size)."""
     entry = resolve().models["gpufleet-tiny-lab"]
     r = gguf.GGUFReader(model)
     assert _field(r, "general.architecture") == "llama"
@@ -34,6 +34,7 @@ def test_tiny_model_matches_catalogue(model: Path) -> None:
     assert _field(r, "llama.attention.head_count_kv") == entry.kv_heads
     assert _field(r, "llama.embedding_length") // entry.heads == entry.head_dim
     assert len(_field(r, "tokenizer.ggml.tokens")) == entry.vocab  # type: ignore[arg-type]
+    assert _field(r, "llama.context_length") == entry.max_context
     params = sum(int(t.n_elements) for t in r.tensors)
     assert abs(params - entry.parameters) / entry.parameters < 0.02
     assert params == tinymodel.parameter_count()

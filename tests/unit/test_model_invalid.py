@@ -8,10 +8,18 @@ from typing import Any
 import pytest
 
 from infra.cli import main
+from infra.model.generate import generate_site
 from infra.model.load import SiteError, parse_site
-from tests.unit.factories import make_node, make_service, make_site
+from infra.model.ports import DCGM_EXPORTER_PORT
+from infra.model.rules import check
+from infra.model.site import Site
+from infra.plan.node import plan_site
+from infra.plan.rolevars import host_vars
+from tests.unit.factories import DIGEST, make_node, make_profile, make_service, make_site
 
-Mutation = Callable[[dict[str, Any]], None]
+Mutation = Callable[[dict[str, Any]], Any]
+_H100x4 = {"model": "H100", "count": 4, "nvswitch": True}
+_L4x1 = {"model": "L4", "count": 1}
 
 
 def _set(path: str, value: Any) -> Mutation:
@@ -216,6 +224,100 @@ CASES: list[tuple[str, Mutation, str, str]] = [
     ),
     ("unknown-engine", _set("services.0.engine", "ollama"), "services[0].engine", "vllm"),
     ("unsupported-os", _set("nodes.0.os", "centos-7"), "nodes[0].os", "rhel-9"),
+    # Every node a rule concerns: a second node of the same GPU model with fewer GPUs.
+    (
+        "tp-exceeds-gpus-of-second-same-model-node",
+        lambda s: (
+            s["nodes"].append(make_node("gpu03", "10.0.0.13", mac="02:00:00:00:00:13", gpu=_H100x4))
+            or s["services"][0].update(tensor_parallel=8, nodes=["gpu01", "gpu03"])
+        ),
+        "services[0].tensor_parallel",
+        "gpu03",
+    ),
+    # Identities that touch hardware or the network.
+    (
+        "bmc-system-driven-twice",
+        lambda s: [n["bmc"].update(endpoint="https://10.0.9.1", system_id="1") for n in s["nodes"]],
+        "nodes[1].bmc.system_id",
+        "already driven by nodes[0]",
+    ),
+    (
+        "bmc-shared-without-system-id",
+        lambda s: [n["bmc"].update(endpoint="https://10.0.9.1") for n in s["nodes"]],
+        "nodes[1].bmc.system_id",
+        "system id",
+    ),
+    (
+        "bmc-endpoint-is-host-address",
+        _set("nodes.0.bmc.endpoint", "https://10.0.1.11"),
+        "nodes[0].bmc.endpoint",
+        "not a BMC",
+    ),
+    (
+        "egress-probe-inside-segment",
+        _set("segments.1.egress_probe", "10.0.1.99"),
+        "segments[1].egress_probe",
+        "outside",
+    ),
+    ("egress-probe-is-mirror", _set("segments.1.egress_probe", "10.0.1.10"), "segments[1].egress_probe", "mirror"),
+    ("service-port-is-ssh", _set("services.0.port", 22), "services[0].port", "ssh"),
+    (
+        "service-port-is-dcgm-exporter",
+        lambda s: (
+            s["profiles"]["hgx"].update(monitoring={"dcgm_exporter_image": f"nvcr.io/nvidia/dcgm-exporter@{DIGEST}"})
+            or s["services"][0].update(port=9400)
+        ),
+        "services[0].port",
+        "DCGM exporter",
+    ),
+    ("mirror-ports-equal", _set("mirrors.0.registry_port", 80), "mirrors[0].registry_port", "http_port"),
+    (
+        "service-node-listed-twice",
+        _set("services.0.nodes", ["gpu01", "gpu01"]),
+        "services[0].nodes[1]",
+        "already listed",
+    ),
+    # Limits engines enforce at start-up.
+    (
+        "context-over-model-max",
+        _set("services.0.model.context_length", 131073),
+        "services[0].model.context_length",
+        "131072",
+    ),
+    (
+        "context-over-explicit-max",
+        lambda s: s["services"][0]["model"].update(max_context=4096),
+        "services[0].model.context_length",
+        "4096",
+    ),
+    (
+        "b200-on-proprietary-modules",
+        lambda s: (
+            s["profiles"]["hgx"]["driver"].update(open_modules=False)
+            or s["nodes"][0].update(gpu={"model": "B200", "count": 8, "nvswitch": True})
+            or s["nodes"][1].update(gpu={"model": "B200", "count": 8, "nvswitch": True})
+        ),
+        "profiles.hgx.driver.open_modules",
+        "open kernel modules",
+    ),
+    (
+        "b200-node-on-shared-proprietary-profile",
+        lambda s: (
+            s["profiles"]["hgx"]["driver"].update(open_modules=False)
+            or s["nodes"][1].update(gpu={"model": "B200", "count": 8, "nvswitch": True})
+        ),
+        "nodes[1].profile",
+        "shared with gpu01",
+    ),
+    (
+        "nvswitch-node-on-profile-shared-with-pcie",
+        lambda s: (
+            s["profiles"]["hgx"].update(fabric_manager={"enabled": False})
+            or s["nodes"].append(make_node("gpu03", "10.0.0.13", mac="02:00:00:00:00:13", gpu=_L4x1))
+        ),
+        "nodes[0].profile",
+        "shared with gpu03",
+    ),
 ]
 
 
@@ -273,3 +375,109 @@ def test_validate_cli_exits_2_listing_problems(tmp_path: Any, capsys: pytest.Cap
     assert main(["validate", "--stack-file", str(f)]) == 2
     err = capsys.readouterr().err
     assert "segments[1].vlan" in err and "nodes[0].segment" in err and "Fix:" in err
+
+
+def _problems(raw: dict[str, Any]) -> list[Any]:
+    try:
+        parse_site(raw)
+    except SiteError as exc:
+        return exc.problems
+    return []
+
+
+def test_one_bmc_with_distinct_system_ids_is_fine() -> None:
+    """The lab's layout: one BMC endpoint driving several systems, each node naming its own."""
+    raw = make_site()
+    for i, n in enumerate(raw["nodes"]):
+        n["bmc"].update(endpoint="https://10.0.9.1", system_id=f"sys{i}")
+    assert _problems(raw) == []
+
+
+def test_same_bmc_despite_default_port_and_case() -> None:
+    """`https://BMC:443` and `https://bmc` are the same BMC: a shared system is still caught."""
+    raw = make_site()
+    raw["nodes"][0]["bmc"].update(endpoint="https://BMC-A.example:443", system_id="1")
+    raw["nodes"][1]["bmc"].update(endpoint="https://bmc-a.example", system_id="1")
+    assert [p.path for p in _problems(raw)] == ["nodes[1].bmc.system_id"]
+
+
+def test_exporter_port_is_free_without_monitoring() -> None:
+    """Ports the monitoring role uses are reserved only on nodes that run it."""
+    raw = make_site()
+    raw["profiles"]["hgx"]["monitoring"] = {"dcgm_exporter_image": f"nvcr.io/nvidia/dcgm-exporter@{DIGEST}"}
+    raw["services"][0]["port"] = 9400
+    assert [p.path for p in _problems(raw)] == ["services[0].port"]
+    raw["nodes"][0]["roles"] = ["inference"]
+    assert _problems(raw) == []
+
+
+def test_validator_keeps_services_off_the_port_the_monitoring_role_gets() -> None:
+    """The DCGM exporter port handed to the role (plan → role vars) is the port the validator reserves."""
+    raw = make_site()
+    raw["profiles"]["hgx"]["monitoring"] = {"dcgm_exporter_image": f"nvcr.io/nvidia/dcgm-exporter@{DIGEST}"}
+    site = parse_site(raw)
+    plan = plan_site(site).node("gpu01")
+    role_port = host_vars(plan, site)["monitoring_dcgm_exporter_port"]
+    assert role_port == DCGM_EXPORTER_PORT
+    raw["services"][0]["port"] = role_port
+    assert [p.path for p in _problems(raw)] == ["services[0].port"]
+
+
+def test_suggestions_never_ask_for_more_gpus_than_a_node_has() -> None:
+    """A model that needs more GPUs than its nodes have gets no tensor_parallel beyond them."""
+    raw = make_site()
+    raw["nodes"][0]["gpu"] = {"model": "L40S", "count": 2}
+    raw["profiles"]["hgx"]["fabric_manager"] = {"enabled": True, "version": "570.133.20"}
+    raw["services"][0]["model"].update(name="llama-3.1-70b", context_length=4096)
+    problems = [p for p in _problems(raw) if p.path == "services[0].model"]
+    assert problems
+    for p in problems:
+        for s in p.suggestions:
+            for e in s.edits:
+                if e.path.endswith("tensor_parallel"):
+                    assert e.value <= 2, s
+        assert "(4 GPUs)" not in p.message and "(8 GPUs)" not in p.message
+
+
+def test_shared_profile_is_not_edited_by_a_suggestion() -> None:
+    """An NVSwitch node on a profile shared with PCIe nodes is moved, the shared profile is left alone."""
+    raw = make_site()
+    raw["profiles"]["hgx"]["fabric_manager"] = {"enabled": False}
+    raw["nodes"].append(make_node("gpu03", "10.0.0.13", mac="02:00:00:00:00:13", gpu=_L4x1))
+    problems = [p for p in _problems(raw) if p.suggestions]
+    assert problems
+    for p in problems:
+        for s in p.suggestions:
+            assert not any(e.path.startswith("profiles.hgx.") or e.path == "profiles.hgx" for e in s.edits), s
+
+
+def test_an_existing_matching_profile_is_suggested_before_a_new_one() -> None:
+    """When a profile equal to the shared one plus fabric manager exists, the node is pointed at it."""
+    raw = make_site()
+    raw["profiles"]["pcie"] = make_profile(fabric_manager={"enabled": False})
+    raw["nodes"][0]["profile"] = "pcie"
+    raw["nodes"].append(make_node("gpu03", "10.0.0.13", mac="02:00:00:00:00:13", gpu=_L4x1, profile="pcie"))
+    (p,) = [p for p in _problems(raw) if p.path == "nodes[0].profile"]
+    assert [(e.path, e.value) for s in p.suggestions for e in s.edits] == [("nodes[0].profile", "hgx")]
+
+
+def test_problem_json_carries_suggestions() -> None:
+    """`--json` consumers get machine-applicable edits next to the human fix."""
+    raw = make_site()
+    raw["segments"][1]["vlan"] = 10
+    (p,) = _problems(raw)
+    d = p.as_dict()
+    assert d["path"] == "segments[1].vlan" and d["fix"]
+    (edit,) = d["suggestions"][0]["edits"]
+    assert edit["path"] == "segments[1].vlan" and edit["value"] != 10
+
+
+def test_every_node_checked_at_scale() -> None:
+    """A 1,000-node site with one short node at the end: the rule still reaches it."""
+    raw = generate_site(1000, served_nodes=1000)
+    raw["services"][0]["tensor_parallel"] = 8
+    raw["nodes"][-1]["gpu"]["count"] = 4
+    site = Site.model_validate(raw)
+    problems = check(site)
+    assert [p.path for p in problems] == ["services[0].tensor_parallel"]
+    assert raw["nodes"][-1]["hostname"] in problems[0].message
