@@ -372,7 +372,7 @@ def test_client_for_reads_password_from_secret_ref(emulator: Emulator, tmp_path:
     """The node's SecretRef file supplies the password; the CA bundle becomes the verify setting."""
     node = load_site(path=make_stack(tmp_path, emulator.url, ca_bundle="/etc/ssl/bmc-ca.pem")).nodes[0]
     c = client_for(node, FAST)
-    assert c.http.verify == "/etc/ssl/bmc-ca.pem"
+    assert c.verify == "/etc/ssl/bmc-ca.pem"
     assert c._password == PASSWORD
 
 
