@@ -351,6 +351,8 @@ def _mapped(endpoint: str, what: str) -> Iterator[None]:
 def _quiet_sushy() -> None:
     """Keep sushy's log out of every log: its warnings quote BMC error bodies, which may echo what was sent."""
     log = logging.getLogger("sushy")
+    # Above CRITICAL: sushy's records are never even created, whatever handlers a host program attaches.
+    log.setLevel(logging.CRITICAL + 1)
     log.propagate = False
     if not any(isinstance(h, logging.NullHandler) for h in log.handlers):
         log.addHandler(logging.NullHandler())
@@ -393,7 +395,13 @@ class _Connector(sushy_connector.Connector):  # type: ignore[misc]
     def _op(self, method: str, path: str = "", *args: Any, **kwargs: Any) -> requests.Response:
         kwargs["allow_redirects"] = False
         self.requests_made += 1
-        response = cast("requests.Response", super()._op(method, path, *args, **kwargs))
+        try:
+            response = cast("requests.Response", super()._op(method, path, *args, **kwargs))
+        finally:
+            # sushy asks the BMC to close each connection (`Connection: close`); drop ours as well, so a socket
+            # the BMC is closing is never reused for the next request (a POST on it could not be retried safely).
+            for adapter in self._session.adapters.values():
+                adapter.close()
         if 300 <= response.status_code < 400:
             target = urlsplit(response.headers.get("Location", ""))
             where = f"{target.scheme}://{target.netloc}" if target.netloc else "another path"
