@@ -214,7 +214,7 @@ def _render_boot(node: Node) -> Callable[[dict[str, Any]], str]:
         if not d["honoured"]:
             text += (
                 f"\nwarning: asked {d['requested_enabled']}, the BMC reports {d['enabled']}; "
-                "gpufleet sets the boot device back to Hdd after a rebuild"
+                "`bmc reimage` and `rebuild` set the boot device back to Hdd when the BMC keeps a PXE override"
             )
         return text
 

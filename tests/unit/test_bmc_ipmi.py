@@ -23,6 +23,7 @@ import yaml
 
 from infra.bmc.errors import BmcAuthError, BmcUnreachable, BmcUnsupported
 from infra.bmc.ipmi import IpmiClient
+from infra.bmc.lifecycle import reimage
 from infra.bmc.redfish import BootTarget, PowerAction, Timeouts
 from infra.cli import main
 from infra.model.load import project_dir
@@ -203,8 +204,6 @@ def test_cli_power_and_status_over_ipmi(sim: tuple[str, Path], tmp_path: Path) -
 
 def test_reimage_over_ipmi(sim: tuple[str, Path]) -> None:
     """The one reimage function drives an IPMI BMC too; the node is not left on a PXE override."""
-    from infra.bmc.lifecycle import reimage
-
     endpoint, _ = sim
     c = IpmiClient(endpoint, "admin", PASSWORD, timeouts=FAST)
     c.set_power(PowerAction.ON)
