@@ -23,7 +23,6 @@ from infra.bmc.redfish import BootTarget, PowerAction, Timeouts
 from infra.bmc.secrets import SecretError, loose_permissions
 from infra.commands.site import add_stack_args, site_from_args
 from infra.console import Exit, confirm, emit, table
-from infra.hostkeys import HostKeyError, parse_public_key, pin_key
 from infra.model.site import Node, Site
 
 _BOOT_CHOICES = {
@@ -258,6 +257,8 @@ def cmd_reimage(args: argparse.Namespace) -> int:
     key: tuple[str, str] | None = None
     if args.host_key is not None:
         # Checked before the BMC is touched: a bad key file must not leave a reimaged node nobody can reach.
+        from infra.dr.hostkeys import HostKeyError, parse_public_key
+
         try:
             key = parse_public_key(args.host_key.read_text(encoding="utf-8"))
         except (OSError, HostKeyError) as exc:
@@ -270,6 +271,8 @@ def cmd_reimage(args: argparse.Namespace) -> int:
     def body(node: Node, c: BmcClient) -> int:
         pin: Callable[[], str] | None = None
         if key is not None:
+            from infra.dr.hostkeys import pin_key
+
             known_hosts, (key_type, blob) = Path(str(site_from_args(args).controller.known_hosts)), key
 
             def pin() -> str:
