@@ -12,6 +12,7 @@ import logging
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -21,7 +22,7 @@ import infra.bmc.lifecycle
 import infra.dr.rebuild
 from infra.bmc.errors import BmcAuthError, BmcProtocolError, BmcRedirected
 from infra.bmc.lifecycle import reimage
-from infra.bmc.redfish import BootTarget, PowerAction, RedfishClient
+from infra.bmc.redfish import BootTarget, PowerAction, RedfishClient, Timeouts
 from tests.unit.redfish_proxy import Proxy, Sink
 from tests.unit.test_bmc import (
     FAST,
@@ -53,11 +54,11 @@ def proxy(emulator: Emulator) -> Iterator[Proxy]:
     p.close()
 
 
-def client(p: Proxy, password: str = PASSWORD, **kw: object) -> RedfishClient:
-    return RedfishClient(p.url, "admin", password, system_id="node-a", timeouts=kw.pop("timeouts", FAST))  # type: ignore[arg-type]
+def client(p: Proxy, password: str = PASSWORD, timeouts: Timeouts = FAST) -> RedfishClient:
+    return RedfishClient(p.url, "admin", password, system_id="node-a", timeouts=timeouts)
 
 
-def upstream(emu: Emulator) -> dict[str, object]:
+def upstream(emu: Emulator) -> dict[str, Any]:
     """node-a as the emulator itself holds it (no proxy in between)."""
     r = requests.get(emu.url + "/redfish/v1/Systems", auth=("admin", PASSWORD), timeout=5)
     for m in r.json()["Members"]:
@@ -164,12 +165,12 @@ def test_boot_mode_is_sent_back_when_the_bmc_resets_it(proxy: Proxy, emulator: E
     proxy.quirks.mode_reset = True
     requests.patch(proxy.url + str(upstream(emulator)["@odata.id"]),
                    json={"Boot": {"BootSourceOverrideTarget": "Hdd"}}, auth=("admin", PASSWORD), timeout=5)
-    assert upstream(emulator)["Boot"]["BootSourceOverrideMode"] == "Legacy"  # type: ignore[index]  # quirk on
+    assert upstream(emulator)["Boot"]["BootSourceOverrideMode"] == "Legacy"  # quirk on
     set_upstream_boot(emulator, BootSourceOverrideMode="UEFI")
     with client(proxy) as c:
         result = c.set_boot_override(BootTarget.PXE)
     assert result.mode_sent and result.mode == "UEFI"
-    assert upstream(emulator)["Boot"]["BootSourceOverrideMode"] == "UEFI"  # type: ignore[index]
+    assert upstream(emulator)["Boot"]["BootSourceOverrideMode"] == "UEFI"
 
 
 def test_read_only_boot_mode_is_left_out_and_remembered(proxy: Proxy, emulator: Emulator) -> None:
@@ -266,7 +267,7 @@ def test_bmc_reimage_handles_a_bmc_ignoring_once(
     assert data["once_ignored"] is ignore_once
     assert (data["restored"] or {}).get("target") == ("Hdd" if ignore_once else None)
     # Either way the node's next boot is from disk, not another reinstall.
-    assert upstream(emulator)["Boot"]["BootSourceOverrideTarget"] == "Hdd"  # type: ignore[index]
+    assert upstream(emulator)["Boot"]["BootSourceOverrideTarget"] == "Hdd"
     # The PXE override was set while the node was off, before the power-on.
     kinds = [k for k, _ in proxy.record.resets]
     pxe_patch = next(i for i, (m, path, _) in enumerate(proxy.record.requests)
@@ -293,7 +294,7 @@ def test_rebuild_handles_a_bmc_ignoring_once(
     step = next(s for s in report.steps if s["step"] == "bmc-reimage")
     assert step["once_ignored"] is ignore_once and step["host_key"].startswith("SHA256:")
     assert (step["restored"] or {}).get("target") == ("Hdd" if ignore_once else None)
-    assert upstream(emulator)["Boot"]["BootSourceOverrideTarget"] == "Hdd"  # type: ignore[index]
+    assert upstream(emulator)["Boot"]["BootSourceOverrideTarget"] == "Hdd"
     assert rec.calls.index("wait_ssh") < rec.calls.index("converge")
 
 
