@@ -39,6 +39,12 @@ class BmcAuthError(BmcError):
     kind = "auth"
 
 
+class BmcRedirected(BmcError):
+    """The BMC answered with a redirect. Never followed: a redirected POST would carry the password elsewhere."""
+
+    kind = "redirect"
+
+
 class BmcNotFound(BmcError):
     """The system (or a resource it links to) does not exist on this BMC."""
 

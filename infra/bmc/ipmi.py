@@ -31,6 +31,7 @@ from infra.bmc.redfish import (
     PowerAction,
     PowerResult,
     Timeouts,
+    confirm_power,
     poll_power,
 )
 
@@ -198,9 +199,18 @@ class IpmiClient:
             command, reset_type = ("on", "On") if before == "Off" else ("reset", "ForceRestart")
         if command is not None:
             self._run("chassis", "power", command)
-        after = before
+        after, resent = before, 0
         if wait and command is not None:
-            after, _ = self.wait_power(want, timeout)
+            # A power-on accepted while the BMC is still powering off can be dropped: confirm, then resend.
+            after, _, resent = confirm_power(
+                self.power_state,
+                want,
+                send=self._power_on if command == "on" else None,
+                endpoint=self.endpoint,
+                timeouts=self.timeouts,
+                timeout=timeout,
+                sleep=self._sleep,
+            )
         return PowerResult(
             action=action.value,
             before=before,
@@ -208,6 +218,7 @@ class IpmiClient:
             reset_type=reset_type if command else None,
             changed=command is not None,
             seconds=round(time.monotonic() - start, 2),
+            resent=resent,
         )
 
     def set_boot_override(
@@ -236,6 +247,17 @@ class IpmiClient:
         return BootOverride(
             target=reported, enabled=persisted, requested_enabled=enabled, allowed_targets=tuple(_BOOTDEV)
         )
+
+    def _power_on(self) -> None:
+        self._run("chassis", "power", "on")
+
+    def current_boot(self) -> tuple[str, str]:
+        """(target, Once|Continuous) of the boot flags now; ("None", "Disabled") once the BMC cleared them."""
+        out = self._run("chassis", "bootparam", "get", "5").lower()
+        if "boot flag invalid" in out:
+            return "None", "Disabled"
+        reported = next((k for k, selector in _SELECTOR.items() if selector in out), "None")
+        return reported, "Continuous" if "all future boots" in out else "Once"
 
     def inventory(self) -> Inventory:
         """What IPMI's `mc info` and `mc guid` tell: BMC vendor and product, system GUID."""

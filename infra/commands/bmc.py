@@ -9,7 +9,16 @@ from pathlib import Path
 from typing import Any
 
 from infra.bmc.connect import BmcClient, NoBmcError, client_for
-from infra.bmc.errors import BmcAuthError, BmcError, BmcNotFound, BmcTimeout, BmcTlsError, BmcUnreachable
+from infra.bmc.errors import (
+    BmcAuthError,
+    BmcError,
+    BmcNotFound,
+    BmcRedirected,
+    BmcTimeout,
+    BmcTlsError,
+    BmcUnreachable,
+)
+from infra.bmc.lifecycle import DEFAULT_BOOT_GRACE, reimage
 from infra.bmc.redfish import BootTarget, PowerAction, Timeouts
 from infra.commands.site import add_stack_args, site_from_args
 from infra.console import Exit, confirm, emit, table
@@ -64,9 +73,18 @@ def register(sub: Any) -> None:
     common(p)
     p.set_defaults(func=cmd_inventory)
 
-    p = bsub.add_parser("reimage", help="one-time PXE boot + reset: the node reinstalls (destroys its disk)")
+    p = bsub.add_parser(
+        "reimage", help="power off, one-time PXE boot, power on: the node reinstalls (destroys its disk)"
+    )
     common(p)
     p.add_argument("--yes", action="store_true", help="do not ask")
+    p.add_argument(
+        "--boot-grace",
+        type=float,
+        default=DEFAULT_BOOT_GRACE,
+        help="seconds the firmware may take to reach the PXE boot; a BMC that still holds the PXE override "
+        "then ignored 'Once', and the disk is set back as boot device (default %(default)s)",
+    )
     p.add_argument(
         "--host-key",
         type=Path,
@@ -87,7 +105,7 @@ def exit_for(exc: BmcError) -> Exit:
     """Exit code of a BMC failure: can't reach or log in = prerequisite missing (5); else failed (1)."""
     if isinstance(exc, BmcUnreachable | BmcTimeout | BmcTlsError | BmcAuthError):
         return Exit.UNAVAILABLE
-    if isinstance(exc, BmcNotFound):
+    if isinstance(exc, BmcNotFound | BmcRedirected):
         return Exit.INVALID
     return Exit.FAILED
 
@@ -196,7 +214,7 @@ def _render_boot(node: Node) -> Callable[[dict[str, Any]], str]:
         if not d["honoured"]:
             text += (
                 f"\nwarning: asked {d['requested_enabled']}, the BMC reports {d['enabled']}; "
-                "gpufleet sets the boot device back to Hdd after a rebuild"
+                "`bmc reimage` and `rebuild` set the boot device back to Hdd when the BMC keeps a PXE override"
             )
         return text
 
@@ -236,7 +254,7 @@ def cmd_inventory(args: argparse.Namespace) -> int:
 
 
 def cmd_reimage(args: argparse.Namespace) -> int:
-    """One-time PXE boot, then reset (or power on): the node reinstalls from the network."""
+    """Power off, one-time PXE boot, power on: the node reinstalls from the network (infra.bmc.lifecycle)."""
     key: tuple[str, str] | None = None
     if args.host_key is not None:
         # Checked before the BMC is touched: a bad key file must not leave a reimaged node nobody can reach.
@@ -250,18 +268,31 @@ def cmd_reimage(args: argparse.Namespace) -> int:
         return Exit.ABORTED
 
     def body(node: Node, c: BmcClient) -> int:
-        boot = c.set_boot_override(BootTarget.PXE, enabled="Once")
-        power = c.set_power(PowerAction.RESET, timeout=args.timeout)
-        pinned = None
+        pin: Callable[[], str] | None = None
         if key is not None:
-            pinned = pin_key(Path(str(site_from_args(args).controller.known_hosts)), node, *key)
+            known_hosts, (key_type, blob) = Path(str(site_from_args(args).controller.known_hosts)), key
+
+            def pin() -> str:
+                return pin_key(known_hosts, node, key_type, blob)
+        def progress(message: str) -> None:
+            if not args.json:
+                sys.stderr.write(f"{node.hostname}: {message}\n")
+
+        result = reimage(
+            c, host_key=pin, power_timeout=args.timeout, boot_grace=args.boot_grace, progress=progress
+        )
         emit(
             args.json,
-            {"ok": True, "node": node.hostname, "boot": boot.as_dict(), "power": power.as_dict(), "host_key": pinned},
+            {"ok": True, "node": node.hostname, **result.as_dict()},
             lambda d: (
                 f"{node.hostname}: PXE boot set ({d['boot']['enabled']}), "
-                f"{d['power']['reset_type']}: {d['power']['before']} → {d['power']['after']} "
-                f"in {d['power']['seconds']} s"
+                f"{d['power']['before']} → {d['power']['after']} in {d['seconds']} s"
+                + (
+                    f"; the BMC kept the PXE override ({d['override_after']['enabled']}), boot device set back to "
+                    f"{d['restored']['target']}"
+                    if d["restored"]
+                    else ""
+                )
             ),
         )
         return Exit.OK

@@ -1,7 +1,8 @@
 """Rebuild one node and prove it came back the same.
 
-fingerprint before → BMC one-time PXE + reset → re-pin the new host key (out of band) → wait for SSH →
-converge → validate → fingerprint after → compare.
+fingerprint before → reimage (infra.bmc.lifecycle.reimage, the same function `gpufleet bmc reimage` runs:
+power off, one-time PXE, power on, re-pin the new host key out of band and wait for SSH, disk back as boot
+device if the BMC ignored "Once") → converge → validate → fingerprint after → compare.
 
 Everything that can refuse is checked before the BMC is touched: the node has a BMC, its password
 resolves, the BMC answers and accepts the credentials, the BMC's system carries the node's PXE MAC,
@@ -17,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from infra import hostkeys
-from infra.bmc.connect import Preflight, client_for, preflight
+from infra.bmc.connect import BmcClient, Preflight, client_for, preflight
 from infra.bmc.errors import BmcError
-from infra.bmc.redfish import BootTarget, PowerAction, Timeouts
+from infra.bmc.lifecycle import reimage
+from infra.bmc.redfish import Timeouts
 from infra.dr import fingerprint as fp
 from infra.dr.probe import NodeState
 from infra.dr.remote import RemoteError, probe, reachable, wait_ssh
@@ -81,6 +83,7 @@ class Hooks:
     wait_ssh: Callable[[Site, Node, float], float] = field(default=lambda s, n, t: wait_ssh(s, n, timeout=t))
     converge: Callable[[StackRef, str], StepResult] = field(default=lambda r, h: converge(r, h))
     validate: Callable[[StackRef, str], StepResult] = field(default=lambda r, h: validate(r, h))
+    bmc: Callable[[Node, Timeouts], BmcClient] = field(default=lambda n, t: client_for(n, t))
 
 
 def plan_host_key_source(site: Site, node: Node, host_key: Path | None, ref: StackRef) -> hostkeys.HostKeySource:
@@ -148,49 +151,39 @@ def rebuild(
         report.baseline = "recorded" if before else "none"
     report.step("fingerprint-before", t0, baseline=report.baseline)
 
-    # -- BMC: one-time PXE + reset --------------------------------------------------------------------
-    t0 = time.monotonic()
-    progress(f"{node.hostname}: one-time PXE boot + reset through {node.bmc.endpoint}")
-    try:
-        with client_for(node, Timeouts(power_timeout=power_timeout)) as bmc:
-            boot = bmc.set_boot_override(BootTarget.PXE, enabled="Once")
-            power = bmc.set_power(PowerAction.RESET, timeout=power_timeout)
-    except BmcError as exc:
-        return _fail(report, "bmc-reimage", str(exc), start)
-    report.step("bmc-reimage", t0, boot=boot.as_dict(), power=power.as_dict())
-
-    # -- new host key, SSH ----------------------------------------------------------------------------
+    # -- reimage: power off, one-time PXE, power on, new host key + SSH, boot device back if "Once" ignored ----
     t0 = time.monotonic()
     limit = ssh_timeout or float(site.reboot.timeout_s)
-    pinned = ""
-    while True:
-        try:
-            pinned = keys.pin(site, node)
-            h.wait_ssh(site, node, max(1.0, limit - (time.monotonic() - t0)))
-            break
-        except hostkeys.HostKeyError as exc:
-            # The lab's disk may be mid-reimage (unmounted) when we read it: retry within the time limit.
-            if keys.refreshable and time.monotonic() - t0 < limit:
-                time.sleep(1)
-                continue
-            return _fail(report, "hostkey", str(exc), start)
-        except RemoteError as exc:
-            if exc.kind == "hostkey" and keys.refreshable and time.monotonic() - t0 < limit:
-                time.sleep(1)  # the lab's reimage finished after our read: read the key from disk again
-                continue
-            return _fail(report, "wait-ssh", str(exc), start)
-    report.step("hostkey+wait-ssh", t0, pinned=pinned)
 
-    if not boot.honoured_once:
-        # The BMC kept PXE as a persistent override (the emulator always does): put the disk back first,
-        # or the node's next reboot would reinstall it again.
-        t0 = time.monotonic()
-        try:
-            with client_for(node) as bmc:
-                bmc.set_boot_override(BootTarget.HDD, enabled="Once")
-        except BmcError as exc:
-            return _fail(report, "boot-restore", str(exc), start)
-        report.step("boot-restore", t0, reason=f"BMC reported {boot.enabled} for a Once request")
+    def booted() -> str:
+        """The host key step: pin the new key from its out-of-band source, wait until SSH answers with it."""
+        t_boot = time.monotonic()
+        while True:
+            try:
+                pinned = keys.pin(site, node)
+                h.wait_ssh(site, node, max(1.0, limit - (time.monotonic() - t_boot)))
+                return pinned
+            except hostkeys.HostKeyError as exc:
+                # The lab's disk may be mid-reimage (unmounted) when we read it: retry within the time limit.
+                if keys.refreshable and time.monotonic() - t_boot < limit:
+                    time.sleep(1)
+                    continue
+                raise _StepFailed("hostkey", str(exc)) from None
+            except RemoteError as exc:
+                if exc.kind == "hostkey" and keys.refreshable and time.monotonic() - t_boot < limit:
+                    time.sleep(1)  # the lab's reimage finished after our read: read the key from disk again
+                    continue
+                raise _StepFailed("wait-ssh", str(exc)) from None
+
+    progress(f"{node.hostname}: reimage through {node.bmc.endpoint} (power off, one-time PXE, power on)")
+    try:
+        with h.bmc(node, Timeouts(power_timeout=power_timeout)) as bmc:
+            result = reimage(bmc, booted=booted, power_timeout=power_timeout, progress=progress)
+    except _StepFailed as exc:
+        return _fail(report, exc.step, exc.message, start)
+    except BmcError as exc:
+        return _fail(report, "bmc-reimage", str(exc), start)
+    report.step("bmc-reimage", t0, **result.as_dict())
 
     # -- converge, validate ---------------------------------------------------------------------------
     for name, fn in (("converge", h.converge), ("validate", h.validate)):
@@ -222,6 +215,15 @@ def rebuild(
     )
     report.seconds = time.monotonic() - start
     return report
+
+
+class _StepFailed(Exception):
+    """A step inside the reimage (host key, SSH) failed; `step` names it in the report."""
+
+    def __init__(self, step: str, message: str) -> None:
+        self.step = step
+        self.message = message
+        super().__init__(message)
 
 
 def _fail(report: RebuildReport, step: str, message: str, start: float) -> RebuildReport:

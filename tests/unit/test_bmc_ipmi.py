@@ -23,6 +23,7 @@ import yaml
 
 from infra.bmc.errors import BmcAuthError, BmcUnreachable, BmcUnsupported
 from infra.bmc.ipmi import IpmiClient
+from infra.bmc.lifecycle import reimage
 from infra.bmc.redfish import BootTarget, PowerAction, Timeouts
 from infra.cli import main
 from infra.model.load import project_dir
@@ -199,3 +200,14 @@ def test_cli_power_and_status_over_ipmi(sim: tuple[str, Path], tmp_path: Path) -
     assert code == 0 and d["after"] == "Off"
     code, d = cli("bmc", "status", "--stack-file", str(stack), "--node", "lab-gpu01", "--json")
     assert code == 0 and d["nodes"][0]["power"] == "Off" and d["nodes"][0]["auth"] == "rmcp+"
+
+
+def test_reimage_over_ipmi(sim: tuple[str, Path]) -> None:
+    """The one reimage function drives an IPMI BMC too; the node is not left on a PXE override."""
+    endpoint, _ = sim
+    c = IpmiClient(endpoint, "admin", PASSWORD, timeouts=FAST)
+    c.set_power(PowerAction.ON)
+    result = reimage(c, boot_grace=0.5)
+    assert (result.power_off.after, result.boot.target, result.power_on.after) == ("Off", "Pxe", "On")
+    assert result.once_ignored == (result.restored is not None)
+    assert c.current_boot()[0] != "Pxe"

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from infra.cli import main
 from infra.bench.sitegen import generate_site
+from infra.cli import main
 from infra.model.load import SiteError, parse_site
 from infra.model.ports import DCGM_EXPORTER_PORT
 from infra.model.rules import check
