@@ -227,7 +227,10 @@ def _state(raw: Any, path: str, urn: Urn) -> State | None:
     rid = _opt(raw, "id", str, path) or ""
     custom = _opt(raw, "custom", bool, path) or False
     _opt(raw, "urn", str, path)
-    return State(urn.type, mask_secrets(inputs), mask_secrets(outputs), parent_urn, rid, custom)
+    # A whole property map that is one secret masks to a string: nothing in it can be read.
+    masked_in, masked_out = mask_secrets(inputs), mask_secrets(outputs)
+    return State(urn.type, masked_in if isinstance(masked_in, dict) else {},
+                 masked_out if isinstance(masked_out, dict) else {}, parent_urn, rid, custom)
 
 
 def _detailed(raw: Any, path: str) -> dict[str, str] | None:
@@ -240,7 +243,7 @@ def _detailed(raw: Any, path: str) -> dict[str, str] | None:
         if not isinstance(v, dict):
             raise DigestError(f"{_where(f'{path}[{_clip(k)!r}]')} must be an object {{kind, inputDiff}}")
         kind = v.get("kind")
-        if kind not in DIFF_KINDS:
+        if not isinstance(kind, str) or kind not in DIFF_KINDS:
             raise DigestError(f"{_where(f'{path}[{_clip(k)!r}].kind')} {_clip(str(kind))!r} is not one of "
                               + ", ".join(sorted(DIFF_KINDS)))
         _opt(v, "inputDiff", bool, f"{path}[{k!r}]")
@@ -287,7 +290,7 @@ def _diagnostic(raw: Any, i: int) -> Diagnostic:
     if not isinstance(raw, dict):
         raise DigestError(f"{_where(path)} must be an object, not {type(raw).__name__}")
     severity = raw.get("severity", "info")
-    if severity not in SEVERITIES:
+    if not isinstance(severity, str) or severity not in SEVERITIES:
         raise DigestError(f"{_where(f'{path}.severity')} {_clip(str(severity))!r} is not one of "
                           + ", ".join(sorted(SEVERITIES)))
     message = _opt(raw, "message", str, path) or ""

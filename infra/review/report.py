@@ -488,7 +488,8 @@ def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
 def markdown(r: Review) -> str:
     """The review as Markdown for a pull request comment."""
     e = escape
-    lines = [f"## gpufleet change review — stack {e(r.stack)}", ""]
+    # No value from outside ever sits in a heading (a forged "approved" heading needs one).
+    lines = ["## gpufleet change review", "", f"**Stack:** {e(r.stack)}", ""]
     if r.failed:
         lines += ["> ❌ **The preview failed or did not finish.** This review is incomplete: do not approve from it.",
                   ""]
@@ -514,7 +515,8 @@ def markdown(r: Review) -> str:
             rows.append([e(n.hostname), e(n.segment or "—"), action, e(n.reboot or "—"), e(serving), e(what)])
         lines += ["### Nodes", "", *_table(["node", "segment", "action", "reboot", "serving", "what changes"], rows)]
         for n in r.nodes:
-            lines += [f"#### {e(n.hostname)}", ""]
+            # A bold line, not a heading: no value from the preview ever sits in a heading.
+            lines += [f"**{e(n.hostname)}** steps:", ""]
             roles = next((c for c in n.changes if c.key == "roles"), None)
             if roles is not None and n.action != "added":
                 lines += [f"- roles: {e(roles.old)} → {e(roles.new)}", ""]
