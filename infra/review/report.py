@@ -507,6 +507,9 @@ def markdown(r: Review) -> str:
             action = f"**{e(n.action)} (reinstall)**" if n.reinstall else e(n.action)
             if n.action == "removed":
                 what = n.removal
+            elif n.action == "moved":
+                what = "; ".join([f"segment: {n.segment}",
+                                  *(f"{c.key}: {c.old} → {c.new}" for c in n.changes if c.key != "roles")])
             else:
                 what = "; ".join(f"{c.key}: {c.old} → {c.new}" for c in n.changes if c.key != "roles")
                 what = what or next((s.why for s in n.steps if s.resource in (BMC, CONVERGE)), "") or \

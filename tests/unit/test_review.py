@@ -11,11 +11,13 @@ from typing import Any
 import pytest
 
 from infra.cli import main
+from infra.components.commands import node_commands
+from infra.components.node import STEPS
 from infra.model.load import load_site
 from infra.plan.node import plan_site
 from infra.review import digest as digest_mod
 from infra.review.digest import SECRET_SIG, SIG_KEY, DigestError, parse
-from infra.review.report import NodeReview, Review, markdown, review
+from infra.review.report import BMC, CONVERGE, NODE_STEPS, NODE_TYPE, REIMAGE, NodeReview, Review, markdown, review
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "preview"
 
@@ -346,3 +348,12 @@ def test_not_utf8_huge_and_missing_inputs_exit_2(tmp_path: Path, monkeypatch: py
     assert main(["review", "--stack", "lab", "--preview", str(tmp_path / "missing.json")]) == 2
     assert main(["review", "--stack", "lab", "--preview", str(tmp_path)]) == 2
     assert capsys.readouterr().err.count("\n") == 2
+
+
+def test_the_program_still_registers_what_the_review_reads() -> None:
+    """The review's contract with infra/components: the node type token, step names, the reimage command."""
+    source = (Path(__file__).resolve().parents[2] / "infra" / "components" / "node.py").read_text()
+    assert f'"{NODE_TYPE}"' in source
+    assert {BMC, CONVERGE} <= set(STEPS) and set(NODE_STEPS) <= set(STEPS)
+    assert REIMAGE in node_commands("lab", "n", reimage_on_create=True, ssh_timeout_s=600).provision
+    assert REIMAGE not in node_commands("lab", "n", reimage_on_create=False, ssh_timeout_s=600).provision
