@@ -234,6 +234,14 @@ def _runs_reimage(step: Step) -> bool:
     return REIMAGE in cmd
 
 
+def _update_runs_reimage(step: Step) -> bool:
+    """Whether updating this BMC step reimages: without an `update` command pulumi-command runs `create`."""
+    cmd = _inputs(step, True).get("update")
+    if isinstance(cmd, str) and cmd and cmd not in (UNKNOWN, SECRET):
+        return REIMAGE in cmd
+    return _runs_reimage(step)
+
+
 def _removal(steps: list[Step]) -> str:
     """What deleting a node's steps does to the machine, read from their `delete` commands."""
     cmds = [c for s in steps for c in [_inputs(s, False).get("delete")] if isinstance(c, str) and c]
@@ -299,6 +307,7 @@ def _review_node(host: str, entries: list[tuple[str, Step]], plan: SitePlan | No
         nr.segment = node_plan.segment.name if node_plan else (new_seg or old_seg)
 
     bmc_new = created.get(BMC) or replaced.get(BMC)
+    bmc_upd = updated.get(BMC)
     conv_old = replaced.get(CONVERGE) or updated.get(CONVERGE) or deleted.get(CONVERGE)
     conv_new = replaced.get(CONVERGE) or updated.get(CONVERGE) or created.get(CONVERGE)
     if not (created or replaced or updated):
@@ -306,6 +315,10 @@ def _review_node(host: str, entries: list[tuple[str, Step]], plan: SitePlan | No
         nr.removal = _removal([s for _, s in entries])
     elif moved:
         nr.action = "moved"
+        olds = list(deleted.values())
+        if any(isinstance(_inputs(s, False).get("delete"), str) for s in olds):
+            # Deleting the old URNs runs their delete commands too (e.g. a decommission power-off).
+            nr.removal = "the old steps' delete command runs first: " + _removal(olds)
     elif BMC in created and not deleted:
         nr.action = "added"
     elif BMC in replaced:
@@ -323,6 +336,9 @@ def _review_node(host: str, entries: list[tuple[str, Step]], plan: SitePlan | No
                             "(`gpufleet:reimageOnCreate: false` adopts it as it is)")
         else:
             nr.reinstall = f"BMC step replaced: {_why(bmc_new)}"
+    elif bmc_upd is not None and _update_runs_reimage(bmc_upd):
+        nr.reinstall = (f"BMC step updated ({_why(bmc_upd)}) and its update command runs `bmc reimage` "
+                        "(with no `update` command pulumi-command runs `create`)")
 
     # Desired-state changes: the converge trigger, old (deleted or replaced) against new.
     if nr.action == "added":
@@ -351,7 +367,8 @@ def _review_node(host: str, entries: list[tuple[str, Step]], plan: SitePlan | No
         else:
             why = _why(s)
             if kind == BMC and s.op == "update":
-                why += " — the BMC step's update runs power-on only, no reinstall"
+                why += (" — its update runs `bmc reimage`: a reinstall" if _update_runs_reimage(s)
+                        else " — the BMC step's update runs power-on only, no reinstall")
         nr.steps.append(Row(kind, s.type, s.op, why, _urn_text(s.urn)))
     return nr
 
@@ -509,7 +526,8 @@ def markdown(r: Review) -> str:
                 what = n.removal
             elif n.action == "moved":
                 what = "; ".join([f"segment: {n.segment}",
-                                  *(f"{c.key}: {c.old} → {c.new}" for c in n.changes if c.key != "roles")])
+                                  *(f"{c.key}: {c.old} → {c.new}" for c in n.changes if c.key != "roles"),
+                                  *([n.removal] if n.removal else [])])
             else:
                 what = "; ".join(f"{c.key}: {c.old} → {c.new}" for c in n.changes if c.key != "roles")
                 what = what or next((s.why for s in n.steps if s.resource in (BMC, CONVERGE)), "") or \

@@ -357,3 +357,21 @@ def test_the_program_still_registers_what_the_review_reads() -> None:
     assert {BMC, CONVERGE} <= set(STEPS) and set(NODE_STEPS) <= set(STEPS)
     assert REIMAGE in node_commands("lab", "n", reimage_on_create=True, ssh_timeout_s=600).provision
     assert REIMAGE not in node_commands("lab", "n", reimage_on_create=False, ssh_timeout_s=600).provision
+
+
+def test_bmc_update_without_update_command_is_a_reinstall() -> None:
+    """pulumi-command runs `create` on update when `update` is unset: a reimaging BMC step then reinstalls."""
+    doc = _doc("checkout-moved.json")
+    del _step(doc, "lab-gpu01-bmc")["newState"]["inputs"]["update"]
+    r = _review(doc)
+    assert [x["host"] for x in r.reinstalls] == ["lab-gpu01"]
+    assert "runs `create`" in _node(r, "lab-gpu01").reinstall and _node(r, "lab-gpu03").reinstall == ""
+
+
+def test_move_runs_the_old_steps_delete_command_and_says_so() -> None:
+    """Without an alias a move deletes the old URNs: a decommission delete command on them runs too."""
+    doc = _doc("segment-move.json")
+    _step(doc, "lab-gpu03-bmc", "delete")["oldState"]["inputs"]["delete"] = (
+        ".venv/bin/gpufleet bmc power --stack lab --node lab-gpu03 --state off")
+    gpu03 = _node(_review(doc), "lab-gpu03")
+    assert gpu03.action == "moved" and "delete command runs first: powered off via its BMC" in gpu03.removal
