@@ -16,7 +16,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from infra.plan.node import SitePlan
+from infra.plan.node import NodePlan, SitePlan
 from infra.review.digest import SECRET, UNKNOWN, Digest, Step, Urn
 
 NODE_TYPE = "gpufleet:node:GpuNode"
@@ -285,7 +285,7 @@ def _summary_changes(old: dict[str, Any], new: dict[str, Any]) -> list[Change]:
     return out
 
 
-def _review_node(host: str, entries: list[tuple[str, Step]], plan: SitePlan | None) -> NodeReview:
+def _review_node(host: str, entries: list[tuple[str, Step]], node_plan: NodePlan | None) -> NodeReview:
     by_op: dict[str, dict[str, Step]] = {}
     for kind, s in entries:
         by_op.setdefault(s.op, {})[kind] = s
@@ -293,7 +293,6 @@ def _review_node(host: str, entries: list[tuple[str, Step]], plan: SitePlan | No
     replaced, updated = by_op.get("replace", {}), by_op.get("update", {})
     moved = bool(set(created) & set(deleted))
     nr = NodeReview(hostname=host, action="updated")
-    node_plan = next((n for n in plan.nodes if n.hostname == host), None) if plan else None
     if node_plan is not None:
         nr.serving = [s.name for s in node_plan.services]
 
@@ -413,7 +412,8 @@ def _other_why(s: Step) -> str:
 
 def review(digest: Digest, plan: SitePlan | None, stack: str) -> Review:
     """Build the change review of one preview. `plan` is the stack as the change leaves it."""
-    hosts = {n.hostname for n in plan.nodes} if plan else set()
+    by_host = {n.hostname: n for n in plan.nodes} if plan else {}
+    hosts = set(by_host)
     per_host: dict[str, list[tuple[str, Step]]] = {}
     claimed: set[int] = set()
     for i, s in enumerate(digest.steps):
@@ -440,7 +440,7 @@ def review(digest: Digest, plan: SitePlan | None, stack: str) -> Review:
             unknown.append({"host": host, "ops": ops, "why": "the stack keeps this node but the preview deletes "
                             "it: the preview and the stack file disagree"})
             continue
-        nodes.append(_review_node(host, entries, plan))
+        nodes.append(_review_node(host, entries, by_host.get(host)))
 
     rest = [s for i, s in enumerate(digest.steps) if i not in claimed and s.type != STACK_TYPE]
     providers = _providers(rest)
