@@ -375,3 +375,14 @@ def test_move_runs_the_old_steps_delete_command_and_says_so() -> None:
         ".venv/bin/gpufleet bmc power --stack lab --node lab-gpu03 --state off")
     gpu03 = _node(_review(doc), "lab-gpu03")
     assert gpu03.action == "moved" and "delete command runs first: powered off via its BMC" in gpu03.removal
+
+
+def test_new_node_is_added_and_listed_as_an_install() -> None:
+    """Creates with no deletes (a node new to the stack): added, and its BMC create reimages — listed."""
+    doc = _doc("segment-move.json")
+    doc["steps"] = [s for s in doc["steps"] if s["op"] != "delete"]
+    r = _review(doc)
+    gpu03 = _node(r, "lab-gpu03")
+    assert gpu03.action == "added" and gpu03.reinstall.startswith("new node")
+    assert gpu03.segment == "airgap" and {c.key for c in gpu03.changes} >= {"driver", "gpus"}
+    assert r.attention == ["reinstall", "reboot"]  # a reinstall reboots the machine too
