@@ -386,3 +386,13 @@ def test_new_node_is_added_and_listed_as_an_install() -> None:
     assert gpu03.action == "added" and gpu03.reinstall.startswith("new node")
     assert gpu03.segment == "airgap" and {c.key for c in gpu03.changes} >= {"driver", "gpus"}
     assert r.attention == ["reinstall", "reboot"]  # a reinstall reboots the machine too
+
+
+def test_reboot_policy_never_reports_the_pending_reboot() -> None:
+    """Under reboot policy `never` a driver change needs a reboot nobody performs; not a `reboot` for --fail-on."""
+    doc = _doc("driver-bump.json")
+    for name in ("lab-gpu01-converge", "lab-gpu02-converge"):
+        _step(doc, name)["newState"]["inputs"]["triggers"][0]["reboot_policy"] = "never"
+    r = _review(doc)
+    assert {n.reboot for n in r.nodes} == {"reboot needed, not performed (policy never)"}
+    assert r.attention == []
