@@ -1,34 +1,80 @@
-"""Turn a parsed preview and the stack's plan into a per-node change review (Markdown or JSON).
+"""Turn a parsed preview (and the stack's plan) into a per-node change review (Markdown or JSON).
 
-Resources are recognised by how `infra.components` names them: a GpuNode is named after the host,
-its steps `<host>-bmc|wait-ssh|converge|validate`; an air-gapped segment's steps
-`<segment>-mirror-import|status`; a service's `<service>-health`.
+Resources are recognised from their URNs, not from how our program happens to nest them: a
+`gpufleet:node:GpuNode` is named after its host; a resource with a GpuNode among its parent types is
+one of that node's steps, named `<host>-<step>` (`bmc`, `wait-ssh`, `converge`, `validate`, …); its
+host is the name of the GpuNode its state names as parent. Creating or replacing a node's `bmc` step
+runs its `create` command — a PXE reinstall when that command calls `bmc reimage`.
+
+Every value that came from the preview or the stack goes through `escape()` before it reaches the
+Markdown, so no value can become a heading, a link, HTML or a table cell of its own.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from infra.components.node import STEPS
-from infra.plan.node import SitePlan
-from infra.review.digest import UNKNOWN, Digest, Step
+from infra.plan.node import NodePlan, SitePlan
+from infra.review.digest import SECRET, UNKNOWN, Digest, Step, Urn
 
 NODE_TYPE = "gpufleet:node:GpuNode"
-SERVICE_TYPE = "gpufleet:inference:InferenceService"
-SEGMENT_TYPES = ("gpufleet:segment:Segment", "gpufleet:segment:AirGappedSegment")
-AIRGAPPED_TYPE = "gpufleet:segment:AirGappedSegment"
-# Summary keys whose change means a reboot (new kernel modules / fabric manager at the driver version).
+STACK_TYPE = "pulumi:pulumi:Stack"
+PROVIDER_PREFIX = "pulumi:providers:"
+BMC, CONVERGE = "bmc", "converge"
+# Step names of a GpuNode (infra/components/node.py STEPS), used only when a step's state names no parent.
+NODE_STEPS = ("bmc", "wait-ssh", "converge", "validate")
+REIMAGE = "bmc reimage"  # what a BMC step's create command runs to PXE-reinstall (infra/components/commands.py)
+# Converge summary keys whose change means a reboot (new kernel modules / fabric manager).
 REBOOT_KEYS = ("driver", "fabric_manager")
-CHANGED_OPS = ("create", "update", "replace", "delete")
+CHANGED = ("create", "update", "replace", "delete")
+FAIL_ON = ("reinstall", "reboot", "remove")
+_MAX_CELL = 240  # longer values are cut: a review row is not the place for a 10 kB string
+_HEX = re.compile(r"[0-9a-f]{40,}")
+# Characters that mean something in GitHub-flavoured Markdown *inside* a line (values never start a
+# line: newlines are removed first): emphasis, code, links/images, tables, strikethrough, math,
+# @mentions, #references, `http:` autolinks and emoji shortcodes. Each is backslash-escaped;
+# `<`, `>`, `&` become entities so no HTML (or entity) survives; `www.` autolinks are broken too.
+_MD_PUNCT = frozenset("\\`*_[]#|~!:@$")
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u2028\u2029\u200b-\u200f\u202a-\u202e\u2066-\u2069]")
+_ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[@-Z\\-_]")
 
 
-def _show(value: Any) -> str:
+def plain(value: Any, limit: int = _MAX_CELL) -> str:
+    """A value as one line of plain text: secrets masked, unknowns named, controls gone, length capped."""
     if value is None:
-        return "—"
-    if value == UNKNOWN:
-        return "(known after apply)"
-    return str(value)
+        text = "—"
+    elif value == UNKNOWN:
+        text = "(known after apply)"
+    elif isinstance(value, (dict, list)):
+        text = "(structured value)"
+    else:
+        text = str(value)
+    text = text.encode("utf-8", "replace").decode("utf-8")  # lone surrogates from JSON → "?"
+    text = _ANSI.sub("", text)
+    text = re.sub(r"[\r\n\t]+", " ", text)
+    text = _CONTROL.sub("", text).strip()
+    if _HEX.fullmatch(text):
+        text = text[:12] + "…"
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def escape(value: Any, limit: int = _MAX_CELL) -> str:
+    """`plain(value)` made inert for a Markdown table cell or inline text (the one escaping function)."""
+    out = []
+    for ch in plain(value, limit):
+        if ch == "<":
+            out.append("&lt;")
+        elif ch == ">":
+            out.append("&gt;")
+        elif ch == "&":
+            out.append("&amp;")
+        elif ch in _MD_PUNCT:
+            out.append("\\" + ch)
+        else:
+            out.append(ch)
+    return re.sub(r"(?i)(www)\.", r"\1\\.", "".join(out))
 
 
 @dataclass
@@ -41,17 +87,29 @@ class Change:
 
 
 @dataclass
+class Row:
+    """One resource's change and why it happens."""
+
+    resource: str
+    type: str
+    op: str
+    why: str
+    urn: str = ""
+
+
+@dataclass
 class NodeReview:
     """What the preview does to one node."""
 
     hostname: str
-    action: str  # added | removed | rebuilt | re-converged | updated | unchanged
+    action: str  # added | moved | rebuilt | re-converged | updated | removed
     segment: str = ""
-    airgapped: bool = False
-    steps: dict[str, str] = field(default_factory=dict)
-    changes: list[Change] = field(default_factory=list)
-    reboot: str = ""  # "" | "reboot" | "reboot required, not performed (policy never)"
+    reinstall: str = ""  # why the node is PXE-reinstalled, "" when it is not
+    reboot: str = ""  # "" | "reboot" | "reboot needed, not performed (policy never)"
+    removal: str = ""  # what removing it does to the machine
     serving: list[str] = field(default_factory=list)
+    changes: list[Change] = field(default_factory=list)
+    steps: list[Row] = field(default_factory=list)
 
 
 @dataclass
@@ -59,10 +117,16 @@ class Review:
     """The whole change review."""
 
     stack: str
+    complete: bool
+    failed: bool
     summary: str
     nodes: list[NodeReview]
-    warnings: list[str]
-    other: list[dict[str, str]]
+    reinstalls: list[dict[str, str]]
+    providers: list[Row]
+    other: list[Row]
+    unknown: list[dict[str, str]]
+    notes: list[str]
+    attention: list[str]  # which of FAIL_ON this review contains
     change_summary: dict[str, int]
     diagnostics: list[dict[str, str]]
 
@@ -71,191 +135,428 @@ class Review:
         return asdict(self)
 
 
-def _node_of(step: Step, hosts: set[str]) -> tuple[str, str] | None:
-    """(hostname, step) for a GpuNode or one of its steps."""
-    chain = step.type_chain
-    if chain[-1] == NODE_TYPE:
+# --- reading values out of steps -------------------------------------------------------------
+
+def _path(path: str) -> list[str | int] | None:
+    """`triggers[0].driver` / `a["b.c"][2]` → tokens; None when it is not a property path."""
+    tokens: list[str | int] = []
+    for m in re.finditer(r'\[(\d+)\]|\["((?:[^"\\]|\\.)*)"\]|\.?([^.\[\]"]+)|(.)', path):
+        if m.group(4) is not None:
+            return None
+        tokens.append(int(m.group(1)) if m.group(1) is not None else (m.group(2) or m.group(3) or ""))
+    return tokens or None
+
+
+def _get(value: Any, tokens: list[str | int]) -> Any:
+    for t in tokens:
+        if isinstance(t, int) and isinstance(value, list) and t < len(value):
+            value = value[t]
+        elif isinstance(t, str) and isinstance(value, dict):
+            value = value.get(t)
+        else:
+            return None
+    return value
+
+
+def _inputs(step: Step | None, new: bool) -> dict[str, Any]:
+    state = (step.new if new else step.old) if step is not None else None
+    return state.inputs if state is not None else {}
+
+
+def _trigger(step: Step | None, new: bool) -> dict[str, Any]:
+    value = _get(_inputs(step, new), ["triggers", 0])
+    return value if isinstance(value, dict) else {}
+
+
+def _segment_of(steps: dict[str, Step]) -> str:
+    """Segment of a node's created (or deleted) steps: the GpuNode's parent name, else the parent type."""
+    node = steps.get("node")
+    parent = node.parent if node is not None else None
+    if parent is not None:
+        return parent.name
+    for s in steps.values():
+        # No GpuNode step (e.g. kept by an alias): the URN still names the segment's type.
+        seg = next((t for t in s.urn.types if t.split(":")[1] == "segment"), None)
+        if seg is not None:
+            return seg.rsplit(":", 1)[-1]
+    return ""
+
+
+def _why_path(step: Step, path: str) -> str:
+    """Why one detailed-diff path changes, in words; values only where they are safe to show."""
+    tokens = _path(path)
+    old_in, new_in = _inputs(step, False), _inputs(step, True)
+    if not tokens or not isinstance(tokens[0], str):
+        return f"{plain(path)} changed"
+    head = tokens[0]
+    if head == "triggers" and len(tokens) >= 3:
+        key = ".".join(str(t) for t in tokens[2:])
+        return f"{key} {plain(_get(old_in, tokens))} → {plain(_get(new_in, tokens))}"
+    if head == "triggers":
+        if _get(new_in, tokens) == UNKNOWN:
+            return "re-runs because a step it depends on is re-created (its id is known after apply)"
+        return f"trigger {plain(path)} changed"
+    if head == "dir":
+        return (f"dir {plain(old_in.get('dir'))} → {plain(new_in.get('dir'))} "
+                "(run from another checkout: the command re-runs, nothing else changed)")
+    if head == "environment":
+        # Environment carries secrets (GPUFLEET_SECRET_*): name the variable, never a value.
+        name = str(tokens[1]) if len(tokens) > 1 else "environment"
+        return f"environment {plain(name)} changed ({SECRET})"
+    if head in ("create", "update", "delete"):
+        return f"its {head} command changed"
+    return f"{plain(path)} changed"
+
+
+def _why(step: Step) -> str:
+    """Why a replace or update happens: the trigger key old → new, `dir`, `--replace`, a provider."""
+    parts: list[str] = []
+    if "id" in step.replace_reasons and not step.detailed_diff:
+        parts.append("replacement requested (`--replace`)")
+    if "provider" in step.replace_reasons:
+        parts.append("its provider changed and the new one requires replacement")
+    for path in sorted(step.detailed_diff or {}):
+        text = _why_path(step, path)
+        if text not in parts:
+            parts.append(text)
+    if not step.detailed_diff:
+        parts += [f"{plain(r)} changed" for r in step.diff_reasons if r not in ("id", "provider")]
+    if not parts:
+        parts.append("changed (the preview gives no reason)")
+    return "; ".join(parts)
+
+
+def _runs_reimage(step: Step) -> bool:
+    """Whether creating this BMC step runs `bmc reimage` (unknown or hidden commands count as yes)."""
+    cmd = _inputs(step, True).get("create")
+    if not isinstance(cmd, str) or cmd in (UNKNOWN, SECRET):
+        return True
+    return REIMAGE in cmd
+
+
+def _update_runs_reimage(step: Step) -> bool:
+    """Whether updating this BMC step reimages: without an `update` command pulumi-command runs `create`."""
+    cmd = _inputs(step, True).get("update")
+    if isinstance(cmd, str) and cmd and cmd not in (UNKNOWN, SECRET):
+        return REIMAGE in cmd
+    return _runs_reimage(step)
+
+
+def _removal(steps: list[Step]) -> str:
+    """What deleting a node's steps does to the machine, read from their `delete` commands."""
+    cmds = [c for s in steps for c in [_inputs(s, False).get("delete")] if isinstance(c, str) and c]
+    if not cmds:
+        return "forgotten: no power-off, no wipe (no delete command; the machine keeps running as it is)"
+    text = " && ".join(cmds)
+    lowered = text.lower()
+    if "keep-running" in lowered or "keep_running" in lowered:
+        what = "keeps running; decommission recorded"
+    elif "--state off" in lowered or "power-off" in lowered or "poweroff" in lowered:
+        what = "powered off via its BMC; decommission recorded"
+    else:
+        what = "runs its delete command"
+    return f"{what} (runs: {plain(text)})"
+
+
+# --- grouping ------------------------------------------------------------------------------
+
+def _host_of(step: Step, hosts: set[str]) -> tuple[str, str] | None:
+    """(hostname, step kind) for a GpuNode or one of its steps; None for anything else."""
+    if step.type == NODE_TYPE:
         return step.name, "node"
-    if NODE_TYPE in chain[:-1]:
-        for s in STEPS:
-            if step.name.endswith(f"-{s}"):
-                return step.name.removesuffix(f"-{s}"), s
-    if step.name in hosts:
-        return step.name, "node"
-    return None
+    if NODE_TYPE not in step.urn.types[:-1]:
+        return None
+    parent = step.parent
+    host = parent.name if parent is not None and parent.type == NODE_TYPE else None
+    if host is None:
+        host = max((h for h in hosts if step.name.startswith(f"{h}-")), key=len, default=None)
+    if host is None:
+        host = next((step.name.removesuffix(f"-{s}") for s in NODE_STEPS if step.name.endswith(f"-{s}")),
+                    step.name)
+    kind = step.name.removeprefix(f"{host}-") if step.name.startswith(f"{host}-") else step.name
+    return host, kind
 
 
-def _overall(ops: dict[str, str]) -> str:
-    if ops.get("node") == "create" or ops.get("bmc") == "create":
-        return "added"
-    if ops.get("node") == "delete" or (ops and all(o == "delete" for o in ops.values())):
-        return "removed"
-    if ops.get("bmc") == "replace":
-        return "rebuilt"
-    if ops.get("converge") in ("replace", "update"):
-        return "re-converged"
-    if any(o in CHANGED_OPS for o in ops.values()):
-        return "updated"
-    return "unchanged"
-
-
-def _summary_changes(old: Any, new: Any) -> list[Change]:
-    old = old if isinstance(old, dict) else {}
-    new = new if isinstance(new, dict) else {}
-    out = []
-    for key in sorted(set(old) | set(new)):
-        if key == "content_hash" or old.get(key) == new.get(key):
-            continue
-        out.append(Change(key, _show(old.get(key)), _show(new.get(key))))
-    if not out and old.get("content_hash") != new.get("content_hash") and old and new:
+def _summary_changes(old: dict[str, Any], new: dict[str, Any]) -> list[Change]:
+    out = [Change(k, plain(old.get(k)), plain(new.get(k))) for k in sorted(set(old) | set(new))
+           if k != "content_hash" and old.get(k) != new.get(k)]
+    if not out and old and new and old.get("content_hash") != new.get("content_hash"):
         out.append(Change("content", "role files, host variables or lock", "changed (content hash)"))
     return out
 
 
-def _review_node(host: str, steps: dict[str, Step], plan: SitePlan | None) -> NodeReview:
-    ops = {k: s.op for k, s in steps.items()}
-    nr = NodeReview(hostname=host, action=_overall(ops), steps={k: v for k, v in ops.items() if k != "node"})
-    node_plan = next((n for n in plan.nodes if n.hostname == host), None) if plan else None
+def _review_node(host: str, entries: list[tuple[str, Step]], node_plan: NodePlan | None) -> NodeReview:
+    by_op: dict[str, dict[str, Step]] = {}
+    for kind, s in entries:
+        by_op.setdefault(s.op, {})[kind] = s
+    created, deleted = by_op.get("create", {}), by_op.get("delete", {})
+    replaced, updated = by_op.get("replace", {}), by_op.get("update", {})
+    moved = bool(set(created) & set(deleted))
+    nr = NodeReview(hostname=host, action="updated")
     if node_plan is not None:
-        nr.segment, nr.airgapped = node_plan.segment.name, node_plan.segment.airgapped
         nr.serving = [s.name for s in node_plan.services]
-    conv, bmc = steps.get("converge"), steps.get("bmc")
-    new_summary = conv.trigger(0) if conv else None
-    old_summary = conv.trigger(0, new=False) if conv else None
-    if not nr.serving and isinstance(old_summary, dict) and old_summary.get("inference"):
-        nr.serving = [s.split("=", 1)[0] for s in str(old_summary["inference"]).split(";")]
-    if nr.action == "added" and isinstance(new_summary, dict):
-        nr.changes = [Change(k, "—", _show(v)) for k, v in sorted(new_summary.items()) if k != "content_hash"]
-    elif nr.action != "removed" and conv and conv.op in ("replace", "update"):
-        nr.changes = _summary_changes(old_summary, new_summary)
-    for name, st in steps.items():
-        if st.op == "update" and name != "converge":
-            # Not a trigger change: pulumi-command runs the step's `update` (for bmc: power on only).
-            what = "power-on only, no reinstall" if name == "bmc" else "step re-runs"
-            nr.changes.append(Change(f"{name} step", "", f"{', '.join(st.diff_reasons) or 'inputs'} changed ({what})"))
-    if nr.action == "rebuilt" and bmc is not None:
-        reinstall = _summary_changes(bmc.trigger(0, new=False), bmc.trigger(0))
-        nr.changes = reinstall + nr.changes if reinstall else [
-            Change("rebuild", "installed", "reinstalled (requested with --replace)"), *nr.changes]
-    policy = (new_summary or {}).get("reboot_policy") if isinstance(new_summary, dict) else None
-    needs_reboot = nr.action == "rebuilt" or (
-        nr.action == "re-converged" and any(c.key in REBOOT_KEYS for c in nr.changes))
-    if needs_reboot:
-        nr.reboot = "reboot required, not performed (policy never)" if policy == "never" else "reboot"
+
+    old_seg = _segment_of(deleted)
+    new_seg = _segment_of(created)
+    if moved:
+        src = old_seg or "its old segment"
+        dst = new_seg or (node_plan.segment.name if node_plan else "its new segment")
+        nr.segment = f"{src} → {dst}"
+    else:
+        nr.segment = node_plan.segment.name if node_plan else (new_seg or old_seg)
+
+    bmc_new = created.get(BMC) or replaced.get(BMC)
+    bmc_upd = updated.get(BMC)
+    conv_old = replaced.get(CONVERGE) or updated.get(CONVERGE) or deleted.get(CONVERGE)
+    conv_new = replaced.get(CONVERGE) or updated.get(CONVERGE) or created.get(CONVERGE)
+    if not (created or replaced or updated):
+        nr.action = "removed"
+        nr.removal = _removal([s for _, s in entries])
+    elif moved:
+        nr.action = "moved"
+        olds = list(deleted.values())
+        if any(isinstance(_inputs(s, False).get("delete"), str) for s in olds):
+            # Deleting the old URNs runs their delete commands too (e.g. a decommission power-off).
+            nr.removal = "the old steps' delete command runs first: " + _removal(olds)
+    elif BMC in created and not deleted:
+        nr.action = "added"
+    elif BMC in replaced:
+        nr.action = "rebuilt"
+    elif conv_new is not None:
+        nr.action = "re-converged"
+
+    if bmc_new is not None and _runs_reimage(bmc_new):
+        if moved:
+            nr.reinstall = (f"moved from segment {plain(old_seg or '?')} to {plain(new_seg or '?')}: the node's "
+                            "URNs changed (no alias keeps them), so Pulumi deletes its old steps and creates "
+                            "new ones — the new BMC step runs `bmc reimage`")
+        elif nr.action == "added":
+            nr.reinstall = ("new node: creating its BMC step PXE-installs it "
+                            "(`gpufleet:reimageOnCreate: false` adopts it as it is)")
+        else:
+            nr.reinstall = f"BMC step replaced: {_why(bmc_new)}"
+    elif bmc_upd is not None and _update_runs_reimage(bmc_upd):
+        nr.reinstall = (f"BMC step updated ({_why(bmc_upd)}) and its update command runs `bmc reimage` "
+                        "(with no `update` command pulumi-command runs `create`)")
+
+    # Desired-state changes: the converge trigger, old (deleted or replaced) against new.
+    if nr.action == "added":
+        nr.changes = [Change(k, "—", plain(v)) for k, v in sorted(_trigger(conv_new, True).items())
+                      if k != "content_hash"]
+    elif nr.action != "removed":
+        nr.changes = _summary_changes(_trigger(conv_old, False), _trigger(conv_new, True))
+
+    policy = _trigger(conv_new, True).get("reboot_policy")
+    if nr.reinstall:
+        nr.reboot = "reboot (reinstall)"
+    elif nr.action in ("re-converged", "moved") and any(c.key in REBOOT_KEYS for c in nr.changes):
+        nr.reboot = "reboot needed, not performed (policy never)" if policy == "never" else "reboot"
+    if not nr.serving:
+        inference = _trigger(conv_old, False).get("inference") or _trigger(conv_new, True).get("inference")
+        if isinstance(inference, str) and inference:
+            nr.serving = [s.split("=", 1)[0] for s in inference.split(";")]
+
+    for kind, s in entries:
+        if s.op not in CHANGED:
+            continue
+        if s.op == "create":
+            why = (f"created under segment {plain(new_seg or '?')} (new URN)" if moved else "new")
+        elif s.op == "delete":
+            why = (f"deleted under segment {plain(old_seg or '?')} (old URN)" if moved else "removed from the stack")
+        else:
+            why = _why(s)
+            if kind == BMC and s.op == "update":
+                why += (" — its update runs `bmc reimage`: a reinstall" if _update_runs_reimage(s)
+                        else " — the BMC step's update runs power-on only, no reinstall")
+        nr.steps.append(Row(kind, s.type, s.op, why, _urn_text(s.urn)))
     return nr
 
 
-def _warnings(nodes: list[NodeReview], steps: list[Step], claimed: set[str], digest: Digest) -> list[str]:
-    out = []
-    for n in nodes:
-        serving = f" while serving {', '.join(n.serving)}" if n.serving else ""
-        if n.action == "rebuilt":
-            why = "; ".join(f"{c.key} {c.old} → {c.new}" for c in n.changes[:2])
-            out.append(f"**{n.hostname}** is REBUILT (PXE reinstall wipes its disks){serving}: {why}")
-        elif n.action == "added" and "bmc reimage" in _bmc_create(steps, n.hostname):
-            out.append(f"**{n.hostname}** is new: creating it PXE-reinstalls the machine "
-                       "(set `gpufleet:reimageOnCreate: false` to adopt an installed node as it is)")
-        elif n.action == "removed":
-            out.append(f"**{n.hostname}** leaves the stack: Pulumi forgets it (no power-off, no wipe)"
-                       + (f"; {', '.join(n.serving)} lose this endpoint" if n.serving else ""))
-        if n.reboot == "reboot" and n.action != "rebuilt":
-            drv = next((c for c in n.changes if c.key == "driver"), None)
-            what = f"driver {drv.old} → {drv.new}" if drv else "fabric manager change"
-            out.append(f"**{n.hostname}** reboots for {what}{serving}")
-        elif n.reboot.startswith("reboot required"):
-            out.append(f"**{n.hostname}** needs a reboot that policy `never` will not do: "
-                       "the new driver is inactive until the node is rebooted")
-    for s in steps:
-        if s.urn in claimed or s.op not in CHANGED_OPS or s.type in ("pulumi:pulumi:Stack",):
-            continue
-        if s.name.endswith("-mirror-import") and s.op in ("replace", "update"):
-            old, new = s.trigger(0, new=False) or {}, s.trigger(0) or {}
-            lock = f" (lock {str(old.get('lock', '?'))[:12]} → {str(new.get('lock', '?'))[:12]})" \
-                if isinstance(old, dict) and isinstance(new, dict) else ""
-            seg = s.name.removesuffix("-mirror-import")
-            out.append(f"air-gapped segment **{seg}**: mirror re-imports its bundle{lock}; "
-                       "every node of the segment installs from the new content")
-        elif s.op == "delete" and s.type_chain[-1] in (*SEGMENT_TYPES, SERVICE_TYPE):
-            out.append(f"{s.type_chain[-1].rsplit(':', 1)[-1]} **{s.name}** is deleted")
-        elif s.op in ("delete", "replace") and s.type_chain[-1] not in (*SEGMENT_TYPES, SERVICE_TYPE) \
-                and not s.name.endswith(("-mirror-status", "-health")):
-            out.append(f"{s.type} **{s.name}** is {s.op}d")
-    errors = [d for d in digest.diagnostics if d.severity == "error"]
-    if errors:
-        out.append(f"the preview reported {len(errors)} error(s): it may be incomplete")
-    return out
+def _urn_text(urn: Urn) -> str:
+    return f"urn:pulumi:{urn.stack}::{urn.project}::{'$'.join(urn.types)}::{urn.name}"
 
 
-def _bmc_create(steps: list[Step], host: str) -> str:
+def _providers(steps: list[Step]) -> list[Row]:
+    """Default-provider changes, paired per package: `default_1_2_1 → default_1_3_0` is a plugin upgrade."""
+    rows: list[Row] = []
+    by_pkg: dict[str, dict[str, list[Step]]] = {}
     for s in steps:
-        if s.name == f"{host}-bmc":
-            return str(s.new_inputs.get("create", ""))
-    return ""
+        if s.type.startswith(PROVIDER_PREFIX) and s.op in CHANGED:
+            by_pkg.setdefault(s.type.removeprefix(PROVIDER_PREFIX), {}).setdefault(s.op, []).append(s)
+    for pkg, ops in sorted(by_pkg.items()):
+        news, olds = ops.get("create", []), ops.get("delete", [])
+        for new, old in zip(news, olds, strict=False):
+            vo, vn = _inputs(old, False).get("version"), _inputs(new, True).get("version")
+            why = f"plugin upgrade {plain(vo)} → {plain(vn)}" if vo or vn else "provider changed"
+            rows.append(Row(f"{old.name} → {new.name}", f"{PROVIDER_PREFIX}{pkg}", "upgrade",
+                            f"{why}; resources move to the new provider, none is touched by this alone"))
+        for new in news[len(olds):]:
+            rows.append(Row(new.name, new.type, "create", f"new provider {plain(_inputs(new, True).get('version'))}"))
+        for old in olds[len(news):]:
+            rows.append(Row(old.name, old.type, "delete", "provider no longer used"))
+        for s in ops.get("replace", []) + ops.get("update", []):
+            rows.append(Row(s.name, s.type, s.op, _why(s)))
+    return rows
+
+
+def _other_why(s: Step) -> str:
+    if s.op == "create":
+        return "new"
+    if s.op == "delete":
+        return "removed from the stack"
+    why = _why(s)
+    if s.name.endswith("-mirror-import"):
+        why += "; the mirror re-imports its bundle and every node of the segment installs from the new content"
+    return why
 
 
 def review(digest: Digest, plan: SitePlan | None, stack: str) -> Review:
-    """Build the change review of one preview."""
-    hosts = {n.hostname for n in plan.nodes} if plan else set()
-    per_node: dict[str, dict[str, Step]] = {}
-    claimed: set[str] = set()
-    for s in digest.steps:
-        hit = _node_of(s, hosts)
+    """Build the change review of one preview. `plan` is the stack as the change leaves it."""
+    by_host = {n.hostname: n for n in plan.nodes} if plan else {}
+    hosts = set(by_host)
+    per_host: dict[str, list[tuple[str, Step]]] = {}
+    claimed: set[int] = set()
+    for i, s in enumerate(digest.steps):
+        hit = _host_of(s, hosts)
         if hit is not None:
-            per_node.setdefault(hit[0], {})[hit[1]] = s
-            claimed.add(s.urn)
+            per_host.setdefault(hit[0], []).append((hit[1], s))
+            claimed.add(i)
+
+    nodes: list[NodeReview] = []
+    unknown: list[dict[str, str]] = []
     order = [n.hostname for n in plan.nodes] if plan else []
-    order += sorted(h for h in per_node if h not in order)
-    nodes = [_review_node(h, per_node[h], plan) for h in order if h in per_node]
-    warnings = _warnings(nodes, digest.steps, claimed, digest)
-    other = [{"name": s.name, "type": s.type, "op": s.op} for s in digest.steps
-             if s.urn not in claimed and s.op in CHANGED_OPS and s.type != "pulumi:pulumi:Stack"]
+    order += sorted(h for h in per_host if h not in order)
+    for host in order:
+        entries = [(k, s) for k, s in per_host.get(host, []) if s.op in CHANGED]
+        if not entries:
+            continue
+        only_deletes = all(s.op == "delete" for _, s in entries)
+        ops = ", ".join(sorted({s.op for _, s in entries}))
+        if plan is not None and host not in hosts and not only_deletes:
+            unknown.append({"host": host, "ops": ops, "why": "not a node of this stack: the preview and the "
+                            "stack file disagree (wrong stack, or a stale preview)"})
+            continue
+        if plan is not None and host in hosts and only_deletes:
+            unknown.append({"host": host, "ops": ops, "why": "the stack keeps this node but the preview deletes "
+                            "it: the preview and the stack file disagree"})
+            continue
+        nodes.append(_review_node(host, entries, by_host.get(host)))
+
+    rest = [s for i, s in enumerate(digest.steps) if i not in claimed and s.type != STACK_TYPE]
+    providers = _providers(rest)
+    other = [Row(s.name, s.type, s.op, _other_why(s), _urn_text(s.urn)) for s in rest
+             if s.op in CHANGED and not s.type.startswith(PROVIDER_PREFIX)]
+    reinstalls = [{"host": n.hostname, "reason": n.reinstall} for n in nodes if n.reinstall]
+
+    notes: list[str] = []
+    failed = not digest.complete or bool(digest.errors)
+    if not digest.complete:
+        notes.append("the preview did not finish (no change summary): steps are missing from this review")
+    if digest.errors:
+        notes.append(f"the preview reported {len(digest.errors)} error(s): it failed and this review is incomplete")
+    if digest.maybe_corrupt:
+        notes.append("Pulumi reports the state may be corrupt (maybeCorrupt)")
+    changed = [s for s in digest.steps if s.op in ("update", "replace")]
+    if changed and all(set(s.detailed_diff or {}) == {"dir"} for s in changed):
+        notes.append("every changed step differs only in `dir`: the preview ran from another checkout, and "
+                     "each of these steps re-runs its command (converge included) for nothing else")
+    for n in nodes:
+        if n.action == "moved" and not n.reinstall:
+            notes.append(f"{plain(n.hostname)} moves between segments: its steps are re-created; its BMC step "
+                         "powers it on only (no reinstall), then it re-converges")
+
+    attention = []
+    if reinstalls:
+        attention.append("reinstall")
+    if any(n.reboot.startswith("reboot") and "not performed" not in n.reboot for n in nodes):
+        attention.append("reboot")
+    if any(n.action == "removed" for n in nodes):
+        attention.append("remove")
+
     counts: dict[str, int] = {}
     for n in nodes:
         counts[n.action] = counts.get(n.action, 0) + 1
-    order_actions = ("added", "rebuilt", "re-converged", "updated", "removed", "unchanged")
-    reboots = sum(1 for n in nodes if n.reboot == "reboot")
-    engine = ", ".join(f"{v} to {k}" for k, v in sorted(digest.change_summary.items()) if v)
-    summary = (", ".join(f"{counts[a]} {a}" for a in order_actions if counts.get(a)) or "no nodes affected")
-    summary += f" · {reboots} reboot(s) · {len(warnings)} warning(s)"
-    if engine:
-        summary += f" · Pulumi: {engine}"
-    return Review(stack=stack, summary=summary, nodes=nodes, warnings=warnings, other=other,
-                  change_summary=digest.change_summary,
-                  diagnostics=[{"severity": d.severity, "message": d.message} for d in digest.diagnostics
-                               if d.severity in ("error", "warning")])
+    actions = ("added", "moved", "rebuilt", "re-converged", "updated", "removed")
+    summary = ", ".join(f"{counts[a]} {a}" for a in actions if counts.get(a)) or "no nodes affected"
+    reboots = sum(1 for n in nodes if n.reboot.startswith("reboot") and "not performed" not in n.reboot)
+    summary += f" · {len(reinstalls)} reinstall(s) · {reboots} reboot(s)"
+    if digest.change_summary:
+        summary += " · Pulumi: " + ", ".join(
+            f"{v} {'unchanged' if k == 'same' else 'to ' + k}" for k, v in sorted(digest.change_summary.items()) if v)
+    if failed:
+        summary = "PREVIEW FAILED — " + summary
+
+    diagnostics = [{"severity": d.severity, "message": d.message, "urn": d.urn} for d in digest.diagnostics
+                   if d.severity in ("error", "warning", "info#err")]
+    return Review(stack=stack, complete=digest.complete, failed=failed, summary=summary, nodes=nodes,
+                  reinstalls=reinstalls, providers=providers, other=other, unknown=unknown, notes=notes,
+                  attention=attention, change_summary=digest.change_summary or {}, diagnostics=diagnostics)
+
+
+# --- Markdown ------------------------------------------------------------------------------
+
+def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
+    """A Markdown table; `rows` are already escaped, headers are ours."""
+    out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return [*out, ""]
 
 
 def markdown(r: Review) -> str:
     """The review as Markdown for a pull request comment."""
-    lines = [f"## gpufleet change review — stack `{r.stack}`", "", f"**Summary:** {r.summary}", ""]
-    if r.warnings:
-        lines += ["### ⚠️ Warnings", "", *[f"- {w}" for w in r.warnings], ""]
-    changed = [n for n in r.nodes if n.action != "unchanged"]
-    if changed:
-        lines += ["### Nodes", "", "| node | segment | action | reboot | what changes |", "|---|---|---|---|---|"]
-        for n in changed:
-            seg = n.segment + (" (air-gapped)" if n.airgapped else "") if n.segment else "—"
-            what = "; ".join(f"{c.key}: {c.old} → {c.new}" if c.old else f"{c.key}: {c.new}"
-                             for c in n.changes if c.key != "roles")
-            if n.action == "added":
-                what = "; ".join(f"{c.key}: {c.new}" for c in n.changes if c.key in ("driver", "cuda", "gpus",
-                                                                                     "inference"))
+    e = escape
+    # No value from outside ever sits in a heading (a forged "approved" heading needs one).
+    lines = ["## gpufleet change review", "", f"**Stack:** {e(r.stack)}", ""]
+    if r.failed:
+        lines += ["> ❌ **The preview failed or did not finish.** This review is incomplete: do not approve from it.",
+                  ""]
+    lines += [f"**Summary:** {e(r.summary)}", ""]
+    if r.notes:
+        lines += [*[f"- {e(n)}" for n in r.notes], ""]
+    if r.reinstalls:
+        lines += ["### ⚠️ reinstalls", "",
+                  "Each of these runs `bmc reimage`: the machine is PXE-reinstalled and its disks are wiped.", ""]
+        lines += [f"- **{e(x['host'])}**: **{e(x['reason'])}**" for x in r.reinstalls]
+        lines.append("")
+    if r.nodes:
+        rows = []
+        for n in r.nodes:
+            action = f"**{e(n.action)} (reinstall)**" if n.reinstall else e(n.action)
             if n.action == "removed":
-                what = "removed from the stack"
-            lines.append(f"| {n.hostname} | {seg} | {n.action} | {n.reboot or '—'} | {what or '—'} |")
-        lines.append("")
-        for n in changed:
+                what = n.removal
+            elif n.action == "moved":
+                what = "; ".join([f"segment: {n.segment}",
+                                  *(f"{c.key}: {c.old} → {c.new}" for c in n.changes if c.key != "roles"),
+                                  *([n.removal] if n.removal else [])])
+            else:
+                what = "; ".join(f"{c.key}: {c.old} → {c.new}" for c in n.changes if c.key != "roles")
+                what = what or next((s.why for s in n.steps if s.resource in (BMC, CONVERGE)), "") or \
+                    next((s.why for s in n.steps), "—")
+            serving = ", ".join(n.serving) if n.serving else "—"
+            rows.append([e(n.hostname), e(n.segment or "—"), action, e(n.reboot or "—"), e(serving), e(what)])
+        lines += ["### Nodes", "", *_table(["node", "segment", "action", "reboot", "serving", "what changes"], rows)]
+        for n in r.nodes:
+            # A bold line, not a heading: no value from the preview ever sits in a heading.
+            lines += [f"**{e(n.hostname)}** steps:", ""]
             roles = next((c for c in n.changes if c.key == "roles"), None)
-            steps = ", ".join(f"{k} {v}" for k, v in n.steps.items() if v != "same")
-            extra = [f"  - roles: {roles.old} → {roles.new}"] if roles and n.action != "added" else []
-            if steps or extra:
-                lines += [f"- **{n.hostname}** — steps: {steps or 'none'}", *extra]
-        lines.append("")
-    unchanged = [n.hostname for n in r.nodes if n.action == "unchanged"]
-    if unchanged:
-        lines += [f"Unchanged nodes: {', '.join(unchanged)}", ""]
+            if roles is not None and n.action != "added":
+                lines += [f"- roles: {e(roles.old)} → {e(roles.new)}", ""]
+            lines += _table(["step", "operation", "why"], [[e(s.resource), e(s.op), e(s.why)] for s in n.steps])
+    if r.providers:
+        lines += ["### Providers", "",
+                  *_table(["provider", "type", "change", "why"],
+                          [[e(p.resource), e(p.type), e(p.op), e(p.why)] for p in r.providers])]
     if r.other:
-        lines += ["### Other resources", "", *[f"- {o['name']} ({o['type']}): {o['op']}" for o in r.other], ""]
+        lines += ["### Other resources", "",
+                  *_table(["resource", "type", "operation", "why"],
+                          [[e(o.resource), e(o.type), e(o.op), e(o.why)] for o in r.other])]
+    if r.unknown:
+        lines += ["### Unknown to this stack", "",
+                  *_table(["host", "operations", "why"], [[e(u["host"]), e(u["ops"]), e(u["why"])] for u in r.unknown])]
     if r.diagnostics:
-        lines += ["### Preview diagnostics", "", *[f"- {d['severity']}: {d['message']}" for d in r.diagnostics], ""]
+        lines += ["### Preview diagnostics", "",
+                  *_table(["severity", "message"],
+                          [[e(d["severity"]), e(d["message"], 2000)] for d in r.diagnostics])]
+    if not (r.nodes or r.providers or r.other or r.unknown):
+        lines += ["No resource changes.", ""]
     return "\n".join(lines).rstrip() + "\n"

@@ -1,7 +1,8 @@
-"""`gpufleet review`: preview digests (tests/fixtures/preview) → per-node change review."""
+"""`gpufleet review`: hand-written preview documents (tests/fixtures/preview, see its README) → change review."""
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 from pathlib import Path
@@ -10,162 +11,388 @@ from typing import Any
 import pytest
 
 from infra.cli import main
+from infra.components.commands import node_commands
+from infra.components.node import STEPS
 from infra.model.load import load_site
 from infra.plan.node import plan_site
-from infra.review.digest import UNKNOWN, DigestError, parse
-from infra.review.report import Review, markdown, review
+from infra.review import digest as digest_mod
+from infra.review.digest import SECRET_SIG, SIG_KEY, DigestError, parse
+from infra.review.report import BMC, CONVERGE, NODE_STEPS, NODE_TYPE, REIMAGE, NodeReview, Review, markdown, review
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "preview"
 
 
-def _review(fixture: str, stack: str = "lab") -> Review:
-    return review(parse((FIXTURES / fixture).read_text()), plan_site(load_site(stack)), stack)
+def _doc(fixture: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((FIXTURES / fixture).read_text())
+    return data
 
 
-def _node(r: Review, host: str) -> Any:
+def _review(doc: str | dict[str, Any], stack: str = "lab") -> Review:
+    text = (FIXTURES / doc).read_text() if isinstance(doc, str) else json.dumps(doc)
+    return review(parse(text), plan_site(load_site(stack)), stack)
+
+
+def _node(r: Review, host: str) -> NodeReview:
     return next(n for n in r.nodes if n.hostname == host)
 
 
-def test_create_lists_every_new_node_and_warns_about_reimage() -> None:
-    """A first `pulumi up` adds every node with its versions and warns that creation PXE-reinstalls."""
-    r = _review("lab-create.json")
-    assert [n.action for n in r.nodes] == ["added"] * 4
-    gpu01 = {c.key: c.new for c in _node(r, "lab-gpu01").changes}
-    assert gpu01["driver"] == "570.133.20 (open)" and gpu01["gpus"] == "2x L4"
-    assert sum("PXE-reinstalls" in w for w in r.warnings) == 4
-    assert r.summary.startswith("4 added") and "29 to create" in r.summary
-
-
-def test_driver_update_shows_old_and_new_versions_and_reboots() -> None:
-    """A driver bump re-converges every node, names old → new, and warns about serving-node reboots."""
-    r = _review("lab-driver-update.json")
-    gpu02 = _node(r, "lab-gpu02")
-    assert gpu02.action == "re-converged" and gpu02.reboot == "reboot"
-    changes = {c.key: (c.old, c.new) for c in gpu02.changes}
-    assert changes["driver"] == ("570.133.20 (open)", "580.95.05 (open)")
-    assert changes["fabric_manager"] == ("570.133.20", "580.95.05")
-    assert gpu02.steps == {"bmc": "same", "wait-ssh": "same", "converge": "replace", "validate": "replace"}
-    serving = [w for w in r.warnings if "while serving" in w]
-    assert len(serving) == 2 and any("lab-gpu01" in w and "tiny-connected" in w for w in serving)
-    assert "4 reboot(s)" in r.summary
-
-
-def test_policy_never_reports_the_pending_reboot() -> None:
-    """Under reboot policy `never` a driver change is flagged as needing a reboot nobody will do."""
-    r = _review("example-airgap-driver-update.json", "example-airgap")
-    assert {n.reboot for n in r.nodes} == {"reboot required, not performed (policy never)"}
-    assert sum("policy `never`" in w for w in r.warnings) == 2
-    assert r.diagnostics == [{"severity": "warning", "message": "gpufleet: reboot policy is `never`"}]
-    assert "0 reboot(s)" in r.summary
-
-
-def test_bmc_input_update_is_not_a_rebuild() -> None:
-    """Changing only the BMC step's command (adopt mode) is an update that powers on, no warning."""
-    r = _review("lab-adopt-update.json")
-    assert {n.action for n in r.nodes} == {"updated"}
-    assert all(n.reboot == "" for n in r.nodes)
-    assert r.warnings == []
-    assert "no reinstall" in _node(r, "lab-gpu03").changes[0].new
-
-
-def test_replace_of_the_bmc_step_is_a_rebuild_of_a_serving_node() -> None:
-    """`--replace <node>-bmc` shows as a rebuild with everything downstream re-run, flagged as risky."""
-    r = _review("lab-rebuild.json")
-    gpu03 = _node(r, "lab-gpu03")
-    assert gpu03.action == "rebuilt" and set(gpu03.steps.values()) == {"replace"}
-    assert [n.action for n in r.nodes if n.hostname != "lab-gpu03"] == ["unchanged"] * 3
-    assert len(r.warnings) == 1 and "REBUILT" in r.warnings[0] and "tiny-airgap" in r.warnings[0]
-
-
-def test_removed_node_is_flagged() -> None:
-    """Deleting a node's resources is reported as removal; Pulumi forgets it without touching it."""
-    r = _review("lab-remove-node.json")
-    assert _node(r, "lab-gpu04").action == "removed"
-    assert any("lab-gpu04" in w and "forgets" in w for w in r.warnings)
-    assert r.change_summary["delete"] == 5
-
-
-def test_new_lock_reimports_the_mirror_and_reconverges() -> None:
-    """A new lock file warns about air-gapped sources and re-converges nodes on content hash alone."""
-    r = _review("lab-lock-update.json")
-    assert any("air-gapped segment **airgap**" in w and "lock none →" in w for w in r.warnings)
-    assert {c.key for n in r.nodes for c in n.changes} == {"content"}
-    assert {n.action for n in r.nodes} == {"re-converged"}
-
-
-def test_markdown_has_summary_warnings_and_node_table() -> None:
-    """The Markdown carries the summary line, the warnings and one table row per changed node."""
-    md = markdown(_review("lab-driver-update.json"))
-    assert md.startswith("## gpufleet change review — stack `lab`")
-    assert "**Summary:** 4 re-converged" in md
-    assert "| lab-gpu01 | connected | re-converged | reboot | driver: 570.133.20 (open) → 580.95.05 (open) |" in md
-    assert md.count("reboots for driver") == 4
-
-
-def _step(op: str, name: str, old: dict[str, Any] | None, new: dict[str, Any] | None) -> dict[str, Any]:
-    urn = ("urn:pulumi:lab::gpufleet::gpufleet:site:Site$gpufleet:segment:Segment$gpufleet:node:GpuNode$"
-           f"command:local:Command::{name}")
-    step: dict[str, Any] = {"op": op, "urn": urn}
-    if old is not None:
-        step["oldState"] = {"type": "command:local:Command", "inputs": old}
-    if new is not None:
-        step["newState"] = {"type": "command:local:Command", "inputs": new}
+def _step(doc: dict[str, Any], name: str, op: str | None = None) -> dict[str, Any]:
+    step: dict[str, Any] = next(s for s in doc["steps"] if s["urn"].endswith(f"::{name}")
+                                and (op is None or s["op"] == op))
     return step
 
 
-def test_replacement_step_pair_counts_as_replace_and_unknowns_read_well() -> None:
-    """create-replacement/delete-replaced merge into one replace; unknown values print as known-after-apply."""
-    old = {"triggers": [{"driver": "570.133.20 (open)", "content_hash": "a"}, "x"]}
-    new = {"triggers": [{"driver": UNKNOWN, "content_hash": "b"}, UNKNOWN]}
-    text = json.dumps({"steps": [
-        _step("create-replacement", "lab-gpu01-converge", old, new),
-        _step("delete-replaced", "lab-gpu01-converge", old, None),
-    ], "changeSummary": {"replace": 1}})
-    digest = parse(text)
-    assert [s.op for s in digest.steps] == ["replace"]
-    r = review(digest, None, "lab")
-    assert r.nodes[0].changes[0].new == "(known after apply)"
+def _run(argv: list[str], stdin: str | None, monkeypatch: pytest.MonkeyPatch,
+         capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    if stdin is not None:
+        monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(stdin.encode("utf-8")), encoding="utf-8"))
+    code = main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
 
 
-def test_secret_inputs_never_reach_the_review() -> None:
-    """Even if a preview carried a plaintext environment value, the review never prints inputs it does not know."""
-    leak = "canary-review-secret"
-    bmc_old = {"create": "x", "environment": {"GPUFLEET_SECRET_BMCPASSWORD": leak}, "triggers": [{"os": "a"}]}
-    bmc_new = {"create": "y", "environment": {"GPUFLEET_SECRET_BMCPASSWORD": leak}, "triggers": [{"os": "b"}]}
-    digest = parse(json.dumps({"steps": [_step("replace", "lab-gpu01-bmc", bmc_old, bmc_new)],
-                               "changeSummary": {"replace": 1}}))
-    r = review(digest, None, "lab")
-    assert r.nodes[0].action == "rebuilt"
-    assert leak not in markdown(r) and leak not in json.dumps(r.as_dict())
+# --- the eight scenarios of issue 19 ------------------------------------------------------
+
+def test_segment_move_is_a_reinstall_shown_as_a_move_not_a_removal() -> None:
+    """Deletes and creates of the same host under another segment are one move; its new BMC step reimages."""
+    r = _review("segment-move.json")
+    assert [n.hostname for n in r.nodes] == ["lab-gpu03"]
+    gpu03 = r.nodes[0]
+    assert gpu03.action == "moved" and gpu03.segment == "connected → airgap"
+    assert "moved from segment connected to airgap" in gpu03.reinstall and "bmc reimage" in gpu03.reinstall
+    assert r.reinstalls == [{"host": "lab-gpu03", "reason": gpu03.reinstall}]
+    assert "reinstall" in r.attention and "remove" not in r.attention
+    assert {(s.resource, s.op) for s in gpu03.steps} >= {("bmc", "create"), ("bmc", "delete")}
+    md = markdown(r)
+    assert "### ⚠️ reinstalls" in md and "- **lab-gpu03**: **moved from segment" in md
+    assert "**moved (reinstall)**" in md
+    assert "forgotten" not in md and "removed" not in md
 
 
-@pytest.mark.parametrize("text", ["not json", "[]", '{"foo": 1}', '{"steps": [{"op": "create"}]}'])
-def test_non_digest_input_is_rejected(text: str) -> None:
-    """Anything that is not `pulumi preview --json` output is refused with a reason."""
-    with pytest.raises(DigestError):
-        parse(text)
+def test_segment_move_without_reimage_on_create_is_a_reconverge() -> None:
+    """When the new BMC step only powers on (adopt mode), a move re-converges and is not a reinstall."""
+    doc = _doc("segment-move.json")
+    bmc = next(s for s in doc["steps"] if s["urn"].endswith("::lab-gpu03-bmc") and s["op"] == "create")
+    bmc["newState"]["inputs"]["create"] = ".venv/bin/gpufleet bmc power --stack lab --node lab-gpu03 --state on"
+    r = _review(doc)
+    gpu03 = _node(r, "lab-gpu03")
+    assert gpu03.action == "moved" and gpu03.reinstall == "" and gpu03.reboot == ""
+    assert r.reinstalls == [] and r.attention == []
+    assert any("moves between segments" in n and "no reinstall" in n for n in r.notes)
+    assert "### ⚠️ reinstalls" not in markdown(r)
+
+
+def test_checkout_moved_says_dir_and_nothing_else() -> None:
+    """Every step updated on `dir` only: each row says dir old → new; no lock or reinstall is claimed."""
+    r = _review("checkout-moved.json")
+    rows = [s for n in r.nodes for s in n.steps] + r.other
+    assert len(rows) == 9
+    assert all("dir /home/alice/src/gpufleet → /srv/ci/builds/gpufleet" in s.why for s in rows)
+    assert any("differs only in `dir`" in n for n in r.notes)
+    assert r.reinstalls == [] and r.attention == []
+    md = markdown(r)
+    assert "lock" not in md and "5b7d" not in md
+
+
+def test_failed_preview_is_not_a_clean_review(monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """An error diagnostic fails the review (exit 1) with the error; prefix and ANSI colours are gone."""
+    r = _review("failed-preview.json")
+    assert r.failed and r.complete
+    messages = [d["message"] for d in r.diagnostics]
+    assert messages[0] == "WARNING lock file stacks/Pulumi.lab.lock.json is older than the stack file"
+    assert messages[1].startswith("Program failed with an unhandled exception:")
+    md = markdown(r)
+    assert "The preview failed" in md and "\x1b" not in md and "error: " not in md
+    code, out, err = _run(["review", "--stack", "lab", "--preview", str(FIXTURES / "failed-preview.json")],
+                          None, monkeypatch, capsys)
+    assert code == 1 and out.startswith("## gpufleet change review")
+    assert err.count("\n") == 1 and "KeyError: 'lab-gpu05'" in err
+
+
+def test_cancelled_preview_without_summary_exits_1(monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """No changeSummary means the engine never finished: incomplete, exit 1, never "no nodes affected" + 0."""
+    r = _review("cancelled-preview.json")
+    assert not r.complete and r.failed
+    code, out, err = _run(["review", "--stack", "lab", "--preview", "-", "--json"],
+                          (FIXTURES / "cancelled-preview.json").read_text(), monkeypatch, capsys)
+    assert code == 1 and json.loads(out)["complete"] is False and "did not finish" in err
+
+
+def test_empty_preview_output_is_a_failed_preview(monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """`pulumi preview --json` that printed nothing failed before the engine ran: exit 1, not 0."""
+    code, _, err = _run(["review", "--stack", "lab", "--preview", "-"], "  \n", monkeypatch, capsys)
+    assert code == 1 and "empty" in err
+
+
+def test_provider_upgrade_is_shown_as_such_and_not_as_a_node_warning() -> None:
+    """default_1_2_1 deleted + default_1_3_0 created is one plugin upgrade row; no node, no warning."""
+    r = _review("provider-upgrade.json")
+    assert r.nodes == [] and r.other == [] and r.notes == [] and r.reinstalls == []
+    assert [(p.resource, p.op) for p in r.providers] == [("default_1_2_1 → default_1_3_0", "upgrade")]
+    assert "plugin upgrade 1.2.1 → 1.3.0" in r.providers[0].why
+    md = markdown(r)
+    assert "### Providers" in md and "⚠️" not in md
+
+
+def test_node_removal_without_delete_command_is_forgotten() -> None:
+    """A removed node with no delete command: the review says nothing happens to the machine."""
+    r = _review("node-removal.json")
+    gpu05 = _node(r, "lab-gpu05")
+    assert gpu05.action == "removed" and gpu05.removal.startswith("forgotten: no power-off, no wipe")
+    assert r.unknown == [] and r.attention == ["remove"]
+    assert "forgotten" in markdown(r)
+
+
+@pytest.mark.parametrize(("command", "says"), [
+    (".venv/bin/gpufleet bmc power --stack lab --node lab-gpu05 --state off && "
+     ".venv/bin/gpufleet decommission --stack lab --node lab-gpu05 --record", "powered off via its BMC"),
+    (".venv/bin/gpufleet decommission --stack lab --node lab-gpu05 --keep-running --record", "keeps running"),
+])
+def test_node_removal_reads_the_delete_command(command: str, says: str) -> None:
+    """With a decommission delete step the review says what it does (power off, or keep running)."""
+    doc = _doc("node-removal.json")
+    _step(doc, "lab-gpu05-bmc")["oldState"]["inputs"]["delete"] = command
+    gpu05 = _node(_review(doc), "lab-gpu05")
+    assert gpu05.removal.startswith(says) and "forgotten" not in gpu05.removal
+
+
+def test_driver_bump_names_the_trigger_keys_and_reboots() -> None:
+    """Converge rows say which trigger key changed old → new; driver and fabric manager mean a reboot."""
+    r = _review("driver-bump.json")
+    gpu01, gpu02 = _node(r, "lab-gpu01"), _node(r, "lab-gpu02")
+    assert gpu01.action == gpu02.action == "re-converged"
+    assert gpu01.reboot == gpu02.reboot == "reboot"
+    assert {c.key: (c.old, c.new) for c in gpu02.changes} == {
+        "driver": ("570.133.20 (open)", "580.95.05 (open)"), "fabric_manager": ("570.133.20", "580.95.05")}
+    conv = next(s for s in gpu01.steps if s.resource == "converge")
+    assert conv.op == "replace" and "driver 570.133.20 (open) → 580.95.05 (open)" in conv.why
+    mirror = next(o for o in r.other if o.resource == "airgap-mirror-import")
+    assert mirror.why.startswith("lock 5b7d0e9a41c3… → d40e8b17a6c2…")
+    assert r.attention == ["reboot"] and r.reinstalls == []
+
+
+def test_rebuild_lists_the_reinstall_with_its_reason() -> None:
+    """`--replace <host>-bmc` (replaceReasons ["id"], detailedDiff null) is a reinstall, said to be requested."""
+    r = _review("rebuild.json")
+    gpu03 = _node(r, "lab-gpu03")
+    assert gpu03.action == "rebuilt" and "`--replace`" in gpu03.reinstall
+    assert gpu03.serving == ["tiny-airgap"] and gpu03.reboot == "reboot (reinstall)"
+    assert [x["host"] for x in r.reinstalls] == ["lab-gpu03"]
+    assert [s.op for s in gpu03.steps] == ["replace"] * 4
+
+
+def test_secrets_in_diffs_are_never_printed() -> None:
+    """"[secret]" stays masked; a secret object's plaintext and environment values never reach the review."""
+    doc = _doc("secrets-diff.json")
+    canary = "canary-review-secret-7f3a"
+    step = _step(doc, "hgx-01-bmc")
+    secret = {SIG_KEY: SECRET_SIG, "plaintext": json.dumps(canary)}
+    step["newState"]["inputs"]["environment"]["GPUFLEET_SECRET_BMCPASSWORD"] = secret
+    step["newState"]["inputs"]["triggers"][0]["os"] = copy.deepcopy(secret)
+    step["detailedDiff"]["triggers[0].os"] = {"kind": "update-replace", "inputDiff": False}
+    other = _step(doc, "l40s-01-bmc")
+    other["newState"]["inputs"]["environment"]["GPUFLEET_SECRET_BMCPASSWORD"] = canary
+    r = _review(doc, "example-prod")
+    md, js = markdown(r), json.dumps(r.as_dict())
+    assert canary not in md and canary not in js
+    hgx = _node(r, "hgx-01")
+    assert any("os ubuntu-22.04 → [secret]" in s.why for s in hgx.steps)
+    assert "environment GPUFLEET\\_SECRET\\_BMCPASSWORD changed (\\[secret\\])" in md
+
+
+def test_warning_prefix_is_not_doubled() -> None:
+    """The engine puts "warning: " inside the message; the review shows it once, as the severity column."""
+    r = _review("secrets-diff.json", "example-prod")
+    assert r.diagnostics[0]["message"].startswith("Attempting to deploy or update resources")
+    assert "warning: warning" not in markdown(r) and "| warning | Attempting" in markdown(r)
+
+
+def test_hosts_not_in_the_plan_are_not_nodes() -> None:
+    """A create for a host the stack does not have is listed as unknown to this stack, not as a node."""
+    doc = _doc("driver-bump.json")
+    rogue = copy.deepcopy(_step(doc, "lab-gpu01-converge"))
+    rogue["op"] = "create"
+    rogue["urn"] = rogue["urn"].replace("lab-gpu01-converge", "rogue-01-converge")
+    rogue["newState"]["urn"] = rogue["urn"]
+    rogue["newState"]["parent"] = rogue["newState"]["parent"].replace("lab-gpu01", "rogue-01")
+    del rogue["oldState"]
+    doc["steps"].append(rogue)
+    r = _review(doc)
+    assert "rogue-01" not in [n.hostname for n in r.nodes]
+    assert [u["host"] for u in r.unknown] == ["rogue-01"]
+    assert "### Unknown to this stack" in markdown(r)
+
+
+def test_replacement_steps_merge_into_one_replace() -> None:
+    """With --show-replacement-steps a URN has create-replacement, replace and delete-replaced: one replace."""
+    doc = _doc("rebuild.json")
+    bmc = _step(doc, "lab-gpu03-bmc")
+    deleted = {"op": "delete-replaced", "urn": bmc["urn"], "oldState": bmc["oldState"], "detailedDiff": None}
+    doc["steps"][1:2] = [{**bmc, "op": "create-replacement"}, bmc, deleted]
+    d = parse(json.dumps(doc))
+    merged = [s for s in d.steps if s.name == "lab-gpu03-bmc"]
+    assert len(merged) == 1 and merged[0].op == "replace"
+    assert merged[0].ops == ["create-replacement", "replace", "delete-replaced"]
+
+
+# --- exit codes -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("fixture", "fail_on", "code"), [
+    ("rebuild.json", "reinstall", 3),
+    ("segment-move.json", "reinstall,reboot", 3),
+    ("driver-bump.json", "reinstall", 0),
+    ("driver-bump.json", "reinstall,reboot", 3),
+    ("node-removal.json", "reinstall,reboot", 0),
+    ("node-removal.json", "remove", 3),
+    ("provider-upgrade.json", "reinstall,reboot,remove", 0),
+])
+def test_fail_on_demands_an_extra_approval(fixture: str, fail_on: str, code: int, monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """`--fail-on` exits 3 exactly when the review contains one of the named kinds of change."""
+    got, out, err = _run(["review", "--stack", "lab", "--preview", str(FIXTURES / fixture), "--fail-on", fail_on],
+                         None, monkeypatch, capsys)
+    assert got == code and out.startswith("## gpufleet change review")
+    assert ("extra approval" in err) == (code == 3)
+
+
+def test_fail_on_rejects_unknown_kinds(capsys: pytest.CaptureFixture[str]) -> None:
+    """An unknown --fail-on kind is a usage error (exit 2)."""
+    with pytest.raises(SystemExit) as exc:
+        main(["review", "--stack", "lab", "--preview", "-", "--fail-on", "reinstall,nuke"])
+    assert exc.value.code == 2 and "nuke" in capsys.readouterr().err
 
 
 def test_cli_reads_stdin_and_writes_json(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """`gpufleet review --preview - --json` reads stdin and prints the review as JSON, exit 0."""
-    monkeypatch.setattr("sys.stdin", io.StringIO((FIXTURES / "lab-rebuild.json").read_text()))
-    assert main(["review", "--stack", "lab", "--preview", "-", "--json"]) == 0
-    data = json.loads(capsys.readouterr().out)
-    assert [n["hostname"] for n in data["nodes"] if n["action"] == "rebuilt"] == ["lab-gpu03"]
-
-
-def test_cli_rejects_bad_input_with_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """A file that is not a preview digest (or is missing) exits 2 and says why."""
-    bad = tmp_path / "bad.json"
-    bad.write_text("{}")
-    assert main(["review", "--stack", "lab", "--preview", str(bad)]) == 2
-    assert "not `pulumi preview --json` output" in capsys.readouterr().err
-    assert main(["review", "--stack", "lab", "--preview", str(tmp_path / "missing.json")]) == 2
+    code, out, _ = _run(["review", "--stack", "lab", "--preview", "-", "--json"],
+                        (FIXTURES / "driver-bump.json").read_text(), monkeypatch, capsys)
+    data = json.loads(out)
+    assert code == 0 and [n["hostname"] for n in data["nodes"]] == ["lab-gpu01", "lab-gpu02"]
+    assert data["attention"] == ["reboot"] and data["complete"] is True
 
 
 def test_cli_writes_markdown_to_a_file(tmp_path: Path) -> None:
     """`--out FILE` writes the Markdown review there."""
     out = tmp_path / "review.md"
-    assert main(["review", "--stack", "lab", "--preview", str(FIXTURES / "lab-driver-update.json"),
-                 "--out", str(out)]) == 0
+    assert main(["review", "--stack", "lab", "--preview", str(FIXTURES / "driver-bump.json"), "--out", str(out)]) == 0
     assert out.read_text().startswith("## gpufleet change review")
+
+
+# --- malformed input: DigestError, exit 2, one line, never a traceback -------------------
+
+def _nested(depth: int) -> Any:
+    value: Any = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+_STEP = {"op": "same", "urn": "urn:pulumi:lab::gpufleet::pulumi:pulumi:Stack::gpufleet-lab"}
+MALFORMED = {
+    "not JSON": "not json",
+    "a list": "[]",
+    "a string": '"steps"',
+    "no known key": '{"foo": 1}',
+    "steps not a list": '{"steps": {"op": "same"}}',
+    "step not an object": '{"steps": [1]}',
+    "urn missing": '{"steps": [{"op": "create"}]}',
+    "urn not a string": '{"steps": [{"op": "create", "urn": 7}]}',
+    "urn not a URN": '{"steps": [{"op": "create", "urn": "lab-gpu01-bmc"}]}',
+    "urn with a bad type": '{"steps": [{"op": "create", "urn": "urn:pulumi:s::p::not a type::n"}]}',
+    "op unknown": json.dumps({"steps": [{**_STEP, "op": "explode"}]}),
+    "op not a string": json.dumps({"steps": [{**_STEP, "op": ["create"]}]}),
+    "oldState a list": json.dumps({"steps": [{**_STEP, "oldState": []}]}),
+    "newState inputs a string": json.dumps({"steps": [{**_STEP, "newState": {"inputs": "x"}}]}),
+    "state type disagrees with URN": json.dumps({"steps": [{**_STEP, "newState": {"type": "command:local:Command"}}]}),
+    "state parent not a URN": json.dumps({"steps": [{**_STEP, "newState": {"parent": "site"}}]}),
+    "detailedDiff a list": json.dumps({"steps": [{**_STEP, "detailedDiff": []}]}),
+    "detailedDiff bad kind": json.dumps({"steps": [{**_STEP, "detailedDiff": {"dir": {"kind": "boom"}}}]}),
+    "diffReasons not strings": json.dumps({"steps": [{**_STEP, "diffReasons": [1]}]}),
+    "diagnostics not a list": '{"diagnostics": {"message": "x"}}',
+    "diagnostic not an object": '{"diagnostics": ["error: x"]}',
+    "diagnostic severity unknown": '{"diagnostics": [{"severity": "fatal", "message": "x"}]}',
+    "diagnostic message not a string": '{"diagnostics": [{"severity": "error", "message": 1}]}',
+    "changeSummary a list": '{"changeSummary": [1]}',
+    "changeSummary negative": '{"changeSummary": {"create": -1}}',
+    "changeSummary bool": '{"changeSummary": {"create": true}}',
+    "duration a string": '{"steps": [], "duration": "5s"}',
+    "deep nesting": '{"steps": [' + "[" * 5000 + "]" * 5000 + "]}",
+    "nesting past the limit": json.dumps({"steps": [{**_STEP, "newState": {"inputs": {"a": _nested(70)}}}]}),
+    "huge integer": '{"changeSummary": {"create": ' + "9" * 5000 + "}}",
+}
+
+
+@pytest.mark.parametrize("text", list(MALFORMED.values()), ids=list(MALFORMED))
+def test_malformed_documents_are_a_digest_error(text: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Each kind of wrong document is a DigestError; the CLI exits 2 with one line on stderr."""
+    with pytest.raises(DigestError):
+        parse(text)
+    bad = tmp_path / "bad.json"
+    bad.write_text(text)
+    assert main(["review", "--stack", "lab", "--preview", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_not_utf8_huge_and_missing_inputs_exit_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """Bytes that are not UTF-8, an input over the size limit, a missing file, a directory: exit 2."""
+    with pytest.raises(DigestError, match="not UTF-8"):
+        parse(b'{"steps": ["\xff"]}')
+    monkeypatch.setattr(digest_mod, "MAX_BYTES", 1000)
+    with pytest.raises(DigestError, match="larger than"):
+        parse("{" + " " * 1000 + "}")
+    assert main(["review", "--stack", "lab", "--preview", str(tmp_path / "missing.json")]) == 2
+    assert main(["review", "--stack", "lab", "--preview", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.count("\n") == 2
+
+
+def test_the_program_still_registers_what_the_review_reads() -> None:
+    """The review's contract with infra/components: the node type token, step names, the reimage command."""
+    source = (Path(__file__).resolve().parents[2] / "infra" / "components" / "node.py").read_text()
+    assert f'"{NODE_TYPE}"' in source
+    assert {BMC, CONVERGE} <= set(STEPS) and set(NODE_STEPS) <= set(STEPS)
+    assert REIMAGE in node_commands("lab", "n", reimage_on_create=True, ssh_timeout_s=600).provision
+    assert REIMAGE not in node_commands("lab", "n", reimage_on_create=False, ssh_timeout_s=600).provision
+
+
+def test_bmc_update_without_update_command_is_a_reinstall() -> None:
+    """pulumi-command runs `create` on update when `update` is unset: a reimaging BMC step then reinstalls."""
+    doc = _doc("checkout-moved.json")
+    del _step(doc, "lab-gpu01-bmc")["newState"]["inputs"]["update"]
+    r = _review(doc)
+    assert [x["host"] for x in r.reinstalls] == ["lab-gpu01"]
+    assert "runs `create`" in _node(r, "lab-gpu01").reinstall and _node(r, "lab-gpu03").reinstall == ""
+
+
+def test_move_runs_the_old_steps_delete_command_and_says_so() -> None:
+    """Without an alias a move deletes the old URNs: a decommission delete command on them runs too."""
+    doc = _doc("segment-move.json")
+    _step(doc, "lab-gpu03-bmc", "delete")["oldState"]["inputs"]["delete"] = (
+        ".venv/bin/gpufleet bmc power --stack lab --node lab-gpu03 --state off")
+    gpu03 = _node(_review(doc), "lab-gpu03")
+    assert gpu03.action == "moved" and "delete command runs first: powered off via its BMC" in gpu03.removal
+
+
+def test_new_node_is_added_and_listed_as_an_install() -> None:
+    """Creates with no deletes (a node new to the stack): added, and its BMC create reimages — listed."""
+    doc = _doc("segment-move.json")
+    doc["steps"] = [s for s in doc["steps"] if s["op"] != "delete"]
+    r = _review(doc)
+    gpu03 = _node(r, "lab-gpu03")
+    assert gpu03.action == "added" and gpu03.reinstall.startswith("new node")
+    assert gpu03.segment == "airgap" and {c.key for c in gpu03.changes} >= {"driver", "gpus"}
+    assert r.attention == ["reinstall", "reboot"]  # a reinstall reboots the machine too
+
+
+def test_reboot_policy_never_reports_the_pending_reboot() -> None:
+    """Under reboot policy `never` a driver change needs a reboot nobody performs; not a `reboot` for --fail-on."""
+    doc = _doc("driver-bump.json")
+    for name in ("lab-gpu01-converge", "lab-gpu02-converge"):
+        _step(doc, name)["newState"]["inputs"]["triggers"][0]["reboot_policy"] = "never"
+    r = _review(doc)
+    assert {n.reboot for n in r.nodes} == {"reboot needed, not performed (policy never)"}
+    assert r.attention == []
