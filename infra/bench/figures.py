@@ -159,8 +159,8 @@ def _reference(report: dict[str, Any], roles_one: Measurement) -> dict[str, Any]
     "1,000 and 5,000 once (a pair takes 1 and 5 minutes). Quick mode: 10 and 100 nodes.",
 )
 def pulumi_program(ctx: Context) -> dict[str, Any]:
-    """Program vs bare commands, from infra.components.bench."""
-    from infra.components.bench import compare
+    """Program vs bare commands, from infra.bench.program."""
+    from infra.bench.program import compare
     from infra.components.program import ProgramSettings
 
     settings = ProgramSettings(stack="bench", project=ctx.root)

@@ -66,6 +66,9 @@ class GpuNode(pulumi.ComponentResource):
             # Input changes other than the trigger (e.g. the CLI path) must not reinstall a node.
             update=c.power_on,
             dir=args.workdir,
+            # Else pulumi-command puts the previous stdout into the environment: "argument list too long"
+            # on large converge output (pulumi-command #285, #552).
+            add_previous_output_in_env=False,
             environment=dict(args.secret_env) or None,
             triggers=[dict(args.provision_trigger)],
             # BMC output may echo credentials or session tokens (pulumi-command#401).
@@ -77,6 +80,9 @@ class GpuNode(pulumi.ComponentResource):
             f"{name}-wait-ssh",
             create=c.wait_ssh,
             dir=args.workdir,
+            # Else pulumi-command puts the previous stdout into the environment: "argument list too long"
+            # on large converge output (pulumi-command #285, #552).
+            add_previous_output_in_env=False,
             triggers=[self.bmc.id],
             opts=pulumi.ResourceOptions(parent=self, depends_on=[self.bmc]),
         )
@@ -84,6 +90,9 @@ class GpuNode(pulumi.ComponentResource):
             f"{name}-converge",
             create=c.converge,
             dir=args.workdir,
+            # Else pulumi-command puts the previous stdout into the environment: "argument list too long"
+            # on large converge output (pulumi-command #285, #552).
+            add_previous_output_in_env=False,
             triggers=[dict(args.converge_trigger), self.wait_ssh.id],
             opts=pulumi.ResourceOptions(parent=self, depends_on=[self.wait_ssh, *args.after]),
         )
@@ -91,6 +100,9 @@ class GpuNode(pulumi.ComponentResource):
             f"{name}-validate",
             create=c.validate,
             dir=args.workdir,
+            # Else pulumi-command puts the previous stdout into the environment: "argument list too long"
+            # on large converge output (pulumi-command #285, #552).
+            add_previous_output_in_env=False,
             triggers=[self.converge.id],
             opts=pulumi.ResourceOptions(parent=self, depends_on=[self.converge]),
         )

@@ -67,6 +67,9 @@ class AirGappedSegment(Segment):
             f"{name}-mirror-import",
             create=args.import_command,
             dir=args.workdir,
+            # Else pulumi-command puts the previous stdout into the environment: "argument list too long"
+            # on large converge output (pulumi-command #285, #552).
+            add_previous_output_in_env=False,
             triggers=[dict(args.import_trigger or {})],
             opts=pulumi.ResourceOptions(parent=self),
         )
@@ -74,6 +77,9 @@ class AirGappedSegment(Segment):
             f"{name}-mirror-status",
             create=args.status_command,
             dir=args.workdir,
+            # Else pulumi-command puts the previous stdout into the environment: "argument list too long"
+            # on large converge output (pulumi-command #285, #552).
+            add_previous_output_in_env=False,
             triggers=[self.mirror_import.id],
             opts=pulumi.ResourceOptions(parent=self, depends_on=[self.mirror_import]),
         )

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pulumi
 
 from infra.components import commands
 from infra.components.desired import (
+    HOST_VARS,
     Fingerprints,
     HostVars,
     converge_trigger,
     provision_trigger,
-    resolve_host_vars,
 )
 from infra.components.node import GpuNode, GpuNodeArgs
 from infra.components.segment import AirGappedSegment, AirGappedSegmentArgs, Segment, SegmentArgs
@@ -42,7 +42,7 @@ class SiteArgs:
     """Air-gap bundle directory (`gpufleet bundle build --out`), relative to the project dir or absolute."""
     reimage_on_create: bool = True
     """Creating (or replacing) a node's BMC step PXE-reinstalls it; false adopts installed nodes as they are."""
-    host_vars: HostVars = field(default_factory=resolve_host_vars)
+    host_vars: HostVars = HOST_VARS
     """The node's Ansible host variables (hashed into its converge trigger)."""
 
 
@@ -127,6 +127,14 @@ class Site(pulumi.ComponentResource):
             secret_env=secret_env,
             ready=self.segments[p.segment.name].ready,
             after=after,
-        ), pulumi.ResourceOptions(parent=self.segments[p.segment.name]))
+        ), pulumi.ResourceOptions(
+            # Nodes sit directly under the Site, so a node's URN (and its steps' URNs) do not depend on
+            # its segment: moving a node to another segment re-converges it and never reinstalls it.
+            parent=self,
+            # Stacks created before that were parented under their segment. One alias per segment
+            # (not only the current one) lets the engine find a node that moves in the same update
+            # as it migrates; children inherit the matched alias (step_generator.generateAliases).
+            aliases=[pulumi.Alias(parent=seg) for seg in self.segments.values()],
+        ))
         self.nodes[p.hostname] = node
         return node

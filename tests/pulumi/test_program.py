@@ -12,8 +12,9 @@ from typing import Any
 import pulumi
 import pytest
 
-from infra.components import commands, mocks
-from infra.components.desired import Fingerprints, converge_trigger, resolve_host_vars
+from infra.bench import pulumi_mocks as mocks
+from infra.components import commands
+from infra.components.desired import HOST_VARS, Fingerprints, converge_trigger
 from infra.model.load import parse_site
 from infra.plan.node import plan_site
 from tests.pulumi.conftest import CANARY, ROOT, SECRET_CONFIG, Run, raw_site, run_program
@@ -44,11 +45,11 @@ def test_resource_counts_follow_the_site(stack_run: Run) -> None:
 
 
 def test_children_are_parented_and_named_from_their_component(stack_run: Run) -> None:
-    """Steps are `<node>-<step>` under their GpuNode; nodes sit under their segment, segments under Site."""
+    """Steps are `<node>-<step>` under their GpuNode; nodes and segments sit directly under Site."""
     site_urn = stack_run.reg(stack_run.plan.site.name).urn
     for p in stack_run.plan.nodes:
         node = stack_run.reg(p.hostname)
-        assert node.parent == stack_run.reg(p.segment.name).urn
+        assert node.parent == site_urn  # not the segment: a segment move must keep the URN
         assert stack_run.reg(p.segment.name).parent == site_urn
         for step in ("bmc", "wait-ssh", "converge", "validate"):
             assert stack_run.reg(f"{p.hostname}-{step}").parent == node.urn
@@ -120,7 +121,7 @@ def test_commands_are_the_shared_cli_strings(stack_run: Run) -> None:
         for step, attr in (("wait-ssh", "wait_ssh"), ("converge", "converge"), ("validate", "validate")):
             inputs = stack_run.reg(f"{p.hostname}-{step}").inputs
             assert inputs["create"] == getattr(want, attr)
-            assert inputs["dir"] == str(ROOT)
+            assert inputs["dir"] == ".."  # relative: see infra.components.program.COMMAND_DIR
         assert f"--stack {stack} --node {p.hostname}" in want.converge
 
 
@@ -153,7 +154,7 @@ def test_hash_changes_with_driver_role_files_and_lock(tmp_path: Path) -> None:
     (tmp_path / "roles" / "base" / "tasks").mkdir(parents=True)
     role_file = tmp_path / "roles" / "base" / "tasks" / "main.yml"
     role_file.write_text("- name: One\n")
-    host_vars = resolve_host_vars()
+    host_vars = HOST_VARS
     base = converge_trigger(plan, site, Fingerprints.of(tmp_path, "lab"), host_vars)
 
     bumped_raw = copy.deepcopy(raw)

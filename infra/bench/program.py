@@ -14,7 +14,7 @@ import pulumi
 from pulumi_command import local
 
 from infra.bench.harness import Context, Measurement, Ratio, interleave
-from infra.components import mocks
+from infra.bench import pulumi_mocks as mocks
 from infra.components.program import ProgramSettings, build
 from infra.model.generate import generate_site
 from infra.model.load import parse_site
@@ -80,7 +80,7 @@ def figure(ctx: Context) -> dict[str, Measurement | Ratio | str]:
     return out
 
 
-if __name__ == "__main__":  # `python -m infra.components.bench [N ...]`: print figures without the harness
+if __name__ == "__main__":  # `python -m infra.bench.program [N ...]`: print figures without the harness
     import sys
     from pathlib import Path
 
