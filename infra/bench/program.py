@@ -13,8 +13,8 @@ from typing import Any
 import pulumi
 from pulumi_command import local
 
-from infra.bench.harness import Context, Measurement, Ratio, interleave
 from infra.bench import pulumi_mocks as mocks
+from infra.bench.harness import Context, Measurement, Ratio, interleave
 from infra.components.program import ProgramSettings, build
 from infra.model.generate import generate_site
 from infra.model.load import parse_site

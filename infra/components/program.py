@@ -11,7 +11,6 @@ from infra.components.desired import Fingerprints
 from infra.components.site import SecretResolver, Site, SiteArgs
 from infra.plan.node import SitePlan
 
-
 # pulumi-command runs a command in `dir`, resolved against the provider's working directory
 # (provider/pkg/provider/local/commandOutputs.go: `cmd.Dir = *in.Dir`), and the engine starts every
 # plugin in the directory `main` names (pulumi pkg/engine/project.go getPwdMain, plugin.go
