@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "infra.bmc.cli",
     "infra.dr.cli",
     "infra.commands.site",
+    "infra.commands.lifecycle",
     "infra.ansible.cli",
     "infra.lab.cli",
     "infra.bench.cli",

@@ -41,9 +41,13 @@ def test_segment_move_reconverges_and_never_reinstalls() -> None:
     """Same URNs for the node and its steps, same BMC inputs (no reimage); converge trigger changes."""
     raw = raw_site("lab")
     before, after = run_program("lab", raw), run_program("lab", _moved(raw))
-    assert [r.urn for r in before.rec.resources if r.name.startswith("lab-gpu02")] == [
-        r.urn for r in after.rec.resources if r.name.startswith("lab-gpu02")]
-    assert {r.urn for r in before.rec.resources} == {r.urn for r in after.rec.resources}
+    assert {r.urn for r in before.rec.resources if r.name.startswith("lab-gpu02")} == {
+        r.urn for r in after.rec.resources if r.name.startswith("lab-gpu02")}
+    # Nothing else changes identity; the airgap segment gains a second batch (3 nodes, batch_size 2),
+    # so a guard appears there.
+    urns_before, urns_after = {r.urn for r in before.rec.resources}, {r.urn for r in after.rec.resources}
+    assert urns_before <= urns_after
+    assert [u.rsplit("::", 1)[1] for u in urns_after - urns_before] == ["airgap-batch0-guard"]
     assert before.reg("lab-gpu02-bmc").inputs == after.reg("lab-gpu02-bmc").inputs
     assert before.reg("lab-gpu02-wait-ssh").inputs == after.reg("lab-gpu02-wait-ssh").inputs
     old_trig = before.reg("lab-gpu02-converge").inputs["triggers"][0]
@@ -73,7 +77,9 @@ def test_stacks_from_the_segment_layout_keep_every_node_through_aliases() -> Non
     raw = raw_site("lab")
     old_run = run_program("lab", raw)
     node_names = {f"{p.hostname}{s}" for p in old_run.plan.nodes for s in ("", *(f"-{x}" for x in STEPS))}
-    olds = {r.urn for r in old_run.rec.resources if r.name not in node_names}  # site, segments, mirrors, services
+    # Site, segments, mirrors, services: as before. Guards and decommission steps did not exist then.
+    olds = {r.urn for r in old_run.rec.resources
+            if r.name not in node_names and not r.name.endswith(("-guard", "-decommission"))}
     for p in old_run.plan.nodes:
         olds.add(_legacy_urn(old_run, p.hostname, p.segment.name, None))
         olds |= {_legacy_urn(old_run, p.hostname, p.segment.name, s) for s in STEPS}
@@ -81,8 +87,10 @@ def test_stacks_from_the_segment_layout_keep_every_node_through_aliases() -> Non
     for variant in (raw, _moved(raw)):
         new = run_program("lab", variant)
         found = mocks.match_olds(olds, new.rec.resources)
-        assert None not in found.values(), [u for u, o in found.items() if o is None]
-        assert set(found.values()) == olds  # nothing left over to delete
+        # Created: only what the old layout did not have (rollout guards, decommission steps).
+        assert sorted(u.rsplit("::", 1)[1] for u, o in found.items() if o is None) == sorted(
+            [r.name for r in new.rec.resources if r.name.endswith(("-guard", "-decommission"))])
+        assert {o for o in found.values() if o} == olds  # nothing left over to delete
         assert found[new.reg("lab-gpu02-bmc").urn] == _legacy_urn(old_run, "lab-gpu02", "connected", "bmc")
 
 
