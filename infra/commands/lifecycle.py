@@ -17,7 +17,15 @@ from infra.bmc.errors import BmcError
 from infra.bmc.redfish import PowerAction, Timeouts
 from infra.bmc.secrets import SecretError, resolve_secret
 from infra.commands.site import add_stack_args, site_from_args
-from infra.components.outcomes import RECORDED_STEPS, RecordError, check_names, record_step, tally, write_decommission
+from infra.components.outcomes import (
+    RECORDED_STEPS,
+    RECORDS_ENV,
+    RecordError,
+    check_names,
+    record_step,
+    tally,
+    write_decommission,
+)
 from infra.console import Exit, emit
 from infra.model.site import DecommissionPolicy, Node
 from infra.plan.node import plan_site
@@ -76,6 +84,11 @@ def _invalid(message: str) -> int:
     return Exit.INVALID
 
 
+def _unwritable(exc: OSError) -> int:
+    sys.stderr.write(f"error: cannot write the record ({exc}); set {RECORDS_ENV} to a writable directory\n")
+    return Exit.UNAVAILABLE
+
+
 def cmd_rollout_record(args: argparse.Namespace) -> int:
     """Record the outcome; the exit status says whether the rollout may go on."""
     plan = plan_site(site_from_args(args))
@@ -87,6 +100,9 @@ def cmd_rollout_record(args: argparse.Namespace) -> int:
         t = tally(plan, args.stack, node.segment.name)
     except RecordError as exc:
         return _invalid(str(exc))
+    except OSError as exc:
+        # Without its records the rollout cannot count failures: stop rather than go on blind.
+        return _unwritable(exc)
     names = ", ".join(t.failed)
     if t.exceeded:
         sys.stderr.write(f"{args.node}: {args.step} failed (exit {args.rc}); segment {t.segment}: {len(t.failed)} "
@@ -152,8 +168,11 @@ def cmd_decommission(args: argparse.Namespace) -> int:
              lambda d: f"{d['node']}: removing it from stack {d['stack']} will {what} and write a record")
         return Exit.OK
     if policy is DecommissionPolicy.KEEP:
-        path = write_decommission(args.stack, args.node, {"policy": policy.value, "bmc": base["bmc"],
-                                                          "power": "left as it was"})
+        try:
+            path = write_decommission(args.stack, args.node, {"policy": policy.value, "bmc": base["bmc"],
+                                                              "power": "left as it was"})
+        except OSError as exc:
+            return _unwritable(exc)
         emit(args.json, {**base, "record": str(path)}, lambda d: f"{d['node']}: kept running; record {d['record']}")
         return Exit.OK
     try:
@@ -167,7 +186,11 @@ def cmd_decommission(args: argparse.Namespace) -> int:
         sys.stderr.write(f"error: {args.node}: power off failed ({exc.kind}): {exc}\n")
         return Exit.UNAVAILABLE if exc.kind in {"unreachable", "timeout", "power_timeout"} else Exit.FAILED
     power = result.as_dict()
-    path = write_decommission(args.stack, args.node, {"policy": policy.value, "bmc": base["bmc"], "power": power})
+    try:
+        path = write_decommission(args.stack, args.node, {"policy": policy.value, "bmc": base["bmc"], "power": power})
+    except OSError as exc:
+        # Powered off but unrecorded: fail, so the next up/destroy runs it again (powering off is idempotent).
+        return _unwritable(exc)
     emit(args.json, {**base, "power": power, "record": str(path)},
          lambda d: f"{d['node']}: powered off ({d['power'].get('before')} → {d['power'].get('after')}); "
                    f"record {d['record']}")
