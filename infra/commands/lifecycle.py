@@ -110,9 +110,9 @@ def cmd_rollout_record(args: argparse.Namespace) -> int:
         return Exit.FAILED
     sys.stderr.write(
         f"{args.node}: {args.step} failed (exit {args.rc}), tolerated: segment {t.segment} has {len(t.failed)} "
-        f"failed node(s) ({names}), rollout.max_failures={t.max_failures}. Pulumi records this step as done: "
-        f"repair with `gpufleet converge --stack {args.stack} --node {args.node}` or "
-        f"`pulumi up --replace <URN of {args.node}-converge>`\n")
+        f"failed node(s) ({names}), rollout.max_failures={t.max_failures}. Pulumi records this step as done, "
+        f"so a plain re-run does not retry it: `pulumi up --replace <URN of {args.node}-converge>` does (and "
+        f"records the new outcome)\n")
     return Exit.OK
 
 
