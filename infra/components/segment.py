@@ -14,14 +14,15 @@ from infra.components.facts import parse_json_stdout
 
 @dataclass(frozen=True)
 class SegmentArgs:
-    """A connected segment: nothing to prepare, it groups its nodes."""
+    """A connected segment: nothing to prepare; it holds the rollout guards between its batches."""
 
     cidr: str
     """Segment network, for the outputs."""
 
 
 class Segment(pulumi.ComponentResource):
-    """A connected segment; nodes are its children so the preview groups them per segment."""
+    """A connected segment. Its nodes are *not* its children (they sit under the Site, so a node keeps its
+    URN when it moves segment); it parents the rollout guards between its batches."""
 
     ready: list[pulumi.Resource]
     status: pulumi.Output[dict[str, Any] | None]
