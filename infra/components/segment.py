@@ -21,8 +21,10 @@ class SegmentArgs:
 
 
 class Segment(pulumi.ComponentResource):
-    """A connected segment. Its nodes are *not* its children (they sit under the Site, so a node keeps its
-    URN when it moves segment); it parents the rollout guards between its batches."""
+    """A connected segment: parent of the rollout guards between its batches.
+
+    Its nodes are *not* its children: they sit under the Site, so a node keeps its URN when it moves.
+    """
 
     ready: list[pulumi.Resource]
     status: pulumi.Output[dict[str, Any] | None]
