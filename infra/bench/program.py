@@ -13,9 +13,9 @@ from typing import Any
 import pulumi
 from pulumi_command import local
 
+from infra.bench import pulumi_mocks as mocks
 from infra.bench.harness import Context, Measurement, Ratio, interleave
 from infra.bench.sitegen import generate_site
-from infra.components import mocks
 from infra.components.program import ProgramSettings, build
 from infra.model.load import parse_site
 from infra.plan.node import SitePlan, plan_site

@@ -43,9 +43,16 @@ class NodeCommands:
     wait_ssh: str
     """Wait until SSH answers with the pinned host key."""
     converge: str
-    """Apply the node's roles (rolling order is Pulumi's `depends_on`)."""
+    """Apply the node's roles (rolling order is Pulumi's `depends_on`), then record the outcome."""
     validate: str
-    """Print the node's facts as JSON (GPUs, driver, CUDA, reboot_required, validation)."""
+    """Print the node's facts as JSON (GPUs, driver, CUDA, reboot_required, validation), then record the outcome."""
+    decommission: str = ""
+    """What removing the node from the stack runs (`delete` of `<host>-decommission`)."""
+
+    @property
+    def decommission_check(self) -> str:
+        """The decommission step's create: the same call with `--dry-run` (checks, touches nothing)."""
+        return f"{self.decommission} --dry-run" if self.decommission else ""
 
     def in_order(self) -> list[tuple[str, str]]:
         """(step, command) pairs as `pulumi up` runs them on create."""
@@ -53,8 +60,16 @@ class NodeCommands:
                 ("validate", self.validate)]
 
 
-def node_commands(stack: str, hostname: str, *, reimage_on_create: bool, ssh_timeout_s: int) -> NodeCommands:
-    """The command lines of one node's lifecycle steps."""
+def _recorded(command: str, stack: str, hostname: str, step: str) -> str:
+    # `;` not `&&`: the outcome is recorded whether the step passed or failed, and the step's exit
+    # status becomes rollout-record's: 0 when passed or tolerated by rollout.max_failures, else 1
+    # (see `gpufleet rollout-record --help`). pulumi-command runs `/bin/sh -c <create>`.
+    return f"{command}; {_cmd('rollout-record', '--stack', stack, '--node', hostname, '--step', step)} --rc $?"
+
+
+def node_commands(stack: str, hostname: str, *, reimage_on_create: bool, ssh_timeout_s: int,
+                  decommission_policy: str = "", node_json: str = "") -> NodeCommands:
+    """The command lines of one node's lifecycle steps (a decommission step only with a policy and node JSON)."""
     power = _cmd("bmc", "power", "--stack", stack, "--node", hostname, "--state", "on")
     provision = power
     if reimage_on_create:
@@ -63,9 +78,28 @@ def node_commands(stack: str, hostname: str, *, reimage_on_create: bool, ssh_tim
         power_on=power,
         provision=provision,
         wait_ssh=_cmd("wait-ssh", "--stack", stack, "--node", hostname, "--timeout", str(ssh_timeout_s)),
-        converge=_cmd("converge", "--stack", stack, "--node", hostname, "--json"),
-        validate=_cmd("validate-node", "--stack", stack, "--node", hostname, "--json"),
+        converge=_recorded(_cmd("converge", "--stack", stack, "--node", hostname, "--json"), stack, hostname,
+                           "converge"),
+        validate=_recorded(_cmd("validate-node", "--stack", stack, "--node", hostname, "--json"), stack, hostname,
+                           "validate"),
+        decommission=decommission(stack, hostname, decommission_policy, node_json)
+        if decommission_policy and node_json else "",
     )
+
+
+def rollout_guard(stack: str, segment: str, batch: int) -> str:
+    """Fail when the segment's failed nodes up to `batch` exceed rollout.max_failures (later batches wait on it)."""
+    return _cmd("rollout-guard", "--stack", stack, "--segment", segment, "--batch", str(batch))
+
+
+def decommission(stack: str, hostname: str, policy: str, node_json: str) -> str:
+    """What removing a node runs (the `delete` of `<host>-decommission`); `bmc_json` holds no secret.
+
+    At delete time the node is no longer in the stack file, so the command carries what it needs: the
+    policy and the node's stack entry as JSON (its BMC password only as a reference; a `config:` secret
+    arrives in the step's environment, stored encrypted in the state).
+    """
+    return _cmd("decommission", "--stack", stack, "--node", hostname, "--policy", policy, "--node-json", node_json)
 
 
 def mirror_import(stack: str, mirror: str, bundle_dir: str) -> str:

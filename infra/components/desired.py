@@ -15,32 +15,14 @@ from typing import Any
 
 from infra.model.site import Site
 from infra.plan.node import NodePlan, content_hash, tree_hash
+from infra.plan.rolevars import host_vars
 
 HostVars = Callable[[NodePlan, Site], dict[str, Any]]
 
-
-def _fallback_host_vars(plan: NodePlan, site: Site) -> dict[str, Any]:
-    # Seam: until infra.plan.rolevars (ROLES engineer) provides the node's real host variables,
-    # hash what decides them: the readable summary, the pinned packages and the node's identity.
-    return {
-        "summary": plan.summary(),
-        "packages": [p.as_dict() for p in plan.packages],
-        "address": str(plan.node.address),
-        "segment": plan.segment.model_dump(mode="json"),
-        "mirror": plan.mirror.model_dump(mode="json") if plan.mirror else None,
-        "services": [s.service.model_dump(mode="json") for s in plan.services],
-        "admin_keys": list(site.admin_keys),
-    }
-
-
-def resolve_host_vars() -> HostVars:
-    """`infra.plan.rolevars.host_vars(plan, site)` (ROLES) when importable, else the documented fallback."""
-    try:
-        from infra.plan import rolevars  # type: ignore[attr-defined,unused-ignore]
-    except ImportError:
-        return _fallback_host_vars
-    fn = getattr(rolevars, "host_vars", None)
-    return fn if callable(fn) else _fallback_host_vars
+# The node's real Ansible host variables, imported directly: an import error must fail the program,
+# never silently switch to another function (that would change every node's content hash and
+# re-converge the whole fleet on the next `pulumi up`).
+HOST_VARS: HostVars = host_vars
 
 
 def lock_path(project: Path, stack: str) -> Path:

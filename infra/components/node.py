@@ -33,6 +33,8 @@ class GpuNodeArgs:
     """What must finish before the node is touched (its segment's mirror import and status)."""
     after: Sequence[pulumi.Resource] = ()
     """Steps of the previous rolling batch that must finish before this node converges."""
+    provision_after: Sequence[pulumi.Resource] = ()
+    """Steps that must finish before this node's BMC step starts (bounds reimages in flight)."""
 
     def __post_init__(self) -> None:
         if not self.workdir:
@@ -66,17 +68,23 @@ class GpuNode(pulumi.ComponentResource):
             # Input changes other than the trigger (e.g. the CLI path) must not reinstall a node.
             update=c.power_on,
             dir=args.workdir,
+            # Else pulumi-command puts the previous stdout into the environment: "argument list too long"
+            # on large converge output (pulumi-command #285, #552).
+            add_previous_output_in_env=False,
             environment=dict(args.secret_env) or None,
             triggers=[dict(args.provision_trigger)],
             # BMC output may echo credentials or session tokens (pulumi-command#401).
             logging=local.Logging.NONE,
-            opts=pulumi.ResourceOptions(parent=self, depends_on=list(args.ready),
+            opts=pulumi.ResourceOptions(parent=self, depends_on=[*args.ready, *args.provision_after],
                                         additional_secret_outputs=["stdout", "stderr"]),
         )
         self.wait_ssh = local.Command(
             f"{name}-wait-ssh",
             create=c.wait_ssh,
             dir=args.workdir,
+            # Else pulumi-command puts the previous stdout into the environment: "argument list too long"
+            # on large converge output (pulumi-command #285, #552).
+            add_previous_output_in_env=False,
             triggers=[self.bmc.id],
             opts=pulumi.ResourceOptions(parent=self, depends_on=[self.bmc]),
         )
@@ -84,6 +92,9 @@ class GpuNode(pulumi.ComponentResource):
             f"{name}-converge",
             create=c.converge,
             dir=args.workdir,
+            # Else pulumi-command puts the previous stdout into the environment: "argument list too long"
+            # on large converge output (pulumi-command #285, #552).
+            add_previous_output_in_env=False,
             triggers=[dict(args.converge_trigger), self.wait_ssh.id],
             opts=pulumi.ResourceOptions(parent=self, depends_on=[self.wait_ssh, *args.after]),
         )
@@ -91,8 +102,28 @@ class GpuNode(pulumi.ComponentResource):
             f"{name}-validate",
             create=c.validate,
             dir=args.workdir,
+            # Else pulumi-command puts the previous stdout into the environment: "argument list too long"
+            # on large converge output (pulumi-command #285, #552).
+            add_previous_output_in_env=False,
             triggers=[self.converge.id],
             opts=pulumi.ResourceOptions(parent=self, depends_on=[self.converge]),
         )
+        self.decommission: local.Command | None = None
+        if c.decommission:
+            # Its own step, not a `delete` on `<name>-bmc`: replacing the BMC step (a reinstall,
+            # `pulumi up --replace`) runs the old step's delete after the new create, which would power
+            # off the freshly installed node. This step has no triggers and is never replaced; it is
+            # deleted only when the node leaves the stack or on `pulumi destroy`. No dependencies, so
+            # a node whose provisioning failed is still decommissioned when removed.
+            self.decommission = local.Command(
+                f"{name}-decommission",
+                create=c.decommission_check,
+                delete=c.decommission,
+                dir=args.workdir,
+                add_previous_output_in_env=False,
+                environment=dict(args.secret_env) or None,
+                logging=local.Logging.NONE,
+                opts=pulumi.ResourceOptions(parent=self, additional_secret_outputs=["stdout", "stderr"]),
+            )
         self.facts = self.validate.stdout.apply(lambda out: parse_json_stdout(out, "validate-node"))
         self.register_outputs({"facts": self.facts})

@@ -11,6 +11,15 @@ from infra.components.desired import Fingerprints
 from infra.components.site import SecretResolver, Site, SiteArgs
 from infra.plan.node import SitePlan
 
+# pulumi-command runs a command in `dir`, resolved against the provider's working directory
+# (provider/pkg/provider/local/commandOutputs.go: `cmd.Dir = *in.Dir`), and the engine starts every
+# plugin in the directory `main` names (pulumi pkg/engine/project.go getPwdMain, plugin.go
+# `cmd.Dir = pwd`): `main: infra/` → the project is "..". A relative `dir` keeps absolute checkout
+# paths out of the inputs, so `pulumi up` from another checkout changes nothing, and a delete
+# command stored in the state still runs after the checkout moved. tests/pulumi checks the
+# pairing with Pulumi.yaml's `main`.
+COMMAND_DIR = ".."
+
 
 @dataclass(frozen=True)
 class ProgramSettings:
@@ -19,7 +28,9 @@ class ProgramSettings:
     stack: str
     """Stack name (`pulumi.get_stack()`)."""
     project: Path
-    """Project dir: where Pulumi.yaml, .venv, roles/ and stacks/ live."""
+    """Project dir: where Pulumi.yaml, .venv, roles/ and stacks/ live (read at program time only)."""
+    command_dir: str = COMMAND_DIR
+    """Every command's `dir`, relative so the state holds no checkout path (see COMMAND_DIR)."""
     reimage_on_create: bool = True
     """`gpufleet:reimageOnCreate` (default true): a newly created node is PXE-reinstalled."""
     bundle_dir: str = ""
@@ -39,7 +50,7 @@ def build(plan: SitePlan, settings: ProgramSettings, secret: SecretResolver) -> 
     return Site(plan.site.name, SiteArgs(
         plan=plan,
         stack=settings.stack,
-        workdir=str(settings.project),
+        workdir=settings.command_dir,
         fingerprints=Fingerprints.of(settings.project, settings.stack),
         secret=secret,
         reimage_on_create=settings.reimage_on_create,

@@ -14,14 +14,17 @@ from infra.components.facts import parse_json_stdout
 
 @dataclass(frozen=True)
 class SegmentArgs:
-    """A connected segment: nothing to prepare, it groups its nodes."""
+    """A connected segment: nothing to prepare; it holds the rollout guards between its batches."""
 
     cidr: str
     """Segment network, for the outputs."""
 
 
 class Segment(pulumi.ComponentResource):
-    """A connected segment; nodes are its children so the preview groups them per segment."""
+    """A connected segment: parent of the rollout guards between its batches.
+
+    Its nodes are *not* its children: they sit under the Site, so a node keeps its URN when it moves.
+    """
 
     ready: list[pulumi.Resource]
     status: pulumi.Output[dict[str, Any] | None]
@@ -67,6 +70,9 @@ class AirGappedSegment(Segment):
             f"{name}-mirror-import",
             create=args.import_command,
             dir=args.workdir,
+            # Else pulumi-command puts the previous stdout into the environment: "argument list too long"
+            # on large converge output (pulumi-command #285, #552).
+            add_previous_output_in_env=False,
             triggers=[dict(args.import_trigger or {})],
             opts=pulumi.ResourceOptions(parent=self),
         )
@@ -74,6 +80,9 @@ class AirGappedSegment(Segment):
             f"{name}-mirror-status",
             create=args.status_command,
             dir=args.workdir,
+            # Else pulumi-command puts the previous stdout into the environment: "argument list too long"
+            # on large converge output (pulumi-command #285, #552).
+            add_previous_output_in_env=False,
             triggers=[self.mirror_import.id],
             opts=pulumi.ResourceOptions(parent=self, depends_on=[self.mirror_import]),
         )

@@ -46,6 +46,9 @@ class InferenceService(pulumi.ComponentResource):
             f"{name}-health",
             create=args.health_command,
             dir=args.workdir,
+            # Else pulumi-command puts the previous stdout into the environment: "argument list too long"
+            # on large converge output (pulumi-command #285, #552).
+            add_previous_output_in_env=False,
             # The nodes' validate ids: any re-converge of a serving node re-checks the service.
             triggers=[dict(args.trigger), *(v.id for v in args.after)],
             opts=pulumi.ResourceOptions(parent=self, depends_on=list(args.after)),

@@ -548,6 +548,13 @@ class RebootPolicy(StrEnum):
     NEVER = "never"
 
 
+class DecommissionPolicy(StrEnum):
+    """What removing a node from the stack (or `pulumi destroy`) does to the machine."""
+
+    POWER_OFF = "power-off"
+    KEEP = "keep"
+
+
 class Engine(StrEnum):
     """Inference engines gpufleet can deploy."""
 
@@ -639,6 +646,10 @@ class RolloutPolicy(_Model):
     """Nodes converged at once within a segment (also the most that may be unavailable)."""
     max_failures: int = Field(default=0, ge=0)
     """Failed nodes tolerated before the rollout stops; 0 stops at the first failure."""
+    max_parallel_reimage: int = Field(default=4, ge=1, le=1000)
+    """Most nodes between power-on/reimage and SSH answering at once (`pulumi up` on a new site)."""
+    decommission: DecommissionPolicy = DecommissionPolicy.POWER_OFF
+    """A node removed from the stack: `power-off` via its BMC, or `keep` it running; both write a record."""
 
 
 class RebootSettings(_Model):

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from infra.components.node import STEPS
-from tests.pulumi.conftest import run_program
+from tests.pulumi.conftest import ROOT, run_program
 
 pytestmark = pytest.mark.lab
 
@@ -38,6 +38,11 @@ def _why(p: subprocess.CompletedProcess[str]) -> str:
     return json.dumps(failures or data, indent=1)[-3000:] + p.stderr[-1000:]
 
 
+def _cwd(inputs: dict[str, Any]) -> str:
+    # `dir` is relative to where the engine starts the provider: the directory Pulumi.yaml's `main` names.
+    return str(ROOT / "infra" / inputs["dir"])
+
+
 def _sh(command: str, cwd: str, timeout: int) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["/bin/sh", "-c", command], cwd=cwd, env=dict(os.environ), capture_output=True,
                           text=True, timeout=timeout, check=False)
@@ -54,7 +59,7 @@ def test_node_lifecycle_strings_succeed_in_order(lab: Any, node_steps: dict[str,
     results = {}
     for step in STEPS:
         inputs = node_steps[step]
-        p = _sh(inputs["create"], inputs["dir"], TIMEOUTS[step])
+        p = _sh(inputs["create"], _cwd(inputs), TIMEOUTS[step])
         results[step] = p
         assert p.returncode == 0, f"{step}: {inputs['create']}\n{_why(p)}"
     facts = json.loads(results["validate"].stdout)  # what becomes the stack output `nodes.<host>`
@@ -65,8 +70,8 @@ def test_node_lifecycle_strings_succeed_in_order(lab: Any, node_steps: dict[str,
 def test_steps_are_idempotent_on_a_converged_node(lab: Any, node_steps: dict[str, dict[str, Any]]) -> None:
     """The BMC step's update (power on), wait-ssh, converge and validate run again with exit 0."""
     bmc = node_steps["bmc"]
-    assert _sh(bmc["update"], bmc["dir"], TIMEOUTS["bmc"]).returncode == 0
+    assert _sh(bmc["update"], _cwd(bmc), TIMEOUTS["bmc"]).returncode == 0
     for step in ("wait-ssh", "converge", "validate"):
         inputs = node_steps[step]
-        p = _sh(inputs["create"], inputs["dir"], TIMEOUTS[step])
+        p = _sh(inputs["create"], _cwd(inputs), TIMEOUTS[step])
         assert p.returncode == 0, f"{step} (second run): {_why(p)}"

@@ -9,7 +9,7 @@ from typing import Any
 import pulumi
 import pytest
 
-from infra.components import mocks
+from infra.bench import pulumi_mocks as mocks
 from infra.components.program import ProgramSettings, build
 from infra.components.site import Site
 from infra.model.load import CONFIG_KEY, parse_site, read_stack_config, stack_path

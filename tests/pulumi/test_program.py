@@ -12,8 +12,9 @@ from typing import Any
 import pulumi
 import pytest
 
-from infra.components import commands, mocks
-from infra.components.desired import Fingerprints, converge_trigger, resolve_host_vars
+from infra.bench import pulumi_mocks as mocks
+from infra.components import commands
+from infra.components.desired import HOST_VARS, Fingerprints, converge_trigger
 from infra.model.load import parse_site
 from infra.plan.node import plan_site
 from tests.pulumi.conftest import CANARY, ROOT, SECRET_CONFIG, Run, raw_site, run_program
@@ -29,7 +30,7 @@ def _by_type(run: Run) -> dict[str, int]:
 
 
 def test_resource_counts_follow_the_site(stack_run: Run) -> None:
-    """One Site, a component per segment/node/service, 4 steps per node, 2 per mirror, 1 per service."""
+    """One Site, a component per segment/node/service, 5 steps per node, 2 per mirror, 1 per service, guards."""
     site = stack_run.plan.site
     airgapped = [s for s in site.segments if s.airgapped]
     assert _by_type(stack_run) == {
@@ -39,16 +40,19 @@ def test_resource_counts_follow_the_site(stack_run: Run) -> None:
         **({"gpufleet:segment:AirGappedSegment": len(airgapped)} if airgapped else {}),
         "gpufleet:node:GpuNode": len(site.nodes),
         **({"gpufleet:inference:InferenceService": len(site.services)} if site.services else {}),
-        CMD: 4 * len(site.nodes) + 2 * len(airgapped) + len(site.services),
+        # 5 steps per node (bmc, wait-ssh, converge, validate, decommission), 2 per mirror, 1 per service,
+        # one rollout guard between consecutive batches of a segment.
+        CMD: 5 * len(site.nodes) + 2 * len(airgapped) + len(site.services)
+        + sum(max(0, len(stack_run.plan.batches(s.name)) - 1) for s in site.segments),
     }
 
 
 def test_children_are_parented_and_named_from_their_component(stack_run: Run) -> None:
-    """Steps are `<node>-<step>` under their GpuNode; nodes sit under their segment, segments under Site."""
+    """Steps are `<node>-<step>` under their GpuNode; nodes and segments sit directly under Site."""
     site_urn = stack_run.reg(stack_run.plan.site.name).urn
     for p in stack_run.plan.nodes:
         node = stack_run.reg(p.hostname)
-        assert node.parent == stack_run.reg(p.segment.name).urn
+        assert node.parent == site_urn  # not the segment: a segment move must keep the URN
         assert stack_run.reg(p.segment.name).parent == site_urn
         for step in ("bmc", "wait-ssh", "converge", "validate"):
             assert stack_run.reg(f"{p.hostname}-{step}").parent == node.urn
@@ -92,11 +96,13 @@ def test_later_rolling_batches_converge_after_earlier_ones(prod_run: Run) -> Non
         assert len(batch_list) > 1  # the example has several nodes per segment
         for earlier, later in itertools.pairwise(batch_list):
             deps = prod_run.reg(f"{later[0].hostname}-converge").dependencies
+            guards = [prod_run.rec.monitor.by_urn[d] for d in deps if d.endswith("-guard")]
+            assert len(guards) == 1  # through the guard of the earlier batch (tests/pulumi/test_rollout.py)
             for e in earlier:
-                assert prod_run.reg(f"{e.hostname}-validate").urn in deps
+                assert prod_run.reg(f"{e.hostname}-validate").urn in guards[0].dependencies
     # ... and never on another segment's nodes.
     first_edge = prod_run.plan.batches("edge")[0][0].hostname
-    assert not [d for d in prod_run.reg(f"{first_edge}-converge").dependencies if "validate" in d]
+    assert not [d for d in prod_run.reg(f"{first_edge}-converge").dependencies if "validate" in d or "guard" in d]
 
 
 def test_services_wait_for_their_nodes_to_validate(stack_run: Run) -> None:
@@ -120,7 +126,7 @@ def test_commands_are_the_shared_cli_strings(stack_run: Run) -> None:
         for step, attr in (("wait-ssh", "wait_ssh"), ("converge", "converge"), ("validate", "validate")):
             inputs = stack_run.reg(f"{p.hostname}-{step}").inputs
             assert inputs["create"] == getattr(want, attr)
-            assert inputs["dir"] == str(ROOT)
+            assert inputs["dir"] == ".."  # relative: see infra.components.program.COMMAND_DIR
         assert f"--stack {stack} --node {p.hostname}" in want.converge
 
 
@@ -153,7 +159,7 @@ def test_hash_changes_with_driver_role_files_and_lock(tmp_path: Path) -> None:
     (tmp_path / "roles" / "base" / "tasks").mkdir(parents=True)
     role_file = tmp_path / "roles" / "base" / "tasks" / "main.yml"
     role_file.write_text("- name: One\n")
-    host_vars = resolve_host_vars()
+    host_vars = HOST_VARS
     base = converge_trigger(plan, site, Fingerprints.of(tmp_path, "lab"), host_vars)
 
     bumped_raw = copy.deepcopy(raw)
@@ -254,7 +260,7 @@ def test_non_json_validate_output_becomes_an_error_fact() -> None:
 
 
 def test_adding_a_node_keeps_every_other_urn() -> None:
-    """A new node adds exactly its own component and four steps; no existing URN changes."""
+    """A new node adds exactly its own component and five steps (and the guard before its batch); no URN changes."""
     raw = raw_site("lab")
     before = {r.urn for r in run_program("lab", raw).rec.resources}
     grown = copy.deepcopy(raw)
@@ -264,7 +270,8 @@ def test_adding_a_node_keeps_every_other_urn() -> None:
     after = {r.urn for r in run_program("lab", grown).rec.resources}
     assert before <= after
     assert sorted(u.rsplit("::", 1)[1] for u in after - before) == sorted(
-        ["lab-gpu05", "lab-gpu05-bmc", "lab-gpu05-wait-ssh", "lab-gpu05-converge", "lab-gpu05-validate"])
+        ["lab-gpu05", "lab-gpu05-bmc", "lab-gpu05-wait-ssh", "lab-gpu05-converge", "lab-gpu05-validate",
+         "lab-gpu05-decommission", "connected-batch0-guard"])  # 3 nodes in batches of 2: a second batch
 
 
 def _main() -> None:

@@ -46,6 +46,65 @@ def secret_paths(value: Any, path: str = "") -> list[str]:
     return []
 
 
+@dataclass(frozen=True)
+class AliasSpec:
+    """One alias of a registration (pulumi alias.proto `Alias.Spec`, or a plain URN)."""
+
+    urn: str = ""
+    name: str = ""
+    type: str = ""
+    parent_urn: str = ""
+    no_parent: bool = False
+
+
+def _type_chain(urn: str) -> str:
+    return urn.split("::")[2]
+
+
+def create_urn(stack: str, project: str, parent: str, type_: str, name: str) -> str:
+    """URN as the engine builds it (pulumi sdk/go/common/resource/urn.go CreateURN): parent type chain + type."""
+    qualified = type_
+    if parent and _type_chain(parent) != "pulumi:pulumi:Stack":
+        qualified = f"{_type_chain(parent)}${type_}"
+    return "urn:pulumi:" + "::".join([stack, project, qualified, name])
+
+
+def match_olds(olds: set[str], registrations: list[Registration]) -> dict[str, str | None]:
+    """Which old URN each new registration takes over, as the engine's step generator decides.
+
+    A faithful subset of pulumi pkg/resource/deploy/step_generator.go (v3.19x): `getOldResource`
+    looks the URN up first, then each alias from `generateAliases` — the resource's own aliases
+    (`collapseAliasToUrn`: unset name/type/parent default to the resource's own) and the alias its
+    parent matched, inherited by the child (`inheritedChildAlias`). Unmatched → None (a create).
+    """
+    matched: dict[str, str] = {}  # new URN → old URN it was found under (the engine's sg.aliases)
+    out: dict[str, str | None] = {}
+    for reg in registrations:
+        stack, project = reg.urn.split("::")[0].removeprefix("urn:pulumi:"), reg.urn.split("::")[1]
+        candidates = [reg.urn]
+        for a in reg.aliases:
+            if a.urn:
+                candidates.append(a.urn)
+                continue
+            parent = a.parent_urn or reg.parent
+            parent = matched.get(parent, parent)
+            candidates.append(create_urn(stack, project, "" if a.no_parent else parent,
+                                         a.type or reg.type, a.name or reg.name))
+        if reg.parent in matched:
+            parent_alias = matched[reg.parent]
+            parent_name = reg.parent.rsplit("::", 1)[1]
+            name = reg.name
+            if name.startswith(parent_name):
+                name = parent_alias.rsplit("::", 1)[1] + name[len(parent_name):]
+            candidates.append("urn:pulumi:" + "::".join(
+                [stack, project, f"{_type_chain(parent_alias)}${reg.type}", name]))
+        found = next((c for c in candidates if c in olds), None)
+        if found is not None and found != reg.urn:
+            matched[reg.urn] = found
+        out[reg.urn] = found
+    return out
+
+
 @dataclass
 class Registration:
     """One registered resource as the engine would see it."""
@@ -59,6 +118,8 @@ class Registration:
     raw_inputs: dict[str, Any]
     additional_secret_outputs: list[str]
     outputs: dict[str, Any] = field(default_factory=dict)
+    aliases: list[AliasSpec] = field(default_factory=list)
+    """`aliases` resource option as the SDK sends it to a monitor supporting alias specs."""
 
     @property
     def inputs(self) -> dict[str, Any]:
@@ -112,12 +173,7 @@ class RecordingMonitor(pmocks.MockMonitor):
         The stock mock keeps only the parent's own type, which hides URN changes a real engine would
         make (e.g. a node moving under another segment type).
         """
-        qualified = type_
-        if parent:
-            parent_type = parent.split("::")[2]
-            if parent_type != "pulumi:pulumi:Stack":
-                qualified = f"{parent_type}${type_}"
-        return "urn:pulumi:" + "::".join([pulumi.get_stack(), pulumi.get_project(), qualified, name])
+        return create_urn(pulumi.get_stack(), pulumi.get_project(), parent, type_, name)
 
     def RegisterResource(self, request: Any) -> Any:  # gRPC method name
         """Record, then let the stock mock monitor answer."""
@@ -135,6 +191,7 @@ class RecordingMonitor(pmocks.MockMonitor):
                 dependencies=list(request.dependencies), custom=bool(request.custom),
                 raw_inputs=rpc.deserialize_properties(request.object) if request.object else {},
                 additional_secret_outputs=list(request.additionalSecretOutputs),
+                aliases=[_alias(a) for a in request.aliases],
             )
             self.registrations.append(reg)
             self.by_urn[reg.urn] = reg
@@ -146,6 +203,13 @@ class RecordingMonitor(pmocks.MockMonitor):
         if reg is not None and request.outputs:
             reg.outputs = rpc.deserialize_properties(request.outputs)
         return super().RegisterResourceOutputs(request)  # type: ignore[no-untyped-call]
+
+
+def _alias(a: Any) -> AliasSpec:
+    if a.HasField("spec"):
+        spec = a.spec
+        return AliasSpec(name=spec.name, type=spec.type, parent_urn=spec.parentUrn, no_parent=spec.noParent)
+    return AliasSpec(urn=a.urn)
 
 
 @dataclass
