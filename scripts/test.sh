@@ -30,4 +30,6 @@ pytest "${pytest_args[@]}"
 # Figures that need the lab skip here with their reason; tests/lab/test_bench_quick.py runs them
 # while the lab is up.
 step "benchmark harness (quick)"
-gpufleet bench --quick --out bench-results/quick.json
+# --no-lab: the lab figures run in tests/lab/test_bench_quick.py while the test session holds the lab; here
+# they never drive a lab that happens to be up (it may be another run's).
+gpufleet bench --quick --no-lab --out bench-results/quick.json

@@ -33,10 +33,12 @@ def validation_and_planning(ctx: Context) -> dict[str, Any]:
     }
 
 
-def _require_lab(stack: str = "lab") -> None:
-    """Skip unless this machine runs the lab with every node answering SSH."""
+def _require_lab(ctx: Context, stack: str = "lab") -> None:
+    """Skip unless lab figures are wanted and this machine runs the lab with every node answering SSH."""
     import os
 
+    if not ctx.use_lab:
+        raise Skip("lab figures are off (--no-lab)")
     if os.geteuid() != 0:
         raise Skip("needs root (the lab is systemd-nspawn hosts)")
     from infra.lab import lab
@@ -68,7 +70,7 @@ def _require_lab(stack: str = "lab") -> None:
 )
 def fleet_convergence(ctx: Context) -> dict[str, Any]:
     """Converge timings from infra.bench.converge."""
-    _require_lab()
+    _require_lab(ctx)
     from infra.bench.converge import bench, lab_reimage
 
     counts = (1,) if ctx.quick else (1, 2, 4)
@@ -199,7 +201,7 @@ def bundle_verify(ctx: Context) -> dict[str, Any]:
 )
 def lab_lifecycle(ctx: Context) -> dict[str, Any]:
     """From infra.lab.measure and infra.bench.dr."""
-    _require_lab()
+    _require_lab(ctx)
     from infra.bench.dr import measure_drift, measure_rebuild
     from infra.lab.measure import measure
 

@@ -82,6 +82,9 @@ class Context:
     repeats: int
     root: Path
     notes: list[str] = field(default_factory=list)
+    use_lab: bool = True
+    """False (`gpufleet bench --no-lab`): figures that need the lab skip even when a lab answers, so a run
+    beside someone else's lab never drives it."""
 
 
 def repeat(fn: Callable[[], Any], n: int, *, unit: str = "s", goal: str = "") -> Measurement:

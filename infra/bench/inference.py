@@ -101,6 +101,8 @@ def lab_services(stack: str = "lab", num_requests: int = 32, concurrency: int = 
         "one at a time. Skipped when the lab is not up or the services are not converged.")
 def fig_lab_services(ctx: Context) -> dict[str, Any]:
     """Bench the lab's converged services."""
+    if not ctx.use_lab:
+        raise Skip("lab figures are off (--no-lab)")
     res = lab_services(num_requests=16 if ctx.quick else 32)
     if not res or all("skipped" in v for v in res.values()):
         raise Skip("no lab inference endpoint answers (lab down or services not converged)")

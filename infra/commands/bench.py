@@ -15,6 +15,8 @@ def register(sub: Any) -> None:
     """Register `bench`."""
     p = sub.add_parser("bench", help="measure every performance figure; write JSON + docs/benchmarks.md")
     p.add_argument("--quick", action="store_true", help="small sizes, few repeats (what CI runs)")
+    p.add_argument("--no-lab", action="store_true",
+                   help="skip the figures that drive the lab even when a lab answers (it may be someone else's)")
     p.add_argument("--repeats", type=int, help="repeats per timing (default 5, quick 2)")
     p.add_argument("--only", action="append", help="figure key to run (repeatable), e.g. 3")
     p.add_argument("--out", type=Path, default=Path("bench-results/report.json"), help="JSON report path")
@@ -39,7 +41,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         report.setdefault("finished", time.strftime("%Y-%m-%d %H:%M UTC", mtime))
         args.out = args.from_report
     else:
-        ctx = Context(quick=args.quick, repeats=args.repeats or (2 if args.quick else 5), root=root)
+        ctx = Context(
+            quick=args.quick, repeats=args.repeats or (2 if args.quick else 5), root=root, use_lab=not args.no_lab
+        )
         report = run(ctx, only=args.only)
     full = report["mode"] == "full"
     md = args.markdown or (root / "docs" / "benchmarks.md" if full else None)
