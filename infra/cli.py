@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "infra.commands.review",
     "infra.commands.monitoring",
     "infra.commands.lifecycle",
+    "infra.commands.collection",
 )
 
 

@@ -17,8 +17,16 @@ step "stacks validate"; for f in stacks/Pulumi.*.yaml; do gpufleet validate --st
 step "locks match stacks"
 for f in stacks/Pulumi.*.lock.json; do [[ -e "$f" ]] && gpufleet lock --check --stack-file "${f%.lock.json}.yaml"; done
 if [[ -d roles && -n "$(ls -A roles 2>/dev/null)" ]]; then
-  step "yamllint";      yamllint -s roles playbooks stacks
-  step "ansible-lint";  ANSIBLE_ROLES_PATH="$PWD/roles" ansible-lint --offline --profile production roles playbooks
+  step "yamllint";      yamllint -s roles playbooks stacks galaxy.yml meta
+  # The roles call the collection's own module by FQCN: lint them as the collection (galaxy.yml at the root).
+  collections=$(mktemp -d); python -m infra.ansible.collection "$collections" >/dev/null
+  step "ansible-lint";  ANSIBLE_COLLECTIONS_PATH="$collections" ANSIBLE_ROLES_PATH="$PWD/roles" \
+    ansible-lint --offline --profile production roles playbooks galaxy.yml meta plugins
+  step "collection build + execution environment (ansible-builder create)"
+  gpufleet collection ee --check
+  ee=$(mktemp -d); gpufleet collection build --out "$ee" >/dev/null; cp execution-environment.yml "$ee/"
+  (cd "$ee" && ansible-builder create -f execution-environment.yml -c "$ee/context" >/dev/null)
+  rm -rf "$collections" "$ee"
 fi
 
 pytest_args=(-q)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from infra import procs
+from infra.ansible.collection import link_collections
 from infra.ansible.settings import SshSettings, Tuning, project_root, runner_env
 from infra.secrets import ENV_PREFIX as SECRET_ENV_PREFIX
 
@@ -329,6 +330,8 @@ def run_playbook(
     env, forks = runner_env(
         tuning, hosts=len(hosts), ssh=ssh, work_dir=work, control_dir=control_dir, fact_cache=fact_cache
     )
+    # The roles call the collection's own modules by FQCN (gpufleet.fleet.gpu_validate).
+    env["ANSIBLE_COLLECTIONS_PATH"] = str(link_collections(project_root(), work / "collections"))
     cmd = ["--limit", ",".join(hosts)]
     if check:
         cmd += ["--check", "--diff"]

@@ -9,10 +9,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import yaml
+
+from infra.ansible.collection import link_collections
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -25,6 +28,8 @@ def _env() -> dict[str, str]:
         **os.environ,
         "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
         "ANSIBLE_ROLES_PATH": str(ROOT / "roles"),
+        # The roles call the collection's module by FQCN, as the runner sets it up (infra.ansible.collection).
+        "ANSIBLE_COLLECTIONS_PATH": str(link_collections(ROOT, Path(tempfile.mkdtemp(prefix="gpf-coll-")))),
         "NO_COLOR": "1",
     }
 
@@ -184,3 +189,30 @@ def test_roles_read_facts_through_ansible_facts_only() -> None:
                 used.setdefault(name, set()).add(str(path.relative_to(ROOT)))
     assert "ansible_facts" in used  # the scan sees role files
     assert {n: sorted(p) for n, p in used.items() if n not in _SPECIAL_VARIABLES} == {}
+
+
+def test_collection_builds_with_the_roles_and_module_only(tmp_path: Path) -> None:
+    """`ansible-galaxy collection build` makes the artifact an AWX project or execution environment installs:
+    every role, the gpu_validate module and meta/runtime.yml, and nothing of the Python package or tests."""
+    import tarfile
+
+    from infra.ansible.collection import collection_id
+
+    p = _run([str(BIN / "ansible-galaxy"), "collection", "build", "--output-path", str(tmp_path), str(ROOT)])
+    assert p.returncode == 0, p.stdout + p.stderr
+    namespace, name = collection_id(ROOT)
+    (artifact,) = tmp_path.glob(f"{namespace}-{name}-*.tar.gz")
+    with tarfile.open(artifact) as tar:
+        names = set(tar.getnames())
+    assert {"plugins/modules/gpu_validate.py", "meta/runtime.yml", "MANIFEST.json"} <= names
+    assert {f"roles/{r}/meta/argument_specs.yml" for r in ROLES} <= names
+    assert not [n for n in names if n.split("/")[0] in ("infra", "tests", "stacks", ".venv", "docs", "scripts")]
+
+
+def test_roles_call_the_collection_module_by_fqcn() -> None:
+    """gpu_validate is the collection's plugin, called by its FQCN (no role-local copy)."""
+    from infra.ansible.collection import fqcn
+
+    tasks = yaml.safe_load((ROOT / "roles" / "gpu_validate" / "tasks" / "main.yml").read_text())
+    assert fqcn(ROOT, "gpu_validate") in tasks[0]
+    assert not (ROOT / "roles" / "gpu_validate" / "library").exists()

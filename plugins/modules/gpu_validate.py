@@ -12,7 +12,7 @@ import urllib.request
 from ansible.module_utils.basic import AnsibleModule
 
 DOCUMENTATION = r"""
-module: gpufleet_gpu_validate
+module: gpu_validate
 short_description: Compare what a GPU node runs with what the plan declares (read-only)
 description:
   - Runs nvidia-smi, dpkg-query or rpm, systemctl, nvidia-ctk and HTTP health probes; changes nothing.
