@@ -46,7 +46,8 @@ class _Exporter(http.server.BaseHTTPRequestHandler):
                 if le == "+Inf" or float(le) >= type(self).ttft_s:
                     self.counts[key] = self.counts.get(key, 0) + 10
                 lines.append(f'gpufleet_probe_ttft_seconds_bucket{{{lab},le="{le}"}} {self.counts.get(key, 0)}')
-                itl = self.counts.get(svc + "+Inf", 0) if le != "0.1" else 0
+                # Inter-token gaps all under 0.1 s: far inside the lab's 1 s objective in either phase.
+                itl = self.counts.get(svc + "+Inf", 0)
                 lines.append(f'gpufleet_probe_itl_seconds_bucket{{{lab},le="{le}"}} {itl}')
             n = self.counts.get(svc + "+Inf", 0)
             lines += [f"gpufleet_probe_requests_total{{{lab}}} {n}", f"gpufleet_probe_failures_total{{{lab}}} 0",
