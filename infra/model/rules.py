@@ -8,7 +8,7 @@ from ipaddress import IPv4Address, IPv4Network
 from urllib.parse import urlsplit
 
 from infra.model.catalogue import ResolvedCatalogue, resolve
-from infra.model.site import Engine, InferenceService, Node, Site
+from infra.model.site import ContainerEngine, DType, Engine, InferenceService, KvCacheDType, Node, Site
 from infra.plan import vram
 
 
@@ -402,3 +402,48 @@ def services(site: Site, cat: ResolvedCatalogue) -> Iterator[Problem]:
                     f"{svc.model.name} on {host} ({node.gpu.count}× {node.gpu.model}) " + result.verdict(),
                     "apply one of the changes above",
                 )
+
+
+@rule
+def engine_support(site: Site, cat: ResolvedCatalogue) -> Iterator[Problem]:
+    """What each engine and runtime can really run (infra/plan/engines.py builds the invocations)."""
+    nodes = {n.hostname: n for n in site.nodes}
+    for i, svc in enumerate(site.services):
+        path = f"services[{i}]"
+        if svc.image is not None:
+            for host in svc.nodes:
+                node = nodes.get(host)
+                profile = site.profiles.get((node.profile or site.default_profile) if node else "")
+                if profile is not None and profile.container_runtime.engine is ContainerEngine.CONTAINERD:
+                    name = node.profile or site.default_profile if node else ""
+                    yield Problem(
+                        f"{path}.nodes",
+                        f"{host} runs containerd, which cannot run inference containers with GPUs here "
+                        "(ctr is a debug client without CDI; nerdctl is not packaged for Debian 12)",
+                        f"set profiles.{name}.container_runtime.engine: podman (or docker)",
+                    )
+                    break
+        dtype, kv = svc.model.dtype, svc.kv_cache_dtype
+        if svc.engine is Engine.VLLM and dtype is DType.INT4:
+            yield Problem(
+                f"{path}.model.dtype",
+                "vLLM has no generic int4 quantisation",
+                "serve an awq or gptq checkpoint and set dtype: awq (or gptq)",
+            )
+        if svc.engine is Engine.TGI:
+            if svc.pipeline_parallel != 1:
+                yield Problem(
+                    f"{path}.pipeline_parallel", "TGI shards by tensor parallelism only", "set pipeline_parallel: 1"
+                )
+            if kv in (KvCacheDType.FP16, KvCacheDType.BF16) and kv.value != dtype.value:
+                yield Problem(
+                    f"{path}.kv_cache_dtype",
+                    f"TGI keeps the KV cache in the model's dtype or fp8, not {kv.value}",
+                    "set kv_cache_dtype: auto or fp8",
+                )
+        if svc.engine is Engine.LLAMACPP and kv is not KvCacheDType.AUTO:
+            yield Problem(
+                f"{path}.kv_cache_dtype",
+                "llama.cpp's KV cache type is not set by gpufleet",
+                "set kv_cache_dtype: auto",
+            )

@@ -11,7 +11,7 @@ from enum import StrEnum
 from ipaddress import IPv4Address, IPv4Network
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 # Upstream version with optional epoch, Debian/RPM suffixes (`1:4.2.3-1`, `4.3.1+ds1-8+deb12u1+b3`).
 _EXACT_VERSION = re.compile(r"^(\d+:)?\d+(\.\d+)+([~+][0-9A-Za-z.+~]*)?(-[0-9A-Za-z.+~]+)?$")
@@ -68,12 +68,24 @@ class RebootPolicy(StrEnum):
 
 
 class Engine(StrEnum):
-    """Inference engines gpufleet can deploy."""
+    """Inference engines gpufleet can deploy.
+
+    Triton is not offered: a directory of Hugging Face weights is not a Triton model repository and
+    Triton does not serve the OpenAI API the health check and bench speak (issue 18).
+    """
 
     VLLM = "vllm"
     TGI = "tgi"
-    TRITON = "triton"
     LLAMACPP = "llamacpp"
+
+
+def _offered_engine(value: object) -> object:
+    if value == "triton":
+        raise ValueError(
+            "triton is not offered: gpufleet does not build a Triton model repository and Triton does not "
+            "serve the OpenAI API; serve the model with engine: vllm (or tgi)"
+        )
+    return value
 
 
 class ContainerEngine(StrEnum):
@@ -406,8 +418,8 @@ class InferenceService(_Model):
 
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$")
     """Service name (systemd unit and endpoint name)."""
-    engine: Engine
-    """vllm, tgi, triton or llamacpp."""
+    engine: Annotated[Engine, BeforeValidator(_offered_engine)]
+    """vllm, tgi or llamacpp (triton is not offered)."""
     model: ModelSpec
     """The model served."""
     image: ImageRef | None = None

@@ -18,12 +18,20 @@ import pytest
 import yaml
 
 from infra.model.load import load_site
+from infra.model.site import ContainerEngine
 from infra.plan.node import plan_site
-from infra.plan.rolevars import host_vars
+from infra.plan.rolevars import host_vars, service_vars
 
 ROOT = Path(__file__).resolve().parents[2]
 ROLES = ROOT / "roles"
 STACKS = ("lab", "example-prod", "example-airgap")
+# Every runtime that runs inference containers, at the versions of the distributions gpufleet supports:
+# Debian 12's podman and docker.io (20.10: GPUs through the NVIDIA runtime), a docker with CDI (≥ 25).
+RUNTIMES = {
+    "podman": (ContainerEngine.PODMAN, "4.3.1+ds1-8+deb12u1+b3"),
+    "docker": (ContainerEngine.DOCKER, "26.1.3-0ubuntu1~22.04.1"),
+    "docker20": (ContainerEngine.DOCKER, "20.10.24+dfsg1-1+deb12u1+b2"),
+}
 NFT = shutil.which("nft") or ("/usr/sbin/nft" if Path("/usr/sbin/nft").exists() else None)
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
 
@@ -46,27 +54,27 @@ def _cases() -> list[dict[str, Any]]:
         for n in plan_site(site).nodes:
             hv = host_vars(n, site)
             key = f"{stack}-{n.hostname}"
-            for svc in hv["inference_server_services"]:
-                if svc["name"] in seen:
+            for sp in n.services:
+                svc = sp.service
+                if svc.name in seen:
                     continue
-                seen.add(svc["name"])
-                native = [hv["inference_server_container_engine"]]
-                runtimes = ["podman", "docker", "containerd"] if svc["image"] else native
-                for rt in runtimes:
-                    cases.append(
-                        {
-                            "role": "inference_server",
-                            "template": "inference.service.j2",
-                            "out": f"units/{stack}-{svc['name']}-{rt}.service",
-                            "vars": _role_vars("inference_server")
-                            | hv
-                            | {
-                                "inference_server_service": svc,
-                                "inference_server_container_engine": rt,
-                                "inference_server_registry_token": "x" if rt != "containerd" else "",
-                            },
-                        }
-                    )
+                seen.add(svc.name)
+                runtimes = RUNTIMES if svc.image else {"native": RUNTIMES["podman"]}
+                for label, (rt, version) in runtimes.items():
+                    for token in ("x", "") if label == "podman" else ("x",):
+                        cases.append(
+                            {
+                                "role": "inference_server",
+                                "template": "inference.service.j2",
+                                "out": f"units/{stack}-{svc.name}-{label}{'' if token else '-noauth'}.service",
+                                "vars": _role_vars("inference_server")
+                                | hv
+                                | {
+                                    "inference_server_service": service_vars(svc, rt, version, lab=n.lab_mode),
+                                    "inference_server_registry_token": token,
+                                },
+                            }
+                        )
             if hv["monitoring_dcgm_exporter_image"] and f"dcgm-{stack}" not in seen:
                 seen.add(f"dcgm-{stack}")
                 cases.append(
