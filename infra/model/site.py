@@ -202,8 +202,8 @@ class CudaSpec(_Model):
 class ContainerRuntimeSpec(_Model):
     """Container runtime pin."""
 
-    engine: ContainerEngine = ContainerEngine.CONTAINERD
-    """Which runtime: containerd, docker or podman."""
+    engine: ContainerEngine = ContainerEngine.PODMAN
+    """Which runtime: podman, docker or containerd (containerd cannot run inference containers with GPUs)."""
     version: ExactVersion
     """Exact package version of the runtime."""
 

@@ -18,12 +18,13 @@ from typing import Any
 import pytest
 import yaml
 
-from infra.model.load import load_site
+from infra.model.load import SiteError, load_site, parse_site
 from infra.model.site import ContainerEngine, DType, Engine, InferenceService, KvCacheDType, Site
 from infra.plan import engines
 from infra.plan.engines import EngineError
 from infra.plan.rolevars import service_vars
 from tests.unit import vllm_flags
+from tests.unit.factories import make_site
 from tests.unit.systemd_syntax import split_command
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -320,3 +321,49 @@ def test_model_dir_never_leaves_the_store(name: str, revision: str) -> None:
     bad = s.model_copy(update={"model": s.model.model_copy(update={"name": name, "revision": revision})})
     with pytest.raises(EngineError, match="model store|outside"):
         engines.model_dir(bad)
+
+
+# --- what validation refuses before any invocation is built -------------------------------------------
+
+
+def _problems(mutate: Any) -> list[str]:
+    raw = make_site()
+    parse_site(raw)  # the base is valid
+    mutate(raw)
+    with pytest.raises(SiteError) as exc:
+        parse_site(raw)
+    return [f"{p.path}: {p.message} Fix: {p.fix}" for p in exc.value.problems]
+
+
+def test_triton_is_not_offered() -> None:
+    """A Triton service is refused with why and what to use instead (not a bare enum error)."""
+    (msg,) = _problems(lambda r: r["services"][0].update(engine="triton"))
+    assert msg.startswith("services[0].engine: triton is not offered") and "vllm" in msg
+
+
+def test_containerd_cannot_serve_containers() -> None:
+    """An image service on a containerd node is refused at the service, naming the profile to change."""
+    (msg,) = _problems(lambda r: r["profiles"]["hgx"]["container_runtime"].update(engine="containerd"))
+    assert msg.startswith("services[0].nodes: gpu01 runs containerd") and "profiles.hgx" in msg
+
+
+@pytest.mark.parametrize(
+    ("update", "path"),
+    [
+        ({"model": {"dtype": "int4"}}, "services[0].model.dtype"),
+        ({"engine": "tgi", "pipeline_parallel": 2, "tensor_parallel": 1}, "services[0].pipeline_parallel"),
+        ({"engine": "tgi", "kv_cache_dtype": "fp16"}, "services[0].kv_cache_dtype"),
+    ],
+)
+def test_engine_limits_are_validated(update: dict[str, Any], path: str) -> None:
+    """What an engine cannot do is a validation problem at its config path, not a failed start."""
+
+    def mutate(raw: dict[str, Any]) -> None:
+        svc = raw["services"][0]
+        for k, v in update.items():
+            if isinstance(v, dict):
+                svc[k].update(v)
+            else:
+                svc[k] = v
+
+    assert any(m.startswith(path + ":") for m in _problems(mutate))
