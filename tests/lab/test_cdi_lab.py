@@ -98,7 +98,7 @@ echo "LS=$(grep '^nvidia' {WORK}/out/ls | tr '\\n' ' ')"
 echo "ARG=$(base64 -w0 < {WORK}/out/arg)"
 rm -f /run/systemd/system/{UNIT} && systemctl daemon-reload
 """, timeout=300)
-    got = dict(line.split("=", 1) for line in out.splitlines() if line[:4] in ("DEV=", "LS=", "ARG="))
+    got = dict(line.split("=", 1) for line in out.splitlines() if line.split("=", 1)[0] in ("DEV", "LS", "ARG"))
     assert got["DEV"] == "character special file 1:3"  # /dev/null's major:minor, the spec's hostPath
     assert got["LS"].split() == ["nvidia0"]  # gpu=0 only; the other GPUs are not in the container
     assert base64.b64decode(got["ARG"]).decode() == HOSTILE  # systemd passed the word through unchanged

@@ -319,7 +319,7 @@ def test_model_dir_never_leaves_the_store(name: str, revision: str) -> None:
     """Traversal in a model name or revision is refused with an error naming the value."""
     s = load_site("lab").services[0]
     bad = s.model_copy(update={"model": s.model.model_copy(update={"name": name, "revision": revision})})
-    with pytest.raises(EngineError, match="model store|outside"):
+    with pytest.raises(EngineError, match=r"model store|outside"):
         engines.model_dir(bad)
 
 

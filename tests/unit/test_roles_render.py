@@ -19,8 +19,8 @@ import yaml
 
 from infra.model.load import load_site
 from infra.model.site import ContainerEngine
-from infra.plan.node import plan_site
 from infra.plan import engines
+from infra.plan.node import plan_site
 from infra.plan.rolevars import host_vars, service_vars
 from tests.unit.systemd_syntax import split_command
 
@@ -310,7 +310,8 @@ def test_units_run_offline_by_digest_with_plan_arguments(rendered: Path) -> None
     assert "--usage-stats=off" in tgi and "--num-shard=4" in tgi and "--quantize=fp8" in tgi
     podman = (rendered / "units" / "example-airgap-qwen-72b-podman.service").read_text()
     assert "Environment=REGISTRY_AUTH_FILE=/etc/gpufleet/registry/config.json" in podman
-    assert "REGISTRY_AUTH_FILE" not in (rendered / "units" / "example-airgap-qwen-72b-podman-noauth.service").read_text()
+    noauth = rendered / "units" / "example-airgap-qwen-72b-podman-noauth.service"
+    assert "REGISTRY_AUTH_FILE" not in noauth.read_text()
     llama = _exec_start(rendered / "units" / "lab-tiny-airgap-native.service")
     assert llama[1:3] == ["-m", "llama_cpp.server"] and "--port=8080" in llama and "--n_ctx=512" in llama
     assert "--interrupt_requests=False" in llama  # concurrent clients queue instead of cutting each other off
