@@ -130,8 +130,8 @@ def _escape_char(c: str, *, dollar: bool) -> str:
         return "%%"  # specifier expansion runs on the whole line first
     if c == "$" and dollar:
         return "$$"  # environment variable substitution in command lines
-    if ord(c) < 0x20 or ord(c) == 0x7F or 0x80 <= ord(c) < 0xA0:
-        return f"\\x{ord(c):02x}"
+    if ord(c) < 0x20 or ord(c) == 0x7F:
+        return f"\\x{ord(c):02x}"  # one byte: \xHH is a byte in systemd, right for ASCII only
     if ord(c) > 0x7E and not c.isprintable():
         # Bidi overrides and other invisible code points: spelt out, never placed raw.
         return f"\\u{ord(c):04x}" if ord(c) <= 0xFFFF else f"\\U{ord(c):08x}"

@@ -38,7 +38,10 @@ def _escape(s: str, i: int) -> tuple[str, int]:
     if c in _SIMPLE:
         return _SIMPLE[c], i + 1
     if c == "x":
-        return chr(int(s[i + 1 : i + 3], 16)), i + 3
+        value = int(s[i + 1 : i + 3], 16)
+        if value > 0x7F:
+            raise ValueError("\\x above 7f is a raw byte, not a character")
+        return chr(value), i + 3
     if c == "u":
         return chr(int(s[i + 1 : i + 5], 16)), i + 5
     if c == "U":

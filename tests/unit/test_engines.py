@@ -367,3 +367,11 @@ def test_engine_limits_are_validated(update: dict[str, Any], path: str) -> None:
                 svc[k] = v
 
     assert any(m.startswith(path + ":") for m in _problems(mutate))
+
+
+@pytest.mark.parametrize("value", ["a\x85b", "x\u202ey", "tab\there", "é ü 漢 ", "100%", "$$x", "-", ";", ""])
+def test_systemd_word_keeps_unicode_and_edge_words(value: str) -> None:
+    """C1 controls and bidi overrides are spelt as code points, printable Unicode stays; empty stays a word."""
+    line = engines.systemd_command_line(["/bin/echo", value])
+    assert split_command(line) == ["/bin/echo", value]
+    assert line.isprintable()
