@@ -45,7 +45,7 @@ def generate_site(n_nodes: int, nodes_per_segment: int = 250, served_nodes: int 
             "hgx": {
                 "driver": {"branch": "570", "version": "570.133.20"},
                 "cuda": {"version": "12.8.1"},
-                "container_runtime": {"engine": "containerd", "version": "1.7.27-1"},
+                "container_runtime": {"engine": "docker", "version": "26.1.3-0ubuntu1~22.04.1"},
                 "container_toolkit": {"version": "1.17.8-1"},
                 "fabric_manager": {"enabled": True, "version": "570.133.20"},
                 "dcgm": {"enabled": True, "version": "1:4.2.3-1"},

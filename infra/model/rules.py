@@ -19,7 +19,17 @@ from urllib.parse import urlsplit
 from infra.model import sizing
 from infra.model.catalogue import ResolvedCatalogue, resolve
 from infra.model.ports import DCGM_EXPORTER_PORT, NODE_EXPORTER_PORT, SSH_PORT
-from infra.model.site import DType, Engine, InferenceService, KvCacheDType, Node, NodeRole, Site, SoftwareProfile
+from infra.model.site import (
+    ContainerEngine,
+    DType,
+    Engine,
+    InferenceService,
+    KvCacheDType,
+    Node,
+    NodeRole,
+    Site,
+    SoftwareProfile,
+)
 from infra.model.sizing import deployment, model_arch
 
 
@@ -916,3 +926,48 @@ def observability(site: Site, cat: ResolvedCatalogue) -> Iterator[Problem]:
             f"{obs.site_view!r} is air-gapped: metrics federate out of an air gap, never into it",
             "make a connected segment the site view",
         )
+
+
+@rule
+def engine_support(site: Site, cat: ResolvedCatalogue) -> Iterator[Problem]:
+    """What each engine and runtime can really run (infra/plan/engines.py builds the invocations)."""
+    nodes = {n.hostname: n for n in site.nodes}
+    for i, svc in enumerate(site.services):
+        path = f"services[{i}]"
+        if svc.image is not None:
+            for host in svc.nodes:
+                node = nodes.get(host)
+                profile = site.profiles.get((node.profile or site.default_profile) if node else "")
+                if profile is not None and profile.container_runtime.engine is ContainerEngine.CONTAINERD:
+                    name = node.profile or site.default_profile if node else ""
+                    yield Problem(
+                        f"{path}.nodes",
+                        f"{host} runs containerd, which cannot run inference containers with GPUs here "
+                        "(ctr is a debug client without CDI; nerdctl is not packaged for Debian 12)",
+                        f"set profiles.{name}.container_runtime.engine: podman (or docker)",
+                    )
+                    break
+        dtype, kv = svc.model.dtype, svc.kv_cache_dtype
+        if svc.engine is Engine.VLLM and dtype is DType.INT4:
+            yield Problem(
+                f"{path}.model.dtype",
+                "vLLM has no generic int4 quantisation",
+                "serve an awq or gptq checkpoint and set dtype: awq (or gptq)",
+            )
+        if svc.engine is Engine.TGI:
+            if svc.pipeline_parallel != 1:
+                yield Problem(
+                    f"{path}.pipeline_parallel", "TGI shards by tensor parallelism only", "set pipeline_parallel: 1"
+                )
+            if kv in (KvCacheDType.FP16, KvCacheDType.BF16) and kv.value != dtype.value:
+                yield Problem(
+                    f"{path}.kv_cache_dtype",
+                    f"TGI keeps the KV cache in the model's dtype or fp8, not {kv.value}",
+                    "set kv_cache_dtype: auto or fp8",
+                )
+        if svc.engine is Engine.LLAMACPP and kv is not KvCacheDType.AUTO:
+            yield Problem(
+                f"{path}.kv_cache_dtype",
+                "llama.cpp's KV cache type is not set by gpufleet",
+                "set kv_cache_dtype: auto",
+            )

@@ -556,12 +556,24 @@ class DecommissionPolicy(StrEnum):
 
 
 class Engine(StrEnum):
-    """Inference engines gpufleet can deploy."""
+    """Inference engines gpufleet can deploy.
+
+    Triton is not offered: a directory of Hugging Face weights is not a Triton model repository and
+    Triton does not serve the OpenAI API the health check and bench speak (issue 18).
+    """
 
     VLLM = "vllm"
     TGI = "tgi"
-    TRITON = "triton"
     LLAMACPP = "llamacpp"
+
+
+def _offered_engine(value: object) -> object:
+    if value == "triton":
+        raise ValueError(
+            "triton is not offered: gpufleet does not build a Triton model repository and Triton does not "
+            "serve the OpenAI API; serve the model with engine: vllm (or tgi)"
+        )
+    return value
 
 
 class ContainerEngine(StrEnum):
@@ -682,8 +694,8 @@ class CudaSpec(_Model):
 class ContainerRuntimeSpec(_Model):
     """Container runtime pin."""
 
-    engine: ContainerEngine = ContainerEngine.CONTAINERD
-    """Which runtime: containerd, docker or podman."""
+    engine: ContainerEngine = ContainerEngine.PODMAN
+    """Which runtime: podman, docker or containerd (containerd cannot run inference containers with GPUs)."""
     version: ExactVersion
     """Exact package version of the runtime."""
 
@@ -923,8 +935,8 @@ class InferenceService(_Model):
 
     name: Name
     """Service name (systemd unit and endpoint name)."""
-    engine: Engine
-    """vllm, tgi, triton or llamacpp."""
+    engine: Annotated[Engine, BeforeValidator(_offered_engine)]
+    """vllm, tgi or llamacpp (triton is not offered)."""
     model: ModelSpec
     """The model served."""
     image: ImageRef | None = None

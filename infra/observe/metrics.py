@@ -54,8 +54,7 @@ ENGINE_METRICS: dict[Engine, EngineMetrics] = {
         failed_requests="tgi_request_failure",
         running="tgi_batch_current_size",
     ),
-    # Triton's OpenAI frontend and llama-cpp-python's server export none of these: the probe measures them.
-    Engine.TRITON: EngineMetrics(None, None, None, None, None, None),
+    # llama-cpp-python's server exports none of these: the probe measures them.
     Engine.LLAMACPP: EngineMetrics(None, None, None, None, None, None),
 }
 

@@ -1,6 +1,6 @@
 """The SLO probe: one small streaming completion per endpoint and interval, exported as Prometheus metrics.
 
-Engines that export no latency histograms (llama.cpp's servers, Triton's OpenAI frontend) and TGI, which has
+Engines that export no latency histograms (llama.cpp's servers) and TGI, which has
 no time-to-first-token histogram, are measured from outside by this probe; for vLLM it is a second opinion
 and the `gpufleet:service_up` source. It runs beside each segment's Prometheus (`probe.json` from
 `infra.observe.config.probe_config`) and serves the text exposition format on 127.0.0.1 only.

@@ -13,17 +13,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from infra.model.ports import DCGM_EXPORTER_PORT
-from infra.model.site import ContainerEngine, Engine, RebootPolicy, Site
-from infra.plan.node import NodePlan, ServicePlan
+from infra.model.site import ContainerEngine, Engine, InferenceService, RebootPolicy, Site
+from infra.plan import engines
+from infra.plan.node import NodePlan
 from infra.plan.packages import Component
-
-# Where each engine answers "ready"; the role polls it after (re)starting the service.
-HEALTH_PATHS: dict[Engine, str] = {
-    Engine.VLLM: "/health",
-    Engine.TGI: "/health",
-    Engine.TRITON: "/v2/health/ready",
-    Engine.LLAMACPP: "/v1/models",
-}
 
 # `name-1.2.3-cp311-...whl` → distribution name and version (PEP 427 file names).
 _WHEEL = re.compile(r"^(?P<name>[A-Za-z0-9_.]+)-(?P<version>[0-9][^-]*)-.*\.whl$")
@@ -66,28 +59,41 @@ def wheel_requirement(url: str) -> tuple[str, str]:
     return f"{m['name']}=={m['version']}", url[: url.rindex("/") + 1]
 
 
-def _service(sp: ServicePlan, plan: NodePlan) -> dict[str, Any]:
-    s = sp.service
+def service_vars(
+    s: InferenceService, runtime: ContainerEngine, runtime_version: str, *, lab: bool = False
+) -> dict[str, Any]:
+    """One service as the `inference_server` role places it: paths and unit lines, already encoded.
+
+    The unit's command lines come from `infra.plan.engines` (the engine's argv from the plan's limits)
+    and are quoted for systemd there; the template only writes them on their lines.
+    """
+    cmds = engines.unit_commands(s, runtime, runtime_version, lab=lab)
+    directory = engines.model_dir(s)
+    name = engines.model_file(s)
+    native = s.engine is Engine.LLAMACPP and s.image is None
     out: dict[str, Any] = {
         "name": s.name,
         "engine": s.engine.value,
-        "image": s.image or "",
-        "model_name": s.model.name,
-        "model_revision": s.model.revision,
         "model_source": s.model.source,
-        "max_model_len": s.model.context_length,
-        "tensor_parallel": s.tensor_parallel,
-        "pipeline_parallel": s.pipeline_parallel,
-        "gpu_memory_utilization": s.gpu_memory_utilization,
-        "kv_cache_dtype": s.kv_cache_dtype.value,
+        "model_dir": directory,
+        "model_path": f"{directory}/{name}" if name else "",
         "port": s.port,
-        "health_path": HEALTH_PATHS[s.engine],
-        "native": s.engine is Engine.LLAMACPP and s.image is None,
+        "health_path": engines.HEALTH_PATHS[s.engine],
+        "native": native,
+        "description": engines.unit_text(
+            f"gpufleet inference {s.name} ({s.engine.value} serving {s.model.name}@{s.model.revision})"
+        ),
+        "environment": [engines.systemd_assignment(k, v) for k, v in sorted(cmds.environment.items())],
+        "user": cmds.user,
+        # Clean-up commands may fail (nothing to clean): systemd's `-` prefix.
+        "exec_start_pre": ["-" + engines.systemd_command_line(c) for c in cmds.exec_start_pre],
+        "exec_start": engines.systemd_command_line(cmds.exec_start),
+        "exec_stop": [engines.systemd_command_line(c) for c in cmds.exec_stop],
         "pip_requirement": "",
         "pip_find_links": "",
         "pip_trusted_host": "",
     }
-    if out["native"]:
+    if native:
         if not s.wheel:
             raise ValueError(f"service {s.name!r}: a native llamacpp service needs `wheel`")
         out["pip_requirement"], out["pip_find_links"] = wheel_requirement(s.wheel)
@@ -128,7 +134,7 @@ def host_vars(plan: NodePlan, site: Site) -> dict[str, Any]:
         # renders already has the NVIDIA runtime and both roles agree on one file content.
         docker_options["runtimes"] = {"nvidia": {"path": "nvidia-container-runtime", "args": []}}
         docker_options["features"] = {"cdi": True}
-    services = [_service(s, plan) for s in plan.services]
+    services = [service_vars(s.service, engine, p.container_runtime.version, lab=lab) for s in plan.services]
     # Registries that get credentials (when a token is given): those of the images, and the mirror's.
     registries = sorted(
         {
@@ -190,8 +196,8 @@ def host_vars(plan: NodePlan, site: Site) -> dict[str, Any]:
         "nvidia_container_toolkit_driver_version": p.driver.version,
         # inference_server
         "inference_server_services": services,
-        "inference_server_container_engine": engine.value,
-        "inference_server_container_cgroups": "disabled" if lab else "enabled",
+        "inference_server_model_dir": engines.MODEL_ROOT,
+        "inference_server_venv_dir": engines.VENV_ROOT,
         "inference_server_registries": registries,
         # monitoring
         "monitoring_node_exporter_packages": _pkgs(plan, Component.MONITORING),

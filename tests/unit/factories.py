@@ -13,7 +13,7 @@ def make_profile(**overrides: Any) -> dict[str, Any]:
     p: dict[str, Any] = {
         "driver": {"branch": "570", "version": "570.133.20", "open_modules": True},
         "cuda": {"version": "12.8.1"},
-        "container_runtime": {"engine": "containerd", "version": "1.7.27-1"},
+        "container_runtime": {"engine": "podman", "version": "4.3.1+ds1-8+deb12u1+b3"},
         "container_toolkit": {"version": "1.17.8-1"},
         "fabric_manager": {"enabled": True, "version": "570.133.20"},
         "dcgm": {"enabled": True, "version": "1:4.2.3-1"},

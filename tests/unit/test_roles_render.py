@@ -18,12 +18,22 @@ import pytest
 import yaml
 
 from infra.model.load import load_site
+from infra.model.site import ContainerEngine
+from infra.plan import engines
 from infra.plan.node import plan_site
-from infra.plan.rolevars import host_vars
+from infra.plan.rolevars import host_vars, service_vars
+from tests.unit.systemd_syntax import split_command
 
 ROOT = Path(__file__).resolve().parents[2]
 ROLES = ROOT / "roles"
 STACKS = ("lab", "example-prod", "example-airgap")
+# Every runtime that runs inference containers, at the versions of the distributions gpufleet supports:
+# Debian 12's podman and docker.io (20.10: GPUs through the NVIDIA runtime), a docker with CDI (≥ 25).
+RUNTIMES = {
+    "podman": (ContainerEngine.PODMAN, "4.3.1+ds1-8+deb12u1+b3"),
+    "docker": (ContainerEngine.DOCKER, "26.1.3-0ubuntu1~22.04.1"),
+    "docker20": (ContainerEngine.DOCKER, "20.10.24+dfsg1-1+deb12u1+b2"),
+}
 NFT = shutil.which("nft") or ("/usr/sbin/nft" if Path("/usr/sbin/nft").exists() else None)
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
 
@@ -46,27 +56,27 @@ def _cases() -> list[dict[str, Any]]:
         for n in plan_site(site).nodes:
             hv = host_vars(n, site)
             key = f"{stack}-{n.hostname}"
-            for svc in hv["inference_server_services"]:
-                if svc["name"] in seen:
+            for sp in n.services:
+                svc = sp.service
+                if svc.name in seen:
                     continue
-                seen.add(svc["name"])
-                native = [hv["inference_server_container_engine"]]
-                runtimes = ["podman", "docker", "containerd"] if svc["image"] else native
-                for rt in runtimes:
-                    cases.append(
-                        {
-                            "role": "inference_server",
-                            "template": "inference.service.j2",
-                            "out": f"units/{stack}-{svc['name']}-{rt}.service",
-                            "vars": _role_vars("inference_server")
-                            | hv
-                            | {
-                                "inference_server_service": svc,
-                                "inference_server_container_engine": rt,
-                                "inference_server_registry_token": "x" if rt != "containerd" else "",
-                            },
-                        }
-                    )
+                seen.add(svc.name)
+                runtimes = RUNTIMES if svc.image else {"native": RUNTIMES["podman"]}
+                for label, (rt, version) in runtimes.items():
+                    for token in ("x", "") if label == "podman" else ("x",):
+                        cases.append(
+                            {
+                                "role": "inference_server",
+                                "template": "inference.service.j2",
+                                "out": f"units/{stack}-{svc.name}-{label}{'' if token else '-noauth'}.service",
+                                "vars": _role_vars("inference_server")
+                                | hv
+                                | {
+                                    "inference_server_service": service_vars(svc, rt, version, lab=n.lab_mode),
+                                    "inference_server_registry_token": token,
+                                },
+                            }
+                        )
             if hv["monitoring_dcgm_exporter_image"] and f"dcgm-{stack}" not in seen:
                 seen.add(f"dcgm-{stack}")
                 cases.append(
@@ -206,12 +216,19 @@ def _units(rendered: Path, suffix: str = ".service") -> list[Path]:
 
 
 def test_every_engine_is_rendered(rendered: Path) -> None:
-    """The example stacks together cover all four engines and all three container runtimes."""
+    """The example stacks together cover every offered engine under podman, docker and natively."""
     text = "\n".join(p.read_text() for p in _units(rendered))
-    for engine in ("(vllm serving", "(tgi serving", "(triton serving", "(llamacpp serving"):
+    for engine in ("(vllm serving", "(tgi serving", "(llamacpp serving"):
         assert engine in text
-    for runtime in ("/usr/bin/podman", "/usr/bin/docker", "/usr/bin/ctr", "llama_cpp.server"):
+    for runtime in ("ExecStart=/usr/bin/podman run", "ExecStart=/usr/bin/docker run", "-m llama_cpp.server"):
         assert runtime in text
+    assert "/usr/bin/ctr" not in text  # containerd's debug client never runs a service
+
+
+def _exec_start(unit: Path) -> list[str]:
+    lines = [ln for ln in unit.read_text().splitlines() if ln.startswith("ExecStart=")]
+    assert len(lines) == 1, lines
+    return split_command(lines[0].split("=", 1)[1], "gpufleet-inference-x.service")
 
 
 @pytest.mark.skipif(SYSTEMD_ANALYZE is None, reason="systemd-analyze is not installed")
@@ -274,21 +291,33 @@ def test_airgap_rules_allow_only_segment_and_mirror(rendered: Path) -> None:
 
 
 def test_units_run_offline_by_digest_with_plan_arguments(rendered: Path) -> None:
-    """Container units pin images by digest, use CDI GPUs, run offline and carry the plan's engine args."""
-    vllm = (rendered / "units" / "example-prod-llama-70b-containerd.service").read_text()
-    assert "docker.io/vllm/vllm-openai@sha256:" in vllm
-    assert "--tensor-parallel-size 8" in vllm and "--max-model-len 8192" in vllm
-    assert "--gpu-memory-utilization 0.9" in vllm and "--cdi-device nvidia.com/gpu=all" in vllm
-    assert "Environment=HF_HUB_OFFLINE=1" in vllm and "--env TRANSFORMERS_OFFLINE=1" in vllm
-    tgi = (rendered / "units" / "example-airgap-qwen-72b-podman.service").read_text()
-    assert "--num-shard 4" in tgi and "--max-total-tokens 32768" in tgi and "--device nvidia.com/gpu=all" in tgi
-    triton = (rendered / "units" / "example-airgap-llama-8b-triton-docker.service").read_text()
-    assert "--http-port=8001" in triton and "Environment=DOCKER_CONFIG=/etc/gpufleet/registry" in triton
-    assert "--authfile /etc/gpufleet/registry/config.json" in tgi
-    llama = (rendered / "units" / "lab-tiny-airgap-podman.service").read_text()
-    assert "-m llama_cpp.server" in llama and "--port 8080" in llama and "--n_ctx 512" in llama
-    assert "--interrupt_requests False" in llama  # concurrent clients queue instead of cutting each other off
-    assert "/var/lib/gpufleet/models/gpufleet-tiny-lab/lab-1/model.gguf" in llama
+    """Each unit's ExecStart, read back as systemd reads it, is exactly the argv engines.py computed.
+
+    And that argv carries the runtime's GPU access, the plan's limits, the offline settings and the
+    image by digest (the per-flag checks against the engines' definitions are in test_engines.py).
+    """
+    site = load_site("example-prod")
+    svc = next(s for s in site.services if s.name == "llama-70b")
+    for label, (rt, version) in RUNTIMES.items():
+        argv = _exec_start(rendered / "units" / f"example-prod-llama-70b-{label}.service")
+        want = engines.unit_commands(svc, rt, version).exec_start
+        assert argv == [w if isinstance(w, str) else w.text.replace("%N", "gpufleet-inference-x") for w in want]
+        assert argv[argv.index(svc.image or "") + 1] == "/models"  # `vllm serve MODEL`: positional
+        assert "--max-model-len=8192" in argv and "--max-num-seqs=32" in argv and "--ipc=host" in argv
+        assert "--tensor-parallel-size=8" in argv and "--env=HF_HUB_OFFLINE=1" in argv
+        assert ("--device=nvidia.com/gpu=all" in argv) == (label != "docker20")
+    tgi = _exec_start(rendered / "units" / "example-airgap-qwen-72b-podman.service")
+    assert "--usage-stats=off" in tgi and "--num-shard=4" in tgi and "--quantize=fp8" in tgi
+    podman = (rendered / "units" / "example-airgap-qwen-72b-podman.service").read_text()
+    assert "Environment=REGISTRY_AUTH_FILE=/etc/gpufleet/registry/config.json" in podman
+    noauth = rendered / "units" / "example-airgap-qwen-72b-podman-noauth.service"
+    assert "REGISTRY_AUTH_FILE" not in noauth.read_text()
+    llama = _exec_start(rendered / "units" / "lab-tiny-airgap-native.service")
+    assert llama[1:3] == ["-m", "llama_cpp.server"] and "--port=8080" in llama and "--n_ctx=512" in llama
+    assert "--interrupt_requests=False" in llama  # concurrent clients queue instead of cutting each other off
+    assert "--model=/var/lib/gpufleet/models/gpufleet-tiny-lab/lab-1/model.gguf" in llama
+    native = (rendered / "units" / "lab-tiny-airgap-native.service").read_text()
+    assert "Environment=HF_HUB_OFFLINE=1" in native and "User=gpufleet-inference" in native
 
 
 def test_networkd_keeps_management_address_on_vlan(rendered: Path) -> None:
