@@ -4,21 +4,22 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from typing import Any
 
+from infra import ssh
 from infra.ansible import rolespecs
 from infra.ansible.inventory import GROUP, build_inventory
 from infra.ansible.rollout import NodeOutcome, RolloutResult, roll
 from infra.ansible.runner import Progress, RunResult, run_playbook
-from infra.ansible.settings import SshSettings, Tuning
+from infra.ansible.settings import Tuning
 from infra.commands.site import add_stack_args, site_from_args
 from infra.console import Exit, emit, table
 from infra.model.site import Site
 from infra.plan.node import NodePlan, SitePlan, plan_site
+from infra.ssh import SshSettings
 
 # SecretRef convention (`GPUFLEET_SECRET_<KEY>`): the registry token of the inference images.
 REGISTRY_TOKEN_ENV = "GPUFLEET_SECRET_REGISTRY_TOKEN"
@@ -93,7 +94,7 @@ def converge(
     # Every selected node's role variables against the roles' argument specs, before any host is
     # touched (node.yml includes the roles with rolespec_validate: false).
     rolespecs.check_inventory(build_inventory(site, nodes), GROUP)
-    ssh = SshSettings.of(site)
+    settings = SshSettings.of(site)
     secrets = secrets_from_env()
 
     def run(batch: list[NodePlan]) -> RunResult:
@@ -102,7 +103,7 @@ def converge(
             playbook,
             build_inventory(site, batch),
             hosts,
-            ssh=ssh,
+            ssh=settings,
             check=check,
             tuning=tuning,
             secrets=secrets,
@@ -254,30 +255,14 @@ def cmd_validate_node(args: argparse.Namespace) -> int:
     return Exit.OK if data["passed"] else Exit.FAILED
 
 
-def ssh_command(site: Site, node: NodePlan, *command: str) -> list[str]:
-    """The ssh argv for a node with the stack's config and pinned host keys (StrictHostKeyChecking=yes)."""
-    ssh = SshSettings.of(site)
-    return ["ssh", *ssh.args(), "-o", "ConnectTimeout=2", f"{node.node.ssh_user}@{node.node.address}", *command]
-
-
 def wait_ssh(site: Site, node: NodePlan, timeout: float) -> tuple[bool, float, str]:
-    """Poll SSH until a command runs with the pinned key; (ok, seconds, last error)."""
+    """Wait for SSH with the pinned key (infra.ssh.wait); (ok, seconds, error) — a key mismatch ends at once."""
     start = time.monotonic()
-    last = ""
-    while True:
-        try:
-            p = subprocess.run(ssh_command(site, node, "true"), capture_output=True, text=True, timeout=10, check=False)
-            if p.returncode == 0:
-                return True, time.monotonic() - start, ""
-            last = p.stderr.strip().splitlines()[-1] if p.stderr.strip() else f"rc={p.returncode}"
-        except subprocess.TimeoutExpired:
-            last = "ssh timed out"
-        if "REMOTE HOST IDENTIFICATION HAS CHANGED" in last or "Host key verification failed" in last:
-            # A wrong host key never fixes itself by waiting: report it at once.
-            return False, time.monotonic() - start, last
-        if time.monotonic() - start >= timeout:
-            return False, time.monotonic() - start, last
-        time.sleep(0.5)
+    try:
+        seconds = ssh.wait(SshSettings.of(site), str(node.node.address), user=node.node.ssh_user, timeout=timeout)
+    except ssh.SshError as exc:
+        return False, time.monotonic() - start, exc.detail
+    return True, seconds, ""
 
 
 def cmd_wait_ssh(args: argparse.Namespace) -> int:

@@ -24,8 +24,10 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from infra import procs
-from infra.ansible.settings import SshSettings, Tuning, project_root, runner_env
+from infra.ansible.inventory import ansible_json, write_json
+from infra.ansible.settings import Tuning, project_root, runner_env
 from infra.bmc.secrets import ENV_PREFIX as SECRET_ENV_PREFIX
+from infra.ssh import SshSettings
 
 log = logging.getLogger("gpufleet.ansible")
 
@@ -322,7 +324,8 @@ def run_playbook(
     (pdd / "inventory").mkdir(parents=True)
     (work / "tmp").mkdir()
     inv_path = pdd / "inventory" / "hosts.json"
-    inv_path.write_text(json.dumps(inventory, indent=1, sort_keys=True), encoding="utf-8")
+    # Every string the plan hands Ansible is marked unsafe: nothing from a stack is ever templated.
+    write_json(inv_path, inventory)
     # ControlPath sockets must be short (108 bytes); one dir per run so runs never share a master.
     control_dir = Path(tempfile.mkdtemp(prefix="gpf-cp-", dir="/tmp"))
     fact_cache = base / "fact-cache"
@@ -339,7 +342,7 @@ def run_playbook(
     if secrets:
         fd, name = tempfile.mkstemp(prefix="secrets-", suffix=".json", dir=work / "tmp")
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(dict(secrets), f)
+            f.write(ansible_json(secrets))
         secret_file = Path(name)
         os.chmod(secret_file, 0o600)
         cmd += ["-e", f"@{secret_file}"]
