@@ -27,12 +27,13 @@ from infra import procs
 from infra.ansible.inventory import ansible_json, write_json
 from infra.ansible.settings import Tuning, project_root, runner_env
 from infra.bmc.secrets import ENV_PREFIX as SECRET_ENV_PREFIX
+from infra.console import DEFAULT_RUNS_DIR as DEFAULT_RUNS_DIR
+from infra.console import RUNS_ENV as RUNS_ENV
+from infra.console import runs_dir
 from infra.ssh import SshSettings
 
 log = logging.getLogger("gpufleet.ansible")
 
-RUNS_ENV = "GPUFLEET_RUNS_DIR"
-DEFAULT_RUNS_DIR = Path("/var/lib/gpufleet/runs")
 KEEP_RUNS = 20  # older run directories are removed (each holds the scrubbed event log of one run)
 MASK = "********"
 # Environment variables with secrets besides GPUFLEET_SECRET_* (Pulumi passes these to its commands).
@@ -170,11 +171,6 @@ class Progress:
                     f"{' reboot required' if r.reboot_required else ''}\n"
                 )
             self.out.flush()
-
-
-def runs_dir() -> Path:
-    """Where run directories live (env GPUFLEET_RUNS_DIR overrides)."""
-    return Path(os.environ.get(RUNS_ENV) or DEFAULT_RUNS_DIR)
 
 
 def _prune(base: Path, keep: int) -> None:
