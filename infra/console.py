@@ -104,12 +104,11 @@ def fail(
 def write_error_log(exc: BaseException) -> Path | None:
     """Write `exc`'s traceback to a new file under `<runs dir>/errors` (or the temp dir); None if both fail."""
     body = "".join(traceback.format_exception(exc))
-    name = f"error-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.log"
     for base in (runs_dir() / "errors", Path(tempfile.gettempdir()) / "gpufleet-errors"):
         try:
             base.mkdir(parents=True, exist_ok=True, mode=0o700)
-            path = base / name
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            fd, name = tempfile.mkstemp(prefix=f"error-{time.strftime('%Y%m%dT%H%M%S')}-", suffix=".log", dir=base)
+            path = Path(name)
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(f"gpufleet {' '.join(sys.argv[1:])}\n{body}")
             return path
