@@ -18,7 +18,10 @@ from infra.console import Exit
 PARSE_ONLY = {"lab up", "lab down", "lab measure", "bench"}
 
 
-def _leaves(p: argparse.ArgumentParser, prefix: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], argparse.ArgumentParser]]:
+Leaf = tuple[tuple[str, ...], argparse.ArgumentParser]
+
+
+def _leaves(p: argparse.ArgumentParser, prefix: tuple[str, ...] = ()) -> Iterator[Leaf]:
     for a in p._actions:
         if isinstance(a, argparse._SubParsersAction):
             for name, sp in a.choices.items():
@@ -139,7 +142,7 @@ def test_every_command_fails_cleanly_on_invalid_input(
     ],
 )
 def test_vram_rejects_non_positive_numbers(args: list[str], env: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, err = _run(["vram", "--model", "llama-3.1-8b", *args], capsys)
+    code, _, err = _run(["vram", "--model", "llama-3.1-8b", *args], capsys)
     assert code == Exit.INVALID
     assert args[0] in err and "Traceback" not in err
 
