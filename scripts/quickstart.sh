@@ -10,7 +10,7 @@ STACK=${1:-lab}
 # The lab needs root (systemd-nspawn, bridges). A fresh Debian 12 has no sudo: as root, just run; as
 # another user, re-run through sudo when it exists.
 if [[ $(id -u) -ne 0 ]]; then
-  if command -v sudo >/dev/null 2>&1; then exec sudo -- "$0" "$@"; fi
+  if command -v sudo >/dev/null 2>&1; then exec sudo -- "$PWD/scripts/quickstart.sh" "$@"; fi
   echo "quickstart: the lab needs root (systemd-nspawn, bridges): run it as root (su -)" >&2; exit 5
 fi
 ./scripts/setup.sh
