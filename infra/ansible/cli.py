@@ -16,7 +16,7 @@ from infra.ansible.rollout import NodeOutcome, RolloutResult, roll
 from infra.ansible.runner import Progress, RunResult, run_playbook
 from infra.ansible.settings import Tuning
 from infra.commands.site import add_stack_args, site_from_args
-from infra.console import Exit, emit, table
+from infra.console import Exit, emit, positive_float, table
 from infra.model.site import Site
 from infra.plan.node import NodePlan, SitePlan, plan_site
 from infra.ssh import SshSettings
@@ -57,7 +57,7 @@ def register(sub: Any) -> None:
     p = sub.add_parser("wait-ssh", help="wait until a node answers SSH with its pinned host key")
     add_stack_args(p)
     p.add_argument("--node", required=True, help="node hostname")
-    p.add_argument("--timeout", type=float, default=600, help="seconds to wait (default 600)")
+    p.add_argument("--timeout", type=positive_float, default=600, help="seconds to wait (default 600)")
     p.set_defaults(func=cmd_wait_ssh)
 
 

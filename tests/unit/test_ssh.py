@@ -137,3 +137,19 @@ def test_wait_ssh_command_reports_a_hostile_user_without_running_it(tmp_path: Pa
     ok, _, err = wait_ssh(site, plan_site(site).node(site.nodes[0].hostname), 1.5)
     assert not ok and err
     assert not a.canary.exists()
+
+
+def test_ansible_ssh_args_keep_each_option_one_word(tmp_path: Path) -> None:
+    """Ansible and Mitogen shlex-split ANSIBLE_SSH_ARGS: a path with a space must stay one argument."""
+    import shlex
+
+    from infra.ansible.settings import Tuning, runner_env
+
+    settings = SshSettings("/etc/gpufleet/ssh config", "/var/lib/gpufleet/known hosts")
+    for tuning in Tuning:
+        env, _ = runner_env(
+            tuning, hosts=1, ssh=settings, work_dir=tmp_path, control_dir=tmp_path, fact_cache=None
+        )
+        words = shlex.split(env["ANSIBLE_SSH_ARGS"])
+        assert words[: len(settings.args())] == settings.args()
+        assert "/etc/gpufleet/ssh config" in words
