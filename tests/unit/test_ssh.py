@@ -153,3 +153,29 @@ def test_ansible_ssh_args_keep_each_option_one_word(tmp_path: Path) -> None:
         words = shlex.split(env["ANSIBLE_SSH_ARGS"])
         assert words[: len(settings.args())] == settings.args()
         assert "/etc/gpufleet/ssh config" in words
+
+
+def test_dr_and_mirror_paths_run_no_hostile_option(tmp_path: Path) -> None:
+    """The DR probe's ssh and the mirror publisher, with a hostile user/host forced in: real ssh, no canary."""
+    from infra.bundle.remote import RemoteError as MirrorError
+    from infra.dr.remote import RemoteError
+    from infra.dr.remote import ssh as dr_ssh
+
+    settings = _config(tmp_path, _closed_port())
+    canary = tmp_path / "canary-dr"
+    site = load_site("lab")
+    site = site.model_copy(
+        update={"controller": site.controller.model_copy(update={"ssh_config": settings.ssh_config,
+                                                                  "known_hosts": settings.known_hosts})}
+    )
+    site = force(site, "nodes[0].ssh_user", f"-oProxyCommand=touch {canary}")
+    site = force(site, "nodes[0].address", "127.0.0.1")
+    with pytest.raises(RemoteError) as err:
+        dr_ssh(site, site.nodes[0], "true", timeout=20)
+    assert err.value.kind == "unreachable"
+    mirror_canary = tmp_path / "canary-mirror"
+    mirror = site.mirrors[0].model_copy(update={"name": f"-oProxyCommand=touch {mirror_canary}"})
+    with pytest.raises(MirrorError):
+        SshMirror(mirror, settings.ssh_config, settings.known_hosts).run("true")
+    assert not canary.exists() and not mirror_canary.exists()
+    assert not list(tmp_path.glob("canary-*"))
