@@ -75,7 +75,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
     try:
         site = site_from_args(args)
     except SiteError as exc:
-        data = {"valid": False, "source": exc.source, "problems": [p.as_dict() for p in exc.problems]}
+        data = {
+            "valid": False,
+            "source": exc.source,
+            "problems": [p.as_dict() for p in exc.problems],
+            # The fields every failing command has under --json (infra.console.fail).
+            "error": f"{exc.source}: {len(exc.problems)} problem(s)",
+            "exit": int(Exit.INVALID),
+        }
         if args.json:
             emit(True, data, str)
         else:

@@ -16,6 +16,12 @@ from infra.console import Exit
 # Commands that touch the shared lab or run for minutes once their arguments parse: only their
 # argument errors are exercised here (argparse stops before anything runs).
 PARSE_ONLY = {"lab up", "lab down", "lab measure", "bench"}
+# Commands that still end some failures with text under --json, in code owned elsewhere; remove an
+# entry when its command goes through infra.console.fail (issue 17, "one fail() that honours --json").
+TEXT_UNDER_JSON = {
+    "bmc reimage": "asks for confirmation (text, exit 4) before it reads the stack (infra/bmc/cli.py)",
+    "review": "reports an unreadable --preview as text (infra/review/cli.py)",
+}
 
 
 Leaf = tuple[tuple[str, ...], argparse.ArgumentParser]
@@ -116,13 +122,16 @@ def test_every_command_fails_cleanly_on_invalid_input(
     if name in PARSE_ONLY or not stack_file:
         return
     for stack in bad:
-        for json_flag in (["--json"] if "--json" in options else []) + [[]]:
+        for json_flag in ([["--json"]] if "--json" in options else []) + [[]]:
             argv = [*base, "--stack-file", str(stack), *json_flag]
             code, out, err = _run(argv, capsys)
             _assert_clean(argv, code, out, err)
             assert code != Exit.OK, argv
-            if json_flag and out.strip():
-                assert isinstance(json.loads(out), dict), (argv, out)
+            if json_flag and name not in TEXT_UNDER_JSON:
+                # One JSON object on stdout naming the exit code, nothing on stderr.
+                data = json.loads(out)
+                assert data["exit"] == code and data["error"], (argv, out)
+                assert err == "", (argv, err)
 
 
 @pytest.mark.parametrize(
