@@ -10,6 +10,7 @@ must come out of Ansible exactly as it went in.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -192,3 +193,40 @@ def test_control_without_the_encoder_the_same_value_runs(tmp_path: Path, monkeyp
                  tuning=Tuning.DEFAULTS)
     assert attempt.canary.exists()
     assert not key_canary.exists()
+
+
+@pytest.mark.lab  # not the lab itself, but slow (~2 min) and root: runs with the lab tests in CI
+@pytest.mark.skipif(os.geteuid() != 0, reason="the roles' check mode reads root-only files")
+def test_real_node_playbook_in_check_mode_never_templates_a_forced_value(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """playbooks/node.yml with every role, in check mode on this machine, with one hostile value per path.
+
+    The roles render their templates (unit files, configs) for the diff: the Jinja in the forced values
+    must show up literally in those diffs and never run.
+    """
+    monkeypatch.setenv(runner_mod.RUNS_ENV, str(tmp_path / "runs"))
+    canaries = tmp_path / "canaries"
+    canaries.mkdir()
+    site, used = load_site("lab"), set()
+    forced = []
+    for a in attempts(canaries):
+        if a.attack in ("jinja", "shell") and a.path not in used:
+            used.add(a.path)
+            forced.append(a)
+            site = force(site, a.path, a.value)
+    node = plan_site(site).node(site.nodes[0].hostname)
+    inventory = build_inventory(site, [node])
+    inventory["all"]["children"][GROUP]["hosts"][node.hostname] |= {
+        "ansible_connection": "local",
+        "ansible_python_interpreter": sys.executable,
+        "ansible_become": False,
+    }
+    result = run_playbook("node.yml", inventory, [node.hostname], ssh=SshSettings(None, None), check=True,
+                          tuning=Tuning.DEFAULTS)
+    host = result.hosts[node.hostname]
+    assert not host.unreachable and host.ok > 0
+    assert not list(canaries.iterdir()), [a.path for a in forced if a.canary.exists()]
+    model_name = next(a.value for a in forced if a.path == "services[0].model.name")
+    rendered = [str(d.get("after") or "") for d in host.diffs]
+    assert any(model_name in text for text in rendered), "the forced model name never reached a template"
