@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
 # The README's main command: set up, bring the local lab up, converge the lab stack, validate, summarise.
-#   sudo ./scripts/quickstart.sh [STACK]     (default: lab)
+#   ./scripts/quickstart.sh [STACK]     (default: lab; as root — another user is re-run through sudo)
 # With the Pulumi CLI on PATH it runs `pulumi up --stack lab` on a local file:// backend; without it, the
 # same per-node steps through `gpufleet converge` / `gpufleet validate-node` (it says which path ran).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STACK=${1:-lab}
 
-if [[ $(id -u) -ne 0 ]]; then echo "quickstart: the lab needs root (systemd-nspawn, bridges): run with sudo" >&2; exit 5; fi
+# The lab needs root (systemd-nspawn, bridges). A fresh Debian 12 has no sudo: as root, just run; as
+# another user, re-run through sudo when it exists.
+if [[ $(id -u) -ne 0 ]]; then
+  if command -v sudo >/dev/null 2>&1; then exec sudo -- "$PWD/scripts/quickstart.sh" "$@"; fi
+  echo "quickstart: the lab needs root (systemd-nspawn, bridges): run it as root (su -)" >&2; exit 5
+fi
 ./scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"
 

@@ -20,8 +20,18 @@ python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
 for cmd in "${!want[@]}"; do command -v "$cmd" >/dev/null || need_apt+=("${want[$cmd]}"); done
 if ((${#need_apt[@]})); then
   if [[ $(id -u) -eq 0 ]]; then
-    timeout 600 apt-get update -q
-    DEBIAN_FRONTEND=noninteractive timeout 900 apt-get install -y -q --no-install-recommends "${need_apt[@]}"
+    # Wait for another apt/dpkg process (unattended-upgrades on a fresh machine) instead of failing at
+    # once: DPkg::Lock::Timeout covers install's dpkg lock; apt 2.6's `update` ignores it for the lists
+    # lock, so update is retried while that lock is held (up to 5 minutes).
+    lock=(-o DPkg::Lock::Timeout=300)
+    for ((i = 0; ; i++)); do
+      if out=$(timeout 900 apt-get "${lock[@]}" update -q 2>&1); then break; fi
+      if ((i >= 60)) || ! grep -qE 'Unable to lock directory|Could not get lock' <<<"$out"; then
+        echo "$out" >&2; echo "setup: apt-get update failed" >&2; exit 1
+      fi
+      sleep 5
+    done
+    DEBIAN_FRONTEND=noninteractive timeout 1200 apt-get "${lock[@]}" install -y -q --no-install-recommends "${need_apt[@]}"
   elif [[ " ${need_apt[*]} " == *" python3-venv "* ]]; then
     echo "setup: need root to install: ${need_apt[*]}" >&2; exit 5
   else

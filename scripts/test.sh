@@ -14,6 +14,7 @@ step "mypy";            mypy
 step "layers (import-linter)"; lint-imports --no-cache >/dev/null || lint-imports --no-cache
 step "schema is current"; gpufleet schema --check
 step "stacks validate"; for f in stacks/Pulumi.*.yaml; do gpufleet validate --stack-file "$f"; done
+step "core install (no lab/dev extras)"; ./scripts/check-core-install.sh
 step "locks match stacks"
 for f in stacks/Pulumi.*.lock.json; do [[ -e "$f" ]] && gpufleet lock --check --stack-file "${f%.lock.json}.yaml"; done
 if [[ -d roles && -n "$(ls -A roles 2>/dev/null)" ]]; then

@@ -7,16 +7,19 @@ argument specs before any host is touched. Used by the CLI, by `rebuild`/`drift`
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
 from typing import Any
 
+from infra import ssh
 from infra.ansible import rolespecs
 from infra.ansible.inventory import GROUP, build_inventory
 from infra.ansible.rollout import NodeOutcome, RolloutResult, roll
 from infra.ansible.runner import Progress, RunResult, run_playbook
-from infra.ansible.settings import SshSettings, Tuning
+from infra.ansible.settings import Tuning
 from infra.model.site import Site
 from infra.plan.node import NodePlan, SitePlan, plan_site
+from infra.ssh import SshSettings
 
 # SecretRef convention (`GPUFLEET_SECRET_<KEY>`): the registry token of the inference images.
 REGISTRY_TOKEN_ENV = "GPUFLEET_SECRET_REGISTRY_TOKEN"
@@ -55,7 +58,7 @@ def converge(
     # Every selected node's role variables against the roles' argument specs, before any host is
     # touched (node.yml includes the roles with rolespec_validate: false).
     rolespecs.check_inventory(build_inventory(site, nodes), GROUP)
-    ssh = SshSettings.of(site)
+    settings = SshSettings.of(site)
     secrets = secrets_from_env()
 
     def run(batch: list[NodePlan]) -> RunResult:
@@ -64,7 +67,7 @@ def converge(
             playbook,
             build_inventory(site, batch),
             hosts,
-            ssh=ssh,
+            ssh=settings,
             check=check,
             tuning=tuning,
             secrets=secrets,
@@ -112,3 +115,13 @@ def check_report(result: RolloutResult) -> dict[str, Any]:
             }
         )
     return {"drift": any(x["changes"] for x in nodes), "succeeded": result.succeeded, "nodes": nodes}
+
+
+def wait_ssh(site: Site, node: NodePlan, timeout: float) -> tuple[bool, float, str]:
+    """Wait for SSH with the pinned key (infra.ssh.wait); (ok, seconds, error) — a key mismatch ends at once."""
+    start = time.monotonic()
+    try:
+        seconds = ssh.wait(SshSettings.of(site), str(node.node.address), user=node.node.ssh_user, timeout=timeout)
+    except ssh.SshError as exc:
+        return False, time.monotonic() - start, exc.detail
+    return True, seconds, ""

@@ -25,13 +25,16 @@ from typing import Any, TextIO
 
 from infra import procs
 from infra.ansible.collection import link_collections
-from infra.ansible.settings import SshSettings, Tuning, project_root, runner_env
+from infra.ansible.inventory import ansible_json, write_json
+from infra.ansible.settings import Tuning, project_root, runner_env
+from infra.console import DEFAULT_RUNS_DIR as DEFAULT_RUNS_DIR
+from infra.console import RUNS_ENV as RUNS_ENV
+from infra.console import runs_dir
 from infra.secrets import ENV_PREFIX as SECRET_ENV_PREFIX
+from infra.ssh import SshSettings
 
 log = logging.getLogger("gpufleet.ansible")
 
-RUNS_ENV = "GPUFLEET_RUNS_DIR"
-DEFAULT_RUNS_DIR = Path("/var/lib/gpufleet/runs")
 KEEP_RUNS = 20  # older run directories are removed (each holds the scrubbed event log of one run)
 MASK = "********"
 # Environment variables with secrets besides GPUFLEET_SECRET_* (Pulumi passes these to its commands).
@@ -169,11 +172,6 @@ class Progress:
                     f"{' reboot required' if r.reboot_required else ''}\n"
                 )
             self.out.flush()
-
-
-def runs_dir() -> Path:
-    """Where run directories live (env GPUFLEET_RUNS_DIR overrides)."""
-    return Path(os.environ.get(RUNS_ENV) or DEFAULT_RUNS_DIR)
 
 
 def _prune(base: Path, keep: int) -> None:
@@ -323,7 +321,8 @@ def run_playbook(
     (pdd / "inventory").mkdir(parents=True)
     (work / "tmp").mkdir()
     inv_path = pdd / "inventory" / "hosts.json"
-    inv_path.write_text(json.dumps(inventory, indent=1, sort_keys=True), encoding="utf-8")
+    # Every string the plan hands Ansible is marked unsafe: nothing from a stack is ever templated.
+    write_json(inv_path, inventory)
     # ControlPath sockets must be short (108 bytes); one dir per run so runs never share a master.
     control_dir = Path(tempfile.mkdtemp(prefix="gpf-cp-", dir="/tmp"))
     fact_cache = base / "fact-cache"
@@ -342,7 +341,7 @@ def run_playbook(
     if secrets:
         fd, name = tempfile.mkstemp(prefix="secrets-", suffix=".json", dir=work / "tmp")
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(dict(secrets), f)
+            f.write(ansible_json(secrets))
         secret_file = Path(name)
         os.chmod(secret_file, 0o600)
         cmd += ["-e", f"@{secret_file}"]

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shlex
 import sys
-from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from infra.model.site import Site
+# SshSettings moved to infra.ssh (the one SSH client); re-exported here for one release so callers
+# importing it from infra.ansible.settings keep working.
+from infra.ssh import SshSettings
+
+__all__ = ["MAX_FORKS", "SshSettings", "Tuning", "mitogen_strategy_dir", "project_root", "runner_env"]
 
 
 class Tuning(StrEnum):
@@ -36,30 +38,6 @@ class Tuning(StrEnum):
 
 # Upper bound of parallel hosts per run; a batch is rarely larger and each fork costs ~60 MB.
 MAX_FORKS = 32
-
-
-@dataclass(frozen=True)
-class SshSettings:
-    """How the controller reaches nodes (from the stack's `controller` section)."""
-
-    ssh_config: str | None
-    known_hosts: str | None
-
-    @classmethod
-    def of(cls, site: Site) -> SshSettings:
-        """The settings of a site's controller section."""
-        return cls(site.controller.ssh_config, site.controller.known_hosts)
-
-    def args(self) -> list[str]:
-        """OpenSSH options every connection gets: the stack's config and pinned host keys only."""
-        out = []
-        if self.ssh_config:
-            out += ["-F", self.ssh_config]
-        if self.known_hosts:
-            out += ["-o", f"UserKnownHostsFile={self.known_hosts}"]
-        # Never trust a host key on first use: rebuilt nodes are re-pinned by the BMC/lab code.
-        out += ["-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10"]
-        return out
 
 
 def project_root() -> Path:
@@ -103,7 +81,8 @@ def runner_env(
         "ANSIBLE_SSH_RETRIES": "2",
         "ANSIBLE_TIMEOUT": "15",
     }
-    ssh_args = " ".join(ssh.args())
+    # Ansible and Mitogen split this with shlex: quote each option so a path can never split in two.
+    ssh_args = shlex.join(ssh.args())
     if tuning in (Tuning.TUNED, Tuning.PIPELINED):
         forks = max(1, min(hosts, MAX_FORKS))
         env |= {

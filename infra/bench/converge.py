@@ -65,10 +65,10 @@ def _timed(stack: str, hosts: Sequence[str], tuning: Tuning) -> dict[str, Any]:
 
 def lab_reimage(stack: str) -> Callable[[Sequence[str]], None]:
     """A `fresh` hook for the lab: reimage nodes through the lab's BMC path and wait for SSH."""
+    from infra.ansible.converge import wait_ssh
     from infra.lab import lab as lab_mod
     from infra.lab.config import Paths, lab_spec
     from infra.model.load import stack_path
-    from infra.ssh import wait_ssh
 
     spec, paths = lab_spec(stack, stack_path(stack)), Paths.from_env()
 

@@ -10,7 +10,6 @@ import gzip
 import hashlib
 import io
 import json
-import shlex
 import subprocess
 import tarfile
 import tempfile
@@ -19,9 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from infra import ssh
 from infra.bundle.build import image_tag
 from infra.bundle.publish import index_covers, merge_packages, release_text
 from infra.model.site import Mirror, Site
+from infra.ssh import SshSettings
 
 MIRROR_ROOT = "/srv/gpufleet"  # the `mirror` role's `mirror_root` default; the lab bind-mounts the same path
 SSH_TIMEOUT_S = 900
@@ -163,25 +164,23 @@ class SshMirror:
                        + (", ".join(m.name for m in site.mirrors) or "none"))
 
     def _ssh(self) -> list[str]:
-        cmd = ["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10", "-o", "StrictHostKeyChecking=yes"]
+        """`ssh … [-l root] -- HOST` (infra.ssh.argv); the remote command string is appended by the caller."""
+        # Lab and real ssh configs name hosts by mirror name (user from the config); else root@address.
+        settings = SshSettings(self.ssh_config, self.known_hosts)
         if self.ssh_config:
-            cmd += ["-F", self.ssh_config]
-        if self.known_hosts:
-            cmd += ["-o", f"UserKnownHostsFile={self.known_hosts}"]
-        # Lab and real ssh configs name hosts by mirror name; fall back to the address otherwise.
-        return [*cmd, self.mirror.name if self.ssh_config else f"root@{self.mirror.address}"]
+            return ssh.argv(settings, self.mirror.name)
+        return ssh.argv(settings, str(self.mirror.address), user="root")
 
     def run(self, script: str, *args: str, stdin: bytes | None = None, python: bool = False) -> bytes:
         """Run a fixed shell (or python3) script on the mirror with quoted arguments."""
         if python:
-            remote = "python3 -c " + shlex.quote(script) + " " + " ".join(shlex.quote(a) for a in args)
+            remote = "python3 -c " + ssh.shell_command(script, *args)
         else:
-            remote = "sh -c " + shlex.quote(script) + " sh " + " ".join(shlex.quote(a) for a in args)
+            remote = "sh -c " + ssh.shell_command(script, "sh", *args)
         try:
-            proc = subprocess.run([*self._ssh(), remote], input=stdin, capture_output=True,
-                                  timeout=SSH_TIMEOUT_S, check=False)
-        except subprocess.TimeoutExpired:
-            raise RemoteError(f"{self.mirror.name}: remote step timed out") from None
+            proc = ssh.run([*self._ssh(), remote], host=self.mirror.name, stdin=stdin, timeout=SSH_TIMEOUT_S)
+        except ssh.SshError as exc:
+            raise RemoteError(f"{self.mirror.name}: remote step failed ({exc.kind}): {exc.detail}") from None
         if proc.returncode != 0:
             raise RemoteError(f"{self.mirror.name}: remote step failed (exit {proc.returncode}): "
                               f"{proc.stderr.decode(errors='replace').strip()[-800:]}")
@@ -202,7 +201,7 @@ class SshMirror:
         the served tree after the whole stream arrived, so an abort leaves nothing half-published.
         """
         with tempfile.TemporaryFile() as err:
-            proc = subprocess.Popen([*self._ssh(), "sh -c " + shlex.quote(_RECEIVE) + " sh " + shlex.quote(self.root)],
+            proc = subprocess.Popen([*self._ssh(), "sh -c " + ssh.shell_command(_RECEIVE, "sh", self.root)],
                                     stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err)
             assert proc.stdin is not None
             try:

@@ -6,13 +6,12 @@ import argparse
 import sys
 from typing import Any
 
-from infra.ansible.converge import check_report, converge, select
+from infra.ansible.converge import check_report, converge, select, wait_ssh
 from infra.ansible.settings import Tuning
 from infra.commands.site import add_stack_args, site_from_args
-from infra.console import Exit, emit, table
+from infra.console import Exit, emit, positive_float, table
 from infra.model.site import Site
 from infra.plan.node import NodePlan, plan_site
-from infra.ssh import wait_ssh
 
 
 def _selection_args(p: argparse.ArgumentParser) -> None:
@@ -47,7 +46,7 @@ def register(sub: Any) -> None:
     p = sub.add_parser("wait-ssh", help="wait until a node answers SSH with its pinned host key")
     add_stack_args(p)
     p.add_argument("--node", required=True, help="node hostname")
-    p.add_argument("--timeout", type=float, default=600, help="seconds to wait (default 600)")
+    p.add_argument("--timeout", type=positive_float, default=600, help="seconds to wait (default 600)")
     p.set_defaults(func=cmd_wait_ssh)
 
 

@@ -7,13 +7,29 @@ import logging
 import sys
 import time
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
-from infra.console import Exit, emit, table
-from infra.lab import lab, measure
+from infra.console import CommandError, Exit, emit, table
 from infra.lab.config import LabConfigError, Paths, lab_spec
 from infra.lab.sh import LabCommandError
 from infra.model.load import stack_path
+
+# The lab's engine (infra.lab.lab, .measure) needs the `lab` extra (gguf/numpy for the tiny model,
+# sushy-tools for the BMCs). A production controller never installs it, and every other command must
+# work there: those modules are imported only when a lab command runs (tests/unit/test_core_install.py).
+LAB_EXTRA_HINT = "install the lab extra: `uv sync --all-extras` (scripts/setup.sh) or `pip install 'gpufleet[lab]'`"
+
+
+def _lab() -> tuple[ModuleType, ModuleType]:
+    """`infra.lab.lab` and `infra.lab.measure`, imported on first use (CommandError exit 5 without the extra)."""
+    try:
+        from infra.lab import lab, measure
+    except ModuleNotFoundError as exc:
+        raise CommandError(
+            Exit.UNAVAILABLE, f"`gpufleet lab` needs the Python package {exc.name!r}: {LAB_EXTRA_HINT}"
+        ) from exc
+    return lab, measure
 
 
 def register(sub: Any) -> None:
@@ -63,6 +79,7 @@ def _render(d: dict[str, Any]) -> str:
 
 def cmd_up(args: argparse.Namespace) -> int:
     """Bring the lab up."""
+    lab, _ = _lab()
     path = _setup(args)
     t0 = time.monotonic()
     try:
@@ -85,6 +102,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Print what runs; exit 1 when the lab is down or unhealthy."""
+    lab, _ = _lab()
     path = _setup(args)
     try:
         spec = lab_spec(stack=args.stack_file.stem.removeprefix("Pulumi.") if args.stack_file else args.stack,
@@ -100,6 +118,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_down(args: argparse.Namespace) -> int:
     """Tear the lab down."""
+    lab, _ = _lab()
     _setup(args)
     try:
         lab.check_prerequisites(install=False)
@@ -113,6 +132,7 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 def cmd_measure(args: argparse.Namespace) -> int:
     """Print cold/warm/idle `up` and `down` seconds of a throwaway second lab."""
+    lab, measure = _lab()
     _setup(args)
     try:
         lab.check_prerequisites()

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from infra.console import Exit, emit, table
+from infra.console import Exit, emit, fail, fraction, positive_float, positive_int, table
 from infra.model import sizing
 from infra.model.catalogue import resolve
 from infra.model.load import SiteError, load_site, project_dir
@@ -49,23 +49,23 @@ def register(sub: Any) -> None:
     p = sub.add_parser("vram", help="does a model fit: weights, KV cache, max tokens, smallest change to fit")
     p.add_argument("--model", help="catalogue model name (e.g. llama-3.1-70b)")
     for flag, typ in (
-        ("--params", float),
-        ("--layers", int),
-        ("--heads", int),
-        ("--kv-heads", int),
-        ("--head-dim", int),
-        ("--vocab", int),
+        ("--params", positive_float),
+        ("--layers", positive_int),
+        ("--heads", positive_int),
+        ("--kv-heads", positive_int),
+        ("--head-dim", positive_int),
+        ("--vocab", positive_int),
     ):
         p.add_argument(flag, type=typ, help="explicit architecture (overrides the catalogue entry)")
     p.add_argument("--gpu", default="H100", help="catalogue GPU (default H100)")
-    p.add_argument("--count", type=int, help="GPUs on the node (default: tp × pp)")
-    p.add_argument("--tp", type=int, default=1, help="tensor parallel size")
-    p.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
+    p.add_argument("--count", type=positive_int, help="GPUs on the node (default: tp × pp)")
+    p.add_argument("--tp", type=positive_int, default=1, help="tensor parallel size")
+    p.add_argument("--pp", type=positive_int, default=1, help="pipeline parallel size")
     p.add_argument("--dtype", default="bf16", choices=[d.value for d in DType])
     p.add_argument("--kv-dtype", default="auto", choices=[d.value for d in KvCacheDType])
-    p.add_argument("--utilization", type=float, default=0.9)
-    p.add_argument("--context", type=int, default=8192)
-    p.add_argument("--concurrency", type=int, default=1)
+    p.add_argument("--utilization", type=fraction, default=0.9, help="GPU memory share to use, in (0, 1]")
+    p.add_argument("--context", type=positive_int, default=8192, help="context length in tokens")
+    p.add_argument("--concurrency", type=positive_int, default=1, help="sequences served at once")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_vram)
 
@@ -75,7 +75,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
     try:
         site = site_from_args(args)
     except SiteError as exc:
-        data = {"valid": False, "source": exc.source, "problems": [p.as_dict() for p in exc.problems]}
+        data = {
+            "valid": False,
+            "source": exc.source,
+            "problems": [p.as_dict() for p in exc.problems],
+            # The fields every failing command has under --json (infra.console.fail).
+            "error": f"{exc.source}: {len(exc.problems)} problem(s)",
+            "exit": int(Exit.INVALID),
+        }
         if args.json:
             emit(True, data, str)
         else:
@@ -213,8 +220,7 @@ def cmd_schema(args: argparse.Namespace) -> int:
     if args.check:
         current = out.read_text(encoding="utf-8") if out.exists() else ""
         if current != text:
-            sys.stderr.write(f"{out} is out of date: run `gpufleet schema`\n")
-            return Exit.FAILED
+            return fail(args, Exit.FAILED, f"{out} is out of date: run `gpufleet schema`")
         return Exit.OK
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text, encoding="utf-8")
@@ -227,11 +233,9 @@ def cmd_vram(args: argparse.Namespace) -> int:
     cat = resolve()
     base = cat.models.get(args.model) if args.model else None
     if args.model and base is None:
-        sys.stderr.write(f"error: unknown model {args.model!r}; known: {', '.join(sorted(cat.models))}\n")
-        return Exit.INVALID
+        return fail(args, Exit.INVALID, f"unknown model {args.model!r}; known: {', '.join(sorted(cat.models))}")
     if args.gpu not in cat.gpus:
-        sys.stderr.write(f"error: unknown GPU {args.gpu!r}; known: {', '.join(sorted(cat.gpus))}\n")
-        return Exit.INVALID
+        return fail(args, Exit.INVALID, f"unknown GPU {args.gpu!r}; known: {', '.join(sorted(cat.gpus))}")
     explicit = {
         "parameters": args.params,
         "layers": args.layers,
@@ -243,8 +247,8 @@ def cmd_vram(args: argparse.Namespace) -> int:
     values = {k: v if v is not None else (getattr(base, k) if base else None) for k, v in explicit.items()}
     missing = [k for k, v in values.items() if v is None]
     if missing:
-        sys.stderr.write(f"error: give --model or the architecture; missing: {', '.join(missing)}\n")
-        return Exit.INVALID
+        flags = ", ".join("--" + m.replace("_", "-") for m in missing)
+        return fail(args, Exit.INVALID, f"give --model or the architecture; missing: {flags}")
     arch = sizing.Architecture(**values)  # type: ignore[arg-type]
     count = args.count or args.tp * args.pp
     dep = sizing.Deployment(

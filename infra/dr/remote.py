@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import time
 from dataclasses import dataclass
 
+from infra import ssh as ssh_client
 from infra.dr.probe import NodeState, remote_program
 from infra.model.site import Node, Site
 from infra.plan.node import NodePlan
+from infra.ssh import SshSettings
 
 
 class RemoteError(Exception):
@@ -21,26 +21,11 @@ class RemoteError(Exception):
         super().__init__(f"{hostname}: {message}")
 
 
-def ssh_argv(site: Site, node: Node, *, connect_timeout: int = 5) -> list[str]:
-    """`ssh` arguments for a node: the controller's config and pinned known_hosts, strict checking, batch mode."""
-    argv = ["ssh"]
-    if site.controller.ssh_config:
-        argv += ["-F", site.controller.ssh_config]
-    argv += [
-        "-o",
-        "BatchMode=yes",
-        "-o",
-        "StrictHostKeyChecking=yes",
-        "-o",
-        f"ConnectTimeout={connect_timeout}",
-        "-o",
-        "ServerAliveInterval=5",
-        "-o",
-        "ServerAliveCountMax=3",
-    ]
-    if site.controller.known_hosts:
-        argv += ["-o", f"UserKnownHostsFile={site.controller.known_hosts}"]
-    return [*argv, "-l", node.ssh_user, str(node.address)]
+def ssh_argv(site: Site, node: Node, command: str | None = None, *, connect_timeout: int = 5) -> list[str]:
+    """`ssh … -l USER -- ADDRESS [COMMAND]` for a node (infra.ssh.argv: pinned keys, strict checking, batch mode)."""
+    return ssh_client.argv(
+        SshSettings.of(site), str(node.address), command, user=node.ssh_user, connect_timeout=connect_timeout
+    )
 
 
 @dataclass(frozen=True)
@@ -53,21 +38,12 @@ class SshResult:
 
 
 def ssh(site: Site, node: Node, command: str, *, stdin: str = "", timeout: float = 60) -> SshResult:
-    """Run `command` on the node (through the login shell there, as ssh does)."""
+    """Run `command` (one string, see infra.ssh.shell_command) on the node through its login shell."""
     try:
-        p = subprocess.run(
-            [*ssh_argv(site, node), command], input=stdin, capture_output=True, text=True, timeout=timeout, check=False
-        )
-    except subprocess.TimeoutExpired:
-        raise RemoteError(node.hostname, "unreachable", f"ssh did not finish in {timeout:.0f} s") from None
-    except FileNotFoundError:
-        raise RemoteError(node.hostname, "unreachable", "the `ssh` client is not installed") from None
-    if p.returncode == 255:
-        err = p.stderr.strip().splitlines()
-        text = err[-1] if err else "ssh failed"
-        kind = "hostkey" if "host key" in p.stderr.lower() or "HOST IDENTIFICATION" in p.stderr else "unreachable"
-        raise RemoteError(node.hostname, kind, text)
-    return SshResult(p.returncode, p.stdout, p.stderr)
+        p = ssh_client.run(ssh_argv(site, node, command), host=node.hostname, stdin=stdin.encode(), timeout=timeout)
+    except ssh_client.SshError as exc:
+        raise RemoteError(node.hostname, "hostkey" if exc.kind == "hostkey" else "unreachable", exc.detail) from None
+    return SshResult(p.returncode, p.stdout.decode(errors="replace"), p.stderr.decode(errors="replace"))
 
 
 def reachable(site: Site, node: Node, *, timeout: float = 10) -> bool:
@@ -80,18 +56,11 @@ def reachable(site: Site, node: Node, *, timeout: float = 10) -> bool:
 
 def wait_ssh(site: Site, node: Node, *, timeout: float = 600, interval: float = 1.0) -> float:
     """Poll until SSH answers; returns seconds waited. A host key mismatch stops at once (it won't heal)."""
-    start = time.monotonic()
-    last = ""
-    while time.monotonic() - start < timeout:
-        try:
-            if ssh(site, node, "true", timeout=15).returncode == 0:
-                return time.monotonic() - start
-        except RemoteError as exc:
-            if exc.kind == "hostkey":
-                raise
-            last = str(exc)
-        time.sleep(interval)
-    raise RemoteError(node.hostname, "unreachable", f"no SSH after {timeout:.0f} s ({last})")
+    try:
+        return ssh_client.wait(SshSettings.of(site), str(node.address), user=node.ssh_user, timeout=timeout,
+                               interval=interval)
+    except ssh_client.SshError as exc:
+        raise RemoteError(node.hostname, "hostkey" if exc.kind == "hostkey" else "unreachable", exc.detail) from None
 
 
 def probe(site: Site, plan: NodePlan, *, timeout: float = 120) -> NodeState:

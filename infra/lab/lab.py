@@ -21,7 +21,7 @@ from infra.inference.wheel import LLAMA_CPP_PYTHON_VERSION, wheel_cached
 from infra.lab import bmc, hosts, network, registry, repo, rootfs, standins
 from infra.lab import state as lab_state
 from infra.lab.config import LabHost, LabSpec, Paths, spec_digest
-from infra.lab.sh import LabCommandError, run
+from infra.lab.sh import APT_LOCK_TIMEOUT_S, APT_LOCK_WAIT, LabCommandError, apt_update, run
 from infra.model.site import Engine
 
 log = logging.getLogger("gpufleet.lab")
@@ -68,8 +68,9 @@ def check_prerequisites(install: bool = True) -> None:
         log.info("installing host packages: %s", " ".join(missing))
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         try:
-            run(["apt-get", "update", "-q"], timeout=300, env=env, check=False)
-            run(["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing], timeout=900, env=env)
+            apt_update(env)
+            run(["apt-get", *APT_LOCK_WAIT, "install", "-y", "-q", "--no-install-recommends", *missing],
+                timeout=900 + APT_LOCK_TIMEOUT_S, env=env)
         except LabCommandError as exc:
             raise LabUnavailable(f"cannot install host packages {' '.join(missing)}: {exc}") from exc
         missing = sorted({pkg for cmd, pkg in HOST_PACKAGES.items() if shutil.which(cmd) is None})

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import requests
 
-from infra.lab.sh import LabCommandError, run
+from infra.lab.sh import LabCommandError, apt_update, run
 
 IMAGE = "gpufleet/lab-hello"
 TAG = "1"
@@ -36,7 +36,7 @@ def busybox_binary(cache: Path) -> Path:
     if not list(work.glob("busybox-static_*.deb")):
         r = run(["apt-get", "download", "busybox-static"], cwd=work, timeout=300, check=False)
         if r.returncode != 0:  # a fresh machine may have no package lists yet
-            run(["apt-get", "update", "-q"], timeout=300, check=False)
+            apt_update()
             run(["apt-get", "download", "busybox-static"], cwd=work, timeout=300)
     deb = sorted(work.glob("busybox-static_*.deb"))[-1]
     run(["dpkg-deb", "-x", deb, work / "x"], timeout=60)

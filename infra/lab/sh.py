@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import subprocess
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -35,3 +36,25 @@ def run(
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
         raise LabCommandError(f"exit {proc.returncode}: {' '.join(argv)}\n  " + "\n  ".join(tail))
     return proc
+
+
+# Another apt/dpkg process (unattended-upgrades on a fresh machine, a second terminal) holds the dpkg
+# lock: wait for it instead of failing at once. Tried on apt 2.6.1 (Debian 12): DPkg::Lock::Timeout
+# makes `apt-get install` wait for /var/lib/dpkg/lock-frontend, but `apt-get update` still fails at
+# once on a held /var/lib/apt/lists/lock ("Unable to lock directory"), so `apt_update` retries that.
+APT_LOCK_TIMEOUT_S = 300
+APT_LOCK_WAIT = ("-o", f"DPkg::Lock::Timeout={APT_LOCK_TIMEOUT_S}")
+_APT_LOCK_ERRORS = ("Unable to lock directory", "Could not get lock")
+
+
+def apt_update(env: Mapping[str, str] | None = None) -> bool:
+    """`apt-get update`, waiting up to APT_LOCK_TIMEOUT_S while another apt process holds the lists lock."""
+    deadline = time.monotonic() + APT_LOCK_TIMEOUT_S
+    while True:
+        r = run(["apt-get", *APT_LOCK_WAIT, "update", "-q"], timeout=600, env=env, check=False)
+        if r.returncode == 0:
+            return True
+        text = f"{r.stdout}{r.stderr}"
+        if not any(m in text for m in _APT_LOCK_ERRORS) or time.monotonic() > deadline:
+            return False
+        time.sleep(5)
