@@ -25,7 +25,7 @@ from infra.components.outcomes import (
     tally,
     write_decommission,
 )
-from infra.console import Exit, emit
+from infra.console import Exit, emit, fail
 from infra.model.site import DecommissionPolicy, Node
 from infra.plan.node import plan_site
 from infra.secrets import SecretError, resolve_secret
@@ -79,14 +79,8 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_decommission)
 
 
-def _invalid(message: str) -> int:
-    sys.stderr.write(f"error: {message}\n")
-    return Exit.INVALID
-
-
-def _unwritable(exc: OSError) -> int:
-    sys.stderr.write(f"error: cannot write the record ({exc}); set {RECORDS_ENV} to a writable directory\n")
-    return Exit.UNAVAILABLE
+def _unwritable(args: argparse.Namespace, exc: OSError) -> int:
+    return fail(args, Exit.UNAVAILABLE, f"cannot write the record ({exc}); set {RECORDS_ENV} to a writable directory")
 
 
 def cmd_rollout_record(args: argparse.Namespace) -> int:
@@ -99,10 +93,10 @@ def cmd_rollout_record(args: argparse.Namespace) -> int:
             return Exit.OK
         t = tally(plan, args.stack, node.segment.name)
     except RecordError as exc:
-        return _invalid(str(exc))
+        return fail(args, Exit.INVALID, str(exc))
     except OSError as exc:
         # Without its records the rollout cannot count failures: stop rather than go on blind.
-        return _unwritable(exc)
+        return _unwritable(args, exc)
     names = ", ".join(t.failed)
     if t.exceeded:
         sys.stderr.write(f"{args.node}: {args.step} failed (exit {args.rc}); segment {t.segment}: {len(t.failed)} "
@@ -122,7 +116,7 @@ def cmd_rollout_guard(args: argparse.Namespace) -> int:
     try:
         t = tally(plan, args.stack, args.segment, args.batch)
     except RecordError as exc:
-        return _invalid(str(exc))
+        return fail(args, Exit.INVALID, str(exc))
 
     def render(d: dict[str, Any]) -> str:
         head = (f"segment {d['segment']} after batch {d['batch']}: {len(d['failed'])} failed node(s)"
@@ -143,16 +137,16 @@ def cmd_decommission(args: argparse.Namespace) -> int:
         check_names(args.stack, args.node)
         node = Node.model_validate_json(args.node_json)
     except RecordError as exc:
-        return _invalid(str(exc))
+        return fail(args, Exit.INVALID, str(exc))
     except pydantic.ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(x) for x in e['loc']) or '(root)'}: {e['msg']}" for e in exc.errors())
-        return _invalid(f"--node-json: {problems} (it is the node's entry of `nodes:` as JSON)")
+        return fail(args, Exit.INVALID, f"--node-json: {problems} (it is the node's entry of `nodes:` as JSON)")
     if node.hostname != args.node:
-        return _invalid(f"--node {args.node!r} but --node-json is node {node.hostname!r}")
+        return fail(args, Exit.INVALID, f"--node {args.node!r} but --node-json is node {node.hostname!r}")
     policy = DecommissionPolicy(args.policy)
     bmc = node.bmc
     if bmc is None and policy is DecommissionPolicy.POWER_OFF:
-        return _invalid(f"node {args.node} has no `bmc:` to power it off with: add one, or set "
+        return fail(args, Exit.INVALID, f"node {args.node} has no `bmc:` to power it off with: add one, or set "
                         "rollout.decommission: keep")
     base: dict[str, Any] = {"node": args.node, "stack": args.stack, "policy": policy.value,
                             "bmc": bmc.endpoint if bmc else None}
@@ -161,8 +155,7 @@ def cmd_decommission(args: argparse.Namespace) -> int:
             if bmc is not None and policy is DecommissionPolicy.POWER_OFF:
                 resolve_secret(bmc.password)  # the delete must be able to log in, possibly months later
         except SecretError as exc:
-            sys.stderr.write(f"error: {exc}\n")
-            return Exit.UNAVAILABLE
+            return fail(args, Exit.UNAVAILABLE, str(exc))
         what = "power it off via its BMC" if policy is DecommissionPolicy.POWER_OFF else "leave it running"
         emit(args.json, {**base, "dry_run": True},
              lambda d: f"{d['node']}: removing it from stack {d['stack']} will {what} and write a record")
@@ -172,25 +165,24 @@ def cmd_decommission(args: argparse.Namespace) -> int:
             path = write_decommission(args.stack, args.node, {"policy": policy.value, "bmc": base["bmc"],
                                                               "power": "left as it was"})
         except OSError as exc:
-            return _unwritable(exc)
+            return _unwritable(args, exc)
         emit(args.json, {**base, "record": str(path)}, lambda d: f"{d['node']}: kept running; record {d['record']}")
         return Exit.OK
     try:
         with client_for(node, Timeouts(power_timeout=args.timeout)) as c:
             result = c.set_power(PowerAction.OFF, wait=True, timeout=args.timeout)
     except SecretError as exc:
-        sys.stderr.write(f"error: {exc}\n")
-        return Exit.UNAVAILABLE
+        return fail(args, Exit.UNAVAILABLE, str(exc))
     except BmcError as exc:
         # No record: the delete fails, Pulumi keeps the step in the state, the next up/destroy retries.
-        sys.stderr.write(f"error: {args.node}: power off failed ({exc.kind}): {exc}\n")
-        return Exit.UNAVAILABLE if exc.kind in {"unreachable", "timeout", "power_timeout"} else Exit.FAILED
+        code = Exit.UNAVAILABLE if exc.kind in {"unreachable", "timeout", "power_timeout"} else Exit.FAILED
+        return fail(args, code, f"{args.node}: power off failed ({exc.kind}): {exc}")
     power = result.as_dict()
     try:
         path = write_decommission(args.stack, args.node, {"policy": policy.value, "bmc": base["bmc"], "power": power})
     except OSError as exc:
         # Powered off but unrecorded: fail, so the next up/destroy runs it again (powering off is idempotent).
-        return _unwritable(exc)
+        return _unwritable(args, exc)
     emit(args.json, {**base, "power": power, "record": str(path)},
          lambda d: f"{d['node']}: powered off ({d['power'].get('before')} → {d['power'].get('after')}); "
                    f"record {d['record']}")

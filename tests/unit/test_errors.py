@@ -51,6 +51,8 @@ def _required(p: argparse.ArgumentParser, tmp: Path) -> list[str]:
             value = str(tmp / "missing")
         elif a.dest == "out":
             value = str(tmp / "out")
+        elif a.type is int:
+            value = "1"  # a well-typed value, so the stack is what the command trips over
         else:
             value = "x"
         out += [value] if not a.option_strings else [a.option_strings[0], value]

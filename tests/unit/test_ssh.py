@@ -124,7 +124,7 @@ def test_wait_keeps_polling_an_unreachable_host_then_names_the_last_error(
 
 def test_wait_ssh_command_reports_a_hostile_user_without_running_it(tmp_path: Path) -> None:
     """`gpufleet wait-ssh`'s library path (ansible.cli.wait_ssh) with a forced hostile user: no canary."""
-    from infra.ansible.cli import wait_ssh
+    from infra.ansible.converge import wait_ssh
 
     from infra.plan.node import plan_site
 
