@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -16,7 +18,7 @@ from infra.bundle.build import BuildError, BuildOptions, build
 from infra.bundle.declared import Kind, declared
 from infra.bundle.lock import Artifact, Lock, check, decl_dict, lock_path_for
 from infra.bundle.manifest import MANIFEST, SIGNATURE, verify_bundle, write_manifest
-from infra.bundle.publish import ImportRefused, import_bundle
+from infra.bundle.publish import ImportRecord, ImportRefused, MirrorState, Target, import_bundle
 from infra.bundle.remote import SshMirror
 from infra.bundle.signing import generate_key
 from infra.bundle.store import Store, file_digest
@@ -42,14 +44,17 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return out
 
 
-def make_bundle(root: Path, secret: Path, *, big: int = 0, piece_size: int | None = None) -> Path:
+def make_bundle(root: Path, secret: Path, *, big: int = 0, piece_size: int | None = None, serial: int = 1,
+                site: str = "lab", segment: str | None = "airgap", mirrors: tuple[str, ...] = ("lab-mirror",),
+                model: bytes | None = None) -> Path:
     """A small signed bundle: two debs, a model file (optionally `big` bytes), an OCI image."""
     (root / "apt").mkdir(parents=True)
     (root / "apt/a_1.0_amd64.deb").write_bytes(b"deb-a" * 1000)
     (root / "apt/b_2.0_all.deb").write_bytes(b"deb-b" * 777)
-    model = root / "files/models/tiny/r1/model.gguf"
-    model.parent.mkdir(parents=True)
-    model.write_bytes(bytes(range(256)) * max(1, big // 256))
+    model_file = root / "files/models/tiny/r1/model.gguf"
+    model_file.parent.mkdir(parents=True)
+    model_file.write_bytes(model if model is not None else bytes(range(256)) * max(1, big // 256))
+    model = model_file
     digest = oci.write_image(root / "images/lab/hello", {"bin/hello": b"#!/bin/sh\necho hello\n"})
     arts = [Artifact("deb", "a", "1.0", "apt/a_1.0_amd64.deb", *file_digest(root / "apt/a_1.0_amd64.deb"),
                      "http://198.18.1.250/apt/a.deb", ("airgap",), True),
@@ -57,39 +62,47 @@ def make_bundle(root: Path, secret: Path, *, big: int = 0, piece_size: int | Non
                      "http://198.18.1.250/files/models/tiny/r1/model.gguf", ("airgap",), True),
             Artifact("image", "lab/hello", digest, "images/lab/hello", 1, digest.split(":")[1], "oci", ("airgap",),
                      True)]
-    write_manifest(root, "lab", "airgap", "0" * 64, arts, secret, piece_size=piece_size)
+    write_manifest(root, site, segment, "0" * 64, arts, secret, piece_size=piece_size, serial=serial,
+                   mirrors=mirrors)
     return root
+
+
+TARGET = Target("lab", "lab-mirror", ("airgap",))
 
 
 class RecordingPublisher:
     """An in-memory mirror that records every call (a fake for the SSH publisher)."""
 
     def __init__(self) -> None:
-        self.files: dict[str, tuple[int, str]] = {}
+        self.st = MirrorState()
         self.images: set[tuple[str, str]] = set()
         self.calls: list[str] = []
-        self.packages = b""
+        self.staged: dict[str, dict[str, bytes]] = {}
 
-    def list_files(self) -> dict[str, tuple[int, str]]:
-        self.calls.append("list_files")
-        return dict(self.files)
+    def state(self) -> MirrorState:
+        self.calls.append("state")
+        return self.st
 
-    def put_files(self, root: Path, rels: list[str], expected: dict[str, str]) -> None:
-        self.calls.append(f"put_files:{len(rels)}")
-        for r in rels:
-            self.files[r] = file_digest(root / r)
-            assert self.files[r][1] == expected[r]
+    def stage(self, root: Path, rels: list[str], expected: dict[str, str], generated: dict[str, bytes],
+              base: str) -> str:
+        self.calls.append(f"stage:{len(rels)}")
+        self.staged["s1"] = {**{r: (root / r).read_bytes() for r in rels}, **generated}
+        return "s1"
 
-    def reindex_apt(self, debs: dict[str, str], scan: Callable[[], bytes],
-                    sign: Callable[[bytes], tuple[bytes, bytes]]) -> bool:
-        new = scan()
-        if new == self.packages:
-            self.calls.append("probe_apt")
-            return False
-        self.calls.append("reindex_apt")
-        self.packages = new
-        sign(new)
-        return True
+    def switch(self, stage: str, base: str) -> None:
+        self.calls.append("switch")
+        tree = self.staged.pop(stage)
+        for rel, data in tree.items():
+            if rel.startswith(("apt/", "files/")) and rel.endswith((".deb", ".gguf")):
+                self.st.files[rel] = (len(data), hashlib.sha256(data).hexdigest())
+                if rel.startswith("apt/"):
+                    self.st.debs.add(rel.removeprefix("apt/"))
+        if "apt/Packages" in tree:
+            self.st.packages, self.st.signed = tree["apt/Packages"], True
+        self.st.record = ImportRecord.parse(tree["import.json"].decode())
+
+    def discard(self, stage: str) -> None:
+        self.calls.append("discard")
 
     def has_image(self, repo: str, digest: str) -> bool:
         return (repo, digest) in self.images
@@ -100,7 +113,7 @@ class RecordingPublisher:
 
     @property
     def writes(self) -> list[str]:
-        return [c for c in self.calls if c.startswith(("put_", "reindex"))]
+        return [c for c in self.calls if c.startswith(("stage", "switch", "put_"))]
 
 
 def _fake_scan(apt: Path) -> bytes:
@@ -201,7 +214,7 @@ def test_import_publishes_nothing_when_verify_fails(tmp_path: Path, keys: dict[s
         (b / "files/extra.bin").write_bytes(b"x")
     pub = RecordingPublisher()
     with pytest.raises(ImportRefused) as err:
-        import_bundle(b, keys["site_public"], pub, _no_sign, _fake_scan)
+        import_bundle(b, keys["site_public"], pub, _no_sign, _fake_scan, target=TARGET)
     assert pub.calls == []
     assert err.value.problems
 
@@ -210,12 +223,12 @@ def test_import_is_idempotent(tmp_path: Path, keys: dict[str, Path]) -> None:
     """First import uploads files, re-signs apt and copies the image; the second changes nothing."""
     b = make_bundle(tmp_path / "b", keys["site_secret"])
     pub = RecordingPublisher()
-    _, first = import_bundle(b, keys["site_public"], pub, _no_sign, _fake_scan)
+    _, first = import_bundle(b, keys["site_public"], pub, _no_sign, _fake_scan, target=TARGET)
     assert first.changed and first.apt_reindexed
     assert set(first.uploaded) == {"apt/a_1.0_amd64.deb", "apt/b_2.0_all.deb", "files/models/tiny/r1/model.gguf"}
     assert first.images == [f"lab/hello@{next(d for r, d in pub.images)}"]
     before = list(pub.writes)
-    _, second = import_bundle(b, keys["site_public"], pub, _no_sign, _fake_scan)
+    _, second = import_bundle(b, keys["site_public"], pub, _no_sign, _fake_scan, target=TARGET)
     assert not second.changed and second.unchanged == 3
     assert pub.writes == before  # the second run did not upload, re-sign or copy anything
 
@@ -473,10 +486,10 @@ def test_ssh_publisher_publishes_a_signed_repo_idempotently(tmp_path: Path, keys
         _real_deb(b / "apt", name, "1.0-1")
     (b / "files/models/m/r").mkdir(parents=True)
     (b / "files/models/m/r/model.gguf").write_bytes(b"weights")
-    write_manifest(b, "lab", "airgap", "0" * 64, [], keys["site_secret"])
+    write_manifest(b, "lab", "airgap", "0" * 64, [], keys["site_secret"], mirrors=["lab-mirror"])
     served = tmp_path / "srv"
     mirror = _local_mirror(served)
-    _, first = import_bundle(b, keys["site_public"], mirror, release_signer(keys["other_secret"]))
+    _, first = import_bundle(b, keys["site_public"], mirror, release_signer(keys["other_secret"]), target=TARGET)
     assert first.apt_reindexed and len(first.uploaded) == 3
     packages = (served / "apt/Packages").read_text()
     assert "Package: alpha" in packages and "Package: beta" in packages
@@ -485,9 +498,9 @@ def test_ssh_publisher_publishes_a_signed_repo_idempotently(tmp_path: Path, keys
     subprocess.run(["gpg", "--dearmor", "--output", str(ring), str(keys["other_public"])], check=True, timeout=30)
     assert subprocess.run(["gpgv", "--keyring", str(ring), str(served / "apt/InRelease")], capture_output=True,
                           timeout=30).returncode == 0
-    assert not list((served / ".incoming").iterdir())
+    assert [p.name for p in (served / ".gpufleet/trees").iterdir()] == [os.readlink(served / ".gpufleet/current")[6:]]
     stamp = (served / "apt/InRelease").read_bytes()
-    _, second = import_bundle(b, keys["site_public"], mirror, release_signer(keys["other_secret"]))
+    _, second = import_bundle(b, keys["site_public"], mirror, release_signer(keys["other_secret"]), target=TARGET)
     assert not second.changed and (served / "apt/InRelease").read_bytes() == stamp
 
 
@@ -502,9 +515,10 @@ def test_upload_aborts_when_a_file_changed_after_verify(tmp_path: Path) -> None:
     good = file_digest(src / "files/a.bin")[1]
     served = tmp_path / "srv"
     with pytest.raises(RemoteError, match=r"files/b\.bin: changed since it was verified"):
-        _local_mirror(served).put_files(src, ["files/a.bin", "files/b.bin"], {"files/a.bin": good,
-                                                                             "files/b.bin": "0" * 64})
-    assert not (served / "files").exists() or not any((served / "files").rglob("*.bin"))
+        _local_mirror(served).stage(src, ["files/a.bin", "files/b.bin"], {"files/a.bin": good,
+                                                                         "files/b.bin": "0" * 64}, {}, "")
+    assert not list(served.rglob("*.bin"))
+    assert not list((served / ".gpufleet/trees").iterdir())  # the mirror removed the half-made tree itself
 
 
 def test_build_refuses_a_lock_that_no_longer_matches_the_stack(tmp_path: Path, keys: dict[str, Path]) -> None:
