@@ -131,11 +131,12 @@ try:
             tmp = dest + ".gpufleet-part"
             with tar.extractfile(m) as fin, open(tmp, "xb") as fout:
                 shutil.copyfileobj(fin, fout, 1 << 22)
+                fout.flush()
+                os.fsync(fout.fileno())  # on disk before the switch can serve it
             os.chmod(tmp, 0o644)
             os.replace(tmp, dest)
     if not complete:
         raise SystemExit("the upload stream ended early; nothing staged")
-    os.sync()
     print(os.path.basename(stage))
     ok = True
 finally:
@@ -209,8 +210,10 @@ if legacy:
             os.rename(path, old)
             os.replace(link, path)
             shutil.rmtree(old)
-os.sync()
 point(cur, "trees/" + stage)
+fd = os.open(g, os.O_RDONLY)
+os.fsync(fd)  # the switch itself survives a power cut
+os.close(fd)
 for t in os.listdir(trees):
     if t != stage:
         shutil.rmtree(os.path.join(trees, t), ignore_errors=True)

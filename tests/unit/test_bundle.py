@@ -6,6 +6,8 @@ import hashlib
 import json
 import os
 import shutil
+import signal
+import stat
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +21,7 @@ from infra.bundle.declared import Kind, declared
 from infra.bundle.lock import Artifact, Lock, check, decl_dict, lock_path_for
 from infra.bundle.manifest import MANIFEST, SIGNATURE, verify_bundle, write_manifest
 from infra.bundle.publish import ImportRecord, ImportRefused, MirrorState, Target, import_bundle
-from infra.bundle.remote import SshMirror
+from infra.bundle.remote import RemoteError, SshMirror
 from infra.bundle.signing import generate_key
 from infra.bundle.store import Store, file_digest
 from infra.cli import main
@@ -449,10 +451,20 @@ def test_keygen_cli_makes_a_pair_that_signs_and_verifies(tmp_path: Path) -> None
 # ------------------------------------------------------------------ the SSH publisher, run locally
 
 class LocalMirror(SshMirror):
-    """The real SSH publisher with `ssh HOST CMD` replaced by `sh -c CMD` on this machine."""
+    """The real SSH publisher with `ssh HOST CMD` replaced by `sh -c CMD` on this machine.
+
+    The registry is an in-memory set: unit tests never send traffic to a registry.
+    """
 
     def _ssh(self) -> list[str]:
         return ["sh", "-c"]
+
+    def has_image(self, repo: str, digest: str) -> bool:
+        return (repo, digest) in self.__dict__.setdefault("registry", set())
+
+    def put_image(self, layout: Path, repo: str, digest: str) -> None:
+        assert oci.image_in_layout(layout, digest)
+        self.__dict__.setdefault("registry", set()).add((repo, digest))
 
 
 def _local_mirror(root: Path) -> LocalMirror:
@@ -566,3 +578,331 @@ def test_mirror_status_names_what_the_mirror_lacks() -> None:
     assert st["segments"] == ["airgap"] and st["apt_packages"] == 2
     assert st["missing"] == ["deb chrony 4.3", f"image lab/x@sha256:{'d' * 64}"]
     assert st["matches_lock"] is False
+
+
+# ------------------------------------------- binding, rollback, atomic switch (the real mirror scripts, locally)
+
+def served_snapshot(root: Path) -> dict[str, str]:
+    """Every entry under the mirror root (type, symlink target, sha256 of bytes) plus what is served.
+
+    "Served" walks apt/ and files/ through their symlinks, as nginx resolves them. The hash cache
+    (`.gpufleet-hashes.json`) is bookkeeping of the read-only state query, not content: left out.
+    """
+    out: dict[str, str] = {}
+    for d, dirs, files in os.walk(root):
+        for name in [*dirs, *files]:
+            p = Path(d) / name
+            rel = p.relative_to(root).as_posix()
+            if rel == ".gpufleet-hashes.json":
+                continue
+            out[rel] = ("link:" + os.readlink(p) if p.is_symlink() else "dir" if p.is_dir()
+                        else hashlib.sha256(p.read_bytes()).hexdigest())
+    for area in ("apt", "files"):
+        for d, _, files in os.walk(root / area):
+            for name in files:
+                p = Path(d) / name
+                out["served:" + p.relative_to(root).as_posix()] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+@pytest.fixture
+def mirror_at_2(tmp_path: Path, keys: dict[str, Path]) -> tuple[LocalMirror, Path]:
+    """A mirror that imported serial 2 (model bytes b'weights v2') through the real scripts."""
+    served = tmp_path / "srv"
+    mirror = _local_mirror(served)
+    b = make_bundle(tmp_path / "v2", keys["site_secret"], serial=2, model=b"weights v2")
+    _, res = import_bundle(b, keys["site_public"], mirror, _no_sign, _fake_scan, target=TARGET)
+    assert res.switched and (served / "files/models/tiny/r1/model.gguf").read_bytes() == b"weights v2"
+    return mirror, served
+
+
+def _import(b: Path, keys: dict[str, Path], mirror: object, **kw: object) -> object:
+    return import_bundle(b, keys["site_public"], mirror, kw.pop("sign", _no_sign), _fake_scan,  # type: ignore[arg-type]
+                         target=kw.pop("target", TARGET), **kw)  # type: ignore[arg-type]
+
+
+def test_rollback_to_an_older_serial_is_refused_byte_identical(mirror_at_2: tuple[LocalMirror, Path],
+                                                              tmp_path: Path, keys: dict[str, Path]) -> None:
+    """A validly signed older bundle (serial 1, old model bytes) is refused; the mirror does not change a byte."""
+    mirror, served = mirror_at_2
+    before = served_snapshot(served)
+    old = make_bundle(tmp_path / "v1", keys["site_secret"], serial=1, model=b"weights v1")
+    with pytest.raises(ImportRefused, match="serial 1 is older than serial 2"):
+        _import(old, keys, mirror)
+    assert served_snapshot(served) == before
+
+
+def test_same_serial_with_other_content_is_refused(mirror_at_2: tuple[LocalMirror, Path], tmp_path: Path,
+                                                   keys: dict[str, Path]) -> None:
+    """Serial 2 again but with other bytes is not the bundle the mirror imported: refused, unchanged."""
+    mirror, served = mirror_at_2
+    before = served_snapshot(served)
+    other = make_bundle(tmp_path / "v2b", keys["site_secret"], serial=2, model=b"other weights")
+    with pytest.raises(ImportRefused, match="serial 2 was already imported with other content"):
+        _import(other, keys, mirror)
+    assert served_snapshot(served) == before
+
+
+@pytest.mark.parametrize(("binding", "message"), [
+    ({"site": "other-site"}, "bundle is for site 'other-site'"),
+    ({"segment": "connected"}, "bundle is for segment 'connected'"),
+    ({"mirrors": ("other-mirror",)}, "bundle is for mirror(s) other-mirror, not 'lab-mirror'"),
+])
+def test_bundle_for_another_site_segment_or_mirror_is_refused(mirror_at_2: tuple[LocalMirror, Path], tmp_path: Path,
+                                                              keys: dict[str, Path], binding: dict[str, object],
+                                                              message: str) -> None:
+    """A newer, validly signed bundle built for elsewhere is refused before the mirror is asked anything."""
+    mirror, served = mirror_at_2
+    before = served_snapshot(served)
+    b = make_bundle(tmp_path / "elsewhere", keys["site_secret"], serial=9, **binding)  # type: ignore[arg-type]
+    with pytest.raises(ImportRefused) as err:
+        _import(b, keys, mirror)
+    assert message in str(err.value)
+    assert served_snapshot(served) == before
+
+
+def _special(path: Path, kind: str) -> None:
+    """Put a non-regular file (or a hard link) at `path`."""
+    import socket
+
+    path.unlink(missing_ok=True)
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "symlink":
+        path.symlink_to("/etc/hostname")
+    elif kind == "socket":
+        s = socket.socket(socket.AF_UNIX)
+        s.bind(str(path))
+        s.close()
+    elif kind == "device":
+        if os.geteuid() != 0:
+            pytest.skip("making a device node needs root")
+        os.mknod(path, 0o600 | stat.S_IFCHR, os.makedev(1, 3))  # /dev/null's numbers
+    elif kind == "hardlink":
+        outside = path.parent.parent.parent / "outside.bin"
+        outside.write_bytes(b"changes after verify")
+        os.link(outside, path)
+
+
+@pytest.mark.parametrize("where", ["extra", "listed"])
+@pytest.mark.parametrize("kind", ["fifo", "symlink", "socket", "device", "hardlink"])
+def test_non_regular_files_are_refused_without_opening_them(mirror_at_2: tuple[LocalMirror, Path], tmp_path: Path,
+                                                            keys: dict[str, Path], kind: str, where: str) -> None:
+    """A FIFO, symlink, socket, device or hard link in a bundle fails verify (never opened) and import."""
+    mirror, served = mirror_at_2
+    before = served_snapshot(served)
+    b = make_bundle(tmp_path / "b", keys["site_secret"], serial=3)
+    rel = "apt/evil_1.0_all.deb" if where == "extra" else "apt/a_1.0_amd64.deb"
+    _special(b / rel, kind)
+    signal.alarm(60)  # opening a FIFO would block forever: fail instead of hanging the suite
+    try:
+        _, problems = verify_bundle(b, keys["site_public"])
+        with pytest.raises(ImportRefused):
+            _import(b, keys, mirror)
+    finally:
+        signal.alarm(0)
+    assert [p for p in problems if p.startswith(f"{rel}: ")], problems
+    assert not [p for p in problems if p.startswith(f"{rel}: missing")]
+    assert served_snapshot(served) == before
+
+
+@pytest.mark.parametrize("rel", ["files/../../etc/passwd", "/etc/passwd", "files/./x", "apt//x.deb", "other/x"])
+def test_manifest_paths_escaping_the_bundle_are_refused(tmp_path: Path, keys: dict[str, Path], rel: str) -> None:
+    """A signed manifest naming a path outside the bundle's areas is not a manifest gpufleet reads."""
+    b = make_bundle(tmp_path / "b", keys["site_secret"])
+    man = json.loads((b / MANIFEST).read_text())
+    man["files"][rel] = {"size": 1, "sha256": "0" * 64}
+    (b / MANIFEST).write_text(json.dumps(man))
+    from infra.bundle.signing import sign_detached
+
+    sign_detached(b / MANIFEST, keys["site_secret"], b / SIGNATURE)
+    man_, problems = verify_bundle(b, keys["site_public"])
+    assert man_ is None and len(problems) == 1 and problems[0].startswith(f"{MANIFEST}: unreadable")
+
+
+def test_unusable_mirror_key_refuses_before_anything(mirror_at_2: tuple[LocalMirror, Path], tmp_path: Path,
+                                                     keys: dict[str, Path]) -> None:
+    """A mirror key that cannot sign stops the import first: no call on the mirror, no byte changed."""
+    from infra.bundle.publish import release_signer
+
+    mirror, served = mirror_at_2
+    before = served_snapshot(served)
+    b = make_bundle(tmp_path / "v3", keys["site_secret"], serial=3, model=b"weights v3")
+    broken = tmp_path / "mirror.sec.asc"
+    broken.write_text("-----BEGIN PGP PRIVATE KEY BLOCK-----\n\nnot a key\n-----END PGP PRIVATE KEY BLOCK-----\n")
+    with pytest.raises(ImportRefused, match="mirror signing key unusable"):
+        _import(b, keys, mirror, sign=release_signer(broken))
+    assert served_snapshot(served) == before
+    pub = RecordingPublisher()
+    with pytest.raises(ImportRefused):
+        _import(b, keys, pub, sign=release_signer(tmp_path / "no-such-key.asc"))
+    assert pub.calls == []
+
+
+class FailAfterStaging(LocalMirror):
+    """The real scripts, with a failure injected after the new tree is staged."""
+
+    fail_in = "switch"
+
+    def switch(self, stage: str, base: str) -> None:
+        assert (Path(self.root) / ".gpufleet/trees" / stage / "files/models/tiny/r1/model.gguf").read_bytes() == \
+            b"weights v3"  # the tree really was staged next to the served one
+        if self.fail_in == "switch":
+            raise RemoteError("injected: connection lost before the switch")
+        super().switch(stage, base)
+
+    def has_image(self, repo: str, digest: str) -> bool:
+        return False  # always copies, so the "image" case fails after staging
+
+    def put_image(self, layout: Path, repo: str, digest: str) -> None:
+        if self.fail_in == "image":
+            raise RemoteError("injected: registry refused the image")
+
+
+@pytest.mark.parametrize("fail_in", ["switch", "image"])
+def test_failure_after_staging_leaves_the_mirror_byte_identical(tmp_path: Path, keys: dict[str, Path],
+                                                                fail_in: str) -> None:
+    """A failure between staging and the switch removes the stage; the served tree does not change a byte."""
+    served = tmp_path / "srv"
+    mirror = FailAfterStaging(_local_mirror(served).mirror, None, None, str(served))
+    mirror.fail_in = "none"
+    b2 = make_bundle(tmp_path / "v2", keys["site_secret"], serial=2, model=b"weights v2")
+    import_bundle(b2, keys["site_public"], _local_mirror(served), _no_sign, _fake_scan, target=TARGET)
+    before = served_snapshot(served)
+    mirror.fail_in = fail_in
+    b3 = make_bundle(tmp_path / "v3", keys["site_secret"], serial=3, model=b"weights v3")
+    with pytest.raises(RemoteError, match="injected"):
+        import_bundle(b3, keys["site_public"], mirror, _no_sign, _fake_scan, target=TARGET)
+    assert served_snapshot(served) == before
+
+
+def test_deliberate_downgrade_with_a_reason_works_and_is_logged(mirror_at_2: tuple[LocalMirror, Path],
+                                                                 tmp_path: Path, keys: dict[str, Path]) -> None:
+    """--allow-downgrade --reason imports the older bundle, records the reason on the mirror; newer ones follow."""
+    mirror, served = mirror_at_2
+    old = make_bundle(tmp_path / "v1", keys["site_secret"], serial=1, model=b"weights v1")
+    _, res = _import(old, keys, mirror, override="v2 model regressed, INC-42")
+    assert res.switched and res.previous_serial == 2 and res.serial == 1  # type: ignore[attr-defined]
+    assert (served / "files/models/tiny/r1/model.gguf").read_bytes() == b"weights v1"
+    log = [json.loads(line) for line in (served / ".gpufleet/imports.log").read_text().splitlines()]
+    assert [(r["serial"], r["override"], r["previous_serial"]) for r in log] == [
+        (2, None, None), (1, "v2 model regressed, INC-42", 2)]
+    newer = make_bundle(tmp_path / "v3", keys["site_secret"], serial=3, model=b"weights v3")
+    _import(newer, keys, mirror)
+    assert (served / "files/models/tiny/r1/model.gguf").read_bytes() == b"weights v3"
+
+
+def test_a_mirror_in_the_old_layout_moves_to_trees_without_losing_a_file(tmp_path: Path,
+                                                                         keys: dict[str, Path]) -> None:
+    """apt/ and files/ as plain folders (lab seeding, older imports) become symlinks; earlier content stays."""
+    served = tmp_path / "srv"
+    (served / "apt").mkdir(parents=True)
+    (served / "apt/old_0.9_all.deb").write_bytes(b"old package")
+    (served / "files/wheels").mkdir(parents=True)
+    (served / "files/wheels/w-1-py3-none-any.whl").write_bytes(b"wheel")
+    (served / "registry").mkdir()
+    b = make_bundle(tmp_path / "b", keys["site_secret"])
+    import_bundle(b, keys["site_public"], _local_mirror(served), _no_sign, _fake_scan, target=TARGET)
+    assert os.readlink(served / "apt") == ".gpufleet/current/apt" and (served / "files").is_symlink()
+    assert (served / "apt/old_0.9_all.deb").read_bytes() == b"old package"
+    assert (served / "files/wheels/w-1-py3-none-any.whl").read_bytes() == b"wheel"
+    assert (served / "apt/a_1.0_amd64.deb").is_file() and (served / "registry").is_dir()
+    assert sorted(p.name for p in served.iterdir() if p.name.startswith(".") and p.name != ".gpufleet"
+                  and p.name != ".gpufleet-hashes.json") == []  # no leftover temporary names
+
+
+def test_switch_refuses_when_another_import_switched_meanwhile(mirror_at_2: tuple[LocalMirror, Path],
+                                                               tmp_path: Path) -> None:
+    """The switch is a compare-and-swap on the served tree: a stale stage is not served."""
+    mirror, served = mirror_at_2
+    src = tmp_path / "src"
+    (src / "files").mkdir(parents=True)
+    (src / "files/x.bin").write_bytes(b"x")
+    before = served_snapshot(served)
+    stage = mirror.stage(src, ["files/x.bin"], {"files/x.bin": file_digest(src / "files/x.bin")[1]}, {}, "")
+    with pytest.raises(RemoteError, match="served tree changed since this import read it"):
+        mirror.switch(stage, "trees/stage-someone-else")
+    mirror.discard(stage)
+    assert served_snapshot(served) == before
+
+
+# ------------------------------------------------------------------------------------------ CLI exit codes
+
+def test_verify_with_a_missing_keyring_is_bad_input(tmp_path: Path, keys: dict[str, Path],
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """`bundle verify --keyring /missing` exits 2 with one line (the README's table: 2 no keyring)."""
+    b = make_bundle(tmp_path / "b", keys["site_secret"])
+    assert main(["bundle", "verify", str(b), "--keyring", str(tmp_path / "missing.asc")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --keyring") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("text", ["{", "[]", '{"format": 2}', '{"format": 1, "site": "lab"}', "\xff\xfe",
+                                  '{"format": 2, "format": 2}'])
+def test_malformed_manifest_is_bad_input_without_traceback(tmp_path: Path, keys: dict[str, Path], text: str,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """A malformed (unsigned) manifest: `verify` exits 2 with JSON naming the problem, `import` exits 2 too."""
+    b = make_bundle(tmp_path / "b", keys["site_secret"])
+    (b / MANIFEST).write_bytes(text.encode("utf-8", "surrogateescape") if text != "\xff\xfe" else b"\xff\xfe")
+    assert main(["bundle", "verify", str(b), "--keyring", str(keys["site_public"]), "--json"]) == 2
+    out = json.loads(capsys.readouterr().out)
+    assert out["ok"] is False and any(p.startswith(f"{MANIFEST}: unreadable") for p in out["problems"])
+
+
+def test_lock_check_on_a_corrupted_lock_is_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`lock --check` with a corrupted lock file exits 2 with one line, never a traceback."""
+    path = _lab_copy(tmp_path)
+    for bad in ('{"format": 1, "site": "lab", "declared": [], "artifacts": [{"kind": 3}]}', "{not json", "[1]"):
+        lock_path_for(path).write_text(bad)
+        assert main(["lock", "--check", "--stack-file", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert "not a readable lock file" in err and err.count("\n") == 1
+
+
+def test_import_override_needs_a_reason(tmp_path: Path, keys: dict[str, Path],
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """--allow-downgrade without --reason (or a reason with a newline) is bad input: exit 2, nothing contacted."""
+    b = make_bundle(tmp_path / "b", keys["site_secret"])
+    base = ["bundle", "import", str(b), "--stack", "lab", "--mirror", "lab-mirror", "--keyring",
+            str(keys["site_public"]), "--mirror-key", str(keys["other_secret"])]
+    assert main([*base, "--allow-downgrade"]) == 2
+    assert main([*base, "--allow-downgrade", "--reason", "two\nlines"]) == 2
+    assert "go together" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ build: serial, files
+
+def test_build_copies_a_local_file_artifact_into_a_new_folder(tmp_path: Path, keys: dict[str, Path]) -> None:
+    """A locked file whose source is a local path (no --artifacts) is copied into a folder build creates.
+
+    This is the README's `bundle build` traceback (FileNotFoundError in `_fetch_file`) without the lab.
+    """
+    site = load_site("lab")
+    store = tmp_path / "store"
+    lock = _fake_lock(site, store)
+    import infra.bundle.build as bmod
+
+    orig = bmod.check
+    bmod.check = lambda lock_, site_: []  # type: ignore[assignment]
+    try:
+        man = build(site, lock, lock.to_json(), "airgap", tmp_path / "out", keys["site_secret"], BuildOptions(),
+                    serial=7)
+    finally:
+        bmod.check = orig
+    assert verify_bundle(tmp_path / "out", keys["site_public"])[1] == []
+    assert man.serial == 7 and man.mirrors == ("lab-mirror",) and man.site == "lab" and man.segment == "airgap"
+    assert man.lock_sha256 == hashlib.sha256(lock.to_json().encode()).hexdigest()
+
+
+def test_serial_record_only_grows(tmp_path: Path) -> None:
+    """The builder's serial record starts at 0, is never lowered, and a corrupted one is an error."""
+    from infra.bundle.build import last_serial, save_serial, serial_path
+
+    record = serial_path(tmp_path / "Pulumi.lab.lock.json")
+    assert record.name == "Pulumi.lab.bundle-serial" and last_serial(record) == 0
+    save_serial(record, 5)
+    save_serial(record, 3)
+    assert last_serial(record) == 5
+    record.write_text("five\n")
+    with pytest.raises(BuildError, match="expected one positive integer"):
+        last_serial(record)
