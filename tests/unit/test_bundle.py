@@ -906,3 +906,96 @@ def test_serial_record_only_grows(tmp_path: Path) -> None:
     record.write_text("five\n")
     with pytest.raises(BuildError, match="expected one positive integer"):
         last_serial(record)
+
+
+# ------------------------------------------------------------- property tests: the manifest parser is total
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from infra.bundle.hashing import Digest  # noqa: E402
+from infra.bundle.manifest import Manifest, ManifestError, check_rel  # noqa: E402
+
+_BASE = Manifest(
+    "lab", "airgap", "a" * 64,
+    {"apt/a_1.0_amd64.deb": Digest(5, "b" * 64),
+     "files/models/tiny/r1/model.gguf": Digest(10, "c" * 64, ("d" * 64, "e" * 64), 8),
+     "images/lab/hello/index.json": Digest(2, "f" * 64)},
+    [Artifact("deb", "a", "1.0", "apt/a_1.0_amd64.deb", 5, "b" * 64, "http://198.18.1.250/a.deb", ("airgap",), True),
+     Artifact("image", "lab/hello", "sha256:" + "f" * 64, "images/lab/hello", 1, "f" * 64, "oci", ("airgap",), True)],
+    3, ("lab-mirror",))
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70) | st.floats(allow_nan=False)
+    | st.text(max_size=70) | st.sampled_from(["a" * 64, "A" * 64, "a" * 63, "../x", "apt/x.deb", "/etc/x", "lab"]),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
+    max_leaves=12)
+
+
+def _paths(node: object, prefix: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+    out = [prefix]
+    if isinstance(node, dict):
+        for k, v in node.items():
+            out += _paths(v, (*prefix, k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            out += _paths(v, (*prefix, i))
+    return out
+
+
+@st.composite
+def mutated_manifests(draw: st.DrawFn) -> str:
+    """A valid manifest with 1–4 random edits: a value replaced, a key deleted or added, a list grown."""
+    data = json.loads(_BASE.to_json())
+    for _ in range(draw(st.integers(1, 4))):
+        path = draw(st.sampled_from(_paths(data)))
+        op = draw(st.sampled_from(["replace", "delete", "add"]))
+        if not path:
+            data = draw(_JSON) if op == "replace" else data
+            continue
+        parent: object = data
+        for step in path[:-1]:
+            parent = parent[step]  # type: ignore[index]
+        last = path[-1]
+        if op == "replace":
+            parent[last] = draw(_JSON)  # type: ignore[index]
+        elif op == "delete" and isinstance(parent, dict):
+            del parent[last]
+        elif isinstance(parent, dict):
+            parent[draw(st.text(max_size=8))] = draw(_JSON)
+        elif isinstance(parent, list):
+            parent.append(draw(_JSON))
+    return json.dumps(data)
+
+
+def _parse_ends_cleanly(text: str | bytes) -> Manifest | None:
+    try:
+        man = Manifest.from_json(text)
+    except ManifestError as exc:
+        assert str(exc) and "\n" not in str(exc)
+        return None
+    # Whatever parses is a manifest gpufleet can trust the shape of, and writes back unchanged.
+    assert all(check_rel(p) is None for p in man.files) and all(check_rel(a.path) is None for a in man.artifacts)
+    assert Manifest.from_json(man.to_json()) == man
+    return man
+
+
+@settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(mutated_manifests())
+def test_property_mutated_manifests_parse_or_fail_cleanly(text: str) -> None:
+    """Thousands of mutated manifests end in a Manifest or a one-line ManifestError — never another exception."""
+    _parse_ends_cleanly(text)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.one_of(st.binary(max_size=300), st.text(max_size=300), _JSON.map(json.dumps),
+                 st.tuples(st.integers(0, 2000), st.binary(max_size=3)).map(
+                     lambda cut: _BASE.to_json().encode()[: cut[0]] + cut[1])))
+def test_property_arbitrary_bytes_parse_or_fail_cleanly(text: str | bytes) -> None:
+    """Random bytes, text, JSON values and truncated manifests never raise anything but ManifestError."""
+    _parse_ends_cleanly(text)
+
+
+def test_base_manifest_of_the_property_tests_is_valid() -> None:
+    """The mutation seed parses (so the property tests start from an accepted manifest)."""
+    assert _parse_ends_cleanly(_BASE.to_json()) == _BASE
+    assert _parse_ends_cleanly("[" * 100_000) is None  # deep nesting: RecursionError becomes ManifestError
