@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,12 +65,12 @@ def register(sub: Any) -> None:
     p.add_argument("--keep", type=int, default=14, help="newest backups kept (default %(default)s)")
     p.add_argument("--pulumi", default="pulumi", help="Pulumi CLI binary")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_state_backup)
+    p.set_defaults(func=_state_guarded(cmd_state_backup))
     p = ssub.add_parser("list", help="backups of a stack, newest last (unknown age at the end)")
     p.add_argument("--stack", required=True)
     p.add_argument("--dir", type=Path, default=DEFAULT_BACKUP_DIR)
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_state_list)
+    p.set_defaults(func=_state_guarded(cmd_state_list))
     p = ssub.add_parser("restore", help="check a backup, save the current state, then `pulumi stack import` it")
     p.add_argument("--stack", required=True)
     p.add_argument("--file", type=Path, required=True)
@@ -77,7 +79,7 @@ def register(sub: Any) -> None:
     p.add_argument("--pulumi", default="pulumi")
     p.add_argument("--yes", action="store_true")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_state_restore)
+    p.set_defaults(func=_state_guarded(cmd_state_restore))
 
 
 def _ref(args: argparse.Namespace) -> StackRef:
@@ -225,6 +227,21 @@ def _state_fail(args: argparse.Namespace, exc: Exception) -> int:
     else:
         sys.stderr.write(f"error: {message}\n")
     return code
+
+
+def _state_guarded(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """The `state` commands' boundary: every error is an exit code and one line, never a traceback."""
+
+    @functools.wraps(func)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return func(args)
+        except (state.StateError, OSError) as exc:
+            return _state_fail(args, exc)
+        except Exception as exc:  # the command boundary: never a traceback
+            return _state_fail(args, RuntimeError(f"unexpected {type(exc).__name__}: {exc} (please report this)"))
+
+    return run
 
 
 def _project_name() -> str:

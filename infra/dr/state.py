@@ -411,14 +411,18 @@ def restore(stack: str, file: Path, *, pulumi: str = "pulumi", cwd: Path | None 
         except StateError as exc:
             raise StateError(f"could not save the current state first, so nothing was imported: {exc}",
                              missing=exc.missing) from None
-    p = subprocess.run(
-        [exe, "stack", "import", "--stack", stack, "--file", str(plan.file)],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+    try:
+        p = subprocess.run(
+            [exe, "stack", "import", "--stack", stack, "--file", str(plan.file)],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise StateError(f"`pulumi stack import` did not finish in {timeout:.0f} s (backend unreachable?); the "
+                         f"state before it is in {saved.path if saved else 'no backup'}") from None
     if p.returncode != 0:
         raise StateError(f"`pulumi stack import` failed (exit {p.returncode}): {p.stderr.strip()[-400:]}")
     return saved
