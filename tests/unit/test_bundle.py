@@ -999,3 +999,16 @@ def test_base_manifest_of_the_property_tests_is_valid() -> None:
     """The mutation seed parses (so the property tests start from an accepted manifest)."""
     assert _parse_ends_cleanly(_BASE.to_json()) == _BASE
     assert _parse_ends_cleanly("[" * 100_000) is None  # deep nesting: RecursionError becomes ManifestError
+
+
+def test_import_refusal_is_one_json_object_under_json(tmp_path: Path, keys: dict[str, Path],
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """A bundle for another site: exit 1 and one JSON object naming it; refused before the mirror is contacted."""
+    b = make_bundle(tmp_path / "b", keys["site_secret"], site="other-site")
+    code = main(["bundle", "import", str(b), "--stack", "lab", "--mirror", "lab-mirror", "--keyring",
+                 str(keys["site_public"]), "--mirror-key", str(keys["other_secret"]), "--json"])
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert code == 1 and out["ok"] is False and out["exit"] == 1
+    assert "bundle is for site 'other-site'; this stack is site 'lab'" in out["error"]
+    assert "Traceback" not in captured.err
