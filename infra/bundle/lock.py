@@ -107,7 +107,7 @@ class Lock:
         declared_ = []
         for i, d in enumerate(data["declared"]):
             ok = (isinstance(d, dict) and isinstance(d.get("kind"), str) and isinstance(d.get("name"), str)
-                  and isinstance(d.get("version"), str | None)
+                  and "version" in d and isinstance(d["version"], str | None)
                   and all(isinstance(d.get(k), list) and all(isinstance(x, str) for x in d[k])
                           for k in ("sources", "segments")))
             if not ok:

@@ -852,8 +852,10 @@ def test_malformed_manifest_is_bad_input_without_traceback(tmp_path: Path, keys:
 def test_lock_check_on_a_corrupted_lock_is_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`lock --check` with a corrupted lock file exits 2 with one line, never a traceback."""
     path = _lab_copy(tmp_path)
-    for bad in ('{"format": 1, "site": "lab", "declared": [], "artifacts": [{"kind": 3}]}', "{not json", "[1]"):
-        lock_path_for(path).write_text(bad)
+    for bad in ('{"format": 1, "site": "lab", "declared": [], "artifacts": [{"kind": 3}]}', "{not json", "[1]",
+                '{"format": 1, "site": "lab", "artifacts": [], "declared": [{"kind": "deb", "name": "x", '
+                '"sources": [], "segments": []}]}', '{"format": true, "site": "lab"}', "\udcff"):
+        lock_path_for(path).write_bytes(bad.encode("utf-8", "surrogateescape"))  # the last one: not UTF-8
         assert main(["lock", "--check", "--stack-file", str(path)]) == 2
         err = capsys.readouterr().err
         assert "not a readable lock file" in err and err.count("\n") == 1
