@@ -101,8 +101,9 @@ def build(site: Site, lock: Lock, lock_text: str, segment: str | None, out: Path
     """
     mirrors = mirrors_for(site, segment)
     if not mirrors:
-        raise BuildError(f"segment {segment!r} has no mirror, so no bundle can be imported for it; "
-                         "give a segment whose `mirror` is set (or none for every mirror)")
+        raise BuildError(f"segment {segment!r} has no mirror, so no bundle can be imported for it; give a segment "
+                         "whose `mirror` is set (or none for every mirror)" if segment else
+                         f"site {site.name!r} has no mirrors: a bundle is only ever imported into a mirror")
     drift = check(lock, site)
     if drift:
         raise BuildError("the lock does not match the stack; run `gpufleet lock` first", drift)
