@@ -18,7 +18,7 @@ from typing import Any
 from infra.bundle import oci
 from infra.bundle.apt import AptError, AptRoot
 from infra.bundle.lock import Artifact, Lock, check, upstream_sources
-from infra.bundle.manifest import MANIFEST, SIGNATURE, Manifest, write_manifest
+from infra.bundle.manifest import MANIFEST, SIGNATURE, Manifest, check_rel, write_manifest
 from infra.bundle.store import FetchError, Store, fetch_url, file_digest
 from infra.model.site import AptSource, Site
 
@@ -49,9 +49,61 @@ def image_tag(digest: str) -> str:
     return digest.replace(":", "-")
 
 
+def serial_path(lock_file: Path) -> Path:
+    """The builder's record of the last serial it issued: `Pulumi.<stack>.bundle-serial` next to the lock."""
+    return lock_file.with_name(lock_file.name.removesuffix(".lock.json") + ".bundle-serial")
+
+
+def last_serial(record: Path) -> int:
+    """The serial in the builder's record (0 when there is none yet).
+
+    Raises:
+        BuildError: the record exists but does not hold one positive integer.
+
+    """
+    try:
+        text = record.read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        return 0
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BuildError(f"{record}: cannot read the serial record ({exc}); pass --serial N") from None
+    if not text.isdigit() or len(text) > 18:
+        raise BuildError(f"{record}: expected one positive integer (the last bundle serial), found {text[:40]!r}; "
+                         "fix it or pass --serial N")
+    return int(text)
+
+
+def save_serial(record: Path, serial: int) -> None:
+    """Remember `serial` as the last one issued (never lowers the record)."""
+    if serial > last_serial(record):
+        tmp = record.with_name(record.name + ".tmp")
+        tmp.write_text(f"{serial}\n", encoding="ascii")
+        tmp.replace(record)
+
+
+def mirrors_for(site: Site, segment: str | None) -> list[str]:
+    """Mirrors a bundle for `segment` (or every segment) may be imported into."""
+    if segment is None:
+        return sorted(m.name for m in site.mirrors)
+    seg = next((s for s in site.segments if s.name == segment), None)
+    if seg is None:
+        raise BuildError(f"segment {segment!r} is not in site {site.name!r}; known: "
+                         + ", ".join(s.name for s in site.segments))
+    return [seg.mirror] if seg.mirror else []
+
+
 def build(site: Site, lock: Lock, lock_text: str, segment: str | None, out: Path, signing_key: Path,
-          opts: BuildOptions) -> Manifest:
-    """Fetch every locked artifact for `segment` into `out`, then write and sign the manifest."""
+          opts: BuildOptions, serial: int = 1) -> Manifest:
+    """Fetch every locked artifact for `segment` into `out`, then write and sign the manifest.
+
+    The manifest binds the bundle to the site, the segment, the mirrors that serve it, the lock's
+    sha256 and `serial` (a mirror refuses a serial not newer than its last import).
+    """
+    mirrors = mirrors_for(site, segment)
+    if not mirrors:
+        raise BuildError(f"segment {segment!r} has no mirror, so no bundle can be imported for it; give a segment "
+                         "whose `mirror` is set (or none for every mirror)" if segment else
+                         f"site {site.name!r} has no mirrors: a bundle is only ever imported into a mirror")
     drift = check(lock, site)
     if drift:
         raise BuildError("the lock does not match the stack; run `gpufleet lock` first", drift)
@@ -61,6 +113,9 @@ def build(site: Site, lock: Lock, lock_text: str, segment: str | None, out: Path
         raise BuildError("the lock has artifacts without size/sha256 (their source was unreachable when "
                          "locking); re-run `gpufleet lock` with them reachable",
                          [f"{a.kind} {a.name} {a.version or ''} from {a.source}" for a in unresolved])
+    unsafe = [f"{a.kind} {a.name}: path {a.path!r}: {why}" for a in arts if (why := check_rel(a.path))]
+    if unsafe:
+        raise BuildError("the lock names paths a bundle cannot hold (edited by hand?)", unsafe)
     if out.exists() and any(out.iterdir()):
         raise BuildError(f"{out} is not empty; give a new directory (a bundle holds exactly its manifest)")
     out.mkdir(parents=True, exist_ok=True)
@@ -75,7 +130,7 @@ def build(site: Site, lock: Lock, lock_text: str, segment: str | None, out: Path
         raise BuildError(f"bundle for {site.name}{'/' + segment if segment else ''} is incomplete; "
                          f"{len(missing)} locked artifact(s) missing (no manifest written)", missing)
     lock_sha = hashlib.sha256(lock_text.encode()).hexdigest()
-    return write_manifest(out, site.name, segment, lock_sha, arts, signing_key)
+    return write_manifest(out, site.name, segment, lock_sha, arts, signing_key, serial=serial, mirrors=mirrors)
 
 
 def _fetch_debs(site: Site, debs: list[Artifact], segment: str | None, out: Path, opts: BuildOptions) -> list[str]:
@@ -127,6 +182,8 @@ def _fetch_debs(site: Site, debs: list[Artifact], segment: str | None, out: Path
 
 def _fetch_file(a: Artifact, out: Path, opts: BuildOptions) -> list[str]:
     dest = out / a.path
+    # Stores create the folder themselves; the lock's own source (a local file or URL) needs it too.
+    dest.parent.mkdir(parents=True, exist_ok=True)
     tried = []
     for store in opts.artifacts:
         tried.append(store.where(a.path))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,11 +30,25 @@ class Digest:
     piece_size: int = PIECE
 
 
+def open_regular(path: Path) -> int:
+    """A read-only descriptor of a regular file; never follows a symlink, never blocks on a FIFO.
+
+    Raises:
+        OSError: the path is a symlink, FIFO, socket or device, or cannot be opened.
+
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(f"{path}: not a regular file")
+    return fd
+
+
 def _hash_range(path: Path, start: int, length: int) -> str:
     h = hashlib.sha256()
     buf = bytearray(min(CHUNK, max(length, 1)))
     view = memoryview(buf)
-    with path.open("rb", buffering=0) as f:
+    with os.fdopen(open_regular(path), "rb", buffering=0) as f:
         f.seek(start)
         left = length
         while left > 0:
@@ -73,7 +88,10 @@ def check_files(expected: Iterable[tuple[Path, Digest]], *, threads: int | None 
     bad: list[Path] = []
     for path, d in expected:
         try:
-            size = path.stat().st_size
+            st = path.lstat()
+            size = st.st_size
+            if not stat.S_ISREG(st.st_mode):
+                raise OSError(f"{path}: not a regular file")
         except OSError:
             bad.append(path)
             continue
@@ -89,7 +107,13 @@ def check_files(expected: Iterable[tuple[Path, Digest]], *, threads: int | None 
             jobs.append((path, 0, size, d.sha256))
     # Largest first: the pool ends together instead of waiting on one big file started last.
     jobs.sort(key=lambda j: -j[2])
+    def one(j: tuple[Path, int, int, str]) -> tuple[Path, bool]:
+        try:
+            return j[0], _hash_range(j[0], j[1], j[2]) == j[3]
+        except OSError:
+            return j[0], False  # replaced by a non-regular file (or vanished) since it was listed
+
     with ThreadPoolExecutor(threads or workers()) as pool:
-        results = list(pool.map(lambda j: (j[0], _hash_range(j[0], j[1], j[2]) == j[3]), jobs))
+        results = list(pool.map(one, jobs))
     bad.extend(p for p, ok in results if not ok)
     return sorted(set(bad))

@@ -92,17 +92,55 @@ class Lock:
 
     @classmethod
     def from_json(cls, text: str) -> Lock:
-        """Parse lock text (ValueError for another format)."""
-        data = json.loads(text)
-        if data.get("format") != FORMAT:
-            raise ValueError(f"lock format {data.get('format')!r} is not {FORMAT}; re-run `gpufleet lock`")
-        arts = [Artifact(**{**a, "segments": tuple(a.get("segments", ()))}) for a in data["artifacts"]]
-        return cls(data["site"], data["declared"], arts, data.get("baseline", "empty"))
+        """Parse lock text; `LockError` (a ValueError) naming the first problem for anything malformed."""
+        try:
+            data = json.loads(text)
+        except (ValueError, RecursionError) as exc:
+            raise LockError(f"not JSON ({type(exc).__name__}: {str(exc)[:120]})") from None
+        if not isinstance(data, dict):
+            raise LockError("expected a JSON object")
+        if data.get("format") != FORMAT or isinstance(data.get("format"), bool):
+            raise LockError(f"lock format {str(data.get('format'))[:20]!r} is not {FORMAT}; re-run `gpufleet lock`")
+        for key, typ in (("site", str), ("declared", list), ("artifacts", list), ("baseline", str)):
+            if (key in data or key != "baseline") and not isinstance(data.get(key), typ):
+                raise LockError(f"{key}: missing or not a {typ.__name__}")
+        declared_ = []
+        for i, d in enumerate(data["declared"]):
+            ok = (isinstance(d, dict) and isinstance(d.get("kind"), str) and isinstance(d.get("name"), str)
+                  and "version" in d and isinstance(d["version"], str | None)
+                  and all(isinstance(d.get(k), list) and all(isinstance(x, str) for x in d[k])
+                          for k in ("sources", "segments")))
+            if not ok:
+                raise LockError(f"declared[{i}]: expected {{kind, name, version, sources, segments}}")
+            declared_.append(d)
+        arts = [_artifact(a, f"artifacts[{i}]") for i, a in enumerate(data["artifacts"])]
+        return cls(data["site"], declared_, arts, data.get("baseline", "empty"))
 
     def for_segment(self, segment: str | None) -> list[Artifact]:
         """Artifacts one segment needs from a bundle (all segments when None); baseline ones are not fetched."""
         return [a for a in self.artifacts
                 if (segment is None or segment in a.segments) and a.source != BASELINE]
+
+
+class LockError(ValueError):
+    """A lock file that cannot be read; the message names the first problem."""
+
+
+_ARTIFACT_TYPES: dict[str, tuple[type, ...]] = {
+    "kind": (str,), "name": (str,), "version": (str, type(None)), "path": (str,), "size": (int, type(None)),
+    "sha256": (str, type(None)), "source": (str,), "segments": (list,), "declared": (bool,)}
+
+
+def _artifact(a: object, where: str) -> Artifact:
+    if not isinstance(a, dict) or set(a) != set(_ARTIFACT_TYPES):
+        raise LockError(f"{where}: expected an object with exactly {', '.join(_ARTIFACT_TYPES)}")
+    for k, types in _ARTIFACT_TYPES.items():
+        v = a[k]
+        if not isinstance(v, types) or (isinstance(v, bool) and bool not in types):
+            raise LockError(f"{where}.{k}: wrong type ({type(v).__name__})")
+    if not all(isinstance(s, str) for s in a["segments"]):
+        raise LockError(f"{where}.segments: expected a list of names")
+    return Artifact(**{**a, "segments": tuple(a["segments"])})
 
 
 def _decl_sort(d: dict[str, Any]) -> tuple[str, str, str]:

@@ -6,31 +6,35 @@ a command string); files travel as one tar stream; images go controller → regi
 
 from __future__ import annotations
 
-import gzip
+import contextlib
 import hashlib
 import io
 import json
+import os
 import subprocess
 import tarfile
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 from infra import ssh
 from infra.bundle.build import image_tag
-from infra.bundle.publish import index_covers, merge_packages, release_text
+from infra.bundle.hashing import open_regular
+from infra.bundle.publish import ImportRecord, MirrorState
 from infra.model.site import Mirror, Site
 from infra.ssh import SshSettings
 
 MIRROR_ROOT = "/srv/gpufleet"  # the `mirror` role's `mirror_root` default; the lab bind-mounts the same path
 SSH_TIMEOUT_S = 900
 
-# Hashes are cached on the mirror by (size, mtime_ns): a no-op import of a large mirror must not
-# re-read every model file. A file rewritten in place changes its mtime, so the cache cannot go stale.
-_LIST = r'''
-import hashlib, json, os, sys
+# What the mirror serves, in one read-only call: hashes of apt/*.deb and files/** (through the
+# `apt`/`files` symlinks of the tree layout, or the folders of a legacy mirror), the apt index state,
+# the import record of the served tree and which tree that is.
+# Hashes are cached on the mirror by (size, mtime_ns, inode): a no-op import of a large mirror must not
+# re-read every model file. Staged files are new inodes written now, so the cache cannot go stale.
+_STATE = r'''
+import hashlib, json, os, stat, sys
 root = sys.argv[1]
 cache_path = os.path.join(root, ".gpufleet-hashes.json")
 try:
@@ -47,24 +51,188 @@ for area in ("apt", "files"):
             rel = os.path.relpath(p, root)
             if area == "apt" and not f.endswith(".deb"):
                 continue
-            st = os.stat(p)
-            hit = cache.get(rel)
-            if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
-                digest = hit[2]
+            st = os.lstat(p)
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            key = [st.st_size, st.st_mtime_ns, st.st_ino]
+            hit = cache.get(rel) if isinstance(cache, dict) else None
+            if isinstance(hit, list) and len(hit) == 4 and hit[:3] == key:
+                digest = hit[3]
             else:
                 h = hashlib.sha256()
                 with open(p, "rb") as fh:
                     for chunk in iter(lambda: fh.read(1 << 22), b""):
                         h.update(chunk)
                 digest = h.hexdigest()
-            new_cache[rel] = [st.st_size, st.st_mtime_ns, digest]
+            new_cache[rel] = key + [digest]
             out[rel] = [st.st_size, digest]
 if new_cache != cache and os.path.isdir(root):
     tmp = cache_path + ".tmp"
     with open(tmp, "w") as fh:
         json.dump(new_cache, fh)
     os.replace(tmp, cache_path)
-json.dump(out, sys.stdout)
+apt = os.path.join(root, "apt")
+def read(path):
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except OSError:
+        return None
+cur = os.path.join(root, ".gpufleet", "current")
+base = os.readlink(cur) if os.path.islink(cur) else ""
+debs = sorted(f for f in os.listdir(apt) if f.endswith(".deb")) if os.path.isdir(apt) else []
+json.dump({"files": out, "packages": read(os.path.join(apt, "Packages")) or "",
+           "release": (read(os.path.join(apt, "Release")) or "").split("\nMD5Sum:")[0],
+           "signed": bool(read(os.path.join(apt, "InRelease"))), "debs": debs,
+           "record": read(os.path.join(cur, "import.json")) if base else None, "base": base}, sys.stdout)
+'''
+
+# A new tree next to the served one: every served file hard-linked (no copy, same inode), then the
+# tar on stdin (new files, index, import record) written as new files and renamed over the links, so
+# no byte of the served tree is ever written. Prints the tree's name; removes it on any failure.
+_STAGE = r'''
+import os, shutil, stat, sys, tarfile, tempfile
+root = sys.argv[1]
+trees = os.path.join(root, ".gpufleet", "trees")
+os.makedirs(trees, mode=0o755, exist_ok=True)
+stage = tempfile.mkdtemp(prefix="stage-", dir=trees)
+os.chmod(stage, 0o755)
+ok = False
+try:
+    for area in ("apt", "files"):
+        src, dst = os.path.join(root, area), os.path.join(stage, area)
+        os.mkdir(dst, 0o755)
+        if not os.path.isdir(src):
+            continue
+        for d, dirs, fs in os.walk(src):
+            rel = os.path.relpath(d, src)
+            target = dst if rel == "." else os.path.join(dst, rel)
+            for x in dirs:
+                os.mkdir(os.path.join(target, x), 0o755)
+            for f in fs:
+                p = os.path.join(d, f)
+                if not stat.S_ISREG(os.lstat(p).st_mode):
+                    continue
+                try:
+                    os.link(p, os.path.join(target, f))
+                except OSError:
+                    shutil.copy2(p, os.path.join(target, f))
+    complete = False
+    with tarfile.open(fileobj=sys.stdin.buffer, mode="r|") as tar:
+        for m in tar:
+            if m.name == ".gpufleet-end":
+                complete = True
+                continue
+            parts = m.name.split("/")
+            if (not m.isreg() or m.name.startswith("/") or any(x in ("", ".", "..") for x in parts)
+                    or not (parts[0] in ("apt", "files") and len(parts) > 1 or m.name == "import.json")):
+                raise SystemExit("refusing tar member %r" % m.name)
+            dest = os.path.join(stage, m.name)
+            os.makedirs(os.path.dirname(dest), mode=0o755, exist_ok=True)
+            tmp = dest + ".gpufleet-part"
+            with tar.extractfile(m) as fin, open(tmp, "xb") as fout:
+                shutil.copyfileobj(fin, fout, 1 << 22)
+                fout.flush()
+                os.fsync(fout.fileno())  # on disk before the switch can serve it
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, dest)
+    if not complete:
+        raise SystemExit("the upload stream ended early; nothing staged")
+    print(os.path.basename(stage))
+    ok = True
+finally:
+    if not ok:
+        shutil.rmtree(stage, ignore_errors=True)
+'''
+
+# Serve a staged tree: `.gpufleet/current` is replaced by a symlink to it with one rename(2). A mirror
+# still in the old layout (apt/ and files/ real folders) is first moved to the tree layout without
+# changing a served byte: its folders are hard-linked into a tree, `current` points there, and each
+# folder is swapped for its symlink with renameat2(RENAME_EXCHANGE) (two renames where the kernel
+# lacks it). Then older trees are removed and the import record appended to imports.log.
+_SWITCH = r'''
+import ctypes, fcntl, json, os, re, shutil, stat, sys, tempfile
+root, stage, base = sys.argv[1:4]
+if not re.fullmatch(r"stage-[A-Za-z0-9_]+", stage):
+    raise SystemExit("bad stage name %r" % stage)
+g = os.path.join(root, ".gpufleet")
+trees = os.path.join(g, "trees")
+cur = os.path.join(g, "current")
+lock = open(os.path.join(g, "lock"), "a")
+fcntl.flock(lock, fcntl.LOCK_EX)
+now = os.readlink(cur) if os.path.islink(cur) else ""
+if now != base:
+    raise SystemExit("the served tree changed since this import read it (another import?); nothing switched")
+if not os.path.isdir(os.path.join(trees, stage)):
+    raise SystemExit("staged tree %s is gone; nothing switched" % stage)
+
+def point(link, target):
+    tmp = link + ".gpufleet-new"
+    if os.path.lexists(tmp):
+        os.unlink(tmp)
+    os.symlink(target, tmp)
+    os.replace(tmp, link)
+
+def exchange(a, b):
+    f = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if f is None:
+        return False
+    return f(-100, a.encode(), -100, b.encode(), 2) == 0  # AT_FDCWD, RENAME_EXCHANGE
+
+legacy = [a for a in ("apt", "files") if not os.path.islink(os.path.join(root, a))]
+if legacy:
+    zero = tempfile.mkdtemp(prefix="stage-migrate", dir=trees)
+    os.chmod(zero, 0o755)
+    for area in ("apt", "files"):
+        src, dst = os.path.join(root, area), os.path.join(zero, area)
+        if os.path.isdir(src) and not os.path.islink(src):
+            for d, dirs, fs in os.walk(src):
+                rel = os.path.relpath(d, src)
+                t = dst if rel == "." else os.path.join(dst, rel)
+                os.makedirs(t, 0o755, exist_ok=True)
+                for f in fs:
+                    p = os.path.join(d, f)
+                    if stat.S_ISREG(os.lstat(p).st_mode):
+                        os.link(p, os.path.join(t, f))
+        os.makedirs(dst, 0o755, exist_ok=True)
+    if not now:
+        point(cur, "trees/" + os.path.basename(zero))
+    for area in legacy:
+        path, link = os.path.join(root, area), os.path.join(root, "." + area + ".gpufleet-link")
+        if os.path.lexists(link):
+            os.unlink(link)
+        os.symlink(".gpufleet/current/" + area, link)
+        if not os.path.lexists(path):
+            os.replace(link, path)
+        elif exchange(link, path):
+            shutil.rmtree(link)
+        else:
+            old = os.path.join(root, "." + area + ".gpufleet-old")
+            os.rename(path, old)
+            os.replace(link, path)
+            shutil.rmtree(old)
+point(cur, "trees/" + stage)
+fd = os.open(g, os.O_RDONLY)
+os.fsync(fd)  # the switch itself survives a power cut
+os.close(fd)
+for t in os.listdir(trees):
+    if t != stage:
+        shutil.rmtree(os.path.join(trees, t), ignore_errors=True)
+try:
+    with open(os.path.join(trees, stage, "import.json")) as f:
+        rec = f.read().strip()
+    with open(os.path.join(g, "imports.log"), "a") as f:
+        f.write(rec + "\n")
+except OSError:
+    pass
+'''
+
+_DISCARD = r'''
+import os, re, shutil, sys
+root, stage = sys.argv[1:3]
+cur = os.path.join(root, ".gpufleet", "current")
+if re.fullmatch(r"stage-[A-Za-z0-9_]+", stage) and not (os.path.islink(cur) and os.readlink(cur) == "trees/" + stage):
+    shutil.rmtree(os.path.join(root, ".gpufleet", "trees", stage), ignore_errors=True)
 '''
 
 _HAS_IMAGE = r'''
@@ -81,20 +249,6 @@ except Exception:
     print("no")
 '''
 
-_APT_STATE = r'''
-import json, os, sys
-apt = os.path.join(sys.argv[1], "apt")
-def read(name):
-    try:
-        with open(os.path.join(apt, name), encoding="utf-8", errors="replace") as f:
-            return f.read()
-    except OSError:
-        return ""
-debs = sorted(f for f in os.listdir(apt) if f.endswith(".deb")) if os.path.isdir(apt) else []
-json.dump({"packages": read("Packages"), "release": read("Release").split("\nMD5Sum:")[0],
-           "signed": bool(read("InRelease")), "debs": debs}, sys.stdout)
-'''
-
 _CATALOG = r'''
 import json, sys, urllib.request
 port = sys.argv[1]
@@ -108,20 +262,6 @@ try:
     json.dump({"ok": True, "repos": out}, sys.stdout)
 except Exception as exc:
     json.dump({"ok": False, "error": str(exc), "repos": out}, sys.stdout)
-'''
-
-
-# Receive a tar on stdin into a staging dir next to the served tree, then rename file by file
-# (same file system: each file appears whole). On any failure the staging dir is removed.
-_RECEIVE = r'''set -eu
-root="$1"
-mkdir -p "$root/.incoming"
-stage=$(mktemp -d "$root/.incoming/import.XXXXXX")
-trap 'rm -rf "$stage"' EXIT
-tar -C "$stage" --no-same-owner -xf -
-cd "$stage"
-find . -type f -exec sh -c 'for f; do mkdir -p "$0/${f%/*}"; chmod 0644 "$f"; mv -f "$f" "$0/$f"; done' "$root" {} +
-chmod -R a+rX "$root/apt" "$root/files" 2>/dev/null || true
 '''
 
 
@@ -188,69 +328,86 @@ class SshMirror:
 
     # ---------------------------------------------------------------- Publisher
 
+    def state(self) -> MirrorState:
+        """What the mirror serves now, read in one SSH call (writes only the hash cache)."""
+        try:
+            data = json.loads(self.run(_STATE, self.root, python=True) or b"{}")
+        except ValueError:
+            raise RemoteError(f"{self.mirror.name}: unreadable answer to the state query") from None
+        st = MirrorState(files={k: (int(v[0]), str(v[1])) for k, v in data.get("files", {}).items()},
+                         packages=str(data.get("packages") or "").encode(),
+                         release_fields=dict(line.split(": ", 1) for line in str(data.get("release") or "").splitlines()
+                                             if ": " in line),
+                         signed=bool(data.get("signed")), debs=set(data.get("debs") or []),
+                         base=str(data.get("base") or ""))
+        if data.get("record") is not None:
+            try:
+                st.record = ImportRecord.parse(str(data["record"]))
+            except (ValueError, TypeError) as exc:
+                st.record_problem = str(exc)[:200]
+        return st
+
     def list_files(self) -> dict[str, tuple[int, str]]:
         """What the mirror's apt/ and files/ hold."""
-        data = json.loads(self.run(_LIST, self.root, python=True) or b"{}")
-        return {k: (int(v[0]), str(v[1])) for k, v in data.items()}
+        return self.state().files
 
-    def put_files(self, root: Path, rels: list[str], expected: dict[str, str]) -> None:
-        """Stream the files as one tar into a staging dir on the mirror, then rename each into place.
+    def stage(self, root: Path, rels: list[str], expected: dict[str, str], generated: dict[str, bytes],
+              base: str) -> str:
+        """Stream the files as one tar into a new tree next to the served one; returns the tree's name.
 
         Each file is hashed again while it streams and must still match the verified manifest (a
-        bundle changed between verify and upload aborts the stream); the mirror only moves files into
-        the served tree after the whole stream arrived, so an abort leaves nothing half-published.
+        bundle changed between verify and upload aborts the stream, and the mirror removes the tree).
         """
         with tempfile.TemporaryFile() as err:
-            proc = subprocess.Popen([*self._ssh(), "sh -c " + ssh.shell_command(_RECEIVE, "sh", self.root)],
-                                    stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err)
-            assert proc.stdin is not None
+            proc = subprocess.Popen([*self._ssh(), ssh.shell_command("python3", "-c", _STAGE, self.root)],
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err)
+            assert proc.stdin is not None and proc.stdout is not None
             try:
                 with tarfile.open(fileobj=proc.stdin, mode="w|") as tar:
                     for rel in rels:
-                        info = tar.gettarinfo(str(root / rel), arcname=rel)
-                        info.uid = info.gid = 0
-                        info.uname = info.gname = "root"
-                        info.mode = 0o644
-                        with (root / rel).open("rb") as f:
+                        with os.fdopen(open_regular(root / rel), "rb") as f:
+                            info = tar.gettarinfo(arcname=rel, fileobj=f)
+                            info.uid = info.gid = 0
+                            info.uname = info.gname = "root"
+                            info.mode = 0o644
                             reader = _HashingReader(f)
                             tar.addfile(info, reader)
                         if reader.hexdigest() != expected[rel]:
                             raise RemoteError(f"{rel}: changed since it was verified; upload aborted, "
                                               "nothing published")
+                    # The end marker: a stream cut at a member boundary must not look complete.
+                    for name, data in [*sorted(generated.items()), (".gpufleet-end", b"")]:
+                        info = tarfile.TarInfo(name)
+                        info.size, info.mode = len(data), 0o644
+                        tar.addfile(info, io.BytesIO(data))
+                proc.stdin.close()
             except BaseException:
-                proc.kill()
-                proc.wait()
+                # End the stream without the marker: the mirror removes its half-made tree itself.
+                with contextlib.suppress(OSError):
+                    proc.stdin.close()
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
                 raise
-            proc.stdin.close()
+            out = proc.stdout.read()
             rc = proc.wait(timeout=SSH_TIMEOUT_S)
             if rc != 0:
                 err.seek(0)
-                raise RemoteError(f"{self.mirror.name}: upload failed (exit {rc}): "
+                raise RemoteError(f"{self.mirror.name}: staging failed (exit {rc}): "
                                   f"{err.read().decode(errors='replace').strip()[-800:]}")
+        lines = out.decode(errors="replace").strip().splitlines()
+        return lines[-1] if lines else ""
 
-    def reindex_apt(self, debs: dict[str, str], scan: Callable[[], bytes],
-                    sign: Callable[[bytes], tuple[bytes, bytes]]) -> bool:
-        """Merge the bundle's stanzas with the mirror's index; re-sign only when the index changed."""
-        state = json.loads(self.run(_APT_STATE, self.root, python=True))
-        current = state["packages"].encode()
-        if state["signed"] and index_covers(current, set(state["debs"]), debs):
-            return False  # nothing to add or drop: skip the scan (minutes on a large bundle)
-        packages = merge_packages(current, set(state["debs"]), scan())
-        if packages == current and state["signed"]:
-            return False
-        gz = gzip.compress(packages, mtime=0)
-        fields = dict(line.split(": ", 1) for line in state["release"].splitlines() if ": " in line)
-        release = release_text({"Packages": packages, "Packages.gz": gz}, fields)
-        inrelease, detached = sign(release)
-        buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w") as tar:
-            for name, data in (("Packages", packages), ("Packages.gz", gz), ("Release", release),
-                               ("InRelease", inrelease), ("Release.gpg", detached)):
-                info = tarfile.TarInfo(f"apt/{name}")
-                info.size, info.mode = len(data), 0o644
-                tar.addfile(info, io.BytesIO(data))
-        self.run('tar -C "$1" --no-same-owner -xf -', self.root, stdin=buf.getvalue())
-        return True
+    def switch(self, stage: str, base: str) -> None:
+        """Serve the staged tree (one rename on the mirror)."""
+        self.run(_SWITCH, self.root, stage, base, python=True)
+
+    def discard(self, stage: str) -> None:
+        """Remove a staged tree (best effort: a leftover is removed by the next switch)."""
+        with contextlib.suppress(RemoteError):
+            self.run(_DISCARD, self.root, stage, python=True)
 
     def has_image(self, repo: str, digest: str) -> bool:
         """The registry (asked on the mirror itself) serves `repo@digest`."""

@@ -3,27 +3,34 @@
 from __future__ import annotations
 
 import argparse
+import functools
+import hashlib
 import os
+import re
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
 
 from infra.bundle.apt import AptError
-from infra.bundle.build import BuildError, BuildOptions, build
-from infra.bundle.lock import Lock, ResolveOptions, check, lock_path, lock_path_for, resolve, unresolved
-from infra.bundle.manifest import verify_bundle
-from infra.bundle.publish import MIRROR_KEY_ENV, ImportRefused, import_bundle, release_signer
+from infra.bundle.build import BuildError, BuildOptions, build, last_serial, save_serial, serial_path
+from infra.bundle.lock import Lock, LockError, ResolveOptions, check, lock_path, lock_path_for, resolve, unresolved
+from infra.bundle.manifest import MAX_SERIAL, ManifestError, read_regular, verify_bundle
+from infra.bundle.publish import MIRROR_KEY_ENV, ImportRefused, Target, import_bundle, release_signer
 from infra.bundle.remote import MIRROR_ROOT, RemoteError, SshMirror
 from infra.bundle.signing import KEYRING_ENV, SIGNING_KEY_ENV, SigningError, generate_key
 from infra.bundle.status import mirror_status
 from infra.bundle.store import FetchError, Store
 from infra.commands.site import add_stack_args, site_from_args
 from infra.console import Exit, emit, table
+from infra.model.load import SiteError
 from infra.model.site import AptSource
+from infra.plan.node import UnknownNodeError
 
 
 def register(sub: Any) -> None:
@@ -39,7 +46,7 @@ def register(sub: Any) -> None:
     p.add_argument("--dpkg-status", type=Path, help="installed baseline of the nodes' OS (default: nothing)")
     _sources_arg(p)
     p.add_argument("--out", type=Path, help="lock file to write (default: next to the stack file)")
-    p.set_defaults(func=cmd_lock)
+    p.set_defaults(func=guarded(cmd_lock))
 
     b = sub.add_parser("bundle", help="air-gap bundle: build (connected side), verify, import (isolated side)")
     bsub = b.add_subparsers(dest="bundle_command", required=True, metavar="STEP")
@@ -52,19 +59,22 @@ def register(sub: Any) -> None:
     _sources_arg(p)
     p.add_argument("--signing-key", type=Path, default=_env_path(SIGNING_KEY_ENV),
                    help=f"armored OpenPGP secret key file that signs the manifest (env {SIGNING_KEY_ENV})")
-    p.set_defaults(func=cmd_build)
+    p.add_argument("--serial", type=int,
+                   help="the bundle's serial (default: the last one in Pulumi.<stack>.bundle-serial next to "
+                        "the lock, plus 1); a mirror refuses a serial not newer than its last import")
+    p.set_defaults(func=guarded(cmd_build))
 
     p = bsub.add_parser("keygen", help="make a bundle signing key pair (DIR/bundle.sec.asc, DIR/bundle.pub.asc)")
     p.add_argument("--out", type=Path, required=True, help="directory for the key files (created, mode 0700)")
     p.add_argument("--uid", default="gpufleet bundle signing key", help="user id of the key")
-    p.set_defaults(func=cmd_keygen)
+    p.set_defaults(func=guarded(cmd_keygen))
 
     p = bsub.add_parser("verify", help="check signature, manifest, every hash, no missing and no extra file")
     p.add_argument("dir", type=Path)
     p.add_argument("--keyring", type=Path, default=_env_path(KEYRING_ENV),
                    help=f"public key(s) trusted to sign bundles (env {KEYRING_ENV})")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_verify)
+    p.set_defaults(func=guarded(cmd_verify))
 
     p = bsub.add_parser("import", help="verify, then publish into a mirror host over SSH (idempotent)")
     p.add_argument("dir", type=Path)
@@ -74,7 +84,10 @@ def register(sub: Any) -> None:
     p.add_argument("--mirror-key", type=Path, default=_env_path(MIRROR_KEY_ENV),
                    help=f"armored secret key that signs the mirror's apt Release (env {MIRROR_KEY_ENV})")
     p.add_argument("--mirror-root", default=MIRROR_ROOT, help=f"served tree on the mirror (default {MIRROR_ROOT})")
-    p.set_defaults(func=cmd_import)
+    p.add_argument("--allow-downgrade", action="store_true",
+                   help="import a bundle whose serial is not newer than the mirror's (needs --reason; logged)")
+    p.add_argument("--reason", help="why the downgrade is deliberate (recorded on the mirror and printed)")
+    p.set_defaults(func=guarded(cmd_import))
 
     m = sub.add_parser("mirror", help="what a segment mirror serves")
     msub = m.add_subparsers(dest="mirror_command", required=True, metavar="STEP")
@@ -82,7 +95,7 @@ def register(sub: Any) -> None:
     add_stack_args(p)
     p.add_argument("--mirror", required=True)
     p.add_argument("--mirror-root", default=MIRROR_ROOT)
-    p.set_defaults(func=cmd_mirror_status)
+    p.set_defaults(func=guarded(cmd_mirror_status))
 
 
 def _sources_arg(p: argparse.ArgumentParser) -> None:
@@ -112,11 +125,54 @@ def _stack_lock_path(args: argparse.Namespace) -> Path:
     return lock_path_for(args.stack_file) if args.stack_file else lock_path(args.stack)
 
 
+class InputError(Exception):
+    """Bad input to a bundle/lock/mirror command (exit 2)."""
+
+
+def _fail(args: argparse.Namespace, code: int, message: str) -> int:
+    """One line on stderr (or a JSON object under --json) and the exit code."""
+    # A refused bundle lists each problem on its own line; everything else is one line.
+    line = message if message.startswith("bundle rejected") else " ".join(message.split())
+    if getattr(args, "json", False):
+        emit(True, {"ok": False, "error": message, "exit": int(code)}, str)
+    else:
+        sys.stderr.write(f"error: {line}\n")
+    return code
+
+
+def guarded(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Map every error of a bundle/lock/mirror command to an exit code and a message; never a traceback."""
+
+    @functools.wraps(func)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return func(args)
+        except (InputError, LockError, ManifestError, ValidationError) as exc:
+            return _fail(args, Exit.INVALID, str(exc))
+        except (SiteError, UnknownNodeError):
+            raise  # the CLI's own handler lists every stack problem (exit 2)
+        except ImportRefused as exc:
+            return _fail(args, Exit.INVALID if exc.invalid else Exit.FAILED, str(exc))
+        except (BuildError, SigningError) as exc:
+            return _fail(args, Exit.FAILED, str(exc))
+        except (RemoteError, AptError, FetchError) as exc:
+            return _fail(args, Exit.UNAVAILABLE if isinstance(exc, AptError | FetchError) else Exit.FAILED, str(exc))
+        except OSError as exc:
+            return _fail(args, Exit.FAILED, f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": "))
+        except Exception as exc:
+            return _fail(args, Exit.FAILED, f"unexpected {type(exc).__name__}: {exc} (please report this)")
+
+    return run
+
+
 def _read_lock(path: Path) -> Lock | None:
     if not path.is_file():
         sys.stderr.write(f"error: no lock file {path}; run `gpufleet lock` first\n")
         return None
-    return Lock.from_json(path.read_text(encoding="utf-8"))
+    try:
+        return Lock.from_json(read_regular(path, 1 << 30).decode("utf-8"))
+    except (LockError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: not a readable lock file ({exc}); re-run `gpufleet lock`") from None
 
 
 def cmd_lock(args: argparse.Namespace) -> int:
@@ -174,10 +230,14 @@ def cmd_build(args: argparse.Namespace) -> int:
     if args.signing_key is None or not args.signing_key.is_file():
         sys.stderr.write(f"error: give --signing-key FILE (or {SIGNING_KEY_ENV}); bundles are always signed\n")
         return Exit.INVALID
+    if args.serial is not None and not 1 <= args.serial <= MAX_SERIAL:
+        raise InputError(f"--serial {args.serial}: give a positive integer")
     path = _stack_lock_path(args)
     lock = _read_lock(path)
     if lock is None:
         return Exit.FAILED
+    record = serial_path(path)
+    serial = args.serial if args.serial is not None else last_serial(record) + 1
     try:
         sources = _load_sources(args.sources)
     except (OSError, ValueError) as exc:
@@ -187,18 +247,21 @@ def cmd_build(args: argparse.Namespace) -> int:
                         apt_sources=sources)
     t0 = time.monotonic()
     try:
-        man = build(site, lock, path.read_text(encoding="utf-8"), args.segment, args.out, args.signing_key, opts)
+        man = build(site, lock, path.read_text(encoding="utf-8"), args.segment, args.out, args.signing_key, opts,
+                    serial=serial)
     except BuildError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return Exit.FAILED
     except SigningError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return Exit.FAILED
+    save_serial(record, serial)
     total = sum(d.size for d in man.files.values())
     emit(args.json, {"bundle": str(args.out), "files": len(man.files), "bytes": total,
-                     "artifacts": len(man.artifacts), "seconds": round(time.monotonic() - t0, 1)},
-         lambda d: f"{d['bundle']}: {d['artifacts']} artifacts, {d['files']} files, "
-                   f"{d['bytes'] / 1e6:.1f} MB, signed ({d['seconds']} s)")
+                     "artifacts": len(man.artifacts), "serial": man.serial, "mirrors": list(man.mirrors),
+                     "seconds": round(time.monotonic() - t0, 1)},
+         lambda d: f"{d['bundle']}: serial {d['serial']} for {', '.join(d['mirrors'])}: {d['artifacts']} artifacts, "
+                   f"{d['files']} files, {d['bytes'] / 1e6:.1f} MB, signed ({d['seconds']} s)")
     return Exit.OK
 
 
@@ -223,9 +286,7 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """Verify a bundle; exit 1 naming each problem."""
-    if args.keyring is None:
-        sys.stderr.write(f"error: give --keyring FILE (or {KEYRING_ENV}): the keys trusted to sign bundles\n")
-        return Exit.INVALID
+    _check_keyring(args.keyring)
     t0 = time.monotonic()
     man, problems = verify_bundle(args.dir, args.keyring)
     total = sum(d.size for d in man.files.values()) if man else 0
@@ -235,31 +296,53 @@ def cmd_verify(args: argparse.Namespace) -> int:
     emit(args.json, data, lambda d: (f"{d['bundle']}: OK — signature good, {d['files']} files, "
                                      f"{d['bytes'] / 1e6:.1f} MB verified in {d['seconds']} s")
          if d["ok"] else f"{d['bundle']}: REJECTED\n" + "\n".join(f"  - {p}" for p in d["problems"]))
+    if man is None:
+        return Exit.INVALID  # not a bundle: no manifest, or one that does not parse
     return Exit.OK if not problems else Exit.FAILED
 
 
+def _check_keyring(keyring: Path | None) -> None:
+    """A keyring is required and must be a readable file: bad input (exit 2), as the README's table says."""
+    if keyring is None:
+        raise InputError(f"give --keyring FILE (or {KEYRING_ENV}): the keys trusted to sign bundles")
+    if not keyring.is_file():
+        raise InputError(f"--keyring {keyring}: no such file (give the public key(s) trusted to sign bundles)")
+
+
+_REASON = re.compile(r"^[^\x00-\x1f\x7f]{3,300}$")
+
+
 def cmd_import(args: argparse.Namespace) -> int:
-    """Verify, then publish into the mirror."""
+    """Check the mirror key, verify, check site/mirror/segment/serial, then stage and switch."""
     site = site_from_args(args)
-    if args.keyring is None or args.mirror_key is None:
-        sys.stderr.write(f"error: give --keyring (or {KEYRING_ENV}) and --mirror-key (or {MIRROR_KEY_ENV})\n")
-        return Exit.INVALID
+    _check_keyring(args.keyring)
+    if args.mirror_key is None:
+        raise InputError(f"give --mirror-key (or {MIRROR_KEY_ENV}): the key that signs the mirror's apt index")
+    if args.allow_downgrade != (args.reason is not None):
+        raise InputError("--allow-downgrade and --reason TEXT go together (a deliberate downgrade says why)")
+    if args.reason is not None and not _REASON.match(args.reason):
+        raise InputError("--reason: give 3 to 300 printable characters on one line")
     try:
         pub = SshMirror.for_site(site, args.mirror, args.mirror_root)
     except KeyError as exc:
-        sys.stderr.write(f"error: {exc.args[0]}\n")
-        return Exit.INVALID
+        raise InputError(str(exc.args[0])) from None
+    lock_file = _stack_lock_path(args)
+    lock_sha = hashlib.sha256(lock_file.read_bytes()).hexdigest() if lock_file.is_file() else None
+    target = Target(site.name, args.mirror, tuple(s.name for s in site.segments if s.mirror == args.mirror),
+                    lock_sha)
     try:
-        _man, res = import_bundle(args.dir, args.keyring, pub, release_signer(args.mirror_key))
-    except ImportRefused as exc:
-        sys.stderr.write(f"error: {exc}\n")
-        return Exit.FAILED
+        _man, res = import_bundle(args.dir, args.keyring, pub, release_signer(args.mirror_key), target=target,
+                                  override=args.reason if args.allow_downgrade else None)
     except (RemoteError, SigningError) as exc:
-        sys.stderr.write(f"error: import into {args.mirror} failed: {exc}\n")
-        return Exit.FAILED
+        raise RemoteError(f"import into {args.mirror} failed (the served tree is unchanged): {exc}") from None
+    if res.override and res.switched and res.previous_serial is not None and res.serial <= res.previous_serial:
+        sys.stderr.write(f"warning: DOWNGRADE of {args.mirror} from serial {res.previous_serial} to {res.serial} "
+                         f"(--allow-downgrade, reason: {res.override}); recorded in the mirror's imports.log\n")
     data = {"mirror": args.mirror, "changed": res.changed, "uploaded": res.uploaded, "images": res.images,
-            "apt_reindexed": res.apt_reindexed, "unchanged_files": res.unchanged}
-    emit(args.json, data, lambda d: f"{d['mirror']}: " + (
+            "apt_reindexed": res.apt_reindexed, "unchanged_files": res.unchanged, "serial": res.serial,
+            "previous_serial": res.previous_serial, "downgrade": bool(
+                res.switched and res.previous_serial is not None and res.serial <= res.previous_serial)}
+    emit(args.json, data, lambda d: f"{d['mirror']}: serial {d['serial']}: " + (
         f"{len(d['uploaded'])} files uploaded, {len(d['images'])} images copied, apt index "
         f"{'re-signed' if d['apt_reindexed'] else 'unchanged'}" if d["changed"] else
         f"already up to date ({d['unchanged_files']} files, nothing changed)"))
@@ -274,13 +357,12 @@ def cmd_mirror_status(args: argparse.Namespace) -> int:
         return Exit.FAILED
     try:
         pub = SshMirror.for_site(site, args.mirror, args.mirror_root)
-        data = mirror_status(site, lock, pub)
     except KeyError as exc:
-        sys.stderr.write(f"error: {exc.args[0]}\n")
-        return Exit.INVALID
+        raise InputError(str(exc.args[0])) from None
+    try:
+        data = mirror_status(site, lock, pub)
     except RemoteError as exc:
-        sys.stderr.write(f"error: {exc}\n")
-        return Exit.UNAVAILABLE
+        return _fail(args, Exit.UNAVAILABLE, str(exc))
     emit(args.json, data, lambda d: "\n".join([
         f"{d['mirror']} (segments {', '.join(d['segments'])}): apt {d['apt_packages']} packages, "
         f"{d['images']} images, {d['files']} files — " + ("matches the lock" if d["matches_lock"] else

@@ -14,6 +14,7 @@ import json
 import shutil
 import subprocess
 import tarfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,6 +109,8 @@ class Flow:
     keyring: Path
     digest: str
     outputs: dict[str, subprocess.CompletedProcess[str]]
+    secret: Path
+    serial: int
 
 
 @pytest.fixture(scope="module")
@@ -137,15 +140,19 @@ def flow(lab: object, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Flow
     out["outside_before"] = subprocess.CompletedProcess([], int(not outside_unreachable_from_node()))
     out["lock"] = gpufleet("lock", "--stack-file", str(stack), "--artifacts", str(art), "--dpkg-status",
                            str(node_baseline()), "--json")
+    # The lab mirror keeps what it imported across `lab down/up` and test runs, so the serial must be newer
+    # than any earlier run's: seconds since the epoch only grow (a site would use its serial record).
+    serial = int(time.time())
     out["build"] = gpufleet("bundle", "build", "--stack-file", str(stack), "--segment", "airgap", "--out",
-                            str(bundle), "--artifacts", str(art), "--signing-key", str(secret), "--json")
+                            str(bundle), "--artifacts", str(art), "--signing-key", str(secret), "--serial",
+                            str(serial), "--json")
     out["verify"] = gpufleet("bundle", "verify", str(bundle), "--keyring", str(keyring), "--json")
     imp = ("bundle", "import", str(bundle), "--stack-file", str(stack), "--mirror", "lab-mirror",
            "--keyring", str(keyring), "--mirror-key", str(MIRROR_GNUPG), "--json")
     out["import1"] = gpufleet(*imp)
     out["import2"] = gpufleet(*imp)
     out["status"] = gpufleet("mirror", "status", "--stack-file", str(stack), "--mirror", "lab-mirror", "--json")
-    yield Flow(stack, stack.with_name("Pulumi.labbundle.lock.json"), bundle, keyring, digest, out)
+    yield Flow(stack, stack.with_name("Pulumi.labbundle.lock.json"), bundle, keyring, digest, out, secret, serial)
 
 
 def _ok(p: subprocess.CompletedProcess[str]) -> dict[str, object]:
@@ -233,9 +240,14 @@ def test_air_gapped_node_installs_from_the_mirror_only(flow: Flow) -> None:
     assert outside_unreachable_from_node(), "outside-world host became reachable from the air-gapped node"
 
 
+# Everything nginx serves (through the apt/ and files/ symlinks) plus which tree `current` names.
+SERVED_HASH = ("cd /srv/gpufleet && { readlink .gpufleet/current; find -L apt files -type f | sort | xargs sha256sum; }"
+               " | sha256sum")
+
+
 def test_tampered_bundle_is_not_imported(flow: Flow, tmp_path: Path) -> None:
     """A copy of the bundle with one flipped byte is rejected by import and the mirror is untouched."""
-    before = ssh("lab-mirror", "cd /srv/gpufleet && find apt files -type f | sort | xargs sha256sum | sha256sum").stdout
+    before = ssh("lab-mirror", SERVED_HASH).stdout
     bad = tmp_path / "bad"
     shutil.copytree(flow.bundle, bad)
     victim = sorted((bad / "apt").glob("*.deb"))[0]
@@ -245,5 +257,55 @@ def test_tampered_bundle_is_not_imported(flow: Flow, tmp_path: Path) -> None:
     r = gpufleet("bundle", "import", str(bad), "--stack-file", str(flow.stack), "--mirror", "lab-mirror",
                  "--keyring", str(flow.keyring), "--mirror-key", str(MIRROR_GNUPG))
     assert r.returncode == 1 and f"apt/{victim.name}: content does not match" in r.stderr
-    after = ssh("lab-mirror", "cd /srv/gpufleet && find apt files -type f | sort | xargs sha256sum | sha256sum").stdout
+    after = ssh("lab-mirror", SERVED_HASH).stdout
     assert before == after
+
+
+def _resigned(flow: Flow, dest: Path, **changes: object) -> Path:
+    """A copy of the flow's bundle whose manifest is edited and signed again with the real bundle key."""
+    from infra.bundle.signing import sign_detached
+
+    shutil.copytree(flow.bundle, dest)
+    man = json.loads((dest / "manifest.json").read_text())
+    man.update(changes)
+    (dest / "manifest.json").write_text(json.dumps(man, indent=1, sort_keys=True) + "\n")
+    sign_detached(dest / "manifest.json", flow.secret, dest / "manifest.json.asc")
+    return dest
+
+
+def _import(flow: Flow, bundle: Path, *extra: str, mirror_key: Path = MIRROR_GNUPG) -> subprocess.CompletedProcess[str]:
+    return gpufleet("bundle", "import", str(bundle), "--stack-file", str(flow.stack), "--mirror", "lab-mirror",
+                    "--keyring", str(flow.keyring), "--mirror-key", str(mirror_key), *extra)
+
+
+@pytest.mark.parametrize(("case", "message"), [
+    ("older serial", "is older than serial"),
+    ("other site", "bundle is for site 'elsewhere'"),
+    ("other segment", "bundle is for segment 'connected'"),
+    ("mirror key unusable", "mirror signing key unusable"),
+])
+def test_refused_imports_leave_the_mirror_byte_identical(flow: Flow, tmp_path: Path, case: str, message: str) -> None:
+    """Rollback, another site or segment, an unusable mirror key: exit 1, the served tree does not change."""
+    _ok(flow.outputs["import1"])
+    changes = {"older serial": {"serial": flow.serial - 1}, "other site": {"site": "elsewhere"},
+               "other segment": {"segment": "connected"}, "mirror key unusable": {}}[case]
+    bundle = _resigned(flow, tmp_path / "b", **changes) if changes else flow.bundle
+    key = tmp_path / "no-such-key.asc" if case == "mirror key unusable" else MIRROR_GNUPG
+    before = ssh("lab-mirror", SERVED_HASH).stdout
+    r = _import(flow, bundle, mirror_key=key)
+    assert r.returncode == 1 and message in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    assert ssh("lab-mirror", SERVED_HASH).stdout == before
+
+
+def test_deliberate_downgrade_is_logged_then_the_newer_bundle_returns(flow: Flow, tmp_path: Path) -> None:
+    """--allow-downgrade --reason imports an older serial and logs it on the mirror; the newer one follows."""
+    _ok(flow.outputs["import1"])
+    older = _resigned(flow, tmp_path / "older", serial=flow.serial - 1)
+    down = _import(flow, older, "--allow-downgrade", "--reason", "lab test: deliberate downgrade", "--json")
+    assert _ok(down)["downgrade"] is True and "DOWNGRADE" in down.stderr
+    last = json.loads(ssh("lab-mirror", "tail -n 1 /srv/gpufleet/.gpufleet/imports.log").stdout)
+    assert (last["serial"], last["previous_serial"], last["override"]) == (
+        flow.serial - 1, flow.serial, "lab test: deliberate downgrade")
+    back = _ok(_import(flow, flow.bundle, "--json"))
+    assert back["serial"] == flow.serial and back["downgrade"] is False

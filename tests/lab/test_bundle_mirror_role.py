@@ -66,4 +66,5 @@ def test_mirror_role_is_idempotent_and_serves(lab_mirror: None, tmp_path: Path) 
     assert _status(f"http://{MIRROR}/files/") == 200
     assert _status(f"http://{MIRROR}/registry/") == 404  # registry storage is never served as files
     assert _status(f"http://{MIRROR}/.gpufleet-hashes.json") == 404  # nor the import hash cache
+    assert _status(f"http://{MIRROR}/.gpufleet/imports.log") == 404  # nor import's trees, record and log
     assert _status(f"http://{MIRROR}:5000/v2/") == 200  # no auth: Debian's htpasswd block is gone

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
+import signal
+import stat
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -16,8 +20,8 @@ from infra.bundle.build import BuildError, BuildOptions, build
 from infra.bundle.declared import Kind, declared
 from infra.bundle.lock import Artifact, Lock, check, decl_dict, lock_path_for
 from infra.bundle.manifest import MANIFEST, SIGNATURE, verify_bundle, write_manifest
-from infra.bundle.publish import ImportRefused, import_bundle
-from infra.bundle.remote import SshMirror
+from infra.bundle.publish import ImportRecord, ImportRefused, MirrorState, Target, import_bundle
+from infra.bundle.remote import RemoteError, SshMirror
 from infra.bundle.signing import generate_key
 from infra.bundle.store import Store, file_digest
 from infra.cli import main
@@ -42,14 +46,17 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return out
 
 
-def make_bundle(root: Path, secret: Path, *, big: int = 0, piece_size: int | None = None) -> Path:
+def make_bundle(root: Path, secret: Path, *, big: int = 0, piece_size: int | None = None, serial: int = 1,
+                site: str = "lab", segment: str | None = "airgap", mirrors: tuple[str, ...] = ("lab-mirror",),
+                model: bytes | None = None) -> Path:
     """A small signed bundle: two debs, a model file (optionally `big` bytes), an OCI image."""
     (root / "apt").mkdir(parents=True)
     (root / "apt/a_1.0_amd64.deb").write_bytes(b"deb-a" * 1000)
     (root / "apt/b_2.0_all.deb").write_bytes(b"deb-b" * 777)
-    model = root / "files/models/tiny/r1/model.gguf"
-    model.parent.mkdir(parents=True)
-    model.write_bytes(bytes(range(256)) * max(1, big // 256))
+    model_file = root / "files/models/tiny/r1/model.gguf"
+    model_file.parent.mkdir(parents=True)
+    model_file.write_bytes(model if model is not None else bytes(range(256)) * max(1, big // 256))
+    model = model_file
     digest = oci.write_image(root / "images/lab/hello", {"bin/hello": b"#!/bin/sh\necho hello\n"})
     arts = [Artifact("deb", "a", "1.0", "apt/a_1.0_amd64.deb", *file_digest(root / "apt/a_1.0_amd64.deb"),
                      "http://198.18.1.250/apt/a.deb", ("airgap",), True),
@@ -57,39 +64,47 @@ def make_bundle(root: Path, secret: Path, *, big: int = 0, piece_size: int | Non
                      "http://198.18.1.250/files/models/tiny/r1/model.gguf", ("airgap",), True),
             Artifact("image", "lab/hello", digest, "images/lab/hello", 1, digest.split(":")[1], "oci", ("airgap",),
                      True)]
-    write_manifest(root, "lab", "airgap", "0" * 64, arts, secret, piece_size=piece_size)
+    write_manifest(root, site, segment, "0" * 64, arts, secret, piece_size=piece_size, serial=serial,
+                   mirrors=mirrors)
     return root
+
+
+TARGET = Target("lab", "lab-mirror", ("airgap",))
 
 
 class RecordingPublisher:
     """An in-memory mirror that records every call (a fake for the SSH publisher)."""
 
     def __init__(self) -> None:
-        self.files: dict[str, tuple[int, str]] = {}
+        self.st = MirrorState()
         self.images: set[tuple[str, str]] = set()
         self.calls: list[str] = []
-        self.packages = b""
+        self.staged: dict[str, dict[str, bytes]] = {}
 
-    def list_files(self) -> dict[str, tuple[int, str]]:
-        self.calls.append("list_files")
-        return dict(self.files)
+    def state(self) -> MirrorState:
+        self.calls.append("state")
+        return self.st
 
-    def put_files(self, root: Path, rels: list[str], expected: dict[str, str]) -> None:
-        self.calls.append(f"put_files:{len(rels)}")
-        for r in rels:
-            self.files[r] = file_digest(root / r)
-            assert self.files[r][1] == expected[r]
+    def stage(self, root: Path, rels: list[str], expected: dict[str, str], generated: dict[str, bytes],
+              base: str) -> str:
+        self.calls.append(f"stage:{len(rels)}")
+        self.staged["s1"] = {**{r: (root / r).read_bytes() for r in rels}, **generated}
+        return "s1"
 
-    def reindex_apt(self, debs: dict[str, str], scan: Callable[[], bytes],
-                    sign: Callable[[bytes], tuple[bytes, bytes]]) -> bool:
-        new = scan()
-        if new == self.packages:
-            self.calls.append("probe_apt")
-            return False
-        self.calls.append("reindex_apt")
-        self.packages = new
-        sign(new)
-        return True
+    def switch(self, stage: str, base: str) -> None:
+        self.calls.append("switch")
+        tree = self.staged.pop(stage)
+        for rel, data in tree.items():
+            if rel.startswith(("apt/", "files/")) and rel.endswith((".deb", ".gguf")):
+                self.st.files[rel] = (len(data), hashlib.sha256(data).hexdigest())
+                if rel.startswith("apt/"):
+                    self.st.debs.add(rel.removeprefix("apt/"))
+        if "apt/Packages" in tree:
+            self.st.packages, self.st.signed = tree["apt/Packages"], True
+        self.st.record = ImportRecord.parse(tree["import.json"].decode())
+
+    def discard(self, stage: str) -> None:
+        self.calls.append("discard")
 
     def has_image(self, repo: str, digest: str) -> bool:
         return (repo, digest) in self.images
@@ -100,7 +115,7 @@ class RecordingPublisher:
 
     @property
     def writes(self) -> list[str]:
-        return [c for c in self.calls if c.startswith(("put_", "reindex"))]
+        return [c for c in self.calls if c.startswith(("stage", "switch", "put_"))]
 
 
 def _fake_scan(apt: Path) -> bytes:
@@ -201,7 +216,7 @@ def test_import_publishes_nothing_when_verify_fails(tmp_path: Path, keys: dict[s
         (b / "files/extra.bin").write_bytes(b"x")
     pub = RecordingPublisher()
     with pytest.raises(ImportRefused) as err:
-        import_bundle(b, keys["site_public"], pub, _no_sign, _fake_scan)
+        import_bundle(b, keys["site_public"], pub, _no_sign, _fake_scan, target=TARGET)
     assert pub.calls == []
     assert err.value.problems
 
@@ -210,12 +225,12 @@ def test_import_is_idempotent(tmp_path: Path, keys: dict[str, Path]) -> None:
     """First import uploads files, re-signs apt and copies the image; the second changes nothing."""
     b = make_bundle(tmp_path / "b", keys["site_secret"])
     pub = RecordingPublisher()
-    _, first = import_bundle(b, keys["site_public"], pub, _no_sign, _fake_scan)
+    _, first = import_bundle(b, keys["site_public"], pub, _no_sign, _fake_scan, target=TARGET)
     assert first.changed and first.apt_reindexed
     assert set(first.uploaded) == {"apt/a_1.0_amd64.deb", "apt/b_2.0_all.deb", "files/models/tiny/r1/model.gguf"}
     assert first.images == [f"lab/hello@{next(d for r, d in pub.images)}"]
     before = list(pub.writes)
-    _, second = import_bundle(b, keys["site_public"], pub, _no_sign, _fake_scan)
+    _, second = import_bundle(b, keys["site_public"], pub, _no_sign, _fake_scan, target=TARGET)
     assert not second.changed and second.unchanged == 3
     assert pub.writes == before  # the second run did not upload, re-sign or copy anything
 
@@ -436,10 +451,20 @@ def test_keygen_cli_makes_a_pair_that_signs_and_verifies(tmp_path: Path) -> None
 # ------------------------------------------------------------------ the SSH publisher, run locally
 
 class LocalMirror(SshMirror):
-    """The real SSH publisher with `ssh HOST CMD` replaced by `sh -c CMD` on this machine."""
+    """The real SSH publisher with `ssh HOST CMD` replaced by `sh -c CMD` on this machine.
+
+    The registry is an in-memory set: unit tests never send traffic to a registry.
+    """
 
     def _ssh(self) -> list[str]:
         return ["sh", "-c"]
+
+    def has_image(self, repo: str, digest: str) -> bool:
+        return (repo, digest) in self.__dict__.setdefault("registry", set())
+
+    def put_image(self, layout: Path, repo: str, digest: str) -> None:
+        assert oci.image_in_layout(layout, digest)
+        self.__dict__.setdefault("registry", set()).add((repo, digest))
 
 
 def _local_mirror(root: Path) -> LocalMirror:
@@ -473,10 +498,10 @@ def test_ssh_publisher_publishes_a_signed_repo_idempotently(tmp_path: Path, keys
         _real_deb(b / "apt", name, "1.0-1")
     (b / "files/models/m/r").mkdir(parents=True)
     (b / "files/models/m/r/model.gguf").write_bytes(b"weights")
-    write_manifest(b, "lab", "airgap", "0" * 64, [], keys["site_secret"])
+    write_manifest(b, "lab", "airgap", "0" * 64, [], keys["site_secret"], mirrors=["lab-mirror"])
     served = tmp_path / "srv"
     mirror = _local_mirror(served)
-    _, first = import_bundle(b, keys["site_public"], mirror, release_signer(keys["other_secret"]))
+    _, first = import_bundle(b, keys["site_public"], mirror, release_signer(keys["other_secret"]), target=TARGET)
     assert first.apt_reindexed and len(first.uploaded) == 3
     packages = (served / "apt/Packages").read_text()
     assert "Package: alpha" in packages and "Package: beta" in packages
@@ -485,9 +510,9 @@ def test_ssh_publisher_publishes_a_signed_repo_idempotently(tmp_path: Path, keys
     subprocess.run(["gpg", "--dearmor", "--output", str(ring), str(keys["other_public"])], check=True, timeout=30)
     assert subprocess.run(["gpgv", "--keyring", str(ring), str(served / "apt/InRelease")], capture_output=True,
                           timeout=30).returncode == 0
-    assert not list((served / ".incoming").iterdir())
+    assert [p.name for p in (served / ".gpufleet/trees").iterdir()] == [os.readlink(served / ".gpufleet/current")[6:]]
     stamp = (served / "apt/InRelease").read_bytes()
-    _, second = import_bundle(b, keys["site_public"], mirror, release_signer(keys["other_secret"]))
+    _, second = import_bundle(b, keys["site_public"], mirror, release_signer(keys["other_secret"]), target=TARGET)
     assert not second.changed and (served / "apt/InRelease").read_bytes() == stamp
 
 
@@ -502,9 +527,10 @@ def test_upload_aborts_when_a_file_changed_after_verify(tmp_path: Path) -> None:
     good = file_digest(src / "files/a.bin")[1]
     served = tmp_path / "srv"
     with pytest.raises(RemoteError, match=r"files/b\.bin: changed since it was verified"):
-        _local_mirror(served).put_files(src, ["files/a.bin", "files/b.bin"], {"files/a.bin": good,
-                                                                             "files/b.bin": "0" * 64})
-    assert not (served / "files").exists() or not any((served / "files").rglob("*.bin"))
+        _local_mirror(served).stage(src, ["files/a.bin", "files/b.bin"], {"files/a.bin": good,
+                                                                         "files/b.bin": "0" * 64}, {}, "")
+    assert not list(served.rglob("*.bin"))
+    assert not list((served / ".gpufleet/trees").iterdir())  # the mirror removed the half-made tree itself
 
 
 def test_build_refuses_a_lock_that_no_longer_matches_the_stack(tmp_path: Path, keys: dict[str, Path]) -> None:
@@ -552,3 +578,439 @@ def test_mirror_status_names_what_the_mirror_lacks() -> None:
     assert st["segments"] == ["airgap"] and st["apt_packages"] == 2
     assert st["missing"] == ["deb chrony 4.3", f"image lab/x@sha256:{'d' * 64}"]
     assert st["matches_lock"] is False
+
+
+# ------------------------------------------- binding, rollback, atomic switch (the real mirror scripts, locally)
+
+def served_snapshot(root: Path) -> dict[str, str]:
+    """Every entry under the mirror root (type, symlink target, sha256 of bytes) plus what is served.
+
+    "Served" walks apt/ and files/ through their symlinks, as nginx resolves them. The hash cache
+    (`.gpufleet-hashes.json`) is bookkeeping of the read-only state query, not content: left out.
+    """
+    out: dict[str, str] = {}
+    for d, dirs, files in os.walk(root):
+        for name in [*dirs, *files]:
+            p = Path(d) / name
+            rel = p.relative_to(root).as_posix()
+            if rel == ".gpufleet-hashes.json":
+                continue
+            out[rel] = ("link:" + os.readlink(p) if p.is_symlink() else "dir" if p.is_dir()
+                        else hashlib.sha256(p.read_bytes()).hexdigest())
+    for area in ("apt", "files"):
+        for d, _, files in os.walk(root / area):
+            for name in files:
+                p = Path(d) / name
+                out["served:" + p.relative_to(root).as_posix()] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+@pytest.fixture
+def mirror_at_2(tmp_path: Path, keys: dict[str, Path]) -> tuple[LocalMirror, Path]:
+    """A mirror that imported serial 2 (model bytes b'weights v2') through the real scripts."""
+    served = tmp_path / "srv"
+    mirror = _local_mirror(served)
+    b = make_bundle(tmp_path / "v2", keys["site_secret"], serial=2, model=b"weights v2")
+    _, res = import_bundle(b, keys["site_public"], mirror, _no_sign, _fake_scan, target=TARGET)
+    assert res.switched and (served / "files/models/tiny/r1/model.gguf").read_bytes() == b"weights v2"
+    return mirror, served
+
+
+def _import(b: Path, keys: dict[str, Path], mirror: object, **kw: object) -> object:
+    return import_bundle(b, keys["site_public"], mirror, kw.pop("sign", _no_sign), _fake_scan,  # type: ignore[arg-type]
+                         target=kw.pop("target", TARGET), **kw)  # type: ignore[arg-type]
+
+
+def test_rollback_to_an_older_serial_is_refused_byte_identical(mirror_at_2: tuple[LocalMirror, Path],
+                                                              tmp_path: Path, keys: dict[str, Path]) -> None:
+    """A validly signed older bundle (serial 1, old model bytes) is refused; the mirror does not change a byte."""
+    mirror, served = mirror_at_2
+    before = served_snapshot(served)
+    old = make_bundle(tmp_path / "v1", keys["site_secret"], serial=1, model=b"weights v1")
+    with pytest.raises(ImportRefused, match="serial 1 is older than serial 2"):
+        _import(old, keys, mirror)
+    assert served_snapshot(served) == before
+
+
+def test_same_serial_with_other_content_is_refused(mirror_at_2: tuple[LocalMirror, Path], tmp_path: Path,
+                                                   keys: dict[str, Path]) -> None:
+    """Serial 2 again but with other bytes is not the bundle the mirror imported: refused, unchanged."""
+    mirror, served = mirror_at_2
+    before = served_snapshot(served)
+    other = make_bundle(tmp_path / "v2b", keys["site_secret"], serial=2, model=b"other weights")
+    with pytest.raises(ImportRefused, match="serial 2 was already imported with other content"):
+        _import(other, keys, mirror)
+    assert served_snapshot(served) == before
+
+
+@pytest.mark.parametrize(("binding", "message"), [
+    ({"site": "other-site"}, "bundle is for site 'other-site'"),
+    ({"segment": "connected"}, "bundle is for segment 'connected'"),
+    ({"mirrors": ("other-mirror",)}, "bundle is for mirror(s) other-mirror, not 'lab-mirror'"),
+])
+def test_bundle_for_another_site_segment_or_mirror_is_refused(mirror_at_2: tuple[LocalMirror, Path], tmp_path: Path,
+                                                              keys: dict[str, Path], binding: dict[str, object],
+                                                              message: str) -> None:
+    """A newer, validly signed bundle built for elsewhere is refused before the mirror is asked anything."""
+    mirror, served = mirror_at_2
+    before = served_snapshot(served)
+    b = make_bundle(tmp_path / "elsewhere", keys["site_secret"], serial=9, **binding)  # type: ignore[arg-type]
+    with pytest.raises(ImportRefused) as err:
+        _import(b, keys, mirror)
+    assert message in str(err.value)
+    assert served_snapshot(served) == before
+
+
+def _special(path: Path, kind: str) -> None:
+    """Put a non-regular file (or a hard link) at `path`."""
+    import socket
+
+    path.unlink(missing_ok=True)
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "symlink":
+        path.symlink_to("/etc/hostname")
+    elif kind == "socket":
+        s = socket.socket(socket.AF_UNIX)
+        s.bind(str(path))
+        s.close()
+    elif kind == "device":
+        if os.geteuid() != 0:
+            pytest.skip("making a device node needs root")
+        os.mknod(path, 0o600 | stat.S_IFCHR, os.makedev(1, 3))  # /dev/null's numbers
+    elif kind == "hardlink":
+        outside = path.parent.parent.parent / "outside.bin"
+        outside.write_bytes(b"changes after verify")
+        os.link(outside, path)
+
+
+@pytest.mark.parametrize("where", ["extra", "listed"])
+@pytest.mark.parametrize("kind", ["fifo", "symlink", "socket", "device", "hardlink"])
+def test_non_regular_files_are_refused_without_opening_them(mirror_at_2: tuple[LocalMirror, Path], tmp_path: Path,
+                                                            keys: dict[str, Path], kind: str, where: str) -> None:
+    """A FIFO, symlink, socket, device or hard link in a bundle fails verify (never opened) and import."""
+    mirror, served = mirror_at_2
+    before = served_snapshot(served)
+    b = make_bundle(tmp_path / "b", keys["site_secret"], serial=3)
+    rel = "apt/evil_1.0_all.deb" if where == "extra" else "apt/a_1.0_amd64.deb"
+    _special(b / rel, kind)
+    signal.alarm(60)  # opening a FIFO would block forever: fail instead of hanging the suite
+    try:
+        _, problems = verify_bundle(b, keys["site_public"])
+        with pytest.raises(ImportRefused):
+            _import(b, keys, mirror)
+    finally:
+        signal.alarm(0)
+    assert [p for p in problems if p.startswith(f"{rel}: ")], problems
+    assert not [p for p in problems if p.startswith(f"{rel}: missing")]
+    assert served_snapshot(served) == before
+
+
+@pytest.mark.parametrize("rel", ["files/../../etc/passwd", "/etc/passwd", "files/./x", "apt//x.deb", "other/x"])
+def test_manifest_paths_escaping_the_bundle_are_refused(tmp_path: Path, keys: dict[str, Path], rel: str) -> None:
+    """A signed manifest naming a path outside the bundle's areas is not a manifest gpufleet reads."""
+    b = make_bundle(tmp_path / "b", keys["site_secret"])
+    man = json.loads((b / MANIFEST).read_text())
+    man["files"][rel] = {"size": 1, "sha256": "0" * 64}
+    (b / MANIFEST).write_text(json.dumps(man))
+    from infra.bundle.signing import sign_detached
+
+    sign_detached(b / MANIFEST, keys["site_secret"], b / SIGNATURE)
+    man_, problems = verify_bundle(b, keys["site_public"])
+    assert man_ is None and len(problems) == 1 and problems[0].startswith(f"{MANIFEST}: unreadable")
+
+
+def test_unusable_mirror_key_refuses_before_anything(mirror_at_2: tuple[LocalMirror, Path], tmp_path: Path,
+                                                     keys: dict[str, Path]) -> None:
+    """A mirror key that cannot sign stops the import first: no call on the mirror, no byte changed."""
+    from infra.bundle.publish import release_signer
+
+    mirror, served = mirror_at_2
+    before = served_snapshot(served)
+    b = make_bundle(tmp_path / "v3", keys["site_secret"], serial=3, model=b"weights v3")
+    broken = tmp_path / "mirror.sec.asc"
+    broken.write_text("-----BEGIN PGP PRIVATE KEY BLOCK-----\n\nnot a key\n-----END PGP PRIVATE KEY BLOCK-----\n")
+    with pytest.raises(ImportRefused, match="mirror signing key unusable"):
+        _import(b, keys, mirror, sign=release_signer(broken))
+    assert served_snapshot(served) == before
+    pub = RecordingPublisher()
+    with pytest.raises(ImportRefused):
+        _import(b, keys, pub, sign=release_signer(tmp_path / "no-such-key.asc"))
+    assert pub.calls == []
+
+
+class FailAfterStaging(LocalMirror):
+    """The real scripts, with a failure injected after the new tree is staged."""
+
+    fail_in = "switch"
+
+    def switch(self, stage: str, base: str) -> None:
+        assert (Path(self.root) / ".gpufleet/trees" / stage / "files/models/tiny/r1/model.gguf").read_bytes() == \
+            b"weights v3"  # the tree really was staged next to the served one
+        if self.fail_in == "switch":
+            raise RemoteError("injected: connection lost before the switch")
+        super().switch(stage, base)
+
+    def has_image(self, repo: str, digest: str) -> bool:
+        return False  # always copies, so the "image" case fails after staging
+
+    def put_image(self, layout: Path, repo: str, digest: str) -> None:
+        if self.fail_in == "image":
+            raise RemoteError("injected: registry refused the image")
+
+
+@pytest.mark.parametrize("fail_in", ["switch", "image"])
+def test_failure_after_staging_leaves_the_mirror_byte_identical(tmp_path: Path, keys: dict[str, Path],
+                                                                fail_in: str) -> None:
+    """A failure between staging and the switch removes the stage; the served tree does not change a byte."""
+    served = tmp_path / "srv"
+    mirror = FailAfterStaging(_local_mirror(served).mirror, None, None, str(served))
+    mirror.fail_in = "none"
+    b2 = make_bundle(tmp_path / "v2", keys["site_secret"], serial=2, model=b"weights v2")
+    import_bundle(b2, keys["site_public"], _local_mirror(served), _no_sign, _fake_scan, target=TARGET)
+    before = served_snapshot(served)
+    mirror.fail_in = fail_in
+    b3 = make_bundle(tmp_path / "v3", keys["site_secret"], serial=3, model=b"weights v3")
+    with pytest.raises(RemoteError, match="injected"):
+        import_bundle(b3, keys["site_public"], mirror, _no_sign, _fake_scan, target=TARGET)
+    assert served_snapshot(served) == before
+
+
+def test_deliberate_downgrade_with_a_reason_works_and_is_logged(mirror_at_2: tuple[LocalMirror, Path],
+                                                                 tmp_path: Path, keys: dict[str, Path]) -> None:
+    """--allow-downgrade --reason imports the older bundle, records the reason on the mirror; newer ones follow."""
+    mirror, served = mirror_at_2
+    old = make_bundle(tmp_path / "v1", keys["site_secret"], serial=1, model=b"weights v1")
+    _, res = _import(old, keys, mirror, override="v2 model regressed, INC-42")
+    assert res.switched and res.previous_serial == 2 and res.serial == 1  # type: ignore[attr-defined]
+    assert (served / "files/models/tiny/r1/model.gguf").read_bytes() == b"weights v1"
+    log = [json.loads(line) for line in (served / ".gpufleet/imports.log").read_text().splitlines()]
+    assert [(r["serial"], r["override"], r["previous_serial"]) for r in log] == [
+        (2, None, None), (1, "v2 model regressed, INC-42", 2)]
+    newer = make_bundle(tmp_path / "v3", keys["site_secret"], serial=3, model=b"weights v3")
+    _import(newer, keys, mirror)
+    assert (served / "files/models/tiny/r1/model.gguf").read_bytes() == b"weights v3"
+
+
+def test_a_mirror_in_the_old_layout_moves_to_trees_without_losing_a_file(tmp_path: Path,
+                                                                         keys: dict[str, Path]) -> None:
+    """apt/ and files/ as plain folders (lab seeding, older imports) become symlinks; earlier content stays."""
+    served = tmp_path / "srv"
+    (served / "apt").mkdir(parents=True)
+    (served / "apt/old_0.9_all.deb").write_bytes(b"old package")
+    (served / "files/wheels").mkdir(parents=True)
+    (served / "files/wheels/w-1-py3-none-any.whl").write_bytes(b"wheel")
+    (served / "registry").mkdir()
+    b = make_bundle(tmp_path / "b", keys["site_secret"])
+    import_bundle(b, keys["site_public"], _local_mirror(served), _no_sign, _fake_scan, target=TARGET)
+    assert os.readlink(served / "apt") == ".gpufleet/current/apt" and (served / "files").is_symlink()
+    assert (served / "apt/old_0.9_all.deb").read_bytes() == b"old package"
+    assert (served / "files/wheels/w-1-py3-none-any.whl").read_bytes() == b"wheel"
+    assert (served / "apt/a_1.0_amd64.deb").is_file() and (served / "registry").is_dir()
+    assert sorted(p.name for p in served.iterdir() if p.name.startswith(".") and p.name != ".gpufleet"
+                  and p.name != ".gpufleet-hashes.json") == []  # no leftover temporary names
+
+
+def test_switch_refuses_when_another_import_switched_meanwhile(mirror_at_2: tuple[LocalMirror, Path],
+                                                               tmp_path: Path) -> None:
+    """The switch is a compare-and-swap on the served tree: a stale stage is not served."""
+    mirror, served = mirror_at_2
+    src = tmp_path / "src"
+    (src / "files").mkdir(parents=True)
+    (src / "files/x.bin").write_bytes(b"x")
+    before = served_snapshot(served)
+    stage = mirror.stage(src, ["files/x.bin"], {"files/x.bin": file_digest(src / "files/x.bin")[1]}, {}, "")
+    with pytest.raises(RemoteError, match="served tree changed since this import read it"):
+        mirror.switch(stage, "trees/stage-someone-else")
+    mirror.discard(stage)
+    assert served_snapshot(served) == before
+
+
+# ------------------------------------------------------------------------------------------ CLI exit codes
+
+def test_verify_with_a_missing_keyring_is_bad_input(tmp_path: Path, keys: dict[str, Path],
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """`bundle verify --keyring /missing` exits 2 with one line (the README's table: 2 no keyring)."""
+    b = make_bundle(tmp_path / "b", keys["site_secret"])
+    assert main(["bundle", "verify", str(b), "--keyring", str(tmp_path / "missing.asc")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --keyring") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("text", ["{", "[]", '{"format": 2}', '{"format": 1, "site": "lab"}', "\xff\xfe",
+                                  '{"format": 2, "format": 2}'])
+def test_malformed_manifest_is_bad_input_without_traceback(tmp_path: Path, keys: dict[str, Path], text: str,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """A malformed (unsigned) manifest: `verify` exits 2 with JSON naming the problem, `import` exits 2 too."""
+    b = make_bundle(tmp_path / "b", keys["site_secret"])
+    (b / MANIFEST).write_bytes(text.encode("utf-8", "surrogateescape") if text != "\xff\xfe" else b"\xff\xfe")
+    assert main(["bundle", "verify", str(b), "--keyring", str(keys["site_public"]), "--json"]) == 2
+    out = json.loads(capsys.readouterr().out)
+    assert out["ok"] is False and any(p.startswith(f"{MANIFEST}: unreadable") for p in out["problems"])
+
+
+def test_lock_check_on_a_corrupted_lock_is_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`lock --check` with a corrupted lock file exits 2 with one line, never a traceback."""
+    path = _lab_copy(tmp_path)
+    for bad in ('{"format": 1, "site": "lab", "declared": [], "artifacts": [{"kind": 3}]}', "{not json", "[1]",
+                '{"format": 1, "site": "lab", "artifacts": [], "declared": [{"kind": "deb", "name": "x", '
+                '"sources": [], "segments": []}]}', '{"format": true, "site": "lab"}', "\udcff"):
+        lock_path_for(path).write_bytes(bad.encode("utf-8", "surrogateescape"))  # the last one: not UTF-8
+        assert main(["lock", "--check", "--stack-file", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert "not a readable lock file" in err and err.count("\n") == 1
+
+
+def test_import_override_needs_a_reason(tmp_path: Path, keys: dict[str, Path],
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """--allow-downgrade without --reason (or a reason with a newline) is bad input: exit 2, nothing contacted."""
+    b = make_bundle(tmp_path / "b", keys["site_secret"])
+    base = ["bundle", "import", str(b), "--stack", "lab", "--mirror", "lab-mirror", "--keyring",
+            str(keys["site_public"]), "--mirror-key", str(keys["other_secret"])]
+    assert main([*base, "--allow-downgrade"]) == 2
+    assert main([*base, "--allow-downgrade", "--reason", "two\nlines"]) == 2
+    assert "go together" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ build: serial, files
+
+def test_build_copies_a_local_file_artifact_into_a_new_folder(tmp_path: Path, keys: dict[str, Path]) -> None:
+    """A locked file whose source is a local path (no --artifacts) is copied into a folder build creates.
+
+    This is the README's `bundle build` traceback (FileNotFoundError in `_fetch_file`) without the lab.
+    """
+    site = load_site("lab")
+    store = tmp_path / "store"
+    lock = _fake_lock(site, store)
+    import infra.bundle.build as bmod
+
+    orig = bmod.check
+    bmod.check = lambda lock_, site_: []  # type: ignore[assignment]
+    try:
+        man = build(site, lock, lock.to_json(), "airgap", tmp_path / "out", keys["site_secret"], BuildOptions(),
+                    serial=7)
+    finally:
+        bmod.check = orig
+    assert verify_bundle(tmp_path / "out", keys["site_public"])[1] == []
+    assert man.serial == 7 and man.mirrors == ("lab-mirror",) and man.site == "lab" and man.segment == "airgap"
+    assert man.lock_sha256 == hashlib.sha256(lock.to_json().encode()).hexdigest()
+
+
+def test_serial_record_only_grows(tmp_path: Path) -> None:
+    """The builder's serial record starts at 0, is never lowered, and a corrupted one is an error."""
+    from infra.bundle.build import last_serial, save_serial, serial_path
+
+    record = serial_path(tmp_path / "Pulumi.lab.lock.json")
+    assert record.name == "Pulumi.lab.bundle-serial" and last_serial(record) == 0
+    save_serial(record, 5)
+    save_serial(record, 3)
+    assert last_serial(record) == 5
+    record.write_text("five\n")
+    with pytest.raises(BuildError, match="expected one positive integer"):
+        last_serial(record)
+
+
+# ------------------------------------------------------------- property tests: the manifest parser is total
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from infra.bundle.hashing import Digest  # noqa: E402
+from infra.bundle.manifest import Manifest, ManifestError, check_rel  # noqa: E402
+
+_BASE = Manifest(
+    "lab", "airgap", "a" * 64,
+    {"apt/a_1.0_amd64.deb": Digest(5, "b" * 64),
+     "files/models/tiny/r1/model.gguf": Digest(10, "c" * 64, ("d" * 64, "e" * 64), 8),
+     "images/lab/hello/index.json": Digest(2, "f" * 64)},
+    [Artifact("deb", "a", "1.0", "apt/a_1.0_amd64.deb", 5, "b" * 64, "http://198.18.1.250/a.deb", ("airgap",), True),
+     Artifact("image", "lab/hello", "sha256:" + "f" * 64, "images/lab/hello", 1, "f" * 64, "oci", ("airgap",), True)],
+    3, ("lab-mirror",))
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70) | st.floats(allow_nan=False)
+    | st.text(max_size=70) | st.sampled_from(["a" * 64, "A" * 64, "a" * 63, "../x", "apt/x.deb", "/etc/x", "lab"]),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
+    max_leaves=12)
+
+
+def _paths(node: object, prefix: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+    out = [prefix]
+    if isinstance(node, dict):
+        for k, v in node.items():
+            out += _paths(v, (*prefix, k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            out += _paths(v, (*prefix, i))
+    return out
+
+
+@st.composite
+def mutated_manifests(draw: st.DrawFn) -> str:
+    """A valid manifest with 1–4 random edits: a value replaced, a key deleted or added, a list grown."""
+    data = json.loads(_BASE.to_json())
+    for _ in range(draw(st.integers(1, 4))):
+        path = draw(st.sampled_from(_paths(data)))
+        op = draw(st.sampled_from(["replace", "delete", "add"]))
+        if not path:
+            data = draw(_JSON) if op == "replace" else data
+            continue
+        parent: object = data
+        for step in path[:-1]:
+            parent = parent[step]  # type: ignore[index]
+        last = path[-1]
+        if op == "replace":
+            parent[last] = draw(_JSON)  # type: ignore[index]
+        elif op == "delete" and isinstance(parent, dict):
+            del parent[last]
+        elif isinstance(parent, dict):
+            parent[draw(st.text(max_size=8))] = draw(_JSON)
+        elif isinstance(parent, list):
+            parent.append(draw(_JSON))
+    return json.dumps(data)
+
+
+def _parse_ends_cleanly(text: str | bytes) -> Manifest | None:
+    try:
+        man = Manifest.from_json(text)
+    except ManifestError as exc:
+        assert str(exc) and "\n" not in str(exc)
+        return None
+    # Whatever parses is a manifest gpufleet can trust the shape of, and writes back unchanged.
+    assert all(check_rel(p) is None for p in man.files) and all(check_rel(a.path) is None for a in man.artifacts)
+    assert Manifest.from_json(man.to_json()) == man
+    return man
+
+
+@settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(mutated_manifests())
+def test_property_mutated_manifests_parse_or_fail_cleanly(text: str) -> None:
+    """Thousands of mutated manifests end in a Manifest or a one-line ManifestError — never another exception."""
+    _parse_ends_cleanly(text)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.one_of(st.binary(max_size=300), st.text(max_size=300), _JSON.map(json.dumps),
+                 st.tuples(st.integers(0, 2000), st.binary(max_size=3)).map(
+                     lambda cut: _BASE.to_json().encode()[: cut[0]] + cut[1])))
+def test_property_arbitrary_bytes_parse_or_fail_cleanly(text: str | bytes) -> None:
+    """Random bytes, text, JSON values and truncated manifests never raise anything but ManifestError."""
+    _parse_ends_cleanly(text)
+
+
+def test_base_manifest_of_the_property_tests_is_valid() -> None:
+    """The mutation seed parses (so the property tests start from an accepted manifest)."""
+    assert _parse_ends_cleanly(_BASE.to_json()) == _BASE
+    assert _parse_ends_cleanly("[" * 100_000) is None  # deep nesting: RecursionError becomes ManifestError
+
+
+def test_import_refusal_is_one_json_object_under_json(tmp_path: Path, keys: dict[str, Path],
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """A bundle for another site: exit 1 and one JSON object naming it; refused before the mirror is contacted."""
+    b = make_bundle(tmp_path / "b", keys["site_secret"], site="other-site")
+    code = main(["bundle", "import", str(b), "--stack", "lab", "--mirror", "lab-mirror", "--keyring",
+                 str(keys["site_public"]), "--mirror-key", str(keys["other_secret"]), "--json"])
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert code == 1 and out["ok"] is False and out["exit"] == 1
+    assert "bundle is for site 'other-site'; this stack is site 'lab'" in out["error"]
+    assert "Traceback" not in captured.err

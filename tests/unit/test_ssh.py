@@ -125,7 +125,6 @@ def test_wait_keeps_polling_an_unreachable_host_then_names_the_last_error(
 def test_wait_ssh_command_reports_a_hostile_user_without_running_it(tmp_path: Path) -> None:
     """`gpufleet wait-ssh`'s library path (ansible.cli.wait_ssh) with a forced hostile user: no canary."""
     from infra.ansible.converge import wait_ssh
-
     from infra.plan.node import plan_site
 
     a = next(a for a in attempts(tmp_path) if a.value.startswith("-oProxyCommand"))
