@@ -19,35 +19,59 @@ from infra.model.load import SiteError
 from infra.plan.node import UnknownNodeError
 from infra.ssh import SshError
 
-# Each module defines `register(subparsers)`; commands set `func(args) -> int`.
-COMMAND_MODULES = (
-    "infra.commands.bmc",
-    "infra.commands.dr",
-    "infra.commands.site",
-    "infra.commands.converge",
-    "infra.commands.lab",
-    "infra.commands.bench",
-    "infra.commands.inference",
-    "infra.commands.bundle",
-    "infra.commands.review",
-    "infra.commands.monitoring",
-    "infra.commands.lifecycle",
-    "infra.commands.collection",
-)
+# Every top-level command → the one module (per command group) that registers it, so a command imports only
+# what it uses: `gpufleet validate` never loads Pulumi, Ansible or the lab. tests/unit/test_cli_index.py checks
+# this index against what the modules register. Each module defines `register(subparsers)`; commands set
+# `func(args) -> int`.
+COMMANDS: dict[str, str] = {
+    "validate": "infra.commands.site",
+    "plan": "infra.commands.site",
+    "schema": "infra.commands.site",
+    "vram": "infra.commands.site",
+    "converge": "infra.commands.converge",
+    "check": "infra.commands.converge",
+    "validate-node": "infra.commands.converge",
+    "wait-ssh": "infra.commands.converge",
+    "rebuild": "infra.commands.dr",
+    "drift": "infra.commands.dr",
+    "fingerprint": "infra.commands.dr",
+    "state": "infra.commands.dr",
+    "bmc": "infra.commands.bmc",
+    "lock": "infra.commands.bundle",
+    "bundle": "infra.commands.bundle",
+    "mirror": "infra.commands.bundle",
+    "review": "infra.commands.review",
+    "bench-inference": "infra.commands.inference",
+    "monitoring": "infra.commands.monitoring",
+    "status": "infra.commands.monitoring",
+    "rollout-record": "infra.commands.lifecycle",
+    "rollout-guard": "infra.commands.lifecycle",
+    "decommission": "infra.commands.lifecycle",
+    "collection": "infra.commands.collection",
+    "inventory": "infra.commands.collection",
+    "lab": "infra.commands.lab",
+    "bench": "infra.commands.bench",
+}
+COMMAND_MODULES = tuple(dict.fromkeys(COMMANDS.values()))
 EXIT_INTERRUPTED = 130  # the shell's code for SIGINT; a run stopped by Ctrl-C/SIGTERM says what to re-run
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The full argument parser (all command modules registered)."""
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser: only `command`'s module when it is a known command, else every module (help, typos)."""
     parser = argparse.ArgumentParser(
         prog="gpufleet",
         description="Typed GPU site → Pulumi components and Ansible roles. Exit codes: 0 ok, 1 failed, "
         "2 invalid input (nothing touched), 3 drift found, 4 not confirmed, 5 prerequisite missing.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMAND_MODULES:
+    for name in (COMMANDS[command],) if command in COMMANDS else COMMAND_MODULES:
         importlib.import_module(name).register(sub)
     return parser
+
+
+def command_of(argv: Sequence[str]) -> str | None:
+    """The command word of an argument list (the first word that is not an option)."""
+    return next((a for a in argv if not a.startswith("-")), None)
 
 
 def _internal_error(args: argparse.Namespace | None, exc: BaseException) -> int:
@@ -101,8 +125,9 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse and run one command (argparse errors exit 2 through argparse itself)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        parser = build_parser()
+        parser = build_parser(command_of(argv))
     except Exception as exc:  # a broken install (missing dependency) must still end in one line
         if isinstance(exc, ModuleNotFoundError):
             return fail(None, Exit.UNAVAILABLE, f"missing Python package {exc.name!r}: reinstall gpufleet")

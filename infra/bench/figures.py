@@ -221,5 +221,41 @@ def lab_lifecycle(ctx: Context) -> dict[str, Any]:
     return out
 
 
+@figure(
+    "7",
+    "CLI start-up",
+    "Wall time of `gpufleet validate --stack lab` (the 4-node lab stack) and `gpufleet --help`, each a new process, "
+    "beside `python -c pass` in the same venv, timed alternately so machine noise hits all three alike. Each "
+    "command imports only its own module (infra/cli.py COMMANDS): validate loads the model, not Pulumi, Ansible "
+    "or the lab.",
+)
+def cli_startup(ctx: Context) -> dict[str, Any]:
+    """New-process timings of the CLI against the interpreter's own start-up."""
+    import subprocess
+    import sys
+
+    from infra.bench.harness import interleave
+
+    cli = [sys.executable, "-m", "infra.cli"]
+
+    def run(argv: list[str]) -> None:
+        subprocess.run(argv, cwd=ctx.root, capture_output=True, check=True)
+
+    t = interleave(
+        {
+            "python -c pass": lambda: run([sys.executable, "-c", "pass"]),
+            "gpufleet validate --stack lab": lambda: run([*cli, "validate", "--stack", "lab"]),
+            "gpufleet --help": lambda: run([*cli, "--help"]),
+        },
+        max(5, ctx.repeats * 3),
+    )
+    t["gpufleet validate --stack lab"].goal = "≤ 0.3 s"
+    return {
+        **t,
+        "validate / python -c pass": Ratio(t["gpufleet validate --stack lab"], t["python -c pass"], "validate"),
+        "--help / python -c pass": Ratio(t["gpufleet --help"], t["python -c pass"], "help"),
+    }
+
+
 # Figure 6 (inference): registered by infra.bench.inference as 6a, 6b, 6c.
 import infra.bench.inference  # noqa: E402, F401
