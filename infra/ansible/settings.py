@@ -13,6 +13,8 @@ import sys
 from enum import StrEnum
 from pathlib import Path
 
+from infra.model.load import project_dir
+
 # SshSettings moved to infra.ssh (the one SSH client); re-exported here for one release so callers
 # importing it from infra.ansible.settings keep working.
 from infra.ssh import SshSettings
@@ -42,8 +44,6 @@ MAX_FORKS = 32
 
 def project_root() -> Path:
     """The checkout holding roles/ and playbooks/ (installed package: its parent directory)."""
-    from infra.model.load import project_dir
-
     return project_dir()
 
 

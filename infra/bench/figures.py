@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from infra.bench.harness import Context, Measurement, Ratio, Skip, figure, repeat
+from infra.bench.harness import Context, Measurement, Ratio, Skip, figure, interleave, repeat
 
 
 @figure(
@@ -233,8 +233,6 @@ def cli_startup(ctx: Context) -> dict[str, Any]:
     """New-process timings of the CLI against the interpreter's own start-up."""
     import subprocess
     import sys
-
-    from infra.bench.harness import interleave
 
     cli = [sys.executable, "-m", "infra.cli"]
 
