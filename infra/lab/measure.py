@@ -32,7 +32,9 @@ def second_stack(source: Path, work: Path, prefix: str = "bm", bmc_port: int = 8
     data = yaml.safe_load(text)
     site = data["config"]["gpufleet:site"]
     site["name"] = f"lab{prefix}"
+    # Hosts and networks only: no services, and no monitoring (it names the first lab's segments).
     site["services"] = []
+    site.pop("observability", None)
     if nodes is not None:
         site["nodes"] = [n for n in site["nodes"] if n["hostname"] in nodes]
     for n in site["nodes"]:
