@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "infra.commands.bundle",
     "infra.commands.review",
     "infra.commands.monitoring",
+    "infra.commands.provision",
 )
 
 
