@@ -15,7 +15,7 @@ import yaml
 from infra.cli import main
 from infra.model.load import parse_site
 from infra.model.site import Node, Site
-from infra.provision.render import RenderError, dnsmasq_conf, node_script, render_site
+from infra.provision.render import HTTP_ROOT, TFTP_ROOT, RenderError, dnsmasq_conf, node_script, render_site
 from tests.unit.factories import make_site
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -197,3 +197,22 @@ def test_cli_check_runs_dnsmasq_on_the_lab_stack(capsys: pytest.CaptureFixture[s
     assert main(["provision", "check", "--stack", "lab"]) == 0
     out = capsys.readouterr().out
     assert re.findall(r"^(\S+): dnsmasq --test ok$", out, re.M) == [s["name"] for s in _raw_lab()["segments"]]
+
+
+def test_role_accepts_exactly_the_file_names_the_renderer_writes() -> None:
+    """roles/provisioning writes only names of the renderer's grammar; the two must agree."""
+    role_vars = yaml.safe_load((ROOT / "roles" / "provisioning" / "vars" / "main.yml").read_text())
+    pattern = re.compile(role_vars["_provisioning_http_file_pattern"])
+    for site in (_raw_lab(), _provisioned_site()):
+        for svc in render_site(parse_site(site)):
+            assert all(pattern.match(name) for name in svc.http_files), list(svc.http_files)
+    for hostile in ("../etc/passwd", "ipxe/../../x.ipxe", "/etc/cron.d/x", "ipxe/02-00-00-00-00-11.ipxe/x", "boot.ipxe\n"):
+        assert not pattern.match(hostile)
+
+
+def test_role_defaults_are_the_renderers_roots() -> None:
+    defaults = yaml.safe_load((ROOT / "roles" / "provisioning" / "defaults" / "main.yml").read_text())
+    assert defaults["provisioning_tftp_root"] == TFTP_ROOT
+    assert defaults["provisioning_http_root"] == HTTP_ROOT
+    (svc, _) = render_site(parse_site(_provisioned_site()))
+    assert _lines(svc.dnsmasq_conf, "tftp-root") == [TFTP_ROOT]
