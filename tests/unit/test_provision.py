@@ -206,7 +206,13 @@ def test_role_accepts_exactly_the_file_names_the_renderer_writes() -> None:
     for site in (_raw_lab(), _provisioned_site()):
         for svc in render_site(parse_site(site)):
             assert all(pattern.match(name) for name in svc.http_files), list(svc.http_files)
-    for hostile in ("../etc/passwd", "ipxe/../../x.ipxe", "/etc/cron.d/x", "ipxe/02-00-00-00-00-11.ipxe/x", "boot.ipxe\n"):
+    for hostile in (
+        "../etc/passwd",
+        "ipxe/../../x.ipxe",
+        "/etc/cron.d/x",
+        "ipxe/02-00-00-00-00-11.ipxe/x",
+        "boot.ipxe\n",
+    ):
         assert not pattern.match(hostile)
 
 
