@@ -186,82 +186,135 @@ def _stop(p: subprocess.Popen[bytes] | None) -> None:
             p.wait(10)
 
 
-def test_known_mac_network_boots_with_its_own_arguments_unknown_mac_gets_nothing(tmp_path: Path) -> None:
+# The stand-in for a site's own DHCP server in the proxy-mode test: a pool plus a reservation, no boot options.
+SITE_DHCP_ADDR = "198.18.9.2"
+SITE_DHCP = """port=0
+listen-address={addr}
+bind-interfaces
+dhcp-range=198.18.9.100,198.18.9.150,255.255.255.0,1h
+dhcp-host={mac},198.18.9.21
+dhcp-leasefile={leases}
+log-dhcp
+"""
+
+
+def _dnsmasq(conf: Path, log: Path) -> subprocess.Popen[bytes]:
+    """dnsmasq in the foreground with a config file, its log in a file (pid file beside it)."""
+    return subprocess.Popen(
+        ["dnsmasq", "--no-daemon", f"--conf-file={conf}", f"--pid-file={conf.with_suffix('.pid')}",
+         f"--log-facility={log}", "--user=root"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+
+
+@contextlib.contextmanager
+def _service(tmp_path: Path, mode: str) -> Iterator[tuple[Path, list[subprocess.Popen[bytes]]]]:
+    """Bridge, HTTP root, and dnsmasq with the config rendered for the test stack in `mode`.
+
+    Yields the dnsmasq log and a list the test appends its QEMU processes to; everything (VMs, dnsmasq
+    instances, HTTP server, taps, bridge) is torn down on the way out, also when the test fails.
+    """
     _need(os.geteuid() == 0, "needs root (bridge, tap devices, DHCP port 67)")
     for tool in ("dnsmasq", "qemu-system-x86_64", "cpio", "apt-get", "dpkg-deb", "ip"):
         _need(shutil.which(tool) is not None, f"{tool} is not installed (./scripts/setup.sh --test)")
     _need(ROM.exists(), f"{ROM} is missing (apt-get install ipxe-qemu)")
     kernel, initrd = _boot_files()
-
+    _Quiet.requests.clear()
     http_root = tmp_path / "http"
     (http_root / "deploy").mkdir(parents=True)
     shutil.copy2(kernel, http_root / "deploy" / "vmlinuz")
     shutil.copy2(initrd, http_root / "deploy" / "initrd.img")
     (tmp_path / "tftp").mkdir()
     log = tmp_path / "dnsmasq.log"
-    dnsmasq = httpd = vm = None
+    procs: list[subprocess.Popen[bytes]] = []
+    httpd = None
     with _bridge():
         try:
             handler = functools.partial(_Quiet, directory=str(http_root))
             httpd = http.server.ThreadingHTTPServer((BRIDGE_ADDR, 0), handler)
             threading.Thread(target=httpd.serve_forever, daemon=True).start()
-            site = parse_site(_stack(httpd.server_address[1]))
-            (svc,) = render_site(site, tftp_root=str(tmp_path / "tftp"), lease_file=str(tmp_path / "leases"))
+            stack = _stack(httpd.server_address[1])
+            stack["segments"][0]["provisioning"]["mode"] = mode  # type: ignore[index]
+            (svc,) = render_site(
+                parse_site(stack), tftp_root=str(tmp_path / "tftp"), lease_file=str(tmp_path / "leases")
+            )
             for rel, text in svc.http_files.items():
                 (http_root / rel).parent.mkdir(parents=True, exist_ok=True)
                 (http_root / rel).write_text(text)
+            if mode == "proxy":
+                _run(["ip", "addr", "add", f"{SITE_DHCP_ADDR}/24", "dev", BRIDGE])
+                site_conf = tmp_path / "site-dhcp.conf"
+                leases = tmp_path / "site.leases"
+                site_conf.write_text(SITE_DHCP.format(addr=SITE_DHCP_ADDR, mac=KNOWN_MAC, leases=leases))
+                procs.append(_dnsmasq(site_conf, tmp_path / "site-dhcp.log"))
             conf = tmp_path / "dnsmasq.conf"
             conf.write_text(svc.dnsmasq_conf)
-            dnsmasq = subprocess.Popen(
-                ["dnsmasq", "--no-daemon", f"--conf-file={conf}", f"--pid-file={tmp_path / 'dnsmasq.pid'}",
-                 f"--log-facility={log}", "--user=root"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            )  # fmt: skip
-            assert _wait(lambda: log.exists() and "DHCP, static leases only" in log.read_text(), 15), (
-                log.read_text() if log.exists() else dnsmasq.stderr.read().decode()  # type: ignore[union-attr]
+            procs.append(_dnsmasq(conf, log))
+            ready = "proxy on subnet" if mode == "proxy" else "static leases only"
+            assert _wait(lambda: log.exists() and ready in log.read_text(), 15), (
+                log.read_text() if log.exists() else procs[-1].stderr.read().decode()  # type: ignore[union-attr]
             )
-
-            # A MAC the stack names: DHCP → reserved address → boot.ipxe → its script → kernel + initrd.
-            serial = tmp_path / "known.serial"
-            started = time.monotonic()
-            vm = _qemu(_tap(0), KNOWN_MAC, serial)
-            booted = _wait(lambda: MARKER in serial.read_text(errors="replace") if serial.exists() else False, 90)
-            text = serial.read_text(errors="replace") if serial.exists() else ""
-            assert booted, f"no marker on the serial port\n--- serial\n{text[-3000:]}\n--- dnsmasq\n{log.read_text()}"
-            cmdline = next(line for line in text.splitlines() if MARKER in line)
-            print(f"network boot to userspace: {time.monotonic() - started:.1f} s")  # reported, never asserted
-            for arg in (
-                "gpufleet.node=vm-node1",
-                "ip=198.18.9.21::",
-                "BOOTIF=01-52-54-00-9a-00-21",
-                "gpufleet.image=debian-12-gpu",
-                "gpufleet.root_disk=serial:QM00001",
-                "gpufleet.boot_mode=bios",
-            ):
-                assert arg in cmdline, (arg, cmdline)
-            assert "vm-node2" not in cmdline
-            dhcp = log.read_text()
-            assert f"DHCPACK(gpf-prov0) 198.18.9.21 {KNOWN_MAC} vm-node1" in dhcp, dhcp
-            assert "/boot.ipxe" in _Quiet.requests
-            assert "/ipxe/52-54-00-9a-00-21.ipxe" in _Quiet.requests, _Quiet.requests
-            _stop(vm)
-            vm = None
-
-            # A MAC the stack does not name: dnsmasq ignores it, nothing is fetched, no kernel runs.
-            serial = tmp_path / "unknown.serial"
-            seen = len(_Quiet.requests)
-            vm = _qemu(_tap(1), UNKNOWN_MAC, serial)
-            ignored = _wait(lambda: f"{UNKNOWN_MAC} ignored" in log.read_text(), 60)
-            time.sleep(5)  # give a wrong answer time to show up before judging
-            assert ignored, log.read_text()
-            dhcp = log.read_text()
-            unknown_lines = [line for line in dhcp.splitlines() if UNKNOWN_MAC in line]
-            assert not [line for line in unknown_lines if "DHCPOFFER" in line or "DHCPACK" in line], unknown_lines
-            assert _Quiet.requests[seen:] == []
-            assert "Linux version" not in (serial.read_text(errors="replace") if serial.exists() else "")
+            yield log, procs
         finally:
-            _stop(vm)
-            _stop(dnsmasq)  # type: ignore[arg-type]
+            for p in reversed(procs):
+                _stop(p)
             if httpd is not None:
                 httpd.shutdown()
                 httpd.server_close()
+
+
+def _boot_known(tmp_path: Path, log: Path, procs: list[subprocess.Popen[bytes]]) -> str:
+    """Boot the VM with the known MAC; return its kernel command line as the initrd printed it."""
+    serial = tmp_path / "known.serial"
+    started = time.monotonic()
+    procs.append(_qemu(_tap(0), KNOWN_MAC, serial))
+    booted = _wait(lambda: MARKER in serial.read_text(errors="replace") if serial.exists() else False, 90)
+    text = serial.read_text(errors="replace") if serial.exists() else ""
+    assert booted, f"no marker on the serial port\n--- serial\n{text[-3000:]}\n--- dnsmasq\n{log.read_text()}"
+    print(f"network boot to userspace: {time.monotonic() - started:.1f} s")  # reported, never asserted
+    _stop(procs.pop())
+    cmdline = next(line for line in text.splitlines() if MARKER in line)
+    for arg in (
+        "gpufleet.node=vm-node1",
+        "ip=198.18.9.21::",
+        "BOOTIF=01-52-54-00-9a-00-21",
+        "gpufleet.image=debian-12-gpu",
+        "gpufleet.root_disk=serial:QM00001",
+        "gpufleet.boot_mode=bios",
+    ):
+        assert arg in cmdline, (arg, cmdline)
+    assert "vm-node2" not in cmdline
+    assert "/boot.ipxe" in _Quiet.requests
+    assert "/ipxe/52-54-00-9a-00-21.ipxe" in _Quiet.requests, _Quiet.requests
+    return cmdline
+
+
+def test_known_mac_network_boots_with_its_own_arguments_unknown_mac_gets_nothing(tmp_path: Path) -> None:
+    with _service(tmp_path, "dhcp") as (log, procs):
+        # A MAC the stack names: DHCP → reserved address → boot.ipxe → its script → kernel + initrd.
+        _boot_known(tmp_path, log, procs)
+        dhcp = log.read_text()
+        assert f"DHCPACK(gpf-prov0) 198.18.9.21 {KNOWN_MAC} vm-node1" in dhcp, dhcp
+
+        # A MAC the stack does not name: dnsmasq ignores it, nothing is fetched, no kernel runs.
+        serial = tmp_path / "unknown.serial"
+        seen = len(_Quiet.requests)
+        procs.append(_qemu(_tap(1), UNKNOWN_MAC, serial))
+        ignored = _wait(lambda: f"{UNKNOWN_MAC} ignored" in log.read_text(), 60)
+        time.sleep(5)  # give a wrong answer time to show up before judging
+        assert ignored, log.read_text()
+        unknown_lines = [line for line in log.read_text().splitlines() if UNKNOWN_MAC in line]
+        assert not [line for line in unknown_lines if "DHCPOFFER" in line or "DHCPACK" in line], unknown_lines
+        assert _Quiet.requests[seen:] == []
+        assert "Linux version" not in (serial.read_text(errors="replace") if serial.exists() else "")
+
+
+def test_proxy_mode_boots_beside_the_sites_own_dhcp(tmp_path: Path) -> None:
+    """The site's DHCP server gives the address; the rendered proxy-DHCP config only adds the boot path."""
+    with _service(tmp_path, "proxy") as (log, procs):
+        _boot_known(tmp_path, log, procs)
+        site_log = (tmp_path / "site-dhcp.log").read_text()
+        assert f"DHCPACK(gpf-prov0) 198.18.9.21 {KNOWN_MAC}" in site_log, site_log
+        proxy = log.read_text()
+        assert f"PXE(gpf-prov0) {KNOWN_MAC} proxy" in proxy, proxy
+        assert "DHCPACK" not in proxy  # proxy-DHCP never hands out an address
