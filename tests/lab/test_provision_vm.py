@@ -29,7 +29,7 @@ from typing import ClassVar
 import pytest
 
 from infra.model.load import parse_site
-from infra.provision.render import render_site
+from infra.provision.render import BIOS_LOADER, UEFI_LOADER, render_site
 from tests.unit.factories import make_site
 
 pytestmark = pytest.mark.lab
@@ -45,6 +45,10 @@ CACHE = Path(os.environ.get("GPUFLEET_VM_CACHE", "/var/cache/gpufleet/provision-
 # QEMU's default ROM of virtio-net-pci (Debian: from ipxe-qemu, found through QEMU's data path); naming
 # pxe-virtio.rom instead left the VM without network I/O here.
 ROM = Path("/usr/lib/ipxe/qemu/efi-virtio.rom")
+# UEFI firmware (Debian `ovmf`) and the iPXE builds the service chain-loads (Debian `ipxe`).
+OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
+OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+IPXE_DIR = Path("/usr/lib/ipxe")
 
 INIT = f"""#!/bin/busybox sh
 /bin/busybox mkdir -p /proc /dev
@@ -153,13 +157,21 @@ def _tap(i: int) -> str:
     return name
 
 
-def _qemu(tap: str, mac: str, serial: Path) -> subprocess.Popen[bytes]:
+def _qemu(tap: str, mac: str, serial: Path, uefi_vars: Path | None = None) -> subprocess.Popen[bytes]:
+    """A diskless VM booting from the network: SeaBIOS + the NIC's iPXE ROM, or (uefi_vars) OVMF's own PXE."""
+    nic = f"virtio-net-pci,netdev=n0,mac={mac}"
+    firmware: list[str] = []
+    if uefi_vars is not None:
+        # No option ROM: OVMF's built-in UEFI PXE client boots, as a server's firmware would (not iPXE).
+        nic += ",romfile="
+        firmware = ["-drive", f"if=pflash,format=raw,readonly=on,file={OVMF_CODE}",
+                    "-drive", f"if=pflash,format=raw,file={uefi_vars}"]  # fmt: skip
     return subprocess.Popen(
         [
-            "qemu-system-x86_64", "-accel", "tcg", "-m", "256", "-smp", "1",
-            "-display", "none", "-monitor", "none", "-no-reboot", "-boot", "n",
+            "qemu-system-x86_64", "-accel", "tcg", "-m", "512", "-smp", "1",
+            "-display", "none", "-monitor", "none", "-no-reboot", "-boot", "n", *firmware,
             "-netdev", f"tap,id=n0,ifname={tap},script=no,downscript=no",
-            "-device", f"virtio-net-pci,netdev=n0,mac={mac}",
+            "-device", nic,
             "-serial", f"file:{serial}",
         ],
         stdout=subprocess.DEVNULL,
@@ -208,7 +220,9 @@ def _dnsmasq(conf: Path, log: Path) -> subprocess.Popen[bytes]:
 
 
 @contextlib.contextmanager
-def _service(tmp_path: Path, mode: str) -> Iterator[tuple[Path, list[subprocess.Popen[bytes]]]]:
+def _service(
+    tmp_path: Path, mode: str, boot_mode: str = "bios"
+) -> Iterator[tuple[Path, list[subprocess.Popen[bytes]]]]:
     """Bridge, HTTP root, and dnsmasq with the config rendered for the test stack in `mode`.
 
     Yields the dnsmasq log and a list the test appends its QEMU processes to; everything (VMs, dnsmasq
@@ -235,6 +249,7 @@ def _service(tmp_path: Path, mode: str) -> Iterator[tuple[Path, list[subprocess.
             threading.Thread(target=httpd.serve_forever, daemon=True).start()
             stack = _stack(httpd.server_address[1])
             stack["segments"][0]["provisioning"]["mode"] = mode  # type: ignore[index]
+            stack["nodes"][0]["boot_mode"] = boot_mode  # type: ignore[index]
             (svc,) = render_site(
                 parse_site(stack), tftp_root=str(tmp_path / "tftp"), lease_file=str(tmp_path / "leases")
             )
@@ -263,12 +278,12 @@ def _service(tmp_path: Path, mode: str) -> Iterator[tuple[Path, list[subprocess.
                 httpd.server_close()
 
 
-def _boot_known(tmp_path: Path, log: Path, procs: list[subprocess.Popen[bytes]]) -> str:
+def _boot_known(tmp_path: Path, log: Path, procs: list[subprocess.Popen[bytes]], uefi_vars: Path | None = None) -> str:
     """Boot the VM with the known MAC; return its kernel command line as the initrd printed it."""
     serial = tmp_path / "known.serial"
     started = time.monotonic()
-    procs.append(_qemu(_tap(0), KNOWN_MAC, serial))
-    booted = _wait(lambda: MARKER in serial.read_text(errors="replace") if serial.exists() else False, 90)
+    procs.append(_qemu(_tap(0), KNOWN_MAC, serial, uefi_vars))
+    booted = _wait(lambda: MARKER in serial.read_text(errors="replace") if serial.exists() else False, 150)
     text = serial.read_text(errors="replace") if serial.exists() else ""
     assert booted, f"no marker on the serial port\n--- serial\n{text[-3000:]}\n--- dnsmasq\n{log.read_text()}"
     print(f"network boot to userspace: {time.monotonic() - started:.1f} s")  # reported, never asserted
@@ -280,7 +295,7 @@ def _boot_known(tmp_path: Path, log: Path, procs: list[subprocess.Popen[bytes]])
         "BOOTIF=01-52-54-00-9a-00-21",
         "gpufleet.image=debian-12-gpu",
         "gpufleet.root_disk=serial:QM00001",
-        "gpufleet.boot_mode=bios",
+        f"gpufleet.boot_mode={'uefi' if uefi_vars else 'bios'}",
     ):
         assert arg in cmdline, (arg, cmdline)
     assert "vm-node2" not in cmdline
@@ -318,3 +333,20 @@ def test_proxy_mode_boots_beside_the_sites_own_dhcp(tmp_path: Path) -> None:
         proxy = log.read_text()
         assert f"PXE(gpf-prov0) {KNOWN_MAC} proxy" in proxy, proxy
         assert "DHCPACK" not in proxy  # proxy-DHCP never hands out an address
+
+
+def test_uefi_firmware_pxe_is_chain_loaded_into_ipxe_over_tftp(tmp_path: Path) -> None:
+    """Firmware that is not iPXE (OVMF's UEFI PXE, no NIC ROM) gets ipxe.efi by TFTP, then the same HTTP path."""
+    _need(OVMF_CODE.exists() and OVMF_VARS.exists(), f"{OVMF_CODE} is missing (apt-get install ovmf)")
+    _need((IPXE_DIR / "ipxe.efi").exists(), f"{IPXE_DIR / 'ipxe.efi'} is missing (apt-get install ipxe)")
+    with _service(tmp_path, "dhcp", boot_mode="uefi") as (log, procs):
+        tftp = tmp_path / "tftp"
+        for loader in (BIOS_LOADER, UEFI_LOADER):
+            shutil.copy2(IPXE_DIR / loader, tftp / loader)  # what roles/provisioning places there
+        uefi_vars = tmp_path / "OVMF_VARS.fd"
+        shutil.copy2(OVMF_VARS, uefi_vars)
+        _boot_known(tmp_path, log, procs, uefi_vars)
+        sent = [line for line in log.read_text().splitlines() if "dnsmasq-tftp" in line and " sent " in line]
+        # RFC 4578 architecture 7 (EFI x86-64) → the UEFI build; the BIOS one is never sent.
+        assert any(line.endswith(f"sent {tftp / 'ipxe.efi'} to 198.18.9.21") for line in sent), sent
+        assert not [line for line in sent if "undionly.kpxe" in line], sent
