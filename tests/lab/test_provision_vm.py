@@ -6,7 +6,9 @@ Python's http.server serves the rendered iPXE scripts plus a kernel and initrd, 
 not work on this machine kind) boots with `-boot n`: the iPXE ROM of its virtio NIC (Debian `ipxe-qemu`)
 does DHCP, gets the reserved address, chains boot.ipxe → the per-MAC script → kernel + initrd. The
 initrd's /init prints the kernel command line to the serial port and powers off, so the node-specific
-arguments are seen arriving. A second VM with a MAC the stack does not name gets no answer.
+arguments are seen arriving. A second VM with a MAC the stack does not name gets no answer. The same
+boot also runs in proxy-DHCP mode beside a stand-in site DHCP server, and from UEFI firmware that is not
+iPXE (OVMF's own PXE client), which the service chain-loads into `ipxe.efi` over TFTP.
 
 Kernel and busybox come from Debian's apt only (`apt-get download`), built once into a cache directory.
 Run under the lab lock: `flock /tmp/gpufleet-lab.lock pytest -m lab tests/lab/test_provision_vm.py`.
