@@ -436,7 +436,7 @@ class Node(_Model):
     boot_mode: BootMode = BootMode.UEFI
     """Firmware boot mode the node is set to: `uefi` (default) or legacy `bios`."""
     root_disk: RootDiskHint | None = None
-    """Disk the OS image is written to; required for a network install when the node has several disks."""
+    """Disk the OS image is written to; set it for every node with more than one disk (the stack cannot tell)."""
     image: str | None = Field(default=None, pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")
     """Name of the OS image the provisioning service installs; unset: the node is never network-installed
     (its iPXE script hands back to the firmware's next boot device)."""
