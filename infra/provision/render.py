@@ -141,7 +141,7 @@ def node_script(node: Node, segment: Segment, base_url: str) -> str:
         # No image in the stack: this node is not network-installed; `exit` returns to the firmware,
         # which tries its next boot device (the local disk).
         return "\n".join(
-            [*head, f"echo gpufleet: {host} has no OS image in the stack; booting the next device", "exit", ""]
+            [*head, f"echo gpufleet: {host} has no OS image in the stack, booting the next device", "exit", ""]
         )
     cmdline = " ".join(kernel_args(node, segment, base_url))
     return "\n".join(
@@ -153,7 +153,7 @@ def node_script(node: Node, segment: Segment, base_url: str) -> str:
             f"initrd --name initrd.img {base_url}/{DEPLOY_INITRD} || goto failed",
             "boot || goto failed",
             ":failed",
-            f"echo gpufleet: network install of {host} failed; handing back to the firmware",
+            f"echo gpufleet: network install of {host} failed, handing back to the firmware",
             "exit 1",
             "",
         ]
@@ -169,7 +169,7 @@ def default_script(base_url: str) -> str:
             f"chain --autofree {base_url}/ipxe/${{netX/mac:hexhyp}}.ipxe || goto unknown",
             ":unknown",
             # Only a MAC the stack declares has a script: anything else does not boot from this service.
-            "echo gpufleet: no provisioning entry for ${netX/mac}; refusing to boot from the network",
+            "echo gpufleet: no provisioning entry for ${netX/mac}, refusing to boot from the network",
             "exit 1",
             "",
         ]
