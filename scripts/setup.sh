@@ -9,15 +9,22 @@ UV_VERSION=0.13.9   # also pinned in uv.lock (dev extra), so `uv sync` keeps it
 # Debian packages the controller uses, by the command that proves each is there:
 # ssh (converge), gpg/gpgv + dpkg-scanpackages + skopeo (bundle build/verify/import), ipmitool (IPMI BMCs).
 # With --test, also what the test suite needs: systemd-analyze (unit files), ipmi_sim (IPMI tests),
-# nft (ruleset checks), g++/make (the lab's llama.cpp wheel is built from source).
+# nft (ruleset checks), g++/make (the lab's llama.cpp wheel is built from source), dnsmasq (provisioning
+# config check), qemu + its iPXE ROMs + OVMF + ipxe + cpio (the network-boot VM tests).
 declare -A want=([git]=git [ssh]=openssh-client [gpg]=gnupg [gpgv]=gpgv [dpkg-scanpackages]=dpkg-dev
                  [skopeo]=skopeo [ipmitool]=ipmitool [openssl]=openssl)
 if [[ "${1:-}" == "--test" ]]; then
-  want+=([systemd-analyze]=systemd [ipmi_sim]=openipmi [nft]=nftables [g++]=g++ [make]=make [promtool]=prometheus)
+  want+=([systemd-analyze]=systemd [ipmi_sim]=openipmi [nft]=nftables [g++]=g++ [make]=make [promtool]=prometheus
+         [dnsmasq]=dnsmasq-base [qemu-system-x86_64]=qemu-system-x86 [cpio]=cpio)
 fi
 need_apt=()
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
 for cmd in "${!want[@]}"; do command -v "$cmd" >/dev/null || need_apt+=("${want[$cmd]}"); done
+# The iPXE option ROMs QEMU's virtio-net boots from (a file, not a command).
+[[ "${1:-}" != "--test" || -e /usr/lib/ipxe/qemu/efi-virtio.rom ]] || need_apt+=(ipxe-qemu)
+# UEFI firmware and the iPXE builds the provisioning service chain-loads (UEFI network-boot VM test).
+[[ "${1:-}" != "--test" || -e /usr/share/OVMF/OVMF_CODE_4M.fd ]] || need_apt+=(ovmf)
+[[ "${1:-}" != "--test" || -e /usr/lib/ipxe/ipxe.efi ]] || need_apt+=(ipxe)
 if ((${#need_apt[@]})); then
   if [[ $(id -u) -eq 0 ]]; then
     # Wait for another apt/dpkg process (unattended-upgrades on a fresh machine) instead of failing at

@@ -971,3 +971,81 @@ def engine_support(site: Site, cat: ResolvedCatalogue) -> Iterator[Problem]:
                 "llama.cpp's KV cache type is not set by gpufleet",
                 "set kv_cache_dtype: auto",
             )
+
+
+@rule
+def provisioning(site: Site, cat: ResolvedCatalogue) -> Iterator[Problem]:
+    """Each provisioning host exists on its segment (an air gap is provisioned from inside); its port is free.
+
+    PXE MACs (the first of each node) are unique through `unique_addresses`, which covers every MAC.
+    """
+    segments = {s.name: s for s in site.segments}
+    hosts = {n.hostname: (n.segment, n.address) for n in site.nodes}
+    hosts |= {m.name: (m.segment, m.address) for m in site.mirrors}
+    used = {addr: name for name, (_, addr) in hosts.items()}
+    ports_on: dict[str, dict[int, str]] = {}
+    for m in site.mirrors:
+        ports_on[m.name] = {m.http_port: "the mirror's HTTP server", m.registry_port: "the mirror's registry"}
+    for svc in site.services:
+        for host in svc.nodes:
+            ports_on.setdefault(host, {})[svc.port] = f"service {svc.name}"
+    for i, s in enumerate(site.segments):
+        prov = s.provisioning
+        if prov is None:
+            continue
+        path = f"segments[{i}].provisioning"
+        where = hosts.get(prov.host)
+        if where is not None:
+            seg_name, _ = where
+            if prov.address is not None:
+                yield Problem(
+                    f"{path}.address",
+                    f"{prov.host} is a node or mirror; its address comes from its own entry",
+                    "remove `address` (it is only for a dedicated provisioning host)",
+                )
+            if seg_name != s.name:
+                fix = (
+                    "an air-gapped segment is provisioned from a host on the segment itself (usually its mirror)"
+                    if s.airgapped
+                    else "name a node or mirror of this segment, or a dedicated host with its address here"
+                )
+                yield Problem(f"{path}.host", f"{prov.host} is on segment {seg_name!r}, not {s.name!r}", fix)
+        elif prov.address is None:
+            yield Problem(
+                f"{path}.host",
+                f"{prov.host!r} is neither a node nor a mirror, and no address is given for it",
+                f"name a node or mirror of {s.name!r}, or set `address` of the dedicated host (inside {s.cidr})",
+            )
+        elif prov.address not in s.cidr:
+            yield Problem(
+                f"{path}.address",
+                f"{prov.address} is outside segment {s.name!r} ({s.cidr})",
+                "the provisioning host answers DHCP broadcasts, so it sits on the segment: use an address in it",
+            )
+        elif prov.address in (s.cidr.network_address, s.cidr.broadcast_address) or prov.address == s.gateway:
+            yield Problem(
+                f"{path}.address",
+                f"{prov.address} is the network, broadcast or gateway address of {s.cidr}",
+                "use a host address",
+            )
+        elif prov.address in used:
+            yield Problem(
+                f"{path}.address",
+                f"{prov.address} is already used by {used[prov.address]}",
+                "give the dedicated provisioning host its own address",
+            )
+        taken = ports_on.get(prov.host, {})
+        if prov.http_port in taken:
+            yield Problem(
+                f"{path}.http_port",
+                f"port {prov.http_port} on {prov.host} is already used by {taken[prov.http_port]}",
+                "pick another port for the provisioning HTTP server",
+            )
+    for i, n in enumerate(site.nodes):
+        seg = segments.get(n.segment)
+        if n.image is not None and (seg is None or seg.provisioning is None):
+            yield Problem(
+                f"nodes[{i}].image",
+                f"names an OS image but segment {n.segment!r} has no provisioning service",
+                f"declare segments[].provisioning for {n.segment!r} or remove `image`",
+            )

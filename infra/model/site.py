@@ -822,6 +822,75 @@ class Segment(_Model):
     """Destinations nodes may reach outside their segment; air-gapped: only the mirror."""
     egress_probe: Ipv4Addr | None = None
     """An address outside the segment that the air-gap firewall check must find unreachable."""
+    provisioning: Provisioning | None = None
+    """Network-install service of this segment; unset when nodes are installed some other way."""
+
+
+class ProvisioningMode(StrEnum):
+    """How a segment's provisioning service answers DHCP."""
+
+    DHCP = "dhcp"
+    """The only DHCP server of the segment: static reservations from the stack's MACs, no dynamic pool."""
+    PROXY = "proxy"
+    """Proxy-DHCP beside the site's own DHCP server: boot information only, the site's server gives addresses."""
+
+
+class Provisioning(_Model):
+    """A segment's network-install service: DHCP (or proxy-DHCP), TFTP of iPXE, HTTP of per-node iPXE scripts.
+
+    Only MACs declared under `nodes` get an answer; unknown machines get nothing (docs/bare-metal.md).
+    """
+
+    host: Hostname
+    """Host that runs the service: a node or mirror of this segment (air-gapped: usually its mirror), or a
+    dedicated host named here with `address`."""
+    address: Ipv4Addr | None = None
+    """Address of a dedicated provisioning host on this segment; unset when `host` is a node or mirror."""
+    mode: ProvisioningMode = ProvisioningMode.DHCP
+    """`dhcp`: static reservations only; `proxy`: proxy-DHCP next to the site's DHCP server."""
+    http_port: int = Field(default=8081, ge=1, le=65535)
+    """Port of the HTTP server that serves iPXE scripts, kernel, initrd and images on `host`."""
+
+
+class BootMode(StrEnum):
+    """Firmware boot mode a node is set to (and its bootloader is installed for)."""
+
+    UEFI = "uefi"
+    BIOS = "bios"
+
+
+# Disk serial numbers as udev reports them (ID_SERIAL_SHORT): letters, digits, '.', '_', '-'.
+_SERIAL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+# A kernel device path or a stable udev link: /dev/nvme0n1, /dev/sda, /dev/disk/by-id/…, /dev/disk/by-path/….
+_DISK_PATH = re.compile(r"/dev/(?:[a-z][a-z0-9]{1,31}|disk/by-(?:id|path|uuid)/[A-Za-z0-9][A-Za-z0-9:._+-]{0,127})")
+_IMAGE_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
+DiskSerial = Annotated[str, _BASE, _grammar(_SERIAL, "a disk serial number", "write it as `lsblk -o SERIAL` shows it")]
+DiskPath = Annotated[
+    str, _BASE, _grammar(_DISK_PATH, "a disk device path", "use /dev/<name> or /dev/disk/by-{id,path,uuid}/<name>")
+]
+ImageName = Annotated[
+    str, _BASE, _grammar(_IMAGE_NAME, "an OS image name", "use lower-case letters, digits, '.', '_' and '-'")
+]
+
+
+class RootDiskHint(_Model):
+    """Which disk of a node is its root disk; exactly one of `size_gb`, `serial`, `path`."""
+
+    size_gb: int | None = Field(default=None, ge=1, le=1_000_000)
+    """Size in GB (10^9 bytes) as the disk reports it, rounded down: the one disk of this size."""
+    serial: DiskSerial | None = None
+    """Disk serial number (udev `ID_SERIAL_SHORT`, `lsblk -o SERIAL`)."""
+    path: DiskPath | None = None
+    """Device path; prefer a stable `/dev/disk/by-path/…` or `/dev/disk/by-id/…` link over `/dev/sdX`."""
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> RootDiskHint:
+        if sum(x is not None for x in (self.size_gb, self.serial, self.path)) != 1:
+            raise ValueError(
+                "a root disk hint names exactly one of `size_gb`, `serial` or `path`; "
+                "pick the one that identifies the disk uniquely (serial is the most stable)"
+            )
+        return self
 
 
 class BmcProtocol(StrEnum):
@@ -886,6 +955,13 @@ class Node(_Model):
     """Additional URLs the node fetches from (apt, files); checked against air-gap rules."""
     ssh_user: PosixUser = "root"
     """User Ansible connects as (with sudo when not root)."""
+    boot_mode: BootMode = BootMode.UEFI
+    """Firmware boot mode the node is set to: `uefi` (default) or legacy `bios`."""
+    root_disk: RootDiskHint | None = None
+    """Disk the OS image is written to; set it for every node with more than one disk (the stack cannot tell)."""
+    image: ImageName | None = None
+    """Name of the OS image the provisioning service installs; unset: the node is never network-installed
+    (its iPXE script hands back to the firmware's next boot device)."""
 
 
 class ModelSpec(_Model):
