@@ -795,6 +795,32 @@ class AptSource(_Model):
         return self
 
 
+class ProvisioningMode(StrEnum):
+    """How a segment's provisioning service answers DHCP."""
+
+    DHCP = "dhcp"
+    """The only DHCP server of the segment: static reservations from the stack's MACs, no dynamic pool."""
+    PROXY = "proxy"
+    """Proxy-DHCP beside the site's own DHCP server: boot information only, the site's server gives addresses."""
+
+
+class Provisioning(_Model):
+    """A segment's network-install service: DHCP (or proxy-DHCP), TFTP of iPXE, HTTP of per-node iPXE scripts.
+
+    Only MACs declared under `nodes` get an answer; unknown machines get nothing (docs/bare-metal.md).
+    """
+
+    host: Hostname
+    """Host that runs the service: a node or mirror of this segment (air-gapped: usually its mirror), or a
+    dedicated host named here with `address`."""
+    address: Ipv4Addr | None = None
+    """Address of a dedicated provisioning host on this segment; unset when `host` is a node or mirror."""
+    mode: ProvisioningMode = ProvisioningMode.DHCP
+    """`dhcp`: static reservations only; `proxy`: proxy-DHCP next to the site's DHCP server."""
+    http_port: int = Field(default=8081, ge=1, le=65535)
+    """Port of the HTTP server that serves iPXE scripts, kernel, initrd and images on `host`."""
+
+
 class Segment(_Model):
     """An L2/L3 network segment of the site."""
 
@@ -824,32 +850,6 @@ class Segment(_Model):
     """An address outside the segment that the air-gap firewall check must find unreachable."""
     provisioning: Provisioning | None = None
     """Network-install service of this segment; unset when nodes are installed some other way."""
-
-
-class ProvisioningMode(StrEnum):
-    """How a segment's provisioning service answers DHCP."""
-
-    DHCP = "dhcp"
-    """The only DHCP server of the segment: static reservations from the stack's MACs, no dynamic pool."""
-    PROXY = "proxy"
-    """Proxy-DHCP beside the site's own DHCP server: boot information only, the site's server gives addresses."""
-
-
-class Provisioning(_Model):
-    """A segment's network-install service: DHCP (or proxy-DHCP), TFTP of iPXE, HTTP of per-node iPXE scripts.
-
-    Only MACs declared under `nodes` get an answer; unknown machines get nothing (docs/bare-metal.md).
-    """
-
-    host: Hostname
-    """Host that runs the service: a node or mirror of this segment (air-gapped: usually its mirror), or a
-    dedicated host named here with `address`."""
-    address: Ipv4Addr | None = None
-    """Address of a dedicated provisioning host on this segment; unset when `host` is a node or mirror."""
-    mode: ProvisioningMode = ProvisioningMode.DHCP
-    """`dhcp`: static reservations only; `proxy`: proxy-DHCP next to the site's DHCP server."""
-    http_port: int = Field(default=8081, ge=1, le=65535)
-    """Port of the HTTP server that serves iPXE scripts, kernel, initrd and images on `host`."""
 
 
 class BootMode(StrEnum):

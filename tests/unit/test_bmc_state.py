@@ -327,6 +327,7 @@ def state_docs(draw: st.DrawFn) -> object:
     return doc
 
 
+@pytest.mark.slow
 @settings(max_examples=1500, deadline=None)
 @given(state_docs())
 def test_property_restore_checks_accept_or_refuse_cleanly(doc: object) -> None:

@@ -981,6 +981,7 @@ def _parse_ends_cleanly(text: str | bytes) -> Manifest | None:
     return man
 
 
+@pytest.mark.slow
 @settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(mutated_manifests())
 def test_property_mutated_manifests_parse_or_fail_cleanly(text: str) -> None:
@@ -988,6 +989,7 @@ def test_property_mutated_manifests_parse_or_fail_cleanly(text: str) -> None:
     _parse_ends_cleanly(text)
 
 
+@pytest.mark.slow
 @settings(max_examples=1500, deadline=None)
 @given(st.one_of(st.binary(max_size=300), st.text(max_size=300), _JSON.map(json.dumps),
                  st.tuples(st.integers(0, 2000), st.binary(max_size=3)).map(

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
@@ -21,6 +22,9 @@ from pydantic import ValidationError
 
 from infra.model.load import SiteError, load_site, parse_site
 from infra.model.site import Site
+
+# Real emulators or thousands of generated inputs: run by scripts/test.sh, not in the fast unit loop.
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 LAB = yaml.safe_load((ROOT / "stacks/Pulumi.lab.yaml").read_text(encoding="utf-8"))

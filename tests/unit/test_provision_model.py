@@ -53,7 +53,12 @@ CASES: list[tuple[str, Mutation, str, str]] = [
     ("two-disk-hints", _node(0, root_disk={"serial": "ABC", "size_gb": 960}), "nodes[0].root_disk", "exactly one"),
     ("no-disk-hint", _node(0, root_disk={}), "nodes[0].root_disk", "exactly one"),
     ("disk-path-not-dev", _node(0, root_disk={"path": "/tmp/disk"}), "nodes[0].root_disk.path", "disk device path"),
-    ("disk-path-injection", _node(0, root_disk={"path": "/dev/sda quiet"}), "nodes[0].root_disk.path", "disk device path"),
+    (
+        "disk-path-injection",
+        _node(0, root_disk={"path": "/dev/sda quiet"}),
+        "nodes[0].root_disk.path",
+        "disk device path",
+    ),
     ("disk-serial-blank", _node(0, root_disk={"serial": "S5 GX"}), "nodes[0].root_disk.serial", "disk serial number"),
     ("disk-size-zero", _node(0, root_disk={"size_gb": 0}), "nodes[0].root_disk.size_gb", "greater"),
     ("image-grammar", _node(0, image="Ubuntu 22.04"), "nodes[0].image", "os image name"),

@@ -39,6 +39,10 @@ from tests.unit.test_bmc import (
 
 CANARY = "CANARY-5f1e9a77-do-not-echo"
 
+# Real emulators or thousands of generated inputs: run by scripts/test.sh, not in the fast unit loop.
+pytestmark = pytest.mark.slow
+
+
 
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Emulator]:

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -18,6 +19,9 @@ from infra.plan.node import plan_site
 from infra.review.digest import OPS, SECRET_SIG, SIG_KEY, UNKNOWN, DigestError, parse
 from infra.review.report import markdown, review
 from tests.unit.test_review_injection import check_markdown
+
+# Real emulators or thousands of generated inputs: run by scripts/test.sh, not in the fast unit loop.
+pytestmark = pytest.mark.slow
 
 PREVIEWS = Path(__file__).resolve().parents[1] / "fixtures" / "preview"
 FIXTURES = {p.name: json.loads(p.read_text()) for p in sorted(PREVIEWS.glob("*.json"))}
