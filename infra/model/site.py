@@ -863,13 +863,14 @@ class BootMode(StrEnum):
 _SERIAL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 # A kernel device path or a stable udev link: /dev/nvme0n1, /dev/sda, /dev/disk/by-id/…, /dev/disk/by-path/….
 _DISK_PATH = re.compile(r"/dev/(?:[a-z][a-z0-9]{1,31}|disk/by-(?:id|path|uuid)/[A-Za-z0-9][A-Za-z0-9:._+-]{0,127})")
-_IMAGE_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
+IMAGE_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
+"""An OS image name (a file name on the provisioning host and a kernel argument)."""
 DiskSerial = Annotated[str, _BASE, _grammar(_SERIAL, "a disk serial number", "write it as `lsblk -o SERIAL` shows it")]
 DiskPath = Annotated[
     str, _BASE, _grammar(_DISK_PATH, "a disk device path", "use /dev/<name> or /dev/disk/by-{id,path,uuid}/<name>")
 ]
 ImageName = Annotated[
-    str, _BASE, _grammar(_IMAGE_NAME, "an OS image name", "use lower-case letters, digits, '.', '_' and '-'")
+    str, _BASE, _grammar(IMAGE_NAME, "an OS image name", "use lower-case letters, digits, '.', '_' and '-'")
 ]
 
 

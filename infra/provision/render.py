@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 
-from infra.model.site import Node, ProvisioningMode, RootDiskHint, Segment, Site
+from infra.model.site import IMAGE_NAME, MAC, NAME, Node, ProvisioningMode, RootDiskHint, Segment, Site
 
 #: Where the role puts the roots on the provisioning host (the defaults of roles/provisioning).
 TFTP_ROOT = "/srv/gpufleet/provision/tftp"
@@ -36,10 +36,10 @@ IPXE_PACKAGE_DIR = "/usr/lib/ipxe"
 DEPLOY_KERNEL = "deploy/vmlinuz"
 DEPLOY_INITRD = "deploy/initrd.img"
 
-_HOSTNAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
-_IMAGE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
-_SEGMENT = re.compile(r"^[a-z0-9][a-z0-9-]*$")
+# The model's own grammars, checked again here: a value that bypassed the model must not reach a file.
+_HOSTNAME = _SEGMENT = NAME
+_MAC = MAC
+_IMAGE = IMAGE_NAME
 _ROOT_PATH = re.compile(r"^/[A-Za-z0-9._/-]*$")
 # One kernel argument value: no blanks (they separate arguments), no quotes, no `$`/`{}` (iPXE expansion).
 _KERNEL_ARG = re.compile(r"^[A-Za-z0-9._:/,=+-]+$")
