@@ -221,6 +221,15 @@ def _render_boot(node: Node) -> Callable[[dict[str, Any]], str]:
     return render
 
 
+def _cell(value: Any) -> str:
+    """One table cell for people: lists joined, mappings as `key=value` pairs, nothing Python-shaped."""
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_cell(v)}" for k, v in value.items())
+    if isinstance(value, list):
+        return ", ".join(_cell(v) for v in value)
+    return "-" if value is None else str(value)
+
+
 def cmd_inventory(args: argparse.Namespace) -> int:
     """Identity of the machine behind the BMC; exit 1 when its MACs do not include the node's PXE MAC."""
 
@@ -236,11 +245,7 @@ def cmd_inventory(args: argparse.Namespace) -> int:
                 [
                     (
                         k,
-                        v
-                        if not isinstance(v, list | dict)
-                        else ", ".join(map(str, v))
-                        if isinstance(v, list)
-                        else str(v),
+                        _cell(v),
                     )
                     for k, v in d.items()
                     if k != "ok"

@@ -143,7 +143,16 @@ def cmd_validate_node(args: argparse.Namespace) -> int:
             )
             lines.append(f"  driver: {', '.join(f['driver']['seen']) or '-'} (pinned {f['driver']['pinned']})")
             lines.append(f"  cuda: pinned {f['cuda']['pinned']}")
-            lines.append(f"  reboot_required: {f['reboot_required']}")
+            cdi = f.get("cdi") or {}
+            lines.append(f"  cdi devices: {', '.join(cdi.get('devices') or []) or 'none'}")
+            for e in f.get("endpoints") or []:
+                lines.append(f"  endpoint {e['name']}: {e['url']} → {e['status'] or 'no answer'}")
+            lines.append(
+                "  reboot: pending — a driver change since the last boot is loaded only after a reboot "
+                "(the stack's reboot policy decides when)"
+                if f["reboot_required"]
+                else "  reboot: not needed"
+            )
             lines += [f"  problem: {p}" for p in f["problems"]]
         lines += [f"  failure: {x['task']}: {x['msg'][:200]}" for x in d["failures"]]
         return "\n".join(lines)

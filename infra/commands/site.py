@@ -271,7 +271,12 @@ def cmd_vram(args: argparse.Namespace) -> int:
             ("budget per GPU", f"{d['budget_gib']:.2f} GiB ({args.utilization:.2f} utilisation)"),
             ("weights per GPU", f"{d['weights_gib']:.2f} GiB ({args.dtype})"),
             ("activation + overhead", f"{d['activation_gib']:.2f} GiB"),
-            ("KV cache per GPU", f"{d['kv_cache_gib']:.2f} GiB"),
+            (
+                "KV cache per GPU",
+                f"{d['kv_cache_gib']:.2f} GiB"
+                if d["kv_cache_gib"] >= 0
+                else f"none: weights and activations exceed the budget by {-d['kv_cache_gib']:.2f} GiB",
+            ),
             ("KV bytes per token", f"{d['kv_bytes_per_token']} ({d['kv_bytes_per_token'] / 1024:.0f} KiB)"),
             ("max tokens", d["max_tokens"]),
             ("max sequences at context", d["max_sequences"]),
