@@ -13,7 +13,7 @@ from typing import Any
 
 from infra import ssh
 from infra.ansible import rolespecs
-from infra.ansible.inventory import GROUP, build_inventory
+from infra.ansible.inventory import GROUP, build_inventory, subset
 from infra.ansible.rollout import NodeOutcome, RolloutResult, roll
 from infra.ansible.runner import Progress, RunResult, run_playbook
 from infra.ansible.settings import Tuning
@@ -52,12 +52,18 @@ def converge(
     tuning: Tuning = Tuning.TUNED,
     progress: bool = False,
     playbook: str = "node.yml",
+    plan: SitePlan | None = None,
 ) -> RolloutResult:
-    """Converge (or check) nodes wave by wave; the function the CLI and the benchmark harness call."""
-    plan = plan_site(site)
-    # Every selected node's role variables against the roles' argument specs, before any host is
-    # touched (node.yml includes the roles with rolespec_validate: false).
-    rolespecs.check_inventory(build_inventory(site, nodes), GROUP)
+    """Converge (or check) nodes wave by wave; the function the CLI and the benchmark harness call.
+
+    `plan` is the site's plan when the caller has it (the nodes come from it), so the site is planned once.
+    """
+    plan = plan or plan_site(site)
+    # Every selected node's host variables, built once: checked against the roles' argument specs before
+    # any host is touched (node.yml includes the roles with rolespec_validate: false), then each wave's
+    # inventory reuses them.
+    inventory = build_inventory(site, nodes)
+    rolespecs.check_inventory(inventory, GROUP)
     settings = SshSettings.of(site)
     secrets = secrets_from_env()
 
@@ -65,7 +71,7 @@ def converge(
         hosts = [n.hostname for n in batch]
         return run_playbook(
             playbook,
-            build_inventory(site, batch),
+            subset(inventory, hosts),
             hosts,
             ssh=settings,
             check=check,

@@ -45,6 +45,12 @@ def build_inventory(site: Site, nodes: Iterable[NodePlan]) -> dict[str, Any]:
     return {"all": {"children": {GROUP: {"hosts": {n.hostname: host_entry(n, site) for n in nodes}}}}}
 
 
+def subset(inventory: Mapping[str, Any], hosts: Iterable[str]) -> dict[str, Any]:
+    """The same inventory with only `hosts` (their entries reused, not built again)."""
+    entries = inventory["all"]["children"][GROUP]["hosts"]
+    return {"all": {"children": {GROUP: {"hosts": {h: entries[h] for h in hosts}}}}}
+
+
 def unsafe(value: Any) -> Any:
     """`value` with every string leaf marked unsafe for Ansible; other types kept as they are.
 

@@ -9,9 +9,9 @@ from typing import Any
 from infra.ansible.converge import check_report, converge, select, wait_ssh
 from infra.ansible.settings import Tuning
 from infra.commands.site import add_stack_args, site_from_args
-from infra.console import Exit, emit, positive_float, table
+from infra.console import Exit, emit, fail, positive_float, table
 from infra.model.site import Site
-from infra.plan.node import NodePlan, plan_site
+from infra.plan.node import NodePlan, SitePlan, plan_site
 
 
 def _selection_args(p: argparse.ArgumentParser) -> None:
@@ -50,13 +50,13 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_wait_ssh)
 
 
-def _load(args: argparse.Namespace) -> tuple[Site, list[NodePlan]] | int:
+def _load(args: argparse.Namespace) -> tuple[Site, SitePlan, list[NodePlan]] | int:
     site = site_from_args(args)
+    plan = plan_site(site)
     try:
-        return site, select(plan_site(site), args.node, args.segment)
+        return site, plan, select(plan, args.node, args.segment)
     except (KeyError, ValueError) as exc:
-        sys.stderr.write(f"error: {exc.args[0]}\n")
-        return Exit.INVALID
+        return fail(args, Exit.INVALID, str(exc.args[0]))
 
 
 def _render_converge(d: dict[str, Any]) -> str:
@@ -82,8 +82,10 @@ def cmd_converge(args: argparse.Namespace) -> int:
     loaded = _load(args)
     if isinstance(loaded, int):
         return loaded
-    site, nodes = loaded
-    result = converge(site, nodes, tuning=Tuning(args.tuning), progress=not args.json and sys.stderr.isatty())
+    site, plan, nodes = loaded
+    result = converge(
+        site, nodes, tuning=Tuning(args.tuning), progress=not args.json and sys.stderr.isatty(), plan=plan
+    )
     emit(args.json, result.as_dict(), _render_converge)
     return Exit.OK if result.succeeded else Exit.FAILED
 
@@ -107,9 +109,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     loaded = _load(args)
     if isinstance(loaded, int):
         return loaded
-    site, nodes = loaded
+    site, plan, nodes = loaded
     result = converge(
-        site, nodes, check=True, tuning=Tuning(args.tuning), progress=not args.json and sys.stderr.isatty()
+        site, nodes, check=True, tuning=Tuning(args.tuning), progress=not args.json and sys.stderr.isatty(), plan=plan
     )
     report = check_report(result)
     emit(args.json, report, _render_check)
@@ -121,8 +123,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_validate_node(args: argparse.Namespace) -> int:
     """Run gpu_validate on one node and print its facts; exit 1 when validation fails."""
     site = site_from_args(args)
-    node = plan_site(site).node(args.node)
-    result = converge(site, [node], tuning=Tuning(args.tuning), playbook="validate.yml")
+    plan = plan_site(site)
+    node = plan.node(args.node)
+    result = converge(site, [node], tuning=Tuning(args.tuning), playbook="validate.yml", plan=plan)
     n = result.nodes[0]
     facts = (n.detail.get("facts") or {}).get("gpu_validate_result")
     data: dict[str, Any] = {

@@ -65,3 +65,32 @@ def test_converge_refuses_before_running_anything(monkeypatch: pytest.MonkeyPatc
     err = capsys.readouterr().err
     assert "lab-gpu02: role container_runtime: value of container_runtime_engine must be one of" in err
     assert "nothing was run" in err
+
+
+def test_converge_plans_once_and_builds_each_nodes_variables_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`gpufleet converge` of the lab plans the site once and builds every node's host variables once: the
+    argument-spec check and the wave's run share them (before, each was built twice) (issue 17)."""
+    import infra.ansible.inventory as inventory_mod
+    import infra.commands.converge as converge_cmd
+    from infra.ansible.runner import RunResult
+
+    planned: list[Any] = []
+    built: list[str] = []
+    real_plan, real_entry = converge_cmd.plan_site, inventory_mod.host_entry
+    monkeypatch.setattr(converge_cmd, "plan_site", lambda site: planned.append(site) or real_plan(site))
+    monkeypatch.setattr(ansible_converge, "plan_site", lambda site: planned.append(site) or real_plan(site))
+    monkeypatch.setattr(
+        inventory_mod, "host_entry", lambda plan, site: built.append(plan.hostname) or real_entry(plan, site)
+    )
+    waves: list[list[str]] = []
+
+    def fake_run(playbook: str, inventory: Any, hosts: list[str], **kw: Any) -> RunResult:
+        waves.append(hosts)
+        assert set(inventory["all"]["children"][GROUP]["hosts"]) == set(hosts)
+        return RunResult(playbook, False, "successful", 0, 0.0, {}, "")
+
+    monkeypatch.setattr(ansible_converge, "run_playbook", fake_run)
+    main(["converge", "--stack", "lab"])
+    assert waves
+    assert len(planned) == 1
+    assert sorted(built) == sorted({h for w in waves for h in w})
