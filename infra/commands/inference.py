@@ -68,7 +68,13 @@ def _render(data: dict[str, Any]) -> str:
     out = table(rows, ["endpoint", "ok", "out tok/s", "req/s", "TTFT p50/90/99 ms", "TPOT p50/90/99 ms",
                        "ITL p50/90/99 ms", "E2EL p50/90/99 ms"])
     errors = [f"{r['label'] or r['endpoint']}: {e}" for r in data["endpoints"] for e in r["metrics"]["errors"]]
-    return out + ("\nerrors:\n  " + "\n  ".join(errors) if errors else "")
+    loads = {json.dumps(r["load"], sort_keys=True): r["load"] for r in data["endpoints"]}
+    applied = "; ".join(
+        f"{d['num_requests']} requests × {d['max_tokens']} tokens, {d['concurrency']} in flight, temperature "
+        f"{d['temperature']}, each endpoint alone, none started after {d['max_duration_s']:g} s"
+        for d in loads.values()
+    )
+    return (f"load: {applied}\n" if applied else "") + out + ("\nerrors:\n  " + "\n  ".join(errors) if errors else "")
 
 
 def cmd_bench_inference(args: argparse.Namespace) -> int:

@@ -51,3 +51,15 @@ def test_validate_node_text_names_cdi_devices_endpoints_and_why_a_reboot(
     assert "cdi devices: nvidia.com/gpu=0, nvidia.com/gpu=1, nvidia.com/gpu=all" in out
     assert "endpoint tiny: http://127.0.0.1:8080/v1/models → 200" in out
     assert ("loaded only after a reboot" in out) is reboot and ("reboot: not needed" in out) is not reboot
+
+
+def test_bench_inference_says_what_load_it_applied(capsys: pytest.CaptureFixture[str]) -> None:
+    """The table of a bench run is headed by the load that produced it."""
+    from infra.inference.fakeserver import FakeOpenAIServer
+
+    with FakeOpenAIServer() as server:
+        code = main(["bench-inference", "--endpoint", server.url, "--requests", "4", "--concurrency", "2",
+                     "--max-tokens", "8", "--facts-dir", "-"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert out.splitlines()[0].startswith("load: 4 requests × 8 tokens, 2 in flight")
