@@ -127,7 +127,11 @@ class RunResult:
 
 
 class Progress:
-    """Live per-host progress for a person at a terminal: current task and counts per host."""
+    """Per-host progress: live lines at a terminal, plain lines elsewhere.
+
+    Away from a terminal (CI logs, `pulumi up`) each host prints one line per role it enters, per changed
+    task and per failure, so a long run is never silent.
+    """
 
     def __init__(self, hosts: Sequence[str], out: TextIO | None = None) -> None:
         self.out = out or sys.stderr
@@ -135,6 +139,7 @@ class Progress:
         self.current: dict[str, str] = dict.fromkeys(hosts, "waiting")
         self.counts: dict[str, dict[str, int]] = {h: {"ok": 0, "changed": 0, "failed": 0} for h in hosts}
         self.tty = self.out.isatty()
+        self.role: dict[str, str] = {}
         self._drawn = 0
         self._lock = threading.Lock()
 
@@ -149,8 +154,18 @@ class Progress:
                 self.counts[host][outcome] += 1
             if self.tty:
                 self._draw()
+                return
+            if task is not None:
+                # Task names from roles read `role : Task`; a new role is the heartbeat of a long run.
+                role = task.split(" : ", 1)[0] if " : " in task else ""
+                if role and role != self.role.get(host):
+                    self.role[host] = role
+                    self.out.write(f"{host}: {role}\n")
+            if outcome == "changed":
+                self.out.write(f"{host}: changed: {self.current[host]}\n")
             elif outcome == "failed":
                 self.out.write(f"{host}: FAILED {self.current[host]}\n")
+            self.out.flush()
 
     def _draw(self) -> None:
         if self._drawn:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
 from infra.ansible.converge import check_report, converge, select, wait_ssh
@@ -84,7 +83,7 @@ def cmd_converge(args: argparse.Namespace) -> int:
         return loaded
     site, plan, nodes = loaded
     result = converge(
-        site, nodes, tuning=Tuning(args.tuning), progress=not args.json and sys.stderr.isatty(), plan=plan
+        site, nodes, tuning=Tuning(args.tuning), progress=not args.json, plan=plan
     )
     emit(args.json, result.as_dict(), _render_converge)
     return Exit.OK if result.succeeded else Exit.FAILED
@@ -111,7 +110,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         return loaded
     site, plan, nodes = loaded
     result = converge(
-        site, nodes, check=True, tuning=Tuning(args.tuning), progress=not args.json and sys.stderr.isatty(), plan=plan
+        site, nodes, check=True, tuning=Tuning(args.tuning), progress=not args.json, plan=plan
     )
     report = check_report(result)
     emit(args.json, report, _render_check)
