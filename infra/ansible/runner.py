@@ -129,7 +129,7 @@ class RunResult:
 class Progress:
     """Per-host progress: live lines at a terminal, plain lines elsewhere.
 
-    Away from a terminal (CI logs, `pulumi up`) each host prints one line per role it enters, per changed
+    Away from a terminal (CI logs, pipes) each host prints one line per role it enters, per changed
     task and per failure, so a long run is never silent.
     """
 
