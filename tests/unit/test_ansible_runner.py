@@ -425,7 +425,7 @@ def test_leftover_processes_of_a_run_are_stopped_even_if_they_ignore_sigterm(tmp
 
 
 def test_progress_without_terminal_has_a_heartbeat_per_role_and_change(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A CI log or `pulumi up` sees each role a host enters and each change, once, as plain lines (issue 17:
+    """A CI log sees each role a host enters and each change, once, as plain lines (issue 17:
     converge was silent for minutes when not at a terminal); `converge` shows it unless --json."""
     out = __import__("io").StringIO()
     p = runner_mod.Progress(["n1"], out)
