@@ -85,7 +85,7 @@ def mirrors_for(site: Site, segment: str | None) -> list[str]:
     """Mirrors a bundle for `segment` (or every segment) may be imported into."""
     if segment is None:
         return sorted(m.name for m in site.mirrors)
-    seg = next((s for s in site.segments if s.name == segment), None)
+    seg = site.segment(segment)
     if seg is None:
         raise BuildError(f"segment {segment!r} is not in site {site.name!r}; known: "
                          + ", ".join(s.name for s in site.segments))
@@ -145,7 +145,7 @@ def _fetch_debs(site: Site, debs: list[Artifact], segment: str | None, out: Path
     work = opts.work or out.parent / f".{out.name}.work"
     try:
         for seg_name, group in by_seg.items():
-            seg = next(s for s in site.segments if s.name == seg_name)
+            seg = site.segments_by_name[seg_name]
             sources = list(opts.apt_sources) or upstream_sources(site, seg)
             todo = [a for a in group if not (dest / Path(a.path).name).is_file()]
             try:

@@ -259,7 +259,7 @@ def _is_loopback(host: str) -> bool:
 
 def gpus_json(site: Site, hostname: str) -> dict[str, Any]:
     """The lab-only GPU declaration of a node (read by the stand-in nvidia-smi, nvidia-ctk, dcgmi)."""
-    node = next(n for n in site.nodes if n.hostname == hostname)
+    node = site.nodes_by_name[hostname]
     entry = resolve(site.catalogue).gpus[node.gpu.model]
     gpus = []
     for i in range(node.gpu.count):
@@ -293,7 +293,7 @@ def lab_spec(stack: str = "lab", path: Path | None = None) -> LabSpec:
     for s in site.segments:
         gw = s.gateway or next(s.cidr.hosts())
         bridges.append(Bridge(s.name, bridge_name(s.name), IPv4Interface(f"{gw}/{s.cidr.prefixlen}"), s.airgapped))
-    seg = {s.name: s for s in site.segments}
+    seg = site.segments_by_name
 
     def iface(addr: IPv4Address, segment: str) -> IPv4Interface:
         return IPv4Interface(f"{addr}/{seg[segment].cidr.prefixlen}")

@@ -249,7 +249,7 @@ def unique_bmc_systems(site: Site, cat: ResolvedCatalogue) -> Iterator[Problem]:
 def networks(site: Site, cat: ResolvedCatalogue) -> Iterator[Problem]:
     """CIDRs do not overlap; gateways, mirrors and nodes sit inside their segment; probes outside it."""
     segs = site.segments
-    mirrors = {m.name: m for m in site.mirrors}
+    mirrors = site.mirrors_by_name
     for i, a in enumerate(segs):
         for j in range(i):
             if a.cidr.overlaps(segs[j].cidr):
@@ -330,7 +330,7 @@ def references(site: Site, cat: ResolvedCatalogue) -> Iterator[Problem]:
                 "set nvswitch: false",
                 (suggest("nvswitch: false", (f"nodes[{i}].gpu.nvswitch", False)),),
             )
-    hostnames = {n.hostname: n for n in site.nodes}
+    hostnames = site.nodes_by_name
     for i, svc in enumerate(site.services):
         listed: dict[str, int] = {}
         for j, host in enumerate(svc.nodes):
@@ -369,7 +369,7 @@ def node_ports(node: Node, profile: SoftwareProfile | None) -> dict[int, str]:
 @rule
 def ports(site: Site, cat: ResolvedCatalogue) -> Iterator[Problem]:
     """A port on a node has one user: a service, or gpufleet itself (ssh, exporters); mirrors likewise."""
-    nodes = {n.hostname: n for n in site.nodes}
+    nodes = site.nodes_by_name
     own = {h: node_ports(n, site.profiles.get(profile_of(site, n))) for h, n in nodes.items()}
     by_service: dict[tuple[str, int], list[str]] = {}
     for i, svc in enumerate(site.services):
@@ -431,8 +431,8 @@ def _host_of(url: str) -> str | None:
 @rule
 def airgap(site: Site, cat: ResolvedCatalogue) -> Iterator[Problem]:
     """Air-gapped segments have a mirror on the segment and nothing else to fetch from."""
-    mirrors = {m.name: m for m in site.mirrors}
-    by_seg = {s.name: s for s in site.segments}
+    mirrors = site.mirrors_by_name
+    by_seg = site.segments_by_name
     allowed: dict[str, set[str]] = {}
     for i, s in enumerate(site.segments):
         if not s.airgapped:
@@ -483,7 +483,7 @@ def airgap(site: Site, cat: ResolvedCatalogue) -> Iterator[Problem]:
                     f"{url} is outside mirror {by_seg[n.segment].mirror!r}",
                     "serve it from the segment's mirror (gpufleet bundle) and point there",
                 )
-    nodes = {n.hostname: n for n in site.nodes}
+    nodes = site.nodes_by_name
     for i, svc in enumerate(site.services):
         segs = {nodes[h].segment for h in svc.nodes if h in nodes}
         for seg in sorted(segs & allowed.keys()):
@@ -878,7 +878,7 @@ def observability(site: Site, cat: ResolvedCatalogue) -> Iterator[Problem]:
                 "declare observability.prometheus",
             )
         return
-    segments = {s.name: s for s in site.segments}
+    segments = site.segments_by_name
     hosts = {n.hostname: n.segment for n in site.nodes} | {m.name: m.segment for m in site.mirrors}
     seen: dict[str, int] = {}
     for i, p in enumerate(obs.prometheus):
@@ -931,7 +931,7 @@ def observability(site: Site, cat: ResolvedCatalogue) -> Iterator[Problem]:
 @rule
 def engine_support(site: Site, cat: ResolvedCatalogue) -> Iterator[Problem]:
     """What each engine and runtime can really run (infra/plan/engines.py builds the invocations)."""
-    nodes = {n.hostname: n for n in site.nodes}
+    nodes = site.nodes_by_name
     for i, svc in enumerate(site.services):
         path = f"services[{i}]"
         if svc.image is not None:
@@ -979,7 +979,7 @@ def provisioning(site: Site, cat: ResolvedCatalogue) -> Iterator[Problem]:
 
     PXE MACs (the first of each node) are unique through `unique_addresses`, which covers every MAC.
     """
-    segments = {s.name: s for s in site.segments}
+    segments = site.segments_by_name
     hosts = {n.hostname: (n.segment, n.address) for n in site.nodes}
     hosts |= {m.name: (m.segment, m.address) for m in site.mirrors}
     used = {addr: name for name, (_, addr) in hosts.items()}

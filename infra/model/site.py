@@ -1159,5 +1159,35 @@ class Site(_Model):
     lab_mode: Literal[False, True] = False
     """True only in the lab stack: nodes are containers with simulated GPUs (roles skip hardware steps)."""
 
+    # Keyed lookups: the one place that indexes the site's lists by name (first entry wins on a duplicate,
+    # which validation reports). Built on each call, not cached: `model_copy(update=...)` would carry a
+    # cached index of the old lists into the copy.
+    @property
+    def segments_by_name(self) -> dict[str, Segment]:
+        """Segments by name."""
+        return {s.name: s for s in reversed(self.segments)}
+
+    @property
+    def mirrors_by_name(self) -> dict[str, Mirror]:
+        """Mirrors by name."""
+        return {m.name: m for m in reversed(self.mirrors)}
+
+    @property
+    def nodes_by_name(self) -> dict[str, Node]:
+        """Nodes by hostname."""
+        return {n.hostname: n for n in reversed(self.nodes)}
+
+    def segment(self, name: str) -> Segment | None:
+        """The segment of that name, if any."""
+        return self.segments_by_name.get(name)
+
+    def mirror(self, name: str | None) -> Mirror | None:
+        """The mirror of that name, if any."""
+        return self.mirrors_by_name.get(name) if name else None
+
+    def node(self, hostname: str) -> Node | None:
+        """The node of that hostname, if any."""
+        return self.nodes_by_name.get(hostname)
+
 
 Catalogue.model_rebuild()

@@ -157,8 +157,8 @@ def _roles_for(node: Node, segment: Segment, services: list[ServicePlan], profil
 def plan_node(site: Site, node: Node, cat: ResolvedCatalogue | None = None) -> NodePlan:
     """The plan of one node of a validated site."""
     cat = cat or resolve(site.catalogue)
-    segment = next(s for s in site.segments if s.name == node.segment)
-    mirror = next((m for m in site.mirrors if m.name == segment.mirror), None)
+    segment = site.segments_by_name[node.segment]
+    mirror = site.mirror(segment.mirror)
     profile_name = node.profile or site.default_profile
     profile = site.profiles[profile_name]
     services = []
