@@ -115,10 +115,15 @@ def _stack(http_port: int) -> dict[str, object]:
     site["mirrors"] = []
     site["services"] = []
     base = site["nodes"][0]
+
+    def bmc(host: str) -> dict[str, object]:  # each node its own BMC (two nodes on one BMC need system ids)
+        return {**base["bmc"], "endpoint": f"https://bmc-{host}.example"}
+
     site["nodes"] = [
         base
         | {
             "hostname": "vm-node1",
+            "bmc": bmc("vm-node1"),
             "segment": "prov",
             "address": "198.18.9.21",
             "macs": [KNOWN_MAC],
@@ -126,7 +131,9 @@ def _stack(http_port: int) -> dict[str, object]:
             "image": "debian-12-gpu",
             "root_disk": {"serial": "QM00001"},
         },
-        base | {"hostname": "vm-node2", "segment": "prov", "address": "198.18.9.22", "macs": [OTHER_MAC]},
+        base
+        | {"hostname": "vm-node2", "bmc": bmc("vm-node2"), "segment": "prov", "address": "198.18.9.22",
+           "macs": [OTHER_MAC]},
     ]
     return site
 
