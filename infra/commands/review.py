@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from infra.commands.site import add_stack_args, site_from_args
-from infra.console import Exit, emit
+from infra.console import Exit, emit, fail
 from infra.plan.node import plan_site
 from infra.review.digest import MAX_BYTES, Digest, DigestError, parse
 from infra.review.report import FAIL_ON, markdown, plain, review
@@ -61,17 +61,14 @@ def cmd_review(args: argparse.Namespace) -> int:
     try:
         raw = _read(args.preview)
     except OSError as exc:
-        sys.stderr.write(f"error: cannot read preview {plain(args.preview)}: {exc.strerror or exc}\n")
-        return Exit.INVALID
+        return fail(args, Exit.INVALID, f"cannot read preview {plain(args.preview)}: {exc.strerror or exc}")
     if not raw.strip():
-        sys.stderr.write(f"error: {plain(args.preview)} is empty: the preview wrote no digest, so it failed "
-                         "before the engine ran — see the output of `pulumi preview` on stderr\n")
-        return Exit.FAILED
+        return fail(args, Exit.FAILED, f"{plain(args.preview)} is empty: the preview wrote no digest, so it "
+                    "failed before the engine ran — see the output of `pulumi preview` on stderr")
     try:
         digest = parse(raw)
     except DigestError as exc:
-        sys.stderr.write(f"error: {plain(args.preview)}: {plain(str(exc), 400)}\n")
-        return Exit.INVALID
+        return fail(args, Exit.INVALID, f"{plain(args.preview)}: {plain(str(exc), 400)}")
     site = site_from_args(args)
     stack = args.stack_file.stem.removeprefix("Pulumi.") if args.stack_file else args.stack
     result = review(digest, plan_site(site), stack)
@@ -82,8 +79,7 @@ def cmd_review(args: argparse.Namespace) -> int:
         else:
             emit(args.json, result.as_dict(), lambda _: markdown(result))
     except OSError as exc:
-        sys.stderr.write(f"error: cannot write the review to {plain(str(args.out))}: {exc.strerror or exc}\n")
-        return Exit.INVALID
+        return fail(args, Exit.INVALID, f"cannot write the review to {plain(str(args.out))}: {exc.strerror or exc}")
     if result.failed:
         # The review is written anyway (it says the preview failed); CI must not pass it.
         sys.stderr.write(f"error: {_first_error(digest)}\n")

@@ -20,7 +20,6 @@ PARSE_ONLY = {"lab up", "lab down", "lab measure", "bench"}
 # entry when its command goes through infra.console.fail (issue 17, "one fail() that honours --json").
 TEXT_UNDER_JSON = {
     "bmc reimage": "asks for confirmation (text, exit 4) before it reads the stack (infra/bmc/cli.py)",
-    "review": "reports an unreadable --preview as text (infra/review/cli.py)",
 }
 
 
