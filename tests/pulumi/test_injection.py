@@ -9,9 +9,7 @@ element, byte for byte, run nothing (no canary), and the CLI must refuse what th
 from __future__ import annotations
 
 import copy
-import itertools
 import json
-import re
 import shlex
 import subprocess
 import sys
@@ -25,26 +23,13 @@ import yaml
 from infra.components import commands
 from infra.model.site import Node
 from tests.pulumi.conftest import ROOT, raw_site
+from tests.unit.injection import set_path
 from tests.unit.test_bmc import run_cli
 
 CORPUS = yaml.safe_load((ROOT / "tests/fixtures/injection/corpus.yaml").read_text())
 NODE_ENTRIES = [e for e in CORPUS if e["path"].startswith("nodes[0].")]
 # Prints its argv as JSON: stands in for .venv/bin/gpufleet to see exactly what the shell passed.
 ECHO = f"{shlex.quote(sys.executable)} -c 'import json, sys; print(json.dumps(sys.argv[1:]))'"
-
-
-def _set(obj: Any, path: str, value: Any) -> None:
-    """The corpus's path rule: `a.b[0].c`; an index equal to the list's length appends, a missing list is created."""
-    parts = [int(p) if p.isdigit() else p for p in re.findall(r"[^.\[\]]+", path)]
-    for key, nxt in itertools.pairwise(parts):
-        if isinstance(obj, dict) and key not in obj:
-            obj[key] = [] if isinstance(nxt, int) else {}
-        obj = obj[key]
-    last = parts[-1]
-    if isinstance(obj, list) and last == len(obj):
-        obj.append(value)
-    else:
-        obj[last] = value
 
 
 def test_the_corpus_has_node_entries() -> None:
@@ -55,7 +40,7 @@ def test_the_corpus_has_node_entries() -> None:
 def test_hostile_node_value_stays_one_argument_and_is_refused(entry: dict[str, Any], tmp_path: Path) -> None:
     canary = tmp_path / "canary"
     node = copy.deepcopy(raw_site("lab")["nodes"][0])
-    _set({"nodes": [node]}, entry["path"], entry["value"].replace("@CANARY@", str(canary)))
+    set_path({"nodes": [node]}, entry["path"], entry["value"].replace("@CANARY@", str(canary)))
     node_json = json.dumps(node, sort_keys=True, separators=(",", ":"))
     line = commands.decommission("lab", node["hostname"], "power-off", node_json)
 

@@ -7,6 +7,7 @@ rendering code exactly as an attacker wrote it.
 
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +62,25 @@ def _set(obj: Any, tokens: list[str | int], value: Any) -> Any:
     if not isinstance(obj, BaseModel):
         raise TypeError(f"cannot set {head!r} on {type(obj).__name__}")
     return obj.model_copy(update={head: _set(getattr(obj, head), rest, value)})
+
+
+def set_path(root: dict[str, Any], path: str, value: Any) -> None:
+    """Put `value` at `path` of a raw stack mapping (the corpus's rule): an index equal to the list's length
+    appends, a missing list or mapping is created."""
+    steps = _tokens(path)
+    cur: Any = root
+    for step, nxt in itertools.pairwise(steps):
+        if isinstance(step, int):
+            if step == len(cur):
+                cur.append([] if isinstance(nxt, int) else {})
+        elif step not in cur:
+            cur[step] = [] if isinstance(nxt, int) else {}
+        cur = cur[step]
+    last = steps[-1]
+    if isinstance(last, int) and last == len(cur):
+        cur.append(value)
+    else:
+        cur[last] = value
 
 
 def force(site: Any, path: str, value: Any) -> Any:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import itertools
 import json
 import re
 import subprocess
@@ -22,46 +21,12 @@ import pytest
 import yaml
 
 from infra.cli import main
+from tests.unit.injection import set_path
 
 ROOT = Path(__file__).resolve().parents[2]
 CORPUS = yaml.safe_load((ROOT / "tests/fixtures/injection/corpus.yaml").read_text(encoding="utf-8"))
 LAB = yaml.safe_load((ROOT / "stacks/Pulumi.lab.yaml").read_text(encoding="utf-8"))
 _STEP = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)|\[(\d+)\]|\.")
-
-
-def _steps(path: str) -> list[str | int]:
-    """`a.b[0].c` → ['a', 'b', 0, 'c']."""
-    out: list[str | int] = []
-    pos = 0
-    while pos < len(path):
-        m = _STEP.match(path, pos)
-        assert m and m.end() > pos, f"bad corpus path {path!r}"
-        if m[1]:
-            out.append(m[1])
-        elif m[2]:
-            out.append(int(m[2]))
-        pos = m.end()
-    return out
-
-
-def set_path(root: dict[str, Any], path: str, value: Any) -> None:
-    """Put `value` at `path`; an index equal to the list's length appends, a missing list or mapping is created."""
-    steps = _steps(path)
-    cur: Any = root
-    for step, nxt in itertools.pairwise(steps):
-        if isinstance(step, int):
-            if step == len(cur):
-                cur.append([] if isinstance(nxt, int) else {})
-            cur = cur[step]
-        else:
-            if step not in cur:
-                cur[step] = [] if isinstance(nxt, int) else {}
-            cur = cur[step]
-    last = steps[-1]
-    if isinstance(last, int) and last == len(cur):
-        cur.append(value)
-    else:
-        cur[last] = value
 
 
 def test_set_path_creates_and_appends() -> None:
