@@ -11,7 +11,6 @@ import contextlib
 import copy
 import io
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +25,6 @@ from tests.unit.injection import set_path
 ROOT = Path(__file__).resolve().parents[2]
 CORPUS = yaml.safe_load((ROOT / "tests/fixtures/injection/corpus.yaml").read_text(encoding="utf-8"))
 LAB = yaml.safe_load((ROOT / "stacks/Pulumi.lab.yaml").read_text(encoding="utf-8"))
-_STEP = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)|\[(\d+)\]|\.")
 
 
 def test_set_path_creates_and_appends() -> None:
