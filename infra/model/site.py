@@ -887,9 +887,9 @@ class RootDiskHint(_Model):
     @model_validator(mode="after")
     def _exactly_one(self) -> RootDiskHint:
         if sum(x is not None for x in (self.size_gb, self.serial, self.path)) != 1:
-            raise ValueError(
-                "a root disk hint names exactly one of `size_gb`, `serial` or `path`; "
-                "pick the one that identifies the disk uniquely (serial is the most stable)"
+            raise _invalid(
+                "a root disk hint names exactly one of `size_gb`, `serial` or `path`",
+                "pick the one that identifies the disk uniquely (serial is the most stable)",
             )
         return self
 
