@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +13,7 @@ import yaml
 
 from infra.model.load import load_site
 from infra.provision.render import render_site
+from tests.unit.ansible_local import run_local_play
 
 ROOT = Path(__file__).resolve().parents[2]
 ROLE = ROOT / "roles" / "provisioning"
@@ -44,31 +43,7 @@ def _render(tmp: Path, role_vars: dict[str, Any]) -> dict[str, str]:
         }
     )
     play = [{"name": "Render", "hosts": "localhost", "gather_facts": False, "vars": role_vars, "tasks": tasks}]
-    (tmp / "play.yml").write_text(yaml.safe_dump(play))
-    env = {
-        **os.environ,
-        "ANSIBLE_LOCALHOST_WARNING": "false",
-        "ANSIBLE_INVENTORY_UNPARSED_WARNING": "false",
-        "ANSIBLE_HOME": str(tmp / ".ansible"),
-        "ANSIBLE_LOCAL_TEMP": str(tmp / ".tmp"),
-        "ANSIBLE_PYTHON_INTERPRETER": sys.executable,
-    }
-    p = subprocess.run(
-        [
-            str(Path(sys.executable).parent / "ansible-playbook"),
-            "-i",
-            "localhost,",
-            "-c",
-            "local",
-            str(tmp / "play.yml"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        check=False,
-    )
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    run_local_play(play, tmp)
     return dict(zip(UNITS, json.loads((tmp / "out.json").read_text()), strict=True))
 
 

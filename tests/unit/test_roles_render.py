@@ -7,10 +7,8 @@ tests then run `nft -c -f` and `systemd-analyze verify` on the output and check 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,7 @@ from infra.model.site import ContainerEngine
 from infra.plan import engines
 from infra.plan.node import plan_site
 from infra.plan.rolevars import host_vars, service_vars
+from tests.unit.ansible_local import run_local_play
 from tests.unit.systemd_syntax import split_command
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -174,34 +173,9 @@ def rendered(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "ansible.builtin.copy": {"content": all_cases, "dest": str(out / "rendered.json"), "mode": "0644"},
         }
     )
-    (out / "play.yml").write_text(
-        yaml.safe_dump([{"name": "Render role templates", "hosts": "localhost", "gather_facts": False, "tasks": tasks}])
+    run_local_play(
+        [{"name": "Render role templates", "hosts": "localhost", "gather_facts": False, "tasks": tasks}], out
     )
-    env = {
-        **os.environ,
-        "ANSIBLE_LOCALHOST_WARNING": "false",
-        "ANSIBLE_INVENTORY_UNPARSED_WARNING": "false",
-        "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
-        "ANSIBLE_HOME": str(out / ".ansible"),
-        "ANSIBLE_LOCAL_TEMP": str(out / ".tmp"),
-        "ANSIBLE_PYTHON_INTERPRETER": sys.executable,
-    }
-    p = subprocess.run(
-        [
-            str(Path(sys.executable).parent / "ansible-playbook"),
-            "-i",
-            "localhost,",
-            "-c",
-            "local",
-            str(out / "play.yml"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        check=False,
-    )
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     results = json.loads((out / "rendered.json").read_text())
     assert len(results) == len(cases)
     for c, text in zip(cases, results, strict=True):
