@@ -139,10 +139,15 @@ def test_status_reads_slo_figures_from_prometheus_and_exits_3_outside_target(
     assert ttft["tiny-connected"]["value"] < 100 and ttft["tiny-connected"]["within"] is True
 
     exporter.ttft_s = 8.0
+
+    def connected_ttft(d: dict[str, Any]) -> dict[str, Any]:
+        return next(s["figures"][0] for s in d["services"] if s["service"] == "tiny-connected")
+
+    # Wait for the TTFT figure itself to cross the objective: status may also leave its target for a moment
+    # for another reason while the window fills (one scrape of a series missing), which is not what is tested.
     deadline = time.monotonic() + 60
-    while code != 3 and time.monotonic() < deadline:
+    while (connected_ttft(data)["value"] or 0) <= 5000 and time.monotonic() < deadline:
         time.sleep(0.5)
         code, data = _status(base, capsys)
+    assert connected_ttft(data)["value"] > 5000 and connected_ttft(data)["within"] is False, data
     assert code == 3, data
-    ttft = {s["service"]: s["figures"][0] for s in data["services"]}
-    assert ttft["tiny-connected"]["value"] > 5000 and ttft["tiny-connected"]["within"] is False
