@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from infra.ansible.runner import Progress, run_playbook
+from infra.ansible.settings import project_root
 from infra.commands.site import add_stack_args, site_from_args
 from infra.console import Exit, emit
-from infra.observe import probe, render, status
+from infra.observe import probe, render, server, status
 from infra.plan.node import plan_site
+from infra.ssh import SshSettings
 
 
 def register(sub: Any) -> None:
@@ -29,6 +32,16 @@ def register(sub: Any) -> None:
     c = msub.add_parser("check", help="render, then `promtool check config|rules` and `promtool test rules`")
     add_stack_args(c, json_flag=False)
     c.set_defaults(func=cmd_check)
+    cv = msub.add_parser(
+        "converge",
+        help="install and run each segment's Prometheus, Alertmanager and SLO probe on the host the stack names",
+        description="Runs playbooks/monitoring.yml (role monitoring, entry point server) over the stack's "
+        "observability.prometheus hosts. Exit 0 when every host converged, 1 when one failed.",
+    )
+    add_stack_args(cv)
+    cv.add_argument("--host", action="append", help="only this Prometheus host (repeatable)")
+    cv.add_argument("--check", action="store_true", help="check mode with diff: report, change nothing")
+    cv.set_defaults(func=cmd_converge)
     pr = msub.add_parser("probe", help="run the SLO probe: one small streaming request per endpoint and interval")
     pr.add_argument("--config", type=Path, required=True, help="probe.json written by `monitoring render`")
     pr.add_argument("--rounds", type=int, help="stop after this many rounds (default: run until stopped)")
@@ -109,22 +122,68 @@ def cmd_status(args: argparse.Namespace) -> int:
     return Exit.OK if result.ok else Exit.DRIFT
 
 
-def cmd_probe(args: argparse.Namespace) -> int:
-    """Serve the probe's metrics on its loopback address and probe until stopped."""
-    try:
-        cfg = json.loads(args.config.read_text(encoding="utf-8"))
-        host, port = probe.parse_listen(str(cfg["listen"]))
-        state = probe.Probe(cfg)
-        interval = float(cfg["interval_s"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        sys.stderr.write(f"error: {args.config}: not a probe configuration ({exc})\n")
+def check_role_arguments(inventory: dict[str, Any]) -> list[str]:
+    """Every violation of the `server` entry point's argument spec, checked on the controller before a run."""
+    from ansible.module_utils.common.arg_spec import ArgumentSpecValidator
+
+    spec = yaml.safe_load((project_root() / "roles/monitoring/meta/argument_specs.yml").read_text(encoding="utf-8"))
+    options = spec["argument_specs"]["server"]["options"]
+    out = []
+    for host, hostvars in inventory["all"]["children"][server.GROUP]["hosts"].items():
+        params = {k: v for k, v in hostvars.items() if k in options}
+        out += [f"{host}: {m}" for m in ArgumentSpecValidator(options).validate(params).error_messages]
+    return out
+
+
+def cmd_converge(args: argparse.Namespace) -> int:
+    """Converge the Prometheus hosts (check mode with --check)."""
+    site = site_from_args(args)
+    plan = plan_site(site)
+    names = [h.name for h in server.monitoring_hosts(site)]
+    unknown = sorted(set(args.host or []) - set(names))
+    if unknown:
+        sys.stderr.write(
+            f"error: --host {', '.join(unknown)}: not a Prometheus host of the stack "
+            f"(observability.prometheus: {', '.join(names) or 'none'})\n"
+        )
         return Exit.INVALID
-    server = probe.serve(state, host, port)
-    stop = threading.Event()
-    try:
-        probe.run(state, interval, stop, args.rounds)
-    except KeyboardInterrupt:
-        stop.set()
-    finally:
-        server.shutdown()
-    return Exit.OK
+    hosts = args.host or names
+    if not hosts:
+        sys.stderr.write("error: the stack declares no observability.prometheus host\n")
+        return Exit.INVALID
+    with tempfile.TemporaryDirectory(prefix="gpufleet-monitoring-") as tmp:
+        app = Path(tmp) / "gpufleet-slo-probe.pyz"
+        app.write_bytes(server.probe_zipapp())
+        inventory = server.inventory(plan, str(app), hosts)
+        found = check_role_arguments(inventory)
+        if found:
+            sys.stderr.write("error: role variables the role does not accept (nothing was run):\n  "
+                             + "\n  ".join(found) + "\n")
+            return Exit.FAILED
+        result = run_playbook(
+            "monitoring.yml",
+            inventory,
+            hosts,
+            ssh=SshSettings.of(site),
+            check=args.check,
+            progress=None if args.json else Progress(hosts),
+            label="monitoring",
+        )
+    emit(args.json, result.as_dict(), _render_run)
+    return Exit.OK if result.succeeded else Exit.FAILED
+
+
+def _render_run(d: dict[str, Any]) -> str:
+    lines = []
+    for host, h in d["hosts"].items():
+        state = "ok" if h["succeeded"] else "FAILED"
+        lines.append(f"{host}: {state}, {len(h['changed_tasks'])} changed{' (check mode)' if d['check'] else ''}")
+        lines += [f"  changed: {t}" for t in h["changed_tasks"]]
+        lines += [f"  failed: {f['task']}: {f['msg']}" for f in h["failures"]]
+    return "\n".join(lines) + "\n"
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    """Serve the probe's metrics on its loopback address and probe until stopped (what the zipapp runs)."""
+    argv = ["--config", str(args.config)] + (["--rounds", str(args.rounds)] if args.rounds is not None else [])
+    return probe.main(argv)

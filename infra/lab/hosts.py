@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+from infra.lab import network
 from infra.lab.config import HostKind, LabHost, LabSpec, Paths
 from infra.lab.sh import LabCommandError, run
 
@@ -132,6 +133,8 @@ def write_identity(spec: LabSpec, host: LabHost, root: Path, controller_pub: str
            "IPv6AcceptRA=no"]
     if host.gateway:
         net.append(f"Gateway={host.gateway}")
+    for dest, via in network.host_routes(spec, host.name):  # a federation flow's end (infra/lab/network.py)
+        net += ["", "[Route]", f"Destination={dest}/32", f"Gateway={via}"]
     _write(root / "etc/systemd/network/10-gpufleet-lab.network",
            "# gpufleet lab: static address from the lab stack.\n" + "\n".join(net) + "\n")
     auth = controller_pub.strip() + "\n"

@@ -155,7 +155,7 @@ def up(spec: LabSpec, paths: Paths, stack_file: Path) -> dict[str, Any]:
         lab_state.save(paths, st)  # before creating anything, so `down` finds what a failed `up` left
         for b in spec.bridges:
             network.ensure_bridge(b)
-        network.apply_ruleset(spec.bridges, st["nft_table"])
+        network.apply_ruleset(spec.bridges, st["nft_table"], network.lab_flows(spec))
         t.mark("network")
         controller_pub = _controller_key(paths)
         keys: dict[str, str] = {}

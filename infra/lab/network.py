@@ -3,14 +3,24 @@
 Bridged frames pass through the host's netfilter here (bridge-nf-call-iptables=1), so the forward
 chain decides what hosts on a bridge may reach: their own bridge only. Nothing is routed between
 bridges or out of the machine, and air-gapped segments cannot open connections to the lab host.
+
+One exception, when the stack federates an air-gapped segment's Prometheus (`infra.observe.server
+.federation_flows`): the lab host is then the site's boundary firewall for exactly those flows — TCP
+from the site view's host to the other Prometheus host's port, and that connection's replies. Only
+the bridges of such a flow forward (per-interface `forwarding`; the global ip_forward stays 0), and
+every other packet between bridges is still dropped.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+from ipaddress import IPv4Address
 from pathlib import Path
 
-from infra.lab.config import Bridge
+from infra.lab.config import Bridge, LabSpec
 from infra.lab.sh import run
+from infra.observe.server import federation_flows
 
 NFT_TABLE = "gpufleet_lab"  # the lab stack's table; another stack gets gpufleet_<stack>
 
@@ -20,7 +30,39 @@ def table_name(stack: str) -> str:
     return f"gpufleet_{stack.replace('-', '_')}"
 
 
-def render_ruleset(bridges: tuple[Bridge, ...] | list[Bridge], table: str = NFT_TABLE) -> str:
+@dataclass(frozen=True)
+class Flow:
+    """One allowed TCP connection between two bridges (a federation pull), replies included."""
+
+    from_bridge: str
+    from_address: IPv4Address
+    to_bridge: str
+    to_address: IPv4Address
+    port: int
+
+
+def lab_flows(spec: LabSpec) -> list[Flow]:
+    """The stack's federation flows, on the lab's bridges."""
+    return [
+        Flow(spec.bridge(f.from_segment).name, f.from_address, spec.bridge(f.to_segment).name, f.to_address, f.port)
+        for f in federation_flows(spec.site)
+    ]
+
+
+def host_routes(spec: LabSpec, host: str) -> list[tuple[IPv4Address, IPv4Address]]:
+    """(destination, gateway) routes a lab host needs for its end of a flow: via its own bridge's address."""
+    out = []
+    for f in federation_flows(spec.site):
+        for me, my_segment, peer in ((f.from_host, f.from_segment, f.to_address),
+                                     (f.to_host, f.to_segment, f.from_address)):
+            if me == host:
+                out.append((peer, spec.bridge(my_segment).address.ip))
+    return out
+
+
+def render_ruleset(
+    bridges: tuple[Bridge, ...] | list[Bridge], table: str = NFT_TABLE, flows: Sequence[Flow] = ()
+) -> str:
     """The nftables table (deterministic text; `nft -c -f` validates it)."""
     names = ", ".join(f'"{b.name}"' for b in bridges)
     lines = [
@@ -31,6 +73,15 @@ def render_ruleset(bridges: tuple[Bridge, ...] | list[Bridge], table: str = NFT_
     ]
     for b in bridges:
         lines.append(f'    iifname "{b.name}" oifname "{b.name}" accept')
+    if flows:
+        lines.append("    # Federation: the site view's host to another segment's Prometheus, that port only.")
+    for f in flows:
+        lines += [
+            f'    iifname "{f.from_bridge}" oifname "{f.to_bridge}" ip saddr {f.from_address} '
+            f"ip daddr {f.to_address} tcp dport {f.port} ct state new,established accept",
+            f'    iifname "{f.to_bridge}" oifname "{f.from_bridge}" ip saddr {f.to_address} '
+            f"ip daddr {f.from_address} tcp sport {f.port} ct state established accept",
+        ]
     lines += [
         "    # Nothing across bridges, nothing from a lab bridge to the outside, nothing in.",
         f"    iifname {{ {names} }} drop",
@@ -71,12 +122,18 @@ def delete_bridge(name: str) -> None:
         run(["ip", "link", "del", name], timeout=10)
 
 
-def apply_ruleset(bridges: tuple[Bridge, ...] | list[Bridge], table: str = NFT_TABLE) -> None:
-    """Replace our table atomically (one nft transaction: delete + add)."""
-    text = render_ruleset(bridges, table)
+def apply_ruleset(
+    bridges: tuple[Bridge, ...] | list[Bridge], table: str = NFT_TABLE, flows: Sequence[Flow] = ()
+) -> None:
+    """Replace our table atomically (one nft transaction: delete + add), then let the flows' bridges forward."""
+    text = render_ruleset(bridges, table, flows)
     if table_exists(table):
         text = f"delete table inet {table}\n" + text
     run(["nft", "-f", "-"], input=text, timeout=10)
+    # Per-interface forwarding: packets entering these bridges may be routed (the table above decides
+    # which); net.ipv4.ip_forward, and so every other interface of this machine, stays as it is.
+    for name in sorted({f.from_bridge for f in flows} | {f.to_bridge for f in flows}):
+        Path(f"/proc/sys/net/ipv4/conf/{name}/forwarding").write_text("1\n")
 
 
 def table_exists(table: str = NFT_TABLE) -> bool:

@@ -19,6 +19,7 @@ from infra.lab.config import LabSpec, Paths
 from infra.lab.sh import run
 from infra.lab.standins import STANDIN_NAMES
 from infra.model.site import OperatingSystem
+from infra.observe.server import server_packages
 from infra.plan.packages import packages_for
 
 log = logging.getLogger("gpufleet.lab")
@@ -49,6 +50,8 @@ def seed_package_specs(spec: LabSpec) -> list[str]:
         for p in packages_for(profile, OperatingSystem.DEBIAN_12, fabric_manager=True):
             if p.name not in STANDIN_NAMES:
                 wanted[p.name] = p.version
+    for server in server_packages(spec.site):  # each segment's Prometheus host installs them from its repository
+        wanted[server["name"]] = server["version"]
     return sorted(f"{n}={v}" if v else n for n, v in wanted.items())
 
 

@@ -1116,6 +1116,13 @@ class Observability(_Model):
     """Objectives of every service that sets none."""
     gpu: GpuHealth = GpuHealth()
     """GPU health limits of every node."""
+    prometheus_version: ExactVersion | None = None
+    """Exact Debian/Ubuntu `prometheus` package version each Prometheus host installs (from its segment's mirror
+    or sources, like every package); unset: gpufleet renders the monitoring files but installs no server."""
+    alertmanager_version: ExactVersion | None = None
+    """Exact `prometheus-alertmanager` package version installed beside each Prometheus; unset: none."""
+    service_down_for_s: int = Field(default=60, ge=0, le=3600)
+    """Seconds the SLO probe must go unanswered before `GpufleetServiceDown` fires (its `for:`)."""
 
 
 class Controller(_Model):

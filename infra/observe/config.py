@@ -29,7 +29,7 @@ from infra.observe.metrics import (
 from infra.plan.node import NodePlan, SitePlan
 from infra.plan.packages import Component
 
-RULES_FILE = "/etc/prometheus/gpufleet-rules.yml"
+RULES_FILE = "/etc/gpufleet/monitoring/rules.yml"  # our own directory: no Debian conffile is edited
 WINDOW = "5m"
 # Series the site view pulls from the other segments' Prometheus (`/federate?match[]=`): the SLO figures,
 # the alerts and scrape health — not raw histograms, which stay where they are scraped.
@@ -219,7 +219,7 @@ def service_alerts(site: Site, svc: InferenceService) -> list[dict[str, Any]]:
         _alert(
             "GpufleetServiceDown",
             f"{UP}{{{sel}}} == 0",
-            "1m",
+            f"{site.observability.service_down_for_s}s",
             "critical",
             f"{svc.name} on {{{{ $labels.node }}}} does not answer the SLO probe",
             service=svc.name,

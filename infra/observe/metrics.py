@@ -9,10 +9,31 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from infra.model.site import Engine
+from infra.observe.probe import (
+    PROBE_FAILURES,
+    PROBE_ITL_BUCKET,
+    PROBE_PORT,
+    PROBE_REQUESTS,
+    PROBE_TOKENS_PER_S,
+    PROBE_TTFT_BUCKET,
+    PROBE_UP,
+)
 
-# Port of the SLO probe on each Prometheus host (the exporters' ports live in infra.model.ports).
-PROBE_PORT = 9479
-
+# The SLO probe's own series and port are defined beside the probe (stdlib only, it runs as a zipapp).
+__all__ = [
+    "DCGM_FIELDS",
+    "ENGINE_METRICS",
+    "PROBE_FAILURES",
+    "PROBE_ITL_BUCKET",
+    "PROBE_PORT",
+    "PROBE_REQUESTS",
+    "PROBE_TOKENS_PER_S",
+    "PROBE_TTFT_BUCKET",
+    "PROBE_UP",
+    "DcgmField",
+    "EngineMetrics",
+    "dcgm_counters_csv",
+]
 
 @dataclass(frozen=True)
 class EngineMetrics:
@@ -57,15 +78,6 @@ ENGINE_METRICS: dict[Engine, EngineMetrics] = {
     # llama-cpp-python's server exports none of these: the probe measures them.
     Engine.LLAMACPP: EngineMetrics(None, None, None, None, None, None),
 }
-
-# The SLO probe's own series (infra/observe/probe.py), labelled service and node.
-PROBE_TTFT_BUCKET = "gpufleet_probe_ttft_seconds_bucket"
-PROBE_ITL_BUCKET = "gpufleet_probe_itl_seconds_bucket"
-PROBE_TOKENS_PER_S = "gpufleet_probe_tokens_per_second"
-PROBE_REQUESTS = "gpufleet_probe_requests_total"
-PROBE_FAILURES = "gpufleet_probe_failures_total"
-PROBE_UP = "gpufleet_probe_success"
-
 
 @dataclass(frozen=True)
 class DcgmField:

@@ -8,18 +8,33 @@ and the `gpufleet:service_up` source. It runs beside each segment's Prometheus (
 Series (labels service, node): `gpufleet_probe_ttft_seconds` and `gpufleet_probe_itl_seconds` histograms,
 `gpufleet_probe_requests_total`, `gpufleet_probe_failures_total`, `gpufleet_probe_success` (last probe
 answered: 1/0) and `gpufleet_probe_tokens_per_second` (decode speed of the last probe).
+
+Stdlib only (with `infra.inference.stream`): monitoring hosts run it as a self-contained zipapp
+(`infra.observe.server.probe_zipapp`), so a mirror host needs no gpufleet install and no Python packages.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import sys
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from infra.inference.bench import Endpoint, LoadSpec, RequestResult, stream_completion
-from infra.observe.metrics import PROBE_FAILURES, PROBE_REQUESTS, PROBE_TOKENS_PER_S, PROBE_UP
+from infra.inference.stream import Endpoint, LoadSpec, RequestResult, stream_completion
+
+# Port of the SLO probe on each Prometheus host (the exporters' ports live in infra.model.ports).
+PROBE_PORT = 9479
+# The probe's own series, labelled service and node (the rules read them through infra.observe.metrics).
+PROBE_TTFT_BUCKET = "gpufleet_probe_ttft_seconds_bucket"
+PROBE_ITL_BUCKET = "gpufleet_probe_itl_seconds_bucket"
+PROBE_TOKENS_PER_S = "gpufleet_probe_tokens_per_second"
+PROBE_REQUESTS = "gpufleet_probe_requests_total"
+PROBE_FAILURES = "gpufleet_probe_failures_total"
+PROBE_UP = "gpufleet_probe_success"
 
 # Bucket bounds (seconds) of both histograms: 10 ms to 60 s, like vLLM's TTFT buckets in spirit.
 BUCKETS: tuple[float, ...] = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60)
@@ -164,3 +179,40 @@ def parse_listen(listen: str) -> tuple[str, int]:
 def endpoints_of(config: dict[str, Any]) -> Sequence[str]:
     """The probed URLs, for messages."""
     return [e["url"] for e in config["endpoints"]]
+
+
+def load_config(path: str) -> tuple[Probe, str, int, float]:
+    """Read probe.json: the probe, its listen host and port, its interval (ValueError when it is not one)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+        host, port = parse_listen(str(cfg["listen"]))
+        return Probe(cfg), host, port, float(cfg["interval_s"])
+    except (OSError, KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: not a probe configuration ({exc})") from exc
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`gpufleet-slo-probe --config probe.json [--rounds N]`: serve the metrics and probe until stopped."""
+    parser = argparse.ArgumentParser(prog="gpufleet-slo-probe", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="probe.json written by `gpufleet monitoring render`")
+    parser.add_argument("--rounds", type=int, help="stop after this many rounds (default: run until stopped)")
+    args = parser.parse_args(argv)
+    try:
+        state, host, port, interval = load_config(args.config)
+    except ValueError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+    server = serve(state, host, port)
+    stop = threading.Event()
+    try:
+        run(state, interval, stop, args.rounds)
+    except KeyboardInterrupt:
+        stop.set()
+    finally:
+        server.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
