@@ -322,11 +322,9 @@ def rules(plan: SitePlan) -> dict[str, Any]:
     site = plan.site
     records = [r for svc in site.services for r in service_records(svc)]
     alerts = [a for svc in site.services for a in service_alerts(site, svc)] + gpu_alerts(site)
-    groups = []
-    if records:
-        groups.append({"name": "gpufleet-slo-figures", "rules": records})
-    groups.append({"name": "gpufleet-alerts", "rules": alerts})
-    return {"groups": groups}
+    # One group: its rules are evaluated in order, so each alert reads the figure of the same evaluation
+    # (in a group of its own it could read one an evaluation interval old).
+    return {"groups": [{"name": "gpufleet", "rules": records + alerts}]}
 
 
 def alertmanager_config(site: Site) -> dict[str, Any]:

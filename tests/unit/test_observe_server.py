@@ -1,0 +1,136 @@
+"""The monitoring server's inputs: the probe zipapp, the Prometheus hosts' role variables, the federation flow."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from infra.commands.monitoring import check_role_arguments
+from infra.inference.fakeserver import FakeBehaviour, FakeOpenAIServer
+from infra.lab.config import lab_spec
+from infra.lab.network import host_routes, lab_flows, render_ruleset
+from infra.model.load import load_site
+from infra.observe import server
+from infra.plan.node import plan_site
+
+# The interpreter a monitoring host has: Debian's python3, no gpufleet, no site-packages (-I -S).
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("probe") / "gpufleet-slo-probe.pyz"
+    path.write_bytes(server.probe_zipapp())
+    return path
+
+
+def test_probe_zipapp_is_the_same_bytes_every_time() -> None:
+    """The role copies it by checksum: a rebuild from the same sources must not look like a change."""
+    assert server.probe_zipapp() == server.probe_zipapp()
+
+
+@pytest.mark.skipif(not Path(SYSTEM_PYTHON).exists(), reason="no system python3")
+def test_probe_zipapp_runs_on_the_bare_standard_library(app: Path, tmp_path: Path) -> None:
+    """Without site-packages or gpufleet, the zipapp probes a streaming server and serves its metrics."""
+    port = _free_port()
+    with FakeOpenAIServer(FakeBehaviour()) as fake:
+        cfg = {
+            "listen": f"127.0.0.1:{port}",
+            "interval_s": 0.2,
+            "endpoints": [{"service": "svc", "node": "n1", "engine": "llamacpp", "url": fake.url, "model": "m"}],
+        }
+        (tmp_path / "probe.json").write_text(json.dumps(cfg))
+        proc = subprocess.Popen([SYSTEM_PYTHON, "-I", "-S", str(app), "--config", str(tmp_path / "probe.json")],
+                                stderr=subprocess.PIPE, text=True)
+        try:
+            text = ""
+            deadline = time.monotonic() + 30
+            while 'gpufleet_probe_requests_total{service="svc",node="n1"} 2' not in text:
+                assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+                assert time.monotonic() < deadline, text
+                time.sleep(0.1)
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+                        text = r.read().decode()
+                except OSError:
+                    continue
+        finally:
+            proc.terminate()
+            proc.wait(timeout=10)
+    assert 'gpufleet_probe_success{service="svc",node="n1"} 1' in text
+
+
+@pytest.mark.skipif(not Path(SYSTEM_PYTHON).exists(), reason="no system python3")
+def test_probe_zipapp_refuses_a_bad_configuration_in_one_line(app: Path, tmp_path: Path) -> None:
+    """A broken probe.json: exit 2 and one line naming the file, never a traceback."""
+    bad = tmp_path / "probe.json"
+    bad.write_text('{"listen": "0.0.0.0:9479", "interval_s": 5, "endpoints": []}')
+    p = subprocess.run([SYSTEM_PYTHON, "-I", "-S", str(app), "--config", str(bad)], capture_output=True, text=True,
+                       timeout=30, check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert p.stderr.count("\n") == 1 and str(bad) in p.stderr and "127.0.0.1" in p.stderr
+
+
+def test_lab_prometheus_hosts_get_their_segment_files_and_sources() -> None:
+    """The mirror installs from its own repository, the node keeps base's sources; each gets its segment's
+    prometheus.yml; both pin the stack's versions; the variables satisfy the role's argument spec."""
+    plan = plan_site(load_site(stack="lab"))
+    inv = server.inventory(plan, "/controller/probe.pyz")
+    hosts = inv["all"]["children"][server.GROUP]["hosts"]
+    assert sorted(hosts) == ["lab-gpu01", "lab-mirror"]
+    mirror, node = hosts["lab-mirror"], hosts["lab-gpu01"]
+    assert mirror["ansible_host"] == "198.18.2.10" and node["ansible_host"] == "198.18.1.11"
+    assert [s["uris"] for s in mirror["monitoring_server_apt_sources"]] == ["http://198.18.2.10/apt"]
+    assert node["monitoring_server_apt_sources"] == []
+    pins = {p["name"]: p["version"] for p in mirror["monitoring_server_packages"]}
+    assert pins == {"prometheus": "2.42.0+ds-5+deb12u1", "prometheus-alertmanager": "0.25.0-1+b4"}
+    assert "segment: airgap" in mirror["monitoring_server_prometheus_config"]
+    assert "/federate" in node["monitoring_server_prometheus_config"]
+    assert "/federate" not in mirror["monitoring_server_prometheus_config"]
+    assert "198.18.2.11:8080" in mirror["monitoring_server_probe_config"]
+    assert check_role_arguments(inv) == []
+
+
+def test_role_argument_check_names_a_bad_variable() -> None:
+    """A variable of the wrong type is caught on the controller, before any host is touched."""
+    plan = plan_site(load_site(stack="lab"))
+    inv = server.inventory(plan, "/controller/probe.pyz", ["lab-mirror"])
+    inv["all"]["children"][server.GROUP]["hosts"]["lab-mirror"]["monitoring_server_port"] = "not a port"
+    found = check_role_arguments(inv)
+    assert len(found) == 1 and found[0].startswith("lab-mirror:") and "monitoring_server_port" in found[0]
+
+
+def test_federation_is_the_one_flow_between_segments() -> None:
+    """The lab allows the site view's host to the mirror's Prometheus port, and routes only that pair."""
+    spec = lab_spec("lab")
+    flows = lab_flows(spec)
+    assert [(str(f.from_address), str(f.to_address), f.port) for f in flows] == [("198.18.1.11", "198.18.2.10", 9090)]
+    text = render_ruleset(spec.bridges, "gpufleet_test", flows)
+    assert "ip daddr 198.18.2.10 tcp dport 9090 ct state new,established accept" in text
+    assert "ip saddr 198.18.2.10 ip daddr 198.18.1.11 tcp sport 9090 ct state established accept" in text
+    # Every other packet between the bridges still meets the drops after these two rules.
+    assert text.index("tcp dport 9090") < text.index('iifname { "gpfl-connected", "gpfl-airgap" } drop')
+    assert [(str(d), str(v)) for d, v in host_routes(spec, "lab-mirror")] == [("198.18.1.11", "198.18.2.1")]
+    assert host_routes(spec, "lab-gpu03") == []
+
+
+@pytest.mark.skipif(shutil.which("nft") is None, reason="nft not installed")
+def test_federation_ruleset_is_accepted_by_nft() -> None:
+    """`nft -c` (check only, nothing loaded) accepts the table with the flow rules."""
+    spec = lab_spec("lab")
+    p = subprocess.run(["nft", "-c", "-f", "-"], input=render_ruleset(spec.bridges, "gpufleet_test", lab_flows(spec)),
+                       capture_output=True, text=True, timeout=30, check=False)
+    assert p.returncode == 0, p.stderr
