@@ -10,10 +10,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from infra.ansible import rolespecs
 from infra.ansible.runner import Progress, run_playbook
-from infra.ansible.settings import project_root
 from infra.commands.site import add_stack_args, site_from_args
 from infra.console import Exit, emit
 from infra.observe import probe, render, server, status
@@ -35,7 +33,7 @@ def register(sub: Any) -> None:
     cv = msub.add_parser(
         "converge",
         help="install and run each segment's Prometheus, Alertmanager and SLO probe on the host the stack names",
-        description="Runs playbooks/monitoring.yml (role monitoring, entry point server) over the stack's "
+        description="Runs playbooks/monitoring.yml (role monitoring_server) over the stack's "
         "observability.prometheus hosts. Exit 0 when every host converged, 1 when one failed.",
     )
     add_stack_args(cv)
@@ -123,16 +121,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def check_role_arguments(inventory: dict[str, Any]) -> list[str]:
-    """Every violation of the `server` entry point's argument spec, checked on the controller before a run."""
-    from ansible.module_utils.common.arg_spec import ArgumentSpecValidator
-
-    spec = yaml.safe_load((project_root() / "roles/monitoring/meta/argument_specs.yml").read_text(encoding="utf-8"))
-    options = spec["argument_specs"]["server"]["options"]
-    out = []
-    for host, hostvars in inventory["all"]["children"][server.GROUP]["hosts"].items():
-        params = {k: v for k, v in hostvars.items() if k in options}
-        out += [f"{host}: {m}" for m in ArgumentSpecValidator(options).validate(params).error_messages]
-    return out
+    """Every violation of the monitoring_server role's argument spec, checked on the controller before a run."""
+    hosts = inventory["all"]["children"][server.GROUP]["hosts"]
+    return [line for host, hostvars in hosts.items() for line in rolespecs.problems(host, [server.ROLE], hostvars)]
 
 
 def cmd_converge(args: argparse.Namespace) -> int:

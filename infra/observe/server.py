@@ -1,4 +1,4 @@
-"""What the `monitoring` role's `server` entry point installs on each Prometheus host, derived from the plan. Pure.
+"""What the `monitoring_server` role installs on each Prometheus host, derived from the plan. Pure.
 
 Each segment's Prometheus host (a node or a mirror of that segment, `observability.prometheus`) gets Debian's
 `prometheus` and `prometheus-alertmanager` at the stack's exact versions, from the segment's own package source
@@ -26,6 +26,7 @@ from infra.plan.node import SitePlan
 PROMETHEUS_PACKAGE = "prometheus"
 ALERTMANAGER_PACKAGE = "prometheus-alertmanager"
 GROUP = "gpufleet_monitoring"
+ROLE = "monitoring_server"
 # Where the role writes the rules (Debian's prometheus.yml lives beside it in /etc/prometheus).
 RULES_PATH = config.RULES_FILE
 # The zipapp's modules: the probe and the streaming client it shares with bench-inference (both stdlib only).
