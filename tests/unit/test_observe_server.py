@@ -11,14 +11,16 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 
 from infra.commands.monitoring import check_role_arguments
 from infra.inference.fakeserver import FakeBehaviour, FakeOpenAIServer
 from infra.lab.config import lab_spec
 from infra.lab.network import host_routes, lab_flows, render_ruleset
-from infra.model.load import load_site
+from infra.model.load import load_site, project_dir
 from infra.observe import server
 from infra.plan.node import plan_site
+from tests.unit.ansible_local import run_local_play
 
 # The interpreter a monitoring host has: Debian's python3, no gpufleet, no site-packages (-I -S).
 SYSTEM_PYTHON = "/usr/bin/python3"
@@ -134,3 +136,58 @@ def test_federation_ruleset_is_accepted_by_nft() -> None:
     p = subprocess.run(["nft", "-c", "-f", "-"], input=render_ruleset(spec.bridges, "gpufleet_test", lab_flows(spec)),
                        capture_output=True, text=True, timeout=30, check=False)
     assert p.returncode == 0, p.stderr
+
+
+SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
+ROLE = project_dir() / "roles" / "monitoring_server"
+# Debian's units the drop-ins extend (prometheus 2.42 and prometheus-alertmanager 0.25, installed by setup.sh --test).
+DEBIAN_UNITS = {"prometheus": Path("/lib/systemd/system/prometheus.service"),
+                "prometheus-alertmanager": Path("/lib/systemd/system/prometheus-alertmanager.service")}
+
+
+@pytest.mark.skipif(SYSTEMD_ANALYZE is None or not all(p.exists() for p in DEBIAN_UNITS.values()),
+                    reason="needs systemd-analyze and Debian's prometheus packages")
+def test_probe_unit_and_drop_ins_pass_systemd_analyze_verify(tmp_path: Path) -> None:
+    """Rendered by real Ansible from the lab's variables: the probe unit, and Debian's units with our drop-ins,
+    pass `systemd-analyze verify` without a warning; the drop-ins name our files and the stack's ports."""
+    hostvars = server.inventory(plan_site(load_site(stack="lab")), "/controller/probe.pyz", ["lab-mirror"])
+    hv = hostvars["all"]["children"][server.GROUP]["hosts"]["lab-mirror"]
+    role_vars: dict[str, object] = {}
+    for f in ("defaults/main.yml", "vars/main.yml"):
+        role_vars |= yaml.safe_load((ROLE / f).read_text()) or {}
+    templates = {"gpufleet-slo-probe.service": "gpufleet-slo-probe.service.j2",
+                 "prometheus.service.d/gpufleet.conf": "prometheus-dropin.conf.j2",
+                 "prometheus-alertmanager.service.d/gpufleet.conf": "alertmanager-dropin.conf.j2"}
+    tasks = [{"name": f"Render {out}", "ansible.builtin.copy": {
+        "content": "{{ lookup('ansible.builtin.template', '%s') }}" % (ROLE / "templates" / src),
+        "dest": str(tmp_path / "out" / out.replace("/", "__")), "mode": "0644"}} for out, src in templates.items()]
+    (tmp_path / "out").mkdir()
+    run_local_play([{"name": "Render", "hosts": "localhost", "gather_facts": False,
+                     "vars": role_vars | {k: v for k, v in hv.items() if k.startswith("monitoring_server_")},
+                     "tasks": tasks}], tmp_path)
+    root = tmp_path / "root"
+    shutil.copytree("/usr/lib/systemd/system", root / "usr/lib/systemd/system", symlinks=True)
+    etc = root / "etc/systemd/system"
+    for out in templates:
+        dest = etc / out
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_text((tmp_path / "out" / out.replace("/", "__")).read_text())
+    for name, unit in DEBIAN_UNITS.items():
+        shutil.copy(unit, root / "usr/lib/systemd/system" / f"{name}.service")
+    lib = root / "usr/lib/systemd/system"
+    units = [*(etc / out for out in templates), *(lib / f"{n}.service" for n in DEBIAN_UNITS)]
+    for line in (ln for u in units for ln in u.read_text().splitlines()):
+        if line.startswith(("ExecStart=/", "ExecReload=/")):  # verify checks executables exist: stand-ins
+            stub = root / line.split("=", 1)[1].split()[0].lstrip("/")
+            stub.parent.mkdir(parents=True, exist_ok=True)
+            stub.write_text("#!/bin/sh\n")
+            stub.chmod(0o755)
+    for unit in ("gpufleet-slo-probe.service", "prometheus.service", "prometheus-alertmanager.service"):
+        p = subprocess.run([str(SYSTEMD_ANALYZE), "verify", f"--root={root}", unit], capture_output=True, text=True,
+                           timeout=60, check=False)
+        noise = [ln for ln in (p.stdout + p.stderr).splitlines() if ln.strip()]
+        assert p.returncode == 0 and not noise, f"{unit}: {noise}"
+    prom = (etc / "prometheus.service.d/gpufleet.conf").read_text()
+    assert "--config.file=/etc/gpufleet/monitoring/prometheus.yml --web.listen-address=:9090" in prom
+    am = (etc / "prometheus-alertmanager.service.d/gpufleet.conf").read_text()
+    assert "--web.listen-address=127.0.0.1:9093 --cluster.listen-address=" in am
