@@ -182,11 +182,11 @@ def test_probe_unit_and_drop_ins_pass_systemd_analyze_verify(tmp_path: Path) -> 
             stub.parent.mkdir(parents=True, exist_ok=True)
             stub.write_text("#!/bin/sh\n")
             stub.chmod(0o755)
-    for unit in ("gpufleet-slo-probe.service", "prometheus.service", "prometheus-alertmanager.service"):
-        p = subprocess.run([str(SYSTEMD_ANALYZE), "verify", f"--root={root}", unit], capture_output=True, text=True,
+    for name in ("gpufleet-slo-probe.service", "prometheus.service", "prometheus-alertmanager.service"):
+        p = subprocess.run([str(SYSTEMD_ANALYZE), "verify", f"--root={root}", name], capture_output=True, text=True,
                            timeout=60, check=False)
         noise = [ln for ln in (p.stdout + p.stderr).splitlines() if ln.strip()]
-        assert p.returncode == 0 and not noise, f"{unit}: {noise}"
+        assert p.returncode == 0 and not noise, f"{name}: {noise}"
     prom = (etc / "prometheus.service.d/gpufleet.conf").read_text()
     assert "--config.file=/etc/gpufleet/monitoring/prometheus.yml --web.listen-address=:9090" in prom
     am = (etc / "prometheus-alertmanager.service.d/gpufleet.conf").read_text()
