@@ -224,7 +224,8 @@ def _series_start(base: str, promql: str, start: float, end: float) -> float:
 
 def test_air_gapped_metrics_reach_the_site_view_only_by_federation(monitored: dict[str, Any], lab: Lab) -> None:
     """The site view holds the air-gapped series, labelled as federated; lab-gpu01 reaches lab-mirror:9090 and
-    nothing else of the air-gapped segment; the air-gapped node still reaches nothing outside its segment."""
+    nothing else of the air-gapped segment, no other connected host reaches even that; the air-gapped node still
+    reaches nothing outside its segment."""
     series = _wait("air-gapped node series at the site view",
                    lambda: _query(SITE_VIEW, 'up{job="node",segment="airgap"}'), 6 * INTERVAL_S)
     assert {s["metric"]["node"] for s in series} == {"lab-gpu03", "lab-gpu04"}
@@ -237,6 +238,7 @@ def test_air_gapped_metrics_reach_the_site_view_only_by_federation(monitored: di
         return _ssh(lab, host, f"python3 -c {json.dumps(code)}").returncode == 0
 
     assert connects("lab-gpu01", "198.18.2.10", 9090)  # the federation port of the mirror
+    assert not connects("lab-gpu02", "198.18.2.10", 9090)  # from the site view's host only
     assert not connects("lab-gpu01", "198.18.2.11", 9100)  # a direct scrape of an air-gapped node
     assert not connects("lab-gpu01", "198.18.2.10", 80)  # any other port of the mirror
     assert not connects("lab-gpu03", "198.18.1.250", 80)  # the node egress policy (airgap_firewall) holds
