@@ -289,7 +289,8 @@ def cmd_vram(args: argparse.Namespace) -> int:
               else f"none: the terms above exceed the budget by {d['over_budget_gib']:.2f} GiB")
         rows = [
             ("GPU", f"{count}x {args.gpu} ({d['total_gib']:g} GiB total as CUDA reports it)"),
-            ("budget per GPU", f"{d['budget_gib']:.2f} GiB (total × {args.utilization:.2f}; KV cache = budget − the next three)"),
+            ("budget per GPU",
+             f"{d['budget_gib']:.2f} GiB (total × {args.utilization:.2f}; KV cache = budget − the next three)"),
             ("weights per GPU", f"{d['weights_gib']:.2f} GiB ({args.dtype})"),
             ("activation peak", f"{d['activation_gib']:.2f} GiB (profile: {d['profile_tokens']} tokens, "
                                   f"{d['profile_seqs']} sampler rows)"),
