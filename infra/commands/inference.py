@@ -53,6 +53,9 @@ def register(sub: Any) -> None:
                         "until a miss, then bisect twice) or a comma list of rates")
     p.add_argument("--sweep-start", type=_rate, default=0.5, help="first rate of an auto sweep (default 0.5)")
     p.add_argument("--sweep-max", type=_rate, default=64.0, help="highest rate an auto sweep tries (default 64)")
+    p.add_argument("--sweep-seconds", type=float, default=0.0,
+                   help="each swept rate sends at least rate × this many seconds of requests (default 0: "
+                        "--requests only), so an overloaded server's queue shows in the percentiles")
     p.add_argument("--slo-ttft-ms", type=float, default=None,
                    help="p99 TTFT objective (default: the service's SLO from the stack's observability model)")
     p.add_argument("--slo-itl-ms", type=float, default=None, help="p99 ITL objective (default: as above)")
@@ -120,10 +123,12 @@ def _render(data: dict[str, Any]) -> str:
                          f"≤ {slo['max_error_rate']:.0%} failed ({slo['source']})")
             steps: list[tuple[str, ...]] = [
                 (f"{s['request_rate']:g}", f"{s['request_throughput']:.2f}", f"{s['output_throughput']:.1f}",
-                 f"{s['median_ttft_ms']:.1f}/{s['p99_ttft_ms']:.1f}", f"{s['median_itl_ms']:.1f}/{s['p99_itl_ms']:.1f}",
+                 f"{s['median_ttft_ms']:.1f}/{s['p99_ttft_ms']:.1f}/{s['p99_ttft_incl_client_queue_ms']:.1f}",
+                 f"{s['median_itl_ms']:.1f}/{s['p99_itl_ms']:.1f}",
                  f"{s['completed']}/{s['completed'] + s['failed'] + s['not_sent']}",
                  "meets" if s["meets_slo"] else "; ".join(s["misses"])) for s in r["steps"]]
-            lines.append(table(steps, ["offered req/s", "req/s", "out tok/s", "TTFT p50/p99 ms", "ITL p50/p99 ms", "ok",
+            lines.append(table(steps, ["offered req/s", "req/s", "out tok/s", "TTFT p50/p99/p99+queue ms",
+                                       "ITL p50/p99 ms", "ok",
                                        "SLO"]))
             best = r["max_rate_meeting_slo"]
             lines.append("highest rate meeting the SLO: " + (f"{best:g} req/s" if best is not None
@@ -177,7 +182,8 @@ def cmd_bench_inference(args: argparse.Namespace) -> int:
         data: dict[str, Any] = {"mode": "smoke", "stack": stack, "ok": ok, "endpoints": results}
     elif args.sweep is not None:
         slo = _slo(args, site)
-        sweeps = [sweep(ep, spec, slo, rates=rates, start=args.sweep_start, limit=args.sweep_max) for ep in eps]
+        sweeps = [sweep(ep, spec, slo, rates=rates, start=args.sweep_start, limit=args.sweep_max,
+                        min_seconds=args.sweep_seconds) for ep in eps]
         ok = all(any(s["completed"] > 0 for s in w["steps"]) for w in sweeps)
         data = {"mode": "sweep", "stack": stack, "ok": ok, "endpoints": sweeps}
     else:

@@ -28,6 +28,7 @@ from infra.inference.bench import (
     run_load,
     smoke,
     stream_completion,
+    sweep,
     sweep_rates,
 )
 from infra.inference.fakeserver import FakeBehaviour, FakeOpenAIServer
@@ -354,3 +355,21 @@ def test_cli_open_loop_bad_input_is_exit_2(capsys: pytest.CaptureFixture[str]) -
     assert main(["bench-inference", "--endpoint", "http://127.0.0.1:9/v1", "--sweep", "1,x",
                  "--facts-dir", "-"]) == 2
     assert "not a rate" in capsys.readouterr().err
+
+
+def test_slo_ttft_counts_the_client_queue() -> None:
+    """A flat TTFT with seconds of client-side queueing misses the TTFT objective (users wait for both)."""
+    slo = Slo(ttft_p99_ms=1000, itl_p99_ms=50)
+    m = {"p99_ttft_ms": 10.0, "p99_ttft_incl_client_queue_ms": 9000.0, "p99_itl_ms": 1.0, "completed": 5,
+         "failed": 0}
+    assert slo.misses(m) == ["p99 TTFT 9000 ms > 1000 ms"]
+
+
+def test_sweep_sends_at_least_rate_times_min_seconds() -> None:
+    """`min_seconds` stretches each rate's run: 50 req/s × 0.2 s = 10 requests even when 2 are asked."""
+    with FakeOpenAIServer(FakeBehaviour(gap_s=0.001)) as srv:
+        out = sweep(Endpoint(srv.url, "m"), LoadSpec(num_requests=2, concurrency=2, max_tokens=2),
+                    Slo(ttft_p99_ms=60000, itl_p99_ms=60000), rates=[50], min_seconds=0.2)
+        assert len(srv.requests) == 10
+    assert out["steps"][0]["completed"] == 10 and out["max_rate_meeting_slo"] == 50
+    assert "at least rate × 0.2 s requests per rate" in out["load"]
