@@ -146,7 +146,7 @@ def fig_knee_sweep(ctx: Context) -> dict[str, Any]:
 
 
 def lab_sweep(stack: str = "lab", requests: int = 32, min_seconds: float = 8.0, max_tokens: int = 32,
-              start: float = 2.0, limit: float = 128.0) -> dict[str, Any]:
+              start: float = 4.0, limit: float = 128.0) -> dict[str, Any]:
     """Sweep every answering endpoint of a stack against its service's SLO (the stack's observability model)."""
     from infra.inference.bench import endpoints_of, smoke
     from infra.model.load import load_site
@@ -171,7 +171,7 @@ def lab_sweep(stack: str = "lab", requests: int = 32, min_seconds: float = 8.0, 
 @figure("6e", "bench-inference rate sweep of the lab stack's llama.cpp services",
         "Open-loop sweep (Poisson, seed 0, 32 tokens per request, at least 8 s of arrivals per rate) of each converged "
         "lab service against its own SLO from the stack's observability model (lab: p99 TTFT ≤ 5000 ms including "
-        "client queueing, p99 ITL ≤ 1000 ms, ≤ 5 % failed), doubling from 2 req/s then bisecting twice. "
+        "client queueing, p99 ITL ≤ 1000 ms, ≤ 5 % failed), doubling from 4 req/s then bisecting twice. "
         "llama-cpp-python serves one request at a time, so past its capacity the queue, and TTFT with it, grows "
         "with the length of the run. Skipped when the lab is not up or the services are not converged.")
 def fig_lab_sweep(ctx: Context) -> dict[str, Any]:
