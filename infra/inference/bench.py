@@ -103,14 +103,14 @@ class LoadSpec:
     def describe(self) -> str:
         """The applied load in one line, for people."""
         if math.isinf(self.request_rate):
-            arrivals = "all requests at once"
+            arrivals = "all arriving at once"
         else:
             law = "Poisson" if self.burstiness == 1 else f"gamma, burstiness {self.burstiness:g}"
             arrivals = f"open loop at {self.request_rate:g} req/s ({law}, seed {self.seed})"
         spread = f" ±{self.range_ratio:.0%}" if self.range_ratio else ""
         prompt = f"{self.input_len}{spread} words" if self.input_len else f"{len(self.prompt.split())} words"
-        return (f"{self.num_requests} requests, {arrivals}, at most {self.concurrency} in flight; prompts {prompt}, "
-                f"outputs {self.max_tokens}{spread} tokens{' (EOS ignored)' if self.ignore_eos else ''}, "
+        return (f"{self.num_requests} requests × {self.max_tokens}{spread} tokens, {self.concurrency} in flight, "
+                f"{arrivals}; prompts {prompt}{'; EOS ignored' if self.ignore_eos else ''}, "
                 f"temperature {self.temperature:g}; none started after {self.max_duration_s:g} s")
 
 
@@ -481,7 +481,7 @@ def sweep(ep: Endpoint, spec: LoadSpec, slo: Slo, *, min_seconds: float = 0.0, *
     return {
         "endpoint": ep.url, "model": ep.model, "label": ep.label,
         "slo": asdict(slo),
-        "load": spec.describe().replace("all requests at once", "open loop at each swept rate")
+        "load": spec.describe().replace("all arriving at once", "open loop at each swept rate")
         + (f"; at least rate × {min_seconds:g} s requests per rate" if min_seconds else ""),
         "max_rate_meeting_slo": best,
         "steps": [{"request_rate": s.request_rate, "meets_slo": s.meets, "misses": s.misses,
