@@ -134,10 +134,11 @@ def _steps_line(res: dict[str, Any]) -> str:
 
 
 @figure("6d", "bench-inference rate sweep against a server that slows with load (loopback)",
-        "`bench-inference --sweep` logic end to end on loopback: Poisson arrivals (seed 0), 16 tokens per request, "
-        "each rate at least 8 requests and 2 s of arrivals (quick: 1 s); the fake server adds 2 ms per chunk per other request in flight, so ITL "
-        "grows with the offered rate. The sweep doubles from 4 req/s until p99 ITL passes 20 ms, then bisects twice. "
-        "Shows the highest rate meeting that SLO and every step (offered rate → met or missed).")
+        "`bench-inference --sweep` logic end to end on loopback: Poisson arrivals (seed 0), 16 tokens per "
+        "request, each rate at least 8 requests and 2 s of arrivals (quick: 1 s); the fake server adds 2 ms "
+        "per chunk per other request in flight, so ITL grows with the offered rate. The sweep doubles from "
+        "4 req/s until p99 ITL passes 20 ms, then bisects twice. Shows the highest rate meeting that SLO and "
+        "every step (offered rate → met or missed).")
 def fig_knee_sweep(ctx: Context) -> dict[str, Any]:
     """Sweep against the load-dependent fake server."""
     res = knee_sweep(min_seconds=1.0 if ctx.quick else 2.0)
