@@ -295,7 +295,11 @@ def weight_bytes(arch: Architecture, dtype: DType, tensor_parallel: int = 1, pip
     kv_per_gpu = max(arch.kv_heads / tp, 1.0) / arch.kv_heads
     per_gpu = total / tp
     per_gpu += arch.layers * (q_o / tp + k_v * kv_per_gpu) * attn
-    per_gpu += sum(arch.mlp_params * _part_bytes(arch, dtype, f"mlp.{i}") for i in range(arch.layers)) / tp
+    # MLP layers kept in 16 bits are named one by one (`mlp.<layer>`); the others share the deployment's dtype.
+    kept_layers = {int(p[4:]) for p in arch.bf16_parts if p.startswith("mlp.") and int(p[4:]) < arch.layers}
+    kept = len(kept_layers) if WEIGHT_BYTES[dtype] < 2 else 0
+    mlp = kept * 2.0 + (arch.layers - kept) * _part_bytes(arch, dtype, "mlp")
+    per_gpu += arch.mlp_params * mlp / tp
     return per_gpu / pp
 
 
