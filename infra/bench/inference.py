@@ -1,7 +1,7 @@
 """Inference figures for the benchmark harness (issue 8): client overhead and llama.cpp serving numbers.
 
 Plain functions the harness (or anyone) can call; importing this module also registers them as
-harness figures `6a`, `6b`, `6c` (`infra/bench/figures.py` imports it).
+harness figures `6a`–`6e` (`infra/bench/figures.py` imports it).
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from infra.bench.harness import Context, Measurement, Skip, figure
-from infra.inference.bench import Endpoint, LoadSpec, run_load
+from infra.inference.bench import Endpoint, LoadSpec, Slo, run_load, sweep
 from infra.inference.fakeserver import FakeBehaviour, FakeOpenAIServer
+from infra.model.site import ServiceSlo
 
 
 def client_overhead(num_requests: int = 2000, concurrency: int = 4, max_tokens: int = 16) -> dict[str, Any]:
@@ -110,3 +111,82 @@ def fig_lab_services(ctx: Context) -> dict[str, Any]:
                     f"TPOT p50 {m['tpot_ms']['p50']:.2f} ms, E2EL p99 {m['e2el_ms']['p99']:.0f} ms"
                     if "skipped" not in m else f"skipped: {m['skipped']}")
             for label, m in res.items()}
+
+
+# A loopback server that slows with load like a batching engine: 2 ms per chunk plus 2 ms per other request
+# in flight. Its knee is known in shape, so the sweep's answer can be judged.
+KNEE = FakeBehaviour(first_delay_s=0.005, gap_s=0.002, gap_per_other_s=0.002)
+KNEE_SLO = Slo(ttft_p99_ms=1000, itl_p99_ms=20, source="figure 6d: p99 ITL ≤ 20 ms")
+
+
+def knee_sweep(requests: int = 8, min_seconds: float = 2.0) -> dict[str, Any]:
+    """Open-loop rate sweep (Poisson, seed 0) against the load-dependent loopback server; the summary."""
+    spec = LoadSpec(num_requests=requests, concurrency=10_000, max_tokens=16, request_timeout_s=30,
+                    max_duration_s=60)
+    with FakeOpenAIServer(KNEE) as srv:
+        return sweep(Endpoint(srv.url, "fake"), spec, KNEE_SLO, start=4.0, limit=256.0, refine=2,
+                     min_seconds=min_seconds)
+
+
+def _steps_line(res: dict[str, Any]) -> str:
+    return ", ".join(f"{s['request_rate']:g}→{'ok' if s['meets_slo'] else 'miss'} (ITL p99 {s['p99_itl_ms']:.0f} ms, "
+                     f"TTFT+queue p99 {s['p99_ttft_incl_client_queue_ms']:.0f} ms)" for s in res["steps"])
+
+
+@figure("6d", "bench-inference rate sweep against a server that slows with load (loopback)",
+        "`bench-inference --sweep` logic end to end on loopback: Poisson arrivals (seed 0), 16 tokens per "
+        "request, each rate at least 8 requests and 2 s of arrivals (quick: 1 s); the fake server adds 2 ms "
+        "per chunk per other request in flight, so ITL grows with the offered rate. The sweep doubles from "
+        "4 req/s until p99 ITL passes 20 ms, then bisects twice. Shows the highest rate meeting that SLO and "
+        "every step (offered rate → met or missed).")
+def fig_knee_sweep(ctx: Context) -> dict[str, Any]:
+    """Sweep against the load-dependent fake server."""
+    res = knee_sweep(min_seconds=1.0 if ctx.quick else 2.0)
+    return {"highest rate meeting p99 ITL ≤ 20 ms": f"{res['max_rate_meeting_slo']} req/s",
+            "steps": _steps_line(res)}
+
+
+def lab_sweep(stack: str = "lab", requests: int = 32, min_seconds: float = 8.0, max_tokens: int = 32,
+              start: float = 4.0, limit: float = 128.0) -> dict[str, Any]:
+    """Sweep every answering endpoint of a stack against its service's SLO (the stack's observability model)."""
+    from infra.inference.bench import endpoints_of, smoke
+    from infra.model.load import load_site
+    from infra.observe.config import slo_of
+
+    site = load_site(stack=stack)
+    by_name = {s.name: s for s in site.services}
+    out: dict[str, Any] = {}
+    for ep in endpoints_of(site):
+        probe = smoke(ep, timeout_s=5)
+        if not probe["ok"]:
+            out[ep.label] = {"skipped": probe["error"] or "no tokens"}
+            continue
+        svc = by_name[ep.label.split("@")[0]]
+        base: ServiceSlo = slo_of(site, svc)
+        slo = Slo(base.ttft_p99_ms, base.itl_p99_ms, base.max_error_rate, source=f"service {svc.name} (stack)")
+        spec = LoadSpec(num_requests=requests, concurrency=10_000, max_tokens=max_tokens, max_duration_s=120)
+        out[ep.label] = sweep(ep, spec, slo, start=start, limit=limit, min_seconds=min_seconds)
+    return out
+
+
+@figure("6e", "bench-inference rate sweep of the lab stack's llama.cpp services",
+        "Open-loop sweep (Poisson, seed 0, 32 tokens per request, at least 8 s of arrivals per rate) of each converged "
+        "lab service against its own SLO from the stack's observability model (lab: p99 TTFT ≤ 5000 ms including "
+        "client queueing, p99 ITL ≤ 1000 ms, ≤ 5 % failed), doubling from 4 req/s then bisecting twice. "
+        "llama-cpp-python serves one request at a time, so past its capacity the queue, and TTFT with it, grows "
+        "with the length of the run. Skipped when the lab is not up or the services are not converged.")
+def fig_lab_sweep(ctx: Context) -> dict[str, Any]:
+    """Sweep the lab's converged services."""
+    if not ctx.use_lab:
+        raise Skip("lab figures are off (--no-lab)")
+    res = lab_sweep()
+    if not res or all("skipped" in v for v in res.values()):
+        raise Skip("no lab inference endpoint answers (lab down or services not converged)")
+    out: dict[str, Any] = {}
+    for label, r in res.items():
+        if "skipped" in r:
+            out[label] = f"skipped: {r['skipped']}"
+            continue
+        out[f"{label}: highest rate meeting its SLO"] = f"{r['max_rate_meeting_slo']} req/s"
+        out[f"{label}: steps"] = _steps_line(r)
+    return out

@@ -57,7 +57,14 @@ def register(sub: Any) -> None:
         ("--vocab", positive_int),
     ):
         p.add_argument(flag, type=typ, help="explicit architecture (overrides the catalogue entry)")
-    p.add_argument("--gpu", default="H100", help="catalogue GPU (default H100)")
+    p.add_argument("--gpu", default="H100", help="catalogue GPU (default H100); see --gpu-memory-gib for others")
+    p.add_argument("--gpu-memory-gib", type=positive_float, metavar="GIB",
+                   help="total memory CUDA reports for a GPU outside the catalogue (vLLM's total_gpu_memory); "
+                        "non-torch memory then takes the planner's default")
+    p.add_argument("--max-num-batched-tokens", type=positive_int,
+                   help="tokens of vLLM's profile batch (default: vLLM V1's default for the GPU's memory)")
+    p.add_argument("--max-num-seqs", type=positive_int,
+                   help="rows of vLLM's profile sampler step (default: --concurrency, as gpufleet passes it)")
     p.add_argument("--count", type=positive_int, help="GPUs on the node (default: tp × pp)")
     p.add_argument("--tp", type=positive_int, default=1, help="tensor parallel size")
     p.add_argument("--pp", type=positive_int, default=1, help="pipeline parallel size")
@@ -229,13 +236,15 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_vram(args: argparse.Namespace) -> int:
-    """Plan GPU memory for a catalogue model or an explicit architecture."""
+    """Plan GPU memory for a catalogue model or an explicit architecture; report every term."""
     cat = resolve()
     base = cat.models.get(args.model) if args.model else None
     if args.model and base is None:
         return fail(args, Exit.INVALID, f"unknown model {args.model!r}; known: {', '.join(sorted(cat.models))}")
-    if args.gpu not in cat.gpus:
-        return fail(args, Exit.INVALID, f"unknown GPU {args.gpu!r}; known: {', '.join(sorted(cat.gpus))}")
+    gpu = cat.gpus.get(args.gpu)
+    if gpu is None and args.gpu_memory_gib is None:
+        return fail(args, Exit.INVALID, f"unknown GPU {args.gpu!r}; known: {', '.join(sorted(cat.gpus))} "
+                                        "(or give its memory with --gpu-memory-gib)")
     explicit = {
         "parameters": args.params,
         "layers": args.layers,
@@ -244,16 +253,22 @@ def cmd_vram(args: argparse.Namespace) -> int:
         "head_dim": args.head_dim,
         "vocab": args.vocab,
     }
-    values = {k: v if v is not None else (getattr(base, k) if base else None) for k, v in explicit.items()}
-    missing = [k for k, v in values.items() if v is None]
-    if missing:
-        flags = ", ".join("--" + m.replace("_", "-") for m in missing)
-        return fail(args, Exit.INVALID, f"give --model or the architecture; missing: {flags}")
-    arch = sizing.Architecture(**values)  # type: ignore[arg-type]
+    if base is not None and all(v is None for v in explicit.values()):
+        arch = sizing.architecture(base)
+    else:
+        values = {k: v if v is not None else (getattr(base, k) if base else None) for k, v in explicit.items()}
+        missing = [k for k, v in values.items() if v is None]
+        if missing:
+            flags = ", ".join("--" + m.replace("_", "-") for m in missing)
+            return fail(args, Exit.INVALID, f"give --model or the architecture; missing: {flags}")
+        arch = sizing.Architecture(**values)  # type: ignore[arg-type]
     count = args.count or args.tp * args.pp
+    memory = args.gpu_memory_gib if args.gpu_memory_gib is not None else gpu.usable_gib  # type: ignore[union-attr]
+    # A GPU given by its memory is not the catalogue's GPU of that name: its non-torch figures are unknown.
+    base_nt, tp_nt = sizing.non_torch(gpu if args.gpu_memory_gib is None else None)
     dep = sizing.Deployment(
         gpu=args.gpu,
-        gpu_usable_gib=cat.gpus[args.gpu].usable_gib,
+        gpu_usable_gib=memory,
         gpu_count=count,
         dtype=DType(args.dtype),
         kv_cache_dtype=KvCacheDType(args.kv_dtype),
@@ -262,22 +277,27 @@ def cmd_vram(args: argparse.Namespace) -> int:
         utilization=args.utilization,
         context_length=args.context,
         concurrency=args.concurrency,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_num_seqs=args.max_num_seqs,
+        non_torch_gib=base_nt,
+        non_torch_tp_gib=tp_nt,
     )
     result = sizing.plan(arch, dep)
 
     def render(d: dict[str, Any]) -> str:
+        kv = (f"{d['kv_cache_gib']:.2f} GiB" if d["over_budget_gib"] == 0
+              else f"none: the terms above exceed the budget by {d['over_budget_gib']:.2f} GiB")
         rows = [
-            ("GPU", f"{count}x {args.gpu} ({cat.gpus[args.gpu].usable_gib} GiB usable each)"),
-            ("budget per GPU", f"{d['budget_gib']:.2f} GiB ({args.utilization:.2f} utilisation)"),
+            ("GPU", f"{count}x {args.gpu} ({d['total_gib']:g} GiB total as CUDA reports it)"),
+            ("budget per GPU",
+             f"{d['budget_gib']:.2f} GiB (total × {args.utilization:.2f}; KV cache = budget − the next three)"),
             ("weights per GPU", f"{d['weights_gib']:.2f} GiB ({args.dtype})"),
-            ("activation + overhead", f"{d['activation_gib']:.2f} GiB"),
-            (
-                "KV cache per GPU",
-                f"{d['kv_cache_gib']:.2f} GiB"
-                if d["kv_cache_gib"] >= 0
-                else f"none: weights and activations exceed the budget by {-d['kv_cache_gib']:.2f} GiB",
-            ),
-            ("KV bytes per token", f"{d['kv_bytes_per_token']} ({d['kv_bytes_per_token'] / 1024:.0f} KiB)"),
+            ("activation peak", f"{d['activation_gib']:.2f} GiB (profile: {d['profile_tokens']} tokens, "
+                                  f"{d['profile_seqs']} sampler rows)"),
+            ("non-torch memory", f"{d['non_torch_gib']:.2f} GiB"),
+            ("KV cache per GPU", kv),
+            ("KV bytes per token", f"{d['kv_bytes_per_token']} ({d['kv_bytes_per_token'] / 1024:.0f} KiB; "
+                                   f"{d['kv_bytes_per_token_per_gpu'] / 1024:.0f} KiB per GPU)"),
             ("max tokens", d["max_tokens"]),
             ("max sequences at context", d["max_sequences"]),
             ("verdict", d["verdict"]),

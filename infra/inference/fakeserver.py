@@ -27,6 +27,9 @@ class FakeBehaviour:
     tokens_per_chunk: int = 1
     # llama.cpp's habit: a last chunk with empty text and only `finish_reason`.
     final_empty_chunk: bool = False
+    # A server that slows with load (as a batching engine does): every chunk gap grows by this much per
+    # other request in flight at that moment. Lets a rate sweep find a knee against a known capacity.
+    gap_per_other_s: float = 0.0
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -69,7 +72,7 @@ class _Handler(BaseHTTPRequestHandler):
         chunks = -(-n // b.tokens_per_chunk)
         for i in range(chunks):
             if i:
-                time.sleep(b.gap_s)
+                time.sleep(b.gap_s + b.gap_per_other_s * max(self.server.in_flight - 1, 0))
             chunk = {"id": "cmpl-fake", "object": "text_completion", "model": body.get("model"),
                      "choices": [{"index": 0, "text": "a" * b.tokens_per_chunk, "finish_reason": None}]}
             self.wfile.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
@@ -78,7 +81,10 @@ class _Handler(BaseHTTPRequestHandler):
             last = {"id": "cmpl-fake", "choices": [{"index": 0, "text": "", "finish_reason": "length"}]}
             self.wfile.write(b"data: " + json.dumps(last).encode() + b"\n\n")
         if b.send_usage and body.get("stream_options", {}).get("include_usage"):
-            usage = {"id": "cmpl-fake", "choices": [], "usage": {"completion_tokens": n, "prompt_tokens": 4}}
+            # One prompt token per word: lets tests check the input-token totals.
+            prompt_tokens = len(str(body.get("prompt", "")).split())
+            usage = {"id": "cmpl-fake", "choices": [],
+                     "usage": {"completion_tokens": n, "prompt_tokens": prompt_tokens}}
             self.wfile.write(b"data: " + json.dumps(usage).encode() + b"\n\n")
         self._done()
         self.wfile.write(b"data: [DONE]\n\n")

@@ -454,6 +454,11 @@ _COMPONENT_FIX = (
 ModelName = Annotated[str, _BASE, _grammar(PATH_COMPONENT, "a valid model name", _COMPONENT_FIX)]
 GpuModelName = Annotated[str, _BASE, _grammar(PATH_COMPONENT, "a valid GPU model name", _COMPONENT_FIX)]
 CatalogueKey = Annotated[str, _BASE, _grammar(PATH_COMPONENT, "a valid catalogue name", _COMPONENT_FIX)]
+BF16_PART = re.compile(r"embeddings|lm_head|attention|mlp\.[0-9]{1,4}")
+"""A part of a checkpoint a quantised model keeps in 16 bits (see `ModelArch.bf16_parts`)."""
+Bf16Part = Annotated[
+    str, _BASE, _grammar(BF16_PART, "a checkpoint part", "use embeddings, lm_head, attention or mlp.<layer number>")
+]
 Revision = Annotated[
     str,
     _BASE,
@@ -1060,6 +1065,10 @@ class GpuCatalogueEntry(_Model):
     """Sold in NVSwitch (HGX/DGX) systems."""
     open_modules_required: bool = False
     """The proprietary kernel modules do not support it: profiles of its nodes need `driver.open_modules`."""
+    non_torch_gib: float | None = Field(default=None, ge=0, le=64)
+    """Memory outside PyTorch per GPU at TP 1 (CUDA context, cuBLAS, allocator), GiB; unset: the planner's default."""
+    non_torch_tp_gib: float | None = Field(default=None, ge=0, le=64)
+    """Extra memory outside PyTorch per GPU when tensor parallel (NCCL, custom all-reduce buffers), GiB."""
 
 
 class ModelArch(_Model):
@@ -1079,6 +1088,23 @@ class ModelArch(_Model):
     """Vocabulary size."""
     max_context: int = Field(ge=1)
     """Longest context engines accept (config.json `max_position_embeddings`; vLLM refuses a longer max-model-len)."""
+    hidden_size: int | None = Field(default=None, ge=1)
+    """config.json `hidden_size` (unset: heads × head_dim, which is wrong for some models)."""
+    intermediate_size: int | None = Field(default=None, ge=1)
+    """config.json `intermediate_size` of dense MLP layers (unset: derived from the parameter count)."""
+    experts: int = Field(default=0, ge=0)
+    """Routed experts per MoE layer (config.json `num_experts` / `num_local_experts`); 0 for dense models."""
+    experts_per_token: int = Field(default=0, ge=0)
+    """Experts each token is routed to (config.json `num_experts_per_tok`)."""
+    moe_intermediate_size: int | None = Field(default=None, ge=1)
+    """Intermediate size of one expert (config.json `moe_intermediate_size`; Mixtral: `intermediate_size`)."""
+    shared_expert_intermediate_size: int = Field(default=0, ge=0)
+    """Intermediate size of the always-active shared expert(s), 0 if none."""
+    tie_word_embeddings: bool = False
+    """config.json `tie_word_embeddings`: the LM head reuses the embedding matrix."""
+    bf16_parts: list[Bf16Part] | None = Field(default=None, max_length=64)
+    """Parts a quantised checkpoint keeps in 16 bits (`embeddings`, `lm_head`, `attention`, `mlp.<layer>`);
+    unset: embeddings and LM head."""
 
 
 class GpuHealth(_Model):

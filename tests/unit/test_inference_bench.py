@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
 import random
 from pathlib import Path
 
@@ -10,19 +12,28 @@ import numpy as np
 import pytest
 
 from infra.cli import main
+from infra.commands.inference import _slo
 from infra.inference.bench import (
+    DEFAULT_PROMPT,
     Endpoint,
     LoadSpec,
     RequestResult,
+    Slo,
+    SweepStep,
+    arrival_times,
     calculate_metrics,
     endpoints_of,
     percentile,
+    request_shapes,
     run_load,
     smoke,
     stream_completion,
+    sweep,
+    sweep_rates,
 )
 from infra.inference.fakeserver import FakeBehaviour, FakeOpenAIServer
 from infra.model.load import load_site
+from infra.model.site import ServiceSlo
 
 
 def ok(ttft: float, itl: list[float], tokens: int | None = None) -> RequestResult:
@@ -201,3 +212,164 @@ def test_cli_unknown_service_and_bad_load(capsys: pytest.CaptureFixture[str]) ->
     assert main(["bench-inference", "--endpoint", "http://127.0.0.1:9/v1", "--requests", "0"]) == 2
     assert main(["bench-inference", "--endpoint", "https://127.0.0.1:9/v1", "--facts-dir", "-"]) == 2
     assert "plain http" in capsys.readouterr().err
+
+
+# --- open loop, lengths, sweep (vllm/benchmarks/serve.py `get_request`, `calculate_metrics`, result keys) ---
+
+
+def test_arrivals_are_seeded_poisson_rescaled_like_vllm() -> None:
+    """Gaps are exponential at burstiness 1 (CV ≈ 1), more regular at 4 (CV ≈ 0.5); the last send is at n/rate."""
+    t = arrival_times(4000, rate=20.0, seed=3)
+    assert t == arrival_times(4000, rate=20.0, seed=3)
+    assert t != arrival_times(4000, rate=20.0, seed=4)
+    assert t[-1] == pytest.approx(4000 / 20.0)
+    assert (np.diff(t) >= 0).all() and t[0] > 0
+    gaps = np.diff([0.0, *t])
+    assert gaps.mean() == pytest.approx(1 / 20.0, rel=0.01)
+    assert gaps.std() / gaps.mean() == pytest.approx(1.0, abs=0.06)
+    regular = np.diff([0.0, *arrival_times(4000, rate=20.0, burstiness=4.0, seed=3)])
+    assert regular.std() / regular.mean() == pytest.approx(0.5, abs=0.05)
+    assert arrival_times(5, float("inf")) == [0.0] * 5
+
+
+def test_request_lengths_follow_range_ratio() -> None:
+    """Prompt words and max_tokens stay within ±range_ratio of the asked lengths and differ per request."""
+    spec = LoadSpec(num_requests=200, max_tokens=40, input_len=100, range_ratio=0.25, seed=1)
+    shapes = request_shapes(spec)
+    words = [len(p.split()) for p, _ in shapes]
+    outs = [n for _, n in shapes]
+    assert min(words) >= 75 and max(words) <= 125 and len(set(words)) > 20
+    assert min(outs) >= 30 and max(outs) <= 50 and len(set(outs)) > 10
+    assert len({p.split()[0] for p, _ in shapes}) == 200  # no shared prefix for a cache to serve
+    fixed = request_shapes(LoadSpec(num_requests=3, max_tokens=7))
+    assert fixed == [(DEFAULT_PROMPT, 7)] * 3
+
+
+def test_open_loop_run_reports_vllm_keys_and_the_applied_load() -> None:
+    """An open-loop run sends every request, sums prompt/output tokens, and names its load and vLLM's keys."""
+    spec = LoadSpec(num_requests=10, concurrency=10, max_tokens=4, request_rate=200.0, input_len=12,
+                    range_ratio=0.5, seed=2)
+    with FakeOpenAIServer(FakeBehaviour(gap_s=0.001)) as srv:
+        b = run_load(Endpoint(srv.url, "m"), spec)
+        sent = srv.requests
+    shapes = request_shapes(spec)
+    assert sorted(r["max_tokens"] for r in sent) == sorted(n for _, n in shapes)
+    m = b.metrics
+    assert m["completed"] == 10 and m["not_sent"] == 0
+    assert m["total_input_tokens"] == sum(len(p.split()) for p, _ in shapes)
+    assert m["total_output_tokens"] == sum(n for _, n in shapes)
+    for key in ("request_throughput", "output_throughput", "total_token_throughput", "duration"):
+        assert key in m
+    for name in ("ttft", "tpot", "itl", "e2el"):
+        for stat in ("mean", "median", "std", "p99"):
+            assert f"{stat}_{name}_ms" in m
+        assert m[f"p99_{name}_ms"] == m[f"{name}_ms"]["p99"]
+    assert b.load["request_rate"] == 200.0 and b.load["max_concurrency"] == 10
+    assert "open loop at 200 req/s (Poisson, seed 2)" in b.load["applied"]
+    assert "prompts 12 ±50% words" in b.load["applied"]
+
+
+def test_cap_holds_in_open_loop_too() -> None:
+    """All-at-once arrivals with a cap of 2: the server never sees more than 2 in flight; the rest queue."""
+    with FakeOpenAIServer(FakeBehaviour(first_delay_s=0.01)) as srv:
+        b = run_load(Endpoint(srv.url, "m"), LoadSpec(num_requests=8, concurrency=2, max_tokens=2))
+        assert srv.max_in_flight <= 2
+    assert b.metrics["completed"] == 8
+    assert b.metrics["client_queue_time_ms"]["p99"] > 0  # later requests waited for a slot
+
+
+def _step(rate: float, capacity: float) -> SweepStep:
+    m = {"p99_ttft_ms": 100.0, "p99_itl_ms": 10.0 if rate <= capacity else 500.0, "completed": 10, "failed": 0}
+    return SweepStep(rate, m, Slo(ttft_p99_ms=1000, itl_p99_ms=50).misses(m))
+
+
+def test_sweep_doubles_then_bisects_to_the_slo_limit() -> None:
+    """Capacity 10 req/s: 0.5…8 pass, 16 misses, geometric bisection lands between 8 and 11.3."""
+    seen: list[float] = []
+
+    def measure(rate: float) -> SweepStep:
+        seen.append(rate)
+        return _step(rate, 10.0)
+
+    steps, best = sweep_rates(measure, start=0.5, limit=64, refine=2)
+    assert seen[:6] == [0.5, 1, 2, 4, 8, 16]
+    assert seen[6] == pytest.approx(math.sqrt(8 * 16), abs=0.001)  # 11.314: misses
+    assert seen[7] == pytest.approx(math.sqrt(8 * 11.314), abs=0.001)  # 9.514: meets
+    assert best == seen[7] and len(steps) == 8
+    assert not steps[5].meets and "p99 ITL 500.0 ms > 50 ms" in steps[5].misses
+
+
+def test_sweep_with_given_rates_stops_at_first_miss_and_may_find_none() -> None:
+    """A rate list is measured in order up to the first miss; if the lowest misses, the answer is None."""
+    steps, best = sweep_rates(lambda r: _step(r, 3.0), rates=[5, 1, 2, 4, 8])
+    assert [s.request_rate for s in steps] == [1, 2, 4] and best == 2
+    steps, best = sweep_rates(lambda r: _step(r, 0.1), rates=[1, 2])
+    assert best is None and len(steps) == 1
+
+
+def test_slo_counts_errors_and_unsent_requests() -> None:
+    """More failed or unsent requests than max_error_rate misses the SLO even when latencies are fine."""
+    slo = Slo(ttft_p99_ms=1000, itl_p99_ms=50, max_error_rate=0.1)
+    good = {"p99_ttft_ms": 1.0, "p99_itl_ms": 1.0, "completed": 9, "failed": 1}
+    assert slo.misses(good) == []
+    assert slo.misses(good, not_sent=5) == ["40% of requests failed or were not sent (> 10%)"]  # 6 of 15
+
+
+def test_sweep_uses_the_stack_slo_of_the_service() -> None:
+    """Without flags the sweep takes the service's SLO from the stack's observability model and says so."""
+    site = load_site(stack="lab")
+    svc = site.services[0]
+    args = argparse.Namespace(service=svc.name, slo_ttft_ms=None, slo_itl_ms=None)
+    slo = _slo(args, site)
+    expected = svc.slo or site.observability.slo
+    assert (slo.ttft_p99_ms, slo.itl_p99_ms) == (expected.ttft_p99_ms, expected.itl_p99_ms)
+    assert svc.name in slo.source
+    flags = _slo(argparse.Namespace(service=None, slo_ttft_ms=500.0, slo_itl_ms=None), None)
+    assert flags.ttft_p99_ms == 500.0 and flags.itl_p99_ms == ServiceSlo().itl_p99_ms
+    assert flags.source.startswith("command line")
+
+
+def test_cli_sweep_json_runs_each_rate(capsys: pytest.CaptureFixture[str]) -> None:
+    """`--sweep 20,40` runs both rates open loop and reports the highest meeting a generous SLO."""
+    with FakeOpenAIServer(FakeBehaviour(gap_s=0.001)) as srv:
+        code = main(["bench-inference", "--endpoint", srv.url, "--requests", "4", "--max-tokens", "3",
+                     "--sweep", "20,40", "--slo-ttft-ms", "60000", "--slo-itl-ms", "60000", "--facts-dir", "-",
+                     "--json"])
+    assert code == 0
+    data = json.loads(capsys.readouterr().out)
+    w = data["endpoints"][0]
+    assert data["mode"] == "sweep"
+    assert [s["request_rate"] for s in w["steps"]] == [20, 40]
+    assert w["max_rate_meeting_slo"] == 40 and all(s["meets_slo"] for s in w["steps"])
+    assert "open loop at each swept rate" in w["load"]
+
+
+def test_cli_open_loop_bad_input_is_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    """A zero rate, a range ratio of 1 or more and a bad rate list are refused before anything is sent."""
+    with pytest.raises(SystemExit) as exc:
+        main(["bench-inference", "--endpoint", "http://127.0.0.1:9/v1", "--request-rate", "0"])
+    assert exc.value.code == 2
+    assert main(["bench-inference", "--endpoint", "http://127.0.0.1:9/v1", "--range-ratio", "1.5",
+                 "--facts-dir", "-"]) == 2
+    assert "range ratio" in capsys.readouterr().err
+    assert main(["bench-inference", "--endpoint", "http://127.0.0.1:9/v1", "--sweep", "1,x",
+                 "--facts-dir", "-"]) == 2
+    assert "not a rate" in capsys.readouterr().err
+
+
+def test_slo_ttft_counts_the_client_queue() -> None:
+    """A flat TTFT with seconds of client-side queueing misses the TTFT objective (users wait for both)."""
+    slo = Slo(ttft_p99_ms=1000, itl_p99_ms=50)
+    m = {"p99_ttft_ms": 10.0, "p99_ttft_incl_client_queue_ms": 9000.0, "p99_itl_ms": 1.0, "completed": 5,
+         "failed": 0}
+    assert slo.misses(m) == ["p99 TTFT 9000 ms > 1000 ms"]
+
+
+def test_sweep_sends_at_least_rate_times_min_seconds() -> None:
+    """`min_seconds` stretches each rate's run: 50 req/s × 0.2 s = 10 requests even when 2 are asked."""
+    with FakeOpenAIServer(FakeBehaviour(gap_s=0.001)) as srv:
+        out = sweep(Endpoint(srv.url, "m"), LoadSpec(num_requests=2, concurrency=2, max_tokens=2),
+                    Slo(ttft_p99_ms=60000, itl_p99_ms=60000), rates=[50], min_seconds=0.2)
+        assert len(srv.requests) == 10
+    assert out["steps"][0]["completed"] == 10 and out["max_rate_meeting_slo"] == 50
+    assert "at least rate × 0.2 s requests per rate" in out["load"]

@@ -29,18 +29,25 @@ def _series(text: str) -> dict[str, float]:
 
 
 def test_probe_histograms_follow_the_servers_delays() -> None:
-    """With 60 ms to the first token and 5 ms between tokens, every TTFT lands in the 0.1 s bucket and not the
-    0.05 s one, every gap at or under 0.025 s; counters and the success gauge follow the requests."""
-    with FakeOpenAIServer(FakeBehaviour(first_delay_s=0.06, gap_s=0.005)) as server:
+    """With 60 ms to the first token and 30 ms between tokens, no TTFT lands at or under 0.05 s and first token
+    plus gaps last at least what the server waited; counters and the success gauge follow the requests.
+
+    Only bounds the server guarantees are asserted: no first token before its delay, no last token before all
+    gaps have passed since the request. A busy machine may answer later (an upper bound failed under load), and
+    a descheduled client reads chunks back to back, so a single gap (or the gaps alone) bounds nothing.
+    """
+    with FakeOpenAIServer(FakeBehaviour(first_delay_s=0.06, gap_s=0.03)) as server:
         p = probe.Probe(_config(server.url))
         probe.run(p, 0.0, threading.Event(), rounds=3)
     s = _series(p.exposition())
     lab = 'service="svc",node="n1"'
     assert s[f'gpufleet_probe_ttft_seconds_bucket{{{lab},le="0.05"}}'] == 0
-    assert s[f'gpufleet_probe_ttft_seconds_bucket{{{lab},le="0.1"}}'] == 3
     assert s[f'gpufleet_probe_ttft_seconds_count{{{lab}}}'] == 3
     gaps = s[f'gpufleet_probe_itl_seconds_count{{{lab}}}']
-    assert gaps >= 3 * 10 and s[f'gpufleet_probe_itl_seconds_bucket{{{lab},le="0.025"}}'] == gaps
+    waited = s[f'gpufleet_probe_ttft_seconds_sum{{{lab}}}'] + s[f'gpufleet_probe_itl_seconds_sum{{{lab}}}']
+    # Per request, the last gap may be the finish chunk, sent without a delay.
+    assert gaps >= 3 * 10 and waited >= (3 * 0.06 + (gaps - 3) * 0.03) * 0.999
+    assert s[f'gpufleet_probe_itl_seconds_bucket{{{lab},le="60"}}'] == gaps
     assert s[f"gpufleet_probe_requests_total{{{lab}}}"] == 3 and s[f"gpufleet_probe_failures_total{{{lab}}}"] == 0
     assert s[f"gpufleet_probe_success{{{lab}}}"] == 1 and s[f"gpufleet_probe_tokens_per_second{{{lab}}}"] > 0
 
