@@ -87,14 +87,21 @@ def _pulumi(binary: str) -> str:
 
 
 def _is_secret(node: object) -> bool:
-    return isinstance(node, dict) and node.get(SECRET_SIG) == SECRET_TYPE
+    """A Pulumi secret value, or anything shaped like one (the signature key with a plaintext/ciphertext).
+
+    One predicate for every check here: a value with the secret signature key but another signature value
+    and a `plaintext` is not a proper secret, and must be refused, not passed over as ordinary data.
+    """
+    if not isinstance(node, dict) or SECRET_SIG not in node:
+        return False
+    return node[SECRET_SIG] == SECRET_TYPE or "plaintext" in node or "ciphertext" in node
 
 
 def plaintext_secrets(node: Any, path: str = "$") -> list[str]:
     """JSON paths of secret values that carry plaintext (empty for a proper export)."""
     found: list[str] = []
     if isinstance(node, dict):
-        if node.get(SECRET_SIG) and "plaintext" in node:
+        if _is_secret(node) and "plaintext" in node:
             found.append(path)
         for k, v in node.items():
             found.extend(plaintext_secrets(v, f"{path}.{k}"))

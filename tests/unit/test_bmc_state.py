@@ -343,3 +343,18 @@ def test_property_restore_checks_accept_or_refuse_cleanly(doc: object) -> None:
     assert facts.resources == len(resources) > 0 and facts.managed >= 1
     assert all(state.urn_parts(r["urn"])[:2] == ("lab", "gpufleet") for r in resources)  # type: ignore[index]
     assert state.plaintext_secrets(doc) == []
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {SIG: True, "plaintext": None},  # found by the property test: a secret-shaped value, wrong signature
+        {SIG: "1b47061264138c4ac30d75fd1eb44270", "plaintext": "hunter2"},
+        {SIG: "other", "ciphertext": ""},
+    ],
+)
+def test_secret_shaped_values_are_one_rule(value: dict[str, object]) -> None:
+    """A value carrying the secret signature key is judged as a secret by every check: refused, not passed."""
+    doc = _doc(STACK_RES, PROVIDER, _node(outputs={"stdout": value}))
+    with pytest.raises(state.StateError):
+        state.check_state(doc, "lab", "gpufleet")
