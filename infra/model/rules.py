@@ -627,6 +627,13 @@ def _move_suggestions(
 ) -> tuple[Suggestion, ...]:
     """Move one node to a profile meeting its needs, leaving the profile it shares with others alone."""
     target = _meeting(p, needs)
+    if site.nodes[node_index].fabric_ports and target.rdma is None:
+        # The node is on a fabric: the profile it moves to needs an RDMA stack too. Take the site's own
+        # pinned one (versions cannot be invented); without any, offer no move (the rdma rule explains).
+        pinned = next((q.rdma for q in site.profiles.values() if q.rdma is not None), None)
+        if pinned is None:
+            return ()
+        target = target.model_copy(update={"rdma": pinned})
     for other, q in site.profiles.items():
         if other != name and q == target:
             return (suggest(f"profile {other}", (f"nodes[{node_index}].profile", other)),)
@@ -1185,6 +1192,21 @@ def fabrics(site: Site, cat: ResolvedCatalogue) -> Iterator[Problem]:
                     f"{port.speed_gbps} Gb/s on a fabric whose ports run at {first[0]} Gb/s ({first[1]})",
                     "check the cabling and the adapter: a collective runs at the speed of its slowest link",
                 )
+        profile_name = profile_of(site, n)
+        profile = site.profiles.get(profile_name)
+        if n.fabric_ports and profile is not None and profile.rdma is None:
+            yield Problem(
+                f"profiles.{profile_name}.rdma",
+                f"{n.hostname} has fabric ports but its profile pins no RDMA stack",
+                "set rdma.version (the distribution's rdma-core, e.g. 44.0-2 on Debian 12) and rdma.perftest_version",
+            )
+        sm_of = [f.name for f in site.fabrics if f.subnet_manager == n.hostname]
+        if sm_of and profile is not None and profile.rdma is not None and profile.rdma.opensm_version is None:
+            yield Problem(
+                f"profiles.{profile_name}.rdma.opensm_version",
+                f"{n.hostname} runs the subnet manager of {', '.join(sm_of)} but opensm is not pinned",
+                "set rdma.opensm_version to the distribution's opensm version",
+            )
         if n.fabric_ports and n.gpu.count == 0:
             yield Problem(
                 f"nodes[{i}].fabric_ports",

@@ -725,6 +725,18 @@ class DcgmSpec(_Model):
     """Exact DCGM package version, e.g. `1:4.2.3-1`."""
 
 
+class RdmaSpec(_Model):
+    """The RDMA stack of nodes with fabric ports: the distribution's rdma-core, pinned like every package."""
+
+    version: ExactVersion
+    """rdma-core version: the verbs providers, `ibverbs-utils`, `rdmacm-utils` and `infiniband-diags` come
+    from the same source package and carry the same version (e.g. Debian 12's `44.0-2`)."""
+    perftest_version: ExactVersion
+    """perftest (`ib_write_bw`, `ib_write_lat`): the pairwise fabric test."""
+    opensm_version: ExactVersion | None = None
+    """opensm, installed only on a fabric's `subnet_manager` node (required when one is named)."""
+
+
 class MonitoringSpec(_Model):
     """Node and GPU metrics exporters."""
 
@@ -750,6 +762,8 @@ class SoftwareProfile(_Model):
     dcgm: DcgmSpec = DcgmSpec(enabled=False)
     """DCGM settings."""
     monitoring: MonitoringSpec = MonitoringSpec()
+    rdma: RdmaSpec | None = None
+    """RDMA stack for nodes with fabric ports; unset on profiles of nodes without a fabric."""
     """Metrics exporters (installed on nodes with the monitoring role)."""
 
 

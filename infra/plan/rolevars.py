@@ -144,7 +144,7 @@ def host_vars(plan: NodePlan, site: Site) -> dict[str, Any]:
         }
         | ({f"{plan.mirror.address}:{plan.mirror.registry_port}"} if plan.mirror else set())
     )
-    return {
+    out = {
         "gpufleet_roles": list(plan.roles),
         "gpufleet_segment": seg.name,
         "gpufleet_airgapped": seg.airgapped,
@@ -214,4 +214,24 @@ def host_vars(plan: NodePlan, site: Site) -> dict[str, Any]:
         "gpu_validate_packages": [pkg.as_dict() for pkg in plan.packages],
         "gpu_validate_fabric_manager_required": bool(fm),
         "gpu_validate_endpoints": [{"name": s["name"], "port": s["port"], "path": s["health_path"]} for s in services],
+    }
+    if plan.fabric_ports:
+        # Only nodes on a fabric get these: every other node's variables (and content hash) stay as they were.
+        out |= rdma_vars(plan, lab=lab)
+    return out
+
+
+def rdma_vars(plan: NodePlan, *, lab: bool) -> dict[str, Any]:
+    """Variables of the `rdma` role: pinned packages, the ports with their fabric settings, opensm duty."""
+    keys = sorted({pp.fabric.partition_key for pp in plan.fabric_ports if pp.fabric.partition_key})
+    gpudirect = "none" if plan.node.gpu.count == 0 else "dmabuf" if plan.profile.driver.open_modules else "peermem"
+    return {
+        "rdma_packages": _pkgs(plan, Component.RDMA),
+        "rdma_ports": [pp.as_vars() for pp in plan.fabric_ports],
+        "rdma_subnet_manager_fabrics": list(plan.subnet_manager_for),
+        "rdma_partition_keys": keys,
+        # GPUDirect RDMA: the open kernel modules export GPU memory as dma-buf to the inbox RDMA stack;
+        # the proprietary ones need nvidia-peermem (and an OFED kernel with peer-memory support).
+        "rdma_gpudirect": gpudirect,
+        "rdma_apply": not lab,  # nspawn hosts share the host's kernel: no modules, no links of their own
     }

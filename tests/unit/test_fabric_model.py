@@ -107,6 +107,8 @@ def test_fabric_port_on_gpu_less_node_is_refused() -> None:
     site["nodes"][4]["fabric_ports"] = [
         {"fabric": "ib-compute", "pci": "0000:1a:00.0", "speed_gbps": 400, "address": "10.50.0.51"}
     ]
+    assert _problems(site) == ["profiles.pcie-570.rdma"]  # the L40S profile pins no RDMA stack
+    site["profiles"]["pcie-570"]["rdma"] = site["profiles"]["hgx-570"]["rdma"]
     assert _problems(site) == []
     site["nodes"][4]["gpu"]["count"] = 0
     site["services"][1]["nodes"] = ["l40s-02"]
@@ -120,3 +122,11 @@ def test_spanning_service_takes_tensor_parallel_gpus_per_node() -> None:
     assert _problems(site) == []  # TP 8 on each 8-GPU node, 4 stages: fits
     svc["span_nodes"] = False
     assert "services[0].tensor_parallel" in _problems(site)  # 32 GPUs asked of one node
+
+
+def test_subnet_manager_node_needs_opensm_pinned() -> None:
+    site = _prod()
+    site["fabrics"][0]["subnet_manager"] = "hgx-01"
+    assert _problems(site) == ["profiles.hgx-570.rdma.opensm_version"]
+    site["profiles"]["hgx-570"]["rdma"]["opensm_version"] = "3.3.24-1"
+    assert _problems(site) == []
