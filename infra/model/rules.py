@@ -1253,6 +1253,35 @@ def spanning_services(site: Site, cat: ResolvedCatalogue) -> Iterator[Problem]:
                 f"set pipeline_parallel: {len(hosts)}",
                 (suggest(f"pipeline_parallel {len(hosts)}", (f"{path}.pipeline_parallel", len(hosts))),),
             )
+        if svc.engine is Engine.LLAMACPP and svc.image is not None:
+            yield Problem(
+                f"{path}.image",
+                "a llamacpp service spans nodes through llama.cpp's RPC backend, which gpufleet runs from the "
+                "native install only",
+                "remove `image` and set `wheel` (the native llama-cpp-python install)",
+            )
+        segments = {nd.segment for h in hosts if (nd := nodes.get(h)) is not None}
+        if len(segments) > 1:
+            yield Problem(
+                f"{path}.nodes",
+                f"its nodes are on segments {', '.join(sorted(segments))}: they would converge in different waves "
+                "and the head would start before its workers",
+                "place the nodes of a spanning service on one segment",
+            )
+        if svc.engine is Engine.LLAMACPP:
+            for host in hosts[1:]:
+                clash = [
+                    f"services[{k}] ({other.name})"
+                    for k, other in enumerate(site.services)
+                    if host in other.nodes and other.port == svc.rpc_port
+                ]
+                if clash:
+                    yield Problem(
+                        f"{path}.rpc_port",
+                        f"port {svc.rpc_port} on {host} is already used by {clash[0]}",
+                        "give the RPC backend another port (llama.cpp's default is 50052)",
+                    )
+                    break
         shared: set[str] | None = None
         for host in hosts:
             node = nodes.get(host)

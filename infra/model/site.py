@@ -762,9 +762,9 @@ class SoftwareProfile(_Model):
     dcgm: DcgmSpec = DcgmSpec(enabled=False)
     """DCGM settings."""
     monitoring: MonitoringSpec = MonitoringSpec()
+    """Metrics exporters (installed on nodes with the monitoring role)."""
     rdma: RdmaSpec | None = None
     """RDMA stack for nodes with fabric ports; unset on profiles of nodes without a fabric."""
-    """Metrics exporters (installed on nodes with the monitoring role)."""
 
 
 class Mirror(_Model):
@@ -1170,6 +1170,9 @@ class InferenceService(_Model):
     """Run ONE instance across all `nodes` (tensor parallel inside each node, pipeline parallel across them,
     `pipeline_parallel` = number of nodes) over the fabric they share; the first node is the head and its
     endpoint is the service endpoint. Unset: each node runs its own replica."""
+    rpc_port: int = Field(default=50052, ge=1, le=65535)
+    """llamacpp spanning nodes: port of the llama.cpp RPC backend on the other nodes (bound to their fabric
+    address only; it has no authentication, so it must never face an untrusted network)."""
     slo: ServiceSlo | None = None
     """This service's objectives; the site's `observability.slo` when unset."""
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from itertools import combinations
 from typing import Any
 
-from infra.model.site import Fabric, FabricPort, FabricType, Node, RoceQos, Site
+from infra.model.site import Fabric, FabricPort, FabricType, InferenceService, Node, RoceQos, Site
 
 DEFAULT_BANDWIDTH_FRACTION = 0.8
 """Without `min_bandwidth_gbps`, a pair passes at 80 % of the declared port speed: what a healthy link
@@ -115,3 +115,44 @@ def port_pairs(site: Site, fabric_name: str | None = None) -> list[PortPair]:
         for (ha, pa), (hb, pb) in combinations(first.items(), 2):
             out.append(PortPair(f, (ha, pa), (hb, pb)))
     return out
+
+
+@dataclass(frozen=True)
+class SpanGroup:
+    """One instance of a service across nodes: the head serves the endpoint, the workers hold layers."""
+
+    service: InferenceService
+    fabric: Fabric
+    head: str
+    workers: tuple[tuple[str, str], ...]
+    """(hostname, fabric address) of each worker, in stack order."""
+
+    def role_of(self, hostname: str) -> str:
+        """`head`, `worker` or "" (not in the group)."""
+        if hostname == self.head:
+            return "head"
+        return "worker" if any(h == hostname for h, _ in self.workers) else ""
+
+    def address_of(self, hostname: str) -> str:
+        """A worker's fabric address (where its RPC backend listens)."""
+        return next(a for h, a in self.workers if h == hostname)
+
+
+def span_group(site: Site, service: InferenceService) -> SpanGroup | None:
+    """The group of a service with `span_nodes` (None otherwise or when its nodes share no fabric).
+
+    The fabric is the first, in stack order, that every node of the service has a port on; each worker is
+    reached at its first port of that fabric.
+    """
+    if not service.span_nodes:
+        return None
+    hosts = list(dict.fromkeys(service.nodes))
+    nodes = site.nodes_by_name
+    if len(hosts) < 2 or any(h not in nodes for h in hosts):
+        return None
+    for f in site.fabrics:
+        ports = {h: next((p for p in nodes[h].fabric_ports if p.fabric == f.name), None) for h in hosts}
+        if all(p is not None for p in ports.values()):
+            workers = tuple((h, str(p.address)) for h, p in ports.items() if h != hosts[0] and p is not None)
+            return SpanGroup(service, f, hosts[0], workers)
+    return None

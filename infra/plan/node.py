@@ -23,7 +23,7 @@ from infra.model.site import (
     SoftwareProfile,
 )
 from infra.model.sizing import deployment, model_arch
-from infra.plan.fabric import PortPlan, node_ports, subnet_manager_of
+from infra.plan.fabric import PortPlan, SpanGroup, node_ports, span_group, subnet_manager_of
 from infra.plan.packages import Component, Package, packages_for
 
 # Ansible roles in converge order: drivers before runtimes before inference.
@@ -48,6 +48,8 @@ class ServicePlan:
 
     service: InferenceService
     vram: sizing.VramPlan | None
+    span: SpanGroup | None = None
+    """The group when the service spans nodes (this node is its head or one of its workers)."""
 
     @property
     def name(self) -> str:
@@ -187,7 +189,7 @@ def plan_node(site: Site, node: Node, cat: ResolvedCatalogue | None = None) -> N
             fit = None
             if arch is not None and svc.engine is not Engine.LLAMACPP:
                 fit = sizing.plan(arch, deployment(svc, node, cat))
-            services.append(ServicePlan(svc, fit))
+            services.append(ServicePlan(svc, fit, span_group(site, svc)))
     gpu = cat.gpus[node.gpu.model]
     ports = node_ports(site, node)
     sm = tuple(f.name for f in subnet_manager_of(site, node))
@@ -224,7 +226,10 @@ def plan_site(site: Site) -> SitePlan:
     seg_order = {s.name: i for i, s in enumerate(site.segments)}
     counters: dict[str, int] = {}
     plans = []
-    for node in sorted(site.nodes, key=lambda n: seg_order[n.segment]):
+    # Workers of a service that spans nodes go first in their segment: their RPC backends are up (or come up
+    # in the same batch) when the head starts and is health-checked.
+    workers = {h for svc in site.services if svc.span_nodes for h in list(dict.fromkeys(svc.nodes))[1:]}
+    for node in sorted(site.nodes, key=lambda n: (seg_order[n.segment], n.hostname not in workers)):
         idx = counters.get(node.segment, 0)
         counters[node.segment] = idx + 1
         p = plan_node(site, node, cat)
