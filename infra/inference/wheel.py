@@ -36,6 +36,11 @@ CMAKE_ARGS = (
     "-DLLAMA_BUILD_EXAMPLES=OFF",
     "-DLLAMA_BUILD_SERVER=OFF",
     "-DLLAVA_BUILD=OFF",
+    # llama.cpp's RPC backend (libggml-rpc.so): the workers of a service spanning nodes serve layers with it.
+    "-DGGML_RPC=ON",
+    # Its RDMA transport is auto-enabled when the build machine has libibverbs, which would make every node
+    # that installs this one wheel need libibverbs too: off, so the wheel does not depend on the build host.
+    "-DGGML_RPC_RDMA=OFF",
 )
 # A cold build on 2 shared cores takes minutes, not hours; anything longer is a hung compiler or pip.
 BUILD_TIMEOUT_S = 3600
@@ -113,9 +118,20 @@ def build_llama_wheel(dest: Path, *, version: str = LLAMA_CPP_PYTHON_VERSION,
         return target
 
 
+def build_flags() -> str:
+    """What a cached wheel must have been built with (written beside it): other flags mean rebuild."""
+    return "\n".join(CMAKE_ARGS) + "\n"
+
+
+def _flags_file(cache: Path) -> Path:
+    return cache / f"{wheel_name()}.cmake-args"
+
+
 def wheel_cached(cache: Path | None = None) -> bool:
-    """Is the llama-cpp-python wheel already built in the cache (no build on the next `ensure_*`)."""
-    return ((cache or WHEEL_CACHE) / wheel_name()).is_file()
+    """Is the wheel already built in the cache with today's CMake flags (no build on the next `ensure_*`)."""
+    cache = cache or WHEEL_CACHE
+    flags = _flags_file(cache)
+    return (cache / wheel_name()).is_file() and flags.is_file() and flags.read_text(encoding="utf-8") == build_flags()
 
 
 def ensure_llama_wheel_build(cache: Path | None = None, *, timeout: float = BUILD_TIMEOUT_S) -> WheelBuild:
@@ -128,12 +144,13 @@ def ensure_llama_wheel_build(cache: Path | None = None, *, timeout: float = BUIL
     # A file lock so the lab seeding, the bundle and a test running at once build it only once.
     with (cache / ".build.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if target.is_file():
+        if wheel_cached(cache):
             return WheelBuild(target, 0.0, True)
         start = time.monotonic()
         built = build_llama_wheel(cache, timeout=timeout)
         if built != target:
             raise WheelBuildError(f"built {built.name}, expected {target.name}")
+        _flags_file(cache).write_text(build_flags(), encoding="utf-8")
         return WheelBuild(target, time.monotonic() - start, False)
 
 
@@ -161,11 +178,13 @@ def ensure_server_wheelhouse(cache: Path | None = None, *, timeout: float = 600)
     wheel = ensure_llama_wheel(cache)
     house = cache / f"llama-server-{LLAMA_CPP_PYTHON_VERSION}"
     done = house / ".complete"
-    if done.is_file():
+    # The marker names the wheel's build flags too: a rebuilt wheel (new flags) replaces the house's copy.
+    marker = SERVER_REQUIREMENT + "\n" + build_flags()
+    if done.is_file() and done.read_text(encoding="utf-8") == marker:
         return house
     with (cache / ".build.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if done.is_file():
+        if done.is_file() and done.read_text(encoding="utf-8") == marker:
             return house
         house.mkdir(parents=True, exist_ok=True)
         log = cache / f"wheelhouse-{LLAMA_CPP_PYTHON_VERSION}.log"
@@ -176,7 +195,6 @@ def ensure_server_wheelhouse(cache: Path | None = None, *, timeout: float = 600)
               "--constraint", str(SERVER_CONSTRAINTS),
               "-d", str(house), SERVER_REQUIREMENT],
              env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}, cwd=cache, timeout=timeout, log=log)
-        if not (house / wheel.name).is_file():
-            shutil.copyfile(wheel, house / wheel.name)
-        done.write_text(SERVER_REQUIREMENT + "\n", encoding="utf-8")
+        shutil.copyfile(wheel, house / wheel.name)  # always: the cached wheel may have been rebuilt
+        done.write_text(marker, encoding="utf-8")
     return house

@@ -20,9 +20,11 @@ from infra.model import sizing
 from infra.model.catalogue import ResolvedCatalogue, resolve
 from infra.model.ports import DCGM_EXPORTER_PORT, NODE_EXPORTER_PORT, SSH_PORT
 from infra.model.site import (
+    IB_MTUS,
     ContainerEngine,
     DType,
     Engine,
+    FabricType,
     InferenceService,
     KvCacheDType,
     Node,
@@ -625,6 +627,13 @@ def _move_suggestions(
 ) -> tuple[Suggestion, ...]:
     """Move one node to a profile meeting its needs, leaving the profile it shares with others alone."""
     target = _meeting(p, needs)
+    if site.nodes[node_index].fabric_ports and target.rdma is None:
+        # The node is on a fabric: the profile it moves to needs an RDMA stack too. Take the site's own
+        # pinned one (versions cannot be invented); without any, offer no move (the rdma rule explains).
+        pinned = next((q.rdma for q in site.profiles.values() if q.rdma is not None), None)
+        if pinned is None:
+            return ()
+        target = target.model_copy(update={"rdma": pinned})
     for other, q in site.profiles.items():
         if other != name and q == target:
             return (suggest(f"profile {other}", (f"nodes[{node_index}].profile", other)),)
@@ -702,6 +711,14 @@ def _hardware(
     return out
 
 
+def gpus_per_node(svc: InferenceService) -> int:
+    """GPUs the service takes on each of its nodes.
+
+    TP × PP for a replica; TP when it spans its nodes (the pipeline stages are then the nodes).
+    """
+    return svc.tensor_parallel if svc.span_nodes else svc.tensor_parallel * svc.pipeline_parallel
+
+
 def _passes(
     svc: InferenceService, arch: sizing.Architecture, nodes: dict[str, tuple[int, Node]], cat: ResolvedCatalogue
 ) -> bool:
@@ -714,8 +731,7 @@ def _passes(
     if sizing.tp_errors(arch, svc.tensor_parallel, svc.pipeline_parallel):
         return False
     return all(
-        svc.tensor_parallel * svc.pipeline_parallel <= count
-        and _vram_plan(arch, deployment(svc, group[0][1], cat), False).fits
+        gpus_per_node(svc) <= count and _vram_plan(arch, deployment(svc, group[0][1], cat), False).fits
         for (_, count), group in _hardware(svc, nodes, cat).items()
     )
 
@@ -826,7 +842,7 @@ def services(site: Site, cat: ResolvedCatalogue) -> Iterator[Problem]:
                 "pick a size that divides the model's attention and KV heads",
                 tuple(choices),
             )
-        gpus = svc.tensor_parallel * svc.pipeline_parallel
+        gpus = gpus_per_node(svc)
         hardware = _hardware(svc, nodes, cat)
         short = [(j, n) for (_, count), group in hardware.items() if count < gpus for j, n in group]
         if short and not tp_msgs:
@@ -840,7 +856,8 @@ def services(site: Site, cat: ResolvedCatalogue) -> Iterator[Problem]:
                 fixes += _try(svc, i, [(f"serve only on {_some(rest)}", "nodes", rest)], arch, nodes, cat)
             yield Problem(
                 f"{path}.tensor_parallel",
-                f"tensor_parallel × pipeline_parallel = {gpus} exceeds the {n.gpu.count} GPUs of {n.hostname} "
+                ("tensor_parallel" if svc.span_nodes else "tensor_parallel × pipeline_parallel")
+                + f" = {gpus} exceeds the {n.gpu.count} GPUs of {n.hostname} "
                 f"(nodes[{j}].gpu.count)" + (f" and {len(short) - 1} more of its nodes" if len(short) > 1 else ""),
                 f"use at most {least} GPUs or target nodes with more"
                 if (least := min(m.gpu.count for _, m in short))
@@ -1048,4 +1065,239 @@ def provisioning(site: Site, cat: ResolvedCatalogue) -> Iterator[Problem]:
                 f"nodes[{i}].image",
                 f"names an OS image but segment {n.segment!r} has no provisioning service",
                 f"declare segments[].provisioning for {n.segment!r} or remove `image`",
+            )
+
+
+# Engines that run one instance across several nodes: vLLM (its multi-node launcher over Ray), llama.cpp
+# (its RPC backend: the head's llama-server offloads layers to `rpc-server` on the other nodes).
+SPANNING_ENGINES = (Engine.VLLM, Engine.LLAMACPP)
+
+
+@rule
+def fabrics(site: Site, cat: ResolvedCatalogue) -> Iterator[Problem]:
+    """Fabric settings fit their type; ports name a fabric, are unique, sit in its network at one speed."""
+    yield from _duplicates(
+        ((f"fabrics[{i}].name", f.name) for i, f in enumerate(site.fabrics)),
+        "fabric name",
+        "give each fabric its own name",
+    )
+    by_name = site.fabrics_by_name
+    on_fabric: dict[str, set[str]] = {}
+    for n in site.nodes:
+        for port in n.fabric_ports:
+            f = by_name.get(port.fabric)
+            if f is not None:
+                on_fabric.setdefault(f.name, set()).add(n.hostname)
+    for i, f in enumerate(site.fabrics):
+        path = f"fabrics[{i}]"
+        ib = f.type is FabricType.INFINIBAND
+        wrong = (
+            [("vlan", f.vlan), ("qos", f.qos)]
+            if ib
+            else [("partition_key", f.partition_key), ("subnet_manager", f.subnet_manager)]
+        )
+        for field, value in wrong:
+            if value is not None:
+                yield Problem(
+                    f"{path}.{field}",
+                    f"`{field}` is a {'RoCE' if ib else 'InfiniBand'} setting and fabric {f.name!r} is {f.type.value}",
+                    f"remove `{field}`, or set type: {'roce' if ib else 'infiniband'} if that is what is cabled",
+                )
+        if ib and f.mtu not in IB_MTUS:
+            yield Problem(
+                f"{path}.mtu",
+                f"{f.mtu} is not an InfiniBand MTU",
+                "use one of " + ", ".join(map(str, IB_MTUS)) + " (4096 on current HCAs)",
+            )
+        if not ib and f.mtu < 1280:
+            yield Problem(
+                f"{path}.mtu", f"Ethernet MTU {f.mtu} is too small for RoCE", "use 1500 or more (9000 is usual)"
+            )
+        if f.subnet_manager is not None and f.subnet_manager not in on_fabric.get(f.name, set()):
+            yield Problem(
+                f"{path}.subnet_manager",
+                f"{f.subnet_manager!r} has no port on fabric {f.name!r}, so its opensm cannot manage it",
+                "name a node with a fabric port on this fabric, or unset it when the switches run the subnet manager",
+            )
+        for seg_i, seg in enumerate(site.segments):
+            if f.cidr.overlaps(seg.cidr):
+                yield Problem(
+                    f"{path}.cidr",
+                    f"{f.cidr} overlaps segment {seg.name!r} ({seg.cidr}, segments[{seg_i}].cidr)",
+                    "give the fabric a network of its own: RDMA traffic must not be routed over a management segment",
+                )
+    seen_ids: dict[tuple[str, str], str] = {}
+    seen_addr: dict[object, str] = {}
+    speeds: dict[str, tuple[int, str]] = {}
+    mgmt_macs = {mac: f"nodes[{i}].macs[{k}]" for i, n in enumerate(site.nodes) for k, mac in enumerate(n.macs)}
+    for i, n in enumerate(site.nodes):
+        local: dict[tuple[str, str], str] = {}
+        for j, port in enumerate(n.fabric_ports):
+            path = f"nodes[{i}].fabric_ports[{j}]"
+            f = by_name.get(port.fabric)
+            if f is None:
+                known = ", ".join(sorted(by_name)) or "none declared"
+                yield Problem(
+                    f"{path}.fabric",
+                    f"fabric {port.fabric!r} is not declared (fabrics: {known})",
+                    "declare it under `fabrics` or fix the name",
+                )
+                continue
+            kind, ident = (
+                ("pci", port.pci) if port.pci else ("mac", port.mac) if port.mac else ("netdev", port.netdev or "")
+            )
+            if (kind, ident) in local:
+                yield Problem(
+                    f"{path}.{kind}",
+                    f"{kind} {ident} is already a fabric port of {n.hostname} at {local[(kind, ident)]}",
+                    "list each port once",
+                )
+            local[(kind, ident)] = path
+            if kind == "mac":
+                if ("mac", ident) in seen_ids:
+                    yield Problem(
+                        f"{path}.mac", f"MAC {ident} is already used at {seen_ids[('mac', ident)]}", "MACs are unique"
+                    )
+                elif ident in mgmt_macs:
+                    yield Problem(
+                        f"{path}.mac",
+                        f"MAC {ident} is a management interface ({mgmt_macs[ident]})",
+                        "RDMA traffic needs its own port: give the fabric port's MAC",
+                    )
+                seen_ids[("mac", ident)] = path
+            if port.address not in f.cidr or port.address in (f.cidr.network_address, f.cidr.broadcast_address):
+                yield Problem(
+                    f"{path}.address",
+                    f"{port.address} is not a host address of fabric {f.name!r} ({f.cidr})",
+                    f"use an address inside {f.cidr}",
+                )
+            elif port.address in seen_addr:
+                yield Problem(
+                    f"{path}.address",
+                    f"{port.address} is already used at {seen_addr[port.address]}",
+                    "give each fabric port its own address",
+                )
+            else:
+                seen_addr[port.address] = path
+            if port.soft_roce and f.type is not FabricType.ROCE:
+                yield Problem(
+                    f"{path}.soft_roce",
+                    f"Soft-RoCE is RDMA over Ethernet; fabric {f.name!r} is InfiniBand",
+                    "remove `soft_roce`, or put the port on a RoCE fabric",
+                )
+            first = speeds.setdefault(f.name, (port.speed_gbps, path))
+            if first[0] != port.speed_gbps:
+                yield Problem(
+                    f"{path}.speed_gbps",
+                    f"{port.speed_gbps} Gb/s on a fabric whose ports run at {first[0]} Gb/s ({first[1]})",
+                    "check the cabling and the adapter: a collective runs at the speed of its slowest link",
+                )
+        profile_name = profile_of(site, n)
+        profile = site.profiles.get(profile_name)
+        if n.fabric_ports and profile is not None and profile.rdma is None:
+            yield Problem(
+                f"profiles.{profile_name}.rdma",
+                f"{n.hostname} has fabric ports but its profile pins no RDMA stack",
+                "set rdma.version (the distribution's rdma-core, e.g. 44.0-2 on Debian 12) and rdma.perftest_version",
+            )
+        sm_of = [f.name for f in site.fabrics if f.subnet_manager == n.hostname]
+        if sm_of and profile is not None and profile.rdma is not None and profile.rdma.opensm_version is None:
+            yield Problem(
+                f"profiles.{profile_name}.rdma.opensm_version",
+                f"{n.hostname} runs the subnet manager of {', '.join(sm_of)} but opensm is not pinned",
+                "set rdma.opensm_version to the distribution's opensm version",
+            )
+        if n.fabric_ports and n.gpu.count == 0:
+            yield Problem(
+                f"nodes[{i}].fabric_ports",
+                f"{n.hostname} has no GPUs: a GPU fabric port there carries no GPU traffic",
+                "remove the fabric ports, or set the node's gpu.count",
+            )
+    for i, f in enumerate(site.fabrics):
+        if f.min_bandwidth_gbps is not None and f.name in speeds and f.min_bandwidth_gbps > speeds[f.name][0]:
+            yield Problem(
+                f"fabrics[{i}].min_bandwidth_gbps",
+                f"{f.min_bandwidth_gbps} Gb/s exceeds the {speeds[f.name][0]} Gb/s its ports are declared at",
+                "lower the threshold (unset: 80 % of the port speed)",
+            )
+
+
+@rule
+def spanning_services(site: Site, cat: ResolvedCatalogue) -> Iterator[Problem]:
+    """A service across nodes: an engine that can, at least two nodes, pipeline stages = nodes, one fabric."""
+    nodes = site.nodes_by_name
+    for i, svc in enumerate(site.services):
+        if not svc.span_nodes:
+            continue
+        path = f"services[{i}]"
+        hosts = list(dict.fromkeys(svc.nodes))
+        if svc.engine not in SPANNING_ENGINES:
+            yield Problem(
+                f"{path}.span_nodes",
+                f"{svc.engine.value} does not run one instance across nodes",
+                "serve it with vllm or llamacpp, or remove span_nodes (one replica per node)",
+            )
+            continue
+        if len(hosts) < 2:
+            yield Problem(
+                f"{path}.nodes",
+                "a service that spans nodes needs at least two",
+                "add the other nodes, or remove span_nodes",
+            )
+            continue
+        if svc.engine is Engine.VLLM and svc.pipeline_parallel != len(hosts):
+            yield Problem(
+                f"{path}.pipeline_parallel",
+                f"pipeline_parallel is {svc.pipeline_parallel} but the service spans {len(hosts)} nodes "
+                "(one pipeline stage per node)",
+                f"set pipeline_parallel: {len(hosts)}",
+                (suggest(f"pipeline_parallel {len(hosts)}", (f"{path}.pipeline_parallel", len(hosts))),),
+            )
+        if svc.engine is Engine.LLAMACPP and svc.image is not None:
+            yield Problem(
+                f"{path}.image",
+                "a llamacpp service spans nodes through llama.cpp's RPC backend, which gpufleet runs from the "
+                "native install only",
+                "remove `image` and set `wheel` (the native llama-cpp-python install)",
+            )
+        segments = {nd.segment for h in hosts if (nd := nodes.get(h)) is not None}
+        if len(segments) > 1:
+            yield Problem(
+                f"{path}.nodes",
+                f"its nodes are on segments {', '.join(sorted(segments))}: they would converge in different waves "
+                "and the head would start before its workers",
+                "place the nodes of a spanning service on one segment",
+            )
+        if svc.engine is Engine.LLAMACPP:
+            for host in hosts[1:]:
+                clash = [
+                    f"services[{k}] ({other.name})"
+                    for k, other in enumerate(site.services)
+                    if host in other.nodes and other.port == svc.rpc_port
+                ]
+                if clash:
+                    yield Problem(
+                        f"{path}.rpc_port",
+                        f"port {svc.rpc_port} on {host} is already used by {clash[0]}",
+                        "give the RPC backend another port (llama.cpp's default is 50052)",
+                    )
+                    break
+        shared: set[str] | None = None
+        for host in hosts:
+            node = nodes.get(host)
+            if node is None:
+                continue
+            mine = {p.fabric for p in node.fabric_ports}
+            shared = mine if shared is None else shared & mine
+        if shared is not None and not shared:
+            missing = [h for h in hosts if (nd := nodes.get(h)) is not None and not nd.fabric_ports]
+            yield Problem(
+                f"{path}.nodes",
+                "its nodes share no fabric"
+                + (
+                    f" ({_some(missing)} have no fabric ports)"
+                    if missing
+                    else " (their ports are on different fabrics)"
+                ),
+                "place the service on nodes with ports on one fabric (see nodes[].fabric_ports)",
             )

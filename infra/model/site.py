@@ -730,6 +730,18 @@ class DcgmSpec(_Model):
     """Exact DCGM package version, e.g. `1:4.2.3-1`."""
 
 
+class RdmaSpec(_Model):
+    """The RDMA stack of nodes with fabric ports: the distribution's rdma-core, pinned like every package."""
+
+    version: ExactVersion
+    """rdma-core version: the verbs providers, `ibverbs-utils`, `rdmacm-utils` and `infiniband-diags` come
+    from the same source package and carry the same version (e.g. Debian 12's `44.0-2`)."""
+    perftest_version: ExactVersion
+    """perftest (`ib_write_bw`, `ib_write_lat`): the pairwise fabric test."""
+    opensm_version: ExactVersion | None = None
+    """opensm, installed only on a fabric's `subnet_manager` node (required when one is named)."""
+
+
 class MonitoringSpec(_Model):
     """Node and GPU metrics exporters."""
 
@@ -756,6 +768,8 @@ class SoftwareProfile(_Model):
     """DCGM settings."""
     monitoring: MonitoringSpec = MonitoringSpec()
     """Metrics exporters (installed on nodes with the monitoring role)."""
+    rdma: RdmaSpec | None = None
+    """RDMA stack for nodes with fabric ports; unset on profiles of nodes without a fabric."""
 
 
 class Mirror(_Model):
@@ -899,6 +913,122 @@ class RootDiskHint(_Model):
         return self
 
 
+# --- The GPU fabric (issue 23): RDMA ports of each node and the fabrics they form ---------------------------
+
+NETDEV = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,14}")
+"""A Linux network interface name (IFNAMSIZ: at most 15 bytes; no '/', ':', whitespace; not '.'/'..')."""
+PCI_ADDRESS = re.compile(r"[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]")
+"""A PCI function address as sysfs and `lspci -D` write it: `domain:bus:device.function` (`0000:17:00.0`)."""
+PKEY = re.compile(r"0x[0-9a-f]{4}")
+"""An InfiniBand partition key in hex (`0x7fff` is the default partition), without the membership bit."""
+FABRIC_SPEEDS_GBPS = (10, 25, 40, 50, 56, 100, 200, 400, 800)
+"""Per-port data rates ports are sold at (Ethernet and InfiniBand SDR…XDR rounded as `ibstat` shows them)."""
+IB_MTUS = (256, 512, 1024, 2048, 4096)
+"""InfiniBand MTUs (IBTA spec vol. 1, 7.7.1: 256–4096 bytes)."""
+
+
+def _pkey(value: str) -> str:
+    if not PKEY.fullmatch(value) or not 0x0001 <= int(value, 16) <= 0x7FFF:
+        raise _invalid(
+            f"{_show(value)} is not a partition key",
+            "write four lower-case hex digits from 0x0001 to 0x7fff (0x7fff is the default partition)",
+        )
+    return value
+
+
+NetdevName = Annotated[
+    str,
+    _BASE,
+    _grammar(NETDEV, "a network interface name", "use letters, digits, '_', '.' and '-', at most 15 characters"),
+]
+PciAddress = Annotated[
+    str,
+    _BASE,
+    _grammar(PCI_ADDRESS, "a PCI address", "write it as `lspci -D` shows it, e.g. 0000:17:00.0 (lower-case hex)"),
+]
+PartitionKey = Annotated[str, _BASE, _Check(_pkey, PKEY)]
+
+
+class FabricType(StrEnum):
+    """The link layer of a GPU fabric."""
+
+    INFINIBAND = "infiniband"
+    ROCE = "roce"
+
+
+class RoceQos(_Model):
+    """Lossless RoCE: RDMA traffic marked with a DSCP value and carried on a PFC-enabled priority.
+
+    The defaults are NVIDIA's recommended RoCE configuration (DSCP 26 → priority 3, PFC on priority 3);
+    the switches must be configured to match, which gpufleet does not do.
+    """
+
+    dscp: int = Field(default=26, ge=0, le=63)
+    """DSCP value of RDMA traffic (the RDMA-CM default ToS becomes `dscp << 2`)."""
+    pfc_priority: int = Field(default=3, ge=0, le=7)
+    """802.1p priority with PFC on: the only lossless priority of the port."""
+
+
+class Fabric(_Model):
+    """An RDMA fabric the GPU nodes talk over (InfiniBand or RoCE), separate from the management segments."""
+
+    name: Name
+    """Fabric name."""
+    type: FabricType
+    """`infiniband` or `roce`."""
+    cidr: Ipv4Net
+    """Addresses of the fabric ports (IPoIB or the RoCE interfaces): RDMA-CM connects by IP address."""
+    mtu: int = Field(default=4096, ge=256, le=9216)
+    """InfiniBand: the IB MTU (256–4096). RoCE: the Ethernet MTU of the ports (RoCE uses up to 4096 of it)."""
+    partition_key: PartitionKey | None = None
+    """InfiniBand only: the partition the nodes' IPoIB interfaces join; unset: the default partition."""
+    subnet_manager: Hostname | None = None
+    """InfiniBand only: the node that runs opensm; unset when the switches run the subnet manager."""
+    vlan: int | None = Field(default=None, ge=1, le=4094)
+    """RoCE only: 802.1Q VLAN of the RDMA interfaces (PFC needs a VLAN tag or DSCP trust on the switch)."""
+    qos: RoceQos | None = None
+    """RoCE only: DSCP marking and the PFC priority (defaults to NVIDIA's recommended values)."""
+    min_bandwidth_gbps: float | None = Field(default=None, gt=0)
+    """Pairwise `ib_write_bw` must reach this; unset: 80 % of the ports' declared speed."""
+    max_latency_us: float = Field(default=10.0, gt=0, le=1_000_000)
+    """Pairwise `ib_write_lat` typical latency must stay below this (microseconds)."""
+
+
+class FabricPort(_Model):
+    """One RDMA port of a node, identified by exactly one of `pci`, `mac` or `netdev`."""
+
+    fabric: Name
+    """The fabric this port is cabled to."""
+    pci: PciAddress | None = None
+    """PCI address of the adapter function (`lspci -D`): stable across OS reinstalls."""
+    mac: MacAddress | None = None
+    """MAC address of the port's network interface (RoCE) or its IPoIB interface's hardware address suffix."""
+    netdev: NetdevName | None = None
+    """Interface name: for Soft-RoCE ports and where names are stable (predictable names from the BIOS)."""
+    speed_gbps: int
+    """Declared data rate of the port in Gb/s; `validate-node` fails a port that links up slower."""
+    address: Ipv4Addr
+    """The port's address on the fabric (inside the fabric's `cidr`)."""
+    soft_roce: bool = False
+    """RoCE only: the port is Soft-RoCE (`rdma_rxe`) over `netdev` — for labs and tests, never for GPU traffic."""
+
+    @model_validator(mode="after")
+    def _identified(self) -> FabricPort:
+        if sum(x is not None for x in (self.pci, self.mac, self.netdev)) != 1:
+            raise _invalid(
+                "a fabric port names exactly one of `pci`, `mac` or `netdev`",
+                "prefer `pci` (stable across reinstalls); `netdev` is for Soft-RoCE ports",
+            )
+        if self.speed_gbps not in FABRIC_SPEEDS_GBPS:
+            raise _invalid(
+                f"speed {self.speed_gbps} Gb/s is not a port speed",
+                "give one of " + ", ".join(str(s) for s in FABRIC_SPEEDS_GBPS) + " (Gb/s, as `ibstat` reports it)",
+            )
+        if self.soft_roce and self.netdev is None:
+            raise _invalid("a Soft-RoCE port is created on a network interface", "name the interface with `netdev`")
+        return self
+
+
 class BmcProtocol(StrEnum):
     """How gpufleet talks to a BMC."""
 
@@ -968,6 +1098,8 @@ class Node(_Model):
     image: ImageName | None = None
     """Name of the OS image the provisioning service installs; unset: the node is never network-installed
     (its iPXE script hands back to the firmware's next boot device)."""
+    fabric_ports: list[FabricPort] = []
+    """RDMA ports (InfiniBand or RoCE) for GPU-to-GPU traffic between nodes; see `fabrics`."""
 
 
 class ModelSpec(_Model):
@@ -1038,7 +1170,14 @@ class InferenceService(_Model):
     port: int = Field(default=8000, ge=1, le=65535)
     """Port the OpenAI-compatible endpoint listens on."""
     nodes: list[Hostname] = Field(min_length=1)
-    """Hostnames of the nodes serving it."""
+    """Hostnames of the nodes serving it: one replica on each, or one instance across all with `span_nodes`."""
+    span_nodes: bool = False
+    """Run ONE instance across all `nodes` (tensor parallel inside each node, pipeline parallel across them,
+    `pipeline_parallel` = number of nodes) over the fabric they share; the first node is the head and its
+    endpoint is the service endpoint. Unset: each node runs its own replica."""
+    rpc_port: int = Field(default=50052, ge=1, le=65535)
+    """llamacpp spanning nodes: port of the llama.cpp RPC backend on the other nodes (bound to their fabric
+    address only; it has no authentication, so it must never face an untrusted network)."""
     slo: ServiceSlo | None = None
     """This service's objectives; the site's `observability.slo` when unset."""
 
@@ -1179,6 +1318,8 @@ class Site(_Model):
     """Mirror hosts."""
     nodes: list[Node] = []
     """GPU nodes."""
+    fabrics: list[Fabric] = []
+    """RDMA fabrics between the GPU nodes (InfiniBand or RoCE); nodes join them through `fabric_ports`."""
     services: list[InferenceService] = []
     """Inference services."""
     catalogue: Catalogue = Catalogue()
@@ -1209,6 +1350,11 @@ class Site(_Model):
     def nodes_by_name(self) -> dict[str, Node]:
         """Nodes by hostname."""
         return {n.hostname: n for n in reversed(self.nodes)}
+
+    @property
+    def fabrics_by_name(self) -> dict[str, Fabric]:
+        """Fabrics by name."""
+        return {f.name: f for f in reversed(self.fabrics)}
 
     def segment(self, name: str) -> Segment | None:
         """The segment of that name, if any."""

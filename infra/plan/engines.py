@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import posixpath
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -24,6 +25,9 @@ MODEL_ROOT = "/var/lib/gpufleet/models"
 """Model store on a node: one directory per model name and revision."""
 VENV_ROOT = "/opt/gpufleet/inference"
 """Native (llama.cpp) engines: one venv per service under this directory."""
+RPC_SERVER_PROGRAM = "/usr/local/libexec/gpufleet-llama-rpc-server"
+"""The llama.cpp RPC backend program the inference_server role installs on the workers of a spanning
+llamacpp service (it starts ggml's RPC server from the service's own llama-cpp-python install)."""
 CONTAINER_MODEL_DIR = "/models"
 """Where a service's model directory is mounted (read-only) inside its container."""
 RUNTIME_BIN: dict[ContainerEngine, str] = {
@@ -277,9 +281,15 @@ def llamacpp_server_args(service: InferenceService, model: str) -> list[str]:
     ]
 
 
-def llamacpp_native_args(service: InferenceService, model: str) -> list[str]:
-    """`python -m llama_cpp.server` arguments (llama-cpp-python: one sequence at a time, queued)."""
+def llamacpp_native_args(service: InferenceService, model: str, rpc_servers: Sequence[str] = ()) -> list[str]:
+    """`python -m llama_cpp.server` arguments (llama-cpp-python: one sequence at a time, queued).
+
+    `rpc_servers` (`host:port` of each worker of a service spanning nodes) makes llama.cpp place the
+    offloaded layers on those RPC backends (llama-cpp-python's `rpc_servers` server setting).
+    """
+    rpc = [f"--rpc_servers={','.join(rpc_servers)}"] if rpc_servers else []
     return [
+        *rpc,
         f"--model={model}",
         f"--model_alias={service.model.name}",
         "--host=0.0.0.0",
@@ -353,6 +363,17 @@ def container_run(
     return [*opts, image, *engine_args(service)]
 
 
+def rpc_worker_commands(
+    service: InferenceService, bind: str, *, venv_root: str = VENV_ROOT, user: str = "gpufleet-inference"
+) -> UnitCommands:
+    """The unit of a worker of a llama.cpp service spanning nodes: its RPC backend on the fabric address."""
+    if not _COMPONENT.match(service.name):
+        raise EngineError(f"service name {service.name!r} cannot name a venv directory")
+    python = posixpath.join(venv_root, service.name, "venv", "bin", "python")
+    argv: list[Word] = [python, RPC_SERVER_PROGRAM, f"--host={bind}", f"--port={service.rpc_port}"]
+    return UnitCommands(exec_start=tuple(argv), environment=dict(OFFLINE_ENV), user=user)
+
+
 def unit_commands(
     service: InferenceService,
     runtime: ContainerEngine,
@@ -362,8 +383,9 @@ def unit_commands(
     model_root: str = MODEL_ROOT,
     venv_root: str = VENV_ROOT,
     user: str = "gpufleet-inference",
+    rpc_servers: Sequence[str] = (),
 ) -> UnitCommands:
-    """Every command of one service's unit, computed from the plan."""
+    """Every command of one service's unit, computed from the plan (`rpc_servers`: a spanning head's workers)."""
     directory = model_dir(service, model_root)
     if service.engine is Engine.LLAMACPP and service.image is None:
         name = model_file(service)
@@ -372,7 +394,12 @@ def unit_commands(
         python = posixpath.join(venv_root, service.name, "venv", "bin", "python")
         if not _COMPONENT.match(service.name):
             raise EngineError(f"service name {service.name!r} cannot name a venv directory")
-        argv: list[Word] = [python, "-m", "llama_cpp.server", *llamacpp_native_args(service, f"{directory}/{name}")]
+        argv: list[Word] = [
+            python,
+            "-m",
+            "llama_cpp.server",
+            *llamacpp_native_args(service, f"{directory}/{name}", rpc_servers),
+        ]
         return UnitCommands(exec_start=tuple(argv), environment=dict(OFFLINE_ENV), user=user)
     run = container_run(
         service, runtime, runtime_version, host_model_dir=directory, cgroups="disabled" if lab else "enabled"

@@ -23,6 +23,7 @@ from infra.model.site import (
     SoftwareProfile,
 )
 from infra.model.sizing import deployment, model_arch
+from infra.plan.fabric import PortPlan, SpanGroup, node_ports, span_group, subnet_manager_of
 from infra.plan.packages import Component, Package, packages_for
 
 # Ansible roles in converge order: drivers before runtimes before inference.
@@ -31,6 +32,7 @@ ROLE_ORDER = (
     "network",
     "airgap_firewall",
     "nvidia_driver",
+    "rdma",  # after the driver: nvidia-peermem ships with it
     "cuda_toolkit",
     "container_runtime",
     "nvidia_container_toolkit",
@@ -46,6 +48,8 @@ class ServicePlan:
 
     service: InferenceService
     vram: sizing.VramPlan | None
+    span: SpanGroup | None = None
+    """The group when the service spans nodes (this node is its head or one of its workers)."""
 
     @property
     def name(self) -> str:
@@ -71,6 +75,10 @@ class NodePlan:
     gpu_memory_mib: int
     batch: int = 0
     extras: dict[str, Any] = field(default_factory=dict)
+    fabric_ports: tuple[PortPlan, ...] = ()
+    """RDMA ports with their fabrics' settings (empty: the node is on no fabric)."""
+    subnet_manager_for: tuple[str, ...] = ()
+    """InfiniBand fabrics this node runs opensm for."""
 
     @property
     def hostname(self) -> str:
@@ -95,6 +103,15 @@ class NodePlan:
         }
         if self.packages_of(Component.FABRIC_MANAGER):
             out["fabric_manager"] = p.fabric_manager.version or ""
+        if self.fabric_ports:
+            # Per fabric: `ib-compute 8x400G` — a port added, removed or renegotiated shows in the preview.
+            counts: dict[tuple[str, int], int] = {}
+            for pp in self.fabric_ports:
+                key = (pp.fabric.name, pp.port.speed_gbps)
+                counts[key] = counts.get(key, 0) + 1
+            out["fabric"] = ",".join(f"{name} {n}x{speed}G" for (name, speed), n in counts.items())
+            if self.subnet_manager_for:
+                out["fabric"] += " sm:" + "+".join(self.subnet_manager_for)
         if self.services:
             out["inference"] = ";".join(
                 f"{s.name}={s.service.engine.value}:{s.service.model.name}@{s.service.model.revision}"
@@ -135,7 +152,9 @@ class SitePlan:
         return list(out.values())
 
 
-def _roles_for(node: Node, segment: Segment, services: list[ServicePlan], profile: SoftwareProfile) -> tuple[str, ...]:
+def _roles_for(
+    node: Node, segment: Segment, services: list[ServicePlan], profile: SoftwareProfile, *, fabric: bool = False
+) -> tuple[str, ...]:
     wanted = {
         "base",
         "network",
@@ -151,6 +170,8 @@ def _roles_for(node: Node, segment: Segment, services: list[ServicePlan], profil
         wanted.add("inference_server")
     if NodeRole.MONITORING in node.roles:
         wanted.add("monitoring")
+    if fabric:
+        wanted.add("rdma")
     return tuple(r for r in ROLE_ORDER if r in wanted)
 
 
@@ -168,8 +189,10 @@ def plan_node(site: Site, node: Node, cat: ResolvedCatalogue | None = None) -> N
             fit = None
             if arch is not None and svc.engine is not Engine.LLAMACPP:
                 fit = sizing.plan(arch, deployment(svc, node, cat))
-            services.append(ServicePlan(svc, fit))
+            services.append(ServicePlan(svc, fit, span_group(site, svc)))
     gpu = cat.gpus[node.gpu.model]
+    ports = node_ports(site, node)
+    sm = tuple(f.name for f in subnet_manager_of(site, node))
     return NodePlan(
         node=node,
         segment=segment,
@@ -178,15 +201,22 @@ def plan_node(site: Site, node: Node, cat: ResolvedCatalogue | None = None) -> N
         profile=profile,
         packages=tuple(
             packages_for(
-                profile, node.os, fabric_manager=node.gpu.nvswitch, monitoring=NodeRole.MONITORING in node.roles
+                profile,
+                node.os,
+                fabric_manager=node.gpu.nvswitch,
+                monitoring=NodeRole.MONITORING in node.roles,
+                rdma=bool(ports),
+                subnet_manager=bool(sm),
             )
         ),
-        roles=_roles_for(node, segment, services, profile),
+        roles=_roles_for(node, segment, services, profile, fabric=bool(ports)),
         reboot_policy=site.reboot.policy,
         services=tuple(services),
         lab_mode=site.lab_mode,
         gpu_product_name=gpu.product_name,
         gpu_memory_mib=gpu.smi_memory_mib,
+        fabric_ports=ports,
+        subnet_manager_for=sm,
     )
 
 
@@ -196,7 +226,10 @@ def plan_site(site: Site) -> SitePlan:
     seg_order = {s.name: i for i, s in enumerate(site.segments)}
     counters: dict[str, int] = {}
     plans = []
-    for node in sorted(site.nodes, key=lambda n: seg_order[n.segment]):
+    # Workers of a service that spans nodes go first in their segment: their RPC backends are up (or come up
+    # in the same batch) when the head starts and is health-checked.
+    workers = {h for svc in site.services if svc.span_nodes for h in list(dict.fromkeys(svc.nodes))[1:]}
+    for node in sorted(site.nodes, key=lambda n: (seg_order[n.segment], n.hostname not in workers)):
         idx = counters.get(node.segment, 0)
         counters[node.segment] = idx + 1
         p = plan_node(site, node, cat)

@@ -23,6 +23,7 @@ class Component(StrEnum):
     CONTAINER_TOOLKIT = "nvidia_container_toolkit"
     DCGM = "dcgm"
     MONITORING = "monitoring"
+    RDMA = "rdma"
 
 
 @dataclass(frozen=True, order=True)
@@ -50,6 +51,9 @@ class _Family:
     dcgm: str
     runtime: dict[ContainerEngine, str]
     node_exporter: str
+    rdma_core: tuple[str, ...]  # built from the rdma-core source package: one version
+    perftest: str
+    opensm: str
     revision: str  # package revision NVIDIA appends to an upstream version
 
     def pin(self, upstream: str) -> str:
@@ -78,6 +82,9 @@ _DEBIAN = _Family(
     dcgm="datacenter-gpu-manager-4-cuda{cuda_major}",
     runtime=_DEBIAN_RUNTIME,
     node_exporter="prometheus-node-exporter",
+    rdma_core=("rdma-core", "ibverbs-providers", "ibverbs-utils", "rdmacm-utils", "infiniband-diags"),
+    perftest="perftest",
+    opensm="opensm",
     revision="-1",
 )
 _UBUNTU = _Family(
@@ -89,6 +96,9 @@ _UBUNTU = _Family(
     dcgm="datacenter-gpu-manager-4-cuda{cuda_major}",
     runtime=_DEBIAN_RUNTIME,
     node_exporter="prometheus-node-exporter",
+    rdma_core=("rdma-core", "ibverbs-providers", "ibverbs-utils", "rdmacm-utils", "infiniband-diags"),
+    perftest="perftest",
+    opensm="opensm",
     revision="-0ubuntu1",
 )
 _RHEL = _Family(
@@ -104,6 +114,9 @@ _RHEL = _Family(
         ContainerEngine.PODMAN: "podman",
     },
     node_exporter="golang-github-prometheus-node-exporter",
+    rdma_core=("rdma-core", "libibverbs", "libibverbs-utils", "librdmacm-utils", "infiniband-diags"),
+    perftest="perftest",
+    opensm="opensm",
     revision="-1.el9",
 )
 
@@ -122,6 +135,8 @@ def packages_for(
     fabric_manager: bool,
     container_runtime: bool = True,
     monitoring: bool = True,
+    rdma: bool = False,
+    subnet_manager: bool = False,
 ) -> list[Package]:
     """Every pinned package a node with this profile and OS gets, in install order."""
     fam = FAMILIES[os]
@@ -150,4 +165,10 @@ def packages_for(
         out.append(Package(fam.dcgm.format(cuda_major=major), profile.dcgm.version, Component.DCGM))
     if monitoring and profile.monitoring.node_exporter_version:
         out.append(Package(fam.node_exporter, profile.monitoring.node_exporter_version, Component.MONITORING))
+    if rdma and profile.rdma is not None:
+        # Distribution packages: their versions are the distribution's, written in full in the profile.
+        out.extend(Package(n, profile.rdma.version, Component.RDMA) for n in fam.rdma_core)
+        out.append(Package(fam.perftest, profile.rdma.perftest_version, Component.RDMA))
+        if subnet_manager and profile.rdma.opensm_version:
+            out.append(Package(fam.opensm, profile.rdma.opensm_version, Component.RDMA))
     return out

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 from infra.model.ports import DCGM_EXPORTER_PORT
 from infra.model.site import ContainerEngine, Engine, InferenceService, RebootPolicy, Site
 from infra.plan import engines
+from infra.plan.fabric import SpanGroup
 from infra.plan.node import NodePlan
 from infra.plan.packages import Component
 
@@ -60,16 +61,29 @@ def wheel_requirement(url: str) -> tuple[str, str]:
 
 
 def service_vars(
-    s: InferenceService, runtime: ContainerEngine, runtime_version: str, *, lab: bool = False
+    s: InferenceService,
+    runtime: ContainerEngine,
+    runtime_version: str,
+    *,
+    lab: bool = False,
+    span: SpanGroup | None = None,
+    hostname: str = "",
 ) -> dict[str, Any]:
     """One service as the `inference_server` role places it: paths and unit lines, already encoded.
 
     The unit's command lines come from `infra.plan.engines` (the engine's argv from the plan's limits)
     and are quoted for systemd there; the template only writes them on their lines.
     """
-    cmds = engines.unit_commands(s, runtime, runtime_version, lab=lab)
+    role = span.role_of(hostname) if span is not None else ""
+    if role == "worker" and span is not None:
+        # A worker of a spanning llama.cpp service: only its RPC backend, no model file, no endpoint.
+        cmds = engines.rpc_worker_commands(s, span.address_of(hostname))
+        name = ""
+    else:
+        rpc = [f"{addr}:{s.rpc_port}" for _, addr in span.workers] if role == "head" and span is not None else []
+        cmds = engines.unit_commands(s, runtime, runtime_version, lab=lab, rpc_servers=rpc)
+        name = engines.model_file(s)
     directory = engines.model_dir(s)
-    name = engines.model_file(s)
     native = s.engine is Engine.LLAMACPP and s.image is None
     out: dict[str, Any] = {
         "name": s.name,
@@ -77,8 +91,11 @@ def service_vars(
         "model_source": s.model.source,
         "model_dir": directory,
         "model_path": f"{directory}/{name}" if name else "",
-        "port": s.port,
-        "health_path": engines.HEALTH_PATHS[s.engine],
+        "port": s.rpc_port if role == "worker" else s.port,
+        # A worker answers no HTTP: the role waits for its RPC port on `rpc_bind` instead.
+        "health_path": "" if role == "worker" else engines.HEALTH_PATHS[s.engine],
+        "span_role": role,
+        "rpc_bind": span.address_of(hostname) if role == "worker" and span is not None else "",
         "native": native,
         "description": engines.unit_text(
             f"gpufleet inference {s.name} ({s.engine.value} serving {s.model.name}@{s.model.revision})"
@@ -134,7 +151,10 @@ def host_vars(plan: NodePlan, site: Site) -> dict[str, Any]:
         # renders already has the NVIDIA runtime and both roles agree on one file content.
         docker_options["runtimes"] = {"nvidia": {"path": "nvidia-container-runtime", "args": []}}
         docker_options["features"] = {"cdi": True}
-    services = [service_vars(s.service, engine, p.container_runtime.version, lab=lab) for s in plan.services]
+    services = [
+        service_vars(s.service, engine, p.container_runtime.version, lab=lab, span=s.span, hostname=plan.hostname)
+        for s in plan.services
+    ]
     # Registries that get credentials (when a token is given): those of the images, and the mirror's.
     registries = sorted(
         {
@@ -144,7 +164,7 @@ def host_vars(plan: NodePlan, site: Site) -> dict[str, Any]:
         }
         | ({f"{plan.mirror.address}:{plan.mirror.registry_port}"} if plan.mirror else set())
     )
-    return {
+    out = {
         "gpufleet_roles": list(plan.roles),
         "gpufleet_segment": seg.name,
         "gpufleet_airgapped": seg.airgapped,
@@ -198,6 +218,7 @@ def host_vars(plan: NodePlan, site: Site) -> dict[str, Any]:
         "inference_server_services": services,
         "inference_server_model_dir": engines.MODEL_ROOT,
         "inference_server_venv_dir": engines.VENV_ROOT,
+        "inference_server_rpc_program": engines.RPC_SERVER_PROGRAM,
         "inference_server_registries": registries,
         # monitoring
         "monitoring_node_exporter_packages": _pkgs(plan, Component.MONITORING),
@@ -213,5 +234,27 @@ def host_vars(plan: NodePlan, site: Site) -> dict[str, Any]:
         "gpu_validate_cuda_version": p.cuda.version,
         "gpu_validate_packages": [pkg.as_dict() for pkg in plan.packages],
         "gpu_validate_fabric_manager_required": bool(fm),
-        "gpu_validate_endpoints": [{"name": s["name"], "port": s["port"], "path": s["health_path"]} for s in services],
+        "gpu_validate_endpoints": [
+            {"name": s["name"], "port": s["port"], "path": s["health_path"]} for s in services if s["health_path"]
+        ],
+    }
+    if plan.fabric_ports:
+        # Only nodes on a fabric get these: every other node's variables (and content hash) stay as they were.
+        out |= rdma_vars(plan, lab=lab)
+    return out
+
+
+def rdma_vars(plan: NodePlan, *, lab: bool) -> dict[str, Any]:
+    """Variables of the `rdma` role: pinned packages, the ports with their fabric settings, opensm duty."""
+    keys = sorted({pp.fabric.partition_key for pp in plan.fabric_ports if pp.fabric.partition_key})
+    gpudirect = "none" if plan.node.gpu.count == 0 else "dmabuf" if plan.profile.driver.open_modules else "peermem"
+    return {
+        "rdma_packages": _pkgs(plan, Component.RDMA),
+        "rdma_ports": [pp.as_vars() for pp in plan.fabric_ports],
+        "rdma_subnet_manager_fabrics": list(plan.subnet_manager_for),
+        "rdma_partition_keys": keys,
+        # GPUDirect RDMA: the open kernel modules export GPU memory as dma-buf to the inbox RDMA stack;
+        # the proprietary ones need nvidia-peermem (and an OFED kernel with peer-memory support).
+        "rdma_gpudirect": gpudirect,
+        "rdma_apply": not lab,  # nspawn hosts share the host's kernel: no modules, no links of their own
     }

@@ -83,8 +83,28 @@ def test_cmake_args_are_cpu_only_and_portable() -> None:
 def test_cached_wheel_is_not_rebuilt(tmp_path: Path) -> None:
     """ensure_llama_wheel returns a wheel already in the cache without building (0 s, cached)."""
     (tmp_path / wheel.wheel_name()).write_bytes(b"stand-in")
+    (tmp_path / f"{wheel.wheel_name()}.cmake-args").write_text(wheel.build_flags())
     b = wheel.ensure_llama_wheel_build(tmp_path)
     assert b.cached and b.seconds == 0 and b.path == tmp_path / wheel.wheel_name()
+
+
+def test_wheel_built_with_other_flags_is_rebuilt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cached wheel from before a CMake flag change (e.g. without GGML_RPC) is rebuilt, and stamped."""
+    target = tmp_path / wheel.wheel_name()
+    target.write_bytes(b"old build")
+    (tmp_path / f"{wheel.wheel_name()}.cmake-args").write_text("-DGGML_NATIVE=OFF\n")
+    built: list[Path] = []
+
+    def fake_build(dest: Path, **_: object) -> Path:
+        built.append(dest)
+        target.write_bytes(b"new build")
+        return target
+
+    monkeypatch.setattr(wheel, "build_llama_wheel", fake_build)
+    b = wheel.ensure_llama_wheel_build(tmp_path)
+    assert built == [tmp_path] and not b.cached and target.read_bytes() == b"new build"
+    assert wheel.wheel_cached(tmp_path)  # stamped with today's flags: the next call builds nothing
+    assert "-DGGML_RPC=ON" in wheel.CMAKE_ARGS  # the RPC backend of services spanning nodes
 
 
 def test_publish_layout_matches_stack_urls(tmp_path: Path, model: Path) -> None:
@@ -93,9 +113,10 @@ def test_publish_layout_matches_stack_urls(tmp_path: Path, model: Path) -> None:
     house = cache / f"llama-server-{wheel.LLAMA_CPP_PYTHON_VERSION}"
     house.mkdir(parents=True)
     (cache / wheel.wheel_name()).write_bytes(b"w")
+    (cache / f"{wheel.wheel_name()}.cmake-args").write_text(wheel.build_flags())
     (house / wheel.wheel_name()).write_bytes(b"w")
     (house / "numpy-2.2.6-cp311-cp311-manylinux_2_17_x86_64.whl").write_bytes(b"n")
-    (house / ".complete").write_text("x")
+    (house / ".complete").write_text(wheel.SERVER_REQUIREMENT + "\n" + wheel.build_flags())
     files = tmp_path / "files"
     placed = publish.publish_llamacpp_files(files, wheel_cache=cache, model_cache=model.parents[2])
     rel = sorted(str(p.relative_to(files)) for p in placed)
