@@ -19,6 +19,7 @@ import yaml
 from infra.model.load import project_dir
 from infra.model.site import Engine, OperatingSystem, Site
 from infra.plan.node import NodePlan, SitePlan, plan_site
+from infra.plan.packages import monitoring_server_packages
 
 
 class Kind(StrEnum):
@@ -165,6 +166,12 @@ def declared(site: Site, segment: str | None = None, plan: SitePlan | None = Non
             if svc.model.source.startswith(("http://", "https://")):
                 add(Kind.MODEL, f"{svc.model.name}@{svc.model.revision}", svc.model.revision, seg,
                     svc.model.source)
+    # Each segment's Prometheus host installs the server packages from its segment's source: an air-gapped
+    # one from its mirror, so the bundle must carry them.
+    for host in site.observability.prometheus:
+        if segment is None or host.segment == segment:
+            for pkg in monitoring_server_packages(site):
+                add(Kind.DEB, pkg.name, pkg.version, host.segment)
     segs = [s.name for s in site.segments if segment is None or s.name == segment]
     if segs:
         # The controller runs `pulumi up` on the isolated side too: it needs the provider plugin offline.

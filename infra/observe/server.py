@@ -22,9 +22,8 @@ from typing import Any
 from infra.model.site import PrometheusHost, Site
 from infra.observe import config, render
 from infra.plan.node import SitePlan
+from infra.plan.packages import monitoring_server_packages
 
-PROMETHEUS_PACKAGE = "prometheus"
-ALERTMANAGER_PACKAGE = "prometheus-alertmanager"
 GROUP = "gpufleet_monitoring"
 ROLE = "monitoring_server"
 # Where the role writes the rules (Debian's prometheus.yml lives beside it in /etc/prometheus).
@@ -61,13 +60,7 @@ class FederationFlow:
 
 def server_packages(site: Site) -> list[dict[str, str]]:
     """The pinned server packages every Prometheus host installs (empty when the stack pins no versions)."""
-    obs = site.observability
-    out = []
-    if obs.prometheus_version:
-        out.append({"name": PROMETHEUS_PACKAGE, "version": obs.prometheus_version})
-    if obs.alertmanager_version:
-        out.append({"name": ALERTMANAGER_PACKAGE, "version": obs.alertmanager_version})
-    return out
+    return [p.as_dict() for p in monitoring_server_packages(site)]
 
 
 def monitoring_hosts(site: Site) -> list[MonitoringHost]:

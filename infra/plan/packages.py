@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
-from infra.model.site import ContainerEngine, OperatingSystem, SoftwareProfile
+from infra.model.site import ContainerEngine, OperatingSystem, Site, SoftwareProfile
 
 
 class Component(StrEnum):
@@ -171,4 +171,23 @@ def packages_for(
         out.append(Package(fam.perftest, profile.rdma.perftest_version, Component.RDMA))
         if subnet_manager and profile.rdma.opensm_version:
             out.append(Package(fam.opensm, profile.rdma.opensm_version, Component.RDMA))
+    return out
+
+
+PROMETHEUS_PACKAGE = "prometheus"
+ALERTMANAGER_PACKAGE = "prometheus-alertmanager"
+
+
+def monitoring_server_packages(site: Site) -> list[Package]:
+    """The pinned packages every Prometheus host installs (Debian's names; none when no versions are pinned).
+
+    One place for the `monitoring_server` role (through infra/observe/server.py) and the air-gap lock and
+    bundle (infra/bundle/declared.py), so a mirror-hosted Prometheus installs from what the bundle carried.
+    """
+    obs = site.observability
+    out = []
+    if obs.prometheus_version:
+        out.append(Package(PROMETHEUS_PACKAGE, obs.prometheus_version, Component.MONITORING))
+    if obs.alertmanager_version:
+        out.append(Package(ALERTMANAGER_PACKAGE, obs.alertmanager_version, Component.MONITORING))
     return out
