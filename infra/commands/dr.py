@@ -21,6 +21,7 @@ from infra.dr.remote import RemoteError, probe
 from infra.dr.steps import StackRef, check_with_roles
 from infra.model.load import project_dir
 from infra.plan.node import plan_site
+from infra.plan.nodestate import DriftItem
 
 DEFAULT_BACKUP_DIR = Path("/var/backups/gpufleet/state")
 
@@ -143,6 +144,9 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
         else:
             lines.append(f"{d['hostname']}: rebuilt in {d['seconds']:.0f} s — fingerprint DIFFERS:")
             lines += [f"  {fp.Difference(**x)}" for x in d["differences"]]
+        if d.get("drift"):
+            lines.append(f"{d['hostname']}: after the rebuild, {len(d['drift'])} difference(s) from the plan:")
+            lines += [f"  {DriftItem(**x)}" for x in d["drift"]]
         return "\n".join(lines)
 
     emit(args.json, report.as_dict(), render)

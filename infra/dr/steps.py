@@ -145,7 +145,10 @@ def parse_check(res: StepResult, hostname: str) -> CheckOutcome:
             files.append(str(path))
     reboot = node.get("reboot_required")
     return CheckOutcome(
-        would_change=tuple(tasks), files=tuple(files), reboot_required=bool(reboot) if reboot is not None else None
+        would_change=tuple(tasks),
+        files=tuple(files),
+        holds=tuple(str(h) for h in node.get("holds", [])),
+        reboot_required=bool(reboot) if reboot is not None else None,
     )
 
 
