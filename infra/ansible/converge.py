@@ -18,7 +18,7 @@ from infra.ansible.rollout import NodeOutcome, RolloutResult, roll
 from infra.ansible.runner import Progress, RunResult, run_playbook
 from infra.ansible.settings import Tuning
 from infra.model.site import Site
-from infra.plan.node import NodePlan, SitePlan, plan_site
+from infra.plan.node import NodePlan, SitePlan
 from infra.plan.nodestate import NOT_A_CONVERGE_FAILURE, NodeState, compare, failures
 from infra.ssh import SshSettings
 
@@ -46,20 +46,19 @@ def secrets_from_env() -> dict[str, str]:
 
 
 def converge(
-    site: Site,
+    plan: SitePlan,
     nodes: Sequence[NodePlan],
     *,
     check: bool = False,
     tuning: Tuning = Tuning.TUNED,
     progress: bool = False,
     playbook: str = "node.yml",
-    plan: SitePlan | None = None,
 ) -> RolloutResult:
     """Converge (or check) nodes wave by wave; the function the CLI and the benchmark harness call.
 
-    `plan` is the site's plan when the caller has it (the nodes come from it), so the site is planned once.
+    `plan` is the site's plan, made once by the command; `nodes` are plans from it.
     """
-    plan = plan or plan_site(site)
+    site = plan.site
     # Every selected node's host variables, built once: checked against the roles' argument specs before
     # any host is touched (node.yml includes the roles with rolespec_validate: false), then each wave's
     # inventory reuses them.

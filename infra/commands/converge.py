@@ -10,7 +10,6 @@ from infra.ansible.rollout import NodeOutcome
 from infra.ansible.settings import Tuning
 from infra.commands.site import add_stack_args, site_from_args
 from infra.console import Exit, emit, fail, positive_float, table
-from infra.model.site import Site
 from infra.plan.node import NodePlan, SitePlan, plan_site
 from infra.plan.nodestate import NodeState, compare, validation_facts
 
@@ -51,11 +50,11 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_wait_ssh)
 
 
-def _load(args: argparse.Namespace) -> tuple[Site, SitePlan, list[NodePlan]] | int:
-    site = site_from_args(args)
-    plan = plan_site(site)
+def _load(args: argparse.Namespace) -> tuple[SitePlan, list[NodePlan]] | int:
+    """The site planned once for the command, and the nodes the arguments select from that plan."""
+    plan = plan_site(site_from_args(args))
     try:
-        return site, plan, select(plan, args.node, args.segment)
+        return plan, select(plan, args.node, args.segment)
     except (KeyError, ValueError) as exc:
         return fail(args, Exit.INVALID, str(exc.args[0]))
 
@@ -83,10 +82,8 @@ def cmd_converge(args: argparse.Namespace) -> int:
     loaded = _load(args)
     if isinstance(loaded, int):
         return loaded
-    site, plan, nodes = loaded
-    result = converge(
-        site, nodes, tuning=Tuning(args.tuning), progress=not args.json, plan=plan
-    )
+    plan, nodes = loaded
+    result = converge(plan, nodes, tuning=Tuning(args.tuning), progress=not args.json)
     emit(args.json, result.as_dict(), _render_converge)
     return Exit.OK if result.succeeded else Exit.FAILED
 
@@ -111,10 +108,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     loaded = _load(args)
     if isinstance(loaded, int):
         return loaded
-    site, plan, nodes = loaded
-    result = converge(
-        site, nodes, check=True, tuning=Tuning(args.tuning), progress=not args.json, plan=plan
-    )
+    plan, nodes = loaded
+    result = converge(plan, nodes, check=True, tuning=Tuning(args.tuning), progress=not args.json)
     report = check_report(result)
     emit(args.json, report, _render_check)
     if not result.succeeded:
@@ -184,10 +179,9 @@ def validation(plan: NodePlan, outcome: NodeOutcome) -> dict[str, Any]:
 
 def cmd_validate_node(args: argparse.Namespace) -> int:
     """Probe one node, compare it with its plan and print both; exit 1 when it differs."""
-    site = site_from_args(args)
-    plan = plan_site(site)
+    plan = plan_site(site_from_args(args))
     node = plan.node(args.node)
-    result = converge(site, [node], tuning=Tuning(args.tuning), playbook="validate.yml", plan=plan)
+    result = converge(plan, [node], tuning=Tuning(args.tuning), playbook="validate.yml")
     data = validation(node, result.nodes[0])
     emit(args.json, data, _render_validation)
     return Exit.OK if data["passed"] else Exit.FAILED

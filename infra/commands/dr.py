@@ -187,7 +187,7 @@ def run_drift(args: argparse.Namespace) -> tuple[list[NodeDrift], float]:
     sp = plan_site(site)
     plans = [sp.node(h) for h in args.node] if args.node else list(sp.nodes)
     t0 = time.monotonic()
-    reports = drift(site, plans, check=None if args.no_check else check_with_roles)
+    reports = drift(site, plans, check=None if args.no_check else check_with_roles(sp))
     return reports, time.monotonic() - t0
 
 

@@ -78,7 +78,8 @@ class CheckOutcome:
     failed: str = ""
 
 
-CheckFn = Callable[[Site, list[NodePlan]], dict[str, CheckOutcome]]
+# The roles' check mode over some nodes (it carries its own site plan: see infra.dr.steps.check_with_roles).
+CheckFn = Callable[[list[NodePlan]], dict[str, CheckOutcome]]
 
 def _with_check(items: list[DriftItem], outcome: CheckOutcome) -> list[DriftItem]:
     out = list(items)
@@ -128,7 +129,7 @@ def drift(
         return reports
     t0 = time.monotonic()
     try:
-        outcomes = check(site, up) if up else {}
+        outcomes = check(up) if up else {}
     except CheckUnavailable as exc:
         for r in reports:
             r.check = f"unavailable: {exc}"

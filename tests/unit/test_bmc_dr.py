@@ -132,7 +132,7 @@ def test_drift_merges_probe_and_check_and_keeps_unreachable_apart(site: Site) ->
 
     seen: list[str] = []
 
-    def check(_s: Site, ps: list[NodePlan]) -> dict[str, CheckOutcome]:
+    def check(ps: list[NodePlan]) -> dict[str, CheckOutcome]:
         seen.extend(p.hostname for p in ps)
         return {
             p.hostname: CheckOutcome(files=("/etc/chrony/chrony.conf",) if p.hostname == "lab-gpu02" else ())
@@ -152,7 +152,7 @@ def test_drift_merges_probe_and_check_and_keeps_unreachable_apart(site: Site) ->
 def test_drift_without_check_mode_says_so(site: Site) -> None:
     """When check mode cannot run, every node says why instead of pretending it ran."""
 
-    def check(_s: Site, _p: list[NodePlan]) -> dict[str, CheckOutcome]:
+    def check(_p: list[NodePlan]) -> dict[str, CheckOutcome]:
         raise CheckUnavailable("`gpufleet check` is not installed")
 
     reports = drift(site, [plan_of(site, "lab-gpu01")], check=check, probe_fn=lambda s, p: converged_state(p))

@@ -81,7 +81,7 @@ def test_drift_reports_both_once(site: Site, plan: NodePlan) -> None:
     """drift's probe names both; check mode's own report of the same two is not counted twice."""
     state, released = tampered(plan)
 
-    def check(_s: Site, ps: list[NodePlan]) -> dict[str, CheckOutcome]:
+    def check(ps: list[NodePlan]) -> dict[str, CheckOutcome]:
         return {p.hostname: CheckOutcome(files=(EDITED,), holds=(released,)) for p in ps}
 
     (report,) = drift(site, [plan], check=check, probe_fn=lambda s, p: state)
