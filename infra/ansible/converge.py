@@ -18,7 +18,8 @@ from infra.ansible.rollout import NodeOutcome, RolloutResult, roll
 from infra.ansible.runner import Progress, RunResult, run_playbook
 from infra.ansible.settings import Tuning
 from infra.model.site import Site
-from infra.plan.node import NodePlan, SitePlan, plan_site
+from infra.plan.node import NodePlan, SitePlan
+from infra.plan.nodestate import NOT_A_CONVERGE_FAILURE, NodeState, compare, failures
 from infra.ssh import SshSettings
 
 # SecretRef convention (`GPUFLEET_SECRET_<KEY>`): the registry token of the inference images.
@@ -45,20 +46,19 @@ def secrets_from_env() -> dict[str, str]:
 
 
 def converge(
-    site: Site,
+    plan: SitePlan,
     nodes: Sequence[NodePlan],
     *,
     check: bool = False,
     tuning: Tuning = Tuning.TUNED,
     progress: bool = False,
     playbook: str = "node.yml",
-    plan: SitePlan | None = None,
 ) -> RolloutResult:
     """Converge (or check) nodes wave by wave; the function the CLI and the benchmark harness call.
 
-    `plan` is the site's plan when the caller has it (the nodes come from it), so the site is planned once.
+    `plan` is the site's plan, made once by the command; `nodes` are plans from it.
     """
-    plan = plan or plan_site(site)
+    site = plan.site
     # Every selected node's host variables, built once: checked against the roles' argument specs before
     # any host is touched (node.yml includes the roles with rolespec_validate: false), then each wave's
     # inventory reuses them.
@@ -69,7 +69,7 @@ def converge(
 
     def run(batch: list[NodePlan]) -> RunResult:
         hosts = [n.hostname for n in batch]
-        return run_playbook(
+        result = run_playbook(
             playbook,
             subset(inventory, hosts),
             hosts,
@@ -80,6 +80,10 @@ def converge(
             progress=Progress(hosts) if progress else None,
             label="check" if check else "converge",
         )
+        if not check:
+            for n in batch:
+                judge(n, result)
+        return result
 
     # Check mode changes nothing, so there is nothing to roll: every node is looked at in one run.
     max_failures = len(nodes) if check else site.rollout.max_failures
@@ -98,12 +102,36 @@ def converge(
     return roll(plan, nodes, run, max_failures=max_failures)
 
 
+HOLD_SUFFIX = ":hold"
+VERDICT_TASK = "gpu_validate : compare the node with its plan"
+
+
+def judge(plan: NodePlan, result: RunResult) -> None:
+    """Fail a node whose probed state differs from its plan (infra.plan.nodestate.compare, as validate-node).
+
+    The play's gpu_validate role only reads the node; the verdict is the controller's, so converge,
+    validate-node and drift can never disagree on what differs. Files and a pending reboot do not fail a
+    converge (see `NOT_A_CONVERGE_FAILURE`).
+    """
+    h = result.hosts.get(plan.hostname)
+    data = h.facts.get("gpu_validate_result") if h is not None else None
+    if h is None or not h.succeeded or not isinstance(data, dict):
+        return
+    wrong = failures(compare(plan, NodeState.from_json(plan.hostname, data)), NOT_A_CONVERGE_FAILURE)
+    if wrong:
+        h.failed += 1
+        h.failures.append({"task": VERDICT_TASK, "msg": "; ".join(str(i) for i in wrong)})
+
+
 def check_report(result: RolloutResult) -> dict[str, Any]:
     """Per node: would anything change, which packages and files, would a reboot be required."""
     nodes = []
     for n in result.nodes:
         d = n.detail
-        packages = sorted({p for v in (d.get("package_changes") or {}).values() for p in v})
+        changes = d.get("package_changes") or {}
+        # roles/pinned_packages publishes the holds check mode would restore under `<role>:hold`.
+        packages = sorted({p for k, v in changes.items() if not k.endswith(HOLD_SUFFIX) for p in v})
+        holds = sorted({p for k, v in changes.items() if k.endswith(HOLD_SUFFIX) for p in v})
         stale = (d.get("facts") or {}).get("nvidia_driver_stale_packages") or []
         nodes.append(
             {
@@ -113,6 +141,7 @@ def check_report(result: RolloutResult) -> dict[str, Any]:
                 "changes": n.changed,
                 "changed_tasks": d.get("changed_tasks", []),
                 "packages": packages,
+                "holds": holds,
                 "packages_removed": sorted(stale),
                 "files": d.get("files_changed", []),
                 "reboot_required": bool(d.get("reboot_required")),

@@ -45,10 +45,10 @@ def controller_cpu_seconds() -> float:
 
 
 def _timed(stack: str, hosts: Sequence[str], tuning: Tuning) -> dict[str, Any]:
-    site = load_site(stack)
-    nodes = [plan_site(site).node(h) for h in hosts]
+    plan = plan_site(load_site(stack))
+    nodes = [plan.node(h) for h in hosts]
     cpu0, ctl0, start = machine_cpu_seconds(), controller_cpu_seconds(), time.monotonic()
-    result = converge(site, nodes, tuning=tuning)
+    result = converge(plan, nodes, tuning=tuning)
     seconds, cpu = time.monotonic() - start, machine_cpu_seconds() - cpu0
     controller_cpu = controller_cpu_seconds() - ctl0
     # Task results per node (ok includes changed); a no-op's per-task cost is seconds / this.
@@ -77,8 +77,9 @@ def lab_reimage(stack: str) -> Callable[[Sequence[str]], None]:
             lab_mod.power_off(spec, paths, h)
             lab_mod.power_on(spec, paths, h, reimage=True)
         site = load_site(stack)
+        plan = plan_site(site)
         for h in hosts:
-            ok, _, err = wait_ssh(site, plan_site(site).node(h), 180)
+            ok, _, err = wait_ssh(site, plan.node(h), 180)
             if not ok:
                 raise RuntimeError(f"{h} did not come back: {err}")
 

@@ -58,9 +58,10 @@ def measure_rebuild(
 def measure_drift(stack: str = "lab", *, stack_file: Path | None = None, check: bool = True) -> dict[str, Any]:
     """Drift over every node of the stack (probe + roles' check mode); seconds and drifted node count."""
     site = load_site(stack=stack, path=stack_file)
-    plans = list(plan_site(site).nodes)
+    sp = plan_site(site)
+    plans = list(sp.nodes)
     t0 = time.monotonic()
-    reports = drift(site, plans, check=check_with_roles if check else None)
+    reports = drift(site, plans, check=check_with_roles(sp) if check else None)
     seconds = time.monotonic() - t0
     return {
         "nodes": len(plans),

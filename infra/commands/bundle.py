@@ -1,53 +1,37 @@
-"""CLI: `gpufleet lock`, `gpufleet bundle build|verify|import`, `gpufleet mirror status`."""
+"""`gpufleet bundle build | keygen | verify | import`: the air-gap bundle, connected side to isolated side."""
 
 from __future__ import annotations
 
 import argparse
-import functools
 import hashlib
-import os
 import re
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import ValidationError
-
-from infra.bundle.apt import AptError
 from infra.bundle.build import BuildError, BuildOptions, build, last_serial, save_serial, serial_path
-from infra.bundle.lock import Lock, LockError, ResolveOptions, check, lock_path, lock_path_for, resolve, unresolved
-from infra.bundle.manifest import MAX_SERIAL, ManifestError, read_regular, verify_bundle
-from infra.bundle.publish import MIRROR_KEY_ENV, ImportRefused, Target, import_bundle, release_signer
+from infra.bundle.manifest import MAX_SERIAL, verify_bundle
+from infra.bundle.publish import MIRROR_KEY_ENV, Target, import_bundle, release_signer
 from infra.bundle.remote import MIRROR_ROOT, RemoteError, SshMirror
 from infra.bundle.signing import KEYRING_ENV, SIGNING_KEY_ENV, SigningError, generate_key
-from infra.bundle.status import mirror_status
-from infra.bundle.store import FetchError, Store
+from infra.bundle.store import Store
 from infra.commands.site import add_stack_args, site_from_args
-from infra.console import Exit, emit, table
-from infra.model.load import SiteError
-from infra.model.site import AptSource
-from infra.plan.node import UnknownNodeError
+from infra.commands.supply import (
+    InputError,
+    env_path,
+    guarded,
+    load_sources,
+    read_lock,
+    sources_arg,
+    stack_lock_path,
+)
+from infra.console import Exit, emit
 
 
 def register(sub: Any) -> None:
-    """Register lock, bundle and mirror."""
-    p = sub.add_parser("lock", help="derive the stack's lock file (every artifact with version, size, sha256), "
-                                    "or --check that it still matches the stack")
-    add_stack_args(p)
-    p.add_argument("--check", action="store_true", help="compare the lock with the stack (no network); exit 1 on drift")
-    p.add_argument("--artifacts", action="append", default=[], metavar="DIR|URL",
-                   help="where model files, wheels, plugin tarballs and OCI layouts are (mirror layout); repeatable")
-    p.add_argument("--registry", action="append", default=[], metavar="HOST[:PORT]",
-                   help="registry to resolve images by repository and digest; repeatable")
-    p.add_argument("--dpkg-status", type=Path, help="installed baseline of the nodes' OS (default: nothing)")
-    _sources_arg(p)
-    p.add_argument("--out", type=Path, help="lock file to write (default: next to the stack file)")
-    p.set_defaults(func=guarded(cmd_lock))
-
+    """Register bundle (build, keygen, verify, import)."""
     b = sub.add_parser("bundle", help="air-gap bundle: build (connected side), verify, import (isolated side)")
     bsub = b.add_subparsers(dest="bundle_command", required=True, metavar="STEP")
     p = bsub.add_parser("build", help="fetch exactly the locked artifacts into DIR, write and sign the manifest")
@@ -56,8 +40,8 @@ def register(sub: Any) -> None:
     p.add_argument("--out", type=Path, required=True, help="new, empty directory for the bundle")
     p.add_argument("--artifacts", action="append", default=[], metavar="DIR|URL")
     p.add_argument("--registry", action="append", default=[], metavar="HOST[:PORT]")
-    _sources_arg(p)
-    p.add_argument("--signing-key", type=Path, default=_env_path(SIGNING_KEY_ENV),
+    sources_arg(p)
+    p.add_argument("--signing-key", type=Path, default=env_path(SIGNING_KEY_ENV),
                    help=f"armored OpenPGP secret key file that signs the manifest (env {SIGNING_KEY_ENV})")
     p.add_argument("--serial", type=int,
                    help="the bundle's serial (default: the last one in Pulumi.<stack>.bundle-serial next to "
@@ -71,7 +55,7 @@ def register(sub: Any) -> None:
 
     p = bsub.add_parser("verify", help="check signature, manifest, every hash, no missing and no extra file")
     p.add_argument("dir", type=Path)
-    p.add_argument("--keyring", type=Path, default=_env_path(KEYRING_ENV),
+    p.add_argument("--keyring", type=Path, default=env_path(KEYRING_ENV),
                    help=f"public key(s) trusted to sign bundles (env {KEYRING_ENV})")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=guarded(cmd_verify))
@@ -80,148 +64,14 @@ def register(sub: Any) -> None:
     p.add_argument("dir", type=Path)
     add_stack_args(p)
     p.add_argument("--mirror", required=True, help="mirror name from the stack")
-    p.add_argument("--keyring", type=Path, default=_env_path(KEYRING_ENV))
-    p.add_argument("--mirror-key", type=Path, default=_env_path(MIRROR_KEY_ENV),
+    p.add_argument("--keyring", type=Path, default=env_path(KEYRING_ENV))
+    p.add_argument("--mirror-key", type=Path, default=env_path(MIRROR_KEY_ENV),
                    help=f"armored secret key that signs the mirror's apt Release (env {MIRROR_KEY_ENV})")
     p.add_argument("--mirror-root", default=MIRROR_ROOT, help=f"served tree on the mirror (default {MIRROR_ROOT})")
     p.add_argument("--allow-downgrade", action="store_true",
                    help="import a bundle whose serial is not newer than the mirror's (needs --reason; logged)")
     p.add_argument("--reason", help="why the downgrade is deliberate (recorded on the mirror and printed)")
     p.set_defaults(func=guarded(cmd_import))
-
-    m = sub.add_parser("mirror", help="what a segment mirror serves")
-    msub = m.add_subparsers(dest="mirror_command", required=True, metavar="STEP")
-    p = msub.add_parser("status", help="apt packages, images, files served, and whether they match the lock")
-    add_stack_args(p)
-    p.add_argument("--mirror", required=True)
-    p.add_argument("--mirror-root", default=MIRROR_ROOT)
-    p.set_defaults(func=guarded(cmd_mirror_status))
-
-
-def _sources_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sources", type=Path, metavar="FILE",
-                   help="YAML list of apt sources ({name, url, suite, components, keyring}) to resolve and fetch "
-                        "packages from instead of the stack's connected sources (e.g. when the connected side "
-                        "is not in the stack)")
-
-
-def _load_sources(path: Path | None) -> list[AptSource]:
-    if path is None:
-        return []
-    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or []
-    if not isinstance(raw, list):
-        raise ValueError(f"{path}: expected a YAML list of apt sources")
-    return [AptSource.model_validate(s) for s in raw]
-
-
-def _env_path(name: str) -> Path | None:
-    v = os.environ.get(name)
-    return Path(v) if v else None
-
-
-def _stack_lock_path(args: argparse.Namespace) -> Path:
-    if getattr(args, "out", None) and args.command == "lock":
-        return Path(args.out)
-    return lock_path_for(args.stack_file) if args.stack_file else lock_path(args.stack)
-
-
-class InputError(Exception):
-    """Bad input to a bundle/lock/mirror command (exit 2)."""
-
-
-def _fail(args: argparse.Namespace, code: int, message: str) -> int:
-    """One line on stderr (or a JSON object under --json) and the exit code."""
-    # A refused bundle lists each problem on its own line; everything else is one line.
-    line = message if message.startswith("bundle rejected") else " ".join(message.split())
-    if getattr(args, "json", False):
-        emit(True, {"ok": False, "error": message, "exit": int(code)}, str)
-    else:
-        sys.stderr.write(f"error: {line}\n")
-    return code
-
-
-def guarded(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Map every error of a bundle/lock/mirror command to an exit code and a message; never a traceback."""
-
-    @functools.wraps(func)
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return func(args)
-        except (InputError, LockError, ManifestError, ValidationError) as exc:
-            return _fail(args, Exit.INVALID, str(exc))
-        except (SiteError, UnknownNodeError):
-            raise  # the CLI's own handler lists every stack problem (exit 2)
-        except ImportRefused as exc:
-            return _fail(args, Exit.INVALID if exc.invalid else Exit.FAILED, str(exc))
-        except (BuildError, SigningError) as exc:
-            return _fail(args, Exit.FAILED, str(exc))
-        except (RemoteError, AptError, FetchError) as exc:
-            return _fail(args, Exit.UNAVAILABLE if isinstance(exc, AptError | FetchError) else Exit.FAILED, str(exc))
-        except OSError as exc:
-            return _fail(args, Exit.FAILED, f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": "))
-        except Exception as exc:
-            return _fail(args, Exit.FAILED, f"unexpected {type(exc).__name__}: {exc} (please report this)")
-
-    return run
-
-
-def _read_lock(path: Path) -> Lock | None:
-    if not path.is_file():
-        sys.stderr.write(f"error: no lock file {path}; run `gpufleet lock` first\n")
-        return None
-    try:
-        return Lock.from_json(read_regular(path, 1 << 30).decode("utf-8"))
-    except (LockError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: not a readable lock file ({exc}); re-run `gpufleet lock`") from None
-
-
-def cmd_lock(args: argparse.Namespace) -> int:
-    """Write the lock, or check it (exit 1 naming each difference)."""
-    site = site_from_args(args)
-    path = _stack_lock_path(args)
-    if args.check:
-        lock = _read_lock(path)
-        if lock is None:
-            return Exit.FAILED
-        problems = check(lock, site)
-        missing = [f"{a.kind} {a.name} {a.version or ''}".strip() for a in unresolved(lock)]
-        emit(args.json, {"lock": str(path), "ok": not problems, "differences": problems, "unresolved": missing},
-             lambda d: (f"{d['lock']}: matches the stack" if d["ok"] else
-                        f"{d['lock']} does not match the stack (run `gpufleet lock`):\n"
-                        + "\n".join(f"  - {p}" for p in d["differences"]))
-             + ("".join(f"\n  note: unresolved (bundle build will refuse): {m}" for m in d["unresolved"])))
-        return Exit.OK if not problems else Exit.FAILED
-    try:
-        sources = _load_sources(args.sources)
-    except (OSError, ValueError) as exc:
-        sys.stderr.write(f"error: --sources: {exc}\n")
-        return Exit.INVALID
-    opts = ResolveOptions(artifacts=[Store(a) for a in args.artifacts], registries=args.registry,
-                          dpkg_status=args.dpkg_status, apt_sources=sources)
-    t0 = time.monotonic()
-    try:
-        lock = resolve(site, opts)
-    except (AptError, FetchError) as exc:
-        sys.stderr.write(f"error: cannot resolve the lock: {exc}\n")
-        return Exit.UNAVAILABLE
-    text = lock.to_json()
-    old = path.read_text(encoding="utf-8") if path.exists() else ""
-    if old != text:
-        path.write_text(text, encoding="utf-8")
-    kinds: dict[str, list[int]] = {}
-    for a in lock.artifacts:
-        k = kinds.setdefault(a.kind, [0, 0])
-        k[0] += 1
-        k[1] += a.size or 0
-    data = {"lock": str(path), "changed": old != text, "artifacts": {k: {"count": v[0], "bytes": v[1]}
-                                                                      for k, v in kinds.items()},
-            "unresolved": [f"{a.kind} {a.name}" for a in unresolved(lock)], "notes": lock.notes,
-            "seconds": round(time.monotonic() - t0, 1)}
-    emit(args.json, data, lambda d: "\n".join(
-        [f"{d['lock']}: {'written' if d['changed'] else 'unchanged'} ({d['seconds']} s)",
-         table([(k, v["count"], f"{v['bytes'] / 1e6:.1f} MB") for k, v in sorted(d["artifacts"].items())],
-               ["kind", "artifacts", "size"]), *(f"note: {n}" for n in d["notes"])]))
-    return Exit.OK
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -232,14 +82,14 @@ def cmd_build(args: argparse.Namespace) -> int:
         return Exit.INVALID
     if args.serial is not None and not 1 <= args.serial <= MAX_SERIAL:
         raise InputError(f"--serial {args.serial}: give a positive integer")
-    path = _stack_lock_path(args)
-    lock = _read_lock(path)
+    path = stack_lock_path(args)
+    lock = read_lock(path)
     if lock is None:
         return Exit.FAILED
     record = serial_path(path)
     serial = args.serial if args.serial is not None else last_serial(record) + 1
     try:
-        sources = _load_sources(args.sources)
+        sources = load_sources(args.sources)
     except (OSError, ValueError) as exc:
         sys.stderr.write(f"error: --sources: {exc}\n")
         return Exit.INVALID
@@ -326,7 +176,7 @@ def cmd_import(args: argparse.Namespace) -> int:
         pub = SshMirror.for_site(site, args.mirror, args.mirror_root)
     except KeyError as exc:
         raise InputError(str(exc.args[0])) from None
-    lock_file = _stack_lock_path(args)
+    lock_file = stack_lock_path(args)
     lock_sha = hashlib.sha256(lock_file.read_bytes()).hexdigest() if lock_file.is_file() else None
     target = Target(site.name, args.mirror, tuple(s.name for s in site.segments if s.mirror == args.mirror),
                     lock_sha)
@@ -347,28 +197,3 @@ def cmd_import(args: argparse.Namespace) -> int:
         f"{'re-signed' if d['apt_reindexed'] else 'unchanged'}" if d["changed"] else
         f"already up to date ({d['unchanged_files']} files, nothing changed)"))
     return Exit.OK
-
-
-def cmd_mirror_status(args: argparse.Namespace) -> int:
-    """What the mirror serves vs. the lock; exit 3 when it lacks locked artifacts."""
-    site = site_from_args(args)
-    lock = _read_lock(_stack_lock_path(args))
-    if lock is None:
-        return Exit.FAILED
-    try:
-        pub = SshMirror.for_site(site, args.mirror, args.mirror_root)
-    except KeyError as exc:
-        raise InputError(str(exc.args[0])) from None
-    try:
-        data = mirror_status(site, lock, pub)
-    except RemoteError as exc:
-        return _fail(args, Exit.UNAVAILABLE, str(exc))
-    emit(args.json, data, lambda d: "\n".join([
-        f"{d['mirror']} (segments {', '.join(d['segments'])}): apt {d['apt_packages']} packages, "
-        f"{d['images']} images, {d['files']} files — " + ("matches the lock" if d["matches_lock"] else
-                                                           f"MISSING {len(d['missing'])} locked artifact(s)"),
-        *(f"  - missing: {m}" for m in d["missing"])]))
-    return Exit.OK if data["matches_lock"] else Exit.DRIFT
-
-
-__all__ = ["register"]

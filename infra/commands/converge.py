@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from infra.ansible.converge import check_report, converge, select, wait_ssh
+from infra.ansible.converge import VERDICT_TASK, check_report, converge, select, wait_ssh
+from infra.ansible.rollout import NodeOutcome
 from infra.ansible.settings import Tuning
 from infra.commands.site import add_stack_args, site_from_args
 from infra.console import Exit, emit, fail, positive_float, table
-from infra.model.site import Site
 from infra.plan.node import NodePlan, SitePlan, plan_site
+from infra.plan.nodestate import NodeState, compare, validation_facts
 
 
 def _selection_args(p: argparse.ArgumentParser) -> None:
@@ -49,11 +50,11 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_wait_ssh)
 
 
-def _load(args: argparse.Namespace) -> tuple[Site, SitePlan, list[NodePlan]] | int:
-    site = site_from_args(args)
-    plan = plan_site(site)
+def _load(args: argparse.Namespace) -> tuple[SitePlan, list[NodePlan]] | int:
+    """The site planned once for the command, and the nodes the arguments select from that plan."""
+    plan = plan_site(site_from_args(args))
     try:
-        return site, plan, select(plan, args.node, args.segment)
+        return plan, select(plan, args.node, args.segment)
     except (KeyError, ValueError) as exc:
         return fail(args, Exit.INVALID, str(exc.args[0]))
 
@@ -81,10 +82,8 @@ def cmd_converge(args: argparse.Namespace) -> int:
     loaded = _load(args)
     if isinstance(loaded, int):
         return loaded
-    site, plan, nodes = loaded
-    result = converge(
-        site, nodes, tuning=Tuning(args.tuning), progress=not args.json, plan=plan
-    )
+    plan, nodes = loaded
+    result = converge(plan, nodes, tuning=Tuning(args.tuning), progress=not args.json)
     emit(args.json, result.as_dict(), _render_converge)
     return Exit.OK if result.succeeded else Exit.FAILED
 
@@ -97,6 +96,7 @@ def _render_check(d: dict[str, Any]) -> str:
             head += ", reboot required"
         out.append(head)
         out += [f"  package {p}" for p in n["packages"]]
+        out += [f"  hold    {p}" for p in n.get("holds", [])]
         out += [f"  remove  {p}" for p in n["packages_removed"]]
         out += [f"  file    {f}" for f in n["files"]]
         out += [f"  FAILED  {f['task']}: {f['msg'][:200]}" for f in n["failures"]]
@@ -108,10 +108,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     loaded = _load(args)
     if isinstance(loaded, int):
         return loaded
-    site, plan, nodes = loaded
-    result = converge(
-        site, nodes, check=True, tuning=Tuning(args.tuning), progress=not args.json, plan=plan
-    )
+    plan, nodes = loaded
+    result = converge(plan, nodes, check=True, tuning=Tuning(args.tuning), progress=not args.json)
     report = check_report(result)
     emit(args.json, report, _render_check)
     if not result.succeeded:
@@ -119,47 +117,73 @@ def cmd_check(args: argparse.Namespace) -> int:
     return Exit.DRIFT if report["drift"] else Exit.OK
 
 
-def cmd_validate_node(args: argparse.Namespace) -> int:
-    """Run gpu_validate on one node and print its facts; exit 1 when validation fails."""
-    site = site_from_args(args)
-    plan = plan_site(site)
-    node = plan.node(args.node)
-    result = converge(site, [node], tuning=Tuning(args.tuning), playbook="validate.yml", plan=plan)
-    n = result.nodes[0]
-    facts = (n.detail.get("facts") or {}).get("gpu_validate_result")
-    data: dict[str, Any] = {
-        "node": node.hostname,
-        "reachable": n.status != "unreachable",
-        "passed": bool(facts and facts.get("passed")),
+def _render_validation(d: dict[str, Any]) -> str:
+    f = d["facts"] or {}
+    lines = [f"{d['node']}: {'PASSED' if d['passed'] else 'FAILED'}"]
+    if f:
+        lines.append(
+            f"  gpus: {len(f['gpus']['seen'])} seen, declared {f['gpus']['declared']['count']}x "
+            f"{f['gpus']['declared']['product_name']}"
+        )
+        lines.append(f"  driver: {', '.join(f['driver']['seen']) or '-'} (pinned {f['driver']['pinned']})")
+        lines.append(f"  cuda: pinned {f['cuda']['pinned']}")
+        pk = f.get("packages") or {}
+        if pk:
+            lines.append(
+                "  packages: at the pinned versions and held"
+                if pk.get("ok")
+                else f"  packages: {len(pk.get('mismatched', []))} not at the pinned version, "
+                f"{len(pk.get('not_held', []))} not held"
+            )
+        files = f.get("files") or {}
+        if files:
+            lines.append(
+                "  files: no record of a converge yet"
+                if not files.get("recorded")
+                else f"  files: {len(files.get('changed', []))} changed since the last converge"
+            )
+        services = (f.get("services") or {}).get("expected") or {}
+        if services:
+            lines.append("  services: " + ", ".join(f"{u} {s['active']}" for u, s in services.items()))
+        cdi = f.get("cdi") or {}
+        lines.append(f"  cdi devices: {', '.join(cdi.get('devices') or []) or 'none'}")
+        for e in f.get("endpoints") or []:
+            lines.append(f"  endpoint {e['name']}: {e['url']} → {e['status'] or 'no answer'}")
+        lines.append(
+            "  reboot: pending — a driver change since the last boot is loaded only after a reboot "
+            "(the stack's reboot policy decides when)"
+            if f["reboot_required"]
+            else "  reboot: not needed"
+        )
+        lines += [f"  problem: {p}" for p in f["problems"]]
+    lines += [f"  failure: {x['task']}: {x['msg'][:200]}" for x in d["failures"]]
+    return "\n".join(lines)
+
+
+def validation(plan: NodePlan, outcome: NodeOutcome) -> dict[str, Any]:
+    """validate-node's report of one node: the probe's state compared with the plan (infra.plan.nodestate)."""
+    raw = (outcome.detail.get("facts") or {}).get("gpu_validate_result")
+    facts = None
+    if isinstance(raw, dict):
+        state = NodeState.from_json(plan.hostname, raw)
+        facts = validation_facts(plan, state, compare(plan, state))
+    return {
+        "node": plan.hostname,
+        "reachable": outcome.status != "unreachable",
+        "passed": bool(facts and facts["passed"]),
         "facts": facts,
-        "failures": n.detail.get("failures", []),
+        # The controller's verdict on the probe is in `facts.problems`; here only what failed in the play.
+        "failures": [f for f in outcome.detail.get("failures", []) if f.get("task") != VERDICT_TASK],
     }
 
-    def render(d: dict[str, Any]) -> str:
-        f = d["facts"] or {}
-        lines = [f"{d['node']}: {'PASSED' if d['passed'] else 'FAILED'}"]
-        if f:
-            lines.append(
-                f"  gpus: {len(f['gpus']['seen'])} seen, declared {f['gpus']['declared']['count']}x "
-                f"{f['gpus']['declared']['product_name']}"
-            )
-            lines.append(f"  driver: {', '.join(f['driver']['seen']) or '-'} (pinned {f['driver']['pinned']})")
-            lines.append(f"  cuda: pinned {f['cuda']['pinned']}")
-            cdi = f.get("cdi") or {}
-            lines.append(f"  cdi devices: {', '.join(cdi.get('devices') or []) or 'none'}")
-            for e in f.get("endpoints") or []:
-                lines.append(f"  endpoint {e['name']}: {e['url']} → {e['status'] or 'no answer'}")
-            lines.append(
-                "  reboot: pending — a driver change since the last boot is loaded only after a reboot "
-                "(the stack's reboot policy decides when)"
-                if f["reboot_required"]
-                else "  reboot: not needed"
-            )
-            lines += [f"  problem: {p}" for p in f["problems"]]
-        lines += [f"  failure: {x['task']}: {x['msg'][:200]}" for x in d["failures"]]
-        return "\n".join(lines)
 
-    emit(args.json, data, render)
+def cmd_validate_node(args: argparse.Namespace) -> int:
+    """Probe one node, compare it with its plan and print both; exit 1 when it differs."""
+    plan = plan_site(site_from_args(args))
+    node = plan.node(args.node)
+    result = converge(plan, [node], tuning=Tuning(args.tuning), playbook="validate.yml")
+    data = validation(node, result.nodes[0])
+    emit(args.json, data, _render_validation)
     return Exit.OK if data["passed"] else Exit.FAILED
 
 

@@ -13,6 +13,7 @@ from infra.model import sizing
 from infra.model.catalogue import resolve
 from infra.model.load import SiteError, load_site, project_dir
 from infra.model.site import DType, KvCacheDType, Site
+from infra.plan.desired import DesiredState
 from infra.plan.node import NodePlan, plan_site
 
 
@@ -122,7 +123,7 @@ def node_plan_dict(n: NodePlan) -> dict[str, Any]:
         "roles": list(n.roles),
         "reboot_policy": n.reboot_policy.value,
         "packages": [{"name": p.name, "version": p.version, "component": p.component.value} for p in n.packages],
-        "summary": n.summary(),
+        "summary": DesiredState.of(n).summary(),
         "services": [
             {
                 "name": s.name,

@@ -1,4 +1,4 @@
-"""What a node should be, as Pulumi `triggers`: a readable summary plus a content hash.
+"""What a node should be, as Pulumi `triggers`: a readable summary plus a content hash (`DesiredState`).
 
 `pulumi preview --diff` shows the summary's changed keys (driver 570.133.20 → 580.95.05) and the
 hash catches everything else that affects the node (a role edit, a host variable, the lock file).
@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from infra.model.site import Site
+from infra.plan.desired import DesiredState
 from infra.plan.node import NodePlan, content_hash, tree_hash
 from infra.plan.rolevars import host_vars
 
@@ -53,11 +54,14 @@ class Fingerprints:
         return cls(role_tree=tree_hash(project), lock=file_hash(lock_path(project, stack)))
 
 
+def desired_state(plan: NodePlan, site: Site, prints: Fingerprints, host_vars: HostVars) -> DesiredState:
+    """The node's desired state with the content hash of its host variables, role tree and lock."""
+    return DesiredState.of(plan, content_hash(host_vars(plan, site), prints.role_tree, prints.lock))
+
+
 def converge_trigger(plan: NodePlan, site: Site, prints: Fingerprints, host_vars: HostVars) -> dict[str, str]:
-    """Readable desired state plus `content_hash`: any change replaces (re-runs) the converge step."""
-    out = dict(plan.summary())
-    out["content_hash"] = content_hash(host_vars(plan, site), prints.role_tree, prints.lock)
-    return out
+    """Readable desired state plus `content_hash` (`DesiredState.as_trigger`): any change re-runs the converge step."""
+    return desired_state(plan, site, prints, host_vars).as_trigger()
 
 
 def provision_trigger(plan: NodePlan) -> dict[str, str]:

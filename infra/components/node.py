@@ -11,6 +11,7 @@ from pulumi_command import local
 
 from infra.components.commands import NodeCommands
 from infra.components.facts import parse_json_stdout
+from infra.plan.desired import DesiredState
 
 STEPS = ("bmc", "wait-ssh", "converge", "validate")
 
@@ -25,8 +26,8 @@ class GpuNodeArgs:
     """Directory the commands run in (the project dir holding Pulumi.yaml and .venv)."""
     provision_trigger: Mapping[str, str]
     """What only a reinstall changes (OS, PXE MAC): a change replaces the BMC step = rebuild."""
-    converge_trigger: Mapping[str, str]
-    """Readable desired state plus content hash: a change re-runs converge and validate."""
+    desired: DesiredState
+    """Readable desired state plus content hash (its trigger form): a change re-runs converge and validate."""
     secret_env: Mapping[str, pulumi.Input[str]] = field(default_factory=dict)
     """Secrets for the BMC step, by environment variable name (Pulumi secrets, never in strings)."""
     ready: Sequence[pulumi.Resource] = ()
@@ -39,8 +40,8 @@ class GpuNodeArgs:
     def __post_init__(self) -> None:
         if not self.workdir:
             raise ValueError("GpuNodeArgs.workdir must be the project directory")
-        if "content_hash" not in self.converge_trigger:
-            raise ValueError("GpuNodeArgs.converge_trigger needs a content_hash (see infra.components.desired)")
+        if not self.desired.content_hash:
+            raise ValueError("GpuNodeArgs.desired needs a content_hash (see infra.components.desired)")
         for key in self.secret_env:
             if not key.startswith("GPUFLEET_SECRET_"):
                 raise ValueError(f"secret environment variable {key!r} must be named GPUFLEET_SECRET_<KEY>")
@@ -95,7 +96,7 @@ class GpuNode(pulumi.ComponentResource):
             # Else pulumi-command puts the previous stdout into the environment: "argument list too long"
             # on large converge output (pulumi-command #285, #552).
             add_previous_output_in_env=False,
-            triggers=[dict(args.converge_trigger), self.wait_ssh.id],
+            triggers=[args.desired.as_trigger(), self.wait_ssh.id],
             opts=pulumi.ResourceOptions(parent=self, depends_on=[self.wait_ssh, *args.after]),
         )
         self.validate = local.Command(

@@ -15,7 +15,7 @@ from infra.components.desired import (
     HOST_VARS,
     Fingerprints,
     HostVars,
-    converge_trigger,
+    desired_state,
     provision_trigger,
 )
 from infra.components.node import GpuNode, GpuNodeArgs
@@ -153,7 +153,7 @@ class Site(pulumi.ComponentResource):
                                      separators=(",", ":"))),
             workdir=args.workdir,
             provision_trigger=provision_trigger(p),
-            converge_trigger=converge_trigger(p, args.plan.site, args.fingerprints, args.host_vars),
+            desired=desired_state(p, args.plan.site, args.fingerprints, args.host_vars),
             secret_env=secret_env,
             ready=self.segments[p.segment.name].ready,
             after=after,

@@ -2,8 +2,10 @@
 
 Two sources, merged per node:
 
-- the probe (`infra.dr.probe`, one SSH round trip, read-only): pinned package versions and holds,
-  expected services running and enabled, GPUs as the plan declares them, a pending reboot;
+- the probe (`infra.dr.probe`, one SSH round trip, read-only) compared with the plan by
+  `infra.plan.nodestate.compare` (the comparison validate-node and converge use too): pinned package
+  versions and holds, managed files changed since the last converge, expected services running and
+  enabled, GPUs, CDI devices and endpoints as the plan declares them, a pending reboot;
 - the roles' check mode (`gpufleet check`, ROLES' Ansible check+diff): every task that *would*
   change, with file diffs — this is what sees an edited managed config file.
 
@@ -18,30 +20,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from infra.dr.probe import NodeState, expected_services
 from infra.dr.remote import RemoteError, probe
-from infra.model.site import OperatingSystem, Site
+from infra.model.site import Site
 from infra.plan.node import NodePlan
-
-
-@dataclass(frozen=True)
-class DriftItem:
-    """One difference from the plan."""
-
-    kind: str  # package, hold, file, service, gpu, reboot, task
-    item: str
-    want: Any
-    have: Any
-    source: str = "probe"  # probe | check
-
-    def as_dict(self) -> dict[str, Any]:
-        """JSON form."""
-        return {"kind": self.kind, "item": self.item, "want": self.want, "have": self.have, "source": self.source}
+from infra.plan.nodestate import DriftItem, NodeState, compare
 
 
 @dataclass
 class NodeDrift:
-    """Drift of one node."""
+    """Drift of one node (`DriftItem` lives with `compare` in infra.plan.nodestate)."""
 
     hostname: str
     reachable: bool = True
@@ -86,50 +73,13 @@ class CheckOutcome:
 
     would_change: tuple[str, ...] = ()
     files: tuple[str, ...] = ()
+    holds: tuple[str, ...] = ()  # pinned packages check mode would hold again (roles/pinned_packages)
     reboot_required: bool | None = None
     failed: str = ""
 
 
-CheckFn = Callable[[Site, list[NodePlan]], dict[str, CheckOutcome]]
-
-_DEBIAN_LIKE = (OperatingSystem.DEBIAN_12, OperatingSystem.UBUNTU_2204, OperatingSystem.UBUNTU_2404)
-
-
-def against_plan(plan: NodePlan, state: NodeState) -> list[DriftItem]:
-    """Differences between the plan and a probed state (pure)."""
-    items: list[DriftItem] = []
-    for pkg in plan.packages:
-        have = state.packages.get(pkg.name)
-        if have != pkg.version:
-            items.append(DriftItem("package", pkg.name, pkg.version, have))
-        elif plan.node.os in _DEBIAN_LIKE and pkg.name not in state.held:
-            # The roles hold every pinned package so `apt upgrade` cannot move it.
-            items.append(DriftItem("hold", pkg.name, "hold", "not held"))
-    for unit in expected_services(plan):
-        s = state.services.get(unit, {})
-        active, enabled = s.get("active", "absent"), s.get("enabled", "absent")
-        if active != "active" or enabled not in ("enabled", "static", "enabled-runtime"):
-            items.append(DriftItem("service", unit, "active, enabled", f"{active}, {enabled}"))
-    items.extend(_gpu_drift(plan, state))
-    if state.reboot_required:
-        items.append(DriftItem("reboot", "pending", False, True))
-    return items
-
-
-def _gpu_drift(plan: NodePlan, state: NodeState) -> list[DriftItem]:
-    out: list[DriftItem] = []
-    want_count = plan.node.gpu.count
-    if len(state.gpus) != want_count:
-        out.append(DriftItem("gpu", "count", want_count, len(state.gpus)))
-    names = sorted({g.get("name", "") for g in state.gpus})
-    if state.gpus and names != [plan.gpu_product_name]:
-        out.append(DriftItem("gpu", "product", plan.gpu_product_name, ", ".join(names)))
-    drivers = sorted({g.get("driver_version", "") for g in state.gpus})
-    if state.gpus and drivers != [plan.profile.driver.version]:
-        # The loaded driver is not the pinned one: installed but not yet rebooted into, or changed by hand.
-        out.append(DriftItem("gpu", "driver_version", plan.profile.driver.version, ", ".join(drivers)))
-    return out
-
+# The roles' check mode over some nodes (it carries its own site plan: see infra.dr.steps.check_with_roles).
+CheckFn = Callable[[list[NodePlan]], dict[str, CheckOutcome]]
 
 def _with_check(items: list[DriftItem], outcome: CheckOutcome) -> list[DriftItem]:
     out = list(items)
@@ -137,6 +87,8 @@ def _with_check(items: list[DriftItem], outcome: CheckOutcome) -> list[DriftItem
     for f in outcome.files:
         if f not in seen_files:
             out.append(DriftItem("file", f, "as rendered by the roles", "differs", source="check"))
+    seen_holds = {i.item for i in out if i.kind == "hold"}
+    out.extend(DriftItem("hold", p, "hold", "not held", source="check") for p in outcome.holds if p not in seen_holds)
     for task in outcome.would_change:
         out.append(DriftItem("task", task, "ok", "would change", source="check"))
     if outcome.reboot_required and not any(i.kind == "reboot" for i in out):
@@ -162,7 +114,7 @@ def drift(
             state = read(site, p)
         except RemoteError as exc:
             return NodeDrift(p.hostname, reachable=False, error=str(exc), seconds=time.monotonic() - t0), None
-        r = NodeDrift(p.hostname, items=against_plan(p, state), seconds=time.monotonic() - t0)
+        r = NodeDrift(p.hostname, items=compare(p, state), seconds=time.monotonic() - t0)
         _lab_reboot_as_note(p, r)
         return r, state
 
@@ -177,7 +129,7 @@ def drift(
         return reports
     t0 = time.monotonic()
     try:
-        outcomes = check(site, up) if up else {}
+        outcomes = check(up) if up else {}
     except CheckUnavailable as exc:
         for r in reports:
             r.check = f"unavailable: {exc}"

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from infra.dr.probe import NodeState
+from infra.plan.nodestate import NodeState
 
 FINGERPRINT_VERSION = 1
 
@@ -54,8 +54,8 @@ def fingerprint(state: NodeState) -> dict[str, Any]:
         "packages": dict(sorted(state.packages.items())),
         "held": sorted(state.held),
         "files": dict(sorted(state.files.items())),
-        "services": {k: state.services[k] for k in sorted(state.services)},
-        "gpus": sorted(state.gpus, key=lambda g: g.get("index", "")),
+        "services": {k: state.services[k].as_dict() for k in sorted(state.services)},
+        "gpus": [g.as_smi() for g in sorted(state.gpus, key=lambda g: g.index)],
     }
 
 

@@ -23,11 +23,11 @@ from infra.bmc.errors import BmcError
 from infra.bmc.lifecycle import reimage
 from infra.bmc.redfish import Timeouts
 from infra.dr import fingerprint as fp
-from infra.dr.probe import NodeState
 from infra.dr.remote import RemoteError, probe, reachable, wait_ssh
 from infra.dr.steps import StackRef, StepResult, converge, validate
 from infra.model.site import Node, Site
 from infra.plan.node import NodePlan
+from infra.plan.nodestate import DriftItem, NodeState, compare
 
 DEFAULT_RECORD_DIR = Path("/var/lib/gpufleet/dr/fingerprints")
 
@@ -49,6 +49,7 @@ class RebuildReport:
     baseline: str = ""  # live | recorded | none
     identical: bool | None = None
     differences: list[fp.Difference] = field(default_factory=list)
+    drift: list[DriftItem] = field(default_factory=list)  # the node after the rebuild against its plan
     ok: bool = False
     failed_step: str = ""
     message: str = ""
@@ -70,6 +71,7 @@ class RebuildReport:
             "seconds": round(self.seconds, 2),
             "steps": self.steps,
             "differences": [d.as_dict() for d in self.differences],
+            "drift": [i.as_dict() for i in self.drift],
         }
 
 
@@ -197,11 +199,15 @@ def rebuild(
     # -- fingerprint after, compare -------------------------------------------------------------------
     t0 = time.monotonic()
     try:
-        after = fp.fingerprint(h.probe(site, plan))
+        after_state = h.probe(site, plan)
+        after = fp.fingerprint(after_state)
     except RemoteError as exc:
         return _fail(report, "fingerprint-after", str(exc), start)
     fp.save(record_dir, ref.name, after)
-    report.step("fingerprint-after", t0)
+    # The same comparison validate-node and drift make: the rebuilt node against its plan (a pending reboot
+    # is the policy's business and is not listed; the fingerprint comparison below decides "identical").
+    report.drift = [i for i in compare(plan, after_state) if i.kind != "reboot"]
+    report.step("fingerprint-after", t0, drift=len(report.drift))
     if before is not None:
         report.differences = fp.compare(before, after)
         report.identical = not report.differences

@@ -6,9 +6,10 @@ import json
 from dataclasses import dataclass
 
 from infra import ssh as ssh_client
-from infra.dr.probe import NodeState, remote_program
+from infra.dr.probe import remote_program
 from infra.model.site import Node, Site
 from infra.plan.node import NodePlan
+from infra.plan.nodestate import NodeState
 from infra.ssh import SshSettings
 
 
@@ -64,7 +65,7 @@ def wait_ssh(site: Site, node: Node, *, timeout: float = 600, interval: float = 
 
 
 def probe(site: Site, plan: NodePlan, *, timeout: float = 120) -> NodeState:
-    """Read the node's actual state (see `infra.dr.probe`)."""
+    """Read the node's actual state with the collection's probe program (see `infra.dr.probe`)."""
     res = ssh(site, plan.node, "python3 -", stdin=remote_program(plan), timeout=timeout)
     if res.returncode != 0:
         raise RemoteError(plan.hostname, "probe", f"probe failed (exit {res.returncode}): {res.stderr.strip()[-300:]}")

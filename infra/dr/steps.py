@@ -17,9 +17,8 @@ from typing import Any
 
 from infra.ansible.converge import check_report
 from infra.ansible.converge import converge as ansible_converge
-from infra.dr.drift import CheckOutcome
-from infra.model.site import Site
-from infra.plan.node import NodePlan
+from infra.dr.drift import CheckFn, CheckOutcome
+from infra.plan.node import NodePlan, SitePlan
 
 
 @dataclass(frozen=True)
@@ -101,17 +100,21 @@ def validate(ref: StackRef, hostname: str, *, timeout: float = 600) -> StepResul
     return gpufleet(["validate-node", *ref.argv(), "--node", hostname, "--json"], timeout=timeout)
 
 
-def check_with_roles(site: Site, plans: list[NodePlan]) -> dict[str, CheckOutcome]:
-    """A drift `CheckFn` on ROLES' Python API: one check+diff run over all nodes, read like `gpufleet check`."""
-    report = check_report(ansible_converge(site, plans, check=True))
-    res = StepResult(True, 0.0, 0, report)
-    return {p.hostname: parse_check(res, p.hostname) for p in plans}
+def check_with_roles(plan: SitePlan) -> CheckFn:
+    """A drift `CheckFn` on ROLES' Python API: one check+diff run over the nodes, read like `gpufleet check`."""
+
+    def run(plans: list[NodePlan]) -> dict[str, CheckOutcome]:
+        report = check_report(ansible_converge(plan, plans, check=True))
+        res = StepResult(True, 0.0, 0, report)
+        return {p.hostname: parse_check(res, p.hostname) for p in plans}
+
+    return run
 
 
-def check_via_cli(ref: StackRef, *, timeout: float = 3600) -> Any:
+def check_via_cli(ref: StackRef, *, timeout: float = 3600) -> CheckFn:
     """A drift `CheckFn` running `gpufleet check --json` per node (ROLES' check + diff, no change)."""
 
-    def run(site: Site, plans: list[NodePlan]) -> dict[str, CheckOutcome]:
+    def run(plans: list[NodePlan]) -> dict[str, CheckOutcome]:
         out: dict[str, CheckOutcome] = {}
         for p in plans:
             res = gpufleet(["check", *ref.argv(), "--node", p.hostname, "--json"], timeout=timeout)
@@ -145,7 +148,10 @@ def parse_check(res: StepResult, hostname: str) -> CheckOutcome:
             files.append(str(path))
     reboot = node.get("reboot_required")
     return CheckOutcome(
-        would_change=tuple(tasks), files=tuple(files), reboot_required=bool(reboot) if reboot is not None else None
+        would_change=tuple(tasks),
+        files=tuple(files),
+        holds=tuple(str(h) for h in node.get("holds", [])),
+        reboot_required=bool(reboot) if reboot is not None else None,
     )
 
 

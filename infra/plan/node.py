@@ -89,36 +89,6 @@ class NodePlan:
         """Pinned packages of one component."""
         return [p for p in self.packages if p.component is component]
 
-    def summary(self) -> dict[str, str]:
-        """Readable desired state for previews: what a reviewer needs to see change."""
-        p = self.profile
-        out = {
-            "driver": f"{p.driver.version} ({'open' if p.driver.open_modules else 'proprietary'})",
-            "cuda": p.cuda.version,
-            "runtime": f"{p.container_runtime.engine.value} {p.container_runtime.version}",
-            "container_toolkit": p.container_toolkit.version,
-            "gpus": f"{self.node.gpu.count}x {self.node.gpu.model}",
-            "roles": ",".join(self.roles),
-            "reboot_policy": self.reboot_policy.value,
-        }
-        if self.packages_of(Component.FABRIC_MANAGER):
-            out["fabric_manager"] = p.fabric_manager.version or ""
-        if self.fabric_ports:
-            # Per fabric: `ib-compute 8x400G` — a port added, removed or renegotiated shows in the preview.
-            counts: dict[tuple[str, int], int] = {}
-            for pp in self.fabric_ports:
-                key = (pp.fabric.name, pp.port.speed_gbps)
-                counts[key] = counts.get(key, 0) + 1
-            out["fabric"] = ",".join(f"{name} {n}x{speed}G" for (name, speed), n in counts.items())
-            if self.subnet_manager_for:
-                out["fabric"] += " sm:" + "+".join(self.subnet_manager_for)
-        if self.services:
-            out["inference"] = ";".join(
-                f"{s.name}={s.service.engine.value}:{s.service.model.name}@{s.service.model.revision}"
-                for s in self.services
-            )
-        return out
-
 
 class UnknownNodeError(KeyError):
     """A node name the site does not have; the CLI reports it as invalid input (exit 2)."""

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 from infra.model.ports import DCGM_EXPORTER_PORT
 from infra.model.site import ContainerEngine, Engine, InferenceService, RebootPolicy, Site
-from infra.plan import engines
+from infra.plan import engines, nodestate
 from infra.plan.fabric import SpanGroup
 from infra.plan.node import NodePlan
 from infra.plan.packages import Component
@@ -197,6 +197,7 @@ def host_vars(plan: NodePlan, site: Site) -> dict[str, Any]:
         "nvidia_driver_reboot_enabled": plan.reboot_policy is RebootPolicy.IF_REQUIRED and not lab,
         "nvidia_driver_reboot_timeout": site.reboot.timeout_s,
         "nvidia_driver_manage_kernel_modules": not lab,
+        "nvidia_driver_fact_file": nodestate.DRIVER_FACT_FILE,  # the probe reads the reboot flag there
         # cuda_toolkit
         "cuda_toolkit_version": p.cuda.version,
         "cuda_toolkit_packages": _pkgs(plan, Component.CUDA),
@@ -226,17 +227,9 @@ def host_vars(plan: NodePlan, site: Site) -> dict[str, Any]:
         "monitoring_dcgm_exporter_image": p.monitoring.dcgm_exporter_image or "",
         "monitoring_container_engine": engine.value,
         "monitoring_dcgm_exporter_port": DCGM_EXPORTER_PORT,  # the validator keeps services off it
-        # gpu_validate
-        "gpu_validate_product_name": plan.gpu_product_name,
-        "gpu_validate_gpu_count": plan.node.gpu.count,
-        "gpu_validate_memory_mib": plan.gpu_memory_mib,
-        "gpu_validate_driver_version": p.driver.version,
-        "gpu_validate_cuda_version": p.cuda.version,
-        "gpu_validate_packages": [pkg.as_dict() for pkg in plan.packages],
-        "gpu_validate_fabric_manager_required": bool(fm),
-        "gpu_validate_endpoints": [
-            {"name": s["name"], "port": s["port"], "path": s["health_path"]} for s in services if s["health_path"]
-        ],
+        # gpu_validate: the probe's input (names from the plan, infra.plan.nodestate); the comparison with the
+        # plan is infra.plan.nodestate.compare, on the controller.
+        "gpu_validate_probe": nodestate.probe_spec(plan).as_dict(),
     }
     if plan.fabric_ports:
         # Only nodes on a fabric get these: every other node's variables (and content hash) stay as they were.

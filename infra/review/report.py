@@ -16,6 +16,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from infra.plan.desired import REBOOT_KEYS, DesiredState
 from infra.plan.node import NodePlan, SitePlan
 from infra.review.digest import SECRET, UNKNOWN, Digest, Step, Urn
 
@@ -26,8 +27,6 @@ BMC, CONVERGE = "bmc", "converge"
 # Step names of a GpuNode (infra/components/node.py STEPS), used only when a step's state names no parent.
 NODE_STEPS = ("bmc", "wait-ssh", "converge", "validate")
 REIMAGE = "bmc reimage"  # what a BMC step's create command runs to PXE-reinstall (infra/components/commands.py)
-# Converge summary keys whose change means a reboot (new kernel modules / fabric manager).
-REBOOT_KEYS = ("driver", "fabric_manager")
 CHANGED = ("create", "update", "replace", "delete")
 FAIL_ON = ("reinstall", "reboot", "remove")
 _MAX_CELL = 240  # longer values are cut: a review row is not the place for a 10 kB string
@@ -163,9 +162,14 @@ def _inputs(step: Step | None, new: bool) -> dict[str, Any]:
     return state.inputs if state is not None else {}
 
 
-def _trigger(step: Step | None, new: bool) -> dict[str, Any]:
+def _desired(step: Step | None, new: bool) -> DesiredState | None:
+    """The converge step's desired state (its first trigger, `DesiredState.as_trigger`), None without one."""
     value = _get(_inputs(step, new), ["triggers", 0])
-    return value if isinstance(value, dict) else {}
+    return DesiredState.from_trigger(value) if isinstance(value, dict) else None
+
+
+def _readable(state: DesiredState | None) -> dict[str, str]:
+    return state.summary() if state is not None else {}
 
 
 def _segment_of(steps: dict[str, Step]) -> str:
@@ -277,10 +281,11 @@ def _host_of(step: Step, hosts: set[str]) -> tuple[str, str] | None:
     return host, kind
 
 
-def _summary_changes(old: dict[str, Any], new: dict[str, Any]) -> list[Change]:
+def _summary_changes(old_state: DesiredState | None, new_state: DesiredState | None) -> list[Change]:
+    old, new = _readable(old_state), _readable(new_state)
     out = [Change(k, plain(old.get(k)), plain(new.get(k))) for k in sorted(set(old) | set(new))
-           if k != "content_hash" and old.get(k) != new.get(k)]
-    if not out and old and new and old.get("content_hash") != new.get("content_hash"):
+           if old.get(k) != new.get(k)]
+    if not out and old_state and new_state and old_state.content_hash != new_state.content_hash:
         out.append(Change("content", "role files, host variables or lock", "changed (content hash)"))
     return out
 
@@ -341,20 +346,19 @@ def _review_node(host: str, entries: list[tuple[str, Step]], node_plan: NodePlan
 
     # Desired-state changes: the converge trigger, old (deleted or replaced) against new.
     if nr.action == "added":
-        nr.changes = [Change(k, "—", plain(v)) for k, v in sorted(_trigger(conv_new, True).items())
-                      if k != "content_hash"]
+        nr.changes = [Change(k, "—", plain(v)) for k, v in sorted(_readable(_desired(conv_new, True)).items())]
     elif nr.action != "removed":
-        nr.changes = _summary_changes(_trigger(conv_old, False), _trigger(conv_new, True))
+        nr.changes = _summary_changes(_desired(conv_old, False), _desired(conv_new, True))
 
-    policy = _trigger(conv_new, True).get("reboot_policy")
+    new_state = _desired(conv_new, True)
+    policy = new_state.reboot_policy if new_state is not None else None
     if nr.reinstall:
         nr.reboot = "reboot (reinstall)"
     elif nr.action in ("re-converged", "moved") and any(c.key in REBOOT_KEYS for c in nr.changes):
         nr.reboot = "reboot needed, not performed (policy never)" if policy == "never" else "reboot"
     if not nr.serving:
-        inference = _trigger(conv_old, False).get("inference") or _trigger(conv_new, True).get("inference")
-        if isinstance(inference, str) and inference:
-            nr.serving = [s.split("=", 1)[0] for s in inference.split(";")]
+        old_state = _desired(conv_old, False)
+        nr.serving = (old_state.services if old_state else []) or (new_state.services if new_state else [])
 
     for kind, s in entries:
         if s.op not in CHANGED:

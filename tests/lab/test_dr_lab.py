@@ -69,11 +69,12 @@ def test_drift_is_clean_after_converge(converged: Lab) -> None:
 
 
 def test_out_of_band_changes_are_reported_and_converge_repairs_them(lab: Lab) -> None:
-    """Removed pinned package, edited managed config, stopped service: drift names each; converge repairs."""
+    """Removed package, lost hold, edited config, stopped service: drift and check name each; converge repairs."""
     node = CONNECTED
     converged = ensure_converged(lab, node)
     changes = (
         "apt-get remove -y -q --allow-change-held-packages datacenter-gpu-manager-4-cuda12 >/dev/null",
+        "apt-mark unhold cuda-toolkit-12-8 >/dev/null",
         "echo '# edited by hand' >> /etc/sysctl.d/90-gpufleet.conf",
         "systemctl stop nvidia-fabricmanager.service",
     )
@@ -88,12 +89,25 @@ def test_out_of_band_changes_are_reported_and_converge_repairs_them(lab: Lab) ->
     probe = {
         (i["kind"], i["item"], i["have"] if i["kind"] == "package" else None) for i in items if i["source"] == "probe"
     }
+    # The probe compares the managed files with the record of the last converge, so it names the edit too.
     assert probe == {
         ("package", "datacenter-gpu-manager-4-cuda12", None),
+        ("hold", "cuda-toolkit-12-8", None),
+        ("file", "/etc/sysctl.d/90-gpufleet.conf", None),
         ("service", "nvidia-fabricmanager.service", None),
     }, items
-    files = {i["item"] for i in items if i["kind"] == "file"}
-    assert "/etc/sysctl.d/90-gpufleet.conf" in files, items
+
+    # Check mode (what a converge would change) names the lost hold and the edited file as well.
+    r = gpufleet("check", "--stack", converged.stack, "--node", node, "--json")
+    assert r.returncode == 3, r.stdout[-2000:]
+    (checked,) = as_json(r)["nodes"]
+    assert "cuda-toolkit-12-8" in checked["holds"], checked
+    assert "/etc/sysctl.d/90-gpufleet.conf" in checked["files"], checked
+    # And validate-node, the step `pulumi up` runs, reads the node with the same probe and comparison.
+    r = gpufleet("validate-node", "--stack", converged.stack, "--node", node, "--json")
+    facts = as_json(r)["facts"]
+    assert r.returncode == 1 and facts["packages"]["not_held"] == ["cuda-toolkit-12-8"], facts
+    assert facts["files"]["changed"] == ["/etc/sysctl.d/90-gpufleet.conf"], facts
 
     r = gpufleet("converge", "--stack", converged.stack, "--node", node, "--json")
     assert r.returncode == 0, r.stdout[-2000:]

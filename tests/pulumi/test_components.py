@@ -12,6 +12,7 @@ from infra.components import commands
 from infra.components.node import GpuNodeArgs
 from infra.components.segment import AirGappedSegmentArgs
 from infra.components.service import InferenceServiceArgs
+from infra.plan.desired import DesiredState
 from tests.pulumi.conftest import Run
 
 CMDS = commands.node_commands("lab", "lab-gpu01", reimage_on_create=True, ssh_timeout_s=600)
@@ -39,13 +40,15 @@ def test_every_resource_command_parses_with_the_gpufleet_cli(stack_run: Run) -> 
 def test_node_args_need_a_content_hash() -> None:
     """A converge trigger without content_hash would miss role edits: refused at construction."""
     with pytest.raises(ValueError, match="content_hash"):
-        GpuNodeArgs(commands=CMDS, workdir="/p", provision_trigger={}, converge_trigger={"driver": "x"})
+        GpuNodeArgs(commands=CMDS, workdir="/p", provision_trigger={},
+                    desired=DesiredState.from_trigger({"driver": "x"}))
 
 
 def test_node_args_only_take_gpufleet_secret_env_names() -> None:
     """Secret environment variables must be the GPUFLEET_SECRET_* names the CLI reads."""
     with pytest.raises(ValueError, match="GPUFLEET_SECRET_"):
-        GpuNodeArgs(commands=CMDS, workdir="/p", provision_trigger={}, converge_trigger={"content_hash": "h"},
+        GpuNodeArgs(commands=CMDS, workdir="/p", provision_trigger={},
+                    desired=DesiredState.from_trigger({"content_hash": "h"}),
                     secret_env={"BMC_PASSWORD": "x"})
     assert commands.secret_env_name("bmc.lab-gpu01") == "GPUFLEET_SECRET_BMC_LAB_GPU01"
 

@@ -16,6 +16,7 @@ from infra.bench import pulumi_mocks as mocks
 from infra.components import commands
 from infra.components.desired import HOST_VARS, Fingerprints, converge_trigger
 from infra.model.load import parse_site
+from infra.plan.desired import DesiredState
 from infra.plan.node import plan_site
 from tests.pulumi.conftest import CANARY, ROOT, SECRET_CONFIG, Run, raw_site, run_program
 
@@ -143,7 +144,8 @@ def test_converge_triggers_are_readable_summary_plus_hash(stack_run: Run) -> Non
     """triggers[0] is the plan summary (versions, roles, inference) plus content_hash; [1] the SSH step id."""
     for p in stack_run.plan.nodes:
         trig = stack_run.reg(f"{p.hostname}-converge").inputs["triggers"]
-        assert {k: v for k, v in trig[0].items() if k != "content_hash"} == p.summary()
+        assert {k: v for k, v in trig[0].items() if k != "content_hash"} == DesiredState.of(p).summary()
+        assert DesiredState.from_trigger(trig[0]) == DesiredState.of(p, trig[0]["content_hash"])
         assert len(trig[0]["content_hash"]) == 64
         assert trig[1] == f"{p.hostname}-wait-ssh-id"
         assert stack_run.reg(f"{p.hostname}-validate").inputs["triggers"] == [f"{p.hostname}-converge-id"]

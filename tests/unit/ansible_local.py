@@ -11,8 +11,12 @@ from typing import Any
 import yaml
 
 
-def run_local_play(play: list[dict[str, Any]], work: Path) -> None:
-    """Write `play` under `work` and run it against localhost (local connection); fail the test on error."""
+def run_local_play(play: list[dict[str, Any]], work: Path, *, check: bool = False) -> None:
+    """Write `play` under `work` and run it against localhost (local connection); fail the test on error.
+
+    `check` runs it with `--check` (as `gpufleet check` does; a play's `check_mode: true` does not set
+    `ansible_check_mode`, which the roles test).
+    """
     (work / "play.yml").write_text(yaml.safe_dump(play))
     env = {
         **os.environ,
@@ -25,7 +29,7 @@ def run_local_play(play: list[dict[str, Any]], work: Path) -> None:
     }
     p = subprocess.run(
         [str(Path(sys.executable).parent / "ansible-playbook"), "-i", "localhost,", "-c", "local",
-         str(work / "play.yml")],
+         str(work / "play.yml"), *(["--check"] if check else [])],
         capture_output=True,
         text=True,
         timeout=300,

@@ -14,13 +14,14 @@ import pytest
 
 from infra import procs as procs_mod
 from infra.ansible import runner as runner_mod
-from infra.ansible.converge import check_report, select
+from infra.ansible.converge import VERDICT_TASK, check_report, judge, select
 from infra.ansible.inventory import build_inventory
 from infra.ansible.rollout import NOT_RUN, roll, waves
 from infra.ansible.runner import HostResult, RunResult, _Collector, run_playbook, scrub
 from infra.ansible.settings import SshSettings, Tuning, runner_env
 from infra.model.load import load_site
 from infra.plan.node import NodePlan, SitePlan, plan_site
+from infra.plan.nodestate import NodeState
 from infra.plan.packages import packages_for
 from infra.plan.rolevars import host_vars, wheel_requirement
 
@@ -53,8 +54,11 @@ def test_role_vars_carry_plan_packages(lab: tuple[Any, SitePlan]) -> None:
     assert hv["nvidia_driver_fabric_manager_packages"] == [
         {"name": "nvidia-fabricmanager-570", "version": "570.133.20-1"}
     ]
-    assert hv["gpu_validate_fabric_manager_required"] is True
-    assert hv["gpu_validate_gpu_count"] == 8 and hv["gpu_validate_product_name"] == "NVIDIA H100 80GB HBM3"
+    # The probe reads what the plan names: the fabric manager's package and unit, and the fact file the
+    # driver role writes (one path, given to both roles).
+    probe = hv["gpu_validate_probe"]
+    assert "nvidia-fabricmanager-570" in probe["packages"] and "nvidia-fabricmanager.service" in probe["services"]
+    assert probe["fact_file"] == hv["nvidia_driver_fact_file"]
 
 
 def test_airgapped_node_gets_mirror_only_and_firewall(lab: tuple[Any, SitePlan]) -> None:
@@ -340,10 +344,14 @@ def test_real_run_is_typed_and_leaves_no_secret(
         secrets={"inference_server_registry_token": canary},
     )
     h = result.hosts["lab-gpu01"]
-    # No GPU here: validation runs and fails on its own assertion, with the facts published.
+    # No GPU here: the probe only reads and publishes the state; the controller's comparison with the plan
+    # (the one validate-node and drift use) is what fails the node.
+    assert h.succeeded
+    state = NodeState.from_json("lab-gpu01", h.facts["gpu_validate_result"])
+    assert set(state.packages) == {p.name for p in node.packages} and state.recorded_files is None
+    judge(node, result)
     assert h.failed and not h.unreachable
-    facts = h.facts["gpu_validate_result"]
-    assert facts["passed"] is False and any("GPUs seen" in p for p in facts["problems"])
+    assert any(f["task"] == VERDICT_TASK and "GPUs seen" in f["msg"] for f in h.failures)
     assert (tmp_path / "validate.json").exists()
     run_dir = Path(result.run_dir)
     assert (run_dir / "pdd" / "artifacts").is_dir() and not (run_dir / "pdd" / "env").exists()

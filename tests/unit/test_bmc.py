@@ -447,9 +447,9 @@ class Recorder:
         self.states = states
 
     def hooks(self) -> Any:
-        from infra.dr.probe import NodeState
         from infra.dr.rebuild import Hooks
         from infra.dr.steps import StepResult
+        from infra.plan.nodestate import NodeState
 
         def probe(_s: Any, p: Any) -> NodeState:
             self.calls.append("probe")

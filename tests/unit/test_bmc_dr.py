@@ -10,14 +10,16 @@ from typing import Any
 import pytest
 
 from infra.dr import fingerprint as fp
-from infra.dr.drift import CheckOutcome, CheckUnavailable, NodeDrift, against_plan, drift
-from infra.dr.probe import NodeState, expected_services, remote_program
+from infra.dr.drift import CheckOutcome, CheckUnavailable, NodeDrift, drift
+from infra.dr.probe import remote_program
 from infra.dr.remote import RemoteError
 from infra.dr.steps import StepResult, parse_check
 from infra.hostkeys import HostKeyError, key_fingerprint, parse_public_key, pin_key
 from infra.model.load import load_site
 from infra.model.site import Site
 from infra.plan.node import NodePlan, plan_site
+from infra.plan.nodestate import NodeState, ServiceState, compare, expected_services
+from tests.unit.nodestates import converged_state
 
 BLOB = "AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl"
 
@@ -29,31 +31,6 @@ def site() -> Site:
 
 def plan_of(site: Site, host: str) -> NodePlan:
     return plan_site(site).node(host)
-
-
-def converged_state(plan: NodePlan, **overrides: Any) -> NodeState:
-    """What a correctly converged node looks like to the probe."""
-    gpus = tuple(
-        {
-            "name": plan.gpu_product_name,
-            "memory.total": str(plan.gpu_memory_mib),
-            "driver_version": plan.profile.driver.version,
-            "uuid": f"GPU-{i:04d}",
-            "index": str(i),
-            "pci.bus_id": f"00000000:{i:02X}:00.0",
-        }
-        for i in range(plan.node.gpu.count)
-    )
-    st = NodeState(
-        hostname=plan.hostname,
-        packages={p.name: p.version for p in plan.packages},
-        held=tuple(p.name for p in plan.packages),
-        files={"/etc/apt/preferences.d/gpufleet-nvidia-driver": "a" * 64, "/etc/cdi/nvidia.yaml": "b" * 64},
-        services={u: {"active": "active", "enabled": "enabled"} for u in expected_services(plan)},
-        gpus=gpus,
-        reboot_required=False,
-    )
-    return replace(st, **overrides)
 
 
 # --- fingerprints ---------------------------------------------------------------------------------------
@@ -73,7 +50,7 @@ def test_each_kind_of_difference_is_named(site: Site) -> None:
     a = converged_state(plan)
     pk = {**a.packages, "nvidia-driver": "580.65.06-1"}
     files = {**a.files, "/etc/cdi/nvidia.yaml": "c" * 64}
-    services = {**a.services, "nvidia-fabricmanager.service": {"active": "inactive", "enabled": "enabled"}}
+    services = {**a.services, "nvidia-fabricmanager.service": ServiceState("inactive", "enabled")}
     b = replace(a, packages=pk, files=files, services=services, held=a.held[1:], gpus=a.gpus[:-1])
     diffs = {(d.kind, d.item): d for d in fp.compare(fp.fingerprint(a), fp.fingerprint(b))}
     assert set(diffs) == {
@@ -102,7 +79,7 @@ def test_fingerprint_record_round_trip(site: Site, tmp_path: Path) -> None:
 def test_converged_node_has_no_drift(site: Site) -> None:
     """A node exactly as planned has no drift items."""
     for plan in plan_site(site).nodes:
-        assert against_plan(plan, converged_state(plan)) == []
+        assert compare(plan, converged_state(plan)) == []
 
 
 def test_out_of_band_changes_are_reported_precisely(site: Site) -> None:
@@ -113,10 +90,10 @@ def test_out_of_band_changes_are_reported_precisely(site: Site) -> None:
     held = tuple(h for h in ok.held if h != "cuda-toolkit-12-8")
     services = {
         **ok.services,
-        "gpufleet-inference-tiny-connected.service": {"active": "inactive", "enabled": "enabled"},
+        "gpufleet-inference-tiny-connected.service": ServiceState("inactive", "enabled"),
     }
     st = replace(ok, packages=packages, held=held, services=services, reboot_required=True, gpus=ok.gpus[:1])
-    items = {(i.kind, i.item): i for i in against_plan(plan, st)}
+    items = {(i.kind, i.item): i for i in compare(plan, st)}
     assert set(items) == {
         ("package", "prometheus-node-exporter"),
         ("hold", "cuda-toolkit-12-8"),
@@ -132,8 +109,8 @@ def test_loaded_driver_other_than_pinned_is_drift(site: Site) -> None:
     """nvidia-smi reporting another driver than the pin shows as gpu driver_version drift."""
     plan = plan_of(site, "lab-gpu03")
     ok = converged_state(plan)
-    st = replace(ok, gpus=tuple({**g, "driver_version": "570.124.06"} for g in ok.gpus))
-    assert [(i.kind, i.item, i.have) for i in against_plan(plan, st)] == [("gpu", "driver_version", "570.124.06")]
+    st = replace(ok, gpus=tuple(replace(g, driver_version="570.124.06") for g in ok.gpus))
+    assert [(i.kind, i.item, i.have) for i in compare(plan, st)] == [("gpu", "driver_version", "570.124.06")]
 
 
 def test_expected_services_follow_the_plan(site: Site) -> None:
@@ -155,7 +132,7 @@ def test_drift_merges_probe_and_check_and_keeps_unreachable_apart(site: Site) ->
 
     seen: list[str] = []
 
-    def check(_s: Site, ps: list[NodePlan]) -> dict[str, CheckOutcome]:
+    def check(ps: list[NodePlan]) -> dict[str, CheckOutcome]:
         seen.extend(p.hostname for p in ps)
         return {
             p.hostname: CheckOutcome(files=("/etc/chrony/chrony.conf",) if p.hostname == "lab-gpu02" else ())
@@ -175,7 +152,7 @@ def test_drift_merges_probe_and_check_and_keeps_unreachable_apart(site: Site) ->
 def test_drift_without_check_mode_says_so(site: Site) -> None:
     """When check mode cannot run, every node says why instead of pretending it ran."""
 
-    def check(_s: Site, _p: list[NodePlan]) -> dict[str, CheckOutcome]:
+    def check(_p: list[NodePlan]) -> dict[str, CheckOutcome]:
         raise CheckUnavailable("`gpufleet check` is not installed")
 
     reports = drift(site, [plan_of(site, "lab-gpu01")], check=check, probe_fn=lambda s, p: converged_state(p))

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 
 import infra.commands.converge as converge_cmd
 from infra.ansible.rollout import NodeOutcome, RolloutResult
 from infra.cli import main
 from infra.commands.bmc import _cell
+from infra.model.load import load_site
+from infra.plan.node import plan_site
+from infra.plan.nodestate import probe_spec
+from tests.unit.nodestates import converged_state
 
 
 def test_vram_never_prints_a_negative_kv_cache(capsys: pytest.CaptureFixture[str]) -> None:
@@ -26,30 +28,21 @@ def test_bmc_inventory_cells_are_for_people() -> None:
     assert not any(c in cell for c in "{}[]'")
 
 
-def _facts(reboot: bool) -> dict[str, Any]:
-    return {
-        "passed": True,
-        "problems": [],
-        "gpus": {"declared": {"product_name": "NVIDIA L4", "count": 2, "memory_mib": 23034}, "seen": [{}, {}]},
-        "driver": {"pinned": "570.133.20", "seen": ["570.133.20"]},
-        "cuda": {"pinned": "12.8.1"},
-        "cdi": {"devices": ["nvidia.com/gpu=0", "nvidia.com/gpu=1", "nvidia.com/gpu=all"], "ok": True},
-        "endpoints": [{"name": "tiny", "url": "http://127.0.0.1:8080/v1/models", "status": 200, "ok": True}],
-        "reboot_required": reboot,
-    }
-
-
 @pytest.mark.parametrize("reboot", [True, False])
 def test_validate_node_text_names_cdi_devices_endpoints_and_why_a_reboot(
     reboot: bool, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The text of validate-node shows what --json has (CDI devices, endpoints) and explains a pending reboot."""
-    node = NodeOutcome("lab-gpu01", "connected", 0, "ok", 0, {"facts": {"gpu_validate_result": _facts(reboot)}})
+    plan = plan_site(load_site(stack="lab")).node("lab-gpu03")
+    state = converged_state(plan, reboot_required=reboot).as_dict()
+    node = NodeOutcome(plan.hostname, "airgapped", 0, "ok", 0, {"facts": {"gpu_validate_result": state}})
     monkeypatch.setattr(converge_cmd, "converge", lambda *a, **k: RolloutResult([node], [], {}))
-    assert main(["validate-node", "--stack", "lab", "--node", "lab-gpu01"]) == 0
+    assert main(["validate-node", "--stack", "lab", "--node", plan.hostname]) == 0
     out = capsys.readouterr().out
-    assert "cdi devices: nvidia.com/gpu=0, nvidia.com/gpu=1, nvidia.com/gpu=all" in out
-    assert "endpoint tiny: http://127.0.0.1:8080/v1/models → 200" in out
+    devices = [f"nvidia.com/gpu={i}" for i in range(plan.node.gpu.count)] + ["nvidia.com/gpu=all"]
+    assert f"cdi devices: {', '.join(devices)}" in out
+    (name, port, path), = probe_spec(plan).endpoints
+    assert f"endpoint {name}: http://127.0.0.1:{port}{path} → 200" in out
     assert ("loaded only after a reboot" in out) is reboot and ("reboot: not needed" in out) is not reboot
 
 

@@ -9,6 +9,7 @@ import pytest
 from infra.cli import main
 from infra.model.load import load_site, parse_site
 from infra.model.site import OperatingSystem
+from infra.plan.desired import DesiredState
 from infra.plan.node import ROLE_ORDER, content_hash, plan_site, tree_hash
 from infra.plan.packages import Component, packages_for
 from tests.unit.factories import make_node, make_site
@@ -67,7 +68,7 @@ def test_rolling_batches_per_segment() -> None:
 
 def test_summary_names_versions_a_reviewer_needs() -> None:
     """The desired-state summary says driver, CUDA, runtime, roles and what is served."""
-    s = plan_site(load_site("example-prod")).node("hgx-01").summary()
+    s = DesiredState.of(plan_site(load_site("example-prod")).node("hgx-01")).summary()
     assert s["driver"].startswith("570.133.20") and s["cuda"] == "12.8.1"
     assert s["fabric_manager"] == "570.133.20"
     assert "llama-70b=vllm:llama-3.1-70b@" in s["inference"]

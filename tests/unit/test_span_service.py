@@ -72,7 +72,8 @@ def test_head_names_its_worker_at_the_fabric_address() -> None:
     assert head["span_role"] == "head"
     assert "--rpc_servers=198.18.20.11:50052" in head["exec_start"].split()
     assert head["health_path"] == engines.HEALTH_PATHS[engines.Engine.LLAMACPP]
-    assert {"name": "tiny-span", "port": 8090, "path": head["health_path"]} in hv["lab-gpu02"]["gpu_validate_endpoints"]
+    endpoints = hv["lab-gpu02"]["gpu_validate_probe"]["endpoints"]
+    assert {"name": "tiny-span", "port": 8090, "path": head["health_path"]} in endpoints
 
 
 def test_worker_runs_only_the_rpc_backend_on_its_fabric_address() -> None:
@@ -84,7 +85,7 @@ def test_worker_runs_only_the_rpc_backend_on_its_fabric_address() -> None:
     assert words[0].endswith("/tiny-span/venv/bin/python")
     assert worker["model_path"] == ""  # the head sends the tensors: no model file on a worker
     assert worker["health_path"] == "" and worker["rpc_bind"] == "198.18.20.11" and worker["port"] == 50052
-    assert all(e["name"] != "tiny-span" for e in hv["lab-gpu01"]["gpu_validate_endpoints"])
+    assert all(e["name"] != "tiny-span" for e in hv["lab-gpu01"]["gpu_validate_probe"]["endpoints"])
     assert hv["lab-gpu01"]["inference_server_rpc_program"] == engines.RPC_SERVER_PROGRAM
 
 
