@@ -138,6 +138,11 @@ def register_lab_source(factory: Callable[[str | None, Path | None], HostKeySour
     _lab_source = factory
 
 
+def registered_source(stack: str | None, stack_file: Path | None) -> HostKeySource | None:
+    """The out-of-band source the CLI layer registered for this run (the lab's, for a lab stack), or None."""
+    return _lab_source(stack, stack_file) if _lab_source is not None else None
+
+
 def lab_source(stack: str | None, stack_file: Path | None) -> HostKeySource:
     """The lab's host key source for a stack; HostKeyError when the lab package is not installed."""
     if _lab_source is None:

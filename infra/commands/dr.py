@@ -20,6 +20,7 @@ from infra.dr.rebuild import DEFAULT_RECORD_DIR, Refused, rebuild
 from infra.dr.remote import RemoteError, probe
 from infra.dr.steps import StackRef, check_with_roles
 from infra.model.load import project_dir
+from infra.model.site import Site
 from infra.plan.node import plan_site
 
 DEFAULT_BACKUP_DIR = Path("/var/backups/gpufleet/state")
@@ -89,7 +90,7 @@ def _ref(args: argparse.Namespace) -> StackRef:
 # -- rebuild ---------------------------------------------------------------------------------------------
 
 
-def register_lab_hostkeys() -> None:
+def register_lab_hostkeys(site: Site) -> None:
     """Hand the lab's out-of-band host-key source to `infra.hostkeys` (product code never imports the lab).
 
     The import is here, not at the top, because the lab is an optional extra: without it a lab stack's
@@ -99,13 +100,13 @@ def register_lab_hostkeys() -> None:
         from infra.lab import hostkeys as lab_hostkeys
     except ImportError:
         return
-    lab_hostkeys.register()
+    lab_hostkeys.register(site)
 
 
 def cmd_rebuild(args: argparse.Namespace) -> int:
     """Rebuild one node; exit 0 identical, 3 different fingerprint, 1 a step failed, 5 refused up-front."""
     site = site_from_args(args)
-    register_lab_hostkeys()
+    register_lab_hostkeys(site)
     plan = plan_site(site).node(args.node)
     if not confirm(f"rebuild {args.node}: its disk is reinstalled through PXE, then converged", args.yes):
         return Exit.ABORTED

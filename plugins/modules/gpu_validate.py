@@ -130,6 +130,8 @@ def probe(p: dict[str, object]) -> dict[str, object]:
         "cdi": {"devices": cdi, "ok": cdi_ok},
         "endpoints": endpoints,
         "reboot_required": bool(state.get("reboot_required", False)),
+        # Why the nvidia_driver role did not reboot (e.g. the host cannot: capability reboot=false).
+        "reboot_reason": str(state.get("reboot_reason", "")) if state.get("reboot_required") else "",
     }
 
 

@@ -1,0 +1,152 @@
+"""Node capabilities: a host declares what it cannot do in a local fact file; the roles read it there.
+
+Runs the roles' own task and vars files on this machine against temp paths (tests/unit/ansible_local.py):
+the fact file is read by Ansible's `setup` module from a temp `fact_path`, as it is from
+/etc/ansible/facts.d on a node.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.unit.ansible_local import run_local_play
+
+ROOT = Path(__file__).resolve().parents[2]
+LAB_HOST = {  # what infra/lab/hosts.py declares for its nspawn hosts
+    "reboot": False,
+    "kernel_modules": False,
+    "sysctl": False,
+    "time_sync": False,
+    "network_apply": False,
+    "container_cgroups": False,
+    "overlay_storage": False,
+    "kernel_keyring": False,
+}
+
+
+def _facts_task(work: Path, declared: dict[str, Any] | None) -> dict[str, Any]:
+    facts = work / "facts.d"
+    facts.mkdir()
+    if declared is not None:
+        (facts / "gpufleet_capabilities.fact").write_text(json.dumps(declared))
+    return {
+        "name": "Read local facts",
+        "ansible.builtin.setup": {"gather_subset": ["!all", "local"], "fact_path": str(facts)},
+    }
+
+
+def _driver_play(work: Path, declared: dict[str, Any] | None, policy: str = "if-required") -> list[dict[str, Any]]:
+    """The nvidia_driver role's reboot step right after a driver change (pinned_packages published one)."""
+    role = ROOT / "roles" / "nvidia_driver"
+    return [
+        {
+            "hosts": "localhost",
+            "gather_facts": False,
+            "vars": {
+                "nvidia_driver_version": "580.65.06",
+                "nvidia_driver_branch": "580",
+                "nvidia_driver_reboot_policy": policy,
+                "nvidia_driver_reboot_enabled": True,
+                "nvidia_driver_reboot_timeout": 5,
+                "nvidia_driver_manage_kernel_modules": True,
+                "nvidia_driver_fact_file": str(work / "state" / "gpufleet.fact"),
+                "pinned_packages_published": {"nvidia_driver": ["nvidia-driver=580.65.06-1"]},
+            },
+            "tasks": [
+                _facts_task(work, declared),
+                {"name": "Role vars", "ansible.builtin.include_vars": str(role / "vars" / "main.yml")},
+                {"name": "Reboot step", "ansible.builtin.include_tasks": str(role / "tasks" / "reboot.yml")},
+            ],
+        }
+    ]
+
+
+def test_host_that_cannot_reboot_records_why_and_is_not_rebooted(tmp_path: Path) -> None:
+    """A driver change on a host declaring reboot=false: no reboot, no modprobe, and the fact file says why."""
+    run_local_play(_driver_play(tmp_path, LAB_HOST), tmp_path)
+    state = json.loads((tmp_path / "state" / "gpufleet.fact").read_text())
+    assert state["reboot_required"] is True and state["can_reboot"] is False
+    assert state["reboot_reason"] == (
+        "reboot needed to load driver 580.65.06; this host cannot reboot (capability reboot=false)"
+    )
+
+
+def test_policy_never_is_the_reason_on_a_host_that_can_reboot(tmp_path: Path) -> None:
+    """No capability file: the host can do everything; with policy `never` the reason names the policy."""
+    run_local_play(_driver_play(tmp_path, None, policy="never"), tmp_path)
+    state = json.loads((tmp_path / "state" / "gpufleet.fact").read_text())
+    assert state["reboot_required"] is True and state["can_reboot"] is True
+    assert state["reboot_reason"].startswith("reboot needed to load driver 580.65.06; the reboot policy is never")
+
+
+@pytest.mark.parametrize("declared", [None, {}, LAB_HOST])
+def test_podman_settings_follow_the_declared_capabilities(tmp_path: Path, declared: dict[str, Any] | None) -> None:
+    """containers.conf and storage.conf: full capability when nothing is declared, the fallbacks when declared."""
+    role = ROOT / "roles" / "container_runtime"
+    play = [
+        {
+            "hosts": "localhost",
+            "gather_facts": False,
+            "vars": {
+                "ansible_managed": "managed",
+                "container_runtime_podman_storage_driver": "overlay",
+                "container_runtime_podman_keyring": True,
+                "container_runtime_podman_runroot": "/run/containers/storage",
+                "container_runtime_podman_graphroot": "/var/lib/containers/storage",
+            },
+            "tasks": [
+                _facts_task(tmp_path, declared),
+                {"name": "Role vars", "ansible.builtin.include_vars": str(role / "vars" / "main.yml")},
+                *(
+                    {
+                        "name": f"Render {t}",
+                        "ansible.builtin.template": {
+                            "src": str(role / "templates" / f"{t}.j2"),
+                            "dest": str(tmp_path / t),
+                        },
+                    }
+                    for t in ("containers.conf", "storage.conf")
+                ),
+            ],
+        }
+    ]
+    run_local_play(play, tmp_path)
+    containers = (tmp_path / "containers.conf").read_text()
+    storage = (tmp_path / "storage.conf").read_text()
+    if declared == LAB_HOST:
+        assert "keyring = false" in containers and 'cgroups = "disabled"' in containers
+        assert 'driver = "vfs"' in storage
+    else:
+        assert "keyring = true" in containers and "cgroups" not in containers
+        assert 'driver = "overlay"' in storage
+
+
+def test_base_and_network_switches_need_the_capability(tmp_path: Path) -> None:
+    """sysctl, chrony start and network apply happen only where both the role input and the host allow."""
+    out = tmp_path / "out.json"
+    play = [
+        {
+            "hosts": "localhost",
+            "gather_facts": False,
+            "vars": {"base_time_sync_start": True, "base_sysctl_apply": True, "network_apply": True},
+            "tasks": [
+                _facts_task(tmp_path, {"sysctl": False, "network_apply": False}),
+                {"name": "Base vars", "ansible.builtin.include_vars": str(ROOT / "roles/base/vars/main.yml")},
+                {"name": "Network vars", "ansible.builtin.include_vars": str(ROOT / "roles/network/vars/main.yml")},
+                {
+                    "name": "Write the effective switches",
+                    "ansible.builtin.copy": {
+                        "dest": str(out),
+                        "content": "{{ {'time': _base_start_time_sync, 'sysctl': _base_apply_sysctl,"
+                        " 'network': _network_do_apply} | to_json }}",
+                    },
+                },
+            ],
+        }
+    ]
+    run_local_play(play, tmp_path)
+    assert json.loads(out.read_text()) == {"time": True, "sysctl": False, "network": False}
