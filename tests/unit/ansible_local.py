@@ -11,8 +11,11 @@ from typing import Any
 import yaml
 
 
-def run_local_play(play: list[dict[str, Any]], work: Path) -> None:
-    """Write `play` under `work` and run it against localhost (local connection); fail the test on error."""
+def run_local_play(play: list[dict[str, Any]], work: Path) -> str:
+    """Write `play` under `work` and run it against localhost (local connection); fail the test on error.
+
+    Returns ansible-playbook's output (task names and their ok/changed/skipping lines).
+    """
     (work / "play.yml").write_text(yaml.safe_dump(play))
     env = {
         **os.environ,
@@ -33,3 +36,4 @@ def run_local_play(play: list[dict[str, Any]], work: Path) -> None:
         check=False,
     )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p.stdout

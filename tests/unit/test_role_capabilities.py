@@ -150,3 +150,50 @@ def test_base_and_network_switches_need_the_capability(tmp_path: Path) -> None:
     ]
     run_local_play(play, tmp_path)
     assert json.loads(out.read_text()) == {"time": True, "sysctl": False, "network": False}
+
+
+def _present_play(work: Path, names: list[str]) -> list[dict[str, Any]]:
+    """pinned_packages' `present` entry point as base/airgap_firewall/inference_server include it (check mode)."""
+    return [
+        {
+            "hosts": "localhost",
+            "gather_facts": False,
+            "check_mode": True,
+            "tasks": [
+                {"name": "OS family", "ansible.builtin.setup": {"gather_subset": ["!all", "!min", "distribution"]}},
+                {
+                    "name": "Install missing test packages",
+                    "ansible.builtin.include_role": {
+                        "name": "pinned_packages",
+                        "tasks_from": "present.yml",
+                        "rolespec_validate": False,
+                    },
+                    "vars": {"pinned_packages_present": names, "pinned_packages_label": "test"},
+                },
+                {
+                    "name": "Write the probe",
+                    "ansible.builtin.copy": {
+                        "dest": str(work / "probe.json"),
+                        "content": "{{ _pinned_packages_present_installed.stdout_lines | to_json }}",
+                    },
+                    "check_mode": False,
+                },
+            ],
+        }
+    ]
+
+
+def _task_outcome(output: str, task: str) -> str:
+    """The first status word (ok/changed/skipping/fatal) after a task's header in ansible-playbook output."""
+    after = output.split(f"TASK [pinned_packages : {task}]", 1)[1]
+    return after.split("*\n", 1)[1].split(":", 1)[0].strip()
+
+
+@pytest.mark.skipif(not Path("/usr/bin/dpkg-query").exists(), reason="needs a Debian-family machine (dpkg)")
+def test_shared_probe_then_install_skips_the_package_manager_when_nothing_is_missing(tmp_path: Path) -> None:
+    """Installed packages only: one read-only probe, the package manager is never called."""
+    (tmp_path / "roles").symlink_to(ROOT / "roles")  # the play looks roles up next to itself
+    out = run_local_play(_present_play(tmp_path, ["coreutils", "bash"]), tmp_path)
+    assert _task_outcome(out, "Packages | Install missing test packages") == "skipping"
+    assert sorted(json.loads((tmp_path / "probe.json").read_text())) == ["bash ii ", "coreutils ii "]
+    # Nothing about a missing package is asserted here: installing one would need a package source.

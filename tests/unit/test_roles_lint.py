@@ -130,7 +130,9 @@ def test_pinned_packages_include_sites_satisfy_its_spec() -> None:
 
     spec = yaml.safe_load((ROOT / "roles" / "pinned_packages" / "meta" / "argument_specs.yml").read_text())
     options = spec["argument_specs"]["main"]["options"]
+    present_options = spec["argument_specs"]["present"]["options"]
     published: list[str] = []
+    present_sites: list[str] = []
     for role in ROLES:
         role_options = yaml.safe_load((ROOT / "roles" / role / "meta" / "argument_specs.yml").read_text())[
             "argument_specs"
@@ -144,6 +146,23 @@ def test_pinned_packages_include_sites_satisfy_its_spec() -> None:
                     continue
                 args = task["vars"]
                 assert include.get("rolespec_validate") is False, (path, task["name"])
+                if include.get("tasks_from") == "present.yml":
+                    # Unpinned packages a role needs: a list of names from the role's own arguments.
+                    literal = {k: v for k, v in args.items() if k != "pinned_packages_present"}
+                    result = ArgumentSpecValidator(present_options).validate(
+                        {**literal, "pinned_packages_present": []}
+                    )
+                    assert not result.error_messages, (path, task["name"], result.error_messages)
+                    value = args["pinned_packages_present"]
+                    if isinstance(value, str):
+                        for source in _list_sources(value, role_vars):
+                            assert role_options[source]["type"] == "list", (path, source)
+                            assert role_options[source]["elements"] == "str", (path, source)
+                    else:
+                        assert all(isinstance(v, str) for v in value), (path, value)
+                    present_sites.append(role)
+                    continue
+                assert "tasks_from" not in include, (path, task["name"])
                 literal = {k: v for k, v in args.items() if k != "pinned_packages_list"}
                 result = ArgumentSpecValidator(options).validate({**literal, "pinned_packages_list": []})
                 assert not result.error_messages, (path, task["name"], result.error_messages)
@@ -154,6 +173,20 @@ def test_pinned_packages_include_sites_satisfy_its_spec() -> None:
                 assert args["pinned_packages_publish_as"].startswith(role)
                 published.append(args["pinned_packages_publish_as"])
     assert len(published) == len(set(published)) >= 6
+    # One shared probe-then-install step, no copies: every role that installs unpinned packages uses it.
+    assert sorted(present_sites) == ["airgap_firewall", "base", "inference_server"]
+
+
+def test_probe_then_install_lives_in_one_task_file() -> None:
+    """No role probes dpkg/rpm for unpinned packages itself: pinned_packages/tasks/present.yml does."""
+    own = [
+        f"{role}/{path.name}"
+        for role in ROLES
+        if role != "pinned_packages"
+        for path in (ROOT / "roles" / role / "tasks").glob("*.yml")
+        if "ansible.builtin.package:" in path.read_text()
+    ]
+    assert own == []
 
 
 # Special variables Ansible sets itself (not facts): the only `ansible_*` names roles may read.
