@@ -149,9 +149,7 @@ def test_pinned_packages_include_sites_satisfy_its_spec() -> None:
                 if include.get("tasks_from") == "present.yml":
                     # Unpinned packages a role needs: a list of names from the role's own arguments.
                     literal = {k: v for k, v in args.items() if k != "pinned_packages_present"}
-                    result = ArgumentSpecValidator(present_options).validate(
-                        {**literal, "pinned_packages_present": []}
-                    )
+                    result = ArgumentSpecValidator(present_options).validate({**literal, "pinned_packages_present": []})
                     assert not result.error_messages, (path, task["name"], result.error_messages)
                     value = args["pinned_packages_present"]
                     if isinstance(value, str):
@@ -251,3 +249,45 @@ def test_roles_call_the_collection_module_by_fqcn() -> None:
     tasks = yaml.safe_load((ROOT / "roles" / "gpu_validate" / "tasks" / "main.yml").read_text())
     assert fqcn(ROOT, "gpu_validate") in tasks[0]
     assert not (ROOT / "roles" / "gpu_validate" / "library").exists()
+
+
+# Free-form maps whose keys are data, not fields (sysctl names, daemon.json, file paths): no `options:`.
+_FREE_FORM = {"base_sysctl", "container_runtime_docker_daemon_options", "provisioning_http_files"}
+
+
+def test_structured_inputs_declare_their_keys() -> None:
+    """Every list-of-dict or dict input names its keys (`options:`), so the argument check looks inside it;
+    required inputs carry no default (an empty value must not pass as given)."""
+    missing, defaulted = [], []
+    for spec_path in sorted((ROOT / "roles").glob("*/meta/argument_specs.yml")):
+        for entry, spec in yaml.safe_load(spec_path.read_text())["argument_specs"].items():
+            for name, opt in (spec.get("options") or {}).items():
+                structured = opt.get("type") == "dict" or opt.get("elements") == "dict"
+                if structured and name not in _FREE_FORM and "options" not in opt:
+                    missing.append(f"{spec_path.parts[-3]}:{entry}:{name}")
+                if opt.get("required") and "default" in opt:
+                    defaulted.append(f"{spec_path.parts[-3]}:{entry}:{name}")
+    assert missing == [] and defaulted == []
+
+
+def test_argument_check_looks_inside_planned_services() -> None:
+    """A planned inference service missing a key, or with a wrongly typed one, is refused before any run."""
+    from infra.ansible.rolespecs import problems
+    from infra.model.load import load_site
+    from infra.plan.node import plan_site
+    from infra.plan.rolevars import host_vars
+
+    site = load_site("example-airgap")
+    node = plan_site(site).nodes[0]
+    hv = host_vars(node, site)
+    assert problems(node.hostname, ["inference_server"], hv) == []
+    broken = dict(hv["inference_server_services"][0])
+    del broken["exec_start"]
+    assert any(
+        "exec_start" in p
+        for p in problems(node.hostname, ["inference_server"], {**hv, "inference_server_services": [broken]})
+    )
+    typed = {**hv["inference_server_services"][0], "port": "eighty"}
+    assert any(
+        "port" in p for p in problems(node.hostname, ["inference_server"], {**hv, "inference_server_services": [typed]})
+    )
