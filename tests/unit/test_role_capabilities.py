@@ -197,3 +197,82 @@ def test_shared_probe_then_install_skips_the_package_manager_when_nothing_is_mis
     assert _task_outcome(out, "Packages | Install missing test packages") == "skipping"
     assert sorted(json.loads((tmp_path / "probe.json").read_text())) == ["bash ii ", "coreutils ii "]
     # Nothing about a missing package is asserted here: installing one would need a package source.
+
+
+def _versionlock_play(work: Path, packages: list[dict[str, str]]) -> list[dict[str, Any]]:
+    """pinned_packages' RHEL tasks against a temp versionlock list; a stand-in `rpm` reports the plan's
+    versions as installed, so only the lock steps act (no dnf here)."""
+    role = ROOT / "roles" / "pinned_packages"
+    bin_dir = work / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    rpm = bin_dir / "rpm"
+    # `rpm -q --qf '%{NAME}=%{VERSION}-%{RELEASE}\n' names…` prints one name=version line per package.
+    rpm.write_text("#!/bin/sh\n" + "".join(f"echo '{p['name']}={p['version']}'\n" for p in packages))
+    rpm.chmod(0o755)
+    return [
+        {
+            "hosts": "localhost",
+            "gather_facts": False,
+            "environment": {"PATH": f"{bin_dir}:/usr/bin:/bin"},
+            "vars": {
+                "pinned_packages_list": packages,
+                "pinned_packages_label": "driver",
+                "pinned_packages_pin_file": "gpufleet-nvidia-driver",
+                "pinned_packages_publish_as": "nvidia_driver",
+            },
+            "tasks": [
+                {"name": "Role vars", "ansible.builtin.include_vars": str(role / "vars" / "main.yml")},
+                {
+                    "name": "Point the lock list at a temp file",
+                    "ansible.builtin.set_fact": {"_pinned_packages_versionlock_list": str(work / "versionlock.list")},
+                },
+                {"name": "RHEL tasks", "ansible.builtin.include_tasks": str(role / "tasks" / "RedHat.yml")},
+            ],
+        }
+    ]
+
+
+def test_rhel_version_lock_lines_are_replaced_not_appended(tmp_path: Path) -> None:
+    """A version change leaves exactly one lock line per package; other packages' and the operator's lines stay.
+
+    Line format: dnf versionlock plugin's list, `name-[epoch:]version-release.*` (dnf-plugins-core
+    versionlock.list, as `dnf versionlock add` writes it).
+    """
+    lock = tmp_path / "versionlock.list"
+    lock.write_text(
+        "# operator's own locks\n"
+        "kernel-0:5.14.0-427.13.1.el9_4.*\n"
+        "nvidia-driver-3:565.57.01-1.el9.*\n"  # older versions of the same package (earlier appends)
+        "nvidia-driver-3:570.124.06-1.el9.*\n"
+        "nvidia-driver-cuda-3:565.57.01-1.el9.*\n"  # a different package whose name starts the same
+        "cuda-toolkit-12-8-12.8.0-1.*\n"  # a numbered name: not a line of cuda-toolkit-12
+    )
+    packages = [
+        {"name": "nvidia-driver", "version": "3:570.133.20-1.el9"},
+        {"name": "cuda-toolkit-12", "version": "12.9.1-1"},
+    ]
+    first = run_local_play(_versionlock_play(tmp_path, packages), tmp_path)
+    assert lock.read_text().splitlines() == [
+        "# operator's own locks",
+        "kernel-0:5.14.0-427.13.1.el9_4.*",
+        "nvidia-driver-cuda-3:565.57.01-1.el9.*",
+        "cuda-toolkit-12-8-12.8.0-1.*",
+        "nvidia-driver-3:570.133.20-1.el9.*",
+        "cuda-toolkit-12-12.9.1-1.*",
+    ]
+    assert "changed=0" not in first
+    second = run_local_play(_versionlock_play(tmp_path, packages), tmp_path)
+    assert "changed=0" in second.split("PLAY RECAP", 1)[1]  # idempotent: nothing to replace the second time
+    # The next driver version replaces the line in place of appending beside it.
+    packages[0] = {"name": "nvidia-driver", "version": "3:580.65.06-1.el9"}
+    run_local_play(_versionlock_play(tmp_path, packages), tmp_path)
+    assert [line for line in lock.read_text().splitlines() if line.startswith("nvidia-driver-3")] == [
+        "nvidia-driver-3:580.65.06-1.el9.*"
+    ]
+
+
+def test_rhel_version_lock_list_is_created_when_absent(tmp_path: Path) -> None:
+    """A node without a versionlock list gets one with the plan's lines (releasing old locks is a no-op)."""
+    packages = [{"name": "nvidia-driver", "version": "3:570.133.20-1.el9"}]
+    run_local_play(_versionlock_play(tmp_path, packages), tmp_path)
+    assert (tmp_path / "versionlock.list").read_text() == "nvidia-driver-3:570.133.20-1.el9.*\n"
