@@ -330,3 +330,25 @@ def test_pending_reboot_is_drift_except_where_the_node_cannot_reboot(site: Site)
     assert cannot.status == "clean" and cannot.notes == [f"reboot pending, not counted as drift: {reason}"]
     assert can.status == "drift" and [(i.kind, i.item) for i in can.items] == [("reboot", "pending")]
     assert old.status == "drift" and [(i.kind, i.item) for i in old.items] == [("reboot", "pending")]
+
+
+def test_rebuild_key_source_is_what_the_cli_registered_never_a_lab_switch(
+    site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No source registered: refused even for a lab stack. The lab registers its source for its own stacks only."""
+    from infra import hostkeys
+    from infra.dr.rebuild import Refused, plan_host_key_source
+    from infra.dr.steps import StackRef
+    from infra.lab import hostkeys as lab_hostkeys
+
+    monkeypatch.setattr(hostkeys, "_lab_source", None)
+    node = plan_of(site, "lab-gpu02").node
+    ref = StackRef("lab", None)
+    with pytest.raises(Refused, match="--host-key FILE"):
+        plan_host_key_source(site, node, None, ref)
+    real = site.model_copy(update={"lab_mode": False})
+    lab_hostkeys.register(real)
+    with pytest.raises(Refused, match="--host-key FILE"):
+        plan_host_key_source(real, node, None, ref)
+    lab_hostkeys.register(site)
+    assert isinstance(plan_host_key_source(site, node, None, ref), lab_hostkeys.LabSource)

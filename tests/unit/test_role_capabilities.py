@@ -276,3 +276,34 @@ def test_rhel_version_lock_list_is_created_when_absent(tmp_path: Path) -> None:
     packages = [{"name": "nvidia-driver", "version": "3:570.133.20-1.el9"}]
     run_local_play(_versionlock_play(tmp_path, packages), tmp_path)
     assert (tmp_path / "versionlock.list").read_text() == "nvidia-driver-3:570.133.20-1.el9.*\n"
+
+
+def test_lab_declares_exactly_the_capabilities_the_roles_read_and_the_docs_list() -> None:
+    """One vocabulary: the keys the roles look up, the lab's declaration and docs/roles.md's table agree."""
+    import re
+
+    from infra.lab.hosts import CAPABILITIES
+
+    read = set()
+    for path in (ROOT / "roles").glob("*/vars/main.yml"):
+        read |= set(re.findall(r"_capabilities\['([a-z_]+)'\]", path.read_text()))
+    documented = set(re.findall(r"^\| `([a-z_]+)` \|", (ROOT / "docs" / "roles.md").read_text(), re.M))
+    assert read == set(CAPABILITIES) == documented & set(CAPABILITIES) and read <= documented
+    assert LAB_HOST == CAPABILITIES  # the declaration the play tests above use is the lab's
+
+
+def test_lab_trusts_its_plain_http_mirror_on_its_own_hosts() -> None:
+    """Nodes of a segment with a mirror get a podman drop-in for the mirror's registry; the plan sets nothing."""
+    from infra.lab.config import lab_spec
+    from infra.lab.hosts import lab_registry_dropin
+
+    spec = lab_spec("lab")
+    for host in spec.nodes:
+        segment = spec.site.segment(host.segment)
+        mirror = spec.site.mirror(segment.mirror) if segment else None
+        text = lab_registry_dropin(spec, host)
+        if mirror is None:
+            assert text is None
+        else:
+            assert text is not None and f'location = "{mirror.address}:{mirror.registry_port}"' in text
+            assert "insecure = true" in text
