@@ -8,7 +8,7 @@ cannot forge:
   the autoinstall/kickstart), its key drop, or the key read on the BMC's serial console by a person;
 - the lab: its own source (`infra.lab.hostkeys`), which reads the key straight from the host's rootfs on
   this machine (the lab's out-of-band channel). Product code never imports the lab: the CLI layer
-  registers the lab's source here (`register_lab_source`) when the lab package is installed.
+  registers the lab's source here (`register_lab_source`) for a lab stack when the lab package is installed.
 """
 
 from __future__ import annotations
@@ -138,8 +138,6 @@ def register_lab_source(factory: Callable[[str | None, Path | None], HostKeySour
     _lab_source = factory
 
 
-def lab_source(stack: str | None, stack_file: Path | None) -> HostKeySource:
-    """The lab's host key source for a stack; HostKeyError when the lab package is not installed."""
-    if _lab_source is None:
-        raise HostKeyError("lab stack, but the lab's host-key source is not available (install the `lab` extra)")
-    return _lab_source(stack, stack_file)
+def registered_source(stack: str | None, stack_file: Path | None) -> HostKeySource | None:
+    """The out-of-band source the CLI layer registered for this run (the lab's, for a lab stack), or None."""
+    return _lab_source(stack, stack_file) if _lab_source is not None else None

@@ -146,6 +146,7 @@ def check_report(result: RolloutResult) -> dict[str, Any]:
                 "files": d.get("files_changed", []),
                 "reboot_required": bool(d.get("reboot_required")),
                 "reboot_pending": bool(d.get("reboot_pending")),
+                "reboot_reason": str(d.get("reboot_reason") or ""),
                 "failures": d.get("failures", []),
             }
         )

@@ -44,6 +44,7 @@ SECRET_ENV_NAMES = frozenset({"PULUMI_CONFIG_PASSPHRASE", "PULUMI_ACCESS_TOKEN"}
 _REPORTED_FACTS = (
     "nvidia_driver_reboot_for_change",
     "nvidia_driver_reboot_required",
+    "nvidia_driver_reboot_reason",
     "nvidia_driver_stale_packages",
     "gpu_validate_result",
 )
@@ -85,6 +86,11 @@ class HostResult:
         """The node waits for a reboot: this run's change or an earlier one since the last boot."""
         return bool(self.facts.get("nvidia_driver_reboot_required", False))
 
+    @property
+    def reboot_reason(self) -> str:
+        """Why a pending reboot was not performed (the nvidia_driver role says; empty when none is pending)."""
+        return str(self.facts.get("nvidia_driver_reboot_reason") or "") if self.reboot_pending else ""
+
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form (diff bodies left out: they can be large; paths are listed)."""
         d = asdict(self)
@@ -92,6 +98,7 @@ class HostResult:
         d["files_changed"] = self.files_changed
         d["reboot_required"] = self.reboot_required
         d["reboot_pending"] = self.reboot_pending
+        d["reboot_reason"] = self.reboot_reason
         d["succeeded"] = self.succeeded
         return d
 
@@ -184,7 +191,8 @@ class Progress:
                 state = "UNREACHABLE" if r.unreachable else ("FAILED" if r.failed else "ok")
                 self.out.write(
                     f"{h}: {state} ok={r.ok} changed={r.changed} failed={r.failed}"
-                    f"{' reboot required' if r.reboot_required else ''}\n"
+                    f"{' reboot pending: ' + r.reboot_reason if r.reboot_reason else ''}"
+                    f"{' reboot required' if r.reboot_required and not r.reboot_reason else ''}\n"
                 )
             self.out.flush()
 

@@ -42,7 +42,7 @@ def measure_rebuild(
             "message": prep.output,
             "steps": {},
         }
-    lab_hostkeys.register()
+    lab_hostkeys.register(site)
     report = rebuild(site, plan_site(site).node(node), ref, record_dir=record_dir)
     return {
         "node": node,

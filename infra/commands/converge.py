@@ -94,6 +94,8 @@ def _render_check(d: dict[str, Any]) -> str:
         head = f"{n['hostname']}: {n['status']}, {n['changes']} change(s)"
         if n["reboot_required"]:
             head += ", reboot required"
+        if n.get("reboot_reason"):
+            head += f" ({n['reboot_reason']})"
         out.append(head)
         out += [f"  package {p}" for p in n["packages"]]
         out += [f"  hold    {p}" for p in n.get("holds", [])]
@@ -150,7 +152,9 @@ def _render_validation(d: dict[str, Any]) -> str:
         for e in f.get("endpoints") or []:
             lines.append(f"  endpoint {e['name']}: {e['url']} → {e['status'] or 'no answer'}")
         lines.append(
-            "  reboot: pending — a driver change since the last boot is loaded only after a reboot "
+            ("  reboot: pending — " + f["reboot_reason"])
+            if f["reboot_required"] and f.get("reboot_reason")
+            else "  reboot: pending — a driver change since the last boot is loaded only after a reboot "
             "(the stack's reboot policy decides when)"
             if f["reboot_required"]
             else "  reboot: not needed"

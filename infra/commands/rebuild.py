@@ -12,6 +12,7 @@ from infra.console import Exit, confirm, emit, table
 from infra.dr import fingerprint as fp
 from infra.dr.rebuild import DEFAULT_RECORD_DIR, Refused, rebuild
 from infra.dr.steps import StackRef
+from infra.model.site import Site
 from infra.plan.node import plan_site
 from infra.plan.nodestate import DriftItem
 
@@ -32,7 +33,7 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_rebuild)
 
 
-def register_lab_hostkeys() -> None:
+def register_lab_hostkeys(site: Site) -> None:
     """Hand the lab's out-of-band host-key source to `infra.hostkeys` (product code never imports the lab).
 
     The import is here, not at the top, because the lab is an optional extra: without it a lab stack's
@@ -42,13 +43,13 @@ def register_lab_hostkeys() -> None:
         from infra.lab import hostkeys as lab_hostkeys
     except ImportError:
         return
-    lab_hostkeys.register()
+    lab_hostkeys.register(site)
 
 
 def cmd_rebuild(args: argparse.Namespace) -> int:
     """Rebuild one node; exit 0 identical, 3 different fingerprint, 1 a step failed, 5 refused up-front."""
     site = site_from_args(args)
-    register_lab_hostkeys()
+    register_lab_hostkeys(site)
     plan = plan_site(site).node(args.node)
     if not confirm(f"rebuild {args.node}: its disk is reinstalled through PXE, then converged", args.yes):
         return Exit.ABORTED

@@ -115,13 +115,13 @@ def drift(
         except RemoteError as exc:
             return NodeDrift(p.hostname, reachable=False, error=str(exc), seconds=time.monotonic() - t0), None
         r = NodeDrift(p.hostname, items=compare(p, state), seconds=time.monotonic() - t0)
-        _lab_reboot_as_note(p, r)
+        _unrebootable_reboot_as_note(state, r)
         return r, state
 
     with ThreadPoolExecutor(max_workers=max(1, min(parallel, len(plans) or 1))) as pool:
         results = list(pool.map(one, plans))
     reports = [r for r, _ in results]
-    plan_by_host = {p.hostname: p for p in plans}
+    state_by_host = {r.hostname: st for r, st in results if st is not None}
     up = [p for p, (r, _) in zip(plans, results, strict=True) if r.reachable]
     if check is None:
         for r in reports:
@@ -146,25 +146,27 @@ def drift(
             r.check = f"failed: {outcome.failed}"
             continue
         r.items = _with_check(r.items, outcome)
-        _lab_reboot_as_note(plan_by_host[r.hostname], r)
+        _unrebootable_reboot_as_note(state_by_host[r.hostname], r)
         r.check = "ran"
         r.seconds += share
     return reports
 
 
-def _lab_reboot_as_note(plan: NodePlan, report: NodeDrift) -> None:
-    """In lab mode a pending reboot is a note, not drift.
+def _unrebootable_reboot_as_note(state: NodeState, report: NodeDrift) -> None:
+    """On a node that cannot reboot, a pending reboot is a note (with its reason), not drift.
 
-    Lab nodes are containers on the lab host's kernel: a reboot cannot load another driver, and the
-    roles never reboot them (`nvidia_driver_reboot_enabled` is off in lab mode), so the flag can never clear.
+    The node declares `reboot=false` among its capabilities (docs/roles.md "Node capabilities") and the
+    nvidia_driver role records that in its fact file (`can_reboot`, `reboot_reason`). No converge can clear
+    such a flag, so counting it as drift would make the node drift forever; the note keeps it visible.
     """
-    if not plan.lab_mode:
+    if state.driver_fact.get("can_reboot", True) is not False:
         return
-    reboots = [i for i in report.items if i.kind == "reboot"]
-    if reboots:
+    if any(i.kind == "reboot" for i in report.items):
         report.items = [i for i in report.items if i.kind != "reboot"]
-        if "reboot pending (lab node: not counted as drift)" not in report.notes:
-            report.notes.append("reboot pending (lab node: not counted as drift)")
+        why = str(state.driver_fact.get("reboot_reason") or "this host cannot reboot (capability reboot=false)")
+        note = f"reboot pending, not counted as drift: {why}"
+        if note not in report.notes:
+            report.notes.append(note)
 
 
 class CheckUnavailable(Exception):

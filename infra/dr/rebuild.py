@@ -92,11 +92,11 @@ def plan_host_key_source(site: Site, node: Node, host_key: Path | None, ref: Sta
     """Decide, before anything is touched, where the rebuilt node's new SSH host key will come from."""
     if host_key is not None:
         return hostkeys.FromFile(host_key)
-    if site.lab_mode:
-        try:
-            return hostkeys.lab_source(ref.stack, ref.stack_file)
-        except hostkeys.HostKeyError as exc:
-            raise Refused("hostkey", str(exc)) from None
+    # A source the CLI layer registered for this stack (the lab registers its own for lab stacks: it
+    # reads the key from the host's disk). Product code never asks whether the stack is a lab.
+    registered = hostkeys.registered_source(ref.stack, ref.stack_file)
+    if registered is not None:
+        return registered
     raise Refused(
         "hostkey",
         (

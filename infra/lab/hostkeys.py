@@ -36,6 +36,10 @@ class LabSource:
         return hostkeys.key_fingerprint(hostkeys.parse_public_key(pub)[1])
 
 
-def register() -> None:
-    """Make the lab's source the one `infra.hostkeys.lab_source` returns (called by the CLI layer)."""
-    hostkeys.register_lab_source(LabSource)
+def register(site: Site) -> None:
+    """Make the lab's source the registered one, for a lab stack only (called by the CLI layer).
+
+    `lab_mode` is the lab's own marker of its stacks: a real site's rebuild must never take a key from here.
+    """
+    if site.lab_mode:
+        hostkeys.register_lab_source(LabSource)

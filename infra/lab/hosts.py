@@ -123,6 +123,36 @@ def public_host_key(root: Path) -> str:
     return f"{parts[0]} {parts[1]}"
 
 
+# What an nspawn host cannot do, declared the way any node declares it (docs/roles.md "Node capabilities"):
+# an Ansible local fact the roles read. The plan and the roles never ask whether they run in the lab.
+CAPABILITIES_FACT = "etc/ansible/facts.d/gpufleet_capabilities.fact"
+CAPABILITIES = {
+    "reboot": False,  # a container on the lab host's kernel: a reboot restarts it, it loads no driver
+    "kernel_modules": False,  # no /lib/modules for the lab host's kernel, no CAP_SYS_MODULE
+    "sysctl": False,  # /proc/sys is read-only inside nspawn
+    "time_sync": False,  # the host clock is shared; chronyd lacks CAP_SYS_TIME
+    "network_apply": False,  # the lab sets each host's address (10-gpufleet-lab.network below)
+    "container_cgroups": False,  # no delegated cgroup tree for podman's containers
+    "overlay_storage": False,  # no fuse device; overlay on the host's overlay fails
+    "kernel_keyring": False,  # nspawn's seccomp filter blocks keyctl
+}
+# The lab mirror's registry speaks plain HTTP (real mirrors serve TLS): the lab trusts it on its own hosts,
+# in a podman drop-in beside the one the container_runtime role manages.
+LAB_REGISTRY_DROPIN = "etc/containers/registries.conf.d/40-gpufleet-lab-mirror.conf"
+
+
+def lab_registry_dropin(spec: LabSpec, host: LabHost) -> str | None:
+    """registries.conf drop-in that lets podman pull from the host's segment mirror over HTTP (None: no mirror)."""
+    segment = spec.site.segment(host.segment)
+    mirror = spec.site.mirror(segment.mirror) if segment else None
+    if mirror is None:
+        return None
+    return (
+        "# gpufleet lab: the lab mirror's registry is plain HTTP.\n"
+        f'[[registry]]\nlocation = "{mirror.address}:{mirror.registry_port}"\ninsecure = true\n'
+    )
+
+
 def write_identity(spec: LabSpec, host: LabHost, root: Path, controller_pub: str) -> str:
     """Hostname, hosts, network, controller key, GPU declaration, fresh host key; returns the host key."""
     _write(root / "etc/hostname", host.name + "\n")
@@ -149,6 +179,10 @@ def write_identity(spec: LabSpec, host: LabHost, root: Path, controller_pub: str
     facts = {"name": host.name, "kind": host.kind.value, "segment": host.segment, "address": str(host.address),
              "stack": spec.stack, "simulated": True}
     _write(root / "etc/gpufleet-lab/host.json", json.dumps(facts, indent=2, sort_keys=True) + "\n")
+    _write(root / CAPABILITIES_FACT, json.dumps(CAPABILITIES, indent=2, sort_keys=True) + "\n")
+    dropin = lab_registry_dropin(spec, host)
+    if dropin is not None:
+        _write(root / LAB_REGISTRY_DROPIN, dropin)
     if host.kind is HostKind.NODE and host.gpus is not None:
         _write(root / "etc/gpufleet-lab/gpus.json", json.dumps(host.gpus, indent=2, sort_keys=True) + "\n")
     return new_host_key(root, host.name)

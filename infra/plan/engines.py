@@ -339,7 +339,6 @@ def container_run(
     runtime_version: str,
     *,
     host_model_dir: str,
-    cgroups: str = "enabled",
 ) -> list[Word]:
     """The runtime's `run` command of a container service, engine arguments included."""
     if runtime not in RUNTIME_BIN:
@@ -350,7 +349,9 @@ def container_run(
     image = _image(service)
     opts: list[Word] = [RUNTIME_BIN[runtime], "run", "--rm"]
     if runtime is ContainerEngine.PODMAN:
-        opts += ["--replace", f"--cgroups={cgroups}", "--security-opt=label=disable"]
+        # No --cgroups here: podman's containers.conf decides, which the container_runtime role writes
+        # from the host's declared capabilities (a host without its own cgroup tree disables them).
+        opts += ["--replace", "--security-opt=label=disable"]
     opts += ["--name", Raw("%N"), "--network=host", *gpu_options(runtime, runtime_version)]
     if service.engine is Engine.VLLM and service.tensor_parallel * service.pipeline_parallel > 1:
         opts.append("--ipc=host")  # NCCL between the workers needs shared memory (vLLM's docker docs)
@@ -379,7 +380,6 @@ def unit_commands(
     runtime: ContainerEngine,
     runtime_version: str,
     *,
-    lab: bool = False,
     model_root: str = MODEL_ROOT,
     venv_root: str = VENV_ROOT,
     user: str = "gpufleet-inference",
@@ -401,9 +401,7 @@ def unit_commands(
             *llamacpp_native_args(service, f"{directory}/{name}", rpc_servers),
         ]
         return UnitCommands(exec_start=tuple(argv), environment=dict(OFFLINE_ENV), user=user)
-    run = container_run(
-        service, runtime, runtime_version, host_model_dir=directory, cgroups="disabled" if lab else "enabled"
-    )
+    run = container_run(service, runtime, runtime_version, host_model_dir=directory)
     binary = RUNTIME_BIN[runtime]
     if runtime is ContainerEngine.PODMAN:
         return UnitCommands(exec_start=tuple(run), exec_stop=((binary, "stop", "--ignore", "--time=30", Raw("%N")),))

@@ -70,7 +70,6 @@ class NodePlan:
     roles: tuple[str, ...]
     reboot_policy: RebootPolicy
     services: tuple[ServicePlan, ...]
-    lab_mode: bool
     gpu_product_name: str
     gpu_memory_mib: int
     batch: int = 0
@@ -182,7 +181,6 @@ def plan_node(site: Site, node: Node, cat: ResolvedCatalogue | None = None) -> N
         roles=_roles_for(node, segment, services, profile, fabric=bool(ports)),
         reboot_policy=site.reboot.policy,
         services=tuple(services),
-        lab_mode=site.lab_mode,
         gpu_product_name=gpu.product_name,
         gpu_memory_mib=gpu.smi_memory_mib,
         fabric_ports=ports,

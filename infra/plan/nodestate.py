@@ -402,5 +402,7 @@ def validation_facts(plan: NodePlan, state: NodeState, items: list[DriftItem]) -
         "cdi": {"devices": list(state.cdi or ()), "ok": not by_kind["cdi"]},
         "endpoints": [e.as_dict() for e in state.endpoints],
         "reboot_required": state.reboot_required,
+        # Why the nvidia_driver role did not reboot (e.g. the host cannot: capability reboot=false).
+        "reboot_reason": str(state.driver_fact.get("reboot_reason", "")) if state.reboot_required else "",
         "errors": list(state.errors),
     }

@@ -13,7 +13,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from infra.model.ports import DCGM_EXPORTER_PORT
-from infra.model.site import ContainerEngine, Engine, InferenceService, RebootPolicy, Site
+from infra.model.site import ContainerEngine, Engine, InferenceService, Site
 from infra.plan import engines, nodestate
 from infra.plan.fabric import SpanGroup
 from infra.plan.node import NodePlan
@@ -65,7 +65,6 @@ def service_vars(
     runtime: ContainerEngine,
     runtime_version: str,
     *,
-    lab: bool = False,
     span: SpanGroup | None = None,
     hostname: str = "",
 ) -> dict[str, Any]:
@@ -81,7 +80,7 @@ def service_vars(
         name = ""
     else:
         rpc = [f"{addr}:{s.rpc_port}" for _, addr in span.workers] if role == "head" and span is not None else []
-        cmds = engines.unit_commands(s, runtime, runtime_version, lab=lab, rpc_servers=rpc)
+        cmds = engines.unit_commands(s, runtime, runtime_version, rpc_servers=rpc)
         name = engines.model_file(s)
     directory = engines.model_dir(s)
     native = s.engine is Engine.LLAMACPP and s.image is None
@@ -137,8 +136,13 @@ def _interfaces(plan: NodePlan) -> list[dict[str, Any]]:
 
 
 def host_vars(plan: NodePlan, site: Site) -> dict[str, Any]:
-    """Every role variable of one node (plus `gpufleet_*` play-level facts), JSON-serialisable."""
-    p, seg, lab = plan.profile, plan.segment, plan.lab_mode
+    """Every role variable of one node (plus `gpufleet_*` play-level facts), JSON-serialisable.
+
+    What a host cannot do (reboot, load kernel modules, apply sysctl or network settings …) is not
+    decided here: the host declares it in its capabilities fact file and the roles read it there
+    (docs/roles.md "Node capabilities"), so the plan is the same for a real node and a stand-in.
+    """
+    p, seg = plan.profile, plan.segment
     engine = p.container_runtime.engine
     fm = _pkgs(plan, Component.FABRIC_MANAGER)
     gpu_names = sorted({pkg.name for pkg in plan.packages if pkg.component is not Component.MONITORING})
@@ -152,7 +156,7 @@ def host_vars(plan: NodePlan, site: Site) -> dict[str, Any]:
         docker_options["runtimes"] = {"nvidia": {"path": "nvidia-container-runtime", "args": []}}
         docker_options["features"] = {"cdi": True}
     services = [
-        service_vars(s.service, engine, p.container_runtime.version, lab=lab, span=s.span, hostname=plan.hostname)
+        service_vars(s.service, engine, p.container_runtime.version, span=s.span, hostname=plan.hostname)
         for s in plan.services
     ]
     # Registries that get credentials (when a token is given): those of the images, and the mirror's.
@@ -168,18 +172,14 @@ def host_vars(plan: NodePlan, site: Site) -> dict[str, Any]:
         "gpufleet_roles": list(plan.roles),
         "gpufleet_segment": seg.name,
         "gpufleet_airgapped": seg.airgapped,
-        "gpufleet_lab_mode": lab,
         # base
         "base_ntp_servers": list(seg.ntp),
-        "base_time_sync_start": not lab,  # nspawn hosts share the host clock; chronyd lacks CAP_SYS_TIME
-        "base_sysctl_apply": not lab,  # /proc/sys is read-only inside nspawn hosts
         "base_admin_keys": list(site.admin_keys),
         "base_apt_sources": apt_sources(plan),
         "base_apt_sources_exclusive": seg.airgapped or bool(seg.sources) or plan.mirror is not None,
         "base_unattended_upgrades_blacklist": gpu_names,
         # network
         "network_interfaces": _interfaces(plan),
-        "network_apply": not lab,  # lab hosts get their address from the lab; render + validate only
         "network_management_address": str(plan.node.address),
         # airgap_firewall
         "airgap_firewall_allow": allow,
@@ -193,10 +193,7 @@ def host_vars(plan: NodePlan, site: Site) -> dict[str, Any]:
         "nvidia_driver_packages": _pkgs(plan, Component.DRIVER),
         "nvidia_driver_fabric_manager_packages": fm,
         "nvidia_driver_reboot_policy": plan.reboot_policy.value,
-        # A lab host is a container on the host's kernel: a reboot would end it, not load a module.
-        "nvidia_driver_reboot_enabled": plan.reboot_policy is RebootPolicy.IF_REQUIRED and not lab,
         "nvidia_driver_reboot_timeout": site.reboot.timeout_s,
-        "nvidia_driver_manage_kernel_modules": not lab,
         "nvidia_driver_fact_file": nodestate.DRIVER_FACT_FILE,  # the probe reads the reboot flag there
         # cuda_toolkit
         "cuda_toolkit_version": p.cuda.version,
@@ -204,13 +201,7 @@ def host_vars(plan: NodePlan, site: Site) -> dict[str, Any]:
         # container_runtime
         "container_runtime_engine": engine.value,
         "container_runtime_packages": _pkgs(plan, Component.CONTAINER_RUNTIME),
-        "container_runtime_podman_storage_driver": "vfs" if lab else "overlay",
-        "container_runtime_podman_keyring": not lab,  # nspawn blocks keyring syscalls
         "container_runtime_docker_daemon_options": docker_options,
-        # The lab mirror's registry speaks plain HTTP; real mirrors are expected to serve TLS.
-        "container_runtime_insecure_registries": (
-            [f"{plan.mirror.address}:{plan.mirror.registry_port}"] if lab and plan.mirror else []
-        ),
         # nvidia_container_toolkit
         "nvidia_container_toolkit_packages": _pkgs(plan, Component.CONTAINER_TOOLKIT),
         "nvidia_container_toolkit_runtime": engine.value,
@@ -233,11 +224,11 @@ def host_vars(plan: NodePlan, site: Site) -> dict[str, Any]:
     }
     if plan.fabric_ports:
         # Only nodes on a fabric get these: every other node's variables (and content hash) stay as they were.
-        out |= rdma_vars(plan, lab=lab)
+        out |= rdma_vars(plan)
     return out
 
 
-def rdma_vars(plan: NodePlan, *, lab: bool) -> dict[str, Any]:
+def rdma_vars(plan: NodePlan) -> dict[str, Any]:
     """Variables of the `rdma` role: pinned packages, the ports with their fabric settings, opensm duty."""
     keys = sorted({pp.fabric.partition_key for pp in plan.fabric_ports if pp.fabric.partition_key})
     gpudirect = "none" if plan.node.gpu.count == 0 else "dmabuf" if plan.profile.driver.open_modules else "peermem"
@@ -249,5 +240,4 @@ def rdma_vars(plan: NodePlan, *, lab: bool) -> dict[str, Any]:
         # GPUDirect RDMA: the open kernel modules export GPU memory as dma-buf to the inbox RDMA stack;
         # the proprietary ones need nvidia-peermem (and an OFED kernel with peer-memory support).
         "rdma_gpudirect": gpudirect,
-        "rdma_apply": not lab,  # nspawn hosts share the host's kernel: no modules, no links of their own
     }

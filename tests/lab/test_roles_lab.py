@@ -136,6 +136,11 @@ def test_validate_node_passes(converged: Lab, tmp_path: Path, node: str) -> None
     declared = facts["gpus"]["declared"]
     assert len(facts["gpus"]["seen"]) == declared["count"] > 0
     assert facts["driver"]["seen"] == ["570.133.20"] and facts["cdi"]["ok"]
+    # The lab's hosts declare reboot=false (infra/lab/hosts.py): a pending reboot says so, never bare.
+    if facts["reboot_required"]:
+        assert facts["reboot_reason"] == (
+            "reboot needed to load driver 570.133.20; this host cannot reboot (capability reboot=false)"
+        )
 
 
 @pytest.mark.parametrize("node", ["lab-gpu03", AIRGAP_NODE])
@@ -190,7 +195,10 @@ def test_driver_upgrade_through_stack_change(converged: Lab, tmp_path: Path) -> 
     assert lines[0] == "580.95.05"
     assert "nvidia-fabricmanager-580 580.95.05-1 hi" in r.stdout and "nvidia-driver 580.95.05-1 hi" in r.stdout
     assert "nvidia-fabricmanager-570 570" not in r.stdout and "active" in lines
-    assert json.loads(r.stdout[r.stdout.index("{") :])["reboot_required"] is True  # lab: recorded, not rebooted
+    fact = json.loads(r.stdout[r.stdout.index("{") :])
+    assert fact["reboot_required"] is True and fact["can_reboot"] is False  # lab: recorded, not rebooted
+    assert fact["reboot_reason"].endswith("this host cannot reboot (capability reboot=false)")
+    assert conv["nodes"][0]["reboot_reason"] == fact["reboot_reason"]
 
     code, back = gpufleet("converge", "--stack", "lab", "--node", UPGRADE_NODE, runs=tmp_path)
     assert code == 0, back

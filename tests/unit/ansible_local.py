@@ -11,11 +11,12 @@ from typing import Any
 import yaml
 
 
-def run_local_play(play: list[dict[str, Any]], work: Path, *, check: bool = False) -> None:
+def run_local_play(play: list[dict[str, Any]], work: Path, *, check: bool = False) -> str:
     """Write `play` under `work` and run it against localhost (local connection); fail the test on error.
 
     `check` runs it with `--check` (as `gpufleet check` does; a play's `check_mode: true` does not set
-    `ansible_check_mode`, which the roles test).
+    `ansible_check_mode`, which the roles test). Returns ansible-playbook's output (task names and their
+    ok/changed/skipping lines).
     """
     (work / "play.yml").write_text(yaml.safe_dump(play))
     env = {
@@ -37,3 +38,4 @@ def run_local_play(play: list[dict[str, Any]], work: Path, *, check: bool = Fals
         check=False,
     )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p.stdout

@@ -292,12 +292,40 @@ def test_probe_reads_held_and_installed_packages(site: Site, tmp_path: Path) -> 
     assert data["held"] == ["nvidia-driver", "podman"]
 
 
-def test_pending_reboot_is_drift_except_on_lab_nodes(site: Site) -> None:
-    """A pending reboot is drift on real nodes; on lab containers (no reboot possible) it is only a note."""
-    lab_plan = plan_of(site, "lab-gpu02")
-    real_site = site.model_copy(update={"lab_mode": False})
-    real_plan = plan_site(real_site).node("lab-gpu02")
-    lab = drift(site, [lab_plan], probe_fn=lambda s, p: converged_state(p, reboot_required=True))[0]
-    real = drift(real_site, [real_plan], probe_fn=lambda s, p: converged_state(p, reboot_required=True))[0]
-    assert lab.status == "clean" and lab.notes and "reboot" in lab.notes[0]
-    assert real.status == "drift" and [(i.kind, i.item) for i in real.items] == [("reboot", "pending")]
+def test_pending_reboot_is_drift_except_where_the_node_cannot_reboot(site: Site) -> None:
+    """A pending reboot is drift, unless the node declared it cannot reboot: then a note carrying the reason.
+
+    The driver fact is what roles/nvidia_driver/tasks/reboot.yml records (`can_reboot`, `reboot_reason`).
+    """
+    plan = plan_of(site, "lab-gpu02")
+    reason = "reboot needed to load driver 570.133.20; this host cannot reboot (capability reboot=false)"
+    stuck = {"reboot_required": True, "can_reboot": False, "reboot_reason": reason}
+    able = {"reboot_required": True, "can_reboot": True, "reboot_reason": "reboot needed; the reboot policy is never"}
+    cannot = drift(site, [plan], probe_fn=lambda s, p: converged_state(p, reboot_required=True, driver_fact=stuck))[0]
+    can = drift(site, [plan], probe_fn=lambda s, p: converged_state(p, reboot_required=True, driver_fact=able))[0]
+    old = drift(site, [plan], probe_fn=lambda s, p: converged_state(p, reboot_required=True))[0]
+    assert cannot.status == "clean" and cannot.notes == [f"reboot pending, not counted as drift: {reason}"]
+    assert can.status == "drift" and [(i.kind, i.item) for i in can.items] == [("reboot", "pending")]
+    assert old.status == "drift" and [(i.kind, i.item) for i in old.items] == [("reboot", "pending")]
+
+
+def test_rebuild_key_source_is_what_the_cli_registered_never_a_lab_switch(
+    site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No source registered: refused even for a lab stack. The lab registers its source for its own stacks only."""
+    from infra import hostkeys
+    from infra.dr.rebuild import Refused, plan_host_key_source
+    from infra.dr.steps import StackRef
+    from infra.lab import hostkeys as lab_hostkeys
+
+    monkeypatch.setattr(hostkeys, "_lab_source", None)
+    node = plan_of(site, "lab-gpu02").node
+    ref = StackRef("lab", None)
+    with pytest.raises(Refused, match="--host-key FILE"):
+        plan_host_key_source(site, node, None, ref)
+    real = site.model_copy(update={"lab_mode": False})
+    lab_hostkeys.register(real)
+    with pytest.raises(Refused, match="--host-key FILE"):
+        plan_host_key_source(real, node, None, ref)
+    lab_hostkeys.register(site)
+    assert isinstance(plan_host_key_source(site, node, None, ref), lab_hostkeys.LabSource)

@@ -130,7 +130,9 @@ def test_pinned_packages_include_sites_satisfy_its_spec() -> None:
 
     spec = yaml.safe_load((ROOT / "roles" / "pinned_packages" / "meta" / "argument_specs.yml").read_text())
     options = spec["argument_specs"]["main"]["options"]
+    present_options = spec["argument_specs"]["present"]["options"]
     published: list[str] = []
+    present_sites: list[str] = []
     for role in ROLES:
         role_options = yaml.safe_load((ROOT / "roles" / role / "meta" / "argument_specs.yml").read_text())[
             "argument_specs"
@@ -144,6 +146,21 @@ def test_pinned_packages_include_sites_satisfy_its_spec() -> None:
                     continue
                 args = task["vars"]
                 assert include.get("rolespec_validate") is False, (path, task["name"])
+                if include.get("tasks_from") == "present.yml":
+                    # Unpinned packages a role needs: a list of names from the role's own arguments.
+                    literal = {k: v for k, v in args.items() if k != "pinned_packages_present"}
+                    result = ArgumentSpecValidator(present_options).validate({**literal, "pinned_packages_present": []})
+                    assert not result.error_messages, (path, task["name"], result.error_messages)
+                    value = args["pinned_packages_present"]
+                    if isinstance(value, str):
+                        for source in _list_sources(value, role_vars):
+                            assert role_options[source]["type"] == "list", (path, source)
+                            assert role_options[source]["elements"] == "str", (path, source)
+                    else:
+                        assert all(isinstance(v, str) for v in value), (path, value)
+                    present_sites.append(role)
+                    continue
+                assert "tasks_from" not in include, (path, task["name"])
                 literal = {k: v for k, v in args.items() if k != "pinned_packages_list"}
                 result = ArgumentSpecValidator(options).validate({**literal, "pinned_packages_list": []})
                 assert not result.error_messages, (path, task["name"], result.error_messages)
@@ -154,6 +171,20 @@ def test_pinned_packages_include_sites_satisfy_its_spec() -> None:
                 assert args["pinned_packages_publish_as"].startswith(role)
                 published.append(args["pinned_packages_publish_as"])
     assert len(published) == len(set(published)) >= 6
+    # One shared probe-then-install step, no copies: every role that installs unpinned packages uses it.
+    assert sorted(present_sites) == ["airgap_firewall", "base", "inference_server"]
+
+
+def test_probe_then_install_lives_in_one_task_file() -> None:
+    """No role probes dpkg/rpm for unpinned packages itself: pinned_packages/tasks/present.yml does."""
+    own = [
+        f"{role}/{path.name}"
+        for role in ROLES
+        if role != "pinned_packages"
+        for path in (ROOT / "roles" / role / "tasks").glob("*.yml")
+        if "ansible.builtin.package:" in path.read_text()
+    ]
+    assert own == []
 
 
 # Special variables Ansible sets itself (not facts): the only `ansible_*` names roles may read.
@@ -185,7 +216,9 @@ def test_roles_read_facts_through_ansible_facts_only() -> None:
         for path in (ROOT / base).rglob("*"):
             if path.suffix not in {".yml", ".yaml", ".j2"} or not path.is_file():
                 continue
-            for name in re.findall(r"\bansible_[a-z0-9_]+", path.read_text()):
+            # Local facts (facts.d) are `ansible_local` inside ansible_facts: read through it, they are fine.
+            text = path.read_text().replace("ansible_facts['ansible_local']", "ansible_facts")
+            for name in re.findall(r"\bansible_[a-z0-9_]+", text):
                 used.setdefault(name, set()).add(str(path.relative_to(ROOT)))
     assert "ansible_facts" in used  # the scan sees role files
     assert {n: sorted(p) for n, p in used.items() if n not in _SPECIAL_VARIABLES} == {}
@@ -216,3 +249,45 @@ def test_roles_call_the_collection_module_by_fqcn() -> None:
     tasks = yaml.safe_load((ROOT / "roles" / "gpu_validate" / "tasks" / "main.yml").read_text())
     assert any(fqcn(ROOT, "gpu_validate") in t for t in tasks)
     assert not (ROOT / "roles" / "gpu_validate" / "library").exists()
+
+
+# Free-form maps whose keys are data, not fields (sysctl names, daemon.json, file paths): no `options:`.
+_FREE_FORM = {"base_sysctl", "container_runtime_docker_daemon_options", "provisioning_http_files"}
+
+
+def test_structured_inputs_declare_their_keys() -> None:
+    """Every list-of-dict or dict input names its keys (`options:`), so the argument check looks inside it;
+    required inputs carry no default (an empty value must not pass as given)."""
+    missing, defaulted = [], []
+    for spec_path in sorted((ROOT / "roles").glob("*/meta/argument_specs.yml")):
+        for entry, spec in yaml.safe_load(spec_path.read_text())["argument_specs"].items():
+            for name, opt in (spec.get("options") or {}).items():
+                structured = opt.get("type") == "dict" or opt.get("elements") == "dict"
+                if structured and name not in _FREE_FORM and "options" not in opt:
+                    missing.append(f"{spec_path.parts[-3]}:{entry}:{name}")
+                if opt.get("required") and "default" in opt:
+                    defaulted.append(f"{spec_path.parts[-3]}:{entry}:{name}")
+    assert missing == [] and defaulted == []
+
+
+def test_argument_check_looks_inside_planned_services() -> None:
+    """A planned inference service missing a key, or with a wrongly typed one, is refused before any run."""
+    from infra.ansible.rolespecs import problems
+    from infra.model.load import load_site
+    from infra.plan.node import plan_site
+    from infra.plan.rolevars import host_vars
+
+    site = load_site("example-airgap")
+    node = plan_site(site).nodes[0]
+    hv = host_vars(node, site)
+    assert problems(node.hostname, ["inference_server"], hv) == []
+    broken = dict(hv["inference_server_services"][0])
+    del broken["exec_start"]
+    assert any(
+        "exec_start" in p
+        for p in problems(node.hostname, ["inference_server"], {**hv, "inference_server_services": [broken]})
+    )
+    typed = {**hv["inference_server_services"][0], "port": "eighty"}
+    assert any(
+        "port" in p for p in problems(node.hostname, ["inference_server"], {**hv, "inference_server_services": [typed]})
+    )

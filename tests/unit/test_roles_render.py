@@ -71,7 +71,7 @@ def _cases() -> list[dict[str, Any]]:
                                 "vars": _role_vars("inference_server")
                                 | hv
                                 | {
-                                    "inference_server_service": service_vars(svc, rt, version, lab=n.lab_mode),
+                                    "inference_server_service": service_vars(svc, rt, version),
                                     "inference_server_registry_token": token,
                                 },
                             }
