@@ -74,9 +74,9 @@ def test_waiting_converge_takes_the_locks_when_the_first_run_ends(
     monkeypatch.setenv("GPUFLEET_RUNS_DIR", str(tmp_path / "runs"))
     first = _holder(tmp_path, "site-a", "n1")
     try:
-        with pytest.raises(locks.LockBusy, match=rf"node n1 is being acted on by another run: pid {first.pid} "):
-            with locks.node_locks("site-a", ["n2", "n1"]):
-                pass
+        busy = rf"node n1 is being acted on by another run: pid {first.pid} "
+        with pytest.raises(locks.LockBusy, match=busy), locks.node_locks("site-a", ["n2", "n1"]):
+            pass
         # n2 was taken before n1 was found busy: all or nothing, so it is free again.
         with locks.node_locks("site-a", ["n2"]):
             pass
@@ -97,8 +97,8 @@ def test_wait_ends_with_the_holder_named(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setenv("GPUFLEET_RUNS_DIR", str(tmp_path / "runs"))
     first = _holder(tmp_path, "site-a", "n1")
     try:
-        with pytest.raises(locks.LockBusy, match=r"after waiting 1s: pid \d+ on .* holds"):
-            with locks.node_locks("site-a", ["n1"], wait_s=1):
-                pass
+        busy = r"after waiting 1s: pid \d+ on .* holds"
+        with pytest.raises(locks.LockBusy, match=busy), locks.node_locks("site-a", ["n1"], wait_s=1):
+            pass
     finally:
         _release(first)
