@@ -14,7 +14,7 @@ from typing import Any
 from infra import ssh
 from infra.ansible import rolespecs
 from infra.ansible.inventory import GROUP, build_inventory, subset
-from infra.ansible.locks import node_locks
+from infra.ansible.locks import NODE_GRACE_S, node_locks
 from infra.ansible.rollout import NodeOutcome, RolloutResult, roll
 from infra.ansible.runner import Progress, RunResult, run_playbook
 from infra.ansible.settings import Tuning
@@ -103,7 +103,7 @@ def converge(
             )
         return RolloutResult(nodes=out, runs=[result], stopped_segments={})
     with node_locks(site.name, [n.hostname for n in nodes], wait_s=wait_lock) as holder:
-        lock_vars["gpufleet_run_lock"] = {"holder": holder.as_vars(), "wait": int(wait_lock)}
+        lock_vars["gpufleet_run_lock"] = {"holder": holder.as_vars(), "wait": int(max(wait_lock, NODE_GRACE_S))}
         return roll(plan, nodes, run, max_failures=max_failures)
 
 

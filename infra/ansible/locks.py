@@ -30,6 +30,9 @@ from typing import IO
 from infra.console import CommandError, Exit, runs_dir
 
 POLL_S = 0.5
+NODE_GRACE_S = 15
+"""The node-side lock waits at least this long: the holder of a run that just ended notices within a second
+that its connection closed, and the next run (`rebuild`'s validate after its converge) must not fail on it."""
 
 
 @dataclass(frozen=True)
