@@ -15,6 +15,7 @@ and their SSH clients, and it fires when the *thread* that forked the child ends
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import subprocess
@@ -109,6 +110,24 @@ def stop_run(value: str, *, grace_s: float = 5.0, bound_s: float = STOP_BOUND_S)
         # SIGKILLed processes are gone once their parent reaps them; orphans are reaped by init at once.
         time.sleep(0.05)
     return len(seen)
+
+
+def die_with_parent(sig: signal.Signals = signal.SIGTERM) -> Callable[[], None]:
+    """A `preexec_fn` for a child that must not outlive us: PR_SET_PDEATHSIG (Linux) with `sig`.
+
+    For a child that stops cleanly on `sig` and is the only process to stop — a `gpufleet` command run as a
+    step (it has its own Reaper for what it starts). The signal comes when the forking *thread* ends, so call
+    it only from a thread that waits for the child. If we died before the child set it, the child ends at once.
+    """
+    parent = os.getpid()
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the child only makes the call
+
+    def preexec() -> None:
+        prctl(1, int(sig), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+        if os.getppid() != parent:
+            os.kill(os.getpid(), sig)
+
+    return preexec
 
 
 class Reaper:

@@ -115,3 +115,32 @@ def test_sigterm_and_sigint_stop_the_run_and_name_the_interrupted_node(tmp_path:
         assert _wait_gone(tag) == []
     finally:
         _cleanup(tag)
+
+
+STEP_PARENT = textwrap.dedent(
+    """
+    import subprocess, sys
+    from infra import procs
+    child = subprocess.Popen(["sleep", "600"], preexec_fn=procs.die_with_parent())
+    print(child.pid, flush=True)
+    child.wait()
+    """
+)
+
+
+def test_a_step_child_gets_sigterm_when_its_parent_is_killed() -> None:
+    """`gpufleet rebuild` runs `gpufleet converge` as a child (infra/dr/steps.py): it must not outlive a SIGKILL."""
+    parent = subprocess.Popen([sys.executable, "-c", STEP_PARENT], stdout=subprocess.PIPE, text=True)
+    assert parent.stdout is not None
+    child = int(parent.stdout.readline())
+    try:
+        assert _comm(child) == "sleep"
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + BOUND_S
+        while _comm(child) == "sleep" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _comm(child) != "sleep"
+    finally:
+        if _comm(child) == "sleep":
+            os.kill(child, signal.SIGKILL)
