@@ -419,8 +419,9 @@ def run_playbook(
         # Ansible's workers run in sessions of their own (WorkerProcess._detach): when a canceled
         # ansible-playbook dies, a worker mid-task lives on, orphaned; the SSH ControlPersist masters
         # outlive every run by design. All carry the run's marker, so none is left running after us.
+        # (Info, not a warning: after a normal run that is the connections, every time.)
         if stray := procs.stop_run(run_id):
-            log.warning("stopped %d leftover process(es) of %s", stray, work)
+            log.info("stopped %d leftover process(es) of %s", stray, work)
         reaper.close()
         if secret_file is not None:
             secret_file.unlink(missing_ok=True)
