@@ -10,6 +10,7 @@ lock must come free once the run's connection is gone, and the next converge mus
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -64,6 +65,15 @@ def _started_tasks(runs: Path) -> set[str]:
     return out
 
 
+def _in_run(pid: int) -> bool:
+    """A process of an Ansible run (it carries the run's id), not gpufleet itself or its watchdog."""
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return any(e.startswith(procs.RUN_ENV.encode() + b"=") for e in env)
+
+
 def _poll(what: str, done: Any) -> None:
     deadline = time.monotonic() + BOUND_S
     while not done():
@@ -88,7 +98,17 @@ def test_sigkill_of_converge_leaves_nothing_running_and_a_rerun_converges(lab: L
         assert any(Path(f"/proc/{p}/comm").read_text().startswith("ansible-playboo") for p in ours)
 
         # A second run of the node, not sharing the controller's lock: the node refuses it, naming the first.
-        code, second = _converge(work / "second")
+        # The first run's Ansible processes are paused meanwhile (its connection to the node stays open), so
+        # it cannot finish and free the node before the second run asks.
+        paused = [p for p in ours if _in_run(p)]
+        for pid in paused:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            code, second = _converge(work / "second")
+        finally:
+            for pid in paused:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
         assert code == 1, second
         failures = second["nodes"][0]["failures"]
         assert failures and failures[0]["task"] == "Take the node's converge lock", failures
