@@ -14,6 +14,7 @@ from typing import Any
 from infra import ssh
 from infra.ansible import rolespecs
 from infra.ansible.inventory import GROUP, build_inventory, subset
+from infra.ansible.locks import NODE_GRACE_S, node_locks
 from infra.ansible.rollout import NodeOutcome, RolloutResult, roll
 from infra.ansible.runner import Progress, RunResult, run_playbook
 from infra.ansible.settings import Tuning
@@ -53,10 +54,13 @@ def converge(
     tuning: Tuning = Tuning.TUNED,
     progress: bool = False,
     playbook: str = "node.yml",
+    wait_lock: float = 0.0,
 ) -> RolloutResult:
     """Converge (or check) nodes wave by wave; the function the CLI and the benchmark harness call.
 
-    `plan` is the site's plan, made once by the command; `nodes` are plans from it.
+    `plan` is the site's plan, made once by the command; `nodes` are plans from it. A run that changes nodes
+    first takes their locks (`infra.ansible.locks`), waiting up to `wait_lock` seconds for another run to
+    finish (else `LockBusy`, exit 5); check mode takes none.
     """
     site = plan.site
     # Every selected node's host variables, built once: checked against the roles' argument specs before
@@ -66,6 +70,8 @@ def converge(
     rolespecs.check_inventory(inventory, GROUP)
     settings = SshSettings.of(site)
     secrets = secrets_from_env()
+    # The node-side lock's record of this run and how long it waits (the first task of node.yml reads it).
+    lock_vars: dict[str, Any] = {}
 
     def run(batch: list[NodePlan]) -> RunResult:
         hosts = [n.hostname for n in batch]
@@ -79,6 +85,7 @@ def converge(
             secrets=secrets,
             progress=Progress(hosts) if progress else None,
             label="check" if check else "converge",
+            extravars=lock_vars,
         )
         if not check:
             for n in batch:
@@ -99,7 +106,9 @@ def converge(
                 )
             )
         return RolloutResult(nodes=out, runs=[result], stopped_segments={})
-    return roll(plan, nodes, run, max_failures=max_failures)
+    with node_locks(site.name, [n.hostname for n in nodes], wait_s=wait_lock) as holder:
+        lock_vars["gpufleet_run_lock"] = {"holder": holder.as_vars(), "wait": int(max(wait_lock, NODE_GRACE_S))}
+        return roll(plan, nodes, run, max_failures=max_failures)
 
 
 HOLD_SUFFIX = ":hold"

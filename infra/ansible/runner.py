@@ -9,6 +9,7 @@ their values.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -18,6 +19,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,6 +37,8 @@ from infra.ssh import SshSettings
 
 log = logging.getLogger("gpufleet.ansible")
 
+FORWARD_GRACE_S = 60.0
+"""After SIGINT/SIGTERM, how long ansible-playbook may take to stop its workers by itself before it is killed."""
 KEEP_RUNS = 20  # older run directories are removed (each holds the scrubbed event log of one run)
 MASK = "********"
 # Environment variables with secrets besides GPUFLEET_SECRET_* (Pulumi passes these to its commands).
@@ -253,6 +257,8 @@ class _Collector:
         self.hosts = {h: HostResult(h) for h in hosts}
         self.progress = progress
         self.stats: dict[str, Any] = {}
+        # Host → the task it started and has not finished: what a stopped run interrupted.
+        self.in_flight: dict[str, str] = {}
 
     def _host(self, name: str) -> HostResult:
         return self.hosts.setdefault(name, HostResult(name))
@@ -272,9 +278,12 @@ class _Collector:
         r = self._host(host)
         res = data.get("res") or {}
         if kind == "runner_on_start":
+            self.in_flight[host] = label
             if self.progress:
                 self.progress.update(host, task=label)
-        elif kind == "runner_on_ok":
+        elif kind.startswith("runner_on_"):
+            self.in_flight.pop(host, None)
+        if kind == "runner_on_ok":
             facts = res.get("ansible_facts") or {}
             # Every pinned package set's changes, keyed by the role that pinned it (roles/pinned_packages).
             published = facts.get("pinned_packages_published")
@@ -317,8 +326,12 @@ def run_playbook(
     progress: Progress | None = None,
     timeout_s: int = 3600,
     label: str = "run",
+    extravars: Mapping[str, Any] | None = None,
 ) -> RunResult:
     """Run one playbook of playbooks/ over `hosts` and return the typed result.
+
+    Every process of the run carries `GPUFLEET_RUN=<id>` in its environment; a watchdog (`procs.Reaper`)
+    stops them all if this process dies, even by SIGKILL, and the run's end stops any left over.
 
     Args:
         playbook: File name under playbooks/ (e.g. `node.yml`), or an absolute path (benchmarks).
@@ -332,6 +345,7 @@ def run_playbook(
         progress: Live progress sink, or None for quiet (JSON) runs.
         timeout_s: Hard limit of the whole run.
         label: Short word in the run directory's name.
+        extravars: Further (not secret) extra variables, passed as an `-e @file` (the node lock's holder).
 
     """
     import ansible_runner
@@ -354,11 +368,17 @@ def run_playbook(
     )
     # The roles call the collection's own modules by FQCN (gpufleet.fleet.gpu_validate).
     env["ANSIBLE_COLLECTIONS_PATH"] = str(link_collections(project_root(), work / "collections"))
+    run_id = uuid.uuid4().hex
+    env[procs.RUN_ENV] = run_id
     cmd = ["--limit", ",".join(hosts)]
     if check:
         cmd += ["--check", "--diff"]
     else:
         cmd += ["--diff"]
+    if extravars:
+        vars_file = work / "tmp" / "extravars.json"
+        write_json(vars_file, extravars)
+        cmd += ["-e", f"@{vars_file}"]
     secret_file: Path | None = None
     all_secrets = [str(v) for v in secret_values]
     if secrets:
@@ -374,7 +394,8 @@ def run_playbook(
     all_secrets += [v for k, v in os.environ.items() if _is_secret_env(k)]
     collector = _Collector(hosts, progress)
     started = time.monotonic()
-    stop = _StopOnSignal()
+    reaper = procs.Reaper(run_id)
+    stop = _StopOnSignal(run_id)
     try:
         config = ansible_runner.RunnerConfig(
             private_data_dir=str(pdd),
@@ -394,8 +415,8 @@ def run_playbook(
         r = ansible_runner.Runner(
             config,
             event_handler=collector,
-            # SIGINT/SIGTERM/SIGHUP reach only us (ansible-playbook runs in its own session under
-            # a pty): ansible-runner then stops it, so no playbook carries on without us.
+            # SIGINT/SIGTERM/SIGHUP reach only us (ansible-playbook runs in its own session under a pty):
+            # we pass them on and give it FORWARD_GRACE_S to stop its workers; then ansible-runner kills it.
             cancel_callback=stop.requested,
         )
         r.run()
@@ -404,12 +425,12 @@ def run_playbook(
     finally:
         stop.restore()
         # Ansible's workers run in sessions of their own (WorkerProcess._detach): when a canceled
-        # ansible-playbook dies, a worker mid-task lives on, orphaned. Every process of this run
-        # names its inventory (inside `work`), so none is left running after us.
-        marker = str(inv_path)
-        if stray := procs.pids_mentioning(marker):
-            procs.terminate(stray, lambda pid: procs.cmdline_contains(pid, marker))
-            log.warning("stopped %d leftover process(es) of %s", len(stray), work)
+        # ansible-playbook dies, a worker mid-task lives on, orphaned; the SSH ControlPersist masters
+        # outlive every run by design. All carry the run's marker, so none is left running after us.
+        # (Info, not a warning: after a normal run that is the connections, every time.)
+        if stray := procs.stop_run(run_id):
+            log.info("stopped %d leftover process(es) of %s", stray, work)
+        reaper.close()
         if secret_file is not None:
             secret_file.unlink(missing_ok=True)
         shutil.rmtree(work / "tmp", ignore_errors=True)
@@ -443,10 +464,12 @@ def run_playbook(
     if progress:
         progress.finish(result)
     if stop.signal is not None:
+        mid = ", ".join(f"{h} (in '{t}')" for h, t in sorted(collector.in_flight.items())) or "none"
         raise RunInterrupted(
-            f"{playbook} stopped on {stop.signal.name} after {result.duration_s:.0f}s; the nodes of this batch "
-            f"({', '.join(hosts)}) may be mid-change and no later batch was started. Run the same command "
-            f"again to finish (the roles recover interrupted package runs). Events: {work}"
+            f"{playbook} stopped on {stop.signal.name} after {result.duration_s:.0f}s; interrupted mid-task: "
+            f"{mid}; the nodes of this batch ({', '.join(hosts)}) may be mid-change and no later batch was "
+            f"started. Run the same command again to finish (the roles recover interrupted package runs). "
+            f"Events: {work}"
         )
     return result
 
@@ -461,22 +484,41 @@ class RunInterrupted(KeyboardInterrupt):
 
 
 class _StopOnSignal:
-    """Turns SIGINT/SIGTERM/SIGHUP into a cancel request for the running playbook (main thread only)."""
+    """SIGINT/SIGTERM/SIGHUP: passed on to ansible-playbook, then a cancel request once it had its grace time.
+
+    ansible-playbook passes SIGINT/SIGTERM on to its workers and stops (TaskQueueManager._signal_handler);
+    it ignores SIGHUP (ansible-runner spawns it so), hence SIGTERM for that. A second signal, or
+    `grace_s` without ansible-playbook ending, asks ansible-runner to kill it. Main thread only.
+    """
 
     _SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
-    def __init__(self) -> None:
+    def __init__(self, run_id: str, grace_s: float = FORWARD_GRACE_S) -> None:
         self.signal: signal.Signals | None = None
+        self.run_id = run_id
+        self.grace_s = grace_s
+        self._at = 0.0
+        self._force = False
         self._old: dict[signal.Signals, Any] = {}
         if threading.current_thread() is threading.main_thread():
             self._old = {s: signal.signal(s, self._handle) for s in self._SIGNALS}
 
     def _handle(self, signum: int, _frame: Any) -> None:
+        if self.signal is not None:
+            self._force = True
+            return
         self.signal = signal.Signals(signum)
+        self._at = time.monotonic()
+        forward = signal.SIGTERM if signum == signal.SIGHUP else signum
+        # ansible-playbook is our child carrying the run's marker (its workers are its children).
+        for pid in procs.pids_with_env(procs.RUN_ENV, self.run_id):
+            if procs.parent_of(pid) == os.getpid():
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, forward)
 
     def requested(self) -> bool:
-        """ansible-runner's cancel_callback: True once a signal arrived."""
-        return self.signal is not None
+        """ansible-runner's cancel_callback: True after a second signal or once the grace time has passed."""
+        return self._force or (self.signal is not None and time.monotonic() - self._at > self.grace_s)
 
     def restore(self) -> None:
         """Put the previous handlers back."""

@@ -31,6 +31,13 @@ def register(sub: Any) -> None:
     """Register converge, check, validate-node and wait-ssh."""
     p = sub.add_parser("converge", help="apply the plan to nodes with Ansible, in rolling batches per segment")
     _selection_args(p)
+    p.add_argument(
+        "--wait-lock",
+        type=positive_float,
+        default=0.0,
+        metavar="SECONDS",
+        help="wait this long for another run of the same nodes to finish (default: fail at once, exit 5)",
+    )
     p.set_defaults(func=cmd_converge)
 
     p = sub.add_parser("check", help="check + diff: what a converge would change per node (exit 3 if anything)")
@@ -83,7 +90,7 @@ def cmd_converge(args: argparse.Namespace) -> int:
     if isinstance(loaded, int):
         return loaded
     plan, nodes = loaded
-    result = converge(plan, nodes, tuning=Tuning(args.tuning), progress=not args.json)
+    result = converge(plan, nodes, tuning=Tuning(args.tuning), progress=not args.json, wait_lock=args.wait_lock)
     emit(args.json, result.as_dict(), _render_converge)
     return Exit.OK if result.succeeded else Exit.FAILED
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from infra import procs
 from infra.ansible.converge import check_report
 from infra.ansible.converge import converge as ansible_converge
 from infra.dr.drift import CheckFn, CheckOutcome
@@ -56,7 +57,10 @@ def gpufleet(args: list[str], *, timeout: float) -> StepResult:
     t0 = time.monotonic()
     argv = [sys.executable, "-m", "infra.cli", *args]
     try:
-        p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+        # A step's converge must not go on without us (issue 21): SIGTERM when we die, which it forwards
+        # to its Ansible run before it exits.
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False,
+                           preexec_fn=procs.die_with_parent())
     except subprocess.TimeoutExpired:
         return StepResult(False, time.monotonic() - t0, 124, output=f"timed out after {timeout:.0f} s")
     out = p.stdout or ""
