@@ -10,12 +10,14 @@ UV_VERSION=0.13.9   # also pinned in uv.lock (dev extra), so `uv sync` keeps it
 # ssh (converge), gpg/gpgv + dpkg-scanpackages + skopeo (bundle build/verify/import), ipmitool (IPMI BMCs).
 # With --test, also what the test suite needs: systemd-analyze (unit files), ipmi_sim (IPMI tests),
 # nft (ruleset checks), g++/make (the lab's llama.cpp wheel is built from source), dnsmasq (provisioning
-# config check), qemu + its iPXE ROMs + OVMF + ipxe + cpio (the network-boot VM tests).
+# config check), qemu + its iPXE ROMs + OVMF + ipxe + cpio (the network-boot VM tests), mmdebstrap +
+# mke2fs/debugfs (`gpufleet image build`).
 declare -A want=([git]=git [ssh]=openssh-client [gpg]=gnupg [gpgv]=gpgv [dpkg-scanpackages]=dpkg-dev
                  [skopeo]=skopeo [ipmitool]=ipmitool [openssl]=openssl)
 if [[ "${1:-}" == "--test" ]]; then
   want+=([systemd-analyze]=systemd [ipmi_sim]=openipmi [nft]=nftables [g++]=g++ [make]=make [promtool]=prometheus
-         [dnsmasq]=dnsmasq-base [qemu-system-x86_64]=qemu-system-x86 [cpio]=cpio)
+         [dnsmasq]=dnsmasq-base [qemu-system-x86_64]=qemu-system-x86 [cpio]=cpio
+         [mmdebstrap]=mmdebstrap [debugfs]=e2fsprogs)
 fi
 need_apt=()
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
