@@ -1,18 +1,20 @@
 """`gpufleet image build`: a node OS disk image and the deploy ramdisk, reproducibly, from one apt repository.
 
-The image is a raw disk image (MBR, one ext4 partition at 1 MiB) built without loop devices or root-only
-block tricks: mmdebstrap installs the packages into a directory, mke2fs `-d` turns that directory into a
-file system, sfdisk writes the partition table into a plain file. The bootloader is *not* in the image: the
-deploy ramdisk installs it on the node's own disk (the disk's geometry and firmware are only known there).
+The image is a raw disk image (MBR, one ext4 partition at 1 MiB) built without loop devices or block
+devices: mmdebstrap installs the packages into a directory, mke2fs `-d` turns that directory into a file
+system, and the partition table is written into a plain file (`mbr`). The bootloader is *not* in the image:
+the deploy ramdisk installs it on the node's own disk (the disk's geometry and firmware are only known there).
 
-Reproducible: `SOURCE_DATE_EPOCH` for mmdebstrap and the packages' maintainer scripts, every mtime clamped
-to it, fixed file-system UUID and hash seed, mke2fs's clock faked (`E2FSPROGS_FAKE_TIME`), a fixed disk
-label id, the ramdisk's cpio sorted with fixed mtimes and gzip without a name or time. Two builds from the
-same repository and package pins give the same sha256 (tests/lab/test_image_build.py builds twice).
+Reproducible: `SOURCE_DATE_EPOCH` for mmdebstrap and the packages' maintainer scripts; every mtime set to
+it; apt's download directories owned by root; a fixed file-system UUID and hash seed; mke2fs's and
+debugfs's clock faked (`E2FSPROGS_FAKE_TIME`); every inode's ctime/atime set to the epoch by debugfs; a
+fixed disk signature; the ramdisk's cpio sorted with fixed mtimes and gzip without name or time. Two builds
+from the same repository and package pins give the same sha256 (tests/lab/test_image_build.py).
 
-References: mmdebstrap(1) 1.3.5 (Debian 12: `--variant`, `--include`, `--customize-hook`, `copy://`
-mirrors, SOURCE_DATE_EPOCH), mke2fs(8) 1.47.0 (`-d`, `-U`, `-E hash_seed=,root_owner=`), sfdisk(8)
-2.38 (script input, `label-id`), https://reproducible-builds.org/docs/source-date-epoch/.
+References: mmdebstrap(1) 1.3.5 (Debian 12: `--variant`, `--include`, `--setup-hook`/`--customize-hook`,
+`upload`, `copy://` mirrors, SOURCE_DATE_EPOCH), mke2fs(8) 1.47.0 (`-d`, `-U`, `-E hash_seed=,root_owner=`),
+debugfs(8) (`set_inode_field`), apt_preferences(5) (Pin-Priority 1001),
+https://reproducible-builds.org/docs/source-date-epoch/.
 """
 
 from __future__ import annotations
@@ -236,25 +238,33 @@ _SSH_KEYGEN_DROPIN = "[Service]\nExecStartPre=\nExecStartPre=/usr/bin/ssh-keygen
 
 
 def customize(root: Path, spec: ImageSpec) -> None:
-    """Files the image needs that no package writes, then every mtime clamped to the epoch."""
+    """Files the image needs that no package writes, then every mtime set to the epoch."""
     (root / "etc/fstab").write_text(_FSTAB.format(uuid=fs_uuid(spec.name)), encoding="utf-8")
     (root / "etc/ssh/sshd_config.d").mkdir(parents=True, exist_ok=True)
     (root / "etc/ssh/sshd_config.d/gpufleet.conf").write_text(_SSHD_CONF, encoding="utf-8")
     dropin = root / "etc/systemd/system/ssh.service.d"
     dropin.mkdir(parents=True, exist_ok=True)
     (dropin / "gpufleet-hostkeys.conf").write_text(_SSH_KEYGEN_DROPIN, encoding="utf-8")
+    # apt's download directories are owned by `_apt` or root depending on how apt last ran in the build
+    # (seen: two builds differing only there); apt re-owns them itself when it runs on the node.
+    for rel in ("var/cache/apt/archives/partial", "var/lib/apt/lists/partial"):
+        if (root / rel).is_dir():
+            os.chown(root / rel, 0, 0)
     # Empty machine-id: systemd makes one at first boot (each node its own).
     (root / "etc/machine-id").write_text("", encoding="utf-8")
     clamp_mtimes(root, spec.epoch)
 
 
 def clamp_mtimes(root: Path, epoch: int) -> None:
-    """Set every file's (and symlink's) mtime newer than the epoch to the epoch."""
+    """Set every file's, directory's and symlink's mtime (and atime) to the epoch.
+
+    All of them, not only those newer than the epoch: a build step that touches a directory (the pins'
+    apt preferences file, created and removed) would otherwise leave it at the epoch in one build and at
+    the package's own mtime in another.
+    """
     for dirpath, dirnames, filenames in os.walk(root):
         for n in [*dirnames, *filenames]:
-            p = os.path.join(dirpath, n)
-            if os.lstat(p).st_mtime > epoch:
-                os.utime(p, (epoch, epoch), follow_symlinks=False)
+            os.utime(os.path.join(dirpath, n), (epoch, epoch), follow_symlinks=False)
     os.utime(root, (epoch, epoch))
 
 
