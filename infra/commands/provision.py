@@ -209,6 +209,9 @@ def cmd_image_build(args: argparse.Namespace) -> int:
         raise CommandError(Exit.INVALID, str(exc)) from None
     if args.lock is not None and not args.lock.is_file():
         raise CommandError(Exit.INVALID, f"--lock {args.lock}: no such file (run `gpufleet lock` first)")
+    if os.geteuid() != 0:
+        # mmdebstrap --mode=root: package maintainer scripts run in a chroot as root, files keep their owners.
+        raise CommandError(Exit.UNAVAILABLE, "gpufleet image build needs root (mmdebstrap --mode=root)")
     if shutil.which("mmdebstrap") is None:
         raise CommandError(Exit.UNAVAILABLE, "mmdebstrap is not installed (Debian: apt-get install mmdebstrap)")
     try:
