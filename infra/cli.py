@@ -53,6 +53,7 @@ COMMANDS: dict[str, str] = {
     "bench": "infra.commands.bench",
     "provision": "infra.commands.provision",
     "fabric": "infra.commands.fabric",
+    "image": "infra.commands.provision",
 }
 COMMAND_MODULES = tuple(dict.fromkeys(COMMANDS.values()))
 EXIT_INTERRUPTED = 130  # the shell's code for SIGINT; a run stopped by Ctrl-C/SIGTERM says what to re-run

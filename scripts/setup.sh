@@ -10,12 +10,14 @@ UV_VERSION=0.13.9   # also pinned in uv.lock (dev extra), so `uv sync` keeps it
 # ssh (converge), gpg/gpgv + dpkg-scanpackages + skopeo (bundle build/verify/import), ipmitool (IPMI BMCs).
 # With --test, also what the test suite needs: systemd-analyze (unit files), ipmi_sim (IPMI tests),
 # nft (ruleset checks), g++/make (the lab's llama.cpp wheel is built from source), dnsmasq (provisioning
-# config check), qemu + its iPXE ROMs + OVMF + ipxe + cpio (the network-boot VM tests).
+# config check), qemu + its iPXE ROMs + OVMF + ipxe + cpio (the network-boot VM tests), mmdebstrap +
+# mke2fs/debugfs (`gpufleet image build`), libvirt + its Python binding (the VM node behind sushy-tools).
 declare -A want=([git]=git [ssh]=openssh-client [gpg]=gnupg [gpgv]=gpgv [dpkg-scanpackages]=dpkg-dev
                  [skopeo]=skopeo [ipmitool]=ipmitool [openssl]=openssl)
 if [[ "${1:-}" == "--test" ]]; then
   want+=([systemd-analyze]=systemd [ipmi_sim]=openipmi [nft]=nftables [g++]=g++ [make]=make [promtool]=prometheus
-         [dnsmasq]=dnsmasq-base [qemu-system-x86_64]=qemu-system-x86 [cpio]=cpio)
+         [dnsmasq]=dnsmasq-base [qemu-system-x86_64]=qemu-system-x86 [cpio]=cpio
+         [mmdebstrap]=mmdebstrap [debugfs]=e2fsprogs [libvirtd]=libvirt-daemon-system [virsh]=libvirt-clients)
 fi
 need_apt=()
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
@@ -25,6 +27,8 @@ for cmd in "${!want[@]}"; do command -v "$cmd" >/dev/null || need_apt+=("${want[
 # UEFI firmware and the iPXE builds the provisioning service chain-loads (UEFI network-boot VM test).
 [[ "${1:-}" != "--test" || -e /usr/share/OVMF/OVMF_CODE_4M.fd ]] || need_apt+=(ovmf)
 [[ "${1:-}" != "--test" || -e /usr/lib/ipxe/ipxe.efi ]] || need_apt+=(ipxe)
+# sushy-tools' libvirt driver runs on the system Python with Debian's binding (tests/lab/test_deploy_vm_bmc.py).
+[[ "${1:-}" != "--test" ]] || /usr/bin/python3 -c 'import libvirt' 2>/dev/null || need_apt+=(python3-libvirt)
 if ((${#need_apt[@]})); then
   if [[ $(id -u) -eq 0 ]]; then
     # Wait for another apt/dpkg process (unattended-upgrades on a fresh machine) instead of failing at

@@ -19,6 +19,7 @@ References for the syntax (checked against what Debian 12 ships):
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 
@@ -43,6 +44,17 @@ _IMAGE = IMAGE_NAME
 _ROOT_PATH = re.compile(r"^/[A-Za-z0-9._/-]*$")
 # One kernel argument value: no blanks (they separate arguments), no quotes, no `$`/`{}` (iPXE expansion).
 _KERNEL_ARG = re.compile(r"^[A-Za-z0-9._:/,=+-]+$")
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """A built OS image as the lock records it: what the deploy ramdisk checks the written bytes against."""
+
+    size: int
+    sha256: str
+
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 class RenderError(ValueError):
@@ -102,8 +114,14 @@ def root_disk_arg(hint: RootDiskHint | None) -> str | None:
     return _check(value, _KERNEL_ARG, "root disk hint")
 
 
-def kernel_args(node: Node, segment: Segment, base_url: str) -> list[str]:
-    """Kernel command line of a node's deploy boot: its identity, address, image and disk hint."""
+def kernel_args(
+    node: Node, segment: Segment, base_url: str, images: Mapping[str, ImageRecord] | None = None
+) -> list[str]:
+    """Kernel command line of a node's deploy boot: its identity, address, image and disk hint.
+
+    With the image's lock record, also its sha256 and size (the ramdisk checks the written bytes against
+    them), and the URLs of the node's first-boot data and of the service's "done" endpoint.
+    """
     host = _check(node.hostname, _HOSTNAME, "hostname")
     mac = _check(node.macs[0], _MAC, "MAC")
     net = IPv4Network(segment.cidr)
@@ -119,6 +137,14 @@ def kernel_args(node: Node, segment: Segment, base_url: str) -> list[str]:
     if node.image is not None:
         image = _check(node.image, _IMAGE, "image name")
         args += [f"gpufleet.image={image}", f"gpufleet.image_url={base_url}/images/{image}.img"]
+        rec = (images or {}).get(image)
+        if rec is not None:
+            args += [
+                f"gpufleet.image_sha256={_check(rec.sha256, _SHA256, 'image sha256')}",
+                f"gpufleet.image_size={int(rec.size)}",
+                f"gpufleet.firstboot_url={base_url}/{firstboot_name(mac)}",
+                f"gpufleet.done_url={base_url}/done/{mac.replace(':', '-')}",
+            ]
     disk = root_disk_arg(node.root_disk)
     if disk is not None:
         args.append(f"gpufleet.root_disk={disk}")
@@ -129,7 +155,34 @@ def kernel_args(node: Node, segment: Segment, base_url: str) -> list[str]:
     return args
 
 
-def node_script(node: Node, segment: Segment, base_url: str) -> str:
+def firstboot_name(mac: str) -> str:
+    """Path of a node's first-boot data under the HTTP root (removed by the service once the node is done)."""
+    return "firstboot/" + _check(mac, _MAC, "MAC").replace(":", "-") + ".tar.gz"
+
+
+def local_script_name(mac: str) -> str:
+    """Path of a node's "boot from disk" script: the service copies it over `ipxe/<mac>.ipxe` when done."""
+    return "ipxe/local/" + script_name(mac)
+
+
+def local_script(node: Node) -> str:
+    """The iPXE script of an installed node: boot its local disk."""
+    host = _check(node.hostname, _HOSTNAME, "hostname")
+    mac = _check(node.macs[0], _MAC, "MAC")
+    lines = ["#!ipxe", f"# gpufleet: {host} ({mac}) is installed: boot from its disk. Written by the service.",
+             f"echo gpufleet: {host} is installed, booting from disk"]
+    if node.boot_mode.value == "bios":
+        # BIOS: the first hard disk through the BIOS (ipxe.org/cmd/sanboot); if that fails, back to firmware.
+        lines.append("sanboot --no-describe --drive 0x80 || exit")
+    else:
+        # UEFI: return to the firmware, which tries the next boot entry (the disk).
+        lines.append("exit")
+    return "\n".join([*lines, ""])
+
+
+def node_script(
+    node: Node, segment: Segment, base_url: str, images: Mapping[str, ImageRecord] | None = None
+) -> str:
     """The iPXE script a node gets by its MAC: boot the deploy ramdisk, or hand back to the firmware."""
     host = _check(node.hostname, _HOSTNAME, "hostname")
     mac = _check(node.macs[0], _MAC, "MAC")
@@ -143,7 +196,7 @@ def node_script(node: Node, segment: Segment, base_url: str) -> str:
         return "\n".join(
             [*head, f"echo gpufleet: {host} has no OS image in the stack, booting the next device", "exit", ""]
         )
-    cmdline = " ".join(kernel_args(node, segment, base_url))
+    cmdline = " ".join(kernel_args(node, segment, base_url, images))
     return "\n".join(
         [
             *head,
@@ -274,7 +327,12 @@ def provisioning_address(site: Site, segment: Segment) -> IPv4Address:
 
 
 def render_segment(
-    site: Site, segment: Segment, *, tftp_root: str = TFTP_ROOT, lease_file: str = LEASE_FILE
+    site: Site,
+    segment: Segment,
+    *,
+    tftp_root: str = TFTP_ROOT,
+    lease_file: str = LEASE_FILE,
+    images: Mapping[str, ImageRecord] | None = None,
 ) -> SegmentService:
     """Everything one segment's provisioning host serves."""
     prov = segment.provisioning
@@ -285,7 +343,8 @@ def render_segment(
     nodes = [n for n in site.nodes if n.segment == segment.name]
     http_files = {"boot.ipxe": default_script(base_url)}
     for n in nodes:
-        http_files[f"ipxe/{script_name(n.macs[0])}"] = node_script(n, segment, base_url)
+        http_files[f"ipxe/{script_name(n.macs[0])}"] = node_script(n, segment, base_url, images)
+        http_files[local_script_name(n.macs[0])] = local_script(n)
     return SegmentService(
         segment=segment.name,
         host=prov.host,
@@ -299,10 +358,16 @@ def render_segment(
     )
 
 
-def render_site(site: Site, *, tftp_root: str = TFTP_ROOT, lease_file: str = LEASE_FILE) -> list[SegmentService]:
+def render_site(
+    site: Site,
+    *,
+    tftp_root: str = TFTP_ROOT,
+    lease_file: str = LEASE_FILE,
+    images: Mapping[str, ImageRecord] | None = None,
+) -> list[SegmentService]:
     """The provisioning service of every segment that declares one, in stack order."""
     return [
-        render_segment(site, s, tftp_root=tftp_root, lease_file=lease_file)
+        render_segment(site, s, tftp_root=tftp_root, lease_file=lease_file, images=images)
         for s in site.segments
         if s.provisioning is not None
     ]

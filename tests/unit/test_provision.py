@@ -118,7 +118,11 @@ def test_firmware_gets_the_ipxe_build_for_its_architecture() -> None:
 def test_node_scripts_are_keyed_by_mac_and_carry_the_nodes_identity() -> None:
     raw = _provisioned_site()
     (svc, iso) = render_site(parse_site(raw))
-    assert sorted(svc.http_files) == ["boot.ipxe", "ipxe/02-00-00-00-00-11.ipxe"]
+    assert sorted(svc.http_files) == [
+        "boot.ipxe",
+        "ipxe/02-00-00-00-00-11.ipxe",
+        "ipxe/local/02-00-00-00-00-11.ipxe",
+    ]
     script = svc.http_files["ipxe/02-00-00-00-00-11.ipxe"]
     assert script.startswith("#!ipxe\n")
     kernel = next(line for line in script.splitlines() if line.startswith("kernel "))

@@ -1,0 +1,173 @@
+"""A blank VM node installed over the network, end to end, through real firmware, bootloader, kernel and disk.
+
+The VM (QEMU TCG, SeaBIOS + the NIC's iPXE ROM, boot order network then disk) has a blank virtual disk
+whose serial is the stack's root-disk hint. It network-boots the deploy ramdisk `gpufleet image build`
+made; the ramdisk writes the image to the hinted disk, reads the bytes back against the sha256 the
+renderer put on its command line, installs GRUB, unpacks the node's first-boot data (its own host key
+from the key store), POSTs "done" to the provisioning server (infra/provision/httpd.py), which switches
+the node's iPXE script to boot from disk, and reboots. The next boot goes iPXE → sanboot → GRUB →
+Debian, and SSH answers with exactly the key the store holds (ssh-keyscan), and admits the site's admin
+key with StrictHostKeyChecking against that pinned key.
+
+Run under the VM lock (bridge gpf-prov0, 198.18.9.1/24, shared with test_provision_vm.py):
+`flock /tmp/gpufleet-vm.lock pytest -m lab -s tests/lab/test_deploy_vm.py`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import subprocess
+import threading
+import time
+from http.server import ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from infra.commands.provision import image_records, write_firstboot
+from infra.model.load import parse_site
+from infra.provision.firstboot import HostKeyStore
+from infra.provision.httpd import Handler
+from infra.provision.render import render_site
+from tests.lab.image_fixtures import IMAGE, built_image
+from tests.lab.test_provision_vm import (
+    BRIDGE,
+    BRIDGE_ADDR,
+    KNOWN_MAC,
+    ROM,
+    _bridge,
+    _dnsmasq,
+    _stack,
+    _stop,
+    _tap,
+    _wait,
+)
+
+pytestmark = pytest.mark.lab
+__all__ = ["built_image"]  # the fixture, re-exported for pytest
+
+NODE_ADDR = "198.18.9.21"
+DISK_SERIAL = "GPFROOT01"
+DISK_BYTES = 4 << 30
+
+
+def _need(cond: bool, why: str) -> None:
+    if not cond:
+        pytest.skip(why)
+
+
+def _serial(path: Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def test_blank_vm_is_installed_over_the_network_and_answers_ssh_with_its_pinned_key(
+    built_image: Path, tmp_path: Path
+) -> None:
+    _need(os.geteuid() == 0, "needs root (bridge, tap devices, DHCP port 67)")
+    for tool in ("dnsmasq", "qemu-system-x86_64", "ssh", "ssh-keyscan", "ssh-keygen", "ip"):
+        _need(shutil.which(tool) is not None, f"{tool} is not installed (./scripts/setup.sh --test)")
+    _need(ROM.exists(), f"{ROM} is missing (apt-get install ipxe-qemu)")
+
+    admin = tmp_path / "admin"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(admin)], check=True)
+    http_root = tmp_path / "http"
+    for rel in (f"images/{IMAGE}.img", "deploy/vmlinuz", "deploy/initrd.img"):
+        (http_root / rel).parent.mkdir(parents=True, exist_ok=True)
+        os.link(built_image / rel, http_root / rel)
+    records = image_records(built_image)
+    (tmp_path / "tftp").mkdir()
+    disk = tmp_path / "disk.raw"
+    with disk.open("wb") as f:
+        f.truncate(DISK_BYTES)  # blank (sparse) disk: nothing on it, no partition table
+    serial = tmp_path / "vm.serial"
+    log = tmp_path / "dnsmasq.log"
+    procs: list[subprocess.Popen[bytes]] = []
+    httpd = None
+    with _bridge():
+        try:
+            httpd = ThreadingHTTPServer((BRIDGE_ADDR, 0), functools.partial(Handler, directory=str(http_root)))
+            threading.Thread(target=httpd.serve_forever, daemon=True).start()
+            raw = _stack(httpd.server_address[1])
+            raw["nodes"][0] |= {"image": IMAGE, "root_disk": {"serial": DISK_SERIAL}, "boot_mode": "bios"}  # type: ignore[index]
+            raw["admin_keys"] = [(tmp_path / "admin.pub").read_text().strip()]
+            site = parse_site(raw)
+            (svc,) = render_site(site, tftp_root=str(tmp_path / "tftp"), lease_file=str(tmp_path / "leases"),
+                                 images=records)
+            for rel, text in svc.http_files.items():
+                (http_root / rel).parent.mkdir(parents=True, exist_ok=True)
+                (http_root / rel).write_text(text)
+            store = HostKeyStore(tmp_path / "keys")
+            out = tmp_path / "rendered"
+            write_firstboot(out, site, svc, store)
+            shutil.copytree(out / svc.segment / "http" / "firstboot", http_root / "firstboot")
+            conf = tmp_path / "dnsmasq.conf"
+            conf.write_text(svc.dnsmasq_conf)
+            procs.append(_dnsmasq(conf, log))
+            assert _wait(lambda: log.exists() and "static leases only" in log.read_text(), 15)
+
+            started = time.monotonic()
+            procs.append(subprocess.Popen(
+                ["qemu-system-x86_64", "-accel", "tcg", "-m", "1024", "-smp", "1",
+                 "-display", "none", "-monitor", "none", "-boot", "order=nc",
+                 "-netdev", f"tap,id=n0,ifname={_tap(0)},script=no,downscript=no",
+                 "-device", f"virtio-net-pci,netdev=n0,mac={KNOWN_MAC}",
+                 "-drive", f"file={disk},format=raw,if=none,id=d0,cache=unsafe",
+                 "-device", f"virtio-blk-pci,drive=d0,serial={DISK_SERIAL}",
+                 "-serial", f"file:{serial}"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            ))  # fmt: skip
+
+            # 1. The deploy: written, checked against the locked sha256, bootloader, first-boot data, done.
+            done = _wait(lambda: "gpufleet-deploy: deploy of vm-node1 done" in _serial(serial)
+                         or "gpufleet-deploy: FAILED" in _serial(serial), 600)
+            text = _serial(serial)
+            assert done and "FAILED" not in text, f"--- serial\n{text[-4000:]}\n--- dnsmasq\n{log.read_text()}"
+            deployed = time.monotonic() - started
+            assert f"written bytes verified: sha256 {records[IMAGE].sha256}" in text
+            assert f"root disk: /dev/vda (hint serial:{DISK_SERIAL})" in text
+            mac = KNOWN_MAC.replace(":", "-")
+            assert (http_root / "ipxe" / f"{mac}.ipxe").read_text() == svc.http_files[f"ipxe/local/{mac}.ipxe"]
+            assert not (http_root / "firstboot" / f"{mac}.tar.gz").exists()  # the private key is gone
+            with disk.open("rb") as fr:
+                assert fr.read(512)[510:] == b"\x55\xaa"
+
+            # 2. Next boot: from the disk; SSH answers with the key the store holds for this node.
+            pinned = store.get("vm-node1").public.split()[:2]
+            scanned: list[str] = []
+
+            def keyscan() -> bool:
+                res = subprocess.run(["ssh-keyscan", "-T", "3", "-t", "ed25519", NODE_ADDR],
+                                     capture_output=True, text=True, check=False)
+                scanned[:] = [line for line in res.stdout.splitlines() if not line.startswith("#")]
+                return bool(scanned)
+
+            answered = _wait(keyscan, 420)
+            text = _serial(serial)
+            assert answered, f"no SSH on {NODE_ADDR}\n--- serial\n{text[-4000:]}"
+            to_ssh = time.monotonic() - started
+            assert [line.split()[1:3] for line in scanned] == [pinned], (scanned, pinned)
+            known = tmp_path / "known_hosts"
+            known.write_text(f"{NODE_ADDR} {' '.join(pinned)}\n")
+            res = subprocess.run(
+                ["ssh", "-i", str(admin), "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
+                 "-o", f"UserKnownHostsFile={known}", "-o", "ConnectTimeout=10", f"root@{NODE_ADDR}",
+                 "hostname; findmnt -no SOURCE /; lsblk -bno SIZE /dev/vda1"],
+                capture_output=True, text=True, timeout=60, check=False,
+            )  # fmt: skip
+            assert res.returncode == 0, res.stderr
+            host, root_dev, part_size = res.stdout.split()
+            assert (host, root_dev) == ("vm-node1", "/dev/vda1")
+            assert int(part_size) > records[IMAGE].size  # grown to the disk by the ramdisk
+            # Reported, never asserted (docs/benchmarks.md).
+            print(json.dumps({"blank_to_deployed_s": round(deployed, 1), "blank_to_ssh_s": round(to_ssh, 1),
+                              "image_bytes": records[IMAGE].size}))
+        finally:
+            for p in reversed(procs):
+                _stop(p)
+            if httpd is not None:
+                httpd.shutdown()
+                httpd.server_close()
+    assert not Path(f"/sys/class/net/{BRIDGE}").exists()
