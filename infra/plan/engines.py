@@ -25,9 +25,10 @@ MODEL_ROOT = "/var/lib/gpufleet/models"
 """Model store on a node: one directory per model name and revision."""
 VENV_ROOT = "/opt/gpufleet/inference"
 """Native (llama.cpp) engines: one venv per service under this directory."""
-RPC_SERVER_PROGRAM = "/usr/local/libexec/gpufleet-llama-rpc-server"
-"""The llama.cpp RPC backend program the inference_server role installs on the workers of a spanning
-llamacpp service (it starts ggml's RPC server from the service's own llama-cpp-python install)."""
+RPC_PROGRAM = "/usr/local/libexec/gpufleet-llama-rpc"
+"""The program the inference_server role installs on the nodes of a spanning llamacpp service: `worker`
+starts ggml's RPC server, `head` registers the workers as devices and runs llama_cpp.server (both from the
+service's own llama-cpp-python install)."""
 CONTAINER_MODEL_DIR = "/models"
 """Where a service's model directory is mounted (read-only) inside its container."""
 RUNTIME_BIN: dict[ContainerEngine, str] = {
@@ -281,15 +282,9 @@ def llamacpp_server_args(service: InferenceService, model: str) -> list[str]:
     ]
 
 
-def llamacpp_native_args(service: InferenceService, model: str, rpc_servers: Sequence[str] = ()) -> list[str]:
-    """`python -m llama_cpp.server` arguments (llama-cpp-python: one sequence at a time, queued).
-
-    `rpc_servers` (`host:port` of each worker of a service spanning nodes) makes llama.cpp place the
-    offloaded layers on those RPC backends (llama-cpp-python's `rpc_servers` server setting).
-    """
-    rpc = [f"--rpc_servers={','.join(rpc_servers)}"] if rpc_servers else []
+def llamacpp_native_args(service: InferenceService, model: str) -> list[str]:
+    """`python -m llama_cpp.server` arguments (llama-cpp-python: one sequence at a time, queued)."""
     return [
-        *rpc,
         f"--model={model}",
         f"--model_alias={service.model.name}",
         "--host=0.0.0.0",
@@ -371,7 +366,7 @@ def rpc_worker_commands(
     if not _COMPONENT.match(service.name):
         raise EngineError(f"service name {service.name!r} cannot name a venv directory")
     python = posixpath.join(venv_root, service.name, "venv", "bin", "python")
-    argv: list[Word] = [python, RPC_SERVER_PROGRAM, f"--host={bind}", f"--port={service.rpc_port}"]
+    argv: list[Word] = [python, RPC_PROGRAM, "worker", f"--host={bind}", f"--port={service.rpc_port}"]
     return UnitCommands(exec_start=tuple(argv), environment=dict(OFFLINE_ENV), user=user)
 
 
@@ -394,12 +389,14 @@ def unit_commands(
         python = posixpath.join(venv_root, service.name, "venv", "bin", "python")
         if not _COMPONENT.match(service.name):
             raise EngineError(f"service name {service.name!r} cannot name a venv directory")
-        argv: list[Word] = [
-            python,
-            "-m",
-            "llama_cpp.server",
-            *llamacpp_native_args(service, f"{directory}/{name}", rpc_servers),
-        ]
+        server = llamacpp_native_args(service, f"{directory}/{name}")
+        # A spanning service's head: llama-cpp-python ignores its own `rpc_servers` setting (0.3.36), so the
+        # program registers the workers as ggml devices, then runs the same server with the same arguments.
+        argv: list[Word] = (
+            [python, RPC_PROGRAM, "head", f"--rpc={','.join(rpc_servers)}", "--", *server]
+            if rpc_servers
+            else [python, "-m", "llama_cpp.server", *server]
+        )
         return UnitCommands(exec_start=tuple(argv), environment=dict(OFFLINE_ENV), user=user)
     run = container_run(service, runtime, runtime_version, host_model_dir=directory)
     binary = RUNTIME_BIN[runtime]

@@ -210,7 +210,7 @@ def host_vars(plan: NodePlan, site: Site) -> dict[str, Any]:
         "inference_server_services": services,
         "inference_server_model_dir": engines.MODEL_ROOT,
         "inference_server_venv_dir": engines.VENV_ROOT,
-        "inference_server_rpc_program": engines.RPC_SERVER_PROGRAM,
+        "inference_server_rpc_program": engines.RPC_PROGRAM,
         "inference_server_registries": registries,
         # monitoring
         "monitoring_node_exporter_packages": _pkgs(plan, Component.MONITORING),

@@ -1,9 +1,9 @@
 """llama.cpp across two processes through its RPC backend, as a spanning service's head and worker run it.
 
-The worker runs the program the inference_server role ships (roles/inference_server/files/
-gpufleet-llama-rpc-server.py) from a venv of the built wheel; the head runs `python -m llama_cpp.server`
-with the argv the plan computes for a head (`engines.llamacpp_native_args` with `rpc_servers`). Both on
-loopback here (the lab's nspawn nodes have no fabric addresses yet). At temperature 0 the spanning pair must
+The worker and the head run the program the inference_server role ships (roles/inference_server/files/
+gpufleet-llama-rpc.py) from a venv of the built wheel, with the argv the plan computes for each
+(`engines.rpc_worker_commands`, `engines.unit_commands` with `rpc_servers`). Both on loopback here (the
+lab's nspawn nodes have no fabric addresses yet). At temperature 0 the spanning pair must
 generate exactly what one process generates alone, and the worker must have served the head.
 
 Marked `lab`: it needs the llama-cpp-python wheel built with GGML_RPC (the lab's wheel, built once per
@@ -24,12 +24,13 @@ from infra.inference.serve import LlamaServer, ServerError, free_port, server_ve
 from infra.inference.tinymodel import MODEL_NAME, ensure_tiny_model
 from infra.inference.wheel import ensure_server_wheelhouse
 from infra.model.load import load_site
+from infra.model.site import ContainerEngine
 from infra.plan import engines
 
 pytestmark = pytest.mark.lab
 
 ROOT = Path(__file__).resolve().parents[2]
-PROGRAM = ROOT / "roles" / "inference_server" / "files" / "gpufleet-llama-rpc-server.py"
+PROGRAM = ROOT / "roles" / "inference_server" / "files" / "gpufleet-llama-rpc.py"
 SPEC = LoadSpec(max_tokens=24, prompt="The fabric carries", temperature=0.0)
 
 
@@ -44,7 +45,7 @@ def worker(python: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[t
     log = tmp_path_factory.mktemp("worker") / "rpc.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [str(python), str(PROGRAM), "--host", "127.0.0.1", "--port", str(port), "--threads", "1"],
+            [str(python), str(PROGRAM), "worker", "--host", "127.0.0.1", "--port", str(port), "--threads", "1"],
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -64,15 +65,15 @@ def worker(python: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[t
 class HeadServer(LlamaServer):
     """The llama.cpp server started with a head's engine arguments (the plan's), on loopback."""
 
-    def __init__(self, python: Path, model: Path, argv: list[str], log: Path) -> None:
+    def __init__(self, python: Path, model: Path, rpc_port: int, log: Path) -> None:
         super().__init__(python, model, log=log, startup_timeout=180)
-        self.argv = argv
+        self.argv = _head_argv(model, self.port, rpc_port)
 
     def start(self) -> HeadServer:
         t0 = time.monotonic()
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen(
-                [str(self.python), "-m", "llama_cpp.server", *self.argv],
+                [str(self.python), *self.argv],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -88,11 +89,15 @@ class HeadServer(LlamaServer):
 
 
 def _head_argv(model: Path, port: int, rpc_port: int) -> list[str]:
-    """The plan's head arguments for the lab's tiny service, pointed at loopback."""
+    """The plan's head command for the lab's tiny service (the node's paths swapped for this machine's)."""
     svc = load_site(stack="lab").services[0].model_copy(update={"span_nodes": True, "rpc_port": rpc_port})
-    argv = engines.llamacpp_native_args(svc, str(model), [f"127.0.0.1:{rpc_port}"])
-    assert f"--rpc_servers=127.0.0.1:{rpc_port}" in argv
-    return [a for a in argv if not a.startswith(("--host=", "--port="))] + ["--host=127.0.0.1", f"--port={port}"]
+    cmds = engines.unit_commands(
+        svc, ContainerEngine.PODMAN, "4.3.1", model_root="/m", venv_root="/v", rpc_servers=[f"127.0.0.1:{rpc_port}"]
+    )
+    argv = [str(w) for w in cmds.exec_start]
+    assert argv[1:5] == [engines.RPC_PROGRAM, "head", f"--rpc=127.0.0.1:{rpc_port}", "--"]
+    server = [a for a in argv[5:] if not a.startswith(("--host=", "--port=", "--model="))]
+    return [str(PROGRAM), *argv[2:5], *server, f"--model={model}", "--host=127.0.0.1", f"--port={port}"]
 
 
 def test_spanning_pair_generates_what_one_node_generates(
@@ -103,7 +108,7 @@ def test_spanning_pair_generates_what_one_node_generates(
     with LlamaServer(python, model, log=tmp_path / "single.log") as single:
         alone = stream_completion(Endpoint(single.url, MODEL_NAME), SPEC)
     assert alone.success, alone.error
-    head = HeadServer(python, model, _head_argv(model, free_port(), rpc_port), tmp_path / "head.log").start()
+    head = HeadServer(python, model, rpc_port, tmp_path / "head.log").start()
     try:
         spanned = stream_completion(Endpoint(head.url, MODEL_NAME), SPEC)
         bench = run_load(Endpoint(head.url, MODEL_NAME), LoadSpec(num_requests=4, concurrency=1, max_tokens=16))
@@ -115,4 +120,4 @@ def test_spanning_pair_generates_what_one_node_generates(
     text = worker_log.read_text(errors="replace")
     assert "Accepted client connection" in text, text  # the head's layers really went to the worker
     head_log = (tmp_path / "head.log").read_text(errors="replace")
-    assert "RPC" in head_log, head_log[-2000:]
+    assert "assigned to device RPC0" in head_log, head_log[-2000:]  # the layers live on the worker

@@ -70,7 +70,10 @@ def test_head_names_its_worker_at_the_fabric_address() -> None:
     hv = _vars(span_site())
     head = _svc(hv["lab-gpu02"], "tiny-span")
     assert head["span_role"] == "head"
-    assert "--rpc_servers=198.18.20.11:50052" in head["exec_start"].split()
+    words = head["exec_start"].split()
+    # The RPC program registers the worker as a device, then runs the server with the usual arguments.
+    assert words[1:5] == [engines.RPC_PROGRAM, "head", "--rpc=198.18.20.11:50052", "--"]
+    assert "--port=8090" in words[5:] and any(w.startswith("--model=") for w in words[5:])
     assert head["health_path"] == engines.HEALTH_PATHS[engines.Engine.LLAMACPP]
     endpoints = hv["lab-gpu02"]["gpu_validate_probe"]["endpoints"]
     assert {"name": "tiny-span", "port": 8090, "path": head["health_path"]} in endpoints
@@ -81,12 +84,12 @@ def test_worker_runs_only_the_rpc_backend_on_its_fabric_address() -> None:
     worker = _svc(hv["lab-gpu01"], "tiny-span")
     assert worker["span_role"] == "worker"
     words = worker["exec_start"].split()
-    assert words[1:] == [engines.RPC_SERVER_PROGRAM, "--host=198.18.20.11", "--port=50052"]
+    assert words[1:] == [engines.RPC_PROGRAM, "worker", "--host=198.18.20.11", "--port=50052"]
     assert words[0].endswith("/tiny-span/venv/bin/python")
     assert worker["model_path"] == ""  # the head sends the tensors: no model file on a worker
     assert worker["health_path"] == "" and worker["rpc_bind"] == "198.18.20.11" and worker["port"] == 50052
     assert all(e["name"] != "tiny-span" for e in hv["lab-gpu01"]["gpu_validate_probe"]["endpoints"])
-    assert hv["lab-gpu01"]["inference_server_rpc_program"] == engines.RPC_SERVER_PROGRAM
+    assert hv["lab-gpu01"]["inference_server_rpc_program"] == engines.RPC_PROGRAM
 
 
 def test_workers_converge_no_later_than_their_head() -> None:
@@ -106,7 +109,7 @@ def test_replicas_are_unchanged_by_the_span_code() -> None:
     assert [p.hostname for p in plan.nodes] == [n["hostname"] for n in LAB["nodes"]]
     for p in plan.nodes:
         for svc in host_vars(p, s)["inference_server_services"]:
-            assert svc["span_role"] == "" and "--rpc_servers" not in svc["exec_start"]
+            assert svc["span_role"] == "" and engines.RPC_PROGRAM not in svc["exec_start"]
 
 
 @pytest.mark.parametrize(
