@@ -494,7 +494,8 @@ def airgap(site: Site, cat: ResolvedCatalogue) -> Iterator[Problem]:
                 ("wheel", svc.wheel),
             )
             for field, ref in refs:
-                if ref is not None and _host_of(ref) not in ok:
+                # An hf:// model is locked and bundled on the connected side and served by the mirror.
+                if ref is not None and not ref.startswith("hf://") and _host_of(ref) not in ok:
                     yield Problem(
                         f"services[{i}].{field}",
                         f"{ref} is outside mirror {by_seg[seg].mirror!r} of air-gapped segment {seg!r}",

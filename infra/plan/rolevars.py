@@ -13,7 +13,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from infra.model.ports import DCGM_EXPORTER_PORT
-from infra.model.site import ContainerEngine, Engine, InferenceService, RebootPolicy, Site
+from infra.model.site import ContainerEngine, Engine, InferenceService, Mirror, RebootPolicy, Site, parse_hf_source
 from infra.plan import engines
 from infra.plan.node import NodePlan
 from infra.plan.packages import Component
@@ -60,7 +60,12 @@ def wheel_requirement(url: str) -> tuple[str, str]:
 
 
 def service_vars(
-    s: InferenceService, runtime: ContainerEngine, runtime_version: str, *, lab: bool = False
+    s: InferenceService,
+    runtime: ContainerEngine,
+    runtime_version: str,
+    *,
+    lab: bool = False,
+    mirror: Mirror | None = None,
 ) -> dict[str, Any]:
     """One service as the `inference_server` role places it: paths and unit lines, already encoded.
 
@@ -71,10 +76,21 @@ def service_vars(
     directory = engines.model_dir(s)
     name = engines.model_file(s)
     native = s.engine is Engine.LLAMACPP and s.image is None
+    hub = parse_hf_source(s.model.source) is not None
+    base = f"http://{mirror.address}:{mirror.http_port}/" if mirror else ""
     out: dict[str, Any] = {
         "name": s.name,
         "engine": s.engine.value,
-        "model_source": s.model.source,
+        # A single file fetched as it is (http(s) sources); `hf://` models come file by file from the mirror.
+        "model_source": "" if hub else s.model.source,
+        "model_index_url": base + engines.mirror_model_index(s.model.name, s.model.revision) if hub and base else "",
+        "model_base_url": base + engines.mirror_model_dir(s.model.name, s.model.revision) + "/" if hub and base else "",
+        "model_unserved": (
+            f"service {s.name}: {s.model.source} reaches nodes only through their segment's mirror "
+            "(gpufleet lock, bundle build, bundle import); give the segment a mirror"
+            if hub and not base
+            else ""
+        ),
         "model_dir": directory,
         "model_path": f"{directory}/{name}" if name else "",
         "port": s.port,
@@ -134,7 +150,10 @@ def host_vars(plan: NodePlan, site: Site) -> dict[str, Any]:
         # renders already has the NVIDIA runtime and both roles agree on one file content.
         docker_options["runtimes"] = {"nvidia": {"path": "nvidia-container-runtime", "args": []}}
         docker_options["features"] = {"cdi": True}
-    services = [service_vars(s.service, engine, p.container_runtime.version, lab=lab) for s in plan.services]
+    services = [
+        service_vars(s.service, engine, p.container_runtime.version, lab=lab, mirror=plan.mirror)
+        for s in plan.services
+    ]
     # Registries that get credentials (when a token is given): those of the images, and the mirror's.
     registries = sorted(
         {
