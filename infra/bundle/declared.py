@@ -183,7 +183,7 @@ def declared(site: Site, segment: str | None = None, plan: SitePlan | None = Non
     out = [
         Declared(kind, name, version, tuple(sorted(sources)), tuple(sorted(segs_)))
         for (kind, name, version), (segs_, sources) in found.items()
-        if version is not None or (kind, name) not in pinned
+        if version is not None or kind is not Kind.DEB or (kind, name) not in pinned
     ]
     return sorted(out)
 
