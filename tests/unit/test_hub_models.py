@@ -5,11 +5,16 @@ Every test talks to a local hub the test creates (tests/hubfake.py, on 127.0.0.1
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import os
 import shutil
 import subprocess
+import sys
+import threading
 from collections.abc import Iterator
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -289,3 +294,113 @@ def test_vllm_from_the_hub_serves_the_model_directory() -> None:
     assert "--volume=/var/lib/gpufleet/models/gpufleet-tiny-lab/hub-1:/models:ro" in run
     assert run[run.index(image) + 1] == "/models"
     assert "--env=HF_HUB_OFFLINE=1" in run
+
+
+# ------------------------------------------------------------------------------- the role on a node
+
+ROLE_TASKS = project_dir() / "roles/inference_server/tasks/hub_model.yml"
+CHANGED = "FETCH-CHANGED={{ _inference_server_hub_fetch is changed }}"
+
+
+@pytest.fixture
+def mirror_dir(tmp_path: Path) -> Iterator[tuple[Path, str]]:
+    """A directory served over HTTP on 127.0.0.1 (the mirror's files/ tree, as nginx serves it)."""
+    root = tmp_path / "srv"
+    root.mkdir()
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield root, f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _publish(root: Path, files: dict[str, bytes], listed: dict[str, bytes] | None = None) -> None:
+    """Files under files/models/m/r/ and their list (of `listed`, default the same bytes) as build writes it."""
+    for name, data in files.items():
+        p = root / "files/models/m/r" / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+    entries = [(n, len(d), hashlib.sha256(d).hexdigest()) for n, d in (listed or files).items()]
+    index = root / "files/model-index/m/r.json"
+    index.parent.mkdir(parents=True, exist_ok=True)
+    index.write_bytes(hub.index_bytes("m", "r", REPO, "a" * 40, entries))
+
+
+def _run_role(tmp: Path, base: str, *, check: bool = False) -> tuple[int, str, Path]:
+    """Run the role's hub_model.yml on this machine; (exit code, output, the model directory)."""
+    model_dir = tmp / "node/models/m/r"
+    play = [{"hosts": "localhost", "gather_facts": False,
+             "vars": {"inference_server_service": {"name": "t", "model_index_url": base + "files/model-index/m/r.json",
+                                                   "model_base_url": base + "files/models/m/r/"},
+                      "_inference_server_model_dir": str(model_dir)},
+             "tasks": [{"ansible.builtin.file": {"path": str(model_dir), "state": "directory", "mode": "0755"}},
+                       {"ansible.builtin.import_tasks": str(ROLE_TASKS)},
+                       {"ansible.builtin.debug": {"msg": CHANGED}}]}]
+    (tmp / "play.yml").write_text(yaml.safe_dump(play))
+    env = {**os.environ, "ANSIBLE_LOCALHOST_WARNING": "false", "ANSIBLE_INVENTORY_UNPARSED_WARNING": "false",
+           "ANSIBLE_HOME": str(tmp / ".ansible"), "ANSIBLE_LOCAL_TEMP": str(tmp / ".tmp"),
+           "ANSIBLE_PYTHON_INTERPRETER": sys.executable}
+    p = subprocess.run([str(Path(sys.executable).parent / "ansible-playbook"), "-i", "localhost,", "-c", "local",
+                        *(["--check"] if check else []), str(tmp / "play.yml")],
+                       capture_output=True, text=True, timeout=300, env=env, check=False)
+    return p.returncode, p.stdout + p.stderr, model_dir
+
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="the role's files are owned by root")
+
+
+@needs_root
+def test_the_role_fetches_the_listed_files_once(tmp_path: Path, mirror_dir: tuple[Path, str]) -> None:
+    """A node gets every listed file (subfolders too) from the mirror; a second run fetches nothing."""
+    root, base = mirror_dir
+    _publish(root, {"model.gguf": GGUF, "tok/tokenizer.json": b"{}"})
+    code, out, model_dir = _run_role(tmp_path, base)
+    assert code == 0, out[-3000:]
+    assert (model_dir / "model.gguf").read_bytes() == GGUF
+    assert (model_dir / "tok/tokenizer.json").read_bytes() == b"{}"
+    assert "FETCH-CHANGED=True" in out
+    code, out, _ = _run_role(tmp_path, base)
+    assert code == 0 and "FETCH-CHANGED=False" in out, out[-3000:]
+
+
+@needs_root
+def test_the_role_refetches_a_file_whose_locked_hash_changed(tmp_path: Path, mirror_dir: tuple[Path, str]) -> None:
+    """A new lock (a branch that moved on) changes a file's sha256 in the list: the node fetches it again."""
+    root, base = mirror_dir
+    _publish(root, {"model.gguf": GGUF})
+    assert _run_role(tmp_path, base)[0] == 0
+    _publish(root, {"model.gguf": GGUF + b"v2"})
+    code, out, model_dir = _run_role(tmp_path, base)
+    assert code == 0 and "FETCH-CHANGED=True" in out, out[-3000:]
+    assert (model_dir / "model.gguf").read_bytes() == GGUF + b"v2"
+
+
+@needs_root
+def test_the_role_refuses_bytes_that_are_not_the_listed_ones(tmp_path: Path, mirror_dir: tuple[Path, str]) -> None:
+    """A mirror file that does not match its sha256 in the list fails the run and is not left in place."""
+    root, base = mirror_dir
+    _publish(root, {"model.gguf": bytes(reversed(GGUF))}, listed={"model.gguf": GGUF})
+    code, out, model_dir = _run_role(tmp_path, base)
+    assert code != 0 and "checksum" in out.lower(), out[-3000:]
+    assert not (model_dir / "model.gguf").exists()
+
+
+@needs_root
+@pytest.mark.parametrize("bad", ["../escape.gguf", "-rf"])
+def test_the_role_refuses_a_list_that_names_paths_outside_the_model(tmp_path: Path, mirror_dir: tuple[Path, str],
+                                                                    bad: str) -> None:
+    """A file list with a path that leaves the model directory (or is hidden, or an option) fetches nothing."""
+    root, base = mirror_dir
+    _publish(root, {"model.gguf": GGUF})
+    entries = [("model.gguf", len(GGUF), hashlib.sha256(GGUF).hexdigest()), (bad, 2, hashlib.sha256(b"{}").hexdigest())]
+    (root / "files/model-index/m/r.json").write_bytes(hub.index_bytes("m", "r", REPO, "a" * 40, entries))
+    code, out, model_dir = _run_role(tmp_path, base)
+    assert code != 0 and "is not a model file list gpufleet wrote" in out, out[-3000:]
+    assert not (model_dir / "model.gguf").exists()
