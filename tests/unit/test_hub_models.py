@@ -28,7 +28,7 @@ from infra.bundle.declared import Declared, Kind, declared
 from infra.bundle.lock import Lock, ResolveOptions, _resolve_other, check, decl_dict
 from infra.bundle.manifest import verify_bundle
 from infra.bundle.signing import generate_key
-from infra.model.load import parse_site, project_dir
+from infra.model.load import SiteError, parse_site, project_dir
 from infra.model.site import Site
 from infra.plan import engines
 from infra.plan.node import plan_site
@@ -50,11 +50,17 @@ def fake_hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
         yield h
 
 
-def _lab_site(source: str, revision: str = "hub-1") -> Site:
-    """The lab stack with its air-gapped llama.cpp service's model from `source` (under a revision of its own)."""
+def _lab_site(source: str, revision: str = "hub-1", *, vllm: bool = False) -> Site:
+    """The lab stack with its air-gapped llama.cpp service's model from `source` (under a revision of its own).
+
+    `vllm` serves it with vLLM instead (an image, a model directory: a whole repository).
+    """
     raw = yaml.safe_load((project_dir() / "stacks/Pulumi.lab.yaml").read_text())["config"]["gpufleet:site"]
     svc = next(s for s in raw["services"] if s["name"] == "tiny-airgap")
     svc["model"]["source"], svc["model"]["revision"] = source, revision
+    if vllm:
+        svc.pop("wheel")
+        svc.update(engine="vllm", image="198.18.2.10:5000/vllm/vllm-openai@sha256:" + "a" * 64)
     return parse_site(raw)
 
 
@@ -123,7 +129,7 @@ def test_without_at_the_stack_revision_is_the_hub_revision(fake_hub: FakeHub, tm
     """`hf://org/name` with `revision: <commit>` locks that commit, even after `main` moved on."""
     sha = fake_hub.repo(REPO).refs["main"]
     fake_hub.repo(REPO).commit({"model.gguf": b"moved", "config.json": CONFIG})
-    site = _lab_site(f"hf://{REPO}", revision=sha)
+    site = _lab_site(f"hf://{REPO}", revision=sha, vllm=True)
     assert _hub_decl(site).sources == (f"hf://{REPO}@{sha}",)
     lock = _lock(site, tmp_path)
     assert {a.version for a in lock.artifacts} == {sha}
@@ -193,7 +199,7 @@ def test_the_fake_hub_lists_git_blob_ids_as_git_computes_them() -> None:
 def test_bundle_carries_the_locked_files_and_their_list(fake_hub: FakeHub, tmp_path: Path, key: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """The bundle holds the hub's bytes at the mirror path, and the file list nodes fetch by; it verifies."""
-    site = _lab_site(f"hf://{REPO}@main")
+    site = _lab_site(f"hf://{REPO}@main", vllm=True)
     lock = _lock(site, tmp_path)
     out = tmp_path / "bundle"
     _build(site, lock, out, key, monkeypatch)
@@ -277,19 +283,24 @@ def test_a_node_without_a_mirror_is_told_the_hub_model_cannot_reach_it() -> None
 
 
 def test_llamacpp_from_the_hub_must_name_its_gguf() -> None:
-    """llama.cpp loads one file: `hf://org/name@rev` without a file is refused with the spelling to use."""
-    site = _lab_site(f"hf://{REPO}@main")
-    svc = next(s for s in site.services if s.name == "tiny-airgap")
+    """llama.cpp loads one file: `hf://org/name@rev` without one is a validation problem at the source."""
+    with pytest.raises(SiteError) as err:
+        _lab_site(f"hf://{REPO}@main")
+    (p,) = err.value.problems
+    assert p.path == "services[1].model.source" and "one GGUF file" in p.message
+    assert f"hf://{REPO}@main/<file>.gguf" in p.fix
+    # Past validation, the engine layer refuses it too (the second layer of issue 16).
+    svc = _lab_site(f"hf://{REPO}@main/model.gguf").services[1]
+    svc = svc.model_copy(update={"model": svc.model.model_copy(update={"source": f"hf://{REPO}@main"})})
     with pytest.raises(engines.EngineError, match=r"hf://<org>/<name>@<revision>/<file>\.gguf"):
         engines.unit_commands(svc, engines.ContainerEngine.PODMAN, "4.3.1")
 
 
 def test_vllm_from_the_hub_serves_the_model_directory() -> None:
     """vLLM gets the directory (its positional model argument), mounted read-only, hub access off."""
-    site = _lab_site(f"hf://{REPO}@main")
-    svc = next(s for s in site.services if s.name == "tiny-airgap")
-    image = "docker.io/vllm/vllm-openai@sha256:" + "a" * 64
-    svc = svc.model_copy(update={"engine": engines.Engine.VLLM, "image": image, "wheel": None})
+    svc = _lab_site(f"hf://{REPO}@main", vllm=True).services[1]
+    assert svc.image is not None
+    image = svc.image
     run = engines.container_run(svc, engines.ContainerEngine.PODMAN, "4.3.1", host_model_dir=engines.model_dir(svc))
     assert "--volume=/var/lib/gpufleet/models/gpufleet-tiny-lab/hub-1:/models:ro" in run
     assert run[run.index(image) + 1] == "/models"
