@@ -15,12 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from infra.bundle import oci
+from infra.bundle import hub, oci
 from infra.bundle.apt import AptError, AptRoot
 from infra.bundle.lock import Artifact, Lock, check, upstream_sources
 from infra.bundle.manifest import MANIFEST, SIGNATURE, Manifest, check_rel, write_manifest
 from infra.bundle.store import FetchError, Store, fetch_url, file_digest
 from infra.model.site import AptSource, Site
+from infra.plan.engines import mirror_model_dir, mirror_model_index
 
 SKOPEO_TIMEOUT_S = 1800
 
@@ -129,6 +130,8 @@ def build(site: Site, lock: Lock, lock_text: str, segment: str | None, out: Path
     if missing:
         raise BuildError(f"bundle for {site.name}{'/' + segment if segment else ''} is incomplete; "
                          f"{len(missing)} locked artifact(s) missing (no manifest written)", missing)
+    shutil.rmtree(out.parent / f".{out.name}.hub", ignore_errors=True)  # huggingface_hub's download cache
+    _write_model_indexes(arts, out)
     lock_sha = hashlib.sha256(lock_text.encode()).hexdigest()
     return write_manifest(out, site.name, segment, lock_sha, arts, signing_key, serial=serial, mirrors=mirrors)
 
@@ -194,8 +197,12 @@ def _fetch_file(a: Artifact, out: Path, opts: BuildOptions) -> list[str]:
         break
     else:
         tried.append(a.source)
+        pinned = hub.parse_locked_source(a.source)
         try:
-            if a.source.startswith(("http://", "https://")):
+            if pinned is not None:
+                repo, commit, path = pinned
+                hub.download(repo, commit, path, dest, opts.work or out.parent / f".{out.name}.hub")
+            elif a.source.startswith(("http://", "https://")):
                 fetch_url(a.source, dest)
             elif Path(a.source).is_file():
                 shutil.copyfile(a.source, dest)
@@ -209,6 +216,29 @@ def _fetch_file(a: Artifact, out: Path, opts: BuildOptions) -> list[str]:
         dest.unlink()
         return [f"{a.kind} {a.name}: {a.path} has sha256 {sha}, the lock says {a.sha256}"]
     return []
+
+
+def _write_model_indexes(arts: list[Artifact], out: Path) -> None:
+    """For each `hf://` model, the file list its nodes fetch it by (`files/model-index/<name>/<rev>.json`).
+
+    Written from the lock alone, so it is in the signed manifest like every other file and a mirror
+    serves exactly what the lock pinned. A node checks each file's sha256 against it when fetching.
+    """
+    models: dict[str, list[tuple[Artifact, tuple[str, str, str]]]] = {}
+    for a in arts:
+        pinned = hub.parse_locked_source(a.source) if a.kind == "model" else None
+        if pinned is not None:
+            models.setdefault(a.name, []).append((a, pinned))
+    for key, files in sorted(models.items()):
+        name, revision = key.split("@", 1)
+        repo, commit, _ = files[0][1]
+        prefix = mirror_model_dir(name, revision) + "/"
+        listed = [(a.path.removeprefix(prefix), a.size or 0, a.sha256 or "") for a, _ in files]
+        if any(not a.path.startswith(prefix) for a, _ in files) or len({p[:2] for _, p in files}) != 1:
+            raise BuildError(f"model {key}: the lock mixes paths or commits of one model (edited by hand?)")
+        dest = out / mirror_model_index(name, revision)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(hub.index_bytes(name, revision, repo, commit, listed))
 
 
 def _fetch_image(a: Artifact, out: Path, opts: BuildOptions) -> list[str]:

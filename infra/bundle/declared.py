@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from infra.model.load import project_dir
-from infra.model.site import Engine, OperatingSystem, Site
+from infra.model.site import Engine, OperatingSystem, Site, parse_hf_source
 from infra.plan.node import NodePlan, SitePlan, plan_site
 from infra.plan.packages import monitoring_server_packages
 
@@ -163,7 +163,14 @@ def declared(site: Site, segment: str | None = None, plan: SitePlan | None = Non
             if svc.wheel:
                 # Wheel file names carry the version (`name-1.2.3-py3-none-any.whl`, PEP 427).
                 add(Kind.WHEEL, url_file(svc.wheel), url_file(svc.wheel).split("-")[1], seg, svc.wheel)
-            if svc.model.source.startswith(("http://", "https://")):
+            hub = parse_hf_source(svc.model.source)
+            if hub is not None:
+                # Unpinned on purpose: the lock pins the commit the hub revision had when locked (like a
+                # branch in any lock file); the source, with the revision it asks for, is what `--check` sees.
+                ref = hub.revision or svc.model.revision
+                add(Kind.MODEL, f"{svc.model.name}@{svc.model.revision}", None, seg,
+                    f"hf://{hub.repo}@{ref}" + (f"/{hub.path}" if hub.path else ""))
+            elif svc.model.source.startswith(("http://", "https://")):
                 add(Kind.MODEL, f"{svc.model.name}@{svc.model.revision}", svc.model.revision, seg,
                     svc.model.source)
     # Each segment's Prometheus host installs the server packages from its segment's source: an air-gapped
@@ -183,7 +190,7 @@ def declared(site: Site, segment: str | None = None, plan: SitePlan | None = Non
     out = [
         Declared(kind, name, version, tuple(sorted(sources)), tuple(sorted(segs_)))
         for (kind, name, version), (segs_, sources) in found.items()
-        if version is not None or (kind, name) not in pinned
+        if version is not None or kind is not Kind.DEB or (kind, name) not in pinned
     ]
     return sorted(out)
 

@@ -17,12 +17,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from infra.bundle import oci
+from infra.bundle import hub, oci
 from infra.bundle.apt import AptRoot
 from infra.bundle.declared import Declared, Kind, declared, files_path, image_repo, plugin_file
 from infra.bundle.store import FetchError, Store, fetch_url, file_digest
 from infra.model.load import project_dir
-from infra.model.site import AptSource, Segment, Site
+from infra.model.site import AptSource, Segment, Site, parse_hf_source
+from infra.plan.engines import mirror_model_dir
 
 FORMAT = 1
 BASELINE = "baseline"  # `source` of packages the nodes' installed OS already provides (nothing to fetch)
@@ -333,6 +334,8 @@ def _resolve_other(d: Declared, opts: ResolveOptions, work: Path, notes: list[st
                                  f"docker://{reg}/{repo}@{digest}", segs, True)]
         notes.append(f"image {repo}@{digest}: not found in --artifacts or registries; locked unresolved")
         return [Artifact(d.kind.value, repo, digest, f"images/{repo}", None, None, d.sources[0], segs, True)]
+    if d.kind is Kind.MODEL and d.sources and parse_hf_source(d.sources[0]):
+        return _resolve_hub(d, work, notes)
     # Files: a model directory (source ending in /) becomes one artifact per file found in a store.
     rel = _file_rel(d)
     if rel.endswith("/"):
@@ -362,6 +365,33 @@ def _resolve_other(d: Declared, opts: ResolveOptions, work: Path, notes: list[st
         return [Artifact(d.kind.value, d.name, d.version, rel, size, sha, where, segs, True)]
     notes.append(f"{d.describe()}: not found at {', '.join(candidates)}; locked unresolved")
     return [Artifact(d.kind.value, d.name, d.version, rel, None, None, d.sources[0], segs, True)]
+
+
+def _resolve_hub(d: Declared, work: Path, notes: list[str]) -> list[Artifact]:
+    """An `hf://` model: its revision pinned to the commit, one artifact per file with the hub's sha256.
+
+    Raises:
+        HubError: the hub reports a commit other than the one the stack's `revision` spells out in full.
+
+    """
+    hub_src = parse_hf_source(d.sources[0])
+    if hub_src is None or hub_src.revision is None:  # declared() always writes `@<ref>`: a lock edited by hand
+        raise hub.HubError(f"{d.describe()}: source {d.sources[0][:120]!r} names no hub revision")
+    name, revision = d.name.split("@", 1)
+    model_dir = mirror_model_dir(name, revision)
+    try:
+        pinned = hub.resolve(hub_src.repo, hub_src.revision, hub_src.path, work)
+    except hub.HubError as exc:
+        notes.append(f"{d.describe()}: {exc}; locked unresolved")
+        return [Artifact(d.kind.value, d.name, None, model_dir, None, None, d.sources[0], d.segments, True)]
+    if hub.COMMIT.match(revision) and revision != pinned.commit:
+        raise hub.HubError(f"model {name}: `revision` is commit {revision}, but {d.sources[0]} is commit "
+                           f"{pinned.commit}; make them agree (or give `revision` a name, not a sha)")
+    if pinned.ref != pinned.commit:
+        notes.append(f"{d.sources[0]}: pinned to commit {pinned.commit}")
+    return [Artifact(d.kind.value, d.name, pinned.commit, f"{model_dir}/{f.path}", f.size, f.sha256,
+                     hub.locked_source(pinned.repo, pinned.commit, f.path), d.segments, True)
+            for f in pinned.files]
 
 
 # llama.cpp's OpenAI-compatible server (what the inference role runs) lives in the `server` extra.

@@ -31,6 +31,7 @@ from infra.model.site import (
     NodeRole,
     Site,
     SoftwareProfile,
+    parse_hf_source,
 )
 from infra.model.sizing import deployment, model_arch
 
@@ -496,7 +497,8 @@ def airgap(site: Site, cat: ResolvedCatalogue) -> Iterator[Problem]:
                 ("wheel", svc.wheel),
             )
             for field, ref in refs:
-                if ref is not None and _host_of(ref) not in ok:
+                # An hf:// model is locked and bundled on the connected side and served by the mirror.
+                if ref is not None and not ref.startswith("hf://") and _host_of(ref) not in ok:
                     yield Problem(
                         f"services[{i}].{field}",
                         f"{ref} is outside mirror {by_seg[seg].mirror!r} of air-gapped segment {seg!r}",
@@ -982,6 +984,13 @@ def engine_support(site: Site, cat: ResolvedCatalogue) -> Iterator[Problem]:
                     f"TGI keeps the KV cache in the model's dtype or fp8, not {kv.value}",
                     "set kv_cache_dtype: auto or fp8",
                 )
+        hub = parse_hf_source(svc.model.source)
+        if svc.engine is Engine.LLAMACPP and hub is not None and hub.path is None:
+            yield Problem(
+                f"{path}.model.source",
+                "llama.cpp serves one GGUF file; this hf:// source names a whole repository",
+                f"name the file: hf://{hub.repo}@{hub.revision or svc.model.revision}/<file>.gguf",
+            )
         if svc.engine is Engine.LLAMACPP and kv is not KvCacheDType.AUTO:
             yield Problem(
                 f"{path}.kv_cache_dtype",

@@ -71,6 +71,37 @@ HF_REPO_PART = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?")
 """One half of a Hugging Face repo id (`org/name`): the rules of `huggingface_hub.utils.validate_repo_id`
 (alphanumerics, '-', '_', '.'; not starting or ending with '-'/'.'; at most 96; no '--' or '..')."""
 
+HF_REVISION = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,126}[A-Za-z0-9])?")
+"""A hub revision after `@`: a commit sha, branch or tag with letters, digits, '.', '_' and '-' (git's
+check-ref-format allows more; '/' is left out so `@rev/file` stays unambiguous: pin `refs/pr/N` by its sha)."""
+
+HF_FILE_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,254}")
+"""One component of a file path inside a hub repository: no hidden files, no '.', '..', spaces or options."""
+
+
+@dataclass(frozen=True)
+class HfSource:
+    """A parsed `hf://org/name[@revision][/path/to/file]` model source."""
+
+    repo: str
+    """`org/name`, the hub's repo id."""
+    revision: str | None
+    """What `@` names (commit sha, branch or tag); None when the source names none."""
+    path: str | None
+    """One file of the repository (a GGUF for llama.cpp); None for the whole repository."""
+
+
+def parse_hf_source(value: str) -> HfSource | None:
+    """The parts of an `hf://` source that passed `_model_source`; None for any other source."""
+    if not value.startswith("hf://"):
+        return None
+    head, _, path = value.removeprefix("hf://").partition("@")
+    if not _:
+        return HfSource(head, None, None)
+    revision, _, path = path.partition("/")
+    return HfSource(head, revision, path or None)
+
+
 BMC_ENDPOINT = re.compile(r"(?P<scheme>https?|ipmi)://(?P<host>[A-Za-z0-9.-]{1,253})(?::(?P<port>[0-9]{1,5}))?")
 """`https://host[:port]` (Redfish) or `ipmi://host[:port]`: scheme, host and port only."""
 
@@ -275,19 +306,27 @@ def _http_url(value: str) -> str:
     return value
 
 
+_HF_FIX = (
+    "write hf://<org>/<name>[@<revision>[/<file>]]: letters, digits, '-', '_' and '.' in org and name, a commit "
+    "sha, branch or tag after '@', and optionally one file of the repository after it (e.g. a .gguf)"
+)
+
+
 def _model_source(value: str) -> str:
     if value.startswith("hf://"):
-        parts = value.removeprefix("hf://").split("/")
+        head, at, tail = value.removeprefix("hf://").partition("@")
+        parts = head.split("/")
+        revision, _, path = tail.partition("/")
         if (
             len(parts) != 2
             or not all(HF_REPO_PART.fullmatch(p) for p in parts)
             or any(".." in p or "--" in p for p in parts)
         ):
-            raise _invalid(
-                f"{_show(value)} is not a Hugging Face repository",
-                "write hf://<org>/<name> with letters, digits, '-', '_' and '.' in each part "
-                "(the revision goes in `revision`, not here)",
-            )
+            raise _invalid(f"{_show(value)} is not a Hugging Face repository", _HF_FIX)
+        if at and (not HF_REVISION.fullmatch(revision) or ".." in revision or revision.endswith(".lock")):
+            raise _invalid(f"{_show(value)} has no valid revision after '@'", _HF_FIX)
+        if at and _ and not all(HF_FILE_PART.fullmatch(c) and ".." not in c for c in path.split("/")):
+            raise _invalid(f"{_show(value)} names a file path that cannot be placed in the model store", _HF_FIX)
         return value
     if value.startswith(("http://", "https://")):
         return _http_url(value)
@@ -1110,7 +1149,8 @@ class ModelSpec(_Model):
     revision: Revision
     """Exact revision (commit hash or immutable tag) of the weights."""
     source: ModelSource
-    """Where the weights come from: `http(s)://` file store URL or `hf://org/name`."""
+    """Where the weights come from: `http(s)://` file store URL or `hf://org/name[@revision[/file]]`.
+    For `hf://` the hub revision is the one after `@`, else `revision`; `gpufleet lock` pins its commit."""
     dtype: DType = DType.BF16
     """Weight precision or quantisation."""
     context_length: int = Field(ge=128)

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from infra.model.site import ContainerEngine, DType, Engine, InferenceService, KvCacheDType
+from infra.model.site import ContainerEngine, DType, Engine, InferenceService, KvCacheDType, parse_hf_source
 
 MODEL_ROOT = "/var/lib/gpufleet/models"
 """Model store on a node: one directory per model name and revision."""
@@ -49,7 +49,28 @@ OFFLINE_ENV: dict[str, str] = {
     "DO_NOT_TRACK": "1",
     "VLLM_NO_USAGE_STATS": "1",
 }
-"""Every engine runs offline: nothing reaches a hub, nothing reports usage."""
+"""Every engine runs offline: nothing reaches a hub, nothing reports usage. An `hf://` model is on the
+node before the engine starts (locked, bundled, served by the mirror), so the engines load it from the
+model directory and never need the hub (huggingface_hub reads HF_HUB_OFFLINE, transformers its own)."""
+
+MIRROR_MODELS = "files/models"
+"""Where a mirror (and a bundle) keeps model files: `<this>/<name>/<revision>/<file path in the repo>`."""
+MIRROR_MODEL_INDEX = "files/model-index"
+"""Where a mirror keeps, per `hf://` model, the list of its files with sha256 (written by `gpufleet bundle
+build` from the lock): `<this>/<name>/<revision>.json`. Beside, not inside, the model directory, so no
+repository file can collide with it and the engine never sees it."""
+
+
+def mirror_model_dir(name: str, revision: str) -> str:
+    """`files/models/<name>/<revision>`: one model revision on the mirror and in a bundle."""
+    return posixpath.join(MIRROR_MODELS, _component(name, "model name"), _component(revision, "revision"))
+
+
+def mirror_model_index(name: str, revision: str) -> str:
+    """`files/model-index/<name>/<revision>.json`: the file list a node fetches an `hf://` model by."""
+    leaf = _component(revision, "revision") + ".json"
+    return posixpath.join(MIRROR_MODEL_INDEX, _component(name, "model name"), leaf)
+
 
 # Where each engine answers "ready"; the role polls it after (re)starting the service.
 HEALTH_PATHS: dict[Engine, str] = {
@@ -197,8 +218,18 @@ def model_dir(service: InferenceService, root: str = MODEL_ROOT) -> str:
 
 
 def model_file(service: InferenceService) -> str:
-    """File name of a single-file model source (a GGUF for llama.cpp); empty for a directory source."""
+    """Path, inside the model directory, of a single-file model (a GGUF for llama.cpp); empty for a directory.
+
+    An `http(s)://` source names its file by its last path segment; an `hf://org/name@rev/<file>` source
+    by the file path in the repository (subdirectories kept, as the bundle and the node lay it out).
+    """
     src = service.model.source
+    hub = parse_hf_source(src)
+    if hub is not None:
+        parts = hub.path.split("/") if hub.path else []
+        if any(not _FILE_NAME.match(p) or p in {".", ".."} for p in parts):
+            raise EngineError(f"model file {hub.path!r} of {src!r} cannot be placed in the model store")
+        return "/".join(parts)
     if not src.startswith(("http://", "https://")):
         return ""
     name = posixpath.basename(urlsplit(src).path)
@@ -206,6 +237,15 @@ def model_file(service: InferenceService) -> str:
         return ""
     if not _FILE_NAME.match(name):
         raise EngineError(f"model file name {name!r} of {src!r} cannot be placed in the model store")
+    return name
+
+
+def _llamacpp_file(service: InferenceService) -> str:
+    """The GGUF llama.cpp loads: it serves one file, never a directory."""
+    name = model_file(service)
+    if not name:
+        hint = "hf://<org>/<name>@<revision>/<file>.gguf" if parse_hf_source(service.model.source) else "its URL"
+        raise EngineError(f"service {service.name!r}: llama.cpp serves one GGUF file; name it in source ({hint})")
     return name
 
 
@@ -303,6 +343,8 @@ def engine_args(service: InferenceService) -> list[str]:
     if service.engine is Engine.TGI:
         return tgi_args(service)
     if service.engine is Engine.LLAMACPP:
+        if parse_hf_source(service.model.source):
+            return llamacpp_server_args(service, posixpath.join(CONTAINER_MODEL_DIR, _llamacpp_file(service)))
         name = model_file(service)
         model = posixpath.join(CONTAINER_MODEL_DIR, name) if name else CONTAINER_MODEL_DIR
         return llamacpp_server_args(service, model)
@@ -383,9 +425,7 @@ def unit_commands(
     """Every command of one service's unit, computed from the plan (`rpc_servers`: a spanning head's workers)."""
     directory = model_dir(service, model_root)
     if service.engine is Engine.LLAMACPP and service.image is None:
-        name = model_file(service)
-        if not name:
-            raise EngineError(f"service {service.name!r}: native llama.cpp serves one GGUF file; name it in source")
+        name = _llamacpp_file(service)
         python = posixpath.join(venv_root, service.name, "venv", "bin", "python")
         if not _COMPONENT.match(service.name):
             raise EngineError(f"service name {service.name!r} cannot name a venv directory")

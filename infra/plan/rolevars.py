@@ -13,7 +13,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from infra.model.ports import DCGM_EXPORTER_PORT
-from infra.model.site import ContainerEngine, Engine, InferenceService, Site
+from infra.model.site import ContainerEngine, Engine, InferenceService, Mirror, Site, parse_hf_source
 from infra.plan import engines, nodestate
 from infra.plan.fabric import SpanGroup
 from infra.plan.node import NodePlan
@@ -67,6 +67,7 @@ def service_vars(
     *,
     span: SpanGroup | None = None,
     hostname: str = "",
+    mirror: Mirror | None = None,
 ) -> dict[str, Any]:
     """One service as the `inference_server` role places it: paths and unit lines, already encoded.
 
@@ -84,10 +85,22 @@ def service_vars(
         name = engines.model_file(s)
     directory = engines.model_dir(s)
     native = s.engine is Engine.LLAMACPP and s.image is None
+    # A worker of a spanning service holds no model file (its head sends the tensors): nothing to fetch.
+    hub = parse_hf_source(s.model.source) is not None and role != "worker"
+    base = f"http://{mirror.address}:{mirror.http_port}/" if mirror else ""
     out: dict[str, Any] = {
         "name": s.name,
         "engine": s.engine.value,
-        "model_source": s.model.source,
+        # A single file fetched as it is (http(s) sources); `hf://` models come file by file from the mirror.
+        "model_source": "" if hub or role == "worker" else s.model.source,
+        "model_index_url": base + engines.mirror_model_index(s.model.name, s.model.revision) if hub and base else "",
+        "model_base_url": base + engines.mirror_model_dir(s.model.name, s.model.revision) + "/" if hub and base else "",
+        "model_unserved": (
+            f"service {s.name}: {s.model.source} reaches nodes only through their segment's mirror "
+            "(gpufleet lock, bundle build, bundle import); give the segment a mirror"
+            if hub and not base
+            else ""
+        ),
         "model_dir": directory,
         "model_path": f"{directory}/{name}" if name else "",
         "port": s.rpc_port if role == "worker" else s.port,
@@ -156,7 +169,9 @@ def host_vars(plan: NodePlan, site: Site) -> dict[str, Any]:
         docker_options["runtimes"] = {"nvidia": {"path": "nvidia-container-runtime", "args": []}}
         docker_options["features"] = {"cdi": True}
     services = [
-        service_vars(s.service, engine, p.container_runtime.version, span=s.span, hostname=plan.hostname)
+        service_vars(
+            s.service, engine, p.container_runtime.version, span=s.span, hostname=plan.hostname, mirror=plan.mirror
+        )
         for s in plan.services
     ]
     # Registries that get credentials (when a token is given): those of the images, and the mirror's.

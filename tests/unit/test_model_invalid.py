@@ -98,7 +98,18 @@ CASES: list[tuple[str, Mutation, str, str]] = [
         "nodes[1].extra_sources[0]",
         "outside mirror",
     ),
-    ("airgap-service-hub-model", _set("services.0.nodes", ["gpu02"]), "services[0].model.source", "outside mirror"),
+    # An hf:// source is fine on an air-gapped segment (locked, bundled, served by the mirror); the hub's
+    # own web address is not: the node would have to reach it.
+    (
+        "airgap-service-hub-url",
+        lambda s: s["services"][0].update(
+            nodes=["gpu02"],
+            model={**s["services"][0]["model"],
+                   "source": "https://huggingface.co/meta-llama/Llama-3.1-8B/resolve/main/model.safetensors"},
+        ),
+        "services[0].model.source",
+        "outside mirror",
+    ),
     (
         "airgap-service-image",
         lambda s: s["services"][0].update(
