@@ -52,6 +52,7 @@ COMMANDS: dict[str, str] = {
     "lab": "infra.commands.lab",
     "bench": "infra.commands.bench",
     "provision": "infra.commands.provision",
+    "exec-host": "infra.commands.exechost",
 }
 COMMAND_MODULES = tuple(dict.fromkeys(COMMANDS.values()))
 EXIT_INTERRUPTED = 130  # the shell's code for SIGINT; a run stopped by Ctrl-C/SIGTERM says what to re-run

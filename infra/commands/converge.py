@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from infra.ansible.converge import check_report, converge, select, wait_ssh
+from infra.ansible.converge import Execution, check_report, converge, select, wait_ssh
 from infra.ansible.settings import Tuning
 from infra.commands.site import add_stack_args, site_from_args
 from infra.console import Exit, emit, fail, positive_float, table
@@ -23,6 +23,12 @@ def _selection_args(p: argparse.ArgumentParser) -> None:
         choices=[t.value for t in Tuning],
         default=Tuning.TUNED.value,
         help="runner settings: tuned (default) or plain Ansible defaults (for benchmarks)",
+    )
+    p.add_argument(
+        "--execution",
+        choices=[e.value for e in Execution],
+        default=Execution.STACK.value,
+        help="stack (default): each segment's execution host as the stack says; local: all on this controller",
     )
 
 
@@ -83,7 +89,7 @@ def cmd_converge(args: argparse.Namespace) -> int:
         return loaded
     site, plan, nodes = loaded
     result = converge(
-        site, nodes, tuning=Tuning(args.tuning), progress=not args.json, plan=plan
+        site, nodes, tuning=Tuning(args.tuning), progress=not args.json, plan=plan, execution=Execution(args.execution)
     )
     emit(args.json, result.as_dict(), _render_converge)
     return Exit.OK if result.succeeded else Exit.FAILED
@@ -110,7 +116,13 @@ def cmd_check(args: argparse.Namespace) -> int:
         return loaded
     site, plan, nodes = loaded
     result = converge(
-        site, nodes, check=True, tuning=Tuning(args.tuning), progress=not args.json, plan=plan
+        site,
+        nodes,
+        check=True,
+        tuning=Tuning(args.tuning),
+        progress=not args.json,
+        plan=plan,
+        execution=Execution(args.execution),
     )
     report = check_report(result)
     emit(args.json, report, _render_check)
