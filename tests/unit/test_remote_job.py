@@ -115,6 +115,11 @@ PLAY = """
       ansible.builtin.command: python3 -c "import sys; print(sys.executable)"
       changed_when: false
       register: where
+    - name: Copy the controller's keyring as a role does (copy src from the controller)
+      ansible.builtin.copy:
+        src: "{{ base_apt_sources[0].keyring }}"
+        dest: "{{ out_dir }}/{{ inventory_hostname }}.gpg"
+        mode: "0644"
     - name: Fail on purpose
       ansible.builtin.fail:
         msg: boom
@@ -131,7 +136,17 @@ def test_a_job_runs_through_transmit_worker_process_and_folds_per_host(
     monkeypatch.setenv("GPUFLEET_RUNS_DIR", str(tmp_path / "runs"))
     playbook = tmp_path / "play.yml"
     playbook.write_text(PLAY)
-    local = {"ansible_connection": "local", "ansible_python_interpreter": "/usr/bin/python3"}
+    keyring = tmp_path / "controller-keys" / "upstream.gpg"
+    keyring.parent.mkdir()
+    keyring.write_bytes(b"KEYRING-BYTES")
+    out_dir = tmp_path / "node-out"
+    out_dir.mkdir()
+    local = {
+        "ansible_connection": "local",
+        "ansible_python_interpreter": "/usr/bin/python3",
+        "base_apt_sources": [{"name": "upstream", "keyring": str(keyring)}],
+        "out_dir": str(out_dir),
+    }
     inventory = {"all": {"children": {"gpufleet_nodes": {"hosts": {"n1": dict(local), "n2": dict(local)}}}}}
     target = job.ExecHost("seg", "exec01", "127.0.0.1", "root", str(installed))
     secret = "s3cret-value-xyz"
@@ -145,10 +160,14 @@ def test_a_job_runs_through_transmit_worker_process_and_folds_per_host(
         secrets={"test_secret": secret},
         label="t",
     )
-    assert result.hosts["n1"].succeeded and result.hosts["n1"].changed == 1
+    assert result.hosts["n1"].succeeded and result.hosts["n1"].changed == 2  # the echo and the copy
     assert not result.hosts["n2"].succeeded
     assert result.hosts["n2"].failures[0]["msg"] == "boom"
     assert result.rc != 0
+    # The controller's keyring travelled in the job: the inventory sent names the job's copy, not the original.
+    assert (out_dir / "n1.gpg").read_bytes() == b"KEYRING-BYTES"
+    sent = (Path(result.run_dir) / "pdd" / "inventory" / "hosts.json").read_text()
+    assert str(keyring) not in sent and f"{installed}/jobs/j" in sent
     # Nothing of the job stays on the execution host; the secret is nowhere in what came back.
     assert list((installed / "jobs").iterdir()) == []
     for f in Path(result.run_dir).rglob("*"):

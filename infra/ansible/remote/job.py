@@ -147,6 +147,33 @@ def _copy_collection(root: Path, project: Path) -> None:
             shutil.copy2(src, dest / part)
 
 
+# Host variables that name a file on the controller, which a role copies to the node (`copy: src:`): the
+# apt keyrings (`base_apt_sources[].keyring`, from the stack's `keyring` fields). A job carries them.
+CONTROLLER_FILE_KEYS = frozenset({"keyring"})
+
+
+def carry_controller_files(value: Any, project: Path, job_dir: str) -> Any:
+    """`value` with every controller file it names copied into the job and renamed to its path there.
+
+    The file's name in the job is its content digest, so two sources with one keyring share one copy.
+    """
+    if isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            if k in CONTROLLER_FILE_KEYS and isinstance(v, str) and v.startswith("/") and Path(v).is_file():
+                data = Path(v).read_bytes()
+                name = hashlib.sha256(data).hexdigest()[:24] + Path(v).suffix
+                (project / "files").mkdir(exist_ok=True)
+                (project / "files" / name).write_bytes(data)
+                out[k] = f"{job_dir}/project/files/{name}"
+            else:
+                out[k] = carry_controller_files(v, project, job_dir)
+        return out
+    if isinstance(value, list):
+        return [carry_controller_files(v, project, job_dir) for v in value]
+    return value
+
+
 def remote_env(
     target: ExecHost, job_dir: str, tuning: Tuning, hosts: int, known_hosts: str
 ) -> tuple[dict[str, str], int]:
@@ -232,13 +259,13 @@ def run_playbook_remote(
     project = pdd / "project"
     (pdd / "inventory").mkdir(parents=True)
     project.mkdir()
-    write_json(pdd / "inventory" / "hosts.json", inventory)
+    job_dir = str(PurePosixPath(target.runtime_dir) / "jobs" / f"j{pysecrets.token_hex(6)}")
+    write_json(pdd / "inventory" / "hosts.json", carry_controller_files(inventory, project, job_dir))
     root = project_root()
     source = Path(playbook) if Path(playbook).is_absolute() else root / "playbooks" / playbook
     playbook = source.name
     shutil.copy2(source, project / playbook)
     _copy_collection(root, project)
-    job_dir = str(PurePosixPath(target.runtime_dir) / "jobs" / f"j{pysecrets.token_hex(6)}")
     entries = inventory["all"]["children"][GROUP]["hosts"]
     names = [n for h in hosts for n in (h, str(entries[h].get("ansible_host", h)))]
     pinned = Path(ssh_settings.known_hosts).read_text(encoding="utf-8") if ssh_settings.known_hosts else ""
