@@ -23,8 +23,12 @@ from typing import Any
 
 import yaml
 
+from infra.ansible.remote import runtime
+from infra.ansible.remote.job import exec_host
 from infra.lab import hosts
 from infra.lab.config import HostKind, LabSpec, Paths
+from infra.model.load import load_site
+from infra.ssh import SshSettings
 
 TABLE = "gpufleet_segexec_proof"
 
@@ -120,3 +124,22 @@ class SshCounters:
     def close(self) -> None:
         """Delete the table (no error when it is not there)."""
         subprocess.run(["nft", "delete", "table", "inet", TABLE], capture_output=True, check=False, timeout=30)
+
+
+def prepare(spec: LabSpec, paths: Paths, source: Path, work: Path) -> Path:
+    """The execution stack written into `work`, execution hosts keyed and given the runtime; returns the stack.
+
+    The runtime goes on through the product path (`runtime.install` over the controller's SSH).
+    """
+    stack = execution_stack(spec, source, work / "Pulumi.lab-segexec.yaml")
+    authorize_execution_hosts(spec, paths)
+    site = load_site(path=stack)
+    artifact = runtime.build(work / "runtime")
+    settings = SshSettings.of(site)
+    for seg in site.segments:
+        target = exec_host(site, seg.name)
+        if target is not None:
+            runtime.install(
+                settings, target.address, user=target.user, runtime_dir=target.runtime_dir, artifact=artifact
+            )
+    return stack

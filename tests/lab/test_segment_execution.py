@@ -23,7 +23,7 @@ pytestmark = pytest.mark.lab
 
 
 def test_segment_local_first_converge_noop_and_one_hop(lab: Lab, tmp_path: Path) -> None:
-    stack = execution_stack(lab.spec, lab.path, tmp_path / "Pulumi.lab-segexec.yaml")
+    stack = execution_stack(lab.spec, lab.stack_file, tmp_path / "Pulumi.lab-segexec.yaml")
     site = load_site(path=stack)
     authorize_execution_hosts(lab.spec, lab.paths)
     assert main(["exec-host", "install", "--stack-file", str(stack), "--out", str(tmp_path / "rt"), "--json"]) == 0
