@@ -133,8 +133,9 @@ def fleet_convergence(ctx: Context) -> dict[str, Any]:
     "event stream). Controller CPU: CPU-seconds of the gpufleet process and its reaped children (for segment-local: "
     "gpufleet and the ssh clients), per node. Whole machine: every process of this 2-core machine, which also runs "
     "the lab's nodes and execution hosts — so segment-local moves Ansible's CPU, it does not remove it, and wall "
-    "time here is not the figure that shows the gain (the execution hosts share the controller's two cores). "
-    "Full mode only: quick mode skips it.",
+    "time here is not the figure that shows the gain (the execution hosts share the controller's two cores); the "
+    "machine-wide counter also includes whatever else runs on this shared machine. Nodes are converged first "
+    "(segment-local), so every run is a no-op (changed = 0). Full mode only: quick mode skips it.",
 )
 def segment_local(ctx: Context) -> dict[str, Any]:
     """Local vs segment-local no-op, from infra.bench.converge.local_vs_segment."""
