@@ -67,6 +67,18 @@ def test_supervisor_stops_the_job_at_its_time_limit_and_removes_the_job_dir(tmp_
     assert time.monotonic() - start < 60  # bounded: not the stand-in's 300 s
 
 
+def test_supervisor_stops_what_a_dead_worker_left_running(tmp_path: Path) -> None:
+    job_dir = tmp_path / "jobs" / "j2"
+    job_dir.mkdir(parents=True)
+    # The worker dies at once (as on a closed connection), its ansible-playbook stand-in lives on in its own session.
+    fake = tmp_path / "runner"
+    fake.write_text(f"#!/bin/sh\nsetsid {sys.executable} -c 'import time; time.sleep(300)' {job_dir} &\nexit 3\n")
+    fake.chmod(0o755)
+    assert worker.supervise(str(fake), str(job_dir), timeout_s=600) == 3
+    assert worker._mentioning(str(job_dir).encode()) == []
+    assert not job_dir.exists()
+
+
 def test_install_refuses_another_python_and_keeps_an_installed_release(tmp_path: Path) -> None:
     cmd = runtime.install_command(str(tmp_path / "rt"), "abc", "2.7")
     p = subprocess.run(["sh", "-c", cmd], input=b"not a tarball", capture_output=True, check=False)

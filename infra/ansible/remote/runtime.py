@@ -8,8 +8,8 @@ It runs under the execution host's `/usr/bin/python3`, which must be the control
 (compiled extensions such as cryptography's and PyYAML's are built for it); `install` checks that first.
 
 The artifact is a reproducible tar.gz (sorted, owner 0, mtime 0); its id is a digest of the manifest
-(Python minor version, every distribution and version, the launcher format), so the controller knows which
-release a job needs without asking: jobs run `<runtime_dir>/releases/<id>/bin/gpufleet-worker`.
+(Python minor version, every distribution and version, the supervisor's digest, the layout format), so the
+controller knows which release a job needs without asking: jobs run `<runtime_dir>/releases/<id>/bin/gpufleet-worker`.
 The roles are not part of the runtime: every job carries the exact collection tree the controller planned
 with (see `job.py`), so an execution host can never run other roles than the controller hashed.
 """
@@ -77,11 +77,15 @@ class Manifest:
 
     python: str
     dists: dict[str, str]
+    worker: str = ""
+    """Digest of `worker.py` (the supervisor shipped as bin/gpufleet-worker): a new one is a new release."""
 
     @property
     def runtime_id(self) -> str:
         """Stable id of the release (a digest of the manifest)."""
-        data = json.dumps({"format": FORMAT, "python": self.python, "dists": self.dists}, sort_keys=True)
+        data = json.dumps(
+            {"format": FORMAT, "python": self.python, "dists": self.dists, "worker": self.worker}, sort_keys=True
+        )
         return hashlib.sha256(data.encode()).hexdigest()[:16]
 
     @property
@@ -92,13 +96,20 @@ class Manifest:
 
     def as_dict(self) -> dict[str, Any]:
         """JSON form (written as manifest.json into the artifact)."""
-        return {"format": FORMAT, "id": self.runtime_id, "python": self.python, "dists": self.dists}
+        return {
+            "format": FORMAT,
+            "id": self.runtime_id,
+            "python": self.python,
+            "dists": self.dists,
+            "worker": self.worker,
+        }
 
 
 @cache
 def manifest() -> Manifest:
     """The manifest of the runtime this controller would build (and jobs ask for)."""
-    return Manifest(python_tag(), {_norm(d.metadata["Name"]): d.version for d in closure()})
+    worker = hashlib.sha256(Path(__file__).with_name("worker.py").read_bytes()).hexdigest()[:16]
+    return Manifest(python_tag(), {_norm(d.metadata["Name"]): d.version for d in closure()}, worker)
 
 
 def _launcher(module: str, attr: str) -> str:

@@ -52,23 +52,31 @@ def stop_job(job_dir: str, grace_s: float = GRACE_S) -> int:
 
 
 def supervise(runner: str, job_dir: str, timeout_s: float) -> int:
-    """Run `runner worker` for `job_dir`; stop the job if the parent goes away or time runs out."""
+    """Run `runner worker` for `job_dir`; stop the job if the parent goes away or time runs out.
+
+    However the worker ends (finished, failed on a closed pipe, stopped here), nothing naming the job dir
+    runs on afterwards and the job dir is gone.
+    """
     parent = os.getppid()
     # --delete: the job dir (inventory, secrets file) is removed before and after the job.
     child = subprocess.Popen([runner, "worker", "--private-data-dir", job_dir, "--delete"])
     start = time.monotonic()
-    while True:
+    rc: int | None = None
+    while rc is None:
         try:
-            return child.wait(timeout=POLL_S)
+            rc = child.wait(timeout=POLL_S)
         except subprocess.TimeoutExpired:
-            pass
-        if os.getppid() != parent or time.monotonic() - start > timeout_s:
-            stop_job(job_dir)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                child.wait(timeout=GRACE_S)
-            # A killed worker cannot run its own --delete: the job's secrets file must not stay behind.
-            shutil.rmtree(job_dir, ignore_errors=True)
-            return 124
+            if os.getppid() != parent or time.monotonic() - start > timeout_s:
+                stop_job(job_dir)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    child.wait(timeout=GRACE_S)
+                rc = 124
+    # ansible-playbook runs in a session of its own: a worker that died (e.g. writing to a connection that
+    # is gone) leaves it running unless it is stopped here.
+    stop_job(job_dir)
+    # A killed worker cannot run its own --delete: the job's secrets file must not stay behind.
+    shutil.rmtree(job_dir, ignore_errors=True)
+    return rc
 
 
 def main(argv: list[str]) -> int:
