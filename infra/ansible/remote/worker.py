@@ -6,7 +6,8 @@ and watches the connection: sshd starts the command as its child and, when the c
 drops (controller killed, network lost), sshd's session ends and this process is re-parented. The job's
 processes (ansible-runner, ansible-playbook in a session of its own, its forked workers) all name the job's
 private data dir on their command lines; they are then stopped, so no Ansible runs on past `GRACE_S` + one
-poll without a controller relaying its events. The same happens when the job outlives its time limit.
+poll without a controller relaying its events (the worker's keepalive lines make a dead controller's ssh client
+exit within `KEEPALIVE_S` even while one task runs long). The same happens when the job outlives its time limit.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ from pathlib import Path
 
 POLL_S = 1.0
 GRACE_S = 5.0
+# The worker writes a keepalive line at least this often: a controller that is gone (its ssh client dead
+# of SIGPIPE on the next line it is handed) is noticed within this bound even during one long task.
+KEEPALIVE_S = 5
 
 
 def _mentioning(needle: bytes) -> list[int]:
@@ -59,7 +63,9 @@ def supervise(runner: str, job_dir: str, timeout_s: float) -> int:
     """
     parent = os.getppid()
     # --delete: the job dir (inventory, secrets file) is removed before and after the job.
-    child = subprocess.Popen([runner, "worker", "--private-data-dir", job_dir, "--delete"])
+    child = subprocess.Popen(
+        [runner, "worker", "--private-data-dir", job_dir, "--delete", "--keepalive-seconds", str(KEEPALIVE_S)]
+    )
     start = time.monotonic()
     rc: int | None = None
     while rc is None:
