@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from infra import procs
 from infra import ssh as ssh_module
 from infra.ansible.remote import job, runtime, worker
 from infra.ansible.settings import Tuning
@@ -60,7 +61,12 @@ def test_supervisor_stops_the_job_at_its_time_limit_and_removes_the_job_dir(tmp_
     fake.write_text(f"#!/bin/sh\nsetsid {sleeper} &\nexec {sleeper}\n")
     fake.chmod(0o755)
     start = time.monotonic()
-    rc = worker.supervise(str(fake), str(job_dir), timeout_s=1)
+    r, w = os.pipe()  # the controller's end stays open: only the time limit ends this job
+    try:
+        rc = worker.supervise(str(fake), str(job_dir), timeout_s=1, stdin_fd=r)
+    finally:
+        os.close(w)
+        os.close(r)
     assert rc == 124
     assert not job_dir.exists()
     assert worker._mentioning(str(job_dir).encode()) == []
@@ -74,7 +80,12 @@ def test_supervisor_stops_what_a_dead_worker_left_running(tmp_path: Path) -> Non
     fake = tmp_path / "runner"
     fake.write_text(f"#!/bin/sh\nsetsid {sys.executable} -c 'import time; time.sleep(300)' {job_dir} &\nexit 3\n")
     fake.chmod(0o755)
-    assert worker.supervise(str(fake), str(job_dir), timeout_s=600) == 3
+    r, w = os.pipe()
+    try:
+        assert worker.supervise(str(fake), str(job_dir), timeout_s=600, stdin_fd=r) == 3
+    finally:
+        os.close(w)
+        os.close(r)
     assert worker._mentioning(str(job_dir).encode()) == []
     assert not job_dir.exists()
 
@@ -203,3 +214,54 @@ def test_a_job_names_the_fix_when_the_runtime_is_missing(
     msg = result.hosts["n1"].failures[0]["msg"]
     assert "gpufleet exec-host install --segment iso" in msg, msg
     assert os.environ.get("GPUFLEET_RUNS_DIR") == str(tmp_path / "runs")
+
+
+DRIVER = """
+import sys
+from pathlib import Path
+from infra import ssh
+from infra.ansible.remote import job
+from infra.ssh import SshSettings
+
+# The carrier keeps a shell between the controller and the supervisor, as sshd stays between them over SSH:
+# the supervisor is not re-parented when the controller dies, only its input ends.
+ssh.argv = lambda settings, host, command=None, **_: ["sh", "-c", "(" + command + "); true"]
+inventory = {"all": {"children": {"gpufleet_nodes": {"hosts": {"n1": {
+    "ansible_connection": "local", "ansible_python_interpreter": "/usr/bin/python3"}}}}}}
+target = job.ExecHost("seg", "exec01", "127.0.0.1", "root", sys.argv[1])
+job.run_playbook_remote(sys.argv[2], inventory, ["n1"], target=target, ssh_settings=SshSettings(None, None))
+"""
+
+
+@needs_same_python
+def test_sigkill_of_the_controller_stops_the_job_on_the_execution_host(installed: Path, tmp_path: Path) -> None:
+    marker = f"gpufleet-test-{os.getpid()}-{time.monotonic_ns()}"
+    playbook = tmp_path / "long.yml"
+    playbook.write_text(
+        "- name: Long\n  hosts: gpufleet_nodes\n  gather_facts: false\n  tasks:\n"
+        "    - name: Sleep\n"
+        f"      ansible.builtin.command: /usr/bin/python3 -c 'import time; time.sleep(300)' {marker}\n"
+    )
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    env = {**os.environ, "GPUFLEET_RUNS_DIR": str(tmp_path / "runs")}
+    jobs = f"{installed}/jobs/"
+    proc = subprocess.Popen([sys.executable, str(driver), str(installed), str(playbook)], env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not [p for p in worker._mentioning(jobs.encode()) if procs.cmdline_contains(p, "ansible-playbook")]:
+            assert time.monotonic() < deadline, "the job never started"
+            assert proc.poll() is None, "the controller ended early"
+            time.sleep(0.5)
+        time.sleep(2)
+        proc.kill()  # SIGKILL: no handler, no cleanup on the controller's side
+        killed = time.monotonic()
+        proc.wait()
+        while worker._mentioning(jobs.encode()) and time.monotonic() - killed < 60:
+            time.sleep(0.2)
+        assert worker._mentioning(jobs.encode()) == []
+        assert time.monotonic() - killed < 20  # one poll + the grace, with room for a loaded machine
+        assert list((installed / "jobs").iterdir()) == []
+    finally:
+        worker.stop_job(marker, grace_s=1)  # the "node's" own task is not the execution host's business
+        worker.stop_job(jobs, grace_s=1)

@@ -312,9 +312,8 @@ def run_playbook_remote(
             )
         except (BrokenPipeError, OSError) as exc:  # the connection failed: the processor reports it
             log.debug("transmit to %s stopped: %s", target.name, exc)
-        finally:
-            with contextlib.suppress(OSError):
-                stdin.close()
+        # stdin stays open until the job is over: end of input tells the execution host's supervisor that
+        # the controller is gone (worker.py), and this process dying closes it at once.
 
     def watch() -> None:
         # Cancel and the time limit end the connection; the worker then stops the job (worker.py).
@@ -348,6 +347,8 @@ def run_playbook_remote(
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        with contextlib.suppress(OSError):
+            proc.stdin.close()
         errpump.join(timeout=5)
         # The copied collection is the project's own tree: no need to keep it with every run.
         shutil.rmtree(project / "collections", ignore_errors=True)
