@@ -54,6 +54,7 @@ COMMANDS: dict[str, str] = {
     "provision": "infra.commands.provision",
     "fabric": "infra.commands.fabric",
     "image": "infra.commands.provision",
+    "exec-host": "infra.commands.exechost",
 }
 COMMAND_MODULES = tuple(dict.fromkeys(COMMANDS.values()))
 EXIT_INTERRUPTED = 130  # the shell's code for SIGINT; a run stopped by Ctrl-C/SIGTERM says what to re-run

@@ -7,16 +7,19 @@ argument specs before any host is touched. Used by the CLI, by `rebuild`/`drift`
 from __future__ import annotations
 
 import os
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from enum import StrEnum
 from typing import Any
 
 from infra import ssh
 from infra.ansible import rolespecs
 from infra.ansible.inventory import GROUP, build_inventory, subset
 from infra.ansible.locks import NODE_GRACE_S, node_locks
+from infra.ansible.remote.job import ExecHost, exec_host, run_playbook_remote
 from infra.ansible.rollout import NodeOutcome, RolloutResult, roll
-from infra.ansible.runner import Progress, RunResult, run_playbook
+from infra.ansible.runner import Progress, RunInterrupted, RunResult, _StopOnSignal, run_playbook
 from infra.ansible.settings import Tuning
 from infra.model.site import Site
 from infra.plan.node import NodePlan, SitePlan
@@ -25,6 +28,18 @@ from infra.ssh import SshSettings
 
 # SecretRef convention (`GPUFLEET_SECRET_<KEY>`): the registry token of the inference images.
 REGISTRY_TOKEN_ENV = "GPUFLEET_SECRET_REGISTRY_TOKEN"
+
+
+class Execution(StrEnum):
+    """Where a converge runs Ansible (`--execution`).
+
+    `stack` follows each segment's `execution` (the controller for `host: local`, the default; else the
+    segment's execution host). `local` runs every segment on the controller whatever the stack says
+    (break-glass, and the side-by-side benchmark).
+    """
+
+    STACK = "stack"
+    LOCAL = "local"
 
 
 def select(plan: SitePlan, nodes: Sequence[str] | None, segment: str | None) -> list[NodePlan]:
@@ -55,12 +70,14 @@ def converge(
     progress: bool = False,
     playbook: str = "node.yml",
     wait_lock: float = 0.0,
+    execution: Execution = Execution.STACK,
 ) -> RolloutResult:
     """Converge (or check) nodes wave by wave; the function the CLI and the benchmark harness call.
 
     `plan` is the site's plan, made once by the command; `nodes` are plans from it. A run that changes nodes
     first takes their locks (`infra.ansible.locks`), waiting up to `wait_lock` seconds for another run to
-    finish (else `LockBusy`, exit 5); check mode takes none.
+    finish (else `LockBusy`, exit 5); check mode takes none. `execution`: each segment's execution host as
+    the stack says, or everything on the controller.
     """
     site = plan.site
     # Every selected node's host variables, built once: checked against the roles' argument specs before
@@ -73,9 +90,14 @@ def converge(
     # The node-side lock's record of this run and how long it waits (the first task of node.yml reads it).
     lock_vars: dict[str, Any] = {}
 
-    def run(batch: list[NodePlan]) -> RunResult:
+    targets = {
+        seg: None if execution is Execution.LOCAL else exec_host(site, seg) for seg in {n.segment.name for n in nodes}
+    }
+    label = "check" if check else "converge"
+
+    def run_local(batch: list[NodePlan], shown: Progress | None) -> RunResult:
         hosts = [n.hostname for n in batch]
-        result = run_playbook(
+        return run_playbook(
             playbook,
             subset(inventory, hosts),
             hosts,
@@ -83,11 +105,35 @@ def converge(
             check=check,
             tuning=tuning,
             secrets=secrets,
-            progress=Progress(hosts) if progress else None,
-            label="check" if check else "converge",
+            progress=shown,
+            label=label,
             extravars=lock_vars,
         )
+
+    def run_remote(
+        target: ExecHost, batch: list[NodePlan], shown: Progress | None, cancel: threading.Event
+    ) -> RunResult:
+        hosts = [n.hostname for n in batch]
+        return run_playbook_remote(
+            playbook,
+            subset(inventory, hosts),
+            hosts,
+            target=target,
+            ssh_settings=settings,
+            check=check,
+            tuning=tuning,
+            secrets=secrets,
+            progress=shown,
+            label=label,
+            cancel=cancel,
+            extravars=lock_vars,
+        )
+
+    def run(batch: list[NodePlan]) -> RunResult:
+        shown = Progress([n.hostname for n in batch]) if progress else None
+        result = run_split(batch, targets, run_local, run_remote, shown)
         if not check:
+            # The controller's verdict on each node's probe, wherever its Ansible ran.
             for n in batch:
                 judge(n, result)
         return result
@@ -130,6 +176,85 @@ def judge(plan: NodePlan, result: RunResult) -> None:
     if wrong:
         h.failed += 1
         h.failures.append({"task": VERDICT_TASK, "msg": "; ".join(str(i) for i in wrong)})
+
+
+def run_split(
+    batch: list[NodePlan],
+    targets: dict[str, ExecHost | None],
+    run_local: Callable[[list[NodePlan], Progress | None], RunResult],
+    run_remote: Callable[[ExecHost, list[NodePlan], Progress | None, threading.Event], RunResult],
+    shown: Progress | None,
+) -> RunResult:
+    """One wave: the controller's nodes in one local run, each execution host's nodes in one job, side by side.
+
+    Remote jobs run in threads (the controller only relays their streams); the local run keeps the main
+    thread, where SIGINT/SIGTERM/SIGHUP turn into a cancel of every part of the wave. The parts' results
+    are folded into one, node by node.
+    """
+    local = [n for n in batch if targets.get(n.segment.name) is None]
+    remote: dict[ExecHost, list[NodePlan]] = {}
+    for n in batch:
+        if (t := targets.get(n.segment.name)) is not None:
+            remote.setdefault(t, []).append(n)
+    if not remote:
+        return run_local(local, shown)
+    cancel = threading.Event()
+    results: list[RunResult] = []
+    errors: list[BaseException] = []
+
+    def job(target: ExecHost, part: list[NodePlan]) -> None:
+        try:
+            results.append(run_remote(target, part, shown, cancel))
+        except Exception as exc:  # reported below, after the other parts of the wave ended
+            errors.append(exc)
+
+    threads = [threading.Thread(target=job, args=(t, part), daemon=True) for t, part in remote.items()]
+    for th in threads:
+        th.start()
+    # Remote parts only: no local ansible-playbook to pass a signal to (no process carries this id); a signal
+    # only asks the remote jobs to stop.
+    stop = None if local else _StopOnSignal(run_id=f"remote-only-{os.getpid()}-{time.monotonic_ns()}")
+    try:
+        if local:
+            results.append(run_local(local, shown))
+        while any(th.is_alive() for th in threads):
+            if stop is not None and stop.requested():
+                cancel.set()
+            for th in threads:
+                th.join(timeout=0.2)
+    except RunInterrupted:
+        cancel.set()
+        for th in threads:
+            th.join()
+        raise
+    finally:
+        if stop is not None:
+            stop.restore()
+    if errors:
+        raise errors[0]
+    merged = merge_results(results)
+    if stop is not None and stop.signal is not None:
+        hosts = ", ".join(n.hostname for n in batch)
+        raise RunInterrupted(
+            f"stopped on {stop.signal.name}: the nodes of this batch ({hosts}) may be mid-change and no later "
+            f"batch was started. Run the same command again to finish. Events: {merged.run_dir}"
+        )
+    return merged
+
+
+def merge_results(results: Sequence[RunResult]) -> RunResult:
+    """The parts of one wave as one result: every host's own outcome, the worst status and exit code."""
+    first = results[0]
+    failed = [r for r in results if r.status != "successful"]
+    return RunResult(
+        playbook=first.playbook,
+        check=first.check,
+        status=failed[0].status if failed else first.status,
+        rc=max(r.rc for r in results),
+        duration_s=max(r.duration_s for r in results),
+        hosts={h: res for r in results for h, res in r.hosts.items()},
+        run_dir=" ".join(r.run_dir for r in results),
+    )
 
 
 def check_report(result: RolloutResult) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from infra.ansible.converge import converge
+from infra.ansible.converge import Execution, converge
 from infra.ansible.inventory import GROUP, build_inventory
 from infra.ansible.runner import run_playbook
 from infra.ansible.settings import SshSettings, Tuning
@@ -44,11 +44,18 @@ def controller_cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def _timed(stack: str, hosts: Sequence[str], tuning: Tuning) -> dict[str, Any]:
-    plan = plan_site(load_site(stack))
+def _timed(
+    stack: str,
+    hosts: Sequence[str],
+    tuning: Tuning,
+    *,
+    path: Path | None = None,
+    execution: Execution = Execution.STACK,
+) -> dict[str, Any]:
+    plan = plan_site(load_site(stack, path=path))
     nodes = [plan.node(h) for h in hosts]
     cpu0, ctl0, start = machine_cpu_seconds(), controller_cpu_seconds(), time.monotonic()
-    result = converge(plan, nodes, tuning=tuning)
+    result = converge(plan, nodes, tuning=tuning, execution=execution)
     seconds, cpu = time.monotonic() - start, machine_cpu_seconds() - cpu0
     controller_cpu = controller_cpu_seconds() - ctl0
     # Task results per node (ok includes changed); a no-op's per-task cost is seconds / this.
@@ -56,7 +63,7 @@ def _timed(stack: str, hosts: Sequence[str], tuning: Tuning) -> dict[str, Any]:
     return {
         "seconds": round(seconds, 2),
         "cpu_seconds": round(cpu, 1),
-        "controller_cpu_seconds": round(controller_cpu, 1),
+        "controller_cpu_seconds": round(controller_cpu, 2),
         "tasks": tasks,
         "succeeded": result.succeeded,
         "changed": {n.hostname: n.changed for n in result.nodes},
@@ -127,6 +134,33 @@ def bench(
         for r in report["runs"]:
             r["noop_vs_one_node"] = round(r["noop_tuned"]["seconds"] / base, 2)
     return report
+
+
+def local_vs_segment(
+    stack_file: Path,
+    counts: Sequence[int] = (1, 2, 4),
+    *,
+    order: Sequence[str] | None = None,
+    rounds: int = 1,
+) -> dict[str, Any]:
+    """No-op converges of the first N nodes on the controller and segment-local, side by side in one run.
+
+    `stack_file` is a stack whose segments name execution hosts (the runtime installed there). For each round
+    and node count the no-op runs with `--execution local`, then as the stack says, so a noisy stretch of the
+    machine hits both alike. `controller_cpu_seconds` is this process and its reaped children: for a local run
+    gpufleet, ansible-playbook, its workers and Mitogen; for a segment-local run gpufleet (transmit, process,
+    folding) and the ssh clients — Ansible itself then runs inside the segment, off the controller.
+    """
+    site = load_site(path=stack_file)
+    all_hosts = list(order or [n.hostname for n in plan_site(site).nodes])
+    rows: list[dict[str, Any]] = [{"nodes": all_hosts[:c], "local": [], "segment": []} for c in counts]
+    for _ in range(rounds):
+        for row in rows:
+            for mode, key in ((Execution.LOCAL, "local"), (Execution.STACK, "segment")):
+                run = _timed("", row["nodes"], Tuning.TUNED, path=stack_file, execution=mode)
+                run["controller_cpu_per_node"] = round(run["controller_cpu_seconds"] / len(row["nodes"]), 2)
+                row[key].append(run)
+    return {"stack_file": str(stack_file), "rows": rows}
 
 
 def reference_playbook(tasks: int, path: Path) -> Path:

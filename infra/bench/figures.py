@@ -123,6 +123,63 @@ def fleet_convergence(ctx: Context) -> dict[str, Any]:
     return out
 
 
+@figure(
+    "1b",
+    "Segment-local execution vs the controller running Ansible",
+    "No-op converge of the first 1, 2 and 4 lab nodes, each count run twice side by side in one harness run: "
+    "`--execution local` (the controller runs ansible-playbook, its workers and Mitogen) and segment-local "
+    "(each segment's execution host — lab-mirror for the air-gapped segment, lab-upstream for the connected one — "
+    "runs them; the controller transmits the job over one SSH connection per execution host and processes the "
+    "event stream). Controller CPU: CPU-seconds of the gpufleet process and its reaped children (for segment-local: "
+    "gpufleet and the ssh clients), per node. Whole machine: every process of this 2-core machine, which also runs "
+    "the lab's nodes and execution hosts — so segment-local moves Ansible's CPU, it does not remove it, and wall "
+    "time here is not the figure that shows the gain (the execution hosts share the controller's two cores); the "
+    "machine-wide counter also includes whatever else runs on this shared machine. Nodes are converged first "
+    "(segment-local), so every run is a no-op (changed = 0). Full mode only: quick mode skips it.",
+)
+def segment_local(ctx: Context) -> dict[str, Any]:
+    """Local vs segment-local no-op, from infra.bench.converge.local_vs_segment."""
+    _require_lab(ctx)
+    if ctx.quick:
+        raise Skip("full mode only (it converges the lab's 4 nodes 7 times)")
+    import tempfile
+    from pathlib import Path
+
+    from infra.ansible.converge import converge
+    from infra.bench.converge import local_vs_segment
+    from infra.lab import segexec
+    from infra.lab.config import Paths, lab_spec
+    from infra.model.load import load_site, stack_path
+    from infra.plan.node import plan_site
+
+    spec = lab_spec("lab", stack_path("lab"))
+    with tempfile.TemporaryDirectory(prefix="gpufleet-segexec-") as tmp:
+        stack = segexec.prepare(spec, Paths.from_env(), stack_path("lab"), Path(tmp))
+        site = load_site(path=stack)
+        plan = plan_site(site)
+        warm = converge(plan, list(plan.nodes))  # nodes converged first: the figure is a no-op
+        if not warm.succeeded:
+            raise RuntimeError(f"segment-local converge failed: {warm.as_dict()['nodes']}")
+        report = local_vs_segment(stack, (1, 2, 4), rounds=1)
+    out: dict[str, Any] = {}
+    for row in report["rows"]:
+        n = len(row["nodes"])
+        for key, label in (("local", "local"), ("segment", "segment-local")):
+            runs = row[key]
+            out[f"{n} node(s), {label}: controller CPU per node"] = Measurement(
+                [r["controller_cpu_per_node"] for r in runs], "CPU-s", goal="≤ 1 CPU-s" if key == "segment" else ""
+            )
+            out[f"{n} node(s), {label}: whole-machine CPU"] = Measurement([r["cpu_seconds"] for r in runs], "CPU-s")
+            out[f"{n} node(s), {label}: wall"] = Measurement([r["seconds"] for r in runs])
+            out[f"{n} node(s), {label}: changed"] = sum(sum(r["changed"].values()) for r in runs)
+        out[f"{n} node(s): controller CPU, local / segment-local"] = Ratio(
+            Measurement([r["controller_cpu_seconds"] for r in row["local"]], "CPU-s"),
+            Measurement([r["controller_cpu_seconds"] for r in row["segment"]], "CPU-s"),
+            "controller CPU-seconds of the local no-op / of the segment-local no-op",
+        )
+    return out
+
+
 def _reference(report: dict[str, Any], roles_one: Measurement) -> dict[str, Any]:
     """The yardstick: as many trivial tasks as the roles' 1-node no-op ran, over 1 and 4 nodes."""
     from infra.bench.converge import reference_noop

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from infra.ansible.converge import VERDICT_TASK, check_report, converge, select, wait_ssh
+from infra.ansible.converge import VERDICT_TASK, Execution, check_report, converge, select, wait_ssh
 from infra.ansible.rollout import NodeOutcome
 from infra.ansible.settings import Tuning
 from infra.commands.site import add_stack_args, site_from_args
@@ -24,6 +24,12 @@ def _selection_args(p: argparse.ArgumentParser) -> None:
         choices=[t.value for t in Tuning],
         default=Tuning.TUNED.value,
         help="runner settings: tuned (default) or plain Ansible defaults (for benchmarks)",
+    )
+    p.add_argument(
+        "--execution",
+        choices=[e.value for e in Execution],
+        default=Execution.STACK.value,
+        help="stack (default): each segment's execution host as the stack says; local: all on this controller",
     )
 
 
@@ -90,7 +96,14 @@ def cmd_converge(args: argparse.Namespace) -> int:
     if isinstance(loaded, int):
         return loaded
     plan, nodes = loaded
-    result = converge(plan, nodes, tuning=Tuning(args.tuning), progress=not args.json, wait_lock=args.wait_lock)
+    result = converge(
+        plan,
+        nodes,
+        tuning=Tuning(args.tuning),
+        progress=not args.json,
+        wait_lock=args.wait_lock,
+        execution=Execution(args.execution),
+    )
     emit(args.json, result.as_dict(), _render_converge)
     return Exit.OK if result.succeeded else Exit.FAILED
 
@@ -118,7 +131,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     if isinstance(loaded, int):
         return loaded
     plan, nodes = loaded
-    result = converge(plan, nodes, check=True, tuning=Tuning(args.tuning), progress=not args.json)
+    result = converge(
+        plan, nodes, check=True, tuning=Tuning(args.tuning), progress=not args.json, execution=Execution(args.execution)
+    )
     report = check_report(result)
     emit(args.json, report, _render_check)
     if not result.succeeded:

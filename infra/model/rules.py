@@ -1310,3 +1310,67 @@ def spanning_services(site: Site, cat: ResolvedCatalogue) -> Iterator[Problem]:
                 ),
                 "place the service on nodes with ports on one fabric (see nodes[].fabric_ports)",
             )
+
+
+@rule
+def execution_hosts(site: Site, cat: ResolvedCatalogue) -> Iterator[Problem]:
+    """Each segment's execution host is `local` or a host on that segment with an address the controller can use.
+
+    The execution host runs Ansible for the segment's nodes, so it must sit inside the segment: for an
+    air-gapped segment that is what lets the controller reach the nodes through one SSH hop and no route.
+    """
+    hosts = {n.hostname: (n.segment, n.address) for n in site.nodes}
+    hosts |= {m.name: (m.segment, m.address) for m in site.mirrors}
+    used = {addr: name for name, (_, addr) in hosts.items()}
+    for i, s in enumerate(site.segments):
+        ex = s.execution
+        path = f"segments[{i}].execution"
+        if ex.local:
+            if ex.address is not None:
+                yield Problem(
+                    f"{path}.address",
+                    "is set but the segment runs Ansible on the controller (`host: local`)",
+                    "remove `address`, or name the execution host in `host`",
+                )
+            continue
+        where = hosts.get(ex.host)
+        if where is not None:
+            seg_name, _ = where
+            if ex.address is not None:
+                yield Problem(
+                    f"{path}.address",
+                    f"{ex.host} is a node or mirror; its address comes from its own entry",
+                    "remove `address` (it is only for a dedicated execution host)",
+                )
+            if seg_name != s.name:
+                yield Problem(
+                    f"{path}.host",
+                    f"{ex.host} is on segment {seg_name!r}, not {s.name!r}",
+                    "an execution host runs Ansible inside its own segment: name a node or mirror of "
+                    f"{s.name!r} (air-gapped: usually its mirror), a dedicated host with `address`, or `local`",
+                )
+        elif ex.address is None:
+            yield Problem(
+                f"{path}.host",
+                f"{ex.host!r} is neither a node nor a mirror, and no address is given for it",
+                f"name a node or mirror of {s.name!r}, set `address` of the dedicated host (inside {s.cidr}), "
+                "or use `local`",
+            )
+        elif ex.address not in s.cidr:
+            yield Problem(
+                f"{path}.address",
+                f"{ex.address} is outside segment {s.name!r} ({s.cidr})",
+                "the execution host reaches the segment's nodes from inside: use an address in the segment",
+            )
+        elif ex.address in (s.cidr.network_address, s.cidr.broadcast_address) or ex.address == s.gateway:
+            yield Problem(
+                f"{path}.address",
+                f"{ex.address} is the network, broadcast or gateway address of {s.cidr}",
+                "use a host address",
+            )
+        elif ex.address in used:
+            yield Problem(
+                f"{path}.address",
+                f"{ex.address} is already used by {used[ex.address]}",
+                f"name {used[ex.address]} in `host` instead, or give the dedicated execution host its own address",
+            )

@@ -879,6 +879,34 @@ class Provisioning(_Model):
     """Port of the HTTP server that serves iPXE scripts, kernel, initrd and images on `host`."""
 
 
+LOCAL_EXECUTION = "local"
+"""`segments[].execution.host` value meaning: Ansible runs on the controller itself (the default)."""
+
+
+class SegmentExecution(_Model):
+    """Where Ansible runs for a segment's nodes (docs/scale.md).
+
+    On the controller, or on an execution host inside the segment that receives each job with
+    ansible-runner's transmit → worker → process protocol over one SSH connection from the controller.
+    """
+
+    host: Hostname = LOCAL_EXECUTION
+    """`local` (the controller; the default), or a node or mirror of this segment (air-gapped: usually its
+    mirror), or a dedicated host named here with `address`."""
+    address: Ipv4Addr | None = None
+    """Address of a dedicated execution host on this segment; unset when `host` is `local`, a node or a mirror."""
+    user: PosixUser = "root"
+    """User the controller logs in as on the execution host (the job runs as this user)."""
+    runtime_dir: AbsPath = "/opt/gpufleet-exec"
+    """Where `gpufleet exec-host install` puts the execution runtime (ansible-core, ansible-runner, Mitogen)
+    on the execution host; jobs run under `<runtime_dir>/jobs/`."""
+
+    @property
+    def local(self) -> bool:
+        """True when the controller itself runs Ansible for the segment."""
+        return self.host == LOCAL_EXECUTION
+
+
 class Segment(_Model):
     """An L2/L3 network segment of the site."""
 
@@ -908,6 +936,8 @@ class Segment(_Model):
     """An address outside the segment that the air-gap firewall check must find unreachable."""
     provisioning: Provisioning | None = None
     """Network-install service of this segment; unset when nodes are installed some other way."""
+    execution: SegmentExecution = SegmentExecution()
+    """Where Ansible runs for this segment's nodes: `local` (the controller) or an execution host on the segment."""
 
 
 class BootMode(StrEnum):
