@@ -66,7 +66,7 @@ def _site(execution: dict[str, Any] | None) -> Any:
 def test_segment_with_an_execution_host_runs_there_the_other_on_the_controller(calls: Calls) -> None:
     site = _site({"host": "mirror01"})
     plan = plan_site(site)
-    result = converge(site, list(plan.nodes), plan=plan)
+    result = converge(plan, list(plan.nodes))
     assert calls.local == [["gpu01"]]
     assert calls.remote == [("mirror01", ["gpu02"])]
     assert [n.status for n in result.nodes] == ["ok", "ok"]
@@ -75,7 +75,7 @@ def test_segment_with_an_execution_host_runs_there_the_other_on_the_controller(c
 def test_execution_local_overrides_the_stack(calls: Calls) -> None:
     site = _site({"host": "mirror01"})
     plan = plan_site(site)
-    converge(site, list(plan.nodes), plan=plan, execution=Execution.LOCAL)
+    converge(plan, list(plan.nodes), execution=Execution.LOCAL)
     assert calls.remote == []
     assert sorted(h for run in calls.local for h in run) == ["gpu01", "gpu02"]
 
@@ -83,7 +83,7 @@ def test_execution_local_overrides_the_stack(calls: Calls) -> None:
 def test_default_stack_never_goes_remote(calls: Calls) -> None:
     site = _site(None)
     plan = plan_site(site)
-    converge(site, list(plan.nodes), plan=plan)
+    converge(plan, list(plan.nodes))
     assert calls.remote == []
 
 
