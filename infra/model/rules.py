@@ -29,6 +29,7 @@ from infra.model.site import (
     KvCacheDType,
     Node,
     NodeRole,
+    Segment,
     Site,
     SoftwareProfile,
     parse_hf_source,
@@ -999,6 +1000,57 @@ def engine_support(site: Site, cat: ResolvedCatalogue) -> Iterator[Problem]:
             )
 
 
+@dataclass(frozen=True)
+class _SegmentHostFixes:
+    """What to tell the user about a host a segment names for a job (provisioning, execution)."""
+
+    role: str
+    other_segment: str
+    unknown: str
+    outside: str
+    used: str
+
+
+def _segment_host(
+    path: str,
+    host: str,
+    address: IPv4Address | None,
+    s: Segment,
+    hosts: dict[str, tuple[str, IPv4Address]],
+    fixes: _SegmentHostFixes,
+) -> Iterator[Problem]:
+    """A host a segment names is a node or mirror of that segment, or a dedicated host with a free address in it.
+
+    `hosts` maps every node and mirror to (segment, address); one rule for each such job on a segment.
+    """
+    used = {addr: name for name, (_, addr) in hosts.items()}
+    where = hosts.get(host)
+    if where is not None:
+        seg_name, _ = where
+        if address is not None:
+            yield Problem(
+                f"{path}.address",
+                f"{host} is a node or mirror; its address comes from its own entry",
+                f"remove `address` (it is only for a dedicated {fixes.role})",
+            )
+        if seg_name != s.name:
+            yield Problem(f"{path}.host", f"{host} is on segment {seg_name!r}, not {s.name!r}", fixes.other_segment)
+    elif address is None:
+        yield Problem(
+            f"{path}.host", f"{host!r} is neither a node nor a mirror, and no address is given for it", fixes.unknown
+        )
+    elif address not in s.cidr:
+        yield Problem(f"{path}.address", f"{address} is outside segment {s.name!r} ({s.cidr})", fixes.outside)
+    elif address in (s.cidr.network_address, s.cidr.broadcast_address) or address == s.gateway:
+        yield Problem(
+            f"{path}.address",
+            f"{address} is the network, broadcast or gateway address of {s.cidr}",
+            "use a host address",
+        )
+    elif address in used:
+        yield Problem(f"{path}.address", f"{address} is already used by {used[address]}", fixes.used)
+
+
 @rule
 def provisioning(site: Site, cat: ResolvedCatalogue) -> Iterator[Problem]:
     """Each provisioning host exists on its segment (an air gap is provisioned from inside); its port is free.
@@ -1008,7 +1060,6 @@ def provisioning(site: Site, cat: ResolvedCatalogue) -> Iterator[Problem]:
     segments = site.segments_by_name
     hosts = {n.hostname: (n.segment, n.address) for n in site.nodes}
     hosts |= {m.name: (m.segment, m.address) for m in site.mirrors}
-    used = {addr: name for name, (_, addr) in hosts.items()}
     ports_on: dict[str, dict[int, str]] = {}
     for m in site.mirrors:
         ports_on[m.name] = {m.http_port: "the mirror's HTTP server", m.registry_port: "the mirror's registry"}
@@ -1020,46 +1071,26 @@ def provisioning(site: Site, cat: ResolvedCatalogue) -> Iterator[Problem]:
         if prov is None:
             continue
         path = f"segments[{i}].provisioning"
-        where = hosts.get(prov.host)
-        if where is not None:
-            seg_name, _ = where
-            if prov.address is not None:
-                yield Problem(
-                    f"{path}.address",
-                    f"{prov.host} is a node or mirror; its address comes from its own entry",
-                    "remove `address` (it is only for a dedicated provisioning host)",
-                )
-            if seg_name != s.name:
-                fix = (
+        yield from _segment_host(
+            path,
+            prov.host,
+            prov.address,
+            s,
+            hosts,
+            _SegmentHostFixes(
+                role="provisioning host",
+                other_segment=(
                     "an air-gapped segment is provisioned from a host on the segment itself (usually its mirror)"
                     if s.airgapped
                     else "name a node or mirror of this segment, or a dedicated host with its address here"
-                )
-                yield Problem(f"{path}.host", f"{prov.host} is on segment {seg_name!r}, not {s.name!r}", fix)
-        elif prov.address is None:
-            yield Problem(
-                f"{path}.host",
-                f"{prov.host!r} is neither a node nor a mirror, and no address is given for it",
-                f"name a node or mirror of {s.name!r}, or set `address` of the dedicated host (inside {s.cidr})",
-            )
-        elif prov.address not in s.cidr:
-            yield Problem(
-                f"{path}.address",
-                f"{prov.address} is outside segment {s.name!r} ({s.cidr})",
-                "the provisioning host answers DHCP broadcasts, so it sits on the segment: use an address in it",
-            )
-        elif prov.address in (s.cidr.network_address, s.cidr.broadcast_address) or prov.address == s.gateway:
-            yield Problem(
-                f"{path}.address",
-                f"{prov.address} is the network, broadcast or gateway address of {s.cidr}",
-                "use a host address",
-            )
-        elif prov.address in used:
-            yield Problem(
-                f"{path}.address",
-                f"{prov.address} is already used by {used[prov.address]}",
-                "give the dedicated provisioning host its own address",
-            )
+                ),
+                unknown=f"name a node or mirror of {s.name!r}, or set `address` of the dedicated host "
+                f"(inside {s.cidr})",
+                outside="the provisioning host answers DHCP broadcasts, so it sits on the segment: "
+                "use an address in it",
+                used="give the dedicated provisioning host its own address",
+            ),
+        )
         taken = ports_on.get(prov.host, {})
         if prov.http_port in taken:
             yield Problem(
@@ -1333,44 +1364,20 @@ def execution_hosts(site: Site, cat: ResolvedCatalogue) -> Iterator[Problem]:
                     "remove `address`, or name the execution host in `host`",
                 )
             continue
-        where = hosts.get(ex.host)
-        if where is not None:
-            seg_name, _ = where
-            if ex.address is not None:
-                yield Problem(
-                    f"{path}.address",
-                    f"{ex.host} is a node or mirror; its address comes from its own entry",
-                    "remove `address` (it is only for a dedicated execution host)",
-                )
-            if seg_name != s.name:
-                yield Problem(
-                    f"{path}.host",
-                    f"{ex.host} is on segment {seg_name!r}, not {s.name!r}",
-                    "an execution host runs Ansible inside its own segment: name a node or mirror of "
-                    f"{s.name!r} (air-gapped: usually its mirror), a dedicated host with `address`, or `local`",
-                )
-        elif ex.address is None:
-            yield Problem(
-                f"{path}.host",
-                f"{ex.host!r} is neither a node nor a mirror, and no address is given for it",
-                f"name a node or mirror of {s.name!r}, set `address` of the dedicated host (inside {s.cidr}), "
+        taken = used.get(ex.address) if ex.address is not None else None
+        yield from _segment_host(
+            path,
+            ex.host,
+            ex.address,
+            s,
+            hosts,
+            _SegmentHostFixes(
+                role="execution host",
+                other_segment="an execution host runs Ansible inside its own segment: name a node or mirror of "
+                f"{s.name!r} (air-gapped: usually its mirror), a dedicated host with `address`, or `local`",
+                unknown=f"name a node or mirror of {s.name!r}, set `address` of the dedicated host (inside {s.cidr}), "
                 "or use `local`",
-            )
-        elif ex.address not in s.cidr:
-            yield Problem(
-                f"{path}.address",
-                f"{ex.address} is outside segment {s.name!r} ({s.cidr})",
-                "the execution host reaches the segment's nodes from inside: use an address in the segment",
-            )
-        elif ex.address in (s.cidr.network_address, s.cidr.broadcast_address) or ex.address == s.gateway:
-            yield Problem(
-                f"{path}.address",
-                f"{ex.address} is the network, broadcast or gateway address of {s.cidr}",
-                "use a host address",
-            )
-        elif ex.address in used:
-            yield Problem(
-                f"{path}.address",
-                f"{ex.address} is already used by {used[ex.address]}",
-                f"name {used[ex.address]} in `host` instead, or give the dedicated execution host its own address",
-            )
+                outside="the execution host reaches the segment's nodes from inside: use an address in the segment",
+                used=f"name {taken} in `host` instead, or give the dedicated execution host its own address",
+            ),
+        )
