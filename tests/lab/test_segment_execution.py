@@ -38,9 +38,9 @@ def test_segment_local_first_converge_noop_and_one_hop(lab: Lab, tmp_path: Path)
     counters = SshCounters(lab.spec)
     counters.open()
     try:
-        first = converge(site, list(plan.nodes), plan=plan)
+        first = converge(plan, list(plan.nodes))
         after_first = counters.read()
-        noop = converge(site, list(plan.nodes), plan=plan)
+        noop = converge(plan, list(plan.nodes))
         after_noop = counters.read()
     finally:
         counters.close()
@@ -126,5 +126,6 @@ def test_sigkill_of_converge_leaves_no_ansible_on_execution_hosts_and_a_rerun_fi
     assert gone["lab-mirror"] <= 30 and gone["lab-upstream"] <= 30, report
     assert local_ssh == [], report
     # A re-run finishes the job (the roles recover an interrupted package run).
-    again = converge(site, [plan_site(site).node("lab-gpu01"), plan_site(site).node("lab-gpu03")])
+    again_plan = plan_site(site)
+    again = converge(again_plan, [again_plan.node("lab-gpu01"), again_plan.node("lab-gpu03")])
     assert again.succeeded, again.as_dict()
