@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -68,9 +69,13 @@ def test_converge_refuses_before_running_anything(monkeypatch: pytest.MonkeyPatc
     assert "nothing was run" in err
 
 
-def test_converge_plans_once_and_builds_each_nodes_variables_once(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_converge_plans_once_and_builds_each_nodes_variables_once(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     """`gpufleet converge` of the lab plans the site once and builds every node's host variables once: the
     argument-spec check and the wave's run share them (before, each was built twice) (issue 17)."""
+    # Its own runs directory: the node locks of a real lab run on this machine are not this test's business.
+    monkeypatch.setenv("GPUFLEET_RUNS_DIR", str(tmp_path))
     import infra.ansible.inventory as inventory_mod
     import infra.commands.converge as converge_cmd
     from infra.ansible.runner import RunResult
