@@ -149,6 +149,9 @@ def test_each_prometheus_scrapes_every_exporter_and_service_of_its_segment_only(
     assert probe[0]["metric"]["node"] in nodes
 
 
+IDLE_TTFT_S = 0.5  # the tiny lab model answers its first token in tens of ms when nothing else runs
+
+
 def _ttft(service: str) -> float | None:
     r = _query(SITE_VIEW, f'gpufleet:ttft_seconds:p99{{service="{service}"}}')
     value = float(r[0]["value"][1]) if r else None
@@ -158,6 +161,12 @@ def _ttft(service: str) -> float | None:
 def test_bench_load_moves_the_ttft_figure(monitored: dict[str, Any]) -> None:
     """A bench-inference load queues the probe behind it: the TTFT p99 recording rule rises."""
     before = _wait("a TTFT figure", lambda: _ttft("tiny-connected"), 90, every=2)
+    # The figure is a p99 over 5 minutes: a restart or another test's load in that window (CI runs the lab tests
+    # back to back) holds it high. Wait, at most one window, until it is an idle figure again.
+    deadline = time.monotonic() + 330
+    while before >= IDLE_TTFT_S and time.monotonic() < deadline:
+        time.sleep(5)
+        before = _ttft("tiny-connected") or before
     out: dict[str, Any] = {}
 
     def load() -> None:
@@ -170,11 +179,23 @@ def test_bench_load_moves_the_ttft_figure(monitored: dict[str, Any]) -> None:
     worker = threading.Thread(target=load)
     worker.start()
     try:
-        after = _wait("the TTFT figure to rise", lambda: (v := _ttft("tiny-connected")) and v > before * 1.5 and v,
-                      120, every=2)
+        seen: list[float | None] = []
+
+        def risen() -> float | None:
+            v = _ttft("tiny-connected")
+            seen.append(v)
+            return v if v and v > before * 1.5 else None
+
+        deadline = time.monotonic() + 120
+        after = risen()
+        while after is None and time.monotonic() < deadline:
+            time.sleep(2)
+            after = risen()
     finally:
         worker.join()
-    assert out["bench"].returncode == 0, out["bench"].stdout[-2000:] + out["bench"].stderr[-2000:]
+    bench = out["bench"]
+    assert bench.returncode == 0, bench.stdout[-2000:] + bench.stderr[-2000:]
+    assert after is not None, f"the TTFT p99 never rose above 1.5 × {before:.3f} s; seen {seen}; {bench.stdout[-1500:]}"
     sys.stdout.write(f"TTFT p99 (probe, 5m): {before * 1000:.0f} ms idle → {after * 1000:.0f} ms under load\n")
 
 

@@ -84,7 +84,11 @@ def _poll(what: str, done: Any) -> None:
 def test_sigkill_of_converge_leaves_nothing_running_and_a_rerun_converges(lab: Lab, work: Path) -> None:
     # The node may already be converged by earlier tests: take a pinned driver package away, so the run
     # reaches the driver install (the point to kill it at) whatever state the lab is in.
-    r = lab.ssh(NODE, "apt-get remove -y -q --allow-change-held-packages nvidia-persistenced >/dev/null")
+    r = lab.ssh(
+        NODE,
+        "! dpkg-query -W nvidia-persistenced >/dev/null 2>&1 "
+        "|| apt-get remove -y -q --allow-change-held-packages nvidia-persistenced >/dev/null",
+    )
     assert r.returncode == 0, r.stderr
     runs = work / "first"
     first = subprocess.Popen(
