@@ -205,8 +205,10 @@ def worker_command(target: ExecHost, job_dir: str, timeout_s: int) -> str:
     """The one remote shell command of a job (every word quoted): check the runtime, exec the worker."""
     q = ssh.shell_command
     worker = f"{target.release}/bin/{runtime.WORKER}"
+    # runtime.json is written last inside a release: with it there, the release is complete.
     return (
-        f"test -x {q(worker)} || {{ echo {q('gpufleet: execution runtime ' + runtime.manifest().runtime_id)}"
+        f"test -x {q(worker)} -a -f {q(target.release + '/runtime.json')} || "
+        f"{{ echo {q('gpufleet: execution runtime ' + runtime.spec().runtime_id)}"
         f"' is not installed on '{q(target.name)} >&2; exit {EXIT_NO_RUNTIME}; }}; "
         f"exec {q(worker, f'{target.release}/bin/ansible-runner', job_dir, str(timeout_s))}"
     )
