@@ -19,9 +19,9 @@ import pytest
 
 from infra import procs
 from infra.ansible.converge import converge, wait_ssh
+from infra.ansible.remote import runtime
 from infra.cli import main
 from infra.lab import lab as lab_mod
-from infra.ansible.remote import runtime
 from infra.lab.segexec import SshCounters, authorize_execution_hosts, prepare
 from infra.lab.session import Lab
 from infra.model.load import load_site
