@@ -437,32 +437,10 @@ def run_playbook(
         shutil.rmtree(work / "ansible-home", ignore_errors=True)
         shutil.rmtree(control_dir, ignore_errors=True)
         scrub(work, all_secrets)
-    for name, h in collector.hosts.items():
-        h.ok = int((stats.get("ok") or {}).get(name, 0))
-        # A canceled or killed run has no stats event: count what the events showed.
-        h.changed = int((stats.get("changed") or {}).get(name, 0)) if stats else len(h.changed_tasks)
-        h.failed = max(h.failed, int((stats.get("failures") or {}).get(name, 0)))
-        h.skipped = int((stats.get("skipped") or {}).get(name, 0))
-        h.unreachable = h.unreachable or bool((stats.get("dark") or {}).get(name, 0))
-        if not stats and rc != 0 and not h.failures:
-            # ansible-playbook died before any host ran (bad playbook, missing binary): fail them all.
-            h.failed = 1
-            h.failures.append({"task": "(ansible-playbook)", "msg": f"status={status} rc={rc}"})
-    result = RunResult(
-        playbook=playbook,
-        check=check,
-        status=status,
-        rc=rc,
-        duration_s=time.monotonic() - started,
-        hosts=collector.hosts,
-        run_dir=str(work),
-    )
-    (work / "result.json").write_text(
-        json.dumps(result.as_dict(), indent=1, sort_keys=True, default=str), encoding="utf-8"
-    )
-    scrub(work, all_secrets)
-    if progress:
-        progress.finish(result)
+    # ansible-playbook died before any host ran (bad playbook, missing binary): fail them all.
+    died = {"task": "(ansible-playbook)", "msg": f"status={status} rc={rc}"} if rc != 0 else None
+    result = fold_result(playbook, check, status, rc, started, collector, stats, work, died)
+    finish_run(result, work, all_secrets, progress)
     if stop.signal is not None:
         mid = ", ".join(f"{h} (in '{t}')" for h, t in sorted(collector.in_flight.items())) or "none"
         raise RunInterrupted(
@@ -472,6 +450,55 @@ def run_playbook(
             f"Events: {work}"
         )
     return result
+
+
+def fold_result(
+    playbook: str,
+    check: bool,
+    status: str,
+    rc: int,
+    started: float,
+    collector: _Collector,
+    stats: Mapping[str, Any],
+    work: Path,
+    no_stats: Mapping[str, str] | None,
+) -> RunResult:
+    """The typed result of one run, local or on an execution host, from its events and its final stats.
+
+    `no_stats`: the failure given to every host without one when the run produced no stats event (it died or
+    never started); None leaves such hosts as their events showed them.
+    """
+    for name, h in collector.hosts.items():
+        h.ok = int((stats.get("ok") or {}).get(name, 0))
+        # A canceled or killed run has no stats event: count what the events showed.
+        h.changed = int((stats.get("changed") or {}).get(name, 0)) if stats else len(h.changed_tasks)
+        h.failed = max(h.failed, int((stats.get("failures") or {}).get(name, 0)))
+        h.skipped = int((stats.get("skipped") or {}).get(name, 0))
+        h.unreachable = h.unreachable or bool((stats.get("dark") or {}).get(name, 0))
+        if not stats and no_stats is not None and not h.failures:
+            h.failed = 1
+            h.failures.append(dict(no_stats))
+    return RunResult(
+        playbook=playbook,
+        check=check,
+        status=status,
+        rc=rc,
+        duration_s=time.monotonic() - started,
+        hosts=collector.hosts,
+        run_dir=str(work),
+    )
+
+
+def finish_run(
+    result: RunResult, work: Path, secrets: Sequence[str], progress: Progress | None, **extra: Any
+) -> None:
+    """Write the run's result.json (with `extra` keys), scrub secrets from the run dir, close the progress line."""
+    (work / "result.json").write_text(
+        json.dumps({**result.as_dict(), **extra}, indent=1, sort_keys=True, default=str), encoding="utf-8"
+    )
+    scrub(work, secrets)
+    if progress:
+        progress.finish(result)
 
 
 def _is_secret_env(name: str) -> bool:

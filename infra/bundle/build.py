@@ -17,9 +17,11 @@ from typing import Any
 
 from infra.bundle import hub, oci
 from infra.bundle.apt import AptError, AptRoot
+from infra.bundle.declared import Kind
 from infra.bundle.lock import Artifact, Lock, check, upstream_sources
 from infra.bundle.manifest import MANIFEST, SIGNATURE, Manifest, check_rel, write_manifest
 from infra.bundle.store import FetchError, Store, fetch_url, file_digest
+from infra.model.load import project_dir
 from infra.model.site import AptSource, Site
 from infra.plan.engines import mirror_model_dir, mirror_model_index
 
@@ -43,6 +45,8 @@ class BuildOptions:
     apt_sources: Sequence[AptSource] = ()
     work: Path | None = None
     fetched: list[str] = field(default_factory=list)
+    kinds: Sequence[str] = ()
+    """Only artifacts of these kinds (e.g. `runtime`: a bundle of the execution runtime alone); all when empty."""
 
 
 def image_tag(digest: str) -> str:
@@ -108,7 +112,7 @@ def build(site: Site, lock: Lock, lock_text: str, segment: str | None, out: Path
     drift = check(lock, site)
     if drift:
         raise BuildError("the lock does not match the stack; run `gpufleet lock` first", drift)
-    arts = lock.for_segment(segment)
+    arts = [a for a in lock.for_segment(segment) if not opts.kinds or a.kind in opts.kinds]
     unresolved = [a for a in arts if not a.resolved]
     if unresolved:
         raise BuildError("the lock has artifacts without size/sha256 (their source was unreachable when "
@@ -125,6 +129,8 @@ def build(site: Site, lock: Lock, lock_text: str, segment: str | None, out: Path
     for a in arts:
         if a.kind == "image":
             missing += _fetch_image(a, out, opts)
+        elif a.kind == Kind.RUNTIME.value:
+            missing += _fetch_runtime(a, out, opts)
         elif a.kind != "deb":
             missing += _fetch_file(a, out, opts)
     if missing:
@@ -216,6 +222,15 @@ def _fetch_file(a: Artifact, out: Path, opts: BuildOptions) -> list[str]:
         dest.unlink()
         return [f"{a.kind} {a.name}: {a.path} has sha256 {sha}, the lock says {a.sha256}"]
     return []
+
+
+def _fetch_runtime(a: Artifact, out: Path, opts: BuildOptions) -> list[str]:
+    """A file of the execution runtime: from a store, else its locked source (registry URL or this checkout)."""
+    if a.source.startswith("gpufleet:"):
+        # The supervisor is gpufleet's own file: the checkout building the bundle is its source.
+        local = project_dir() / a.source.removeprefix("gpufleet:")
+        a = Artifact(**{**a.__dict__, "source": str(local)})
+    return _fetch_file(a, out, opts)
 
 
 def _write_model_indexes(arts: list[Artifact], out: Path) -> None:

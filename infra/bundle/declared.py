@@ -18,6 +18,7 @@ import yaml
 
 from infra.model.load import project_dir
 from infra.model.site import Engine, OperatingSystem, Site, parse_hf_source
+from infra.plan.execruntime import spec as runtime_spec
 from infra.plan.node import NodePlan, SitePlan, plan_site
 from infra.plan.packages import monitoring_server_packages
 
@@ -30,6 +31,8 @@ class Kind(StrEnum):
     WHEEL = "wheel"
     MODEL = "model"
     PLUGIN = "plugin"
+    RUNTIME = "runtime"
+    """A file of the execution runtime (`infra.plan.execruntime`): a wheel from uv.lock, or the supervisor."""
 
 
 # OS packages the roles install besides the pinned GPU stack. Unversioned on purpose: the lock pins
@@ -185,6 +188,9 @@ def declared(site: Site, segment: str | None = None, plan: SitePlan | None = Non
         v = plugin_version()
         for seg in segs:
             add(Kind.PLUGIN, PLUGIN_NAME, v, seg, PLUGIN_URL.format(file=plugin_file(v)))
+    for d in runtime_declared(site, segment):
+        for seg in d.segments:
+            add(d.kind, d.name, d.version, seg, d.sources[0])
     # Unpinned role packages that some node also pins are covered by the pinned entry.
     pinned = {(k, name) for (k, name, v) in found if v is not None}
     out = [
@@ -198,3 +204,16 @@ def declared(site: Site, segment: str | None = None, plan: SitePlan | None = Non
 def os_of(site: Site, segment: str | None = None) -> list[OperatingSystem]:
     """Operating systems of the nodes (of one segment): the lock resolves packages per OS."""
     return sorted({n.os for n in site.nodes if segment is None or n.segment == segment})
+
+
+def runtime_declared(site: Site, segment: str | None = None) -> list[Declared]:
+    """The execution runtime's files, for every segment (of `segment`) whose Ansible runs on an execution host.
+
+    Each wheel at the version `uv.lock` pins (its registry URL as the source) and the supervisor at its digest:
+    `lock --check` then fails when uv.lock or the supervisor changed without a re-lock.
+    """
+    segs = tuple(sorted(s.name for s in site.segments
+                        if not s.execution.local and (segment is None or s.name == segment)))
+    if not segs:
+        return []
+    return [Declared(Kind.RUNTIME, f.name, f.version, (f.source,), segs) for f in runtime_spec().files]

@@ -24,6 +24,8 @@ from infra.bundle.store import FetchError, Store, fetch_url, file_digest
 from infra.model.load import project_dir
 from infra.model.site import AptSource, Segment, Site, parse_hf_source
 from infra.plan.engines import mirror_model_dir
+from infra.plan.execruntime import RuntimeFile, RuntimeSpec
+from infra.plan.execruntime import spec as runtime_spec
 
 FORMAT = 1
 BASELINE = "baseline"  # `source` of packages the nodes' installed OS already provides (nothing to fetch)
@@ -299,6 +301,9 @@ def resolve(site: Site, opts: ResolveOptions) -> Lock:
         for d in decl:
             if d.kind is Kind.DEB:
                 continue
+            if d.kind is Kind.RUNTIME:
+                put(runtime_artifact(d, notes))
+                continue
             for a in _resolve_other(d, opts, work, notes):
                 put(a)
             if d.kind is Kind.WHEEL:
@@ -449,3 +454,27 @@ def _registry_image_size(registry: str, repo: str, digest: str) -> int | None:
         return None
     man = json.loads(proc.stdout)
     return len(proc.stdout) + int(man["config"]["size"]) + sum(int(la["size"]) for la in man.get("layers", []))
+
+
+# ----------------------------------------------------------------------------------- execution runtime
+
+def runtime_artifact(d: Declared, notes: list[str]) -> Artifact:
+    """A runtime file as locked: size and sha256 from `uv.lock` (the registry's own), or the supervisor's digest.
+
+    No network: uv.lock already holds what the registry published; `bundle build` checks the bytes it fetches.
+    """
+    f = next((x for x in runtime_spec().files if (x.name, x.version) == (d.name, d.version)), None)
+    if f is None:  # declared() reads the same spec: only a lock edited by hand gets here
+        notes.append(f"{d.describe()}: not in the execution runtime of uv.lock; locked unresolved")
+        return Artifact(d.kind.value, d.name, d.version, "", None, None, d.sources[0], d.segments, True)
+    return Artifact(d.kind.value, f.name, f.version, f.path, f.size, f.sha256, f.source, d.segments, True)
+
+
+def runtime_release(lock: Lock, segment: str, python: str, glibc: str) -> RuntimeSpec | None:
+    """The execution runtime the lock records for `segment` (None when it records none).
+
+    `python` and `glibc` are the release's platform (`infra.plan.execruntime.spec()`): the lock pins files.
+    """
+    files = [RuntimeFile(a.name, a.version or "", a.path.rsplit("/", 1)[-1], a.source, a.sha256 or "", a.size or 0)
+             for a in lock.artifacts if a.kind == Kind.RUNTIME.value and segment in a.segments]
+    return RuntimeSpec(python, glibc, tuple(sorted(files))) if files else None

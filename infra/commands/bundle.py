@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from infra.bundle.build import BuildError, BuildOptions, build, last_serial, save_serial, serial_path
+from infra.bundle.declared import Kind
 from infra.bundle.manifest import MAX_SERIAL, verify_bundle
 from infra.bundle.publish import MIRROR_KEY_ENV, Target, import_bundle, release_signer
 from infra.bundle.remote import MIRROR_ROOT, RemoteError, SshMirror
@@ -40,6 +41,8 @@ def register(sub: Any) -> None:
     p.add_argument("--out", type=Path, required=True, help="new, empty directory for the bundle")
     p.add_argument("--artifacts", action="append", default=[], metavar="DIR|URL")
     p.add_argument("--registry", action="append", default=[], metavar="HOST[:PORT]")
+    p.add_argument("--kind", action="append", default=[], choices=[k.value for k in Kind],
+                   help="only locked artifacts of this kind (repeatable; e.g. `runtime`: the execution runtime alone)")
     sources_arg(p)
     p.add_argument("--signing-key", type=Path, default=env_path(SIGNING_KEY_ENV),
                    help=f"armored OpenPGP secret key file that signs the manifest (env {SIGNING_KEY_ENV})")
@@ -94,7 +97,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         sys.stderr.write(f"error: --sources: {exc}\n")
         return Exit.INVALID
     opts = BuildOptions(artifacts=[Store(a) for a in args.artifacts], registries=args.registry,
-                        apt_sources=sources)
+                        apt_sources=sources, kinds=args.kind)
     t0 = time.monotonic()
     try:
         man = build(site, lock, path.read_text(encoding="utf-8"), args.segment, args.out, args.signing_key, opts,

@@ -8,6 +8,7 @@ from typing import Any
 from infra.ansible.converge import VERDICT_TASK, Execution, check_report, converge, select, wait_ssh
 from infra.ansible.rollout import NodeOutcome
 from infra.ansible.settings import Tuning
+from infra.commands.exechost import lock_file_of, require_runtime
 from infra.commands.site import add_stack_args, site_from_args
 from infra.console import Exit, emit, fail, positive_float, table
 from infra.plan.node import NodePlan, SitePlan, plan_site
@@ -96,6 +97,9 @@ def cmd_converge(args: argparse.Namespace) -> int:
     if isinstance(loaded, int):
         return loaded
     plan, nodes = loaded
+    if Execution(args.execution) is not Execution.LOCAL:
+        # Before any job: each execution host runs exactly the runtime the lock records (exit 2 otherwise).
+        require_runtime(plan.site, lock_file_of(args), {n.segment.name for n in nodes})
     result = converge(
         plan,
         nodes,
@@ -131,6 +135,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     if isinstance(loaded, int):
         return loaded
     plan, nodes = loaded
+    if Execution(args.execution) is not Execution.LOCAL:
+        require_runtime(plan.site, lock_file_of(args), {n.segment.name for n in nodes})
     result = converge(
         plan, nodes, check=True, tuning=Tuning(args.tuning), progress=not args.json, execution=Execution(args.execution)
     )

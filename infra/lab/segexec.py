@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +27,12 @@ import yaml
 
 from infra.ansible.remote import runtime
 from infra.ansible.remote.job import exec_host
+from infra.bundle.declared import Kind, runtime_declared
+from infra.bundle.lock import Lock, decl_dict, lock_path_for, runtime_artifact
+from infra.bundle.signing import generate_key
 from infra.lab import hosts
 from infra.lab.config import HostKind, LabSpec, Paths
 from infra.model.load import load_site
-from infra.ssh import SshSettings
 
 TABLE = "gpufleet_segexec_proof"
 
@@ -126,20 +130,65 @@ class SshCounters:
         subprocess.run(["nft", "delete", "table", "inet", TABLE], capture_output=True, check=False, timeout=30)
 
 
+RUNTIME_STORE = Path("/var/cache/gpufleet/bundle/artifacts")
+"""The connected side's artifacts store of the lab (as docs/airgap.md "The lab"): the runtime's wheels land in
+its `files/gpufleet-exec/`, fetched once from the registry URLs uv.lock names and checked against their sha256."""
+
+
+def segexec_lock(site_lock: Path, stack: Path) -> Path:
+    """The lock of the execution stack: the lab's lock plus the execution runtime, as `gpufleet lock` records it.
+
+    The execution stack differs from the lab stack only in `segments[].execution`, and the runtime's part of a
+    lock needs no network (uv.lock holds its sizes and sha256s), so the lab's other entries are kept as they
+    are instead of re-resolving every package. The runtime entries come from the product's own functions.
+    """
+    site = load_site(path=stack)
+    lock = Lock.from_json(site_lock.read_text(encoding="utf-8"))
+    lock.declared = [d for d in lock.declared if d["kind"] != Kind.RUNTIME.value]
+    lock.artifacts = [a for a in lock.artifacts if a.kind != Kind.RUNTIME.value]
+    notes: list[str] = []
+    for d in runtime_declared(site):
+        lock.declared.append(decl_dict(d))
+        lock.artifacts.append(runtime_artifact(d, notes))
+    assert not notes, notes
+    out = lock_path_for(stack)
+    out.write_text(lock.to_json(), encoding="utf-8")
+    return out
+
+
 def prepare(spec: LabSpec, paths: Paths, source: Path, work: Path) -> Path:
     """The execution stack written into `work`, execution hosts keyed and given the runtime; returns the stack.
 
-    The runtime goes on through the product path (`runtime.install` over the controller's SSH).
+    The runtime goes on through the product path: its files in the stack's lock, a bundle of them (`bundle build
+    --kind runtime`) signed and imported into lab-mirror, `exec-host install` fetching them from that mirror on
+    the air-gapped execution host; the connected segment has no mirror, so its host gets them with `--stream`.
     """
     stack = execution_stack(spec, source, work / "Pulumi.lab-segexec.yaml")
     authorize_execution_hosts(spec, paths)
+    segexec_lock(source.with_name(source.name.removesuffix(".yaml") + ".lock.json"), stack)
+    runtime.fetch(RUNTIME_STORE / "files" / "gpufleet-exec", runtime.spec())
+    secret, keyring = work / "bundle.sec.asc", work / "bundle.pub.asc"
+    generate_key(work / "gnupg", "gpufleet lab bundle key (SIMULATED) <bundle@lab.invalid>", secret, keyring)
     site = load_site(path=stack)
-    artifact = runtime.build(work / "runtime")
-    settings = SshSettings.of(site)
     for seg in site.segments:
-        target = exec_host(site, seg.name)
-        if target is not None:
-            runtime.install(
-                settings, target.address, user=target.user, runtime_dir=target.runtime_dir, artifact=artifact
-            )
+        if exec_host(site, seg.name) is None or not seg.mirror:
+            continue
+        bundle = work / f"bundle-{seg.name}"
+        # The lab mirror keeps its import record across runs: a serial newer than any earlier one.
+        step("bundle", "build", "--stack-file", str(stack), "--segment", seg.name, "--kind", Kind.RUNTIME.value,
+             "--out", str(bundle), "--artifacts", str(RUNTIME_STORE), "--signing-key", str(secret),
+             "--serial", str(int(time.time())))
+        step("bundle", "import", str(bundle), "--stack-file", str(stack), "--mirror", seg.mirror,
+             "--keyring", str(keyring), "--mirror-key", str(paths.gnupg_dir / seg.mirror))
+    step("exec-host", "install", "--stack-file", str(stack), "--stream", "--out", str(work / "stream"), "--json")
     return stack
+
+
+def step(*argv: str) -> str:
+    """Run one gpufleet command as a user would; its stdout (AssertionError with its output when it fails)."""
+    p = subprocess.run([str(Path(sys.executable).parent / "gpufleet"), *argv], capture_output=True, text=True,
+                       timeout=900, check=False)
+    if p.returncode != 0:
+        out = f"{p.stdout[-2000:]}\n{p.stderr[-2000:]}"
+        raise AssertionError(f"gpufleet {' '.join(argv[:2])}: exit {p.returncode}\n{out}")
+    return p.stdout

@@ -19,9 +19,10 @@ import pytest
 
 from infra import procs
 from infra.ansible.converge import converge, wait_ssh
+from infra.ansible.remote import runtime
 from infra.cli import main
 from infra.lab import lab as lab_mod
-from infra.lab.segexec import SshCounters, authorize_execution_hosts, execution_stack, prepare
+from infra.lab.segexec import SshCounters, authorize_execution_hosts, prepare
 from infra.lab.session import Lab
 from infra.model.load import load_site
 from infra.plan.node import plan_site
@@ -30,10 +31,17 @@ pytestmark = pytest.mark.lab
 
 
 def test_segment_local_first_converge_noop_and_one_hop(lab: Lab, tmp_path: Path) -> None:
-    stack = execution_stack(lab.spec, lab.stack_file, tmp_path / "Pulumi.lab-segexec.yaml")
+    stack = prepare(lab.spec, lab.paths, lab.stack_file, tmp_path)
     site = load_site(path=stack)
-    authorize_execution_hosts(lab.spec, lab.paths)
-    assert main(["exec-host", "install", "--stack-file", str(stack), "--out", str(tmp_path / "rt"), "--json"]) == 0
+    # The runtime the air-gapped execution host runs came from its mirror: the lock's files, served by lab-mirror's
+    # nginx (imported from the runtime bundle), fetched by the installer there and recorded with their sha256.
+    release = runtime.spec()
+    assert main(["exec-host", "status", "--stack-file", str(stack)]) == 0
+    served = lab.ssh("lab-mirror", "cat /var/log/nginx/access.log").stdout
+    fetched = [f.filename for f in release.files if f"GET /files/gpufleet-exec/{f.filename} " in served]
+    assert sorted(fetched) == sorted(f.filename for f in release.files), served[-2000:]
+    recorded = lab.ssh("lab-mirror", f"cat /opt/gpufleet-exec/releases/{release.runtime_id}/runtime.json").stdout
+    assert json.loads(recorded) == release.as_dict()
     plan = plan_site(site)
     # Earlier tests may have converged the nodes already: an out-of-band edit of a file the roles manage gives
     # every node something to change in the first converge, whatever state the lab is in (done before the

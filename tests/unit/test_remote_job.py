@@ -1,7 +1,7 @@
 """Segment-local execution without a lab: the real transmit → worker → process protocol over a local pipe.
 
-The carrier is `sh -c` instead of ssh (the one thing replaced); everything else is real: the runtime artifact
-built from this environment and unpacked by the install command, `gpufleet-worker` supervising
+The carrier is `sh -c` instead of ssh (the one thing replaced); everything else is real: the locked runtime's
+wheels (uv.lock) installed by the execution host's installer, `gpufleet-worker` supervising
 `ansible-runner worker` from that runtime under /usr/bin/python3, ansible-playbook on a local connection.
 """
 
@@ -28,7 +28,7 @@ needs_same_python = pytest.mark.skipif(
     or subprocess.run(
         [str(SYSTEM_PY), "-c", "import sys; print('%d.%d' % sys.version_info[:2])"], capture_output=True, text=True
     ).stdout.strip()
-    != runtime.python_tag(),
+    != runtime.spec().python,
     reason="the execution runtime runs under /usr/bin/python3 of the controller's minor version",
 )
 
@@ -90,29 +90,39 @@ def test_supervisor_stops_what_a_dead_worker_left_running(tmp_path: Path) -> Non
     assert not job_dir.exists()
 
 
-def test_install_refuses_another_python_and_keeps_an_installed_release(tmp_path: Path) -> None:
-    cmd = runtime.install_command(str(tmp_path / "rt"), "abc", "2.7")
-    p = subprocess.run(["sh", "-c", cmd], input=b"not a tarball", capture_output=True, check=False)
-    assert p.returncode == runtime.EXIT_PYTHON_MISMATCH
+def test_install_refuses_another_python_and_installs_nothing(tmp_path: Path) -> None:
+    release = runtime.RuntimeSpec("2.7", "0.0", runtime.spec().files)
+    p = subprocess.run(
+        ["sh", "-c", runtime.install_command(str(tmp_path / "rt"), release, "http://127.0.0.1:9/")],
+        capture_output=True,
+        check=False,
+    )
+    assert p.returncode == runtime.EXIT_PLATFORM
     assert b"needs 2.7" in p.stderr
     assert not (tmp_path / "rt" / "releases").exists()
 
 
+# The runtime's wheels, fetched once from the registry URLs uv.lock names and checked against their sha256.
+WHEELS = Path.home() / ".cache" / "gpufleet" / "exec-runtime"
+
+
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The runtime artifact built from this environment and installed by the install command into a temp dir."""
+    """The locked runtime installed by the installer (the streamed form) into a temp dir, as on an execution host."""
     work = tmp_path_factory.mktemp("exec-runtime")
-    artifact = runtime.build(work / "out")
-    m = runtime.manifest()
-    assert artifact.name == m.name and m.dists["ansible-core"] and m.dists["ansible-runner"] and m.dists["mitogen"]
+    release = runtime.spec()
+    files = runtime.fetch(WHEELS, release)
     root = work / "rt"
-    for _ in range(2):  # the second install finds the release and keeps it
-        subprocess.run(
-            ["sh", "-c", runtime.install_command(str(root), m.runtime_id, m.python)],
-            input=artifact.read_bytes(),
+    for want in ("installed", "kept"):  # the second install finds the release and keeps it
+        p = subprocess.run(
+            ["sh", "-c", runtime.install_command(str(root), release, None)],
+            input=runtime.stream(files, release),
+            capture_output=True,
             check=True,
         )
-    assert (Path(runtime.release_dir(str(root))) / "bin" / runtime.WORKER).is_file()
+        assert p.stdout.decode().strip() == want
+    rel = Path(runtime.release_dir(str(root)))
+    assert (rel / "bin" / runtime.WORKER).is_file() and (rel / "bin" / "ansible-playbook").is_file()
     return root
 
 

@@ -21,7 +21,6 @@ import base64
 import contextlib
 import hashlib
 import hmac
-import json
 import logging
 import os
 import secrets as pysecrets
@@ -49,6 +48,8 @@ from infra.ansible.runner import (
     _is_secret_env,
     _leaves,
     _prune,
+    finish_run,
+    fold_result,
     scrub,
 )
 from infra.ansible.settings import Tuning, project_root, runner_env
@@ -205,8 +206,10 @@ def worker_command(target: ExecHost, job_dir: str, timeout_s: int) -> str:
     """The one remote shell command of a job (every word quoted): check the runtime, exec the worker."""
     q = ssh.shell_command
     worker = f"{target.release}/bin/{runtime.WORKER}"
+    # runtime.json is written last inside a release: with it there, the release is complete.
     return (
-        f"test -x {q(worker)} || {{ echo {q('gpufleet: execution runtime ' + runtime.manifest().runtime_id)}"
+        f"test -x {q(worker)} -a -f {q(target.release + '/runtime.json')} || "
+        f"{{ echo {q('gpufleet: execution runtime ' + runtime.spec().runtime_id)}"
         f"' is not installed on '{q(target.name)} >&2; exit {EXIT_NO_RUNTIME}; }}; "
         f"exec {q(worker, f'{target.release}/bin/ansible-runner', job_dir, str(timeout_s))}"
     )
@@ -375,38 +378,12 @@ def run_playbook_remote(
         why = "stopped (cancel)"
     elif not stats:
         why = f"execution host {target.name}: status={status} rc={rc} {_last(stderr)}".strip()
-    for name, h in collector.hosts.items():
-        h.ok = int((stats.get("ok") or {}).get(name, 0))
-        h.changed = int((stats.get("changed") or {}).get(name, 0)) if stats else len(h.changed_tasks)
-        h.failed = max(h.failed, int((stats.get("failures") or {}).get(name, 0)))
-        h.skipped = int((stats.get("skipped") or {}).get(name, 0))
-        h.unreachable = h.unreachable or bool((stats.get("dark") or {}).get(name, 0))
-        if not stats and not h.failures:
-            h.failed = 1
-            h.failures.append({"task": f"(execution host {target.name})", "msg": why})
     if not stats and rc == 0:
         rc, status = 1, "error"
-    result = RunResult(
-        playbook=playbook,
-        check=check,
-        status=status,
-        rc=rc,
-        duration_s=time.monotonic() - started,
-        hosts=collector.hosts,
-        run_dir=str(work),
-    )
-    (work / "result.json").write_text(
-        json.dumps(
-            {**result.as_dict(), "execution_host": target.name, "statuses": statuses},
-            indent=1,
-            sort_keys=True,
-            default=str,
-        ),
-        encoding="utf-8",
-    )
-    scrub(work, all_secrets)
-    if progress:
-        progress.finish(result)
+    # No stats event: the job never ran or died on the execution host; every host without a failure gets `why`.
+    no_stats = {"task": f"(execution host {target.name})", "msg": why}
+    result = fold_result(playbook, check, status, rc, started, collector, stats, work, no_stats)
+    finish_run(result, work, all_secrets, progress, execution_host=target.name, statuses=statuses)
     return result
 
 

@@ -1,215 +1,215 @@
-"""The execution runtime: what an execution host needs to run a job, as one versioned artifact.
+"""The execution runtime on an execution host: fetch, install and check the locked release.
 
-An execution host runs `ansible-runner worker` and, under it, `ansible-playbook` with Mitogen. The runtime is
-those distributions and everything they require (ansible-core, ansible-runner, mitogen, Jinja2, PyYAML,
-cryptography, …) copied file by file from the controller's own environment — the versions `uv.lock` pins —
-into `site/`, plus `bin/` launchers for their console scripts and `bin/gpufleet-worker` (`worker.py`).
-It runs under the execution host's `/usr/bin/python3`, which must be the controller's Python minor version
-(compiled extensions such as cryptography's and PyYAML's are built for it); `install` checks that first.
+What a release holds is `infra.plan.execruntime`: the exact wheels of ansible-core, ansible-runner, Mitogen and
+their dependencies that `uv.lock` pins for the execution host's platform (CPython 3.11, manylinux x86_64),
+plus the job supervisor `gpufleet-worker` (`worker.py`). The stack's lock (`gpufleet lock`) records each file
+with its sha256, the bundle carries them to an air-gapped segment and its mirror serves them under
+`/files/gpufleet-exec/`. `install` runs the stdlib installer (`install.py`) on the execution host, which
+fetches the files from the segment's mirror, checks every one against the lock's size and sha256, and unpacks
+them into `<runtime_dir>/releases/<id>/` (`id`: a digest of the files' names and hashes). The controller sends
+only that small installer and the lock's list; the runtime's bytes come from the mirror.
 
-The artifact is a reproducible tar.gz (sorted, owner 0, mtime 0); its id is a digest of the manifest
-(Python minor version, every distribution and version, the supervisor's digest, the layout format), so the
-controller knows which release a job needs without asking: jobs run `<runtime_dir>/releases/<id>/bin/gpufleet-worker`.
-The roles are not part of the runtime: every job carries the exact collection tree the controller planned
-with (see `job.py`), so an execution host can never run other roles than the controller hashed.
+Explicit fallback, for a connected segment without a mirror only: `stream=True` sends the same files (fetched
+on the controller by `fetch`, checked against the same sha256) as a tar stream over the SSH connection.
+
+The roles are not part of the installed release: every job carries the exact collection tree the controller
+planned with (see `job.py`), so an execution host can never run other roles than the controller hashed.
 """
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import importlib.metadata as md
 import io
 import json
-import re
-import sys
+import shutil
 import tarfile
-from dataclasses import dataclass
-from functools import cache
+import urllib.error
+import urllib.request
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from packaging.requirements import Requirement
-
 from infra import ssh
+from infra.ansible.remote import install as installer
+from infra.model.site import Site
+from infra.plan.execruntime import MIRROR_DIR, RuntimeFile, RuntimeSpec, spec
 from infra.ssh import SshSettings
 
-# The distributions a job runs; everything they require comes along.
-ROOTS = ("ansible-core", "ansible-runner", "mitogen")
-FORMAT = 1  # bump when the layout of the artifact changes
 WORKER = "gpufleet-worker"
-REMOTE_PYTHON = "/usr/bin/python3"
-# What `install` exits with when the execution host's Python does not match (read by the controller).
-EXIT_PYTHON_MISMATCH = 96
-
-
-def _norm(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
-def closure(roots: tuple[str, ...] = ROOTS) -> list[md.Distribution]:
-    """The installed distributions `roots` need, their requirements followed (markers for this Python)."""
-    seen: dict[str, md.Distribution] = {}
-    todo = list(roots)
-    while todo:
-        name = _norm(todo.pop())
-        if name in seen:
-            continue
-        dist = md.distribution(name)
-        seen[name] = dist
-        for text in dist.requires or []:
-            req = Requirement(text)
-            # Extras are never asked for; a marker that needs one is false.
-            if req.marker is not None and not req.marker.evaluate({"extra": ""}):
-                continue
-            todo.append(req.name)
-    return [seen[k] for k in sorted(seen)]
-
-
-def python_tag() -> str:
-    """`3.11`: the Python minor version the runtime's compiled extensions are built for."""
-    return f"{sys.version_info.major}.{sys.version_info.minor}"
-
-
-@dataclass(frozen=True)
-class Manifest:
-    """What a runtime holds: Python minor version and every distribution at its version."""
-
-    python: str
-    dists: dict[str, str]
-    worker: str = ""
-    """Digest of `worker.py` (the supervisor shipped as bin/gpufleet-worker): a new one is a new release."""
-
-    @property
-    def runtime_id(self) -> str:
-        """Stable id of the release (a digest of the manifest)."""
-        data = json.dumps(
-            {"format": FORMAT, "python": self.python, "dists": self.dists, "worker": self.worker}, sort_keys=True
-        )
-        return hashlib.sha256(data.encode()).hexdigest()[:16]
-
-    @property
-    def name(self) -> str:
-        """Artifact file name, e.g. `gpufleet-exec-runtime-ansible-core2.19.14-runner2.4.3-py3.11-<id>.tar.gz`."""
-        core, runner = self.dists.get("ansible-core", "?"), self.dists.get("ansible-runner", "?")
-        return f"gpufleet-exec-runtime-ansible-core{core}-runner{runner}-py{self.python}-{self.runtime_id}.tar.gz"
-
-    def as_dict(self) -> dict[str, Any]:
-        """JSON form (written as manifest.json into the artifact)."""
-        return {
-            "format": FORMAT,
-            "id": self.runtime_id,
-            "python": self.python,
-            "dists": self.dists,
-            "worker": self.worker,
-        }
-
-
-@cache
-def manifest() -> Manifest:
-    """The manifest of the runtime this controller would build (and jobs ask for)."""
-    worker = hashlib.sha256(Path(__file__).with_name("worker.py").read_bytes()).hexdigest()[:16]
-    return Manifest(python_tag(), {_norm(d.metadata["Name"]): d.version for d in closure()}, worker)
-
-
-def _launcher(module: str, attr: str) -> str:
-    return (
-        f"#!{REMOTE_PYTHON}\n"
-        "# gpufleet execution runtime launcher (generated by infra/ansible/remote/runtime.py)\n"
-        "import os, sys\n"
-        "sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(__file__))), 'site'))\n"
-        f"from {module} import {attr.split('.')[0]} as _entry\n"
-        f"sys.exit(_entry{''.join('.' + a for a in attr.split('.')[1:])}())\n"
-    )
-
-
-def _add(tar: tarfile.TarFile, name: str, data: bytes, mode: int = 0o644) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mode, info.mtime, info.uid, info.gid = len(data), mode, 0, 0, 0
-    tar.addfile(info, io.BytesIO(data))
-
-
-def build(out_dir: Path) -> Path:
-    """Write the runtime artifact into `out_dir` (kept if already there) and return its path."""
-    m = manifest()
-    path = out_dir / m.name
-    if path.exists():
-        return path
-    files: dict[str, bytes] = {}
-    scripts: dict[str, str] = {}
-    for dist in closure():
-        for f in dist.files or []:
-            parts = PurePosixPath(str(f)).parts
-            # Only what lives in site-packages; bytecode is left for the execution host to compile.
-            if not parts or parts[0] == ".." or "__pycache__" in parts or str(f).endswith(".pyc"):
-                continue
-            src = Path(str(dist.locate_file(f)))
-            if src.is_file():
-                files["site/" + "/".join(parts)] = src.read_bytes()
-        for ep in dist.entry_points:
-            if ep.group == "console_scripts":
-                scripts[ep.name] = _launcher(ep.module, ep.attr)
-    scripts[WORKER] = f"#!{REMOTE_PYTHON}\n" + Path(__file__).with_name("worker.py").read_text(encoding="utf-8")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".part")
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        _add(tar, "manifest.json", json.dumps(m.as_dict(), indent=1, sort_keys=True).encode())
-        for name in sorted(files):
-            _add(tar, name, files[name])
-        for name in sorted(scripts):
-            _add(tar, f"bin/{name}", scripts[name].encode(), 0o755)
-    tmp.write_bytes(gzip.compress(buf.getvalue(), mtime=0))
-    tmp.replace(path)
-    return path
-
-
-def release_dir(runtime_dir: str, runtime_id: str | None = None) -> str:
-    """`<runtime_dir>/releases/<id>` on the execution host."""
-    return str(PurePosixPath(runtime_dir) / "releases" / (runtime_id or manifest().runtime_id))
-
-
-def install_command(runtime_dir: str, runtime_id: str, python: str) -> str:
-    """The remote shell command that unpacks the artifact from stdin into its release directory.
-
-    Refuses (exit 96) when the host's Python is not `python`; a release already there is kept (same id,
-    same content). Every value is quoted for the remote shell.
-    """
-    rel = release_dir(runtime_dir, runtime_id)
-    q = ssh.shell_command
-    return (
-        "set -eu; "
-        f"have=$({q(REMOTE_PYTHON)} -c 'import sys; print(\"%d.%d\" % sys.version_info[:2])' 2>/dev/null "
-        "|| echo none); "
-        f'if [ "$have" != {q(python)} ]; then cat >/dev/null; '
-        f'echo "execution host Python is $have, the runtime needs "{q(python)} >&2; exit {EXIT_PYTHON_MISMATCH}; fi; '
-        f"if [ -f {q(rel + '/manifest.json')} ]; then cat >/dev/null; exit 0; fi; "
-        f"rm -rf {q(rel + '.tmp')}; mkdir -p {q(rel + '.tmp')} {q(runtime_dir + '/jobs')}; "
-        f"chmod 0700 {q(runtime_dir + '/jobs')}; "
-        f"tar -xzf - -C {q(rel + '.tmp')}; mv {q(rel + '.tmp')} {q(rel)}"
-    )
+REMOTE_PYTHON = installer.REMOTE_PYTHON
+EXIT_PLATFORM = installer.EXIT_PLATFORM
+EXIT_MISMATCH = installer.EXIT_MISMATCH
+_PROJECT = Path(__file__).resolve().parents[3]
+_SOURCE = Path(installer.__file__).read_text(encoding="utf-8")
 
 
 class RuntimeInstallError(Exception):
-    """The runtime could not be installed on an execution host (the message says why and what to do)."""
+    """The runtime could not be fetched or installed (the message says why and what to do)."""
 
 
-def install(settings: SshSettings, host: str, *, user: str, runtime_dir: str, artifact: Path) -> str:
-    """Install `artifact` on an execution host over SSH; returns the release directory.
+def release_dir(runtime_dir: str, runtime_id: str | None = None) -> str:
+    """`<runtime_dir>/releases/<id>` on the execution host (the controller's `uv.lock` release by default)."""
+    return str(PurePosixPath(runtime_dir) / "releases" / (runtime_id or spec().runtime_id))
+
+
+def mirror_base(site: Site, segment: str) -> str | None:
+    """`http://<mirror>:<port>/files/gpufleet-exec/` of the segment's mirror, or None without one."""
+    seg = site.segment(segment)
+    mirror = site.mirror(seg.mirror) if seg is not None and seg.mirror else None
+    if mirror is None:
+        return None
+    host = str(mirror.address)
+    host = f"[{host}]" if ":" in host else host
+    return f"http://{host}:{mirror.http_port}/{MIRROR_DIR}/"
+
+
+def _sha(path: Path) -> tuple[int, str]:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return path.stat().st_size, h.hexdigest()
+
+
+def fetch(out_dir: Path, release: RuntimeSpec, stores: tuple[Path, ...] = ()) -> Path:
+    """Put every file of `release` into `out_dir` (kept when already there with the right bytes); returns it.
+
+    Looked for in `stores` (trees in the mirror layout, e.g. a bundle or an `--artifacts` dir), then at the
+    file's locked source (the registry URL `uv.lock` names; the checkout for the supervisor). Every file is
+    checked against its sha256 and size.
 
     Raises:
-        RuntimeInstallError: wrong Python on the host, or the unpack failed.
+        RuntimeInstallError: a file is unreachable or has other bytes.
+
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for f in release.files:
+        dest = out_dir / f.filename
+        if dest.is_file() and _sha(dest) == (f.size, f.sha256):
+            continue
+        tmp = dest.with_name(dest.name + ".part")
+        local = [s / f.path for s in stores if (s / f.path).is_file()]
+        if f.source.startswith("gpufleet:"):
+            local.append(_PROJECT / f.source.removeprefix("gpufleet:"))
+        try:
+            if local:
+                shutil.copyfile(local[0], tmp)
+            elif f.source.startswith(("https://", "http://")):
+                with urllib.request.urlopen(f.source, timeout=60) as resp, tmp.open("wb") as out:
+                    shutil.copyfileobj(resp, out)
+            else:
+                raise RuntimeInstallError(f"{f.filename}: no copy in {', '.join(map(str, stores)) or 'no store'}")
+        except (urllib.error.URLError, OSError) as exc:
+            tmp.unlink(missing_ok=True)
+            raise RuntimeInstallError(f"{f.filename}: cannot fetch {f.source}: {exc}") from None
+        if _sha(tmp) != (f.size, f.sha256):
+            got = _sha(tmp)
+            tmp.unlink()
+            raise RuntimeInstallError(f"{f.filename}: sha256 {got[1]}, the lock says {f.sha256}")
+        tmp.replace(dest)
+    return out_dir
+
+
+def install_spec(runtime_dir: str, release: RuntimeSpec, base: str | None) -> dict[str, Any]:
+    """What the installer on the execution host gets: the release as locked, where it goes, where it comes from."""
+    return {
+        "release": release_dir(runtime_dir, release.runtime_id),
+        "jobs": str(PurePosixPath(runtime_dir) / "jobs"),
+        "base": base,
+        "runtime": release.as_dict(),
+    }
+
+
+def install_command(runtime_dir: str, release: RuntimeSpec, base: str | None) -> str:
+    """The remote shell command: the stdlib installer under the host's python3, every word quoted."""
+    payload = json.dumps(install_spec(runtime_dir, release, base), sort_keys=True)
+    return ssh.shell_command(REMOTE_PYTHON, "-c", _SOURCE, payload)
+
+
+def stream(files_dir: Path, release: RuntimeSpec) -> bytes:
+    """The release's files as an uncompressed tar (the fallback's stdin; wheels are compressed already)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for f in release.files:
+            tar.add(files_dir / f.filename, arcname=f.filename)
+    return buf.getvalue()
+
+
+def install(
+    settings: SshSettings,
+    host: str,
+    *,
+    user: str,
+    runtime_dir: str,
+    release: RuntimeSpec,
+    base: str | None,
+    files_dir: Path | None = None,
+) -> str:
+    """Install `release` on an execution host; returns the release directory.
+
+    With `base` (the segment mirror's URL) the host fetches every file from its mirror; without, the files in
+    `files_dir` are streamed over the connection (the connected-segment fallback). Either way the host checks
+    each file's sha256 against `release` before unpacking anything.
+
+    Raises:
+        RuntimeInstallError: wrong Python/glibc on the host, a file missing or with other bytes, unpack failed.
         infra.ssh.SshError: SSH itself failed (pinned key refused, unreachable, timeout).
 
     """
-    m = manifest()
-    cmd = install_command(runtime_dir, m.runtime_id, m.python)
-    p = ssh.run(ssh.argv(settings, host, cmd, user=user), host=host, stdin=artifact.read_bytes(), timeout=300)
-    if p.returncode == EXIT_PYTHON_MISMATCH:
+    if base is None and files_dir is None:
+        raise RuntimeInstallError(f"{host}: neither a mirror to fetch from nor files to stream")
+    data = b"" if base is not None else stream(files_dir or Path(), release)
+    p = ssh.run(
+        ssh.argv(settings, host, install_command(runtime_dir, release, base), user=user),
+        host=host,
+        stdin=data,
+        timeout=600,
+    )
+    err = p.stderr.decode(errors="replace").strip()
+    if p.returncode == EXIT_PLATFORM:
         raise RuntimeInstallError(
-            f"{host}: {p.stderr.decode(errors='replace').strip()}; install Python {m.python} as {REMOTE_PYTHON} "
-            "there or run this segment with `execution: {host: local}`"
+            f"{host}: {err}; install Python {release.python} as {REMOTE_PYTHON} there or run this segment with "
+            "`execution: {host: local}`"
         )
     if p.returncode != 0:
-        raise RuntimeInstallError(f"{host}: unpacking the runtime failed: {p.stderr.decode(errors='replace')[-500:]}")
-    return release_dir(runtime_dir, m.runtime_id)
+        raise RuntimeInstallError(f"{host}: installing runtime {release.runtime_id} failed: {err[-500:]}")
+    return release_dir(runtime_dir, release.runtime_id)
+
+
+def read_installed(settings: SshSettings, host: str, *, user: str, runtime_dir: str, runtime_id: str) -> Any:
+    """The `runtime.json` of release `runtime_id` on the host (None when that release is not installed)."""
+    marker = f"{release_dir(runtime_dir, runtime_id)}/runtime.json"
+    p = ssh.run(
+        ssh.argv(settings, host, f"cat {ssh.shell_command(marker)} 2>/dev/null || true", user=user),
+        host=host,
+        timeout=60,
+    )
+    try:
+        return json.loads(p.stdout) if p.stdout.strip() else None
+    except ValueError:
+        return {"unreadable": p.stdout[:200].decode(errors="replace")}
+
+
+def mismatch(installed: Any, release: RuntimeSpec) -> str | None:
+    """Why an installed release's record is not `release` (None when it is exactly that release)."""
+    if installed is None:
+        return f"runtime {release.runtime_id} is not installed"
+    if installed != release.as_dict():
+        return f"release {release.runtime_id} there does not record the lock's files and sha256s"
+    return None
+
+
+__all__ = [
+    "EXIT_MISMATCH",
+    "EXIT_PLATFORM",
+    "RuntimeFile",
+    "RuntimeInstallError",
+    "RuntimeSpec",
+    "fetch",
+    "install",
+    "install_command",
+    "mirror_base",
+    "mismatch",
+    "read_installed",
+    "release_dir",
+    "spec",
+]
