@@ -86,7 +86,7 @@ MISSING_NETDEV = "eth9"
 LINK_MBPS = 100_000
 # Soft-RoCE in TCG VMs is software on emulated CPUs: thresholds for *this* fabric, stated in its stack, so the
 # test checks the pairwise machinery end to end (a real fabric keeps the default 80 % of the port speed).
-MIN_BANDWIDTH_GBPS = 0.05
+MIN_BANDWIDTH_GBPS = 0.01
 MAX_LATENCY_US = 20_000.0
 # perftest's default 5,000 writes of 64 KiB took 48 s here (0.058 Gb/s), close to the server's 60 s limit on
 # a loaded machine: 1,000 keep the pair at ~10 s.
