@@ -8,7 +8,7 @@ from typing import Any
 from infra import ssh
 from infra.commands.site import add_stack_args, site_from_args
 from infra.console import Exit, emit, fail, table
-from infra.fabric.pairwise import run_pair
+from infra.fabric.pairwise import MAX_ITERATIONS, MIN_ITERATIONS, run_pair
 from infra.plan.fabric import port_pairs
 
 
@@ -23,6 +23,12 @@ def register(sub: Any) -> None:
     )
     add_stack_args(t)
     t.add_argument("--fabric", help="only this fabric (default: every fabric of the stack)")
+    t.add_argument(
+        "--iterations",
+        type=int,
+        help=f"perftest's -n for both tests ({MIN_ITERATIONS}–{MAX_ITERATIONS}; default: perftest's, 5000 writes of "
+        "64 KiB and 1000 of 2 bytes); fewer for slow links such as Soft-RoCE in emulated VMs",
+    )
     t.set_defaults(func=cmd_fabric_test)
 
 
@@ -49,11 +55,13 @@ def cmd_fabric_test(args: argparse.Namespace) -> int:
     if args.fabric is not None and args.fabric not in site.fabrics_by_name:
         known = ", ".join(sorted(site.fabrics_by_name)) or "none"
         return fail(args, Exit.INVALID, f"no fabric {args.fabric!r} in stack {site.name!r} (fabrics: {known})")
+    if args.iterations is not None and not MIN_ITERATIONS <= args.iterations <= MAX_ITERATIONS:
+        return fail(args, Exit.INVALID, f"--iterations {args.iterations}: give {MIN_ITERATIONS}–{MAX_ITERATIONS}")
     pairs = port_pairs(site, args.fabric)
     if not pairs:
         return fail(args, Exit.INVALID, "no fabric of this stack has two nodes with ports on it: nothing to test")
     settings = ssh.SshSettings.of(site)
-    results = [run_pair(site, pair, settings).as_dict() for pair in pairs]
+    results = [run_pair(site, pair, settings, iterations=args.iterations).as_dict() for pair in pairs]
     ok = all(r["ok"] for r in results)
     emit(args.json, {"stack": site.name, "ok": ok, "pairs": results}, _render)
     return Exit.OK if ok else Exit.DRIFT

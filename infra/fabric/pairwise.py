@@ -26,6 +26,10 @@ CLIENT_ATTEMPTS = 10
 # perftest's defaults except the unit: 5,000 iterations of 64 KiB (bw), 1,000 of 2 bytes (lat).
 BW_ARGS = ("ib_write_bw", "-R", "--report_gbits")
 LAT_ARGS = ("ib_write_lat", "-R")
+MIN_ITERATIONS = 5
+"""perftest's least `-n` ("Number of exchanges (at least 5, default 5000)", `ib_write_bw --help`, perftest 4.5)."""
+MAX_ITERATIONS = 1_000_000
+"""Upper bound of `--iterations`: a million 64 KiB writes is 65 GB, minutes even at 400 Gb/s."""
 
 Spawn = Callable[[Sequence[str]], "subprocess.Popen[bytes]"]
 
@@ -108,8 +112,17 @@ def _one(
         srv.wait(timeout=10)
 
 
-def run_pair(site: Site, pair: PortPair, settings: ssh.SshSettings, spawn: Spawn = _spawn) -> PairResult:
-    """Bandwidth then latency between the pair's nodes (server on `a`, client on `b`)."""
+def run_pair(
+    site: Site, pair: PortPair, settings: ssh.SshSettings, spawn: Spawn = _spawn, iterations: int | None = None
+) -> PairResult:
+    """Bandwidth then latency between the pair's nodes (server on `a`, client on `b`).
+
+    `iterations`: perftest's `-n` for both tests (None: perftest's defaults). Fewer for slow links, e.g.
+    Soft-RoCE in emulated VMs, where 5,000 writes of 64 KiB take longer than the server's time limit.
+    """
+    if iterations is not None and not MIN_ITERATIONS <= iterations <= MAX_ITERATIONS:
+        raise ValueError(f"iterations {iterations}: give {MIN_ITERATIONS}–{MAX_ITERATIONS}")
+    extra = () if iterations is None else ("-n", str(iterations))
     nodes = site.nodes_by_name
     a, b = nodes[pair.a[0]], nodes[pair.b[0]]
     result = PairResult(pair.label, pair.fabric.name, pair.threshold_gbps, pair.fabric.max_latency_us)
@@ -117,8 +130,8 @@ def run_pair(site: Site, pair: PortPair, settings: ssh.SshSettings, spawn: Spawn
     client = (str(b.address), b.ssh_user)
     addr = str(pair.a[1].address)
     try:
-        result.bandwidth = parse_bandwidth(_one(settings, server, client, addr, BW_ARGS, spawn))
-        result.latency = parse_latency(_one(settings, server, client, addr, LAT_ARGS, spawn))
+        result.bandwidth = parse_bandwidth(_one(settings, server, client, addr, (*BW_ARGS, *extra), spawn))
+        result.latency = parse_latency(_one(settings, server, client, addr, (*LAT_ARGS, *extra), spawn))
     except (PerftestError, ssh.SshError) as exc:
         result.errors.append(str(exc))
     return result

@@ -15,8 +15,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from infra.model.site import ContainerEngine, NodeRole, OperatingSystem
+from infra.model.site import ContainerEngine, FabricType, NodeRole, OperatingSystem
 from infra.plan import engines
+from infra.plan.fabric import PortPlan
 from infra.plan.node import NodePlan
 from infra.plan.packages import Component
 
@@ -86,6 +87,7 @@ class ProbeSpec:
     fact_file: str = DRIVER_FACT_FILE
     smi_fields: str = NVIDIA_SMI_FIELDS
     cdi: bool = True
+    fabric_ports: tuple[tuple[str, str, str], ...] = ()  # (fabric, pci|mac|netdev, value), stack order
 
     def as_dict(self) -> dict[str, Any]:
         """JSON form (`gpu_validate_probe`, and the SSH program's spec)."""
@@ -100,7 +102,12 @@ class ProbeSpec:
             "fact_file": self.fact_file,
             "smi_fields": self.smi_fields,
             "cdi": self.cdi,
-        }
+        } | (
+            # Only for nodes on a fabric: every other node's probe input (and content hash) stays as it was.
+            {"fabric_ports": [{"fabric": f, "kind": k, "value": v} for f, k, v in self.fabric_ports]}
+            if self.fabric_ports
+            else {}
+        )
 
 
 def probe_spec(plan: NodePlan) -> ProbeSpec:
@@ -114,7 +121,14 @@ def probe_spec(plan: NodePlan) -> ProbeSpec:
             for s in plan.services
             if s.span is None or s.span.role_of(plan.hostname) != "worker"
         ),
+        fabric_ports=tuple(_port_key(pp) for pp in plan.fabric_ports),
     )
+
+
+def _port_key(pp: PortPlan) -> tuple[str, str, str]:
+    """(fabric, how the port is found, value): how the probe and the comparison name one declared port."""
+    ((kind, value),) = pp.interface.items()
+    return pp.fabric.name, kind, value
 
 
 @dataclass(frozen=True)
@@ -183,6 +197,79 @@ class EndpointState:
 
 
 @dataclass(frozen=True)
+class FabricPortState:
+    """One declared fabric port as the probe found it on the node (None: not found / not reported).
+
+    `speed_mbps` is the interface's Ethernet speed (sysfs `net/<if>/speed`; None when the driver does not
+    know it); `rdma_state`, `rdma_phys_state` and `rdma_rate` are the RDMA port's sysfs strings as the
+    kernel prints them (`4: ACTIVE`, `5: LinkUp`, `100 Gb/sec (4X EDR)`).
+    """
+
+    fabric: str
+    kind: str
+    value: str
+    netdev: str | None = None
+    operstate: str | None = None
+    speed_mbps: int | None = None
+    rdma_device: str | None = None
+    rdma_port: int | None = None
+    rdma_state: str | None = None
+    rdma_phys_state: str | None = None
+    rdma_rate: str | None = None
+
+    @classmethod
+    def from_json(cls, row: Mapping[str, Any]) -> FabricPortState:
+        """From one `fabric_ports` entry of the probe's JSON."""
+
+        def text(key: str) -> str | None:
+            v = row.get(key)
+            return None if v is None else str(v)
+
+        def number(key: str) -> int | None:
+            v = row.get(key)
+            return int(v) if isinstance(v, int | str) and str(v).lstrip("-").isdigit() else None
+
+        return cls(
+            fabric=str(row.get("fabric", "")),
+            kind=str(row.get("kind", "")),
+            value=str(row.get("value", "")),
+            netdev=text("netdev"),
+            operstate=text("operstate"),
+            speed_mbps=number("speed_mbps"),
+            rdma_device=text("rdma_device"),
+            rdma_port=number("rdma_port"),
+            rdma_state=text("rdma_state"),
+            rdma_phys_state=text("rdma_phys_state"),
+            rdma_rate=text("rdma_rate"),
+        )
+
+    @property
+    def rate_gbps(self) -> float | None:
+        """The RDMA port's data rate in Gb/s from sysfs `rate` (`100 Gb/sec (4X EDR)` → 100.0)."""
+        head = (self.rdma_rate or "").split(" ", 1)[0]
+        try:
+            return float(head)
+        except ValueError:
+            return None
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON form (the probe's shape)."""
+        return {
+            "fabric": self.fabric,
+            "kind": self.kind,
+            "value": self.value,
+            "netdev": self.netdev,
+            "operstate": self.operstate,
+            "speed_mbps": self.speed_mbps,
+            "rdma_device": self.rdma_device,
+            "rdma_port": self.rdma_port,
+            "rdma_state": self.rdma_state,
+            "rdma_phys_state": self.rdma_phys_state,
+            "rdma_rate": self.rdma_rate,
+        }
+
+
+@dataclass(frozen=True)
 class NodeState:
     """What the probe found on a node.
 
@@ -202,6 +289,7 @@ class NodeState:
     recorded_files: dict[str, str] | None = None
     cdi: tuple[str, ...] | None = ()
     endpoints: tuple[EndpointState, ...] = ()
+    fabric_ports: tuple[FabricPortState, ...] = ()
 
     @classmethod
     def from_json(cls, hostname: str, data: Mapping[str, Any]) -> NodeState:
@@ -227,6 +315,7 @@ class NodeState:
                 EndpointState(str(e.get("name", "")), str(e.get("url", "")), int(e.get("status") or 0))
                 for e in data.get("endpoints", ())
             ),
+            fabric_ports=tuple(FabricPortState.from_json(p) for p in data.get("fabric_ports", ()) or ()),
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -244,11 +333,12 @@ class NodeState:
             "reboot_required": self.reboot_required,
             "errors": list(self.errors),
             "driver_fact": self.driver_fact,
+            "fabric_ports": [p.as_dict() for p in self.fabric_ports],
         }
 
 
 # Kinds of difference. `file` needs a record of the last converge; `task` comes from the roles' check mode.
-KINDS = ("package", "hold", "file", "service", "gpu", "cdi", "endpoint", "reboot", "task")
+KINDS = ("package", "hold", "file", "service", "gpu", "cdi", "endpoint", "fabric", "reboot", "task")
 # A converge has just rendered every file (so a file "differing" from the previous record is the converge's own
 # change) and may leave a reboot pending by policy: neither fails a converge. Everything else does.
 NOT_A_CONVERGE_FAILURE = frozenset({"file", "reboot"})
@@ -265,16 +355,21 @@ class DriftItem:
     want: Any
     have: Any
     source: str = "probe"  # probe | check
+    fix: str = ""
+    """What to do about it, where the difference alone does not say (fabric ports)."""
 
     def as_dict(self) -> dict[str, Any]:
         """JSON form."""
-        return {"kind": self.kind, "item": self.item, "want": self.want, "have": self.have, "source": self.source}
+        out = {"kind": self.kind, "item": self.item, "want": self.want, "have": self.have, "source": self.source}
+        return out | ({"fix": self.fix} if self.fix else {})
 
     def __str__(self) -> str:
         """One line for people, e.g. `GPUs seen: count 2, declared 3`."""
         have = "(absent)" if self.have is None else self.have
         if self.kind == "gpu":
             return f"GPUs seen: {self.item} {have}, declared {self.want}"
+        if self.kind == "fabric":
+            return f"fabric port {self.item}: {have} (want {self.want}); fix: {self.fix}"
         if self.kind == "file":
             return f"file {self.item}: changed since the last converge ({_short(self.want)} → {_short(self.have)})"
         return f"{self.kind} {self.item}: want {self.want}, have {have}"
@@ -299,6 +394,7 @@ def compare(plan: NodePlan, state: NodeState) -> list[DriftItem]:
         for e in state.endpoints
         if e.status != 200
     ]
+    items += _fabric(plan, state)
     if state.reboot_required:
         items.append(DriftItem("reboot", "pending", False, True))
     return items
@@ -358,6 +454,92 @@ def _cdi(plan: NodePlan, state: NodeState) -> list[DriftItem]:
     return []
 
 
+def _seen_gbps(pp: PortPlan, seen: FabricPortState) -> float | None:
+    """The port's link speed in Gb/s.
+
+    RoCE: the interface's Ethernet speed (the RDMA rate where the driver knows none); InfiniBand: the RDMA
+    port's rate.
+    """
+    if pp.fabric.type is FabricType.ROCE and seen.speed_mbps is not None:
+        return seen.speed_mbps / 1000
+    return seen.rate_gbps
+
+
+def _port_problem(pp: PortPlan, seen: FabricPortState | None) -> tuple[str, str] | None:
+    """(what is wrong, the fix) for one declared port, or None when it is present, up, at speed, with RDMA."""
+    _fabric_name, kind, value = _port_key(pp)
+    if seen is None:
+        return "not reported by the node's probe", "run validate-node again with this gpufleet's collection"
+    if seen.netdev is None:
+        where = {"pci": f"`lspci -D -s {value}`", "mac": "`ip -br link`", "netdev": f"`ip link show {value}`"}[kind]
+        return (
+            "no such interface on the node",
+            f"check that the adapter is present and its driver loaded ({where}), or correct `{kind}` of this port "
+            "under the node's `fabric_ports` in the stack",
+        )
+    if seen.operstate != "up":
+        return (
+            f"interface {seen.netdev} is {seen.operstate or 'unknown'}",
+            "check the cable and the switch port, then `gpufleet converge` (gpufleet-rdma.service brings it up)",
+        )
+    if seen.rdma_device is None:
+        if pp.port.soft_roce:
+            fix = (
+                "`gpufleet converge` the node: the rdma role creates the Soft-RoCE link "
+                f"(`rdma link add rxe_{seen.netdev} type rxe netdev {seen.netdev}`)"
+            )
+        else:
+            fix = "load the adapter's RDMA driver (e.g. mlx5_ib) and enable RoCE/IB on the port (`rdma link` lists it)"
+        return f"interface {seen.netdev} has no RDMA device", fix
+    if not (seen.rdma_state or "").endswith("ACTIVE"):
+        return (
+            f"RDMA port {seen.rdma_device}/{seen.rdma_port} is {seen.rdma_state or 'unknown'}",
+            "an InfiniBand port stays INIT until a subnet manager sweeps it (is opensm running?); a RoCE port "
+            "follows its interface's link",
+        )
+    gbps = _seen_gbps(pp, seen)
+    if gbps is None or gbps != pp.port.speed_gbps:
+        have = "no link speed reported" if gbps is None else f"links at {gbps:g} Gb/s"
+        return (
+            f"{have} ({seen.netdev}, {seen.rdma_device}: {seen.rdma_rate or 'no rate'})",
+            "check the cable/transceiver and the switch port's speed; if the port is sold at that speed, "
+            "declare it as `speed_gbps`",
+        )
+    return None
+
+
+def _fabric(plan: NodePlan, state: NodeState) -> list[DriftItem]:
+    seen = {(p.fabric, p.kind, p.value): p for p in state.fabric_ports}
+    out: list[DriftItem] = []
+    for pp in plan.fabric_ports:
+        key = _port_key(pp)
+        problem = _port_problem(pp, seen.get(key))
+        if problem is not None:
+            want = f"up at {pp.port.speed_gbps} Gb/s with an active RDMA device"
+            item = f"{key[1]} {key[2]} of fabric {key[0]} on {plan.hostname}"
+            out.append(DriftItem("fabric", item, want, problem[0], fix=problem[1]))
+    return out
+
+
+def _fabric_facts(plan: NodePlan, state: NodeState) -> list[dict[str, Any]]:
+    seen = {(p.fabric, p.kind, p.value): p for p in state.fabric_ports}
+    rows = []
+    for pp in plan.fabric_ports:
+        key = _port_key(pp)
+        s = seen.get(key)
+        rows.append(
+            {
+                "fabric": key[0],
+                "port": f"{key[1]} {key[2]}",
+                "declared_gbps": pp.port.speed_gbps,
+                "seen_gbps": None if s is None else _seen_gbps(pp, s),
+                "seen": None if s is None else s.as_dict(),
+                "ok": _port_problem(pp, s) is None,
+            }
+        )
+    return rows
+
+
 def validation_facts(plan: NodePlan, state: NodeState, items: list[DriftItem]) -> dict[str, Any]:
     """`validate-node`'s facts (also the stack outputs of the validate step): every check, expected and seen."""
     by_kind = {k: [i for i in items if i.kind == k] for k in KINDS}
@@ -400,6 +582,7 @@ def validation_facts(plan: NodePlan, state: NodeState, items: list[DriftItem]) -
         },
         "fabric_manager": {"required": fm, "active": (fm_state.active == "active") if fm and fm_state else None},
         "cdi": {"devices": list(state.cdi or ()), "ok": not by_kind["cdi"]},
+        "fabric": {"ports": _fabric_facts(plan, state), "ok": not by_kind["fabric"]},
         "endpoints": [e.as_dict() for e in state.endpoints],
         "reboot_required": state.reboot_required,
         # Why the nvidia_driver role did not reboot (e.g. the host cannot: capability reboot=false).

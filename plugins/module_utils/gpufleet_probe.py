@@ -154,6 +154,67 @@ def _reboot(fact_file, out):
     out["driver_fact"] = {k: v for k, v in fact.items() if k != "boot_id"}
 
 
+# Where sysfs is (unit tests point it at a copy of a real node's sysfs files).
+SYS = "/sys"
+
+
+def _read(path):
+    try:
+        with open(path) as fh:
+            return fh.read().strip()
+    except OSError:  # absent, or EINVAL (a down link's `speed`)
+        return None
+
+
+def _netdev_of(kind, value):
+    """The interface of a fabric port found as the rdma role's setup program finds it (PCI, MAC or name)."""
+    if kind == "pci":
+        devs = sorted(glob.glob(SYS + "/bus/pci/devices/%s/net/*" % glob.escape(value)))
+        return os.path.basename(devs[0]) if devs else None
+    if kind == "mac":
+        for dev in sorted(glob.glob(SYS + "/class/net/*")):
+            if (_read(dev + "/address") or "").lower() == value.lower():
+                return os.path.basename(dev)
+        return None
+    return value if value and "/" not in value and os.path.exists(SYS + "/class/net/" + value) else None
+
+
+def _rdma_port_of(netdev):
+    """(RDMA device, port) carrying `netdev`: a RoCE port's GID table names its interface (adapters and
+    Soft-RoCE alike, kernel Documentation/ABI/stable/sysfs-class-infiniband `gid_attrs/ndevs`); an IPoIB
+    interface sits on its adapter's device (`device/infiniband`, port = dev_port + 1)."""
+    for port in sorted(glob.glob(SYS + "/class/infiniband/*/ports/*")):
+        if _read(port + "/gid_attrs/ndevs/0") == netdev:
+            return port.split("/")[-3], port.split("/")[-1]
+    devs = sorted(glob.glob(SYS + "/class/net/%s/device/infiniband/*" % glob.escape(netdev)))
+    if devs:
+        dev_port = _read(SYS + "/class/net/%s/dev_port" % netdev) or "0"
+        return os.path.basename(devs[0]), str(int(dev_port) + 1 if dev_port.isdigit() else 1)
+    return None, None
+
+
+def _fabric(ports, out):
+    for p in ports:
+        seen = {"fabric": p["fabric"], "kind": p["kind"], "value": p["value"], "netdev": None, "operstate": None,
+                "speed_mbps": None, "rdma_device": None, "rdma_port": None, "rdma_state": None,
+                "rdma_phys_state": None, "rdma_rate": None}
+        out["fabric_ports"].append(seen)
+        dev = _netdev_of(p["kind"], p["value"])
+        if dev is None:
+            continue
+        seen["netdev"] = dev
+        seen["operstate"] = _read(SYS + "/class/net/%s/operstate" % dev)
+        speed = _read(SYS + "/class/net/%s/speed" % dev)
+        # -1: the driver does not know (virtual NICs without a configured speed); absent: the link is down.
+        seen["speed_mbps"] = int(speed) if speed and speed.lstrip("-").isdigit() and int(speed) > 0 else None
+        ibdev, port = _rdma_port_of(dev)
+        if ibdev is None:
+            continue
+        base = SYS + "/class/infiniband/%s/ports/%s/" % (ibdev, port)
+        seen.update(rdma_device=ibdev, rdma_port=int(port), rdma_state=_read(base + "state"),
+                    rdma_phys_state=_read(base + "phys_state"), rdma_rate=_read(base + "rate"))
+
+
 def probe(spec):
     """Read the node as `spec` (the plan's names) says; returns NodeState's JSON form. Never changes anything."""
     out = {
@@ -167,6 +228,7 @@ def probe(spec):
         "endpoints": [],
         "reboot_required": False,
         "driver_fact": {},
+        "fabric_ports": [],
         "errors": [],
     }
     _packages(list(spec["packages"]), out)
@@ -177,6 +239,7 @@ def probe(spec):
         _cdi(out)
     _endpoints(spec["endpoints"], out)
     _reboot(spec["fact_file"], out)
+    _fabric(spec.get("fabric_ports") or [], out)
     return out
 
 

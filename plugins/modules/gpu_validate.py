@@ -11,7 +11,7 @@ module: gpu_validate
 short_description: Read what a GPU node runs, for gpufleet to compare with the plan (read-only)
 description:
   - Runs dpkg-query/apt-mark or rpm, systemctl, nvidia-smi, nvidia-ctk and HTTP health probes, hashes the
-    managed configuration files; changes nothing.
+    managed configuration files, reads the fabric ports' state from sysfs; changes nothing.
   - The same program runs over SSH for C(gpufleet drift) and C(gpufleet fingerprint); the comparison with the
     plan is done by gpufleet on the controller (infra.plan.nodestate.compare).
 options:
@@ -25,6 +25,11 @@ options:
   cdi: {type: bool, default: true, description: List CDI devices with nvidia-ctk.}
   endpoints: {type: list, elements: dict, default: [], description: Inference endpoints (name, port, path).}
   fact_file: {type: path, required: true, description: Driver state file written by nvidia_driver.}
+  fabric_ports:
+    type: list
+    elements: dict
+    default: []
+    description: Declared fabric ports (fabric, kind pci/mac/netdev, value); read from sysfs.
 author: gpufleet
 """
 
@@ -43,6 +48,7 @@ def main() -> None:
             "cdi": {"type": "bool", "default": True},
             "endpoints": {"type": "list", "elements": "dict", "default": []},
             "fact_file": {"type": "path", "required": True},
+            "fabric_ports": {"type": "list", "elements": "dict", "default": []},
         },
         supports_check_mode=True,
     )

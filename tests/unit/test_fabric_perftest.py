@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from infra import ssh
+from infra.cli import main
 from infra.fabric.pairwise import run_pair
 from infra.fabric.perftest import PerftestError, parse_bandwidth, parse_latency
 from infra.model.load import parse_site
@@ -138,3 +139,27 @@ def test_slow_pair_fails_its_threshold(tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
     result = run_pair(site, pair, ssh.SshSettings(None, None))  # type: ignore[arg-type]
     assert not result.ok and result.as_dict()["bandwidth_gbps"] == 198.0
+
+
+def test_iterations_reach_both_tests_and_bad_counts_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    site = _site()
+    pair = port_pairs(site)[0]  # type: ignore[arg-type]
+    log = tmp_path / "ssh.log"
+    _fake_ssh(
+        tmp_path,
+        bw_report(True, [(65536, 1000, 391.0, 390.2, 0.74)]),
+        lat_report((2, 1000, 1.0, 3.0, 1.1, 1.2, 0.1, 1.5, 3.0)),
+        log,
+    )
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    assert run_pair(site, pair, ssh.SshSettings(None, None), iterations=1000).ok  # type: ignore[arg-type]
+    calls = log.read_text().splitlines()
+    assert any(c.endswith("ib_write_bw -R --report_gbits -n 1000 10.50.0.11") for c in calls)
+    assert any(c.endswith("ib_write_lat -R -n 1000 10.50.0.11") for c in calls)
+    assert any("timeout 60 ib_write_lat -R -n 1000" in c for c in calls)  # the server runs the same test
+    with pytest.raises(ValueError, match="iterations 4"):
+        run_pair(site, pair, ssh.SshSettings(None, None), iterations=4)  # type: ignore[arg-type]
+    assert main(["fabric", "test", "--stack", "example-prod", "--iterations", "0"]) == 2
+    assert "--iterations 0: give 5–1000000" in capsys.readouterr().err
