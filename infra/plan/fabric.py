@@ -138,6 +138,21 @@ class SpanGroup:
         return next(a for h, a in self.workers if h == hostname)
 
 
+def serves_endpoint(span: SpanGroup | None, hostname: str) -> bool:
+    """Does the service answer HTTP on this node: every node of a replicated service, only a group's head.
+
+    A worker of a spanning service runs only its RPC backend on the fabric; benches, probes, scrape targets
+    and the plan's endpoints name the head alone (its endpoint is the service's).
+    """
+    return span is None or span.role_of(hostname) != "worker"
+
+
+def endpoint_nodes(site: Site, service: InferenceService) -> list[str]:
+    """The nodes where a service answers HTTP, in stack order (a spanning service: its head)."""
+    span = span_group(site, service)
+    return [h for h in dict.fromkeys(service.nodes) if serves_endpoint(span, h)]
+
+
 def span_group(site: Site, service: InferenceService) -> SpanGroup | None:
     """The group of a service with `span_nodes` (None otherwise or when its nodes share no fabric).
 

@@ -108,6 +108,11 @@ def service_vars(
         "health_path": "" if role == "worker" else engines.HEALTH_PATHS[s.engine],
         "span_role": role,
         "rpc_bind": span.address_of(hostname) if role == "worker" and span is not None else "",
+        "span_workers": (
+            [{"node": h, "address": a, "port": s.rpc_port} for h, a in span.workers]
+            if role == "head" and span is not None
+            else []
+        ),
         "native": native,
         "description": engines.unit_text(
             f"gpufleet inference {s.name} ({s.engine.value} serving {s.model.name}@{s.model.revision})"
