@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 import yaml
 
+from infra.inference.bench import endpoints_of
 from infra.model.load import SiteError, parse_site
 from infra.model.rules import check
-from infra.inference.bench import endpoints_of
 from infra.observe.config import probe_endpoints
 from infra.plan import engines
 from infra.plan.fabric import endpoint_nodes, serves_endpoint, span_group
