@@ -1308,20 +1308,23 @@ def spanning_services(site: Site, cat: ResolvedCatalogue) -> Iterator[Problem]:
                 "and the head would start before its workers",
                 "place the nodes of a spanning service on one segment",
             )
-        if svc.engine is Engine.LLAMACPP:
-            for host in hosts[1:]:
-                clash = [
-                    f"services[{k}] ({other.name})"
-                    for k, other in enumerate(site.services)
-                    if host in other.nodes and other.port == svc.rpc_port
-                ]
-                if clash:
-                    yield Problem(
-                        f"{path}.rpc_port",
-                        f"port {svc.rpc_port} on {host} is already used by {clash[0]}",
-                        "give the RPC backend another port (llama.cpp's default is 50052)",
-                    )
-                    break
+        # llama.cpp: each worker's RPC backend listens on rpc_port; vLLM: the head's torch.distributed store
+        # (`--master-port`) does.
+        for host in hosts[1:] if svc.engine is Engine.LLAMACPP else hosts[:1]:
+            clash = [
+                f"services[{k}] ({other.name})"
+                for k, other in enumerate(site.services)
+                if host in other.nodes and other.port == svc.rpc_port
+            ]
+            if clash:
+                yield Problem(
+                    f"{path}.rpc_port",
+                    f"port {svc.rpc_port} on {host} is already used by {clash[0]}",
+                    "give the RPC backend another port (llama.cpp's default is 50052)"
+                    if svc.engine is Engine.LLAMACPP
+                    else "give the group's master port another port (rpc_port; the default is 50052)",
+                )
+                break
         shared: set[str] | None = None
         for host in hosts:
             node = nodes.get(host)

@@ -1246,8 +1246,9 @@ class InferenceService(_Model):
     `pipeline_parallel` = number of nodes) over the fabric they share; the first node is the head and its
     endpoint is the service endpoint. Unset: each node runs its own replica."""
     rpc_port: int = Field(default=50052, ge=1, le=65535)
-    """llamacpp spanning nodes: port of the llama.cpp RPC backend on the other nodes (bound to their fabric
-    address only; it has no authentication, so it must never face an untrusted network)."""
+    """A service spanning nodes: llamacpp, the port of the llama.cpp RPC backend on the other nodes (bound to
+    their fabric address only; it has no authentication, so it must never face an untrusted network); vllm,
+    the head's torch.distributed store (`--master-port`) at its fabric address."""
     slo: ServiceSlo | None = None
     """This service's objectives; the site's `observability.slo` when unset."""
 

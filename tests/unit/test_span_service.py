@@ -29,7 +29,7 @@ LAB = yaml.safe_load((ROOT / "stacks" / "Pulumi.lab.yaml").read_text())["config"
 
 def replica_site() -> dict[str, Any]:
     """The lab stack without its fabric and its spanning service: the replicas only."""
-    site = copy.deepcopy(LAB)
+    site: dict[str, Any] = copy.deepcopy(LAB)
     site.pop("fabrics", None)
     site["profiles"]["lab-570"].pop("rdma", None)
     for n in site["nodes"]:
