@@ -14,6 +14,7 @@ from infra.model.catalogue import resolve
 from infra.model.load import SiteError, load_site, project_dir
 from infra.model.site import DType, KvCacheDType, Site
 from infra.plan.desired import DesiredState
+from infra.plan.fabric import serves_endpoint
 from infra.plan.node import NodePlan, plan_site
 
 
@@ -133,6 +134,8 @@ def node_plan_dict(n: NodePlan) -> dict[str, Any]:
                 "vram": s.vram.as_dict() if s.vram else None,
             }
             for s in n.services
+            # A spanning service's worker runs only its RPC backend: its endpoint is the head's.
+            if serves_endpoint(s.span, n.hostname)
         ],
     }
 

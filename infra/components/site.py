@@ -21,6 +21,7 @@ from infra.components.desired import (
 from infra.components.node import GpuNode, GpuNodeArgs
 from infra.components.segment import AirGappedSegment, AirGappedSegmentArgs, Segment, SegmentArgs
 from infra.components.service import InferenceService, InferenceServiceArgs
+from infra.plan.fabric import endpoint_nodes
 from infra.plan.node import NodePlan, SitePlan
 
 SecretResolver = Callable[[str], pulumi.Output[str]]
@@ -94,7 +95,7 @@ class Site(pulumi.ComponentResource):
         self.endpoints = {}
         for svc in site.services:
             serving = [self.nodes[h] for h in svc.nodes]
-            endpoints = [f"http://{args.plan.node(h).node.address}:{svc.port}/v1" for h in svc.nodes]
+            endpoints = [f"http://{args.plan.node(h).node.address}:{svc.port}/v1" for h in endpoint_nodes(site, svc)]
             self.endpoints[svc.name] = endpoints
             self.services[svc.name] = InferenceService(svc.name, InferenceServiceArgs(
                 health_command=commands.service_health(args.stack, svc.name),

@@ -43,6 +43,7 @@ from typing import Any
 
 from infra.inference.stream import DEFAULT_PROMPT, Endpoint, LoadSpec, RequestResult, stream_completion
 from infra.model.site import Site
+from infra.plan.fabric import serves_endpoint
 from infra.plan.node import plan_site
 
 __all__ = [
@@ -367,7 +368,7 @@ def endpoints_of(site: Site, service: str | None = None, node: str | None = None
         if node and n.hostname != node:
             continue
         for s in n.services:
-            if service and s.name != service:
+            if (service and s.name != service) or not serves_endpoint(s.span, n.hostname):
                 continue
             out.append(Endpoint(f"http://{n.node.address}:{s.service.port}/v1", s.service.model.name,
                                 f"{s.name}@{n.hostname}"))

@@ -46,12 +46,24 @@ class HostKind(StrEnum):
 
 @dataclass(frozen=True)
 class Bridge:
-    """One Linux bridge per stack segment; the lab host holds `address` on it."""
+    """One Linux bridge per stack segment (and per fabric); the lab host holds `address` on it."""
 
     segment: str
     name: str
     address: IPv4Interface
     airgapped: bool
+
+
+@dataclass(frozen=True)
+class FabricLink:
+    """A node's fabric port in the lab: an extra veth, its host side on the fabric's bridge."""
+
+    bridge: str
+    host_if: str
+    """Host-side name of the veth (nspawn `--network-veth-extra`), enslaved to `bridge` once it exists."""
+    netdev: str
+    """The port's interface name inside the host (the stack's `fabric_ports[].netdev`)."""
+    address: IPv4Interface
 
 
 @dataclass(frozen=True)
@@ -64,6 +76,7 @@ class LabHost:
     address: IPv4Interface
     gateway: IPv4Address | None
     gpus: dict[str, Any] | None = None  # the lab-only gpus.json written into a node
+    fabric: tuple[FabricLink, ...] = ()
 
     @property
     def serves(self) -> bool:
@@ -200,6 +213,19 @@ def bridge_name(segment: str) -> str:
     return "gpfl-" + hashlib.sha256(segment.encode()).hexdigest()[:10]
 
 
+def fabric_bridge_name(fabric: str) -> str:
+    """Interface name of a fabric's bridge (`gpfl-f-<fabric>`, hashed when too long)."""
+    return bridge_name("f-" + fabric)
+
+
+def fabric_if_name(host: str, index: int) -> str:
+    """Host-side name of a node's `index`-th fabric veth (nspawn and Linux cap names at 15 characters)."""
+    name = f"vf{index}-{host}"
+    if len(name) <= 15:
+        return name
+    return f"vf{index}-" + hashlib.sha256(host.encode()).hexdigest()[:10]
+
+
 def _in_lab_net(value: str | IPv4Address | IPv4Network, where: str) -> list[Problem]:
     try:
         net = IPv4Network(str(value), strict=False)
@@ -230,8 +256,16 @@ def check_addresses(site: Site, lab: dict[str, Any]) -> list[Problem]:
             problems += _in_lab_net(urlparse(src.url).hostname or "", f"segments[{i}].sources[{j}].url")
     for i, m in enumerate(site.mirrors):
         problems += _in_lab_net(m.address, f"mirrors[{i}].address")
+    for i, f in enumerate(site.fabrics):
+        problems += _in_lab_net(f.cidr, f"fabrics[{i}].cidr")
     for i, node in enumerate(site.nodes):
         problems += _in_lab_net(node.address, f"nodes[{i}].address")
+        for j, port in enumerate(node.fabric_ports):
+            problems += _in_lab_net(port.address, f"nodes[{i}].fabric_ports[{j}].address")
+            if not port.netdev:
+                # A lab port is a veth the lab creates by name: a PCI address or MAC names nothing here.
+                problems.append(Problem(f"nodes[{i}].fabric_ports[{j}]", "names no interface (`netdev`)",
+                                        "lab fabric ports are veths: name them with netdev (e.g. fab0)"))
         if node.bmc:
             host = urlparse(node.bmc.endpoint).hostname or ""
             if not _is_loopback(host):
@@ -298,11 +332,22 @@ def lab_spec(stack: str = "lab", path: Path | None = None) -> LabSpec:
     def iface(addr: IPv4Address, segment: str) -> IPv4Interface:
         return IPv4Interface(f"{addr}/{seg[segment].cidr.prefixlen}")
 
+    # One bridge per fabric: only node-to-node traffic, so the lab host takes nothing in from it
+    # (`airgapped` → its input chain drops new connections) and nftables routes nothing out of it.
+    fabrics = site.fabrics_by_name
+    for f in site.fabrics:
+        bridges.append(Bridge(f"fabric:{f.name}", fabric_bridge_name(f.name),
+                              IPv4Interface(f"{next(f.cidr.hosts())}/{f.cidr.prefixlen}"), True))
     hosts: list[LabHost] = []
     for n in site.nodes:
         s = seg[n.segment]
+        links = tuple(
+            FabricLink(fabric_bridge_name(p.fabric), fabric_if_name(n.hostname, j), p.netdev or "",
+                       IPv4Interface(f"{p.address}/{fabrics[p.fabric].cidr.prefixlen}"))
+            for j, p in enumerate(n.fabric_ports)
+        )
         hosts.append(LabHost(n.hostname, HostKind.NODE, n.segment, iface(n.address, n.segment),
-                             None if s.airgapped else s.gateway, gpus_json(site, n.hostname)))
+                             None if s.airgapped else s.gateway, gpus_json(site, n.hostname), links))
     keyrings: dict[str, Path] = {}
     for m in site.mirrors:
         hosts.append(LabHost(m.name, HostKind.MIRROR, m.segment, iface(m.address, m.segment), None))
@@ -352,6 +397,19 @@ def _check_unique(hosts: list[LabHost], bridges: list[Bridge]) -> None:
             problems.append(Problem(h.name, f"address {ip} is also used by {seen[ip]}",
                                     "give each host its own address"))
         seen[ip] = h.name
+        for link in h.fabric:
+            fip = str(link.address.ip)
+            if fip in seen:
+                problems.append(Problem(h.name, f"fabric address {fip} is also used by {seen[fip]}",
+                                        "the lab's fabric bridge holds the fabric network's first address: "
+                                        "give the port another"))
+            seen[fip] = f"{h.name} ({link.netdev})"
+    names: dict[str, str] = {}
+    for b in bridges:
+        if b.name in names:
+            problems.append(Problem(b.segment, f"bridge name {b.name} is also {names[b.name]}'s",
+                                    "rename the segment or fabric"))
+        names[b.name] = b.segment
     if problems:
         raise LabConfigError(problems)
 
@@ -359,5 +417,8 @@ def _check_unique(hosts: list[LabHost], bridges: list[Bridge]) -> None:
 def spec_digest(spec: LabSpec) -> str:
     """Stable digest of what the lab would build (hosts, addresses, GPUs), for status and idempotence."""
     data: list[Any] = [[h.name, h.kind.value, h.segment, str(h.address), str(h.gateway), h.gpus] for h in spec.hosts]
+    # Fabric links only when a host has any, so the digest of a stack without fabrics stays what it was.
+    data += [[h.name, [[x.bridge, x.host_if, x.netdev, str(x.address)] for x in h.fabric]]
+             for h in spec.hosts if h.fabric]
     data.append([[b.name, str(b.address), b.airgapped] for b in spec.bridges])
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from infra.lab import network
-from infra.lab.config import HostKind, LabHost, LabSpec, Paths
+from infra.lab.config import FabricLink, HostKind, LabHost, LabSpec, Paths
 from infra.lab.sh import LabCommandError, run
 
 MARKER = "gpufleet-lab-host"  # $0 of each host's supervisor: finds our processes, guards against PID reuse
@@ -27,11 +27,26 @@ SRV_MOUNT = "/srv/gpufleet"
 
 # Restart nspawn when the container reboots (exit 133), like systemd-nspawn@.service does; forward
 # SIGTERM so `lab down` and BMC power-off shut the container down cleanly.
+#
+# FABRIC_LINKS ("veth:bridge …"): nspawn creates a node's extra (fabric) veths but cannot bridge them, so
+# the supervisor enslaves each to its fabric bridge as soon as it appears, at every (re)start.
 _SUPERVISOR = r"""
 echo $$ > "$PIDFILE"
 trap 'kill -TERM "$child" 2>/dev/null; wait "$child"; exit 0' TERM INT
+attach() {
+  local link ifc br n
+  for link in $FABRIC_LINKS; do
+    ifc=${link%%:*} br=${link#*:}
+    for n in $(seq 200); do
+      [ -e "/sys/class/net/$ifc" ] && { ip link set dev "$ifc" master "$br" up; break; }
+      kill -0 "$child" 2>/dev/null || return 0
+      sleep 0.05
+    done
+  done
+}
 while :; do
   "$@" & child=$!
+  attach
   wait "$child"; rc=$?
   [ "$rc" = 133 ] || exit "$rc"
   echo "gpufleet lab: container rebooted, starting it again"
@@ -167,6 +182,10 @@ def write_identity(spec: LabSpec, host: LabHost, root: Path, controller_pub: str
         net += ["", "[Route]", f"Destination={dest}/32", f"Gateway={via}"]
     _write(root / "etc/systemd/network/10-gpufleet-lab.network",
            "# gpufleet lab: static address from the lab stack.\n" + "\n".join(net) + "\n")
+    for link in host.fabric:
+        _write(root / f"etc/systemd/network/11-gpufleet-lab-{link.netdev}.network",
+               "# gpufleet lab: fabric port address from the lab stack (the lab plays the NIC and its cabling).\n"
+               + "\n".join(fabric_network(link)) + "\n")
     auth = controller_pub.strip() + "\n"
     _write(root / "root/.ssh/authorized_keys", auth, 0o600)
     (root / "root/.ssh").chmod(0o700)
@@ -188,6 +207,12 @@ def write_identity(spec: LabSpec, host: LabHost, root: Path, controller_pub: str
     return new_host_key(root, host.name)
 
 
+def fabric_network(link: FabricLink) -> list[str]:
+    """systemd-networkd lines of a fabric port: its address, no gateway (the fabric routes nowhere)."""
+    return ["[Match]", f"Name={link.netdev}", "", "[Network]", f"Address={link.address}", "LinkLocalAddressing=no",
+            "IPv6AcceptRA=no"]
+
+
 def _pidfile(paths: Paths, name: str) -> Path:
     return host_dir(paths, name) / "supervisor.pid"
 
@@ -199,6 +224,7 @@ def nspawn_argv(spec: LabSpec, host: LabHost, root: Path, paths: Paths) -> list[
             "--console=passive", "--link-journal=no"]
     if host.serves:
         argv.append(f"--bind={paths.srv_dir / host.name}:{SRV_MOUNT}")
+    argv += [f"--network-veth-extra={link.host_if}:{link.netdev}" for link in host.fabric]
     return argv
 
 
@@ -208,7 +234,12 @@ def _wait_veth_gone(name: str, timeout: float = 15.0) -> None:
     The kernel tears a dead container's network namespace down asynchronously; a new nspawn for
     the same machine name fails ("File exists") if it asks for the veth before that is done.
     """
-    veth = Path("/sys/class/net") / f"vb-{name}"
+    _wait_link_gone(f"vb-{name}", timeout)
+
+
+def _wait_link_gone(ifname: str, timeout: float = 15.0) -> None:
+    """Wait for a host-side veth of a stopped container to go away (delete it after `timeout`)."""
+    veth = Path("/sys/class/net") / ifname
     if len(veth.name) > 15:  # nspawn shortens long names with a hash; nothing to wait for by name
         return
     deadline = time.monotonic() + timeout
@@ -224,13 +255,17 @@ def start(spec: LabSpec, host: LabHost, paths: Paths) -> int:
     pidfile = _pidfile(paths, host.name)
     pidfile.unlink(missing_ok=True)
     _wait_veth_gone(host.name)
+    for link in host.fabric:
+        _wait_link_gone(link.host_if)
     argv = nspawn_argv(spec, host, d / "root", paths)
     log = open(d / "console.log", "ab")  # noqa: SIM115 - handed to the child, closed below
     try:
         # setsid -f: the supervisor is re-parented away from us, so a short-lived CLI or the BMC
         # notifier can start hosts without owning (or having to reap) them.
         subprocess.run(["setsid", "-f", "bash", "-c", _SUPERVISOR, MARKER, *argv], stdin=subprocess.DEVNULL,
-                       stdout=log, stderr=log, env={**os.environ, "PIDFILE": str(pidfile)}, timeout=10, check=True)
+                       stdout=log, stderr=log, timeout=10, check=True,
+                       env={**os.environ, "PIDFILE": str(pidfile),
+                            "FABRIC_LINKS": " ".join(f"{x.host_if}:{x.bridge}" for x in host.fabric)})
     finally:
         log.close()
     deadline = time.monotonic() + 5

@@ -37,6 +37,12 @@ def second_stack(source: Path, work: Path, prefix: str = "bm", bmc_port: int = 8
     site.pop("observability", None)
     if nodes is not None:
         site["nodes"] = [n for n in site["nodes"] if n["hostname"] in nodes]
+    # Fabrics get their own names too: a fabric's bridge is named after it, and must not be the first lab's.
+    for f in site.get("fabrics", []):
+        f["name"] = f"{prefix}-{f['name']}"
+    for n in site["nodes"]:
+        for port in n.get("fabric_ports", []):
+            port["fabric"] = f"{prefix}-{port['fabric']}"
     for n in site["nodes"]:
         if n.get("bmc"):
             n["bmc"]["endpoint"] = f"http://127.0.0.1:{bmc_port}"

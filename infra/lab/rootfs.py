@@ -47,7 +47,8 @@ def seed_package_specs(spec: LabSpec) -> list[str]:
     """Debian package specs (`name` or `name=version`) every lab repo carries, stand-ins excluded."""
     wanted: dict[str, str | None] = {n: None for n in ROLE_BASE_PACKAGES}
     for profile in spec.site.profiles.values():
-        for p in packages_for(profile, OperatingSystem.DEBIAN_12, fabric_manager=True):
+        # Every optional component a profile pins (a fabric node's RDMA stack too): any node may need it.
+        for p in packages_for(profile, OperatingSystem.DEBIAN_12, fabric_manager=True, rdma=True, subnet_manager=True):
             if p.name not in STANDIN_NAMES:
                 wanted[p.name] = p.version
     for server in server_packages(spec.site):  # each segment's Prometheus host installs them from its repository

@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from infra.model.site import Catalogue, GpuCatalogueEntry, ModelArch
+from infra.model.site import Catalogue, GpuCatalogueEntry, ModelArch, ServerTopology
 
 
 @cache
@@ -26,6 +26,7 @@ class ResolvedCatalogue:
     gpus: dict[str, GpuCatalogueEntry]
     models: dict[str, ModelArch]
     cuda_min_driver: dict[str, str]
+    servers: dict[str, ServerTopology]
 
 
 @cache
@@ -35,16 +36,18 @@ def _builtin_catalogue() -> ResolvedCatalogue:
         gpus={k: GpuCatalogueEntry(**v) for k, v in raw["gpus"].items()},
         models={k: ModelArch(**v) for k, v in raw["models"].items()},
         cuda_min_driver=dict(raw["cuda_min_driver"]),
+        servers={k: ServerTopology(**v) for k, v in raw.get("servers", {}).items()},
     )
 
 
 def resolve(extra: Catalogue | None = None) -> ResolvedCatalogue:
     """Return the built-in catalogue extended by a stack's `catalogue` section."""
     base = _builtin_catalogue()
-    if extra is None or (not extra.gpus and not extra.models):
+    if extra is None or (not extra.gpus and not extra.models and not extra.servers):
         return base
     return ResolvedCatalogue(
         gpus={**base.gpus, **extra.gpus},
         models={**base.models, **extra.models},
         cuda_min_driver=base.cuda_min_driver,
+        servers={**base.servers, **extra.servers},
     )

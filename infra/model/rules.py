@@ -1263,6 +1263,68 @@ def fabrics(site: Site, cat: ResolvedCatalogue) -> Iterator[Problem]:
 
 
 @rule
+def fabric_affinity(site: Site, cat: ResolvedCatalogue) -> Iterator[Problem]:
+    """A node of a server model the catalogue knows: the server's GPUs, fabric ports on its compute NICs.
+
+    Each port serves (`gpu`) the GPU behind the same PCIe switch as its NIC.
+    """
+    for i, n in enumerate(site.nodes):
+        path = f"nodes[{i}]"
+        for j, port in enumerate(n.fabric_ports):
+            if port.gpu is not None and port.gpu >= n.gpu.count:
+                yield Problem(
+                    f"{path}.fabric_ports[{j}].gpu",
+                    f"GPU {port.gpu} does not exist on {n.hostname} ({n.gpu.count} GPUs, 0–{n.gpu.count - 1})",
+                    "give the index of the GPU this port serves",
+                )
+        if n.server is None:
+            continue
+        server = cat.servers.get(n.server)
+        if server is None:
+            yield Problem(
+                f"{path}.server",
+                f"server model {n.server!r} is not in the catalogue (known: {', '.join(sorted(cat.servers))})",
+                "name a catalogue server model, describe it under catalogue.servers, or unset `server`",
+            )
+            continue
+        if (n.gpu.model, n.gpu.count) != (server.gpu, server.gpu_count):
+            yield Problem(
+                f"{path}.gpu",
+                f"a {n.server} has {server.gpu_count}x {server.gpu}, not {n.gpu.count}x {n.gpu.model}",
+                f"declare its {server.gpu_count}x {server.gpu}, or name the node's real server model",
+            )
+        by_pci = {nic.pci.lower(): nic for nic in server.compute_nics}
+        by_netdev = {nic.netdev: nic for nic in server.compute_nics}
+        for j, port in enumerate(n.fabric_ports):
+            ppath = f"{path}.fabric_ports[{j}]"
+            if port.pci is not None:
+                key, ident, nic = "pci", port.pci, by_pci.get(port.pci.lower())
+            elif port.netdev is not None:
+                key, ident, nic = "netdev", port.netdev, by_netdev.get(port.netdev)
+            else:
+                continue  # a MAC is the adapter's own: the catalogue has nothing to check it against
+            if nic is None:
+                yield Problem(
+                    f"{ppath}.{key}",
+                    f"{ident} is not a compute-fabric NIC of a {n.server} (those are "
+                    + ", ".join(x.pci if key == "pci" else x.netdev for x in server.compute_nics)
+                    + ")",
+                    "name one of the server's compute NICs (storage and in-band ports carry no GPU traffic)",
+                )
+                continue
+            if port.gpu is not None and port.gpu != nic.gpu:
+                yield Problem(
+                    f"{ppath}.gpu",
+                    f"{ident} sits behind GPU {nic.gpu}'s PCIe switch on a {n.server}, not GPU {port.gpu}'s: "
+                    "its RDMA traffic would cross the CPU",
+                    f"set gpu: {nic.gpu}, or use GPU {port.gpu}'s NIC "
+                    + next((x.pci if key == "pci" else x.netdev for x in server.compute_nics if x.gpu == port.gpu),
+                           "(none)"),
+                    (suggest(f"gpu {nic.gpu}", (f"{ppath}.gpu", nic.gpu)),),
+                )
+
+
+@rule
 def spanning_services(site: Site, cat: ResolvedCatalogue) -> Iterator[Problem]:
     """A service across nodes: an engine that can, at least two nodes, pipeline stages = nodes, one fabric."""
     nodes = site.nodes_by_name
@@ -1308,20 +1370,23 @@ def spanning_services(site: Site, cat: ResolvedCatalogue) -> Iterator[Problem]:
                 "and the head would start before its workers",
                 "place the nodes of a spanning service on one segment",
             )
-        if svc.engine is Engine.LLAMACPP:
-            for host in hosts[1:]:
-                clash = [
-                    f"services[{k}] ({other.name})"
-                    for k, other in enumerate(site.services)
-                    if host in other.nodes and other.port == svc.rpc_port
-                ]
-                if clash:
-                    yield Problem(
-                        f"{path}.rpc_port",
-                        f"port {svc.rpc_port} on {host} is already used by {clash[0]}",
-                        "give the RPC backend another port (llama.cpp's default is 50052)",
-                    )
-                    break
+        # llama.cpp: each worker's RPC backend listens on rpc_port; vLLM: the head's torch.distributed store
+        # (`--master-port`) does.
+        for host in hosts[1:] if svc.engine is Engine.LLAMACPP else hosts[:1]:
+            clash = [
+                f"services[{k}] ({other.name})"
+                for k, other in enumerate(site.services)
+                if host in other.nodes and other.port == svc.rpc_port
+            ]
+            if clash:
+                yield Problem(
+                    f"{path}.rpc_port",
+                    f"port {svc.rpc_port} on {host} is already used by {clash[0]}",
+                    "give the RPC backend another port (llama.cpp's default is 50052)"
+                    if svc.engine is Engine.LLAMACPP
+                    else "give the group's master port another port (rpc_port; the default is 50052)",
+                )
+                break
         shared: set[str] | None = None
         for host in hosts:
             node = nodes.get(host)

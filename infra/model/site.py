@@ -1080,6 +1080,9 @@ class FabricPort(_Model):
     """The port's address on the fabric (inside the fabric's `cidr`)."""
     soft_roce: bool = False
     """RoCE only: the port is Soft-RoCE (`rdma_rxe`) over `netdev` — for labs and tests, never for GPU traffic."""
+    gpu: int | None = Field(default=None, ge=0, le=63)
+    """The GPU (index) this port serves: its rail. Where the catalogue knows the node's `server`, the port must
+    be that GPU's NIC (the one under the same PCIe switch, for GPUDirect RDMA without crossing the CPU)."""
 
     @model_validator(mode="after")
     def _identified(self) -> FabricPort:
@@ -1169,6 +1172,9 @@ class Node(_Model):
     (its iPXE script hands back to the firmware's next boot device)."""
     fabric_ports: list[FabricPort] = []
     """RDMA ports (InfiniBand or RoCE) for GPU-to-GPU traffic between nodes; see `fabrics`."""
+    server: CatalogueKey | None = None
+    """The server model (catalogue `servers`, e.g. `dgx-h100`): its GPUs and which compute NIC sits under which
+    GPU's PCIe switch; validation then checks `fabric_ports` against it. Unset: no topology is checked."""
 
 
 class ModelSpec(_Model):
@@ -1246,8 +1252,9 @@ class InferenceService(_Model):
     `pipeline_parallel` = number of nodes) over the fabric they share; the first node is the head and its
     endpoint is the service endpoint. Unset: each node runs its own replica."""
     rpc_port: int = Field(default=50052, ge=1, le=65535)
-    """llamacpp spanning nodes: port of the llama.cpp RPC backend on the other nodes (bound to their fabric
-    address only; it has no authentication, so it must never face an untrusted network)."""
+    """A service spanning nodes: llamacpp, the port of the llama.cpp RPC backend on the other nodes (bound to
+    their fabric address only; it has no authentication, so it must never face an untrusted network); vllm,
+    the head's torch.distributed store (`--master-port`) at its fabric address."""
     slo: ServiceSlo | None = None
     """This service's objectives; the site's `observability.slo` when unset."""
 
@@ -1259,6 +1266,30 @@ class Catalogue(_Model):
     """Extra GPU models by name."""
     models: dict[CatalogueKey, ModelArch] = {}
     """Extra model architectures by name."""
+    servers: dict[CatalogueKey, ServerTopology] = {}
+    """Extra server models (GPU-to-NIC topology) by name."""
+
+
+class ComputeNic(_Model):
+    """One compute-fabric NIC of a server model and the GPU behind the same PCIe switch."""
+
+    pci: PciAddress
+    """PCI address of the NIC function as the vendor documents it."""
+    netdev: NetdevName
+    """Its default interface name (e.g. `ibp24s0`)."""
+    gpu: int = Field(ge=0, le=63)
+    """Index of the GPU under the same PCIe switch (its rail)."""
+
+
+class ServerTopology(_Model):
+    """A server model whose GPU-to-NIC topology its vendor documents."""
+
+    gpu: CatalogueKey
+    """GPU model (a catalogue `gpus` key)."""
+    gpu_count: int = Field(ge=1, le=64)
+    """GPUs in the server."""
+    compute_nics: list[ComputeNic] = Field(min_length=1)
+    """The compute-fabric NICs, one per rail."""
 
 
 class GpuCatalogueEntry(_Model):

@@ -154,6 +154,14 @@ class Deployment:
     max_num_seqs: int | None = None
     non_torch_gib: float = DEFAULT_NON_TORCH_GIB
     non_torch_tp_gib: float = DEFAULT_NON_TORCH_TP_GIB
+    nodes: int = 1
+    """Nodes the pipeline stages are spread over: 1, or a service spanning nodes (one stage per node, vLLM's
+    multi-node mode), where each node holds `tensor_parallel` GPUs of the instance, not TP × PP."""
+
+    @property
+    def gpus_per_node(self) -> int:
+        """GPUs of one instance on each of its nodes: TP × the pipeline stages that node runs."""
+        return self.tensor_parallel * math.ceil(self.pipeline_parallel / max(self.nodes, 1))
 
 
 def non_torch(gpu: GpuCatalogueEntry | None) -> tuple[float, float]:
@@ -203,6 +211,15 @@ class VramPlan:
     fits: bool
     errors: list[str] = field(default_factory=list)
     suggestions: list[Suggestion] = field(default_factory=list)
+    nodes: int = 1
+    """Nodes of one instance (a service spanning nodes); every figure above is still per GPU."""
+    gpus_per_node: int = 0
+    """GPUs of one instance on each node (TP × its pipeline stages); `gpus_used` is the whole instance's."""
+
+    @property
+    def weights_per_node_gib(self) -> float:
+        """The weights one node holds: its share of the layers over its GPUs (the per-node share)."""
+        return self.weights_gib * self.gpus_per_node
 
     @property
     def shortfall_gib(self) -> float:
@@ -241,6 +258,7 @@ class VramPlan:
                     "over_budget_gib"):
             data[key] = round(data[key], 3)
         data["shortfall_gib"] = round(self.shortfall_gib, 3)
+        data["weights_per_node_gib"] = round(self.weights_per_node_gib, 3)
         data["verdict"] = self.verdict()
         return data
 
@@ -328,7 +346,12 @@ def plan(arch: Architecture, dep: Deployment, *, suggest: bool = True) -> VramPl
     tp, pp = dep.tensor_parallel, dep.pipeline_parallel
     gpus_used = tp * pp
     errors = tp_errors(arch, tp, pp)
-    if gpus_used > dep.gpu_count:
+    if dep.nodes > 1 and dep.gpus_per_node > dep.gpu_count:
+        errors.append(
+            f"tensor_parallel × pipeline stages per node = {dep.gpus_per_node} exceeds the node's "
+            f"{dep.gpu_count} GPUs (pipeline_parallel {pp} over {dep.nodes} nodes)."
+        )
+    elif dep.nodes <= 1 and gpus_used > dep.gpu_count:
         errors.append(f"tensor_parallel × pipeline_parallel = {gpus_used} exceeds the node's {dep.gpu_count} GPUs.")
     kv_el = kv_dtype_bytes(dep.dtype, dep.kv_cache_dtype)
     kv_token = int(2 * arch.layers * arch.kv_heads * arch.head_dim * kv_el)
@@ -366,6 +389,8 @@ def plan(arch: Architecture, dep: Deployment, *, suggest: bool = True) -> VramPl
         required_tokens=required,
         fits=fits,
         errors=errors,
+        nodes=dep.nodes,
+        gpus_per_node=dep.gpus_per_node,
     )
     if fits or errors or not suggest:
         return result
@@ -380,11 +405,12 @@ def _suggest(arch: Architecture, dep: Deployment, max_tokens: int) -> list[Sugge
     """Smallest single changes that fit, most preferable first."""
     out: list[Suggestion] = []
     for tp in range(dep.tensor_parallel + 1, 17):
-        if tp_errors(arch, tp) or tp * dep.pipeline_parallel > max(dep.gpu_count, 16):
+        per_node = replace(dep, tensor_parallel=tp).gpus_per_node  # TP × PP on one node, TP × stages when spanning
+        if tp_errors(arch, tp) or per_node > max(dep.gpu_count, 16):
             continue
-        trial = replace(dep, tensor_parallel=tp, gpu_count=max(dep.gpu_count, tp * dep.pipeline_parallel))
+        trial = replace(dep, tensor_parallel=tp, gpu_count=max(dep.gpu_count, per_node))
         if _fits(arch, trial):
-            more = "" if tp * dep.pipeline_parallel <= dep.gpu_count else f" ({tp} GPUs)"
+            more = "" if per_node <= dep.gpu_count else f" ({tp} GPUs)"
             out.append(Suggestion(f"tensor_parallel {tp}{more}", "tensor_parallel", tp))
             break
     if dep.kv_cache_dtype is not KvCacheDType.FP8 and _fits(arch, replace(dep, kv_cache_dtype=KvCacheDType.FP8)):
@@ -449,4 +475,6 @@ def deployment(svc: InferenceService, node: Node, cat: ResolvedCatalogue) -> Dep
         concurrency=svc.max_concurrency,
         non_torch_gib=non_torch(gpu)[0],
         non_torch_tp_gib=non_torch(gpu)[1],
+        # A spanning service: its pipeline stages are its nodes (validation holds vLLM to one stage per node).
+        nodes=len(dict.fromkeys(svc.nodes)) if svc.span_nodes else 1,
     )

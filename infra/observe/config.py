@@ -26,6 +26,7 @@ from infra.observe.metrics import (
     PROBE_TTFT_BUCKET,
     PROBE_UP,
 )
+from infra.plan.fabric import serves_endpoint
 from infra.plan.node import NodePlan, SitePlan
 from infra.plan.packages import Component
 
@@ -82,7 +83,7 @@ def scrape_targets(plan: SitePlan, segment: str) -> dict[str, list[Target]]:
         if _monitored(n) and n.profile.monitoring.dcgm_exporter_image:
             jobs["dcgm"].append(Target(f"{n.node.address}:{DCGM_EXPORTER_PORT}", labels))
         for s in n.services:
-            if ENGINE_METRICS[s.service.engine].requests is not None:
+            if ENGINE_METRICS[s.service.engine].requests is not None and serves_endpoint(s.span, n.hostname):
                 jobs["inference"].append(
                     Target(
                         f"{n.node.address}:{s.service.port}",
@@ -98,7 +99,7 @@ def probe_endpoints(plan: SitePlan, segment: str) -> list[dict[str, Any]]:
     for n in plan.nodes:
         if n.segment.name != segment:
             continue
-        for s in n.services:
+        for s in (s for s in n.services if serves_endpoint(s.span, n.hostname)):
             out.append(
                 {
                     "service": s.name,

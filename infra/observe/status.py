@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from infra.observe import config
+from infra.plan.fabric import serves_endpoint
 from infra.plan.node import SitePlan
 
 
@@ -148,7 +149,7 @@ def collect(plan: SitePlan, base: str) -> SiteStatus:
     }
     services = []
     for n in plan.nodes:
-        for sp in n.services:
+        for sp in (sp for sp in n.services if serves_endpoint(sp.span, n.hostname)):
             slo = config.slo_of(site, sp.service)
             key = (sp.name, n.hostname)
 

@@ -132,6 +132,29 @@ Word = str | Raw
 
 
 @dataclass(frozen=True)
+class NodeRank:
+    """One node's place in a vLLM service spanning nodes (vLLM's multiprocessing multi-node mode).
+
+    vLLM 0.33 `vllm serve` on every node with the same model and parallel sizes plus `--nnodes`,
+    `--node-rank`, `--master-addr` (the head's address, where rank 0 opens torch.distributed's store on
+    `--master-port`), and `--headless` on every other node: those run only their GPU workers, no API server
+    (vllm docs/serving/parallelism_scaling.md, "Running vLLM with MultiProcessing"; the flags are
+    `ParallelConfig.nnodes/node_rank/master_addr/master_port` in vllm/config/parallel.py and `--headless` in
+    vllm/entrypoints/cli/serve.py). Not Ray: the multiprocessing route needs no cluster daemon on the nodes,
+    each node's unit is the engine itself, and a node's rank is a plan value rather than Ray's placement.
+    """
+
+    rank: int
+    nnodes: int
+    master_addr: str
+    """The head's fabric address: the group's traffic stays on the fabric (vLLM's docs: it is unencrypted
+    and must face a private network only)."""
+    master_port: int
+    host_ip: str
+    """This node's fabric address, as VLLM_HOST_IP: what the node tells its peers to connect to."""
+
+
+@dataclass(frozen=True)
 class UnitCommands:
     """What the unit of one service runs: each command an argv, placed by the role's template."""
 
@@ -259,14 +282,33 @@ def _image(service: InferenceService) -> str:
 # --- engine arguments ----------------------------------------------------------------------------
 
 
-def vllm_args(service: InferenceService, model: str = CONTAINER_MODEL_DIR) -> list[str]:
-    """`vllm serve` arguments (after the image's `vllm serve` entrypoint): the model is positional."""
+def vllm_args(service: InferenceService, model: str = CONTAINER_MODEL_DIR, node: NodeRank | None = None) -> list[str]:
+    """`vllm serve` arguments (after the image's `vllm serve` entrypoint): the model is positional.
+
+    `node`: this node's rank in a service spanning nodes (TP inside each node, one pipeline stage per node).
+    """
     if service.model.dtype not in _VLLM_DTYPE:
         raise EngineError(
             f"service {service.name!r}: vLLM has no generic {service.model.dtype.value} quantisation; "
             "serve an awq or gptq checkpoint instead"
         )
     flag, value = _VLLM_DTYPE[service.model.dtype]
+    span: list[str] = []
+    if node is not None:
+        if service.pipeline_parallel != node.nnodes or not 0 <= node.rank < node.nnodes:
+            raise EngineError(
+                f"service {service.name!r}: vLLM runs one pipeline stage per node; pipeline_parallel "
+                f"{service.pipeline_parallel} over {node.nnodes} nodes (rank {node.rank}) cannot be launched"
+            )
+        span = [
+            "--distributed-executor-backend=mp",
+            f"--nnodes={node.nnodes}",
+            f"--node-rank={node.rank}",
+            f"--master-addr={node.master_addr}",
+            f"--master-port={node.master_port}",
+        ]
+        if node.rank > 0:
+            span.append("--headless")  # GPU workers only; the head (rank 0) serves the API
     return [
         model,
         f"--served-model-name={service.model.name}",
@@ -279,6 +321,7 @@ def vllm_args(service: InferenceService, model: str = CONTAINER_MODEL_DIR) -> li
         f"--kv-cache-dtype={_VLLM_KV[service.kv_cache_dtype]}",
         "--host=0.0.0.0",
         f"--port={service.port}",
+        *span,
     ]
 
 
@@ -336,10 +379,10 @@ def llamacpp_native_args(service: InferenceService, model: str) -> list[str]:
     ]
 
 
-def engine_args(service: InferenceService) -> list[str]:
+def engine_args(service: InferenceService, node: NodeRank | None = None) -> list[str]:
     """The engine's own arguments inside its container (or after the native server module)."""
     if service.engine is Engine.VLLM:
-        return vllm_args(service)
+        return vllm_args(service, node=node)
     if service.engine is Engine.TGI:
         return tgi_args(service)
     if service.engine is Engine.LLAMACPP:
@@ -376,6 +419,7 @@ def container_run(
     runtime_version: str,
     *,
     host_model_dir: str,
+    node: NodeRank | None = None,
 ) -> list[Word]:
     """The runtime's `run` command of a container service, engine arguments included."""
     if runtime not in RUNTIME_BIN:
@@ -398,7 +442,10 @@ def container_run(
     opts += [f"--env={k}={v}" for k, v in sorted(OFFLINE_ENV.items())]
     if service.engine is Engine.TGI:
         opts.append("--env=USAGE_STATS=off")
-    return [*opts, image, *engine_args(service)]
+    if node is not None:
+        # The address this node's vLLM processes announce to the group (vllm/envs.py VLLM_HOST_IP).
+        opts.append(f"--env=VLLM_HOST_IP={node.host_ip}")
+    return [*opts, image, *engine_args(service, node)]
 
 
 def rpc_worker_commands(
@@ -421,8 +468,12 @@ def unit_commands(
     venv_root: str = VENV_ROOT,
     user: str = "gpufleet-inference",
     rpc_servers: Sequence[str] = (),
+    node: NodeRank | None = None,
 ) -> UnitCommands:
-    """Every command of one service's unit, computed from the plan (`rpc_servers`: a spanning head's workers)."""
+    """Every command of one service's unit, computed from the plan.
+
+    `rpc_servers`: a spanning llama.cpp head's workers; `node`: this node's rank in a spanning vLLM service.
+    """
     directory = model_dir(service, model_root)
     if service.engine is Engine.LLAMACPP and service.image is None:
         name = _llamacpp_file(service)
@@ -438,7 +489,7 @@ def unit_commands(
             else [python, "-m", "llama_cpp.server", *server]
         )
         return UnitCommands(exec_start=tuple(argv), environment=dict(OFFLINE_ENV), user=user)
-    run = container_run(service, runtime, runtime_version, host_model_dir=directory)
+    run = container_run(service, runtime, runtime_version, host_model_dir=directory, node=node)
     binary = RUNTIME_BIN[runtime]
     if runtime is ContainerEngine.PODMAN:
         return UnitCommands(exec_start=tuple(run), exec_stop=((binary, "stop", "--ignore", "--time=30", Raw("%N")),))

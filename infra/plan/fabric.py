@@ -126,6 +126,23 @@ class SpanGroup:
     head: str
     workers: tuple[tuple[str, str], ...]
     """(hostname, fabric address) of each worker, in stack order."""
+    head_address: str = ""
+    """The head's fabric address (vLLM: where rank 0 opens the group's torch.distributed store)."""
+
+    @property
+    def nnodes(self) -> int:
+        """Nodes of the instance (vLLM: one pipeline stage each)."""
+        return 1 + len(self.workers)
+
+    def rank_of(self, hostname: str) -> int:
+        """The node's rank: 0 for the head, then the workers in stack order."""
+        if hostname == self.head:
+            return 0
+        return 1 + next(i for i, (h, _) in enumerate(self.workers) if h == hostname)
+
+    def fabric_address_of(self, hostname: str) -> str:
+        """The node's fabric address in this group (head or worker)."""
+        return self.head_address if hostname == self.head else self.address_of(hostname)
 
     def role_of(self, hostname: str) -> str:
         """`head`, `worker` or "" (not in the group)."""
@@ -136,6 +153,21 @@ class SpanGroup:
     def address_of(self, hostname: str) -> str:
         """A worker's fabric address (where its RPC backend listens)."""
         return next(a for h, a in self.workers if h == hostname)
+
+
+def serves_endpoint(span: SpanGroup | None, hostname: str) -> bool:
+    """Does the service answer HTTP on this node: every node of a replicated service, only a group's head.
+
+    A worker of a spanning service runs only its RPC backend on the fabric; benches, probes, scrape targets
+    and the plan's endpoints name the head alone (its endpoint is the service's).
+    """
+    return span is None or span.role_of(hostname) != "worker"
+
+
+def endpoint_nodes(site: Site, service: InferenceService) -> list[str]:
+    """The nodes where a service answers HTTP, in stack order (a spanning service: its head)."""
+    span = span_group(site, service)
+    return [h for h in dict.fromkeys(service.nodes) if serves_endpoint(span, h)]
 
 
 def span_group(site: Site, service: InferenceService) -> SpanGroup | None:
@@ -154,5 +186,6 @@ def span_group(site: Site, service: InferenceService) -> SpanGroup | None:
         ports = {h: next((p for p in nodes[h].fabric_ports if p.fabric == f.name), None) for h in hosts}
         if all(p is not None for p in ports.values()):
             workers = tuple((h, str(p.address)) for h, p in ports.items() if h != hosts[0] and p is not None)
-            return SpanGroup(service, f, hosts[0], workers)
+            head = ports[hosts[0]]
+            return SpanGroup(service, f, hosts[0], workers, str(head.address) if head is not None else "")
     return None

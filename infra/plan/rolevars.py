@@ -75,24 +75,33 @@ def service_vars(
     and are quoted for systemd there; the template only writes them on their lines.
     """
     role = span.role_of(hostname) if span is not None else ""
-    if role == "worker" and span is not None:
+    # llama.cpp spans through RPC backends on its workers (the head holds the model and sends the tensors);
+    # vLLM through its multi-node mode: every node runs `vllm serve` on its own copy of the model, the
+    # workers headless, and the head's endpoint answers once the whole group has joined.
+    rpc_worker = role == "worker" and s.engine is Engine.LLAMACPP
+    node = None
+    if span is not None and role and s.engine is Engine.VLLM:
+        node = engines.NodeRank(span.rank_of(hostname), span.nnodes, span.head_address, s.rpc_port,
+                                span.fabric_address_of(hostname))
+    if rpc_worker and span is not None:
         # A worker of a spanning llama.cpp service: only its RPC backend, no model file, no endpoint.
         cmds = engines.rpc_worker_commands(s, span.address_of(hostname))
         name = ""
     else:
-        rpc = [f"{addr}:{s.rpc_port}" for _, addr in span.workers] if role == "head" and span is not None else []
-        cmds = engines.unit_commands(s, runtime, runtime_version, rpc_servers=rpc)
+        llama_head = role == "head" and span is not None and s.engine is Engine.LLAMACPP
+        rpc = [f"{addr}:{s.rpc_port}" for _, addr in span.workers] if llama_head and span is not None else []
+        cmds = engines.unit_commands(s, runtime, runtime_version, rpc_servers=rpc, node=node)
         name = engines.model_file(s)
     directory = engines.model_dir(s)
     native = s.engine is Engine.LLAMACPP and s.image is None
-    # A worker of a spanning service holds no model file (its head sends the tensors): nothing to fetch.
-    hub = parse_hf_source(s.model.source) is not None and role != "worker"
+    # A llama.cpp RPC worker holds no model file (its head sends the tensors): nothing to fetch.
+    hub = parse_hf_source(s.model.source) is not None and not rpc_worker
     base = f"http://{mirror.address}:{mirror.http_port}/" if mirror else ""
     out: dict[str, Any] = {
         "name": s.name,
         "engine": s.engine.value,
         # A single file fetched as it is (http(s) sources); `hf://` models come file by file from the mirror.
-        "model_source": "" if hub or role == "worker" else s.model.source,
+        "model_source": "" if hub or rpc_worker else s.model.source,
         "model_index_url": base + engines.mirror_model_index(s.model.name, s.model.revision) if hub and base else "",
         "model_base_url": base + engines.mirror_model_dir(s.model.name, s.model.revision) + "/" if hub and base else "",
         "model_unserved": (
@@ -103,11 +112,17 @@ def service_vars(
         ),
         "model_dir": directory,
         "model_path": f"{directory}/{name}" if name else "",
-        "port": s.rpc_port if role == "worker" else s.port,
-        # A worker answers no HTTP: the role waits for its RPC port on `rpc_bind` instead.
+        "port": s.rpc_port if rpc_worker else s.port,
+        # A worker answers no HTTP (a llama.cpp worker: the role waits for its RPC port on `rpc_bind`; a headless
+        # vLLM worker: its head's endpoint answers only once it has joined).
         "health_path": "" if role == "worker" else engines.HEALTH_PATHS[s.engine],
         "span_role": role,
-        "rpc_bind": span.address_of(hostname) if role == "worker" and span is not None else "",
+        "rpc_bind": span.address_of(hostname) if rpc_worker and span is not None else "",
+        "span_workers": (
+            [{"node": h, "address": a, "port": s.rpc_port} for h, a in span.workers]
+            if role == "head" and span is not None and s.engine is Engine.LLAMACPP
+            else []
+        ),
         "native": native,
         "description": engines.unit_text(
             f"gpufleet inference {s.name} ({s.engine.value} serving {s.model.name}@{s.model.revision})"

@@ -44,7 +44,8 @@ class _Exporter(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         lines = []
         step = 10 if type(self).ttft_s < 1 else 200
-        for svc, node in (("tiny-connected", "lab-gpu01"), ("tiny-airgap", "lab-gpu03")):
+        # tiny-span spans lab-gpu02 (head) and lab-gpu01: probed, like every spanning service, at its head only.
+        for svc, node in (("tiny-connected", "lab-gpu01"), ("tiny-airgap", "lab-gpu03"), ("tiny-span", "lab-gpu02")):
             lab = f'service="{svc}",node="{node}"'
             for le in ("0.1", "1", "10", "+Inf"):
                 key = f"{svc}{le}"

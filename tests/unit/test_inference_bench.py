@@ -161,12 +161,14 @@ def test_endpoint_paths() -> None:
 
 
 def test_endpoints_come_from_the_plan() -> None:
-    """The lab stack's endpoints are node address + service port, one per (service, node)."""
+    """The lab stack's endpoints are node address + service port, one per (service, node); a spanning
+    service (tiny-span: head lab-gpu02, worker lab-gpu01) has one, its head's."""
     site = load_site(stack="lab")
     eps = endpoints_of(site)
     assert [(e.label, e.url, e.model) for e in eps] == [
         ("tiny-airgap@lab-gpu03", "http://198.18.2.11:8080/v1", "gpufleet-tiny-lab"),
         ("tiny-connected@lab-gpu01", "http://198.18.1.11:8080/v1", "gpufleet-tiny-lab"),
+        ("tiny-span@lab-gpu02", "http://198.18.1.12:8090/v1", "gpufleet-tiny-lab"),
     ]
     assert [e.label for e in endpoints_of(site, service="tiny-connected")] == ["tiny-connected@lab-gpu01"]
     assert endpoints_of(site, service="tiny-connected", node="lab-gpu03") == []

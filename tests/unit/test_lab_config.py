@@ -10,7 +10,18 @@ from typing import Any
 import pytest
 import yaml
 
-from infra.lab.config import LAB_KEY, HostKind, LabConfigError, bridge_name, check_addresses, gpus_json, lab_spec
+from infra.lab import hosts
+from infra.lab.config import (
+    LAB_KEY,
+    HostKind,
+    LabConfigError,
+    Paths,
+    bridge_name,
+    check_addresses,
+    gpus_json,
+    lab_spec,
+    spec_digest,
+)
 from infra.lab.network import render_ruleset
 from infra.model.load import stack_path
 from infra.model.site import Site
@@ -48,7 +59,8 @@ def test_lab_stack_gives_nodes_mirror_and_outside_host(tmp_path: Path) -> None:
     assert kinds == {"lab-gpu01": HostKind.NODE, "lab-gpu02": HostKind.NODE, "lab-gpu03": HostKind.NODE,
                      "lab-gpu04": HostKind.NODE, "lab-mirror": HostKind.MIRROR, "lab-upstream": HostKind.OUTSIDE}
     assert {b.name: str(b.address) for b in spec.bridges} == {"gpfl-connected": "198.18.1.1/24",
-                                                               "gpfl-airgap": "198.18.2.1/24"}
+                                                               "gpfl-airgap": "198.18.2.1/24",
+                                                               "gpfl-f-lab-roce": "198.18.8.1/24"}
     assert spec.host("lab-gpu03").gateway is None  # air-gapped: no route out
     assert str(spec.host("lab-gpu01").gateway) == "198.18.1.1"
     assert spec.keyrings["lab-upstream"] == Path("/var/lib/gpufleet/lab/keys/lab-upstream.gpg")
@@ -72,6 +84,8 @@ def test_stack_with_an_outside_address_is_refused(tmp_path: Path, where: str,
     ("segments[0].ntp[0]", lambda s, lab: s["segments"][0].update(ntp=["10.1.1.1"])),
     ("mirrors[0].address", lambda s, lab: s["mirrors"][0].update(address="10.0.0.10")),
     ("segments[1].egress_allow[0]", lambda s, lab: s["segments"][1].update(egress_allow=["0.0.0.0/0"])),
+    ("fabrics[0].cidr", lambda s, lab: s["fabrics"][0].update(cidr="10.50.0.0/24")),
+    ("nodes[1].fabric_ports[0].address", lambda s, lab: s["nodes"][1]["fabric_ports"][0].update(address="10.50.0.12")),
 ])
 def test_every_address_field_is_checked(where: str, change: Callable[[dict[str, Any], dict[str, Any]], None]) -> None:
     """Each address-bearing field outside 198.18.0.0/15 is named; the unchanged lab stack has none."""
@@ -126,5 +140,57 @@ def test_ruleset_isolates_bridges(tmp_path: Path) -> None:
     """Same-bridge traffic is accepted, cross-bridge dropped, the air-gapped bridge may not open connections in."""
     text = render_ruleset(lab_spec("lab", make_lab_stack(tmp_path)).bridges)
     assert 'iifname "gpfl-airgap" oifname "gpfl-airgap" accept' in text
-    assert 'iifname { "gpfl-connected", "gpfl-airgap" } drop' in text
+    assert 'iifname { "gpfl-connected", "gpfl-airgap", "gpfl-f-lab-roce" } drop' in text
     assert 'iifname "gpfl-airgap" drop' in text and 'iifname "gpfl-connected" drop' not in text
+
+
+def _port(site: dict[str, Any], host: str) -> dict[str, Any]:
+    port: dict[str, Any] = next(n for n in site["nodes"] if n["hostname"] == host)["fabric_ports"][0]
+    return port
+
+
+def test_fabric_gets_its_own_bridge_and_each_port_a_veth(tmp_path: Path) -> None:
+    """The lab fabric: a bridge of its own, and per fabric port an extra veth named as the stack names the port."""
+    spec = lab_spec("lab", make_lab_stack(tmp_path))
+    fabric = next(b for b in spec.bridges if b.segment == "fabric:lab-roce")
+    assert fabric.airgapped  # the lab host takes no new connection from the fabric
+    site = LAB_STACK["config"]["gpufleet:site"]
+    for name in ("lab-gpu01", "lab-gpu02"):
+        (link,) = spec.host(name).fabric
+        port = _port(site, name)
+        assert (link.bridge, link.netdev, str(link.address)) == (fabric.name, port["netdev"], port["address"] + "/24")
+        argv = hosts.nspawn_argv(spec, spec.host(name), Path("/r"), Paths())
+        assert f"--network-veth-extra={link.host_if}:{port['netdev']}" in argv and len(link.host_if) <= 15
+        assert f"Address={port['address']}/24" in hosts.fabric_network(link)
+    assert spec.host("lab-gpu03").fabric == ()
+    assert not any(a.startswith("--network-veth-extra") for a in hosts.nspawn_argv(spec, spec.host("lab-gpu03"),
+                                                                                  Path("/r"), Paths()))
+
+
+def test_lab_fabric_port_must_be_named_by_netdev(tmp_path: Path) -> None:
+    """A PCI address names no device in an nspawn host: the lab refuses it, naming the port."""
+    def by_pci(s: dict[str, Any], lab: dict[str, Any]) -> None:
+        port = _port(s, "lab-gpu02")
+        del port["netdev"], port["soft_roce"]
+        port["pci"] = "0000:1a:00.0"
+
+    assert "nodes[1].fabric_ports[0]" in refused_paths(make_lab_stack(tmp_path, by_pci))
+
+
+def test_fabric_port_cannot_take_the_bridge_address(tmp_path: Path) -> None:
+    """The fabric bridge holds the fabric's first address: a port with it is refused, naming the host."""
+    stack = make_lab_stack(tmp_path, lambda s, lab: _port(s, "lab-gpu01").update(address="198.18.8.1"))
+    assert "lab-gpu01" in refused_paths(stack)
+
+
+def test_fabric_links_change_the_digest(tmp_path: Path) -> None:
+    """A running lab built without the fabric is not taken for this one."""
+    with_fabric = spec_digest(lab_spec("lab", make_lab_stack(tmp_path)))
+
+    def without(s: dict[str, Any], lab: dict[str, Any]) -> None:
+        s.pop("fabrics")
+        for n in s["nodes"]:
+            n.pop("fabric_ports", None)
+        s["services"] = [x for x in s["services"] if not x.get("span_nodes")]
+
+    assert spec_digest(lab_spec("lab", make_lab_stack(tmp_path, without))) != with_fabric

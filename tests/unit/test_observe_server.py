@@ -124,7 +124,8 @@ def test_federation_is_the_one_flow_between_segments() -> None:
     assert "ip daddr 198.18.2.10 tcp dport 9090 ct state new,established accept" in text
     assert "ip saddr 198.18.2.10 ip daddr 198.18.1.11 tcp sport 9090 ct state established accept" in text
     # Every other packet between the bridges still meets the drops after these two rules.
-    assert text.index("tcp dport 9090") < text.index('iifname { "gpfl-connected", "gpfl-airgap" } drop')
+    drops = 'iifname { "gpfl-connected", "gpfl-airgap", "gpfl-f-lab-roce" } drop'
+    assert text.index("tcp dport 9090") < text.index(drops)
     assert [(str(d), str(v)) for d, v in host_routes(spec, "lab-mirror")] == [("198.18.1.11", "198.18.2.1")]
     assert host_routes(spec, "lab-gpu03") == []
 

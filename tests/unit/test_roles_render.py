@@ -15,13 +15,14 @@ from typing import Any
 import pytest
 import yaml
 
-from infra.model.load import load_site
+from infra.model.load import load_site, parse_site
 from infra.model.site import ContainerEngine
 from infra.plan import engines
 from infra.plan.node import plan_site
 from infra.plan.rolevars import host_vars, service_vars
 from tests.unit.ansible_local import run_local_play
 from tests.unit.systemd_syntax import split_command
+from tests.unit.test_span_vllm import vllm_span_site
 
 ROOT = Path(__file__).resolve().parents[2]
 ROLES = ROOT / "roles"
@@ -141,7 +142,29 @@ def _cases() -> list[dict[str, Any]]:
                             "vars": _role_vars("base") | hv | {"item": src},
                         }
                     )
+    cases += _spanning_cases()
     return cases
+
+
+def _spanning_cases() -> list[dict[str, Any]]:
+    """The units of each node of a spanning service: the lab's llama.cpp tiny-span (RPC worker, head) and
+    the same group served by vLLM's multi-node mode (headless worker, head)."""
+    out = []
+    for label, data in (("llamacpp", None), ("vllm", vllm_span_site())):
+        site = load_site("lab") if data is None else parse_site(data)
+        for n in plan_site(site).nodes:
+            hv = host_vars(n, site)
+            for svc in hv["inference_server_services"]:
+                if svc["span_role"]:
+                    out.append(
+                        {
+                            "role": "inference_server",
+                            "template": "inference.service.j2",
+                            "out": f"units/span-{label}-{svc['span_role']}-{svc['name']}.service",
+                            "vars": _role_vars("inference_server") | hv | {"inference_server_service": svc},
+                        }
+                    )
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -187,6 +210,19 @@ def rendered(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _units(rendered: Path, suffix: str = ".service") -> list[Path]:
     return sorted((rendered / "units").glob(f"*{suffix}"))
+
+
+def test_spanning_units_are_rendered_for_each_role(rendered: Path) -> None:
+    """Head and worker units of both spanning engines are among the verified units, each with its own command."""
+    names = {p.name for p in _units(rendered)}
+    for label in ("llamacpp", "vllm"):
+        assert {f"span-{label}-head-tiny-span.service", f"span-{label}-worker-tiny-span.service"} <= names
+    argv = {n: _exec_start(rendered / "units" / f"span-{n}-tiny-span.service")
+            for n in ("llamacpp-head", "llamacpp-worker", "vllm-head", "vllm-worker")}
+    assert argv["llamacpp-worker"][1:3] == [engines.RPC_PROGRAM, "worker"]
+    assert argv["llamacpp-head"][1:3] == [engines.RPC_PROGRAM, "head"]
+    assert "--headless" in argv["vllm-worker"] and "--headless" not in argv["vllm-head"]
+    assert "--node-rank=1" in argv["vllm-worker"] and "--node-rank=0" in argv["vllm-head"]
 
 
 def test_every_engine_is_rendered(rendered: Path) -> None:

@@ -14,9 +14,12 @@ from typing import Any
 import pytest
 import yaml
 
+from infra.inference.bench import endpoints_of
 from infra.model.load import SiteError, parse_site
 from infra.model.rules import check
+from infra.observe.config import probe_endpoints
 from infra.plan import engines
+from infra.plan.fabric import endpoint_nodes, serves_endpoint, span_group
 from infra.plan.node import plan_site
 from infra.plan.rolevars import host_vars
 
@@ -24,8 +27,19 @@ ROOT = Path(__file__).resolve().parents[2]
 LAB = yaml.safe_load((ROOT / "stacks" / "Pulumi.lab.yaml").read_text())["config"]["gpufleet:site"]
 
 
+def replica_site() -> dict[str, Any]:
+    """The lab stack without its fabric and its spanning service: the replicas only."""
+    site: dict[str, Any] = copy.deepcopy(LAB)
+    site.pop("fabrics", None)
+    site["profiles"]["lab-570"].pop("rdma", None)
+    for n in site["nodes"]:
+        n.pop("fabric_ports", None)
+    site["services"] = [s for s in site["services"] if not s.get("span_nodes")]
+    return site
+
+
 def span_site() -> dict[str, Any]:
-    site = copy.deepcopy(LAB)
+    site = replica_site()
     site["fabrics"] = [{"name": "lab-fabric", "type": "roce", "cidr": "198.18.20.0/24", "mtu": 1500}]
     for i, host in enumerate(("lab-gpu01", "lab-gpu02")):
         node = next(n for n in site["nodes"] if n["hostname"] == host)
@@ -104,9 +118,10 @@ def test_workers_converge_no_later_than_their_head() -> None:
 
 def test_replicas_are_unchanged_by_the_span_code() -> None:
     """A stack without spanning services plans its nodes in stack order, with no RPC argument anywhere."""
-    s = parse_site(copy.deepcopy(LAB))
+    site = replica_site()
+    s = parse_site(site)
     plan = plan_site(s)
-    assert [p.hostname for p in plan.nodes] == [n["hostname"] for n in LAB["nodes"]]
+    assert [p.hostname for p in plan.nodes] == [n["hostname"] for n in site["nodes"]]
     for p in plan.nodes:
         for svc in host_vars(p, s)["inference_server_services"]:
             assert svc["span_role"] == "" and engines.RPC_PROGRAM not in svc["exec_start"]
@@ -127,3 +142,38 @@ def test_span_mistakes(edit: Any, path: str) -> None:
     site = span_site()
     edit(site)
     assert path in _problems(site)
+
+
+def test_head_checks_each_worker_of_its_group() -> None:
+    """The head's variables name every worker's RPC backend (the group's health check); others name none."""
+    hv = _vars(span_site())
+    assert _svc(hv["lab-gpu02"], "tiny-span")["span_workers"] == [
+        {"node": "lab-gpu01", "address": "198.18.20.11", "port": 50052}
+    ]
+    assert _svc(hv["lab-gpu01"], "tiny-span")["span_workers"] == []
+    assert _svc(hv["lab-gpu01"], "tiny-connected")["span_workers"] == []
+
+
+def test_only_the_head_is_an_endpoint() -> None:
+    """Bench, SLO probe, scrape targets, the plan's and Pulumi's endpoints: the head's address only."""
+    s = parse_site(span_site())
+    plan = plan_site(s)
+    head = "http://198.18.1.12:8090/v1"
+    assert [e.url for e in endpoints_of(s, "tiny-span")] == [head]
+    assert [e["url"] for e in probe_endpoints(plan, "connected") if e["service"] == "tiny-span"] == [head]
+    assert endpoint_nodes(s, s.services[-1]) == ["lab-gpu02"]
+    # The llama.cpp server exports no request metrics (no scrape target); the replicas keep their endpoints.
+    assert [e.label for e in endpoints_of(s, "tiny-connected")] == ["tiny-connected@lab-gpu01"]
+    assert serves_endpoint(None, "lab-gpu01")
+
+
+def test_the_lab_stack_spans_tiny_span_over_its_fabric() -> None:
+    """The shipped lab stack: tiny-span's head is lab-gpu02, its worker lab-gpu01 at its lab-roce address."""
+    s = parse_site(copy.deepcopy(LAB))
+    assert check(s) == []
+    svc = next(x for x in s.services if x.name == "tiny-span")
+    group = span_group(s, svc)
+    assert group is not None and group.fabric.name == "lab-roce"
+    assert group.head == "lab-gpu02" and group.workers == (("lab-gpu01", "198.18.8.11"),)
+    same = next(x for x in s.services if x.name == "tiny-connected")
+    assert (svc.model, svc.wheel) == (same.model, same.wheel)  # the same model and engine as the single-node one

@@ -35,6 +35,7 @@ _SOURCES = (
     "vllm/utils/argparse_utils.py",
     "vllm/config/model.py",
     "vllm/config/cache.py",
+    "vllm/config/parallel.py",
     "vllm/model_executor/layers/quantization/__init__.py",
 )
 
@@ -80,6 +81,8 @@ class ServeFlags:
     choices: dict[str, frozenset[str]]
     model_rewrite: bool
     """argparse_utils rewrites a `--model` option into the positional (deprecated spelling)."""
+    switches: frozenset[str] = frozenset()
+    """Options declared with `action="store_true"`: given alone, never as `--flag=value`."""
 
 
 def _literal(tree: ast.Module, name: str) -> frozenset[str]:
@@ -123,6 +126,7 @@ def serve_flags(wheel_path: Path) -> ServeFlags:
     options: set[str] = set()
     positionals: list[str] = []
     keys: dict[str, str] = {}
+    switches: set[str] = set()
     for name in ("vllm/engine/arg_utils.py", "vllm/entrypoints/common/cli_args.py", "vllm/entrypoints/cli/serve.py"):
         for call in _add_argument_calls(trees[name]):
             strings = [a.value for a in call.args if isinstance(a, ast.Constant) and isinstance(a.value, str)]
@@ -132,6 +136,9 @@ def serve_flags(wheel_path: Path) -> ServeFlags:
                 else:
                     positionals.append(s)
                 keys.setdefault(s, _kwargs_key(call))
+                if any(k.arg == "action" and isinstance(k.value, ast.Constant) and k.value.value == "store_true"
+                       for k in call.keywords):
+                    switches.add(s)
     # FrontendArgs.add_cli_args: every dataclass field of the frontend classes is `--field-name`.
     cli = trees["vllm/entrypoints/common/cli_args.py"]
     for node in ast.walk(cli):
@@ -141,11 +148,13 @@ def serve_flags(wheel_path: Path) -> ServeFlags:
                     options.add("--" + item.target.id.replace("_", "-"))
     model_tree, cache_tree = trees["vllm/config/model.py"], trees["vllm/config/cache.py"]
     quant_tree = trees["vllm/model_executor/layers/quantization/__init__.py"]
+    par_tree = trees["vllm/config/parallel.py"]
     # Each literal-typed option: the field it is generated from must be annotated with that alias.
     literal_options = {
         "--dtype": (model_tree, "ModelConfig", "ModelDType", model_tree),
         "--kv-cache-dtype": (cache_tree, "CacheConfig", "CacheDType", cache_tree),
         "--quantization": (model_tree, "ModelConfig", "QuantizationMethods", quant_tree),
+        "--distributed-executor-backend": (par_tree, "ParallelConfig", "DistributedExecutorBackend", par_tree),
     }
     choices: dict[str, frozenset[str]] = {}
     for flag, (tree, cls, alias, alias_tree) in literal_options.items():
@@ -154,4 +163,4 @@ def serve_flags(wheel_path: Path) -> ServeFlags:
         assert alias in annotation, f"{flag}: {cls}.{keys[flag]} is {annotation}, not {alias}"
         choices[flag] = _literal(alias_tree, alias)
     rewrite = "--model" in ast.unparse(trees["vllm/utils/argparse_utils.py"])
-    return ServeFlags(frozenset(options), tuple(positionals), choices, rewrite)
+    return ServeFlags(frozenset(options), tuple(positionals), choices, rewrite, frozenset(switches))
