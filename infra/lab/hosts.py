@@ -21,6 +21,7 @@ from pathlib import Path
 from infra.lab import network
 from infra.lab.config import FabricLink, HostKind, LabHost, LabSpec, Paths
 from infra.lab.sh import LabCommandError, run
+from infra.plan.nodestate import CAPABILITIES_FACT_FILE
 
 MARKER = "gpufleet-lab-host"  # $0 of each host's supervisor: finds our processes, guards against PID reuse
 SRV_MOUNT = "/srv/gpufleet"
@@ -140,7 +141,7 @@ def public_host_key(root: Path) -> str:
 
 # What an nspawn host cannot do, declared the way any node declares it (docs/roles.md "Node capabilities"):
 # an Ansible local fact the roles read. The plan and the roles never ask whether they run in the lab.
-CAPABILITIES_FACT = "etc/ansible/facts.d/gpufleet_capabilities.fact"
+CAPABILITIES_FACT = CAPABILITIES_FACT_FILE.lstrip("/")
 CAPABILITIES = {
     "reboot": False,  # a container on the lab host's kernel: a reboot restarts it, it loads no driver
     "kernel_modules": False,  # no /lib/modules for the lab host's kernel, no CAP_SYS_MODULE

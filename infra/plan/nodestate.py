@@ -26,6 +26,10 @@ from infra.plan.packages import Component
 INFERENCE_UNIT_PREFIX = "gpufleet-inference-"
 # The nvidia_driver role's state file (reboot_required for the boot it names); passed to it by rolevars.
 DRIVER_FACT_FILE = "/etc/ansible/facts.d/gpufleet.fact"
+# What a host declares it cannot do (docs/roles.md "Node capabilities"): the roles read it as a local fact,
+# the probe reads it so that a check the host cannot pass by design (an RDMA device on a host that loads no
+# kernel module) is reported as not checked, with the reason, instead of failing.
+CAPABILITIES_FACT_FILE = "/etc/ansible/facts.d/gpufleet_capabilities.fact"
 # Hashes of the managed files as the last converge left them (written by gpu_validate at the end of node.yml):
 # what an out-of-band edit is compared with.
 FILES_RECORD = "/var/lib/gpufleet/converged-files.json"
@@ -85,6 +89,7 @@ class ProbeSpec:
     state_files: tuple[str, ...] = STATE_FILES
     record_file: str = FILES_RECORD
     fact_file: str = DRIVER_FACT_FILE
+    capabilities_file: str = CAPABILITIES_FACT_FILE
     smi_fields: str = NVIDIA_SMI_FIELDS
     cdi: bool = True
     fabric_ports: tuple[tuple[str, str, str], ...] = ()  # (fabric, pci|mac|netdev, value), stack order
@@ -104,7 +109,10 @@ class ProbeSpec:
             "cdi": self.cdi,
         } | (
             # Only for nodes on a fabric: every other node's probe input (and content hash) stays as it was.
-            {"fabric_ports": [{"fabric": f, "kind": k, "value": v} for f, k, v in self.fabric_ports]}
+            {
+                "fabric_ports": [{"fabric": f, "kind": k, "value": v} for f, k, v in self.fabric_ports],
+                "capabilities_file": self.capabilities_file,
+            }
             if self.fabric_ports
             else {}
         )
@@ -290,6 +298,7 @@ class NodeState:
     cdi: tuple[str, ...] | None = ()
     endpoints: tuple[EndpointState, ...] = ()
     fabric_ports: tuple[FabricPortState, ...] = ()
+    capabilities: dict[str, Any] = field(default_factory=dict)  # what the host declares (read for fabric nodes)
 
     @classmethod
     def from_json(cls, hostname: str, data: Mapping[str, Any]) -> NodeState:
@@ -316,6 +325,7 @@ class NodeState:
                 for e in data.get("endpoints", ())
             ),
             fabric_ports=tuple(FabricPortState.from_json(p) for p in data.get("fabric_ports", ()) or ()),
+            capabilities=dict(data.get("capabilities") or {}),
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -334,6 +344,7 @@ class NodeState:
             "errors": list(self.errors),
             "driver_fact": self.driver_fact,
             "fabric_ports": [p.as_dict() for p in self.fabric_ports],
+            "capabilities": self.capabilities,
         }
 
 
@@ -465,8 +476,19 @@ def _seen_gbps(pp: PortPlan, seen: FabricPortState) -> float | None:
     return seen.rate_gbps
 
 
-def _port_problem(pp: PortPlan, seen: FabricPortState | None) -> tuple[str, str] | None:
-    """(what is wrong, the fix) for one declared port, or None when it is present, up, at speed, with RDMA."""
+def _rdma_unchecked(state: NodeState) -> str | None:
+    """Why this host's RDMA devices are not checked (it declares it loads no kernel module), or None."""
+    if state.capabilities.get("kernel_modules") is False:
+        return "this host loads no kernel modules (capability kernel_modules=false): no RDMA device to check"
+    return None
+
+
+def _port_problem(pp: PortPlan, seen: FabricPortState | None, state: NodeState) -> tuple[str, str] | None:
+    """(what is wrong, the fix) for one declared port, or None when it is present, up, at speed, with RDMA.
+
+    On a host that declares it loads no kernel modules the port's interface, state and Ethernet speed are
+    still checked; its RDMA device is not (facts say so).
+    """
     _fabric_name, kind, value = _port_key(pp)
     if seen is None:
         return "not reported by the node's probe", "run validate-node again with this gpufleet's collection"
@@ -482,6 +504,12 @@ def _port_problem(pp: PortPlan, seen: FabricPortState | None) -> tuple[str, str]
             f"interface {seen.netdev} is {seen.operstate or 'unknown'}",
             "check the cable and the switch port, then `gpufleet converge` (gpufleet-rdma.service brings it up)",
         )
+    if seen.rdma_device is None and _rdma_unchecked(state) is not None:
+        gbps = _seen_gbps(pp, seen)
+        if gbps is None or gbps != pp.port.speed_gbps:
+            have = "no link speed reported" if gbps is None else f"links at {gbps:g} Gb/s"
+            return f"{have} ({seen.netdev})", "check the link's speed, or declare it as `speed_gbps`"
+        return None
     if seen.rdma_device is None:
         if pp.port.soft_roce:
             fix = (
@@ -513,7 +541,7 @@ def _fabric(plan: NodePlan, state: NodeState) -> list[DriftItem]:
     out: list[DriftItem] = []
     for pp in plan.fabric_ports:
         key = _port_key(pp)
-        problem = _port_problem(pp, seen.get(key))
+        problem = _port_problem(pp, seen.get(key), state)
         if problem is not None:
             want = f"up at {pp.port.speed_gbps} Gb/s with an active RDMA device"
             item = f"{key[1]} {key[2]} of fabric {key[0]} on {plan.hostname}"
@@ -534,7 +562,8 @@ def _fabric_facts(plan: NodePlan, state: NodeState) -> list[dict[str, Any]]:
                 "declared_gbps": pp.port.speed_gbps,
                 "seen_gbps": None if s is None else _seen_gbps(pp, s),
                 "seen": None if s is None else s.as_dict(),
-                "ok": _port_problem(pp, s) is None,
+                "ok": _port_problem(pp, s, state) is None,
+                "rdma_not_checked": _rdma_unchecked(state) if s is not None and s.rdma_device is None else None,
             }
         )
     return rows

@@ -215,6 +215,16 @@ def _fabric(ports, out):
                     rdma_phys_state=_read(base + "phys_state"), rdma_rate=_read(base + "rate"))
 
 
+def _capabilities(path):
+    """What the host declares it cannot do (a JSON object of booleans; absent or unreadable: nothing)."""
+    try:
+        with open(path) as fh:
+            caps = json.load(fh)
+    except (OSError, ValueError):
+        return {}
+    return {str(k): v for k, v in caps.items() if isinstance(v, bool)} if isinstance(caps, dict) else {}
+
+
 def probe(spec):
     """Read the node as `spec` (the plan's names) says; returns NodeState's JSON form. Never changes anything."""
     out = {
@@ -240,6 +250,8 @@ def probe(spec):
     _endpoints(spec["endpoints"], out)
     _reboot(spec["fact_file"], out)
     _fabric(spec.get("fabric_ports") or [], out)
+    if spec.get("capabilities_file"):
+        out["capabilities"] = _capabilities(spec["capabilities_file"])
     return out
 
 

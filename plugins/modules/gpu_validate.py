@@ -30,6 +30,10 @@ options:
     elements: dict
     default: []
     description: Declared fabric ports (fabric, kind pci/mac/netdev, value); read from sysfs.
+  capabilities_file:
+    type: str
+    required: false
+    description: JSON file of what the host declares it cannot do (read with the fabric ports).
 author: gpufleet
 """
 
@@ -49,6 +53,7 @@ def main() -> None:
             "endpoints": {"type": "list", "elements": "dict", "default": []},
             "fact_file": {"type": "path", "required": True},
             "fabric_ports": {"type": "list", "elements": "dict", "default": []},
+            "capabilities_file": {"type": "str", "required": False},
         },
         supports_check_mode=True,
     )

@@ -215,3 +215,32 @@ def test_state_round_trips_and_nodes_without_ports_probe_as_before() -> None:
     plain = plan_site(parse_site(make_site())).node("gpu01")
     assert "fabric_ports" not in probe_spec(plain).as_dict()
     assert replace(state, fabric_ports=()).as_dict()["fabric_ports"] == []
+
+
+def test_a_host_that_loads_no_kernel_modules_has_its_rdma_device_not_checked_but_its_link_is() -> None:
+    # The lab's nspawn nodes declare kernel_modules=false (infra/lab/hosts.py): their fabric port is a veth
+    # (10 Gb/s, no rdma_rxe). The interface, its state and its speed are still checked; the RDMA device is
+    # reported as not checked, with the reason, instead of failing the node.
+    plan = _plan()
+    veth = {**RXE_SEEN, "speed_mbps": 100000, "rdma_device": None, "rdma_port": None, "rdma_state": None,
+            "rdma_phys_state": None, "rdma_rate": None}  # fmt: skip
+    no_modules = {"kernel_modules": False}
+    state = replace(_state(plan, veth), capabilities=no_modules)
+    assert _fabric_problems(plan, state) == []
+    (port,) = validation_facts(plan, state, compare(plan, state))["fabric"]["ports"]
+    assert port["ok"] and "capability kernel_modules=false" in port["rdma_not_checked"]
+    # Without the declaration the same port fails; with it, a missing or slow interface still fails.
+    assert "has no RDMA device" in _fabric_problems(plan, _state(plan, veth))[0]
+    (slow,) = _fabric_problems(plan, replace(_state(plan, {**veth, "speed_mbps": 10000}), capabilities=no_modules))
+    assert "links at 10 Gb/s" in slow
+    (down,) = _fabric_problems(plan, replace(_state(plan, {**veth, "operstate": "down"}), capabilities=no_modules))
+    assert "is down" in down
+
+
+def test_probe_reads_the_capabilities_the_host_declares(tmp_path: Path) -> None:
+    fact = tmp_path / "gpufleet_capabilities.fact"
+    fact.write_text(json.dumps({"kernel_modules": False, "reboot": False, "note": "not a flag"}))
+    assert gpufleet_probe._capabilities(str(fact)) == {"kernel_modules": False, "reboot": False}
+    assert gpufleet_probe._capabilities(str(tmp_path / "absent")) == {}
+    fact.write_text("[1, 2]")
+    assert gpufleet_probe._capabilities(str(fact)) == {}

@@ -132,9 +132,12 @@ def test_probe_arguments_are_one_contract(site: Site, plan: NodePlan) -> None:
     """The plan's probe spec, the role's argument spec and the module's arguments name the same keys."""
     spec = probe_spec(plan).as_dict()
     assert host_vars(plan, site)["gpu_validate_probe"] == spec
-    # `fabric_ports` is in the spec only for nodes with fabric ports (the lab's have none).
-    assert "fabric_ports" not in spec
-    keys = set(spec) | {"fabric_ports"}
+    # `fabric_ports` and `capabilities_file` are in the spec only for nodes with fabric ports (lab-gpu01 has
+    # one, lab-gpu03 none): every other node's probe input stays as it was.
+    assert {"fabric_ports", "capabilities_file"} <= set(spec)
+    plain = probe_spec(plan_site(site).node("lab-gpu03")).as_dict()
+    assert not {"fabric_ports", "capabilities_file"} & set(plain)
+    keys = set(spec)
     role = yaml.safe_load((ROOT / "roles" / "gpu_validate" / "meta" / "argument_specs.yml").read_text())
     assert set(role["argument_specs"]["main"]["options"]["gpu_validate_probe"]["options"]) == keys
     tasks = yaml.safe_load((ROOT / "roles" / "gpu_validate" / "tasks" / "main.yml").read_text())
