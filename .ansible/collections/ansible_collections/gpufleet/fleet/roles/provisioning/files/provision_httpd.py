@@ -1,0 +1,1 @@
+../../../infra/provision/httpd.py
