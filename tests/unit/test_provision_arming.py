@@ -6,7 +6,6 @@ arming and the deploy's done report are infra/provision/httpd.py, the file the r
 
 from __future__ import annotations
 
-import os
 import shlex
 import stat
 import subprocess
@@ -40,8 +39,8 @@ def _service() -> tuple[SegmentService, str]:
     return svc, site.nodes[0].macs[0].replace(":", "-")
 
 
-def _converge(tmp: Path, root: Path, files: dict[str, str]) -> str:
-    """The role's script tasks, as a converge runs them (roles path = this checkout)."""
+def converge_scripts(tmp: Path, root: Path, files: dict[str, str]) -> str:
+    """roles/provisioning's script tasks, as its converge runs them, on a local HTTP root (also the VM lab test's)."""
     role_vars: dict[str, Any] = yaml.safe_load((ROLE / "vars" / "main.yml").read_text())
     role_vars |= {"provisioning_http_root": str(root), "provisioning_http_files": files}
     play = [{
@@ -50,7 +49,6 @@ def _converge(tmp: Path, root: Path, files: dict[str, str]) -> str:
     }]  # fmt: skip
     (root / "ipxe" / "local").mkdir(parents=True, exist_ok=True)
     (root / "ipxe" / "install").mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("ANSIBLE_ROLES_PATH", str(ROOT / "roles"))
     return run_local_play(play, tmp)
 
 
@@ -68,7 +66,7 @@ def test_converges_never_rearm_only_arming_does(tmp_path: Path) -> None:
     stale = ["ipxe/52-54-00-00-00-99.ipxe", "ipxe/install/52-54-00-00-00-99.ipxe", "firstboot/52-54-00-00-00-99.tar.gz"]
     for rel in stale:
         (root / rel).write_text("old")
-    _converge(tmp_path, root, svc.http_files)
+    converge_scripts(tmp_path, root, svc.http_files)
     assert (root / install_script_name(mac.replace("-", ":"))).read_text() == install_text
     assert live.read_text() == local_text
     assert not any((root / rel).exists() for rel in stale)
@@ -80,11 +78,11 @@ def test_converges_never_rearm_only_arming_does(tmp_path: Path) -> None:
     assert fb.read_bytes() == b"first-boot" and stat.S_IMODE(fb.stat().st_mode) == 0o600
 
     # A converge while armed keeps the install armed (and its data) ...
-    _converge(tmp_path, root, svc.http_files)
+    converge_scripts(tmp_path, root, svc.http_files)
     assert live.read_text() == install_text and fb.exists()
     # ... the deploy's done report switches to the disk, and a converge afterwards does not re-arm.
     assert mark_done(root, mac)
-    _converge(tmp_path, root, svc.http_files)
+    converge_scripts(tmp_path, root, svc.http_files)
     assert live.read_text() == local_text and not fb.exists()
 
 
