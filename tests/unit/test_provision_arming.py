@@ -6,6 +6,7 @@ arming and the deploy's done report are infra/provision/httpd.py, the file the r
 
 from __future__ import annotations
 
+import json
 import shlex
 import stat
 import subprocess
@@ -24,7 +25,7 @@ from infra.provision.httpd import ArmError as ServerArmError
 from infra.provision.httpd import arm, mark_done
 from infra.provision.render import HTTP_ROOT, HTTPD_PATH, ImageRecord, SegmentService, install_script_name, render_site
 from tests.unit.ansible_local import run_local_play
-from tests.unit.test_bmc import HOST_KEY, Emulator, Recorder, _rebuild, emulator, make_stack
+from tests.unit.test_bmc import HOST_KEY, Emulator, Recorder, _boot_target, _rebuild, emulator, make_stack, run_cli
 from tests.unit.test_bmc import client as bmc_client
 from tests.unit.test_image import SHA, _site
 
@@ -207,3 +208,46 @@ def test_rebuild_stops_at_a_refused_arm_before_the_bmc(emulator: Emulator, tmp_p
     with bmc_client(emulator) as c:
         assert c.system()["Boot"]["BootSourceOverrideTarget"] == "Hdd"
         assert c.power_state() == power
+
+
+def _image_stack(tmp_path: Path, endpoint: str) -> Path:
+    """The BMC test stack with lab-gpu01 network-installed, served by lab-gpu02 (a node of its segment)."""
+    path = make_stack(tmp_path, endpoint, lab_mode=False)
+    data = yaml.safe_load(path.read_text())
+    site = data["config"]["gpufleet:site"]
+    site["segments"][0]["provisioning"]["host"] = "lab-gpu02"
+    site["nodes"][0] |= {"image": "debian-12-node", "boot_mode": "bios", "root_disk": {"serial": "GPF0001"}}
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_bmc_reimage_of_an_image_node_arms_first_and_pins_the_stores_key(
+    emulator: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`gpufleet bmc reimage` (Pulumi's BMC step): arm before the BMC; a refused arm sends nothing to the BMC."""
+    stack = str(_image_stack(tmp_path, emulator.url))
+    keys = tmp_path / "keys"
+    with bmc_client(emulator) as c:
+        c.set_boot_override(BootTarget.HDD)
+    armed: list[tuple[str, str]] = []
+
+    def refuse(site: Any, node: Any, store: HostKeyStore) -> str:
+        raise ArmError(f"{node.hostname}: cannot reach provisioning host lab-gpu02: Connection refused")
+
+    monkeypatch.setattr("infra.commands.bmc.arm_install", refuse)
+    argv = ["bmc", "reimage", "--stack-file", stack, "--node", "lab-gpu01", "--yes", "--keys", str(keys),
+            "--boot-grace", "0", "--json"]
+    code, out, _ = run_cli(*argv)
+    assert code == 1 and json.loads(out)["error"] == "arm", out
+    assert _boot_target(emulator) == "Hdd" and not (tmp_path / "known_hosts").exists()
+
+    def record(site: Any, node: Any, store: HostKeyStore) -> str:
+        armed.append((node.hostname, _boot_target(emulator)))  # the BMC has not been asked for PXE yet
+        return store.get(node.hostname).public
+
+    monkeypatch.setattr("infra.commands.bmc.arm_install", record)
+    code, out, _ = run_cli(*argv)
+    assert code == 0, out
+    assert armed == [("lab-gpu01", "Hdd")]
+    stored = HostKeyStore(keys).get("lab-gpu01").public.split()
+    assert f"lab-gpu01,198.18.1.11 {stored[0]} {stored[1]}" in (tmp_path / "known_hosts").read_text()
