@@ -109,6 +109,7 @@ def test_arm_command_line_reads_the_firstboot_data_from_stdin(tmp_path: Path) ->
 
 
 def test_the_role_installs_the_server_the_controller_arms_with() -> None:
+    """The role ships a copy (collections carry only roles/): it must be byte-identical to the tested module."""
     role_vars = yaml.safe_load((ROLE / "vars" / "main.yml").read_text())
     assert role_vars["_provisioning_httpd"] == HTTPD_PATH
     assert (ROLE / "files" / "provision_httpd.py").read_bytes() == (ROOT / "infra/provision/httpd.py").read_bytes()
