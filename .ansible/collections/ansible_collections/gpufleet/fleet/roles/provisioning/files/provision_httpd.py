@@ -1,1 +1,0 @@
-../../../infra/provision/httpd.py
