@@ -1,28 +1,31 @@
-"""A blank VM node installed, then reinstalled, by the product's reimage — through a real Redfish BMC and firmware.
+"""Blank VM nodes on a connected and an air-gapped segment, installed (and one reinstalled) by the product's reimage.
 
-The VM node comes from infra/lab/vm.py: a libvirt `type='qemu'` domain (TCG) with a blank disk whose serial is
-the stack's root-disk hint, its NIC on the throwaway bridge gpf-prov0, persistent boot order disk first, and
-sushy-emulator's **libvirt driver** as its BMC. The provisioning side is the product's:
+Each VM node comes from infra/lab/vm.py: a libvirt `type='qemu'` domain (TCG) with a blank disk whose serial is
+the stack's root-disk hint, its NIC on its segment's throwaway bridge (`gpf-prov0` connected, `gpf-iso0`
+air-gapped, 198.18.9.0/24 and 198.18.10.0/24), persistent boot order disk first, and sushy-emulator's
+**libvirt driver** as its BMC. The provisioning side is the product's, once per segment (the air-gapped one
+served by its mirror, as the model demands):
 
 - the HTTP root is laid out by roles/provisioning's own script tasks (real ansible-playbook, local
-  connection: the provisioning host is this machine here), and served by infra/provision/httpd.py started
-  the way the role's unit starts it; dnsmasq runs the rendered configuration;
+  connection: both provisioning hosts are this machine, on each bridge's address), and served by
+  infra/provision/httpd.py started the way the role's unit starts it; dnsmasq runs each rendered configuration;
 - the install is armed by `infra.provision.firstboot.arm_install` — the step `gpufleet bmc reimage` and
   `gpufleet rebuild` run first for an image node. Its SSH transport is the one stand-in: the command it would
-  send to the provisioning host (`python3 provision_httpd.py --root … --arm <mac>`, first-boot data on stdin)
-  runs locally, on the test's HTTP root;
+  send to the segment's provisioning host (`python3 provision_httpd.py --root … --arm <mac>`, first-boot data
+  on stdin) runs locally, on that segment's HTTP root;
 - the reimage is `infra.bmc.lifecycle.reimage` (arm → power off → one-time PXE → power on → pin the key
   store's key → wait for SSH with it through `infra.dr.remote.wait_ssh` → disk back if "Once" was ignored),
-  with gpufleet's own Redfish client.
+  with gpufleet's own Redfish client. Both nodes install at the same time.
 
-It shows: a provisioning converge leaves the blank node unarmed; reimage installs it (image written and its
+It shows: a provisioning converge leaves blank nodes unarmed; reimage installs each (image written and its
 sha256 checked, boot from disk, SSH with the pinned store key, StrictHostKeyChecking=yes); a converge after the
-install does not re-arm it; a second reimage rewrites the disk (a file written after the first install is
-gone) and the node answers with the same key through a byte-identical known_hosts; every IP packet the node
-sent went to the provisioning host's address or DHCP broadcast (nft bridge counters by the node's MAC).
+install does not re-arm; a second reimage of the connected node rewrites its disk (a file written after the
+first install is gone) and it answers with the same key through a byte-identical known_hosts; every IPv4
+packet each node sent went to its own segment's provisioning host or the DHCP broadcast (nft bridge counters
+by MAC), and the connected segment's dnsmasq never heard the air-gapped node.
 
-Not shown here: converge and `validate-node` of the VM node, and the two-segment lab (issue 20, see
-docs/bare-metal.md "What is NOT built yet"). Under the VM lock, with an image built outside it:
+Not shown here: converge and `validate-node` of a VM node, VM nodes in a lab stack (docs/bare-metal.md,
+"What is NOT built yet"). Under the VM lock, with an image built outside it:
 `GPUFLEET_IMAGE_OUT=DIR flock /tmp/gpufleet-vm.lock pytest -m lab -s tests/lab/test_vm_node_lab.py`.
 """
 
@@ -35,7 +38,9 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -57,7 +62,11 @@ pytestmark = pytest.mark.lab
 __all__ = ["built_image"]  # the fixture, re-exported for pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+ISO_BRIDGE, ISO_ADDR = "gpf-iso0", "198.18.10.1"
 NODE = vm.VmNode(name="vm-node1", mac=KNOWN_MAC, bridge=BRIDGE, disk_serial="GPFROOT01")
+ISO_NODE = vm.VmNode(name="vm-node3", mac="52:54:00:9a:00:31", bridge=ISO_BRIDGE, disk_serial="GPFROOT03")
+#: Each node's segment provisioning host address (the only unicast destination its traffic may have).
+PROV_ADDR = {NODE.name: BRIDGE_ADDR, ISO_NODE.name: ISO_ADDR}
 NFT_TABLE = "gpf_vm_count"
 
 
@@ -67,18 +76,30 @@ def _need(cond: bool, why: str) -> None:
 
 
 @contextlib.contextmanager
+def _iso_bridge() -> Iterator[None]:
+    """The air-gapped segment's bridge: no route, no forwarding; only its mirror (this machine) on it."""
+    subprocess.run(["ip", "link", "del", ISO_BRIDGE], capture_output=True, check=False)  # a crashed earlier run
+    try:
+        for cmd in (["link", "add", ISO_BRIDGE, "type", "bridge"], ["addr", "add", f"{ISO_ADDR}/24", "dev", ISO_BRIDGE],
+                    ["link", "set", ISO_BRIDGE, "up"]):
+            subprocess.run(["ip", *cmd], check=True, capture_output=True)
+        yield
+    finally:
+        subprocess.run(["ip", "link", "del", ISO_BRIDGE], capture_output=True, check=False)
+
+
+@contextlib.contextmanager
 def _counters() -> Iterator[None]:
-    """Bridge-level counters of the node's IP packets: to the provisioning host / broadcast, and to anything else."""
+    """Bridge-level counters of each node's IPv4 packets: to its provisioning host / broadcast, and elsewhere."""
     subprocess.run(["nft", "delete", "table", "bridge", NFT_TABLE], capture_output=True, check=False)
-    rules = f"""table bridge {NFT_TABLE} {{
-  chain pre {{
-    type filter hook prerouting priority 0; policy accept;
-    ether saddr {KNOWN_MAC} ip daddr {{ {BRIDGE_ADDR}, 255.255.255.255 }} counter comment "provisioning"
-    ether saddr {KNOWN_MAC} ip daddr != {{ {BRIDGE_ADDR}, 255.255.255.255 }} counter comment "elsewhere"
-  }}
-}}
-"""
-    subprocess.run(["nft", "-f", "-"], input=rules, text=True, check=True, capture_output=True)
+    rules = [f"table bridge {NFT_TABLE} {{", "  chain pre {",
+             "    type filter hook prerouting priority 0; policy accept;"]
+    for n in (NODE, ISO_NODE):
+        ok = f"{{ {PROV_ADDR[n.name]}, 255.255.255.255 }}"
+        rules += [f'    ether saddr {n.mac} ip daddr {ok} counter comment "{n.name} provisioning"',
+                  f'    ether saddr {n.mac} ip daddr != {ok} counter comment "{n.name} elsewhere"']
+    rules += ["  }", "}", ""]
+    subprocess.run(["nft", "-f", "-"], input="\n".join(rules), text=True, check=True, capture_output=True)
     try:
         yield
     finally:
@@ -101,8 +122,33 @@ def _console(path: Path) -> str:
     return path.read_text(errors="replace") if path.exists() else ""
 
 
-def test_blank_vm_node_is_installed_and_reinstalled_by_the_products_reimage(built_image: Path, tmp_path: Path) -> None:
-    _need(os.geteuid() == 0, "needs root (bridge, libvirt, DHCP port 67)")
+def _site(ports: dict[str, int], bmc_url: str, tmp: Path) -> dict[str, object]:
+    """test_provision_vm's site (connected segment `prov`) plus an air-gapped segment `iso` served by its mirror."""
+    raw = _stack(ports["prov"])
+    bmc = {"endpoint": bmc_url, "username": "admin", "password": {"file": str(tmp / "bmc-password")}}
+    image = {"image": IMAGE, "boot_mode": "bios"}
+    nodes: list[dict[str, object]] = raw["nodes"]  # type: ignore[assignment]
+    nodes[0] |= image | {"root_disk": {"serial": NODE.disk_serial}, "bmc": bmc | {"system_id": NODE.uuid}}
+    nodes.append(nodes[0] | {
+        "hostname": ISO_NODE.name, "segment": "iso", "address": "198.18.10.21", "macs": [ISO_NODE.mac],
+        "root_disk": {"serial": ISO_NODE.disk_serial}, "bmc": bmc | {"system_id": ISO_NODE.uuid},
+    })  # fmt: skip
+    raw["segments"].append({  # type: ignore[attr-defined]
+        "name": "iso", "cidr": "198.18.10.0/24", "airgapped": True, "mirror": "gpf-mirror",
+        "egress_allow": [f"{ISO_ADDR}/32"],
+        "provisioning": {"host": "gpf-mirror", "mode": "dhcp", "http_port": ports["iso"]},
+    })  # fmt: skip
+    raw["mirrors"] = [{"name": "gpf-mirror", "segment": "iso", "address": ISO_ADDR,
+                       "keyring": "/etc/gpufleet/keys/gpf-mirror.gpg"}]
+    raw["admin_keys"] = [(tmp / "admin.pub").read_text().strip()]
+    raw["controller"] = {"ssh_config": str(tmp / "ssh_config"), "known_hosts": str(tmp / "known_hosts")}
+    return raw
+
+
+def test_blank_vm_nodes_on_both_segments_are_installed_by_the_products_reimage(
+    built_image: Path, tmp_path: Path
+) -> None:
+    _need(os.geteuid() == 0, "needs root (bridges, libvirt, DHCP port 67)")
     _need(not vm.missing_tools(), f"missing host packages: {' '.join(vm.missing_tools())} (./scripts/setup.sh --test)")
     for tool in ("dnsmasq", "nft", "ssh"):
         _need(shutil.which(tool) is not None, f"{tool} is not installed (./scripts/setup.sh --test)")
@@ -114,100 +160,121 @@ def test_blank_vm_node_is_installed_and_reinstalled_by_the_products_reimage(buil
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(admin)], check=True)
     (tmp_path / "ssh_config").write_text(f"Host *\n  IdentityFile {admin}\n  IdentitiesOnly yes\n")
     known = tmp_path / "known_hosts"
-    http_root = tmp_path / "http"
-    for rel in (f"images/{IMAGE}.img", "deploy/vmlinuz", "deploy/initrd.img"):
-        (http_root / rel).parent.mkdir(parents=True, exist_ok=True)
-        os.link(built_image / rel, http_root / rel)
     records = image_records(built_image)
     store = HostKeyStore(tmp_path / "keys")
-    mac = KNOWN_MAC.replace(":", "-")
-    live = http_root / "ipxe" / f"{mac}.ipxe"
+    roots = {seg: tmp_path / f"http-{seg}" for seg in ("prov", "iso")}
+    for root in roots.values():
+        for rel in (f"images/{IMAGE}.img", "deploy/vmlinuz", "deploy/initrd.img"):
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            os.link(built_image / rel, root / rel)
     procs: list[subprocess.Popen[bytes]] = []
     work = tmp_path / "vm"
     work.mkdir()
+    vms = [NODE, ISO_NODE]
 
-    with _bridge(), _counters(), vm.libvirt(work), vm.nodes(work, [NODE]) as consoles, vm.bmc(work, [NODE]) as url:
-        console = consoles[NODE.name]
-        assert vm.boot_order(NODE.name) == "hd"  # the persistent order of a server set up as docs/bare-metal.md says
+    with _bridge(), _iso_bridge(), _counters(), vm.libvirt(work), vm.nodes(work, vms) as consoles, \
+            vm.bmc(work, vms) as url:
+        assert {vm.boot_order(n.name) for n in vms} == {"hd"}  # servers set up as docs/bare-metal.md says
         try:
-            port = vm.free_port(BRIDGE_ADDR)
-            raw = _stack(port)
-            raw["nodes"][0] |= {  # type: ignore[index]
-                "image": IMAGE, "root_disk": {"serial": NODE.disk_serial}, "boot_mode": "bios",
-                "bmc": {"endpoint": url, "system_id": NODE.uuid, "username": "admin",
-                        "password": {"file": str(tmp_path / "bmc-password")}},
-            }  # fmt: skip
-            raw["admin_keys"] = [(tmp_path / "admin.pub").read_text().strip()]
-            raw["controller"] = {"ssh_config": str(tmp_path / "ssh_config"), "known_hosts": str(known)}
-            site = parse_site(raw)
-            node = site.nodes[0]
-            (svc,) = render_site(site, tftp_root=str(tmp_path), lease_file=str(tmp_path / "leases"), images=records)
+            ports = {"prov": vm.free_port(BRIDGE_ADDR), "iso": vm.free_port(ISO_ADDR)}
+            site = parse_site(_site(ports, url, tmp_path))
+            node = {n.hostname: n for n in site.nodes}
+            services = {svc.segment: svc for svc in render_site(
+                site, tftp_root=str(tmp_path), lease_file=str(tmp_path / "leases"), images=records)}
+            segment_of = {NODE.name: "prov", ISO_NODE.name: "iso"}
+            host_root = {services[seg].host: roots[seg] for seg in roots}
 
-            # The provisioning host, as roles/provisioning sets it up: scripts (never arming), server, DHCP.
-            converge_scripts(tmp_path, http_root, svc.http_files)
-            assert live.read_text() == svc.http_files[f"ipxe/local/{mac}.ipxe"]  # blank, but not armed
-            procs.append(subprocess.Popen(
-                [sys.executable, str(ROOT / "infra/provision/httpd.py"), "--root", str(http_root), "--bind",
-                 BRIDGE_ADDR, "--port", str(port)],
-                stdout=subprocess.DEVNULL, stderr=(tmp_path / "httpd.log").open("wb"),
-            ))  # fmt: skip
-            (tmp_path / "dnsmasq.conf").write_text(svc.dnsmasq_conf)
-            log = tmp_path / "dnsmasq.log"
-            procs.append(_dnsmasq(tmp_path / "dnsmasq.conf", log))
-            assert _wait(lambda: log.exists() and "static leases only" in log.read_text(), 15)
+            def live(name: str) -> Path:
+                return roots[segment_of[name]] / "ipxe" / f"{node[name].macs[0].replace(':', '-')}.ipxe"
+
+            def local_script(name: str) -> str:
+                mac = node[name].macs[0].replace(":", "-")
+                return services[segment_of[name]].http_files[f"ipxe/local/{mac}.ipxe"]
+
+            # Each provisioning host, as roles/provisioning sets it up: scripts (never arming), server, DHCP.
+            logs = {}
+            for seg, svc in services.items():
+                converge_scripts(tmp_path, roots[seg], svc.http_files)
+                procs.append(subprocess.Popen(
+                    [sys.executable, str(ROOT / "infra/provision/httpd.py"), "--root", str(roots[seg]), "--bind",
+                     str(svc.address), "--port", str(svc.http_port)],
+                    stdout=subprocess.DEVNULL, stderr=(tmp_path / f"httpd-{seg}.log").open("wb"),
+                ))  # fmt: skip
+                (tmp_path / f"dnsmasq-{seg}.conf").write_text(
+                    svc.dnsmasq_conf.replace(str(tmp_path / "leases"), str(tmp_path / f"leases-{seg}")))
+                logs[seg] = tmp_path / f"dnsmasq-{seg}.log"
+                procs.append(_dnsmasq(tmp_path / f"dnsmasq-{seg}.conf", logs[seg]))
+            for log in logs.values():
+                assert _wait(lambda log=log: log.exists() and "static leases only" in log.read_text(), 15)
+            assert all(live(n.name).read_text() == local_script(n.name) for n in vms)  # blank, but not armed
 
             def on_provisioning_host(argv: list[str], *, host: str, stdin: bytes,
                                      timeout: float) -> subprocess.CompletedProcess[bytes]:
-                """The SSH transport's stand-in: the remote command arm_install sends, run here on the test's root."""
+                """The SSH transport's stand-in: arm_install's remote command, run here on that host's root."""
                 words = shlex.split(argv[-1])
                 assert words[:4] == ["python3", HTTPD_PATH, "--root", HTTP_ROOT], words
-                local = [sys.executable, str(ROOT / "infra/provision/httpd.py"), "--root", str(http_root), *words[4:]]
+                local = [sys.executable, str(ROOT / "infra/provision/httpd.py"), "--root", str(host_root[host]),
+                         *words[4:]]
                 return subprocess.run(local, input=stdin, capture_output=True, timeout=timeout, check=False)
 
-            def booted() -> str:
-                """What rebuild's host-key step does for an image node: pin the store's key, wait for SSH with it."""
-                pinned = pin_key(known, node, *parse_public_key(store.get(node.hostname).public))
-                wait_ssh(site, node, timeout=600)
-                return pinned
+            pin_lock = threading.Lock()
 
-            def run(cmd: str) -> str:
-                res = ssh(site, node, cmd, timeout=60)
+            def install(name: str, since: int) -> float:
+                n = node[name]
+
+                def booted() -> str:
+                    """Rebuild's host-key step for an image node: pin the store's key, wait for SSH with it."""
+                    with pin_lock:  # both nodes share the stack's known_hosts
+                        pinned = pin_key(known, n, *parse_public_key(store.get(name).public))
+                    wait_ssh(site, n, timeout=600)
+                    return pinned
+
+                uuid = NODE.uuid if name == NODE.name else ISO_NODE.uuid
+                with RedfishClient(url, "", "", system_id=uuid, verify=False) as bmc:
+                    result = reimage(bmc, arm=lambda: arm_install(site, n, store, run=on_provisioning_host),
+                                     booted=booted, power_timeout=120)
+                text = _console(consoles[name])[since:]
+                assert f"gpufleet-deploy: deploy of {name} done" in text, text[-4000:]
+                assert f"written bytes verified: sha256 {records[IMAGE].sha256}" in text
+                # The libvirt driver keeps PXE (it has no "Once"): the reimage put the disk back first.
+                assert result.once_ignored and result.restored is not None and vm.boot_order(name) == "hd"
+                return result.seconds
+
+            def run(name: str, cmd: str) -> str:
+                res = ssh(site, node[name], cmd, timeout=60)
                 assert res.returncode == 0, res.stderr
                 return res.stdout
 
-            def install(since: int) -> tuple[str, float]:
-                with RedfishClient(url, "", "", system_id=NODE.uuid, verify=False) as bmc:
-                    result = reimage(bmc, arm=lambda: arm_install(site, node, store, run=on_provisioning_host),
-                                     booted=booted, power_timeout=120)
-                text = _console(console)[since:]
-                assert "gpufleet-deploy: deploy of vm-node1 done" in text, text[-4000:]
-                assert f"written bytes verified: sha256 {records[IMAGE].sha256}" in text
-                # The libvirt driver keeps PXE (it has no "Once"): the reimage put the disk back first.
-                assert result.once_ignored and result.restored is not None and vm.boot_order(NODE.name) == "hd"
-                return text, result.seconds
-
-            # 1. Blank node → installed.
-            text, first_s = install(0)
-            assert "root disk: /dev/vda (hint serial:GPFROOT01)" in text
-            assert run("hostname; touch /root/written-after-install").split() == ["vm-node1"]
+            # 1. Both blank nodes → installed, at the same time.
+            with ThreadPoolExecutor(max_workers=2) as pool:
+                first = dict(zip([n.name for n in vms], pool.map(lambda n: install(n.name, 0), vms), strict=True))
+            for n in vms:
+                assert run(n.name, "hostname; touch /root/written-after-install").split() == [n.name]
             known_before = known.read_bytes()
-            assert parse_public_key(known_before.decode()) == parse_public_key(store.get(node.hostname).public)
-            # A provisioning converge after the install does not re-arm it (done switched it to the disk).
-            converge_scripts(tmp_path, http_root, svc.http_files)
-            assert live.read_text() == svc.http_files[f"ipxe/local/{mac}.ipxe"]
-            assert not (http_root / "firstboot" / f"{mac}.tar.gz").exists()
+            pinned = {tuple(line.split()[1:3]) for line in known_before.decode().splitlines()}
+            assert pinned == {parse_public_key(store.get(n.name).public) for n in vms}
+            # A provisioning converge after the install does not re-arm (done switched each node to its disk).
+            for seg, svc in services.items():
+                converge_scripts(tmp_path, roots[seg], svc.http_files)
+            assert all(live(n.name).read_text() == local_script(n.name) for n in vms)
+            assert [f for r in roots.values() for f in (r / "firstboot").glob("*.tar.gz")] == []
 
-            # 2. Reimage (the rebuild path): disk rewritten, same key, known_hosts unchanged.
-            _, second_s = install(len(_console(console)))
-            assert run("hostname; ls /root/written-after-install 2>/dev/null || echo gone").split() == [
-                "vm-node1", "gone"]
+            # 2. Reimage of the connected node (the rebuild path): disk rewritten, same key, known_hosts unchanged.
+            second = install(NODE.name, len(_console(consoles[NODE.name])))
+            assert run(NODE.name, "hostname; ls /root/written-after-install 2>/dev/null || echo gone").split() == [
+                NODE.name, "gone"]
+            assert run(ISO_NODE.name, "ls /root/written-after-install").strip() == "/root/written-after-install"
             assert known.read_bytes() == known_before
 
+            # 3. Each node's provisioning traffic reached only its own segment's provisioning host.
             counts = _counted()
-            assert counts["provisioning"] > 0 and counts["elsewhere"] == 0, counts
-            print(json.dumps({"blank_to_ssh_s": round(first_s, 1), "reimage_to_ssh_s": round(second_s, 1),
-                              "packets": counts}))
+            for n in vms:
+                assert counts[f"{n.name} provisioning"] > 0 and counts[f"{n.name} elsewhere"] == 0, counts
+            assert ISO_NODE.mac not in logs["prov"].read_text() and NODE.mac not in logs["iso"].read_text()
+            assert f"DHCPACK({ISO_BRIDGE}) 198.18.10.21 {ISO_NODE.mac}" in logs["iso"].read_text()
+            print(json.dumps({"blank_to_ssh_s": {k: round(v, 1) for k, v in first.items()},
+                              "reimage_to_ssh_s": round(second, 1), "packets": counts}))
         finally:
             for p in reversed(procs):
                 _stop(p)
-    assert not Path(f"/sys/class/net/{BRIDGE}").exists()
+    assert not Path(f"/sys/class/net/{BRIDGE}").exists() and not Path(f"/sys/class/net/{ISO_BRIDGE}").exists()
