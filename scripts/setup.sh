@@ -27,7 +27,7 @@ for cmd in "${!want[@]}"; do command -v "$cmd" >/dev/null || need_apt+=("${want[
 # UEFI firmware and the iPXE builds the provisioning service chain-loads (UEFI network-boot VM test).
 [[ "${1:-}" != "--test" || -e /usr/share/OVMF/OVMF_CODE_4M.fd ]] || need_apt+=(ovmf)
 [[ "${1:-}" != "--test" || -e /usr/lib/ipxe/ipxe.efi ]] || need_apt+=(ipxe)
-# sushy-tools' libvirt driver runs on the system Python with Debian's binding (tests/lab/test_deploy_vm_bmc.py).
+# sushy-tools' libvirt driver runs on the system Python with Debian's binding (infra/lab/vm.py, tests/lab/test_vm_node_lab.py).
 [[ "${1:-}" != "--test" ]] || /usr/bin/python3 -c 'import libvirt' 2>/dev/null || need_apt+=(python3-libvirt)
 if ((${#need_apt[@]})); then
   if [[ $(id -u) -eq 0 ]]; then

@@ -1,6 +1,8 @@
 """Reimage one node through its BMC: the one function `gpufleet bmc reimage` (so Pulumi's BMC step) and `rebuild` run.
 
-power off (confirmed) → one-time PXE override → power on (confirmed; a dropped power-on sent again) →
+arm the network install (image-based nodes: the provisioning host's script for the node's MAC and its
+first-boot data; before the BMC is touched, so a refusal changes nothing) → power off (confirmed) →
+one-time PXE override → power on (confirmed; a dropped power-on sent again) →
 host key step → if the BMC did not honour "Once" (the override is still PXE once the node has booted),
 put the disk back as boot device, so the node's next reboot does not reinstall it again.
 
@@ -65,6 +67,7 @@ def _pxe_pending(target: str, enabled: str) -> bool:
 def reimage(
     client: BmcClient,
     *,
+    arm: Callable[[], object] | None = None,
     booted: Callable[[], str] | None = None,
     host_key: Callable[[], str] | None = None,
     power_timeout: float | None = None,
@@ -76,6 +79,9 @@ def reimage(
 
     Args:
         client: the node's BMC, logged in.
+        arm: points the node's network boot at its install (infra.provision.firstboot.arm_install); without
+            it the PXE boot runs whatever the provisioning service answers. Its exceptions propagate before
+            any BMC request.
         booted: returns once the node has booted the new image (rebuild: pin the new host key from its
             out-of-band source and wait for SSH with it), with the key's fingerprint. The override is then
             checked once. Its exceptions propagate, after the boot device was put back if still PXE.
@@ -91,6 +97,9 @@ def reimage(
 
     """
     start = time.monotonic()
+    if arm is not None:
+        progress("arming the network install")
+        arm()
     progress("power off")
     off = client.set_power(PowerAction.OFF, timeout=power_timeout)
     progress("one-time PXE boot override")

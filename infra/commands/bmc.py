@@ -24,6 +24,7 @@ from infra.commands.site import add_stack_args, site_from_args
 from infra.console import Exit, confirm, emit, table
 from infra.hostkeys import HostKeyError, parse_public_key, pin_key
 from infra.model.site import Node, Site
+from infra.provision.firstboot import DEFAULT_KEY_STORE, ArmError, HostKeyStore, KeyStoreError, arm_install
 from infra.secrets import SecretError, loose_permissions
 
 _BOOT_CHOICES = {
@@ -90,6 +91,9 @@ def register(sub: Any) -> None:
         type=Path,
         help="the reinstalled node's SSH public host key (out-of-band); pinned in the stack's known_hosts",
     )
+    p.add_argument("--keys", type=Path, default=DEFAULT_KEY_STORE,
+                   help="host key store of network-installed (`image`) nodes: their install is armed with the "
+                   "stored key, which is then pinned (default %(default)s)")
     p.set_defaults(func=cmd_reimage)
 
 
@@ -274,8 +278,24 @@ def cmd_reimage(args: argparse.Namespace) -> int:
 
     def body(node: Node, c: BmcClient) -> int:
         pin: Callable[[], str] | None = None
-        if key is not None:
-            known_hosts, (key_type, blob) = Path(str(site_from_args(args).controller.known_hosts)), key
+        arm: Callable[[], object] | None = None
+        site = site_from_args(args)
+        node_key = key
+        if node.image is not None:
+            # Network-installed: arm the install (its first-boot data carries the store's key) and pin that key.
+            store = HostKeyStore(args.keys)
+
+            def arm_node() -> str:
+                return arm_install(site, node, store)
+
+            arm = arm_node
+            if node_key is None and site.controller.known_hosts:
+                try:
+                    node_key = parse_public_key(store.get(node.hostname).public)
+                except KeyStoreError as exc:
+                    return _fail(args.json, Exit.UNAVAILABLE, "hostkey", str(exc))
+        if node_key is not None:
+            known_hosts, (key_type, blob) = Path(str(site.controller.known_hosts)), node_key
 
             def pin() -> str:
                 return pin_key(known_hosts, node, key_type, blob)
@@ -283,9 +303,12 @@ def cmd_reimage(args: argparse.Namespace) -> int:
             if not args.json:
                 sys.stderr.write(f"{node.hostname}: {message}\n")
 
-        result = reimage(
-            c, host_key=pin, power_timeout=args.timeout, boot_grace=args.boot_grace, progress=progress
-        )
+        try:
+            result = reimage(
+                c, arm=arm, host_key=pin, power_timeout=args.timeout, boot_grace=args.boot_grace, progress=progress
+            )
+        except ArmError as exc:
+            return _fail(args.json, Exit.FAILED, "arm", f"{exc} (nothing was done through the BMC)")
         emit(
             args.json,
             {"ok": True, "node": node.hostname, **result.as_dict()},

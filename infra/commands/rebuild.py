@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from infra.dr.steps import StackRef
 from infra.model.site import Site
 from infra.plan.node import plan_site
 from infra.plan.nodestate import DriftItem
+from infra.provision.firstboot import DEFAULT_KEY_STORE, HostKeyStore, KeyStoreError, arm_install
 
 
 def register(sub: Any) -> None:
@@ -28,6 +30,9 @@ def register(sub: Any) -> None:
         type=Path,
         help="the node's new SSH public host key from an out-of-band source (required on real sites)",
     )
+    p.add_argument("--keys", type=Path, default=DEFAULT_KEY_STORE,
+                   help="host key store of network-installed nodes (default %(default)s): an `image` node is "
+                   "reinstalled with its stored key, which is pinned, so known_hosts does not change")
     p.add_argument("--records", type=Path, default=DEFAULT_RECORD_DIR, help="fingerprint records folder")
     p.add_argument("--ssh-timeout", type=float, help="seconds to wait for SSH (default: the stack's reboot timeout)")
     p.set_defaults(func=cmd_rebuild)
@@ -51,6 +56,25 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
     site = site_from_args(args)
     register_lab_hostkeys(site)
     plan = plan_site(site).node(args.node)
+    host_key: Path | None = args.host_key
+    arm: Callable[[], object] | None = None
+    if plan.node.image is not None:
+        # A network-installed node: the reimage arms its install, which carries the store's key; that key
+        # (known before the install, never read from the wire) is the one pinned.
+        store = HostKeyStore(args.keys)
+        try:
+            store.get(plan.node.hostname)
+        except KeyStoreError as exc:
+            sys.stderr.write(f"refused (nothing was done): {exc}\n")
+            return Exit.UNAVAILABLE
+        if host_key is None:
+            host_key = store.public_path(plan.node.hostname)
+        node = plan.node
+
+        def arm_node() -> str:
+            return arm_install(site, node, store)
+
+        arm = arm_node
     if not confirm(f"rebuild {args.node}: its disk is reinstalled through PXE, then converged", args.yes):
         return Exit.ABORTED
 
@@ -64,8 +88,9 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
             plan,
             StackRef(args.stack, args.stack_file),
             record_dir=args.records,
-            host_key=args.host_key,
+            host_key=host_key,
             ssh_timeout=args.ssh_timeout,
+            arm=arm,
             progress=progress,
         )
     except Refused as exc:

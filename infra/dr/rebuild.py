@@ -28,6 +28,7 @@ from infra.dr.steps import StackRef, StepResult, converge, validate
 from infra.model.site import Node, Site
 from infra.plan.node import NodePlan
 from infra.plan.nodestate import DriftItem, NodeState, compare
+from infra.provision.firstboot import ArmError
 
 DEFAULT_RECORD_DIR = Path("/var/lib/gpufleet/dr/fingerprints")
 
@@ -118,9 +119,14 @@ def rebuild(
     ssh_timeout: float | None = None,
     power_timeout: float = 300,
     hooks: Hooks | None = None,
+    arm: Callable[[], object] | None = None,
     progress: Callable[[str], None] = lambda _m: None,
 ) -> RebuildReport:
-    """Rebuild a node end to end (see module docstring). Raises `Refused` when nothing was done."""
+    """Rebuild a node end to end (see module docstring). Raises `Refused` when nothing was done.
+
+    `arm` (image-based nodes) arms the network install on the provisioning host first; its failure is the
+    failed step `arm`, before the BMC is touched.
+    """
     h = hooks or Hooks()
     node = plan.node
     report = RebuildReport(plan.hostname)
@@ -177,10 +183,18 @@ def rebuild(
                     continue
                 raise _StepFailed("wait-ssh", str(exc)) from None
 
+    def armed() -> None:
+        assert arm is not None
+        try:
+            arm()
+        except ArmError as exc:
+            raise _StepFailed("arm", str(exc)) from None
+
     progress(f"{node.hostname}: reimage through {node.bmc.endpoint} (power off, one-time PXE, power on)")
     try:
         with h.bmc(node, Timeouts(power_timeout=power_timeout)) as bmc:
-            result = reimage(bmc, booted=booted, power_timeout=power_timeout, progress=progress)
+            result = reimage(bmc, arm=armed if arm is not None else None, booted=booted,
+                             power_timeout=power_timeout, progress=progress)
     except _StepFailed as exc:
         return _fail(report, exc.step, exc.message, start)
     except BmcError as exc:

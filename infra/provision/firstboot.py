@@ -17,15 +17,20 @@ import io
 import re
 import subprocess
 import tarfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Network
 from pathlib import Path
 
+from infra import ssh as ssh_client
 from infra.model.site import Node, Segment, Site
+from infra.provision.render import HTTP_ROOT, HTTPD_PATH, provisioning_address, script_name
 
 _HOST = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 #: Fixed mtime of every member (2025-01-01): the same inputs give the same tarball.
 _MTIME = 1735689600
+#: The controller's host key store unless `--keys` names another (one directory per node, 0700).
+DEFAULT_KEY_STORE = Path("/var/lib/gpufleet/provision/keys")
 
 
 class KeyStoreError(Exception):
@@ -51,6 +56,10 @@ class HostKeyStore:
         if not _HOST.fullmatch(host):
             raise KeyStoreError(f"host name {host!r} cannot name a key in the store")
         return self.root / host / "ssh_host_ed25519_key"
+
+    def public_path(self, host: str) -> Path:
+        """The `.pub` file of the node's key (exists once `get` ran)."""
+        return self._path(host).with_suffix(".pub")
 
     def get(self, host: str) -> HostKey:
         """The node's key; generated (ssh-keygen) the first time it is asked for, then always the same."""
@@ -102,3 +111,55 @@ def firstboot_tar(site: Site, node: Node, key: HostKey) -> bytes:
             ti.size, ti.mode, ti.mtime = len(data), mode, _MTIME
             tar.addfile(ti, io.BytesIO(data))
     return gzip.compress(raw.getvalue(), mtime=0)
+
+
+class ArmError(Exception):
+    """A node's network install could not be armed on its provisioning host (nothing on the node was touched)."""
+
+
+def arm_install(
+    site: Site,
+    node: Node,
+    store: HostKeyStore,
+    *,
+    run: Callable[..., subprocess.CompletedProcess[bytes]] = ssh_client.run,
+    timeout: float = 60,
+) -> str:
+    """Arm the node's install on its segment's provisioning host; return the public host key it will have.
+
+    Over SSH with the stack's pinned keys: `python3 provision_httpd.py --root … --arm <mac>` with the node's
+    first-boot tarball on stdin (infra/provision/httpd.py, installed by roles/provisioning). This is what a
+    reimage or rebuild does first; nothing else ever points a node's script at the install.
+
+    Raises:
+        ArmError: the node has no image or no provisioning service, the key store failed, SSH failed, or
+            the provisioning host refused (no install script for the MAC: the role has not run since the
+            node was added).
+
+    """
+    segment = site.segments_by_name[node.segment]
+    if node.image is None or segment.provisioning is None:
+        raise ArmError(f"{node.hostname} has no `image` (or its segment no `provisioning`): not network-installed")
+    prov = segment.provisioning
+    try:
+        key = store.get(node.hostname)
+    except KeyStoreError as exc:
+        raise ArmError(str(exc)) from None
+    mac = script_name(node.macs[0]).removesuffix(".ipxe")
+    words = ["python3", HTTPD_PATH, "--root", HTTP_ROOT, "--arm", mac]
+    # A node as provisioning host logs in as its ssh_user; a mirror or dedicated host as its ssh config says.
+    host_node = next((n for n in site.nodes if n.hostname == prov.host), None)
+    user = host_node.ssh_user if host_node is not None else None
+    if user not in (None, "root"):
+        words = ["sudo", "-n", *words]
+    argv = ssh_client.argv(ssh_client.SshSettings.of(site), str(provisioning_address(site, segment)),
+                           ssh_client.shell_command(*words), user=user)
+    try:
+        p = run(argv, host=prov.host, stdin=firstboot_tar(site, node, key), timeout=timeout)
+    except ssh_client.SshError as exc:
+        raise ArmError(f"{node.hostname}: cannot reach provisioning host {prov.host}: {exc.detail}") from None
+    if p.returncode != 0:
+        detail = p.stderr.decode(errors="replace").strip().splitlines()
+        raise ArmError(f"{node.hostname}: provisioning host {prov.host} refused to arm the install "
+                       f"(exit {p.returncode}): {detail[-1] if detail else 'no message'}")
+    return key.public

@@ -8,6 +8,14 @@ written, checked and the bootloader installed. The server then copies `ipxe/loca
 gpufleet: boot from disk) over `ipxe/<mac>.ipxe`, so the node's next network boot goes to its disk, and
 deletes `firstboot/<mac>.tar.gz` (it holds the node's private host key). Both are plain renames inside the
 root, atomic on one file system. Any other POST, or a MAC without a local script, gets 404.
+
+Arming (`arm`, `python3 httpd.py --root DIR --arm MAC < firstboot.tar.gz`, run over SSH by the controller's
+reimage/rebuild) is the only thing that points a node's script at the install: it copies
+`ipxe/install/<mac>.ipxe` (rendered by gpufleet; placed by roles/provisioning) over `ipxe/<mac>.ipxe` and
+writes the node's first-boot data (mode 0600). A converge of the provisioning role never does that: it
+writes the install and local scripts beside the live one, and creates the live one (as "boot from disk")
+only when it is missing. There is no HTTP way to arm: anyone on the segment could otherwise start an
+install and fetch a node's private host key.
 """
 
 from __future__ import annotations
@@ -20,7 +28,43 @@ import sys
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-_DONE = re.compile(r"^/done/([0-9a-f]{2}(?:-[0-9a-f]{2}){5})$")
+_MAC = r"[0-9a-f]{2}(?:-[0-9a-f]{2}){5}"
+_DONE = re.compile(rf"^/done/({_MAC})$")
+#: Largest first-boot tarball `arm` accepts (they are a few KiB: keys, hostname, network file).
+MAX_FIRSTBOOT = 1 << 20
+
+
+class ArmError(Exception):
+    """The node cannot be armed (bad MAC, no install script for it, oversized first-boot data)."""
+
+
+def _replace(path: Path, data: bytes, mode: int) -> None:
+    """Write `data` to `path` atomically with `mode` (a temporary file in the same directory, then rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+
+
+def arm(root: Path, mac: str, firstboot: bytes) -> None:
+    """Point the node's live script at its install script and place its first-boot data.
+
+    The first-boot data is written before the script is switched: a node that PXE-boots in between
+    finds either its old script or a complete install with its data, never an install without it.
+    """
+    if not re.fullmatch(_MAC, mac):
+        raise ArmError(f"{mac!r} is not a MAC in hexhyp form (52-54-00-12-34-56)")
+    install = root / "ipxe" / "install" / f"{mac}.ipxe"
+    if not install.is_file():
+        raise ArmError(f"no install script {install}: the provisioning role has not placed one for this MAC")
+    if len(firstboot) > MAX_FIRSTBOOT:
+        raise ArmError(f"first-boot data of {len(firstboot)} bytes is larger than {MAX_FIRSTBOOT}")
+    if firstboot:
+        (root / "firstboot").mkdir(mode=0o700, exist_ok=True)
+        _replace(root / "firstboot" / f"{mac}.tar.gz", firstboot, 0o600)
+    _replace(root / "ipxe" / f"{mac}.ipxe", install.read_bytes(), 0o644)
 
 
 def mark_done(root: Path, mac: str) -> bool:
@@ -57,9 +101,20 @@ def main(argv: list[str] | None = None) -> int:
     """Serve until killed."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--root", type=Path, required=True)
-    p.add_argument("--bind", required=True)
-    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--bind")
+    p.add_argument("--port", type=int)
+    p.add_argument("--arm", metavar="MAC", help="arm the node's install (first-boot data on stdin) and exit")
     a = p.parse_args(argv)
+    if a.arm is not None:
+        try:
+            arm(a.root, a.arm, sys.stdin.buffer.read(MAX_FIRSTBOOT + 1))
+        except (ArmError, OSError) as exc:
+            sys.stderr.write(f"error: {exc}\n")
+            return 1
+        sys.stderr.write(f"armed {a.arm}\n")
+        return 0
+    if a.bind is None or a.port is None:
+        p.error("--bind and --port are required to serve")
     handler = functools.partial(Handler, directory=str(a.root))
     server = ThreadingHTTPServer((a.bind, a.port), handler)
     sys.stderr.write(f"serving {a.root} on {a.bind}:{server.server_address[1]}\n")

@@ -29,6 +29,8 @@ from infra.model.site import IMAGE_NAME, MAC, NAME, Node, ProvisioningMode, Root
 TFTP_ROOT = "/srv/gpufleet/provision/tftp"
 HTTP_ROOT = "/srv/gpufleet/provision/http"
 LEASE_FILE = "/var/lib/gpufleet/provision/dnsmasq.leases"
+#: Where roles/provisioning installs infra/provision/httpd.py (the HTTP server, and the `--arm` step).
+HTTPD_PATH = "/usr/local/lib/gpufleet/provision_httpd.py"
 #: iPXE builds served over TFTP to firmware that is not iPXE yet (Debian 12 package `ipxe`, /usr/lib/ipxe).
 BIOS_LOADER = "undionly.kpxe"
 UEFI_LOADER = "ipxe.efi"
@@ -163,6 +165,15 @@ def firstboot_name(mac: str) -> str:
 def local_script_name(mac: str) -> str:
     """Path of a node's "boot from disk" script: the service copies it over `ipxe/<mac>.ipxe` when done."""
     return "ipxe/local/" + script_name(mac)
+
+
+def install_script_name(mac: str) -> str:
+    """Where the provisioning host keeps a node's install script; only arming copies it to `ipxe/<mac>.ipxe`.
+
+    `SegmentService.http_files` carries it as `ipxe/<mac>.ipxe` (a rendered directory served as is is
+    armed for every imaged node: what a one-off test boot wants); roles/provisioning writes it here.
+    """
+    return "ipxe/install/" + script_name(mac)
 
 
 def local_script(node: Node) -> str:

@@ -1,0 +1,229 @@
+"""VM nodes for the lab: libvirt/QEMU (TCG) domains with blank disks, behind sushy-tools' libvirt driver.
+
+A VM node is what a rack server is to gpufleet: a blank disk, a NIC on its segment's bridge with the stack's
+MAC, and a Redfish BMC. The BMC is sushy-emulator (PyPI `sushy-tools`) with its **libvirt driver** — the one
+Metal3/Ironic development environments use: boot override, power and reset act on the domain's firmware
+boot order and on the domain itself, so an install goes through SeaBIOS, the NIC's iPXE ROM, the deploy
+kernel, the disk and GRUB like on hardware. No notifier tricks for these nodes.
+
+This machine has no systemd as PID 1 and KVM does not work (../shared/notes/lab.md): libvirtd and virtlogd
+run in the foreground as our own processes (stopped by PID), with a private /etc/libvirt in their own mount
+namespace where qemu runs as root, and every domain is `type='qemu'` (TCG).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from xml.sax.saxutils import escape, quoteattr
+
+from infra.lab.sh import LabCommandError
+
+SUSHY_VENV = Path("/var/cache/gpufleet/sushy-venv")
+SUSHY_VERSION = "2.2.0"
+VIRSH = ("virsh", "-c", "qemu:///system")
+#: Host tools a VM node needs (command → Debian package).
+VM_PACKAGES = {
+    "qemu-system-x86_64": "qemu-system-x86",
+    "libvirtd": "libvirt-daemon-system",
+    "virtlogd": "libvirt-daemon-system",
+    "virsh": "libvirt-clients",
+    "unshare": "util-linux",
+}
+
+_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+_SERIAL = re.compile(r"^[A-Za-z0-9._-]{1,20}$")
+#: Namespace of the domains' UUIDs: the same node name always gets the same UUID (its BMC system id).
+_UUID_NS = uuid.UUID("6a1c1d0e-2b5f-4c49-9a53-8f0d3c2e7a10")
+
+DOMAIN_XML = """<domain type='qemu'>
+  <name>{name}</name>
+  <uuid>{uuid}</uuid>
+  <memory unit='MiB'>{memory}</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/></os>
+  <on_reboot>restart</on_reboot>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='raw' cache='unsafe'/>
+      <source file={disk}/><target dev='vda' bus='virtio'/><serial>{serial}</serial>
+    </disk>
+    <interface type='bridge'><source bridge={bridge}/><mac address={mac}/><model type='virtio'/></interface>
+    <serial type='file'><source path={console} append='on'/></serial>
+  </devices>
+</domain>
+"""
+
+
+@dataclass(frozen=True)
+class VmNode:
+    """One VM node: a libvirt domain named like the stack's node, its disk serial the stack's root-disk hint."""
+
+    name: str
+    mac: str
+    bridge: str
+    disk_serial: str
+    disk_gib: int = 4
+    memory_mib: int = 1024
+
+    def __post_init__(self) -> None:
+        for value, grammar, what in ((self.name, _NAME, "name"), (self.mac, _MAC, "MAC"),
+                                     (self.bridge, _NAME, "bridge"), (self.disk_serial, _SERIAL, "disk serial")):
+            if not grammar.fullmatch(value):
+                raise ValueError(f"VM node {what} {value!r} is outside its grammar")
+
+    @property
+    def uuid(self) -> str:
+        """The domain's UUID, derived from its name: also its Redfish system id."""
+        return str(uuid.uuid5(_UUID_NS, self.name))
+
+    def domain_xml(self, disk: Path, console: Path) -> str:
+        """The libvirt domain XML: persistent boot order disk first (the operator guidance for real servers)."""
+        return DOMAIN_XML.format(
+            name=escape(self.name), uuid=self.uuid, memory=self.memory_mib, disk=quoteattr(str(disk)),
+            serial=escape(self.disk_serial), bridge=quoteattr(self.bridge), mac=quoteattr(self.mac),
+            console=quoteattr(str(console)),
+        )  # fmt: skip
+
+
+def missing_tools() -> list[str]:
+    """Debian packages a VM node needs that are not installed (empty: all there)."""
+    return sorted({pkg for cmd, pkg in VM_PACKAGES.items() if shutil.which(cmd) is None})
+
+
+def free_port(address: str = "127.0.0.1") -> int:
+    """A TCP port free on `address` now (the caller binds it right after)."""
+    with socket.socket() as s:
+        s.bind((address, 0))
+        return int(s.getsockname()[1])
+
+
+def virsh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """One virsh command against the system libvirtd."""
+    p = subprocess.run([*VIRSH, *args], capture_output=True, text=True, timeout=120, check=False)
+    if check and p.returncode != 0:
+        raise LabCommandError(f"virsh {' '.join(args)}: {p.stderr.strip()}")
+    return p
+
+
+def _stop(p: subprocess.Popen[bytes]) -> None:
+    if p.poll() is None:
+        p.terminate()
+        try:
+            p.wait(15)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(15)
+
+
+def _wait(pred: object, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():  # type: ignore[operator]
+            return True
+        time.sleep(0.5)
+    return False
+
+
+@contextlib.contextmanager
+def libvirt(work: Path) -> Iterator[None]:
+    """Run virtlogd + libvirtd in the foreground (our PIDs), with a private /etc/libvirt where qemu runs as root."""
+    etc = work / "etc-libvirt"
+    shutil.rmtree(etc, ignore_errors=True)
+    shutil.copytree("/etc/libvirt", etc)
+    # qemu as root: the disks and consoles live in the lab's state directory, owned by root.
+    (etc / "qemu.conf").write_text('user = "root"\ngroup = "root"\nremember_owner = 0\n')
+    for d in ("/var/log/libvirt", "/run/libvirt"):
+        os.makedirs(d, exist_ok=True)
+    procs = [subprocess.Popen(["virtlogd"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    procs.append(subprocess.Popen(
+        ["unshare", "-m", "sh", "-c", f"mount --bind {etc} /etc/libvirt && exec libvirtd"],
+        stdout=(work / "libvirtd.log").open("wb"), stderr=subprocess.STDOUT,
+    ))  # fmt: skip
+    try:
+        if not _wait(lambda: virsh("version", check=False).returncode == 0, 30):
+            raise LabCommandError(f"libvirtd did not answer in 30 s; see {work / 'libvirtd.log'}")
+        yield
+    finally:
+        for p in reversed(procs):
+            _stop(p)
+
+
+def sushy_exe() -> Path:
+    """sushy-emulator from its own venv over Debian's python3-libvirt (made with pip from PyPI if missing)."""
+    exe = SUSHY_VENV / "bin" / "sushy-emulator"
+    if not exe.exists():
+        subprocess.run(["/usr/bin/python3", "-m", "venv", "--system-site-packages", str(SUSHY_VENV)], check=True)
+        subprocess.run([str(SUSHY_VENV / "bin" / "pip"), "install", "-q", f"sushy-tools=={SUSHY_VERSION}"],
+                       check=True, timeout=600)
+    return exe
+
+
+@contextlib.contextmanager
+def bmc(work: Path, nodes: list[VmNode]) -> Iterator[str]:
+    """A Redfish BMC for the VM nodes (sushy libvirt driver on 127.0.0.1, a free port); yields its URL."""
+    port = free_port()
+    conf = work / "sushy.conf"
+    uuids = ", ".join(repr(n.uuid) for n in nodes)
+    conf.write_text(
+        f"SUSHY_EMULATOR_LISTEN_IP = '127.0.0.1'\nSUSHY_EMULATOR_LISTEN_PORT = {port}\n"
+        f"SUSHY_EMULATOR_LIBVIRT_URI = 'qemu:///system'\nSUSHY_EMULATOR_ALLOWED_INSTANCES = [{uuids}]\n"
+    )
+    proc = subprocess.Popen([str(sushy_exe()), "--config", str(conf)], stdout=subprocess.DEVNULL,
+                            stderr=(work / "sushy.log").open("wb"))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        probe = ["curl", "-sf", f"{url}/redfish/v1/Systems"]
+        if not _wait(lambda: subprocess.run(probe, capture_output=True).returncode == 0, 30):
+            raise LabCommandError(f"sushy-emulator did not answer in 30 s; see {work / 'sushy.log'}")
+        yield url
+    finally:
+        _stop(proc)
+
+
+@contextlib.contextmanager
+def nodes(work: Path, vms: list[VmNode]) -> Iterator[dict[str, Path]]:
+    """Define the VM nodes (blank sparse disks, powered off); yields name → serial console log. Undefined after.
+
+    sushy's libvirt driver finds a domain's disk through libvirt's storage API: a transient pool over `work`.
+    """
+    pool = "gpf-vm-pool"
+    for vm in vms:  # leftovers of an interrupted run (libvirt keeps transient pools and domains in /run/libvirt)
+        virsh("destroy", vm.name, check=False)
+        virsh("undefine", vm.name, check=False)
+    virsh("pool-destroy", pool, check=False)
+    consoles = {}
+    try:
+        virsh("pool-create-as", pool, "dir", "--target", str(work))
+        for vm in vms:
+            disk = work / f"{vm.name}.raw"
+            with disk.open("wb") as f:
+                f.truncate(vm.disk_gib << 30)
+            consoles[vm.name] = work / f"{vm.name}.console.log"
+            xml = work / f"{vm.name}.xml"
+            xml.write_text(vm.domain_xml(disk, consoles[vm.name]))
+            virsh("define", str(xml))
+        yield consoles
+    finally:
+        for vm in vms:
+            virsh("destroy", vm.name, check=False)
+            virsh("undefine", vm.name, check=False)
+        virsh("pool-destroy", pool, check=False)
+
+
+def boot_order(name: str) -> str:
+    """The persistent domain's first boot device as libvirt holds it: `network` or `hd`."""
+    xml = virsh("dumpxml", "--inactive", name).stdout
+    nic = xml.split("<interface", 1)[1].split("</interface>", 1)[0] if "<interface" in xml else ""
+    return "network" if "<boot order='1'/>" in nic else "hd"
