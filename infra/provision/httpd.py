@@ -8,6 +8,10 @@ written, checked and the bootloader installed. The server then copies `ipxe/loca
 gpufleet: boot from disk) over `ipxe/<mac>.ipxe`, so the node's next network boot goes to its disk, and
 deletes `firstboot/<mac>.tar.gz` (it holds the node's private host key). Both are plain renames inside the
 root, atomic on one file system. Any other POST, or a MAC without a local script, gets 404.
+
+A body `status=failed&reason=…` is the ramdisk reporting that it stopped (no disk matches the hint, the
+written bytes do not match the lock, …): the server logs the reason and writes it to `failed/<mac>.txt`,
+switches nothing and keeps the first-boot data, so the node's next network boot runs the install again.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import functools
 import os
 import re
 import sys
+import urllib.parse
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -37,6 +42,18 @@ def mark_done(root: Path, mac: str) -> bool:
     return True
 
 
+def mark_failed(root: Path, mac: str, reason: str) -> bool:
+    """Record a failed deploy (reason cut to 400 printable characters); False for a MAC without a script."""
+    if not re.fullmatch(r"[0-9a-f]{2}(?:-[0-9a-f]{2}){5}", mac):
+        return False
+    if not (root / "ipxe" / "local" / f"{mac}.ipxe").is_file():
+        return False
+    text = "".join(c if c.isprintable() else " " for c in reason)[:400]
+    (root / "failed").mkdir(exist_ok=True)
+    (root / "failed" / f"{mac}.txt").write_text(text + "\n", encoding="utf-8")
+    return True
+
+
 class Handler(SimpleHTTPRequestHandler):
     """Static files from the root; POST /done/<mac>."""
 
@@ -45,6 +62,16 @@ class Handler(SimpleHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(min(length, 4096)).decode("ascii", "replace")
         m = _DONE.fullmatch(self.path)
+        form = urllib.parse.parse_qs(body)
+        if m is not None and form.get("status") == ["failed"]:
+            reason = (form.get("reason") or ["?"])[0]
+            if not mark_failed(Path(self.directory), m.group(1), reason):
+                self.send_error(404)
+                return
+            self.log_message("deploy FAILED: %s: %s", m.group(1), reason[:400])
+            self.send_response(202)
+            self.end_headers()
+            return
         if m is None or not mark_done(Path(self.directory), m.group(1)):
             self.send_error(404)
             return
