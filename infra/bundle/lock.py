@@ -26,7 +26,7 @@ from infra.bundle import hub, oci
 from infra.bundle.apt import AptRoot
 from infra.bundle.declared import Declared, Kind, declared, files_path, image_repo, plugin_file
 from infra.bundle.store import FetchError, Store, fetch_url, file_digest
-from infra.model.load import SiteError, project_dir
+from infra.model.load import CONFIG_KEY, SiteError, project_dir
 from infra.model.rules import Problem
 from infra.model.site import AptSource, Segment, Site, parse_hf_source
 from infra.plan.engines import mirror_model_dir
@@ -582,7 +582,7 @@ def require_locked_images(site: Site, lock_file: Path) -> None:
             why = f"the lock {lock_file} has no os_images entry for it"
         except (OSError, UnicodeDecodeError, LockError) as exc:
             why = f"the lock {lock_file} cannot be read ({exc})"
-    problems = [Problem(f"nodes[{i}].image", f"OS image {name!r} is not locked: {why}",
+    problems = [Problem(f"config.{CONFIG_KEY}.nodes[{i}].image", f"OS image {name!r} is not locked: {why}",
                         f"run `gpufleet lock`, then `gpufleet image build {name} --repo <mirror> --out <dir> "
                         f"--lock {lock_file}`")
                 for i, name in unlocked_images(site, lock)]
