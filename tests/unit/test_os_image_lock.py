@@ -189,3 +189,26 @@ def test_a_failed_deploy_is_recorded_and_switches_nothing(served: tuple[str, Pat
     assert _post(f"{base}/done/{mac}", f"sha256={SHA}") == 204
     assert (root / "ipxe" / f"{mac}.ipxe").read_text() == (root / "ipxe" / "local" / f"{mac}.ipxe").read_text()
     assert not (root / "firstboot" / f"{mac}.tar.gz").exists()
+
+
+def test_gpufleet_lock_rewrites_the_lock_and_keeps_the_images(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    stack = tmp_path / "Pulumi.t.yaml"
+    stack.write_text(yaml.safe_dump({"config": {"gpufleet:site": _raw()}}))
+    lock_file = lock_path_for(stack)
+    lock_file.write_text(Lock("t", [], []).to_json())
+    res, out = _built(tmp_path)
+    record_in_lock(lock_file, res, out, [])
+    before = Lock.from_json(lock_file.read_text())
+    deb = Artifact("deb", "podman", "4.3.1", "apt/podman.deb", 1, SHA, "http://deb", ("s",), True)
+    # The resolver (network) stands in for a fresh resolution that knows nothing of images.
+    monkeypatch.setattr("infra.commands.lock.resolve", lambda site, opts: Lock("t", [], [deb]))
+    assert main(["lock", "--stack-file", str(stack)]) == 0
+    after = Lock.from_json(lock_file.read_text())
+    assert deb in after.artifacts
+    assert [i.name for i in after.os_images] == ["debian-12-node"]
+    assert after.os_images[0].packages == before.os_images[0].packages
+    assert len([a for a in after.artifacts if a.kind == OS_IMAGE_KIND]) == 4
+    assert main(["validate", "--stack-file", str(stack)]) == 0
+    capsys.readouterr()
