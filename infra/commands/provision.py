@@ -180,7 +180,7 @@ def record_in_lock(lock_file: Path, result: ImageResult, out: Path, segments: li
         arts.append(Artifact(OS_IMAGE_KIND, name, f"epoch-{result.epoch}", f"provision/{rel}", size, sha,
                              str(f.resolve()), segs))
     image = OsImage(result.name, result.disk.sha256, result.disk.size, result.epoch,
-                    tuple(f"{k}={v}" for k, v in sorted(result.packages.items())), segs)
+                    tuple(sorted(f"{k}={v}" for k, v in result.packages.items())), segs)
     put_os_image(lock, image, arts)
     lock_file.write_text(lock.to_json(), encoding="utf-8")
 

@@ -1,21 +1,21 @@
 """Blank VM nodes installed over the network, end to end, through real firmware, bootloader, kernel and disk.
 
-Each VM (QEMU TCG, boot order network then disk) has a blank virtual disk. It network-boots the deploy
-ramdisk `gpufleet image build` made; the ramdisk picks the disk by the stack's hint, writes the image, reads
-the bytes back against the sha256 the renderer put on its command line, installs GRUB for the node's boot
-mode, unpacks the node's first-boot data (its own host key from the key store), POSTs "done" to the
-provisioning server (infra/provision/httpd.py), which switches the node's iPXE script to boot from disk, and
-reboots. The next boot reaches Debian from the disk, and SSH answers with exactly the key the store holds
-(ssh-keyscan), and admits the site's admin key with StrictHostKeyChecking against that pinned key.
+Each VM (QEMU TCG) has a blank virtual disk. It network-boots the deploy ramdisk `gpufleet image build`
+made; the ramdisk picks the disk by the stack's hint, writes the image, reads the bytes back against the
+sha256 the renderer put on its command line, installs GRUB for the node's boot mode, unpacks the node's
+first-boot data (its own host key from the key store), POSTs "done" to the provisioning server
+(infra/provision/httpd.py), which switches the node's iPXE script to boot from disk, and reboots. The next
+boot reaches Debian from the disk, and SSH answers with exactly the key the store holds (ssh-keyscan), and
+admits the site's admin key with StrictHostKeyChecking against that pinned key.
 
-- BIOS: SeaBIOS + the NIC's iPXE ROM; hint `serial:`; GRUB i386-pc in the protective MBR and the BIOS boot
-  partition; the installed script `sanboot`s the disk.
+- BIOS: SeaBIOS + the NIC's iPXE ROM, boot order network then disk; hint `serial:`; GRUB i386-pc in the
+  protective MBR and the BIOS boot partition; the installed script `sanboot`s the disk.
 - UEFI: OVMF (Debian `ovmf`) with the NIC's option ROM removed, so OVMF's own PXE client fetches `ipxe.efi`
-  over TFTP (as a server's firmware does); hint `/dev/disk/by-id/virtio-…` (derived from sysfs in the
-  ramdisk, and compared on the installed node with the names real udev made); GRUB x86_64-efi behind
-  Debian's signed shim on the ESP, at \\EFI\\BOOT\\BOOTX64.EFI with no NVRAM entry; the installed script
-  `exit`s to the firmware, which boots the disk's removable-media path. The node checks it booted in UEFI
-  mode (/sys/firmware/efi).
+  over TFTP (as a server's firmware does); boot order disk first (the blank disk has no boot option, so
+  the firmware goes on to PXE); hint `/dev/disk/by-id/virtio-…` (derived from sysfs in the ramdisk, and
+  compared on the installed node with the names real udev made); GRUB x86_64-efi behind Debian's signed
+  shim on the ESP, at \\EFI\\BOOT\\BOOTX64.EFI with no NVRAM entry, which the firmware boots after the
+  deploy. The node checks that it booted in UEFI mode (/sys/firmware/efi).
 
 Run under the VM lock (bridge gpf-prov0, 198.18.9.1/24, shared with test_provision_vm.py):
 `flock /tmp/gpufleet-vm.lock pytest -m lab -s tests/lab/test_deploy_vm.py`.
@@ -123,7 +123,13 @@ def _installed(
     records = image_records(built_image)
     (tmp_path / "tftp").mkdir()
     firmware: list[str] = []
-    nic = f"virtio-net-pci,netdev=n0,mac={KNOWN_MAC},bootindex=1"
+    # Boot order. BIOS: network first, disk second (the service's done switch sends the next network boot to
+    # the disk with `sanboot`). UEFI: disk first, as docs/bare-metal.md tells operators: a blank disk has no
+    # boot option, so the firmware goes on to PXE; once installed, the disk boots itself. (Network first
+    # does not work under UEFI here: after the installed script's `exit`, Debian's ipxe.efi 1.0.0+git-20190125
+    # never handed back to OVMF's next boot option; seen in the first run of this test.)
+    nic_index, disk_index = (2, 1) if uefi else (1, 2)
+    nic = f"virtio-net-pci,netdev=n0,mac={KNOWN_MAC},bootindex={nic_index}"
     if uefi:
         shutil.copy2(IPXE_DIR / UEFI_LOADER, tmp_path / "tftp" / UEFI_LOADER)  # what roles/provisioning places
         uefi_vars = tmp_path / "OVMF_VARS.fd"
@@ -168,7 +174,7 @@ def _installed(
                  "-netdev", f"tap,id=n0,ifname={_tap(0)},script=no,downscript=no",
                  "-device", nic,
                  "-drive", f"file={disk},format=raw,if=none,id=d0,cache=unsafe",
-                 "-device", f"virtio-blk-pci,drive=d0,serial={disk_serial},bootindex=2",
+                 "-device", f"virtio-blk-pci,drive=d0,serial={disk_serial},bootindex={disk_index}",
                  "-serial", f"file:{serial}"],
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             ))  # fmt: skip
