@@ -15,7 +15,9 @@ admits the site's admin key with StrictHostKeyChecking against that pinned key.
   the firmware goes on to PXE); hint `/dev/disk/by-id/virtio-…` (derived from sysfs in the ramdisk, and
   compared on the installed node with the names real udev made); GRUB x86_64-efi behind Debian's signed
   shim on the ESP, at \\EFI\\BOOT\\BOOTX64.EFI with no NVRAM entry, which the firmware boots after the
-  deploy. The node checks that it booted in UEFI mode (/sys/firmware/efi).
+  deploy. The node checks that it booted in UEFI mode (/sys/firmware/efi). Then the same disk boots under
+  OVMF with Secure Boot on (Microsoft's keys enrolled, fresh NVRAM): shim, GRUB and kernel verify, SSH
+  answers with the same key, and the kernel sees Secure Boot enabled.
 
 Run under the VM lock (bridge gpf-prov0, 198.18.9.1/24, shared with test_provision_vm.py):
 `flock /tmp/gpufleet-vm.lock pytest -m lab -s tests/lab/test_deploy_vm.py`.
@@ -31,7 +33,7 @@ import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http.server import ThreadingHTTPServer
 from pathlib import Path
@@ -67,6 +69,9 @@ __all__ = ["built_image"]  # the fixture, re-exported for pytest
 NODE_ADDR = "198.18.9.21"
 DISK_SERIAL = "GPFROOT01"
 UEFI_DISK_SERIAL = "GPFROOT02"
+# Debian `ovmf`: Secure Boot firmware and variables with Microsoft's KEK/db enrolled (Secure Boot on).
+SB_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.ms.fd")
+SB_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.ms.fd")
 DISK_BYTES = 4 << 30
 
 
@@ -88,6 +93,8 @@ class Installed:
     serial_text: str
     records: dict[str, ImageRecord]
     timings: dict[str, float]
+    boot_again: Callable[[list[str], list[str]], float]
+    """Power the VM off, boot its disk again with other firmware/machine arguments; seconds until SSH."""
 
     def ssh(self, command: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
         """Run a command on the node as root (admin key, StrictHostKeyChecking against the pinned key)."""
@@ -168,16 +175,21 @@ def _installed(
             assert _wait(lambda: log.exists() and "static leases only" in log.read_text(), 15)
 
             started = time.monotonic()
-            procs.append(subprocess.Popen(
-                ["qemu-system-x86_64", "-accel", "tcg", "-m", "1024", "-smp", "1",
-                 "-display", "none", "-monitor", "none", *firmware,
-                 "-netdev", f"tap,id=n0,ifname={_tap(0)},script=no,downscript=no",
-                 "-device", nic,
-                 "-drive", f"file={disk},format=raw,if=none,id=d0,cache=unsafe",
-                 "-device", f"virtio-blk-pci,drive=d0,serial={disk_serial},bootindex={disk_index}",
-                 "-serial", f"file:{serial}"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            ))  # fmt: skip
+            tap = _tap(0)
+
+            def start_vm(fw: list[str]) -> None:
+                procs.append(subprocess.Popen(
+                    ["qemu-system-x86_64", "-accel", "tcg", "-m", "1024", "-smp", "1",
+                     "-display", "none", "-monitor", "none", *fw,
+                     "-netdev", f"tap,id=n0,ifname={tap},script=no,downscript=no",
+                     "-device", nic,
+                     "-drive", f"file={disk},format=raw,if=none,id=d0,cache=unsafe",
+                     "-device", f"virtio-blk-pci,drive=d0,serial={disk_serial},bootindex={disk_index}",
+                     "-serial", f"file:{serial}"],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                ))  # fmt: skip
+
+            start_vm(firmware)
 
             # 1. The deploy: written, checked against the locked sha256, bootloader, first-boot data, done.
             done = _wait(
@@ -216,12 +228,23 @@ def _installed(
             assert [line.split()[1:3] for line in scanned] == [pinned], (scanned, pinned)
             known = tmp_path / "known_hosts"
             known.write_text(f"{NODE_ADDR} {' '.join(pinned)}\n")
+            def boot_again(fw: list[str], machine: list[str]) -> float:
+                _stop(procs.pop())
+                serial.unlink()
+                again = time.monotonic()
+                start_vm([*machine, *fw])
+                up = _wait(keyscan, 420)
+                assert up, f"no SSH after booting again\n--- serial\n{_serial(serial)[-4000:]}"
+                assert [line.split()[1:3] for line in scanned] == [pinned], (scanned, pinned)
+                return time.monotonic() - again
+
             node = Installed(
                 admin,
                 known,
                 text,
                 records,
                 {"blank_to_deployed_s": round(deployed, 1), "blank_to_ssh_s": round(to_ssh, 1)},
+                boot_again,
             )
             res = node.ssh("hostname; findmnt -no SOURCE /; lsblk -bno SIZE /dev/vda1")
             assert res.returncode == 0, res.stderr
@@ -274,3 +297,20 @@ def test_blank_uefi_vm_boots_ovmf_pxe_installs_and_boots_its_disk_in_uefi_mode(
             '[ "$(readlink -f "$l")" = /dev/vda ] && echo "${l#*/}"; done; true'
         )
         assert ours and ours == set(res2.stdout.split()), (res.stdout, res.stderr, res2.stdout)
+
+        # Secure Boot: the same disk under OVMF with Secure Boot on and Microsoft's keys enrolled (Debian's
+        # OVMF_CODE_4M.ms.fd/OVMF_VARS_4M.ms.fd; SMM on q35, which that firmware requires), and fresh NVRAM:
+        # no boot entry, so only the removable-media path can boot it. shim (Microsoft UEFI CA) → GRUB →
+        # kernel (Debian's key) must all verify, and the kernel reports Secure Boot on.
+        _need(SB_CODE.exists() and SB_VARS.exists(), f"{SB_CODE} is missing (apt-get install ovmf)")
+        sb_vars = tmp_path / "OVMF_VARS.ms.fd"
+        shutil.copy2(SB_VARS, sb_vars)
+        seconds = node.boot_again(
+            ["-drive", f"if=pflash,format=raw,readonly=on,file={SB_CODE}",
+             "-drive", f"if=pflash,format=raw,file={sb_vars}"],
+            ["-machine", "q35,smm=on", "-global", "driver=cfi.pflash01,property=secure,value=on"],
+        )  # fmt: skip
+        # The SecureBoot variable (UEFI spec 3.3): 4 attribute bytes, then 1 = enabled.
+        res = node.ssh("od -An -tu1 /sys/firmware/efi/efivars/SecureBoot-8be4df61-93ca-11d0-aa0d-00e098032b8c")
+        assert res.returncode == 0 and res.stdout.split()[-1] == "1", (res.stdout, res.stderr)
+        node.timings["secure_boot_disk_to_ssh_s"] = round(seconds, 1)
