@@ -218,8 +218,10 @@ def _installed(
                 assert head[510:512] == b"\x55\xaa" and head[512:520] == b"EFI PART"  # protective MBR + GPT
 
             # 2. Next boot: from the disk; SSH answers with the key the store holds for this node.
+            deploy_log = ""
             if then_firmware is not None:
                 _stop(procs.pop())
+                deploy_log = text  # the new VM process starts a new serial log
                 serial.unlink()
                 start_vm(then_firmware)
             pinned = store.get("vm-node1").public.split()[:2]
@@ -242,7 +244,7 @@ def _installed(
             node = Installed(
                 admin,
                 known,
-                text,
+                deploy_log + text,
                 records,
                 {"blank_to_deployed_s": round(deployed, 1), "blank_to_ssh_s": round(to_ssh, 1)},
             )
@@ -294,6 +296,7 @@ def test_blank_uefi_vm_boots_ovmf_pxe_installs_and_boots_its_disk_with_secure_bo
     with _installed(built_image, tmp_path, "uefi", {"path": hint}, UEFI_DISK_SERIAL, secure) as node:
         assert f"root disk: /dev/vda (hint path:{hint})" in node.serial_text
         assert "bootloader installed (UEFI" in node.serial_text
+        assert "EFI stub: UEFI Secure Boot is enabled." in node.serial_text  # the kernel's EFI stub, at boot
         # Booted from the disk in UEFI mode with Secure Boot on (the kernel's own report), through the
         # removable-media path on the ESP.
         res = node.ssh("test -d /sys/firmware/efi && echo uefi; dmesg | grep -c 'secureboot: Secure boot enabled'; "
