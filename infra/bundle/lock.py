@@ -4,6 +4,11 @@
 `infra.bundle.declared` from the plan, no I/O); `artifacts` is what that resolves to (dependency
 closure of OS packages, image blobs, files), each with its bundle path, size and sha256. The file
 is deterministic (sorted, no timestamps), so a re-lock that changes nothing changes no byte.
+
+A third list, `os_images` (present once an image is built), records each node OS image `gpufleet image
+build --lock` made: name, sha256, size, epoch and the exact package set it was built from. Images are not
+resolved from the stack (they are built), so a re-lock carries them and their `os-image` artifacts over
+from the previous lock (`carry_os_images`).
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ from infra.bundle import hub, oci
 from infra.bundle.apt import AptRoot
 from infra.bundle.declared import Declared, Kind, declared, files_path, image_repo, plugin_file
 from infra.bundle.store import FetchError, Store, fetch_url, file_digest
-from infra.model.load import project_dir
+from infra.model.load import CONFIG_KEY, SiteError, project_dir
+from infra.model.rules import Problem
 from infra.model.site import AptSource, Segment, Site, parse_hf_source
 from infra.plan.engines import mirror_model_dir
 from infra.plan.execruntime import RuntimeFile, RuntimeSpec
@@ -81,6 +87,8 @@ class Lock:
     baseline: str = "empty"
     """dpkg status the OS closure was computed against (`empty` = complete down to libc)."""
     notes: list[str] = field(default_factory=list)
+    os_images: list[OsImage] = field(default_factory=list)
+    """Node OS images built for this stack (`gpufleet image build --lock`), by name."""
 
     def to_json(self) -> str:
         """Deterministic JSON text."""
@@ -90,7 +98,7 @@ class Lock:
             "baseline": self.baseline,
             "declared": sorted(self.declared, key=_decl_sort),
             "artifacts": [a.as_dict() for a in sorted(self.artifacts)],
-        }
+        } | os_images_json(self.os_images)
         return json.dumps(data, indent=1, sort_keys=True) + "\n"
 
     @classmethod
@@ -117,7 +125,7 @@ class Lock:
                 raise LockError(f"declared[{i}]: expected {{kind, name, version, sources, segments}}")
             declared_.append(d)
         arts = [_artifact(a, f"artifacts[{i}]") for i, a in enumerate(data["artifacts"])]
-        return cls(data["site"], declared_, arts, data.get("baseline", "empty"))
+        return cls(data["site"], declared_, arts, data.get("baseline", "empty"), os_images=parse_os_images(data))
 
     def for_segment(self, segment: str | None) -> list[Artifact]:
         """Artifacts one segment needs from a bundle (all segments when None); baseline ones are not fetched."""
@@ -478,3 +486,132 @@ def runtime_release(lock: Lock, segment: str, python: str, glibc: str) -> Runtim
     files = [RuntimeFile(a.name, a.version or "", a.path.rsplit("/", 1)[-1], a.source, a.sha256 or "", a.size or 0)
              for a in lock.artifacts if a.kind == Kind.RUNTIME.value and segment in a.segments]
     return RuntimeSpec(python, glibc, tuple(sorted(files))) if files else None
+# ------------------------------------------------------------------------------------------ OS images
+
+#: Kind of the lock entries `gpufleet image build --lock` records for an image's files (the disk image, its
+#: manifest, the deploy kernel and ramdisk), carried by `gpufleet bundle build` like any file artifact.
+OS_IMAGE_KIND = "os-image"
+
+
+@dataclass(frozen=True, order=True)
+class OsImage:
+    """One node OS image as built: what a node's `image` must name before it can be installed."""
+
+    name: str
+    sha256: str
+    """sha256 of the disk image (what the deploy ramdisk checks the written bytes against)."""
+    size: int
+    epoch: int
+    """SOURCE_DATE_EPOCH of the build (with `packages`, what rebuilds it byte for byte)."""
+    packages: tuple[str, ...]
+    """Every installed package as `name=version`, sorted: the package set the image was built from."""
+    segments: tuple[str, ...] = ()
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON form."""
+        return {"name": self.name, "sha256": self.sha256, "size": self.size, "epoch": self.epoch,
+                "packages": list(self.packages), "segments": list(self.segments)}
+
+
+_OS_IMAGE_TYPES: dict[str, type] = {"name": str, "sha256": str, "size": int, "epoch": int, "packages": list,
+                                    "segments": list}
+
+
+def os_images_json(images: Sequence[OsImage]) -> dict[str, Any]:
+    """The lock's `os_images` key: absent while there are none, so locks without images keep their bytes."""
+    return {"os_images": [i.as_dict() for i in sorted(images)]} if images else {}
+
+
+def parse_os_images(data: dict[str, Any]) -> list[OsImage]:
+    """`os_images` of a lock's JSON (LockError naming the first malformed entry)."""
+    raw = data.get("os_images", [])
+    if not isinstance(raw, list):
+        raise LockError("os_images: expected a list")
+    out = []
+    for i, e in enumerate(raw):
+        where = f"os_images[{i}]"
+        if not isinstance(e, dict) or set(e) != set(_OS_IMAGE_TYPES):
+            raise LockError(f"{where}: expected an object with exactly {', '.join(_OS_IMAGE_TYPES)}")
+        for k, typ in _OS_IMAGE_TYPES.items():
+            if not isinstance(e[k], typ) or isinstance(e[k], bool):
+                raise LockError(f"{where}.{k}: wrong type ({type(e[k]).__name__})")
+        if not all(isinstance(x, str) for x in [*e["packages"], *e["segments"]]):
+            raise LockError(f"{where}: packages and segments are lists of strings")
+        out.append(OsImage(e["name"], e["sha256"], e["size"], e["epoch"], tuple(e["packages"]), tuple(e["segments"])))
+    return out
+
+
+def put_os_image(lock: Lock, image: OsImage, files: Sequence[Artifact]) -> None:
+    """Record a build: replaces an earlier build of the same image (entry and files)."""
+    names = {a.name for a in files}
+    lock.artifacts = sorted([a for a in lock.artifacts if not (a.kind == OS_IMAGE_KIND and a.name in names)]
+                            + list(files))
+    lock.os_images = sorted([i for i in lock.os_images if i.name != image.name] + [image])
+
+
+def image_segments(site: Site) -> dict[str, set[str]]:
+    """Image name → segments of the nodes that name it (where the bundle must carry it)."""
+    out: dict[str, set[str]] = {}
+    for n in site.nodes:
+        if n.image is not None:
+            out.setdefault(n.image, set()).add(n.segment)
+    return out
+
+
+def _image_of(a: Artifact) -> str:
+    # The four files of image X are named X, X.json, X:deploy-kernel, X:deploy-initrd.
+    return a.name.split(":", 1)[0].removesuffix(".json")
+
+
+def carry_os_images(old: Lock | None, new: Lock, site: Site) -> None:
+    """Keep the previous lock's OS images (entries and `os-image` files) in a freshly resolved lock.
+
+    Their segments grow to every segment whose nodes name the image now, so a node moved to another
+    segment gets the image in that segment's bundle without a rebuild. An image no node names is kept,
+    with a note (it may be built ahead of the nodes that will use it).
+    """
+    if old is None:
+        return
+    wanted = image_segments(site)
+
+    def segs(name: str, have: Sequence[str]) -> tuple[str, ...]:
+        return tuple(sorted(set(have) | wanted.get(name, set())))
+
+    new.os_images = sorted(OsImage(**{**i.__dict__, "segments": segs(i.name, i.segments)}) for i in old.os_images)
+    files = [Artifact(**{**a.__dict__, "segments": segs(_image_of(a), a.segments)})
+             for a in old.artifacts if a.kind == OS_IMAGE_KIND]
+    new.artifacts = sorted([a for a in new.artifacts if a.kind != OS_IMAGE_KIND] + files)
+    for i in new.os_images:
+        if i.name not in wanted:
+            new.notes.append(f"os-image {i.name}: no node names it (kept from the previous lock)")
+
+
+def unlocked_images(site: Site, lock: Lock | None) -> list[tuple[int, str]]:
+    """(node index, image) for every node whose image has no entry and disk file in the lock."""
+    have = set() if lock is None else {i.name for i in lock.os_images} & {
+        a.name for a in lock.artifacts if a.kind == OS_IMAGE_KIND and a.resolved}
+    return [(i, n.image) for i, n in enumerate(site.nodes) if n.image is not None and n.image not in have]
+
+
+def require_locked_images(site: Site, lock_file: Path) -> None:
+    """Raise SiteError (exit 2 in `gpufleet validate`) naming each node whose OS image the lock lacks.
+
+    A node with `image` is installed from exactly the bytes the lock records (the deploy ramdisk checks the
+    written disk against that sha256), so an image that was never built into the lock cannot be installed.
+    """
+    if not any(n.image for n in site.nodes):
+        return
+    lock: Lock | None = None
+    why = f"there is no lock file {lock_file}"
+    if lock_file.is_file():
+        try:
+            lock = Lock.from_json(lock_file.read_text(encoding="utf-8"))
+            why = f"the lock {lock_file} has no os_images entry for it"
+        except (OSError, UnicodeDecodeError, LockError) as exc:
+            why = f"the lock {lock_file} cannot be read ({exc})"
+    problems = [Problem(f"config.{CONFIG_KEY}.nodes[{i}].image", f"OS image {name!r} is not locked: {why}",
+                        f"run `gpufleet lock`, then `gpufleet image build {name} --repo <mirror> --out <dir> "
+                        f"--lock {lock_file}`")
+                for i, name in unlocked_images(site, lock)]
+    if problems:
+        raise SiteError(str(lock_file), problems)

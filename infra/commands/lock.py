@@ -9,7 +9,16 @@ from pathlib import Path
 from typing import Any
 
 from infra.bundle.apt import AptError
-from infra.bundle.lock import ResolveOptions, check, resolve, unresolved
+from infra.bundle.lock import (
+    Lock,
+    LockError,
+    ResolveOptions,
+    carry_os_images,
+    check,
+    resolve,
+    unlocked_images,
+    unresolved,
+)
 from infra.bundle.store import FetchError, Store
 from infra.commands.site import add_stack_args, site_from_args
 from infra.commands.supply import (
@@ -46,7 +55,8 @@ def cmd_lock(args: argparse.Namespace) -> int:
         lock = read_lock(path)
         if lock is None:
             return Exit.FAILED
-        problems = check(lock, site)
+        problems = check(lock, site) + [f"nodes[{i}].image {name}: not in the lock (run `gpufleet image build {name} "
+                                        "--lock …`)" for i, name in unlocked_images(site, lock)]
         missing = [f"{a.kind} {a.name} {a.version or ''}".strip() for a in unresolved(lock)]
         emit(args.json, {"lock": str(path), "ok": not problems, "differences": problems, "unresolved": missing},
              lambda d: (f"{d['lock']}: matches the stack" if d["ok"] else
@@ -67,8 +77,9 @@ def cmd_lock(args: argparse.Namespace) -> int:
     except (AptError, FetchError) as exc:
         sys.stderr.write(f"error: cannot resolve the lock: {exc}\n")
         return Exit.UNAVAILABLE
-    text = lock.to_json()
     old = path.read_text(encoding="utf-8") if path.exists() else ""
+    carry_os_images(_previous(old), lock, site)
+    text = lock.to_json()
     if old != text:
         path.write_text(text, encoding="utf-8")
     kinds: dict[str, list[int]] = {}
@@ -85,3 +96,11 @@ def cmd_lock(args: argparse.Namespace) -> int:
          table([(k, v["count"], f"{v['bytes'] / 1e6:.1f} MB") for k, v in sorted(d["artifacts"].items())],
                ["kind", "artifacts", "size"]), *(f"note: {n}" for n in d["notes"])]))
     return Exit.OK
+
+
+def _previous(text: str) -> Lock | None:
+    """The lock being replaced (its OS images are built, not resolved: they carry over); None if unreadable."""
+    try:
+        return Lock.from_json(text) if text else None
+    except LockError:
+        return None

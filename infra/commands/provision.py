@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from infra.bundle.lock import Artifact, Lock, LockError
+from infra.bundle.lock import OS_IMAGE_KIND, Artifact, Lock, LockError, OsImage, put_os_image
 from infra.commands.site import add_stack_args, site_from_args
 from infra.console import CommandError, Exit
 from infra.model.site import Site
@@ -29,10 +29,6 @@ from infra.provision.image import (
     pins_from,
 )
 from infra.provision.render import ImageRecord, SegmentService, firstboot_name, render_site
-
-#: Kind of the lock entries `gpufleet image build --lock` records (carried by `gpufleet bundle build` like
-#: any file artifact: fetched from the entry's `source` or an artifacts store, hash-checked).
-OS_IMAGE_KIND = "os-image"
 
 
 def register(sub: Any) -> None:
@@ -164,7 +160,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def record_in_lock(lock_file: Path, result: ImageResult, out: Path, segments: list[str]) -> None:
-    """Put the build's files into the lock (replacing an earlier build of the same image)."""
+    """Put the build into the lock: its `os_images` entry and its four files (replacing an earlier build)."""
     try:
         lock = Lock.from_json(lock_file.read_text(encoding="utf-8"))
     except (OSError, LockError, ValueError) as exc:
@@ -175,15 +171,17 @@ def record_in_lock(lock_file: Path, result: ImageResult, out: Path, segments: li
         (f"{result.name}:deploy-kernel", result.kernel.path),
         (f"{result.name}:deploy-initrd", result.initrd.path),
     ]
-    names = {n for n, _ in files}
-    keep = [a for a in lock.artifacts if not (a.kind == OS_IMAGE_KIND and a.name in names)]
+    segs = tuple(sorted(set(segments)))
+    arts = []
     for name, rel in files:
         f = out / rel
         size = f.stat().st_size
         sha = result.disk.sha256 if rel == result.disk.path else digest(f)[1]
-        keep.append(Artifact(OS_IMAGE_KIND, name, f"epoch-{result.epoch}", f"provision/{rel}", size, sha,
-                             str(f.resolve()), tuple(sorted(segments))))
-    lock.artifacts = sorted(keep)
+        arts.append(Artifact(OS_IMAGE_KIND, name, f"epoch-{result.epoch}", f"provision/{rel}", size, sha,
+                             str(f.resolve()), segs))
+    image = OsImage(result.name, result.disk.sha256, result.disk.size, result.epoch,
+                    tuple(sorted(f"{k}={v}" for k, v in result.packages.items())), segs)
+    put_os_image(lock, image, arts)
     lock_file.write_text(lock.to_json(), encoding="utf-8")
 
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from infra.bundle.lock import lock_path, lock_path_for, require_locked_images
 from infra.console import Exit, emit, fail, fraction, positive_float, positive_int, table
 from infra.model import sizing
 from infra.model.catalogue import resolve
@@ -83,6 +84,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     """Validate; exit 0 when valid, 2 with every problem otherwise."""
     try:
         site = site_from_args(args)
+        # Nodes to be network-installed need their OS image in the stack's lock (issue 20).
+        require_locked_images(site, lock_path_for(args.stack_file) if args.stack_file else lock_path(args.stack))
     except SiteError as exc:
         data = {
             "valid": False,

@@ -1,22 +1,34 @@
 #!/bin/sh
 # gpufleet deploy ramdisk (/init, busybox sh): write the node's OS image to its root disk, check the written
-# bytes, install the bootloader, inject the node's first-boot data, tell the provisioning service, reboot.
-# Everything it needs arrives on the kernel command line (rendered by infra/provision/render.py):
+# bytes, install the bootloader for the node's boot mode, inject the node's first-boot data, tell the
+# provisioning service, reboot. Everything it needs arrives on the kernel command line (rendered by
+# infra/provision/render.py):
 #   BOOTIF=01-<mac>  ip=<addr>::<gw>:<mask>:<host>::off  gpufleet.node=  gpufleet.boot_mode=bios|uefi
-#   gpufleet.image_url=  gpufleet.image_sha256=  gpufleet.image_size=  gpufleet.root_disk=serial:|size_gb:|path:
+#   gpufleet.image_url=  gpufleet.image_sha256=  gpufleet.image_size=
+#   gpufleet.root_disk=serial:|size_gb:|path:/dev/<name>|path:/dev/disk/by-id/…|path:/dev/disk/by-path/…
 #   gpufleet.firstboot_url=  gpufleet.done_url=
-# Any failure stops here (no reboot): the disk may be half-written, the service still says "install", so
-# the next power cycle starts the whole deploy again from the top. Nothing is ever partly skipped.
+# Any failure stops here (no reboot) and, once the network is up, is POSTed to the done URL as
+# `status=failed&reason=…` (the service logs it and keeps the node's install script). The disk may be
+# half-written; the next power cycle starts the whole deploy again from the top. Nothing is partly skipped.
 export PATH=/bin:/sbin
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 exec </dev/console >/dev/console 2>&1
+. /lib/gpufleet/disk.sh
 
 log() { echo "gpufleet-deploy: $*"; }
+# Tell the service (once the network is up): a form body of safe characters only, the reason cut to 400.
+report_failed() {
+    [ -n "$DONE_URL" ] && [ -n "$NET_UP" ] || return 0
+    reason=$(printf '%s' "$1" | tr -c 'A-Za-z0-9._:/-' '+' | cut -c1-400)
+    wget -q -T 10 -O /dev/null --post-data "status=failed&reason=$reason" "$DONE_URL" \
+        && log "failure reported to $DONE_URL"
+}
 fail() {
     log "FAILED: $*"
+    report_failed "$*"
     log "the node stays in the deploy ramdisk; power-cycle it to run the whole deploy again"
     while :; do sleep 3600; done
 }
@@ -36,8 +48,6 @@ for arg in $(cat /proc/cmdline); do
     esac
 done
 log "node ${NODE:-?}: deploy starts"
-[ -n "$IMAGE_URL" ] && [ -n "$IMAGE_SHA256" ] && [ -n "$IMAGE_SIZE" ] || fail "no image URL/sha256/size on the command line"
-[ "$BOOT_MODE" = bios ] || fail "boot mode '$BOOT_MODE': this ramdisk installs the BIOS bootloader only (UEFI not built yet)"
 
 kver=$(ls /lib/modules)
 while read -r m; do insmod "/lib/modules/$kver/$m" 2>/dev/null; done <"/lib/modules/$kver/gpufleet.order"
@@ -57,40 +67,18 @@ ip link set lo up
 ip link set "$iface" up
 ifconfig "$iface" "$addr" netmask "$mask" up || fail "cannot set $addr on $iface"
 [ -n "$gw" ] && ip route add default via "$gw"
+NET_UP=1
 log "network: $iface $addr/$mask"
+[ -n "$IMAGE_URL" ] && [ -n "$IMAGE_SHA256" ] && [ -n "$IMAGE_SIZE" ] || fail "no image URL/sha256/size on the command line"
+case "$BOOT_MODE" in bios|uefi) ;; *) fail "boot mode '$BOOT_MODE' is neither bios nor uefi" ;; esac
 
-# The root disk, by the stack's hint. Without udev there is no /dev/disk/by-*: serials and sizes are read
-# from sysfs; a path hint must be /dev/<name>.
-disks=""
-for b in /sys/block/*; do
-    n=${b##*/}
-    case "$n" in loop*|ram*|sr*|fd*|dm-*|md*) continue ;; esac
-    disks="$disks $n"
-done
-pick=""
-case "$ROOT_DISK" in
-    serial:*)
-        want=${ROOT_DISK#serial:}
-        for n in $disks; do
-            s=$(cat "/sys/block/$n/serial" 2>/dev/null || cat "/sys/block/$n/device/serial" 2>/dev/null)
-            s=$(echo "$s" | tr -d ' ')
-            [ "$s" = "$want" ] && pick="$pick $n"
-        done ;;
-    size_gb:*)
-        want=${ROOT_DISK#size_gb:}
-        for n in $disks; do
-            sectors=$(cat "/sys/block/$n/size")
-            [ "$((sectors * 512 / 1000000000))" = "$want" ] && pick="$pick $n"
-        done ;;
-    path:/dev/disk/*) fail "root disk path $ROOT_DISK: the deploy ramdisk has no udev links; use serial or size_gb" ;;
-    path:/dev/*) n=${ROOT_DISK#path:/dev/}; [ -e "/sys/block/$n" ] && pick=" $n" ;;
-    "") pick="$disks" ;;
-    *) fail "unknown root disk hint $ROOT_DISK" ;;
-esac
-set -- $pick
-[ "$#" -eq 1 ] || fail "root disk hint '${ROOT_DISK:-none}' matches $# disks (${pick:-none}; disks:$disks)"
-disk=/dev/$1
-case "$1" in *[0-9]) part=${disk}p1 ;; *) part=${disk}1 ;; esac
+# The root disk, by the stack's hint (lib/gpufleet/disk.sh: by-id/by-path names derived from sysfs, no udev
+# here). A hint that matches no disk or several stops the deploy before anything is written.
+name=$(pick_disk "$ROOT_DISK" 2>/tmp/pick.err) || fail "$(cat /tmp/pick.err)"
+disk=/dev/$name
+case "$name" in *[0-9]) p=${disk}p ;; *) p=$disk ;; esac
+part=${p}1
+esp=${p}2
 log "root disk: $disk (hint ${ROOT_DISK:-none})"
 
 # Write, then read back exactly the image's bytes from the disk and compare with the locked sha256.
@@ -104,15 +92,37 @@ got=$(dd if="$disk" bs=1M count="$mib" 2>/dev/null | sha256sum | cut -d' ' -f1)
 [ "$got" = "$IMAGE_SHA256" ] || fail "written bytes have sha256 $got, the lock says $IMAGE_SHA256"
 log "written bytes verified: sha256 $got"
 
-# Grow the root partition to the whole disk, then the file system (online), with the image's own tools.
+# The image's GPT (root = partition 1, last on the disk; ESP = 2; BIOS boot = 3) ends where the image ends:
+# move its backup header to the end of the disk, grow the root partition to the end, then the file system
+# (online), all with the image's own tools.
 blockdev --rereadpt "$disk" || fail "re-reading the partition table of $disk"
 mount -t ext4 "$part" /mnt || fail "mounting $part"
 for fs in dev proc sys; do mount --bind "/$fs" "/mnt/$fs"; done
+chroot /mnt sfdisk --quiet --no-reread --no-tell-kernel --relocate gpt-bak-std "$disk" >/dev/null 2>&1 \
+    || log "backup GPT not moved"
 echo ', +' | chroot /mnt sfdisk --quiet --no-reread --no-tell-kernel -N 1 "$disk" >/dev/null 2>&1 || log "partition not grown"
 chroot /mnt partx -u -n 1 "$disk" && chroot /mnt resize2fs "$part" >/dev/null 2>&1 || log "file system not grown"
 
-# Bootloader (BIOS): GRUB's boot code into the MBR and its core image into the gap before the partition.
-chroot /mnt grub-install --target=i386-pc "$disk" || fail "grub-install on $disk"
+# The EFI system partition: formatted on every install (a fixed volume id; fstab names it by GPT GUID).
+chroot /mnt mkfs.vfat -F 32 -n EFI -i 67706631 "$esp" >/dev/null || fail "formatting the EFI system partition $esp"
+mount -t vfat "$esp" /mnt/boot/efi || fail "mounting the EFI system partition $esp"
+if [ "$BOOT_MODE" = uefi ]; then
+    # Debian's signed chain when shim-signed and grub-efi-amd64-signed are in the image: shim (Microsoft UEFI
+    # CA) → grub (Debian key) → the Debian-signed kernel, so Secure Boot can stay on. Installed to
+    # \EFI\debian and to the removable-media path \EFI\BOOT\BOOTX64.EFI (--force-extra-removable), with no
+    # NVRAM entry (--no-nvram): the ramdisk has no efivarfs, and the fallback path boots on firmware that
+    # forgets or reorders NVRAM entries (docs/bare-metal.md, firmware quirks).
+    sb=--uefi-secure-boot
+    [ -f /mnt/usr/lib/shim/shimx64.efi.signed ] || sb=--no-uefi-secure-boot  # an image built without shim
+    chroot /mnt grub-install --target=x86_64-efi --efi-directory=/boot/efi --bootloader-id=debian \
+        "$sb" --force-extra-removable --no-nvram || fail "grub-install (UEFI) into $esp"
+    [ -f /mnt/boot/efi/EFI/BOOT/BOOTX64.EFI ] || fail "no \\EFI\\BOOT\\BOOTX64.EFI after grub-install"
+    signed=no
+    [ -f /mnt/boot/efi/EFI/BOOT/grubx64.efi ] && signed="yes (shim + signed grub)"
+else
+    # BIOS: GRUB's boot code into the protective MBR, its core image into the BIOS boot partition.
+    chroot /mnt grub-install --target=i386-pc "$disk" || fail "grub-install (BIOS) on $disk"
+fi
 uuid=$(sed -n 's/^UUID=\([^ ]*\) \/ .*/\1/p' /mnt/etc/fstab)
 [ -n "$uuid" ] || fail "no root UUID in the image's /etc/fstab"
 cat >/mnt/boot/grub/grub.cfg <<EOF
@@ -128,7 +138,11 @@ menuentry "gpufleet $NODE" {
     initrd /initrd.img
 }
 EOF
-log "bootloader installed (BIOS, root UUID $uuid)"
+if [ "$BOOT_MODE" = uefi ]; then
+    log "bootloader installed (UEFI, \\EFI\\BOOT\\BOOTX64.EFI, Secure Boot chain: $signed; root UUID $uuid)"
+else
+    log "bootloader installed (BIOS, root UUID $uuid)"
+fi
 
 # First-boot data: hostname, network, admin keys, the node's own SSH host key.
 if [ -n "$FIRSTBOOT_URL" ]; then
@@ -137,6 +151,7 @@ if [ -n "$FIRSTBOOT_URL" ]; then
     rm -f /tmp/firstboot.tar.gz
     log "first-boot data written"
 fi
+umount /mnt/boot/efi || fail "unmounting $esp"
 for fs in sys proc dev; do umount "/mnt/$fs"; done
 umount /mnt || fail "unmounting $part"
 sync

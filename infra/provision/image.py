@@ -1,9 +1,12 @@
 """`gpufleet image build`: a node OS disk image and the deploy ramdisk, reproducibly, from one apt repository.
 
-The image is a raw disk image (MBR, one ext4 partition at 1 MiB) built without loop devices or block
-devices: mmdebstrap installs the packages into a directory, mke2fs `-d` turns that directory into a file
-system, and the partition table is written into a plain file (`mbr`). The bootloader is *not* in the image:
-the deploy ramdisk installs it on the node's own disk (the disk's geometry and firmware are only known there).
+The image is a raw disk image built without loop devices or block devices: mmdebstrap installs the
+packages into a directory, mke2fs `-d` turns that directory into a file system, and the partition table is
+written into a plain file (`gpt`). One image serves both boot modes: a GPT with the root file system as
+partition 1 (last on the disk, so the node can grow it), an EFI system partition (2, left blank: the deploy
+ramdisk formats it) and a BIOS boot partition (3, where GRUB's i386-pc core image goes on a GPT disk). The
+bootloader is *not* in the image: the deploy ramdisk installs GRUB for the node's boot mode on the node's own
+disk (the disk's size and the firmware are only known there).
 
 Reproducible: `SOURCE_DATE_EPOCH` for mmdebstrap and the packages' maintainer scripts; every mtime set to
 it; apt's download directories owned by root; a fixed file-system UUID and hash seed; mke2fs's and
@@ -14,7 +17,9 @@ from the same repository and package pins give the same sha256 (tests/lab/test_i
 References: mmdebstrap(1) 1.3.5 (Debian 12: `--variant`, `--include`, `--setup-hook`/`--customize-hook`,
 `upload`, `copy://` mirrors, SOURCE_DATE_EPOCH), mke2fs(8) 1.47.0 (`-d`, `-U`, `-E hash_seed=,root_owner=`),
 debugfs(8) (`set_inode_field`), apt_preferences(5) (Pin-Priority 1001),
-https://reproducible-builds.org/docs/source-date-epoch/.
+https://reproducible-builds.org/docs/source-date-epoch/, UEFI Specification 2.10 section 5.3 (GUID Partition
+Table: header, entries, protective MBR) and 13.3.3 (EFI system partition type GUID), GRUB manual "BIOS
+installation" (the BIOS boot partition GUID).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import shutil
 import subprocess
 import time
 import uuid
+import zlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,8 +41,10 @@ from pathlib import Path
 from infra.model.site import IMAGE_NAME
 
 #: Packages of the minimal node image: a kernel, systemd with networkd, SSH, Python (Ansible), the
-#: bootloader files the deploy ramdisk installs from (grub-pc-bin/grub2-common), sfdisk and e2fsprogs
-#: (growing the root partition), busybox-static (the deploy ramdisk's userland comes from the same build).
+#: bootloader files the deploy ramdisk installs from (grub-pc-bin for BIOS; grub-efi-amd64-bin for UEFI,
+#: with Debian's Secure Boot chain: shim-signed and grub-efi-amd64-signed, signed by Microsoft's UEFI CA and
+#: Debian's key), dosfstools (the ramdisk formats the EFI system partition), sfdisk and e2fsprogs (growing the
+#: root partition), busybox-static (the deploy ramdisk's userland comes from the same build).
 DEFAULT_PACKAGES = (
     "linux-image-cloud-amd64",
     "systemd",
@@ -49,6 +57,10 @@ DEFAULT_PACKAGES = (
     "netbase",
     "grub-pc-bin",
     "grub2-common",
+    "grub-efi-amd64-bin",
+    "grub-efi-amd64-signed",
+    "shim-signed",
+    "dosfstools",
     "e2fsprogs",
     "fdisk",
     "initramfs-tools",
@@ -56,8 +68,19 @@ DEFAULT_PACKAGES = (
 )
 #: 2025-01-01T00:00:00Z: the default build time every file gets (overridden by the lock or --epoch).
 DEFAULT_EPOCH = 1735689600
-#: Image layout: the partition starts at 1 MiB (room for GRUB's core image in the MBR gap).
-PART_START = 1 << 20
+MIB = 1 << 20
+SECTOR = 512
+#: Image layout (byte offsets): BIOS boot partition at 1 MiB (1 MiB: GRUB's i386-pc core image), EFI system
+#: partition at 2 MiB (64 MiB: FAT32 needs 65525 clusters; shim + GRUB take ~4 MB), the root file system
+#: from 66 MiB to 1 MiB before the end (the last MiB holds the backup GPT; the ramdisk moves it to the end
+#: of the real disk and grows the root).
+BIOS_START, BIOS_SIZE = 1 * MIB, 1 * MIB
+ESP_START, ESP_SIZE = 2 * MIB, 64 * MIB
+PART_START = ESP_START + ESP_SIZE
+#: GPT partition type GUIDs: Linux filesystem data, EFI system partition (UEFI spec), BIOS boot (GRUB).
+TYPE_LINUX = "0fc63daf-8483-4772-8e79-3d69d8477de4"
+TYPE_ESP = "c12a7328-f81f-11d2-ba4b-00a0c93ec93b"
+TYPE_BIOS = "21686148-6449-6e6f-744e-656564454649"
 #: Namespace for the file-system UUID: the same image name gets the same UUID in every build.
 _UUID_NS = uuid.UUID("6f1c2a4e-93b5-4d1e-8f47-2b1d0c9e5a71")
 #: Deploy ramdisk modules (names; dependencies are added from modules.dep): virtio disks and NICs for VM
@@ -65,6 +88,9 @@ _UUID_NS = uuid.UUID("6f1c2a4e-93b5-4d1e-8f47-2b1d0c9e5a71")
 RAMDISK_MODULES = (
     "virtio_pci", "virtio_blk", "virtio_net", "virtio_scsi", "sd_mod", "nvme", "ahci", "ata_piix",
     "e1000", "e1000e", "igb", "ixgbe", "i40e", "ice", "mlx5_core", "bnxt_en",
+    # The EFI system partition: mounted by the ramdisk for grub-install (FAT with Debian's default code page
+    # 437 and iocharset utf8).
+    "vfat", "nls_cp437", "nls_utf8", "nls_ascii",
 )
 _PKG = re.compile(r"^[a-z0-9][a-z0-9+.-]*(=[A-Za-z0-9.+~:-]+)?$")
 _SUITE = re.compile(r"^[a-z0-9][a-z0-9.-]*$")
@@ -230,7 +256,10 @@ def mmdebstrap_cmd(spec: ImageSpec, root: Path, prefs: Path | None = None) -> li
     return cmd
 
 
-_FSTAB = "# gpufleet image: the root file system by its fixed UUID.\nUUID={uuid} / ext4 errors=remount-ro 0 1\n"
+# The ESP by its fixed partition GUID (its FAT volume id is made on the node); `nofail`: a BIOS node whose
+# ESP was never formatted still boots.
+_FSTAB = ("# gpufleet image: the root file system by its fixed UUID, the EFI system partition by its GPT GUID.\n"
+          "UUID={uuid} / ext4 errors=remount-ro 0 1\nPARTUUID={esp} /boot/efi vfat umask=0077,nofail 0 1\n")
 # sshd offers only the ed25519 key the deploy ramdisk injected (the key gpufleet pinned); a node deployed
 # without one gets a fresh key from ssh-keygen -A instead of an sshd that cannot start.
 _SSHD_CONF = "# gpufleet: the node's pinned host key only.\nHostKey /etc/ssh/ssh_host_ed25519_key\n"
@@ -239,7 +268,9 @@ _SSH_KEYGEN_DROPIN = "[Service]\nExecStartPre=\nExecStartPre=/usr/bin/ssh-keygen
 
 def customize(root: Path, spec: ImageSpec) -> None:
     """Files the image needs that no package writes, then every mtime set to the epoch."""
-    (root / "etc/fstab").write_text(_FSTAB.format(uuid=fs_uuid(spec.name)), encoding="utf-8")
+    esp = next(p.guid for p in disk_partitions(spec.name, 0) if p.type_guid == TYPE_ESP)
+    (root / "etc/fstab").write_text(_FSTAB.format(uuid=fs_uuid(spec.name), esp=esp), encoding="utf-8")
+    (root / "boot/efi").mkdir(parents=True, exist_ok=True)
     (root / "etc/ssh/sshd_config.d").mkdir(parents=True, exist_ok=True)
     (root / "etc/ssh/sshd_config.d/gpufleet.conf").write_text(_SSHD_CONF, encoding="utf-8")
     dropin = root / "etc/systemd/system/ssh.service.d"
@@ -308,7 +339,7 @@ def _times_script(root: Path, epoch: int, work: Path) -> Path:
 
 
 def make_disk(root: Path, disk: Path, spec: ImageSpec, used: int) -> None:
-    """Raw disk image: MBR with one bootable Linux partition at 1 MiB holding ext4 made from `root`."""
+    """Raw disk image: GPT (root ext4 made from `root`, blank ESP, BIOS boot partition), whole MiB."""
     size = fs_size(used)
     fs = disk.with_suffix(".ext4")
     env = {**os.environ, "E2FSPROGS_FAKE_TIME": str(spec.epoch), "SOURCE_DATE_EPOCH": str(spec.epoch)}
@@ -322,9 +353,12 @@ def make_disk(root: Path, disk: Path, spec: ImageSpec, used: int) -> None:
     _run(["debugfs", "-w", "-f", str(_times_script(root, spec.epoch, work=disk.with_suffix(".sif"))), str(fs)],
          env=env)
     disk.with_suffix(".sif").unlink()
+    total = PART_START + size + MIB
     with disk.open("wb") as f:
-        f.truncate(PART_START + size)
-        f.write(mbr(PART_START // 512, size // 512))
+        f.truncate(total)
+        for offset, data in gpt(total // SECTOR, disk_partitions(spec.name, size), disk_guid(spec.name)):
+            f.seek(offset)
+            f.write(data)
     with fs.open("rb") as src, disk.open("r+b") as dst:
         dst.seek(PART_START)
         while chunk := src.read(1 << 22):
@@ -332,17 +366,75 @@ def make_disk(root: Path, disk: Path, spec: ImageSpec, used: int) -> None:
     fs.unlink()
 
 
-def mbr(start: int, sectors: int, disk_id: int = 0x67706631) -> bytes:
-    """A DOS partition table (first 512 bytes) with one bootable Linux partition, addressed by LBA only.
+@dataclass(frozen=True)
+class Partition:
+    """One GPT entry: number (1-based), first and last sector (inclusive), type and unique GUID, name."""
 
-    Layout from the MBR format (https://en.wikipedia.org/wiki/Master_boot_record, "Partition table
-    entries"): disk signature at 440, four 16-byte entries at 446, 0x55AA at 510. CHS fields hold the
-    "use LBA" values (0xFE 0xFF 0xFF) that fdisk writes for partitions beyond CHS range. A fixed
-    signature: sfdisk would pick a random one, and the image would not be reproducible.
+    number: int
+    first: int
+    last: int
+    type_guid: str
+    guid: str
+    name: str
+
+
+def disk_guid(name: str) -> str:
+    """The image's GPT disk GUID: derived from its name (a random one would break reproducibility)."""
+    return str(uuid.uuid5(_UUID_NS, f"{name}:disk"))
+
+
+def disk_partitions(name: str, root_size: int) -> list[Partition]:
+    """The image's three partitions; root first (`/dev/<disk>1` on the node) though last on the disk."""
+    def guid(part: str) -> str:
+        return str(uuid.uuid5(_UUID_NS, f"{name}:{part}"))
+
+    return [
+        Partition(1, PART_START // SECTOR, (PART_START + root_size) // SECTOR - 1, TYPE_LINUX, guid("root"), "root"),
+        Partition(2, ESP_START // SECTOR, (ESP_START + ESP_SIZE) // SECTOR - 1, TYPE_ESP, guid("esp"), "esp"),
+        Partition(3, BIOS_START // SECTOR, (BIOS_START + BIOS_SIZE) // SECTOR - 1, TYPE_BIOS, guid("bios"), "bios"),
+    ]
+
+
+#: GPT entries: 128 of 128 bytes (32 sectors), the UEFI spec's minimum array size and what every tool writes.
+_ENTRIES, _ENTRY_SIZE = 128, 128
+
+
+def _gpt_header(current: int, backup: int, entries_lba: int, total: int, disk: str, entries_crc: int) -> bytes:
+    """One GPT header sector (UEFI spec 2.10, table 5.5), CRC32 over its 92 bytes with the CRC field zero."""
+    first_usable = 2 + _ENTRIES * _ENTRY_SIZE // SECTOR
+    fields = [b"EFI PART", (0x00010000).to_bytes(4, "little"), (92).to_bytes(4, "little"), bytes(4), bytes(4),
+              current.to_bytes(8, "little"), backup.to_bytes(8, "little"), first_usable.to_bytes(8, "little"),
+              (total - first_usable).to_bytes(8, "little"), uuid.UUID(disk).bytes_le, entries_lba.to_bytes(8, "little"),
+              _ENTRIES.to_bytes(4, "little"), _ENTRY_SIZE.to_bytes(4, "little"), entries_crc.to_bytes(4, "little")]
+    head = b"".join(fields)
+    crc = zlib.crc32(head)
+    return (head[:16] + crc.to_bytes(4, "little") + head[20:]).ljust(SECTOR, b"\0")
+
+
+def gpt(total: int, parts: Sequence[Partition], disk: str) -> list[tuple[int, bytes]]:
+    """(byte offset, data) pieces of a GPT for a disk of `total` sectors: protective MBR, primary, backup.
+
+    Protective MBR: one partition of type 0xEE from sector 1 over the whole disk (capped at 2^32-1 sectors),
+    not marked bootable (UEFI spec 5.2.3). Entries sorted by number; unused entries are zero.
     """
-    chs = bytes([0xFE, 0xFF, 0xFF])
-    entry = bytes([0x80]) + chs + bytes([0x83]) + chs + start.to_bytes(4, "little") + sectors.to_bytes(4, "little")
-    return bytes(440) + disk_id.to_bytes(4, "little") + bytes(2) + entry + bytes(48) + b"\x55\xaa"
+    table = bytearray(_ENTRIES * _ENTRY_SIZE)
+    for p in parts:
+        name = p.name.encode("utf-16-le")[:72]
+        entry = (uuid.UUID(p.type_guid).bytes_le + uuid.UUID(p.guid).bytes_le + p.first.to_bytes(8, "little")
+                 + p.last.to_bytes(8, "little") + bytes(8) + name.ljust(72, b"\0"))
+        table[(p.number - 1) * _ENTRY_SIZE:p.number * _ENTRY_SIZE] = entry
+    crc = zlib.crc32(table)
+    entry_sectors = len(table) // SECTOR
+    pmbr_entry = (bytes([0x00, 0x00, 0x02, 0x00, 0xEE, 0xFF, 0xFF, 0xFF]) + (1).to_bytes(4, "little")
+                  + min(total - 1, 0xFFFFFFFF).to_bytes(4, "little"))
+    pmbr = bytes(446) + pmbr_entry + bytes(48) + b"\x55\xaa"
+    return [
+        (0, pmbr),
+        (SECTOR, _gpt_header(1, total - 1, 2, total, disk, crc)),
+        (2 * SECTOR, bytes(table)),
+        ((total - 1 - entry_sectors) * SECTOR, bytes(table)),
+        ((total - 1) * SECTOR, _gpt_header(total - 1, 1, total - 1 - entry_sectors, total, disk, crc)),
+    ]
 
 
 def installed_packages(root: Path) -> dict[str, str]:
@@ -395,6 +487,8 @@ def _cpio_newc(entries: list[tuple[str, int, bytes, str]], epoch: int) -> bytes:
 
 
 _INIT = Path(__file__).with_name("deploy_init.sh")
+#: The root-disk selection the init sources (separate so tests run it against a fake sysfs tree).
+DISK_LIB = Path(__file__).with_name("deploy_disk.sh")
 
 
 def build_ramdisk(root: Path, initrd: Path, epoch: int) -> None:
@@ -404,9 +498,10 @@ def build_ramdisk(root: Path, initrd: Path, epoch: int) -> None:
     mods = module_closure(moddir, RAMDISK_MODULES)
     entries: list[tuple[str, int, bytes, str]] = []
     dirs = {"bin", "sbin", "dev", "proc", "sys", "mnt", "tmp", "run", "etc", "lib", "lib/modules",
-            f"lib/modules/{kver}"}
+            f"lib/modules/{kver}", "lib/gpufleet"}
     files: dict[str, tuple[int, bytes]] = {
         "init": (0o100755, _INIT.read_bytes()),
+        "lib/gpufleet/disk.sh": (0o100644, DISK_LIB.read_bytes()),
         "bin/busybox": (0o100755, (root / "bin/busybox").read_bytes()),
         # Load order for the init (one path per line, dependencies first).
         f"lib/modules/{kver}/gpufleet.order": (0o100644, "".join(m + "\n" for m in mods).encode()),

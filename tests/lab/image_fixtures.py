@@ -34,9 +34,21 @@ def need_build_tools() -> None:
             pytest.skip(f"{tool} is not installed (./scripts/setup.sh --test)")
 
 
+def _indexed() -> set[str]:
+    index = REPO / "Packages"
+    if not index.is_file():
+        return set()
+    return {line.split(":", 1)[1].strip() for line in index.read_text(encoding="utf-8").splitlines()
+            if line.startswith("Package:")}
+
+
 def make_repo() -> Path:
-    """The flat repository with every package the default image needs (made once, then reused)."""
-    if (REPO / "Packages").is_file():
+    """The flat repository with every package the default image needs (made once, then reused).
+
+    A cached repository that lacks a package the default list gained since (e.g. the UEFI bootloader
+    packages) is filled up: the download runs again into the same pool, and the index is rebuilt.
+    """
+    if set(DEFAULT_PACKAGES) <= _indexed():
         return REPO
     pool = REPO / "pool"
     pool.mkdir(parents=True, exist_ok=True)

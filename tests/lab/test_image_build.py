@@ -38,10 +38,19 @@ def test_second_build_from_the_manifest_has_the_same_sha256(built_image: Path, t
     for rel in (f"images/{IMAGE}.img", "deploy/vmlinuz", "deploy/initrd.img", f"images/{IMAGE}.json"):
         assert digest(out / rel) == digest(built_image / rel), rel
     # The manifest names a kernel and the packages first boot needs, each pinned to one version.
-    for pkg in ("systemd", "openssh-server", "grub-pc-bin", "python3"):
+    for pkg in ("systemd", "openssh-server", "grub-pc-bin", "grub-efi-amd64-signed", "shim-signed", "python3"):
         assert manifest["packages"].get(pkg), pkg
     # Recorded in the lock with the image's own sha256 and size, for the bundle to carry.
     arts = {a["path"]: a for a in json.loads(lock.read_text())["artifacts"]}
     disk = arts[f"provision/images/{IMAGE}.img"]
     assert (disk["size"], disk["sha256"]) == (manifest["disk"]["size"], manifest["disk"]["sha256"])
     assert disk["segments"] == ["iso"] and disk["kind"] == "os-image"
+    # ... and as an OS image with the package set it was built from (what `gpufleet lock` keeps).
+    (image,) = json.loads(lock.read_text())["os_images"]
+    assert (image["name"], image["sha256"]) == (IMAGE, manifest["disk"]["sha256"])
+    assert image["size"] == manifest["disk"]["size"]
+    assert image["packages"] == sorted(f"{k}={v}" for k, v in manifest["packages"].items())
+    # One image for both boot modes: a GPT with the root, an EFI system partition and a BIOS boot partition.
+    with (out / f"images/{IMAGE}.img").open("rb") as f:
+        head = f.read(1024)
+    assert head[450] == 0xEE and head[512:520] == b"EFI PART"

@@ -24,13 +24,17 @@ from infra.model.load import parse_site
 from infra.provision.firstboot import HostKeyStore, firstboot_tar, networkd_file
 from infra.provision.httpd import mark_done
 from infra.provision.image import (
+    MIB,
+    PART_START,
     BuiltFile,
     ImageError,
     ImageResult,
     ImageSpec,
     _cpio_newc,
+    disk_guid,
+    disk_partitions,
     fs_size,
-    mbr,
+    gpt,
     mmdebstrap_cmd,
     module_closure,
     pins_from,
@@ -50,14 +54,41 @@ def _site() -> dict[str, Any]:
 
 
 @pytest.mark.skipif(shutil.which("partx") is None, reason="util-linux partx not installed")
-def test_partition_table_is_read_by_partx(tmp_path: Path) -> None:
+def test_partition_table_is_a_gpt_partx_reads_from_either_header(tmp_path: Path) -> None:
+    """util-linux (libblkid) checks both CRCs; with the primary header destroyed it reads the backup one."""
     disk = tmp_path / "d.img"
+    root_size = 100 * MIB
+    total = PART_START + root_size + MIB
     with disk.open("wb") as f:
-        f.truncate(64 << 20)
-        f.write(mbr(2048, (64 << 20) // 512 - 2048))
-    out = subprocess.run(["partx", "--show", "-g", "-o", "NR,START,SECTORS,TYPE,FLAGS", str(disk)],
-                         capture_output=True, text=True, check=True).stdout.split()
-    assert out == ["1", "2048", str((64 << 20) // 512 - 2048), "0x83", "0x80"]
+        f.truncate(total)
+        for offset, data in gpt(total // 512, disk_partitions("debian-12-node", root_size), disk_guid("x")):
+            f.seek(offset)
+            f.write(data)
+    cols = "NR,START,SECTORS,TYPE,UUID,NAME"
+
+    def read() -> list[list[str]]:
+        out = subprocess.run(["partx", "--show", "-g", "-o", cols, str(disk)], capture_output=True, text=True,
+                             check=True).stdout
+        return [line.split() for line in out.splitlines()]
+
+    rows = read()
+    guid = {p.name: p.guid for p in disk_partitions("debian-12-node", root_size)}
+    # Type GUIDs: Linux data and EFI system partition (UEFI spec 2.10 table 5.14), BIOS boot (GRUB manual).
+    assert rows == [
+        ["1", str(66 * MIB // 512), str(root_size // 512), "0fc63daf-8483-4772-8e79-3d69d8477de4", guid["root"],
+         "root"],
+        ["2", str(2 * MIB // 512), str(64 * MIB // 512), "c12a7328-f81f-11d2-ba4b-00a0c93ec93b", guid["esp"], "esp"],
+        ["3", str(MIB // 512), str(MIB // 512), "21686148-6449-6e6f-744e-656564454649", guid["bios"], "bios"],
+    ]
+    with disk.open("r+b") as f:  # the protective MBR: one 0xEE entry, boot signature
+        head = f.read(512)
+        assert head[450] == 0xEE and head[510:] == b"\x55\xaa"
+        f.seek(512)
+        f.write(bytes(512))  # destroy the primary header: the backup at the last sector must carry the table
+    assert read() == rows
+    # Same name, same bytes: the GUIDs come from the image name, never from a random source.
+    assert disk_partitions("debian-12-node", root_size) == disk_partitions("debian-12-node", root_size)
+    assert disk_guid("a") != disk_guid("b")
 
 
 def test_module_closure_loads_dependencies_first(tmp_path: Path) -> None:
