@@ -49,10 +49,18 @@ def converged_state(plan: NodePlan, **overrides: Any) -> NodeState:
         # Every declared fabric port present, up at its declared speed, on an ACTIVE RDMA port.
         fabric_ports=tuple(
             FabricPortState(
-                fabric, kind, value, netdev=value if kind == "netdev" else f"fab{i}", operstate="up",
-                speed_mbps=int(pp.port.speed_gbps * 1000), rdma_device=f"mlx5_{i}", rdma_port=1,
-                rdma_state="4: ACTIVE", rdma_phys_state="5: LinkUp", rdma_rate=f"{pp.port.speed_gbps} Gb/sec (4X)",
-            )  # fmt: skip
+                fabric,
+                kind,
+                value,
+                netdev=value if kind == "netdev" else f"fab{i}",
+                operstate="up",
+                speed_mbps=int(pp.port.speed_gbps * 1000),
+                rdma_device=f"mlx5_{i}",
+                rdma_port=1,
+                rdma_state="4: ACTIVE",
+                rdma_phys_state="5: LinkUp",
+                rdma_rate=f"{pp.port.speed_gbps} Gb/sec (4X)",
+            )
             for i, (pp, (fabric, kind, value)) in enumerate(
                 zip(plan.fabric_ports, probe_spec(plan).fabric_ports, strict=True)
             )
