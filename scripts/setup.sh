@@ -11,13 +11,15 @@ UV_VERSION=0.13.9   # also pinned in uv.lock (dev extra), so `uv sync` keeps it
 # With --test, also what the test suite needs: systemd-analyze (unit files), ipmi_sim (IPMI tests),
 # nft (ruleset checks), g++/make (the lab's llama.cpp wheel is built from source), dnsmasq (provisioning
 # config check), qemu + its iPXE ROMs + OVMF + ipxe + cpio (the network-boot VM tests), mmdebstrap +
-# mke2fs/debugfs (`gpufleet image build`), libvirt + its Python binding (the VM node behind sushy-tools).
+# mke2fs/debugfs (`gpufleet image build`), libvirt + its Python binding (the VM nodes behind sushy-tools):
+# libvirt-daemon, not libvirt-daemon-system — the lab runs the daemons itself, and the system package would
+# start libvirtd and its default NAT network (192.168.122.0/24) on a machine that runs systemd.
 declare -A want=([git]=git [ssh]=openssh-client [gpg]=gnupg [gpgv]=gpgv [dpkg-scanpackages]=dpkg-dev
                  [skopeo]=skopeo [ipmitool]=ipmitool [openssl]=openssl)
 if [[ "${1:-}" == "--test" ]]; then
   want+=([systemd-analyze]=systemd [ipmi_sim]=openipmi [nft]=nftables [g++]=g++ [make]=make [promtool]=prometheus
          [dnsmasq]=dnsmasq-base [qemu-system-x86_64]=qemu-system-x86 [cpio]=cpio
-         [mmdebstrap]=mmdebstrap [debugfs]=e2fsprogs [libvirtd]=libvirt-daemon-system [virsh]=libvirt-clients)
+         [mmdebstrap]=mmdebstrap [debugfs]=e2fsprogs [libvirtd]=libvirt-daemon [virsh]=libvirt-clients)
 fi
 need_apt=()
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)

@@ -34,8 +34,8 @@ VIRSH = ("virsh", "-c", "qemu:///system")
 #: Host tools a VM node needs (command → Debian package).
 VM_PACKAGES = {
     "qemu-system-x86_64": "qemu-system-x86",
-    "libvirtd": "libvirt-daemon-system",
-    "virtlogd": "libvirt-daemon-system",
+    "libvirtd": "libvirt-daemon",
+    "virtlogd": "libvirt-daemon",
     "virsh": "libvirt-clients",
     "unshare": "util-linux",
 }
@@ -141,7 +141,10 @@ def libvirt(work: Path) -> Iterator[None]:
     """Run virtlogd + libvirtd in the foreground (our PIDs), with a private /etc/libvirt where qemu runs as root."""
     etc = work / "etc-libvirt"
     shutil.rmtree(etc, ignore_errors=True)
-    shutil.copytree("/etc/libvirt", etc)
+    # Built from nothing, not copied from /etc/libvirt: the daemons need no system configuration (setup.sh
+    # installs libvirt-daemon, not libvirt-daemon-system, whose services and default NAT network a lab must
+    # not bring along), and a host's own libvirt settings (autostarted networks, hooks) never reach the lab.
+    (etc / "qemu").mkdir(parents=True)
     # qemu as root: the disks and consoles live in the lab's state directory, owned by root.
     (etc / "qemu.conf").write_text('user = "root"\ngroup = "root"\nremember_owner = 0\n')
     for d in ("/var/log/libvirt", "/run/libvirt"):
