@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -49,6 +50,35 @@ class SiteArgs:
     """The node's Ansible host variables (hashed into its converge trigger)."""
 
 
+# The Python SDK checks each dependency it declares for a cycle by walking every transitive dependency with
+# a recursive generator (pulumi/runtime/resource_cycle_breaker.py `_with_transitive_deps`): one frame per step
+# of the longest path. A segment's rolling order is such a path, 3 steps per batch (batch converge → guard →
+# validate → previous batch converge). Measured under mocks with the default limit of 1,000 frames: 250
+# batches in one segment (path of 752) run, 330 fail with RecursionError. Keep ~100 frames for the program's
+# own stack (the SDK's asyncio loop and ours: ~25 seen) and refuse more batches with the fix named.
+STEPS_PER_BATCH = 3
+STACK_FRAMES_KEPT = 100
+
+
+def max_batches_per_segment() -> int:
+    """Most rolling batches one segment may have before the SDK's dependency walk exceeds the recursion limit."""
+    return (sys.getrecursionlimit() - STACK_FRAMES_KEPT) // STEPS_PER_BATCH
+
+
+def _check_depth(plan: SitePlan) -> None:
+    limit = max_batches_per_segment()
+    counts: dict[str, int] = {}
+    for batch in plan.batches():
+        counts[batch[0].segment.name] = counts.get(batch[0].segment.name, 0) + 1
+    for seg, n in counts.items():
+        if n > limit:
+            size = plan.site.rollout.batch_size
+            raise pulumi.RunError(
+                f"segments[{seg}]: {n} rolling batches (rollout.batch_size={size}) in one segment; the Pulumi "
+                f"program supports {limit} per segment (the Python SDK's recursive dependency walk fails "
+                f"beyond): raise rollout.batch_size to at least {-(-n * size // limit)}, or split the segment")
+
+
 class Site(pulumi.ComponentResource):
     """A whole GPU site: segments (with mirrors), nodes in rolling batches, inference services."""
 
@@ -60,6 +90,7 @@ class Site(pulumi.ComponentResource):
     endpoints: dict[str, list[str]]
 
     def __init__(self, name: str, args: SiteArgs, opts: pulumi.ResourceOptions | None = None) -> None:
+        _check_depth(args.plan)  # before registering anything: refuse a graph the SDK cannot walk
         super().__init__("gpufleet:site:Site", name, None, opts)
         site = args.plan.site
         self._secrets: dict[str, pulumi.Output[str]] = {}

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import itertools
 
+import pulumi
 import pytest
 
 from infra.bench import pulumi_mocks as mocks
 from infra.bench.sitegen import generate_site
+from infra.components import site as site_mod
 from tests.pulumi.conftest import Run, run_program
 
 # Relative durations: waiting for SSH after a reimage dominates, as on real machines.
@@ -122,3 +124,18 @@ def test_batch_converge_and_validate_record_their_outcome_for_the_guard(stack_ru
                                f"--step validate --rc $?")
         batch = stack_run.reg(f"{p.segment.name}-batch{p.batch}-converge").inputs["create"].split()
         assert "--record" in batch and ["--node", p.hostname] in [batch[i:i + 2] for i in range(len(batch))]
+
+
+def test_a_segment_with_more_batches_than_the_sdk_can_walk_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before registering anything: a RunError naming the segment, the setting and the batch size that fits."""
+    monkeypatch.setattr(site_mod, "max_batches_per_segment", lambda: 2)
+    raw = generate_site(6, nodes_per_segment=6)  # one segment, 6 batches of 1
+    with pytest.raises(pulumi.RunError, match=r"segments\[.*\]: 6 rolling batches \(rollout.batch_size=1\).*"
+                                              r"supports 2 per segment.*batch_size to at least 3"):
+        run_program("bench", raw)
+
+
+def test_the_depth_limit_follows_the_measured_recursion_failure() -> None:
+    """With the default limit the bound admits the 250-node segments of the benchmark at batch_size 1
+    (measured: 752-step path, runs) and refuses 330 (measured: RecursionError in the SDK)."""
+    assert 250 <= site_mod.max_batches_per_segment() < 330
