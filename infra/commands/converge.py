@@ -78,7 +78,7 @@ def register(sub: Any) -> None:
     )
     add_stack_args(p)
     p.add_argument("--node", required=True, help="node hostname")
-    p.add_argument("--ttl", type=positive_float, required=True, help="seconds until the lease expires by itself")
+    p.add_argument("--ttl", type=int, required=True, help="seconds (≥ 1) until the lease expires by itself")
     p.add_argument("--timeout", type=positive_float, default=None,
                    help="give up (exit 5) after this many seconds without a free lease (default: wait)")
     p.set_defaults(func=cmd_provision_slot)
@@ -205,6 +205,8 @@ def cmd_converge(args: argparse.Namespace) -> int:
 
 def cmd_provision_slot(args: argparse.Namespace) -> int:
     """Take one of the stack's reimage leases for the node; exit 5 when --timeout passed without one."""
+    if args.ttl < 1:
+        return fail(args, Exit.INVALID, f"--ttl {args.ttl}: a lease lasts at least 1 second")
     plan = plan_site(site_from_args(args))
     node = plan.node(args.node)
     width = plan.site.rollout.max_parallel_reimage
