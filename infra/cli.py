@@ -32,6 +32,7 @@ COMMANDS: dict[str, str] = {
     "check": "infra.commands.converge",
     "validate-node": "infra.commands.converge",
     "wait-ssh": "infra.commands.converge",
+    "provision-slot": "infra.commands.converge",
     "rebuild": "infra.commands.rebuild",
     "drift": "infra.commands.drift",
     "fingerprint": "infra.commands.fingerprint",

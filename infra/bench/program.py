@@ -7,6 +7,8 @@ validation and planning, which figure 3 measures separately.
 
 from __future__ import annotations
 
+import json
+import resource
 import time
 from typing import Any
 
@@ -39,25 +41,59 @@ def _bare(count: int) -> mocks.Recording:
     return mocks.run(program, stack="bench")
 
 
-def compare(nodes: int, repeats: int, settings: ProgramSettings) -> dict[str, Any]:
-    """Time the gpufleet program for a generated site of `nodes` nodes against the same number of bare commands."""
+def state_bytes(rec: mocks.Recording) -> int:
+    """JSON size of what the program registered (URN, type, parent, dependencies, inputs per resource).
+
+    A lower bound of the state file: the engine's checkpoint holds the same per resource plus outputs and
+    bookkeeping.
+    """
+    registered = [{"urn": r.urn, "type": r.type, "parent": r.parent, "dependencies": r.dependencies,
+                   "inputs": r.raw_inputs} for r in rec.resources]
+    return len(json.dumps(registered, default=str, separators=(",", ":")))
+
+
+def _timed_program(plan: SitePlan, settings: ProgramSettings, out: dict[str, Any]) -> int:
+    """One program run: its wall time, CPU time and registered JSON size into `out`; returns the resource count."""
+    ru0 = resource.getrusage(resource.RUSAGE_SELF)
+    t0 = time.perf_counter()
+    rec = _program(plan, settings)
+    out.setdefault("program", []).append(time.perf_counter() - t0)
+    ru1 = resource.getrusage(resource.RUSAGE_SELF)
+    out.setdefault("cpu", []).append(ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime)
+    out["state_bytes"] = state_bytes(rec)
+    return len(rec.resources)
+
+
+def compare(nodes: int, repeats: int, settings: ProgramSettings, *, bare: bool = True) -> dict[str, Any]:
+    """Time the gpufleet program for a generated site of `nodes` nodes against the same number of bare commands.
+
+    Sites of 1,000 nodes and more also give the program's CPU time and registered JSON size (`cpu`,
+    `state_bytes`); `bare=False` times the program alone (the 10,000-node figure, where a bare pair would
+    add minutes to the harness).
+    """
     plan = plan_site(parse_site(generate_site(nodes)))
-    if nodes < 1000:
-        registered = len(_program(plan, settings).resources)  # warm-up, and the resource count to match
-        times = interleave({"program": lambda: _program(plan, settings), "bare": lambda: _bare(registered)}, repeats)
-    else:
+    if nodes >= 1000:
         # Large sites take 20 s to minutes per run, next to which a warm-up changes nothing: the
         # first timed program run also gives the resource count, then program and bare alternate.
+        got: dict[str, Any] = {}
         samples: dict[str, list[float]] = {"program": [], "bare": []}
         registered = 0
         for _ in range(repeats):  # program, bare, program, bare … (alternate, as interleave does)
-            t0 = time.perf_counter()
-            registered = len(_program(plan, settings).resources)
-            samples["program"].append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            _bare(registered)
-            samples["bare"].append(time.perf_counter() - t0)
-        times = {k: Measurement(v) for k, v in samples.items()}
+            registered = _timed_program(plan, settings, got)
+            if bare:
+                t0 = time.perf_counter()
+                _bare(registered)
+                samples["bare"].append(time.perf_counter() - t0)
+        samples["program"] = got["program"]
+        program = Measurement(samples["program"])
+        out: dict[str, Any] = {"resources": registered, "program": program,
+                               "cpu": Measurement(got["cpu"], unit="CPU-s"), "state_bytes": got["state_bytes"]}
+        if bare:
+            out["bare"] = Measurement(samples["bare"])
+            out["ratio"] = Ratio(program, out["bare"], f"program / {registered} bare local.Command", goal="≤ 1.5×")
+        return out
+    registered = len(_program(plan, settings).resources)  # warm-up, and the resource count to match
+    times = interleave({"program": lambda: _program(plan, settings), "bare": lambda: _bare(registered)}, repeats)
     return {
         "resources": registered,
         "program": times["program"],

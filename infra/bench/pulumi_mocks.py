@@ -139,6 +139,14 @@ def default_stdout(typ: str, name: str, inputs: dict[str, Any]) -> str:
         # The shape `gpufleet validate-node --json` prints (ROLES).
         return json.dumps({"node": name.removesuffix("-validate"), "passed": True, "reachable": True,
                            "facts": {"reboot_required": False}, "failures": []})
+    if " converge " in create and " --record" in create:
+        # The shape `gpufleet converge --json` prints (infra.ansible.rollout.RolloutResult.as_dict), one
+        # entry per `--node` of the batch step.
+        words = create.split()
+        hosts = [words[i + 1] for i, w in enumerate(words[:-1]) if w == "--node"]
+        return json.dumps({"succeeded": True, "stopped_segments": {}, "runs": [],
+                           "nodes": [{"hostname": h, "segment": "", "batch": 0, "status": "ok", "changed": 0}
+                                     for h in hosts]})
     if " mirror status " in create:
         return json.dumps({"mirror": "ok"})
     return "ok"

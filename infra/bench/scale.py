@@ -1,13 +1,12 @@
-"""One-off scale figures for docs/scale.md: the Pulumi program under mocks at 1,000–10,000 nodes, state growth.
+"""One-off scale figures for docs/scale.md: the Pulumi program under mocks at any size, with memory.
 
-Not part of `gpufleet bench` (figure 2 stops at 5,000 nodes so the full harness stays under 20 minutes; a
-10,000-node run alone takes minutes): `python -m infra.bench.scale 1000 10000` prints JSON. Per size: wall
-time and CPU time of one mocked program run (registration + outputs, after validation and planning), the
-resource count, and the JSON size of what the program registered (each resource's URN, type, parent,
-dependencies and inputs). That last figure is a lower bound of the state file's growth: the engine's checkpoint
-holds the same per resource plus outputs and bookkeeping, so it grows at least as fast, and linearly in the
-resources as long as no resource depends on all others (none does in gpufleet: dependencies stay per node,
-per segment batch and per mirror).
+Figure 2 of `gpufleet bench` (infra.bench.figures) measures the same program at 10–10,000 nodes with its CPU
+time and registered JSON; this adds the validate-and-plan time and peak RSS, one size per line:
+`python -m infra.bench.scale 1000 10000` prints JSON. The registered JSON (each resource's URN, type, parent,
+dependencies and inputs) is a lower bound of the state file's growth: the engine's checkpoint holds the same
+per resource plus outputs and bookkeeping, so it grows at least as fast, and linearly in the resources as
+long as no resource depends on all others (none does in gpufleet: dependencies stay per node, per segment
+batch and per mirror).
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ import sys
 import time
 from typing import Any
 
-from infra.bench.program import _program
+from infra.bench.program import _program, state_bytes
 from infra.bench.sitegen import generate_site
 from infra.components.program import ProgramSettings
 from infra.model.load import parse_site, project_dir
@@ -35,11 +34,7 @@ def measure(nodes: int) -> dict[str, Any]:
     rec = _program(plan, ProgramSettings(stack="bench", project=project_dir()))
     wall = time.perf_counter() - t0
     ru1 = resource.getrusage(resource.RUSAGE_SELF)
-    registered = [
-        {"urn": r.urn, "type": r.type, "parent": r.parent, "dependencies": r.dependencies, "inputs": r.raw_inputs}
-        for r in rec.resources
-    ]
-    size = len(json.dumps(registered, default=str, separators=(",", ":")))
+    size = state_bytes(rec)
     return {
         "nodes": nodes,
         "resources": len(rec.resources),

@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from infra.ansible.converge import VERDICT_TASK, Execution, check_report, converge, select, wait_ssh
-from infra.ansible.rollout import NodeOutcome
+from infra.ansible.rollout import NodeOutcome, RolloutResult
 from infra.ansible.settings import Tuning
 from infra.commands.exechost import lock_file_of, require_runtime
 from infra.commands.site import add_stack_args, site_from_args
+from infra.components.outcomes import (
+    RECORDS_ENV,
+    RecordError,
+    batch_slot,
+    record_step,
+    release_reimage_lease,
+    take_reimage_lease,
+    tally,
+)
 from infra.console import Exit, emit, fail, positive_float, table
 from infra.plan.node import NodePlan, SitePlan, plan_site
 from infra.plan.nodestate import NodeState, compare, validation_facts
@@ -45,7 +55,34 @@ def register(sub: Any) -> None:
         metavar="SECONDS",
         help="wait this long for another run of the same nodes to finish (default: fail at once, exit 5)",
     )
+    p.add_argument(
+        "--record",
+        action="store_true",
+        help="pulumi up's batch step: write each node's outcome as its converge record for the rollout guard "
+        "(rollout/<stack>/<node>.converge.json under $GPUFLEET_RECORDS_DIR); exit 0 when every node passed or "
+        "the segment's failed nodes are within rollout.max_failures, else 1 naming the failed nodes",
+    )
+    p.add_argument(
+        "--batch-slot",
+        action="store_true",
+        help="first wait for one of rollout.max_parallel_batches controller-wide slots of the stack, held "
+        "while converging (bounds how many segment batches of `pulumi up` run at once)",
+    )
     p.set_defaults(func=cmd_converge)
+
+    p = sub.add_parser(
+        "provision-slot",
+        help="wait for one of rollout.max_parallel_reimage reimage leases of the stack and take it for a node",
+        description="What a node's BMC step of `pulumi up` runs before power-on/reimage. Leases live under "
+        "$GPUFLEET_RECORDS_DIR/slots/<stack>/reimage/; the node's `wait-ssh` gives it back when it ends, and "
+        "a lease nobody gives back expires after --ttl seconds.",
+    )
+    add_stack_args(p)
+    p.add_argument("--node", required=True, help="node hostname")
+    p.add_argument("--ttl", type=int, required=True, help="seconds (≥ 1) until the lease expires by itself")
+    p.add_argument("--timeout", type=positive_float, default=None,
+                   help="give up (exit 5) after this many seconds without a free lease (default: wait)")
+    p.set_defaults(func=cmd_provision_slot)
 
     p = sub.add_parser("check", help="check + diff: what a converge would change per node (exit 3 if anything)")
     _selection_args(p)
@@ -91,8 +128,45 @@ def _render_converge(d: dict[str, Any]) -> str:
     return out
 
 
+def _record(args: argparse.Namespace, plan: SitePlan, result: RolloutResult) -> int:
+    """Write every node's converge record; the exit status says whether the segments' rollout may go on."""
+    by_name = {n.hostname: n for n in plan.nodes}
+    try:
+        for n in result.nodes:
+            failures = [f"{f.get('task', '?')}: {str(f.get('msg', ''))[:200]}" for f in n.detail.get("failures", [])]
+            record_step(args.stack, by_name[n.hostname], "converge", 0 if n.status == "ok" else 1,
+                        detail={"status": n.status, "changed": n.changed, "failures": failures})
+        failed = [n for n in result.nodes if n.status != "ok"]
+        tallies = [tally(plan, args.stack, seg) for seg in sorted({n.segment for n in failed})]
+    except RecordError as exc:
+        return fail(args, Exit.INVALID, str(exc))
+    except OSError as exc:
+        # Without its records the rollout cannot count failures: stop rather than go on blind.
+        return fail(args, Exit.UNAVAILABLE, f"cannot write the record ({exc}); set {RECORDS_ENV} to a writable "
+                                            "directory")
+    emit(args.json, result.as_dict(), _render_converge)
+    if not failed:
+        return Exit.OK
+    names = ", ".join(f"{n.hostname} ({n.status})" for n in failed)
+    over = [t for t in tallies if t.exceeded]
+    if over:
+        sys.stderr.write(
+            f"converge failed on {names}; "
+            + "; ".join(f"segment {t.segment}: {len(t.failed)} failed node(s) ({', '.join(t.failed)}) > "
+                        f"rollout.max_failures={t.max_failures}" for t in over)
+            + ": stopping (the segment's later batches do not start)\n")
+        return Exit.FAILED
+    sys.stderr.write(
+        f"converge failed on {names}, tolerated: "
+        + "; ".join(f"segment {t.segment} has {len(t.failed)} failed node(s), rollout.max_failures="
+                    f"{t.max_failures}" for t in tallies)
+        + ". Pulumi records this batch as done, so a plain re-run does not retry it: `pulumi up --replace "
+        "<URN of <node>-converge>` does (and records the new outcome)\n")
+    return Exit.OK
+
+
 def cmd_converge(args: argparse.Namespace) -> int:
-    """Converge the selected nodes; exit 1 when any node failed or was not run."""
+    """Converge the selected nodes; exit 1 when any node failed or was not run (with --record: over budget)."""
     loaded = _load(args)
     if isinstance(loaded, int):
         return loaded
@@ -100,16 +174,63 @@ def cmd_converge(args: argparse.Namespace) -> int:
     if Execution(args.execution) is not Execution.LOCAL:
         # Before any job: each execution host runs exactly the runtime the lock records (exit 2 otherwise).
         require_runtime(plan.site, lock_file_of(args), {n.segment.name for n in nodes})
-    result = converge(
-        plan,
-        nodes,
-        tuning=Tuning(args.tuning),
-        progress=not args.json,
-        wait_lock=args.wait_lock,
-        execution=Execution(args.execution),
-    )
+
+    def run() -> RolloutResult:
+        return converge(
+            plan,
+            nodes,
+            tuning=Tuning(args.tuning),
+            progress=not args.json,
+            wait_lock=args.wait_lock,
+            execution=Execution(args.execution),
+        )
+
+    if args.batch_slot:
+        width = plan.site.rollout.max_parallel_batches
+        try:
+            with batch_slot(args.stack, width, waiting=lambda: sys.stderr.write(
+                    f"waiting for one of rollout.max_parallel_batches={width} converge slots of stack "
+                    f"{args.stack}\n")):
+                result = run()
+        except RecordError as exc:
+            return fail(args, Exit.INVALID, str(exc))
+        except OSError as exc:
+            return fail(args, Exit.UNAVAILABLE, f"cannot take a converge slot ({exc}); set {RECORDS_ENV} to a "
+                                                "writable directory")
+    else:
+        result = run()
+    if args.record:
+        # Records first: when they cannot be written the step ends with that one error (one JSON document
+        # on stdout under --json, as the batch step's output must be), not with the result and then it.
+        return _record(args, plan, result)
     emit(args.json, result.as_dict(), _render_converge)
     return Exit.OK if result.succeeded else Exit.FAILED
+
+
+def cmd_provision_slot(args: argparse.Namespace) -> int:
+    """Take one of the stack's reimage leases for the node; exit 5 when --timeout passed without one."""
+    if args.ttl < 1:
+        return fail(args, Exit.INVALID, f"--ttl {args.ttl}: a lease lasts at least 1 second")
+    plan = plan_site(site_from_args(args))
+    node = plan.node(args.node)
+    width = plan.site.rollout.max_parallel_reimage
+    try:
+        ok = take_reimage_lease(
+            args.stack, node.hostname, width, args.ttl, timeout_s=args.timeout or 0.0,
+            waiting=lambda held: sys.stderr.write(
+                f"{node.hostname}: waiting for a reimage lease (rollout.max_parallel_reimage={width}; held by "
+                f"{', '.join(held)})\n"))
+    except RecordError as exc:
+        return fail(args, Exit.INVALID, str(exc))
+    except OSError as exc:
+        return fail(args, Exit.UNAVAILABLE, f"cannot take a reimage lease ({exc}); set {RECORDS_ENV} to a "
+                                            "writable directory")
+    if not ok:
+        return fail(args, Exit.UNAVAILABLE, f"{node.hostname}: no reimage lease free after {args.timeout} s "
+                                            f"(rollout.max_parallel_reimage={width})")
+    emit(args.json, {"node": node.hostname, "lease": True, "ttl_s": args.ttl},
+         lambda d: f"{d['node']}: reimage lease taken for at most {d['ttl_s']} s")
+    return Exit.OK
 
 
 def _render_check(d: dict[str, Any]) -> str:
@@ -224,6 +345,12 @@ def cmd_wait_ssh(args: argparse.Namespace) -> int:
     site = site_from_args(args)
     node = plan_site(site).node(args.node)
     ok, seconds, err = wait_ssh(site, node, args.timeout)
+    # The node is out of its reimage window either way: give back the lease its BMC step took under
+    # `pulumi up` (none when run by hand), so the next node's reinstall can start.
+    try:
+        release_reimage_lease(args.stack, node.hostname)
+    except (RecordError, OSError) as exc:
+        sys.stderr.write(f"{node.hostname}: could not give back its reimage lease ({exc}); it expires by itself\n")
     data = {"node": node.hostname, "ready": ok, "seconds": round(seconds, 2), "error": err}
     emit(
         args.json,

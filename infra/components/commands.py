@@ -19,6 +19,9 @@ CLI = ".venv/bin/gpufleet"
 
 SECRET_ENV_PREFIX = ENV_PREFIX
 
+# A reimage lease outlives the longest SSH wait by this much (power-on and PXE start before the wait).
+LEASE_MARGIN_S = 900
+
 
 def secret_env_name(config_key: str) -> str:
     """Environment variable carrying a `config:` SecretRef's value to the CLI (`bmcPassword` → ..._BMCPASSWORD).
@@ -43,7 +46,8 @@ class NodeCommands:
     wait_ssh: str
     """Wait until SSH answers with the pinned host key."""
     converge: str
-    """Apply the node's roles (rolling order is Pulumi's `depends_on`), then record the outcome."""
+    """One node alone: apply its roles, then record the outcome (break-glass and the lab; under `pulumi up`
+    nodes converge in their segment batch's step, `batch_converge`)."""
     validate: str
     """Print the node's facts as JSON (GPUs, driver, CUDA, reboot_required, validation), then record the outcome."""
     decommission: str = ""
@@ -74,6 +78,11 @@ def node_commands(stack: str, hostname: str, *, reimage_on_create: bool, ssh_tim
     provision = power
     if reimage_on_create:
         provision += " && " + _cmd("bmc", "reimage", "--stack", stack, "--node", hostname, "--yes")
+    # The BMC step first takes one of rollout.max_parallel_reimage leases on the controller (given back
+    # by the node's wait-ssh step, or expiring after `lease`): the bound lives outside the resource graph
+    # (infra.components.outcomes), so the graph stays as shallow as one node's steps.
+    lease = ssh_timeout_s + LEASE_MARGIN_S
+    provision = _cmd("provision-slot", "--stack", stack, "--node", hostname, "--ttl", str(lease)) + " && " + provision
     return NodeCommands(
         power_on=power,
         provision=provision,
@@ -85,6 +94,17 @@ def node_commands(stack: str, hostname: str, *, reimage_on_create: bool, ssh_tim
         decommission=decommission(stack, hostname, decommission_policy, node_json)
         if decommission_policy and node_json else "",
     )
+
+
+def batch_converge(stack: str, hostnames: list[str]) -> str:
+    """A segment batch's converge step: one `gpufleet converge` (one Ansible job) over the batch's nodes.
+
+    `--record` writes each node's outcome for the rollout guard and exits 1 naming the failed nodes when
+    the segment is over rollout.max_failures; `--batch-slot` holds one of rollout.max_parallel_batches
+    controller slots while it runs, so segments' batches run side by side only up to that bound.
+    """
+    nodes = [part for h in hostnames for part in ("--node", h)]
+    return _cmd("converge", "--stack", stack, *nodes, "--json", "--record", "--batch-slot")
 
 
 def rollout_guard(stack: str, segment: str, batch: int) -> str:

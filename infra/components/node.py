@@ -1,4 +1,10 @@
-"""`GpuNode`: one bare-metal node's lifecycle — BMC power/boot → wait for SSH → converge → validate."""
+"""`GpuNode`: one bare-metal node's lifecycle — BMC power/boot → wait for SSH → converge → validate.
+
+The converge itself runs in the node's segment batch step (`<segment>-batch<K>-converge`, one Ansible job
+for the batch, built in `infra.components.site`); the node keeps `<name>-converge` as a light step that
+runs nothing and carries the node's desired state as its trigger, so a preview shows a change on the node
+it concerns, in plain words, and the batch step re-runs because that node's step was re-created.
+"""
 
 from __future__ import annotations
 
@@ -32,10 +38,6 @@ class GpuNodeArgs:
     """Secrets for the BMC step, by environment variable name (Pulumi secrets, never in strings)."""
     ready: Sequence[pulumi.Resource] = ()
     """What must finish before the node is touched (its segment's mirror import and status)."""
-    after: Sequence[pulumi.Resource] = ()
-    """Steps of the previous rolling batch that must finish before this node converges."""
-    provision_after: Sequence[pulumi.Resource] = ()
-    """Steps that must finish before this node's BMC step starts (bounds reimages in flight)."""
 
     def __post_init__(self) -> None:
         if not self.workdir:
@@ -48,10 +50,12 @@ class GpuNodeArgs:
 
 
 class GpuNode(pulumi.ComponentResource):
-    """A GPU node: four `local.Command` steps, each running a `gpufleet` CLI call.
+    """A GPU node: four `local.Command` steps (bmc, wait-ssh, converge, validate) plus decommission.
 
+    Built in two calls: the constructor registers bmc, wait-ssh and the light converge step; `converged_by`
+    registers validate after the batch step the Site makes from the batch's converge steps.
     Replacing `<name>-bmc` (`pulumi up --replace <urn>`) rebuilds the node: its id feeds the next
-    step's triggers, so wait-ssh, converge and validate all run again after the reinstall.
+    step's triggers, so wait-ssh, converge (and with it the batch step) and validate all run again.
     """
 
     bmc: local.Command
@@ -76,7 +80,9 @@ class GpuNode(pulumi.ComponentResource):
             triggers=[dict(args.provision_trigger)],
             # BMC output may echo credentials or session tokens (pulumi-command#401).
             logging=local.Logging.NONE,
-            opts=pulumi.ResourceOptions(parent=self, depends_on=[*args.ready, *args.provision_after],
+            # No dependency on other nodes: how many nodes reinstall at once is bounded by the leases its
+            # create command takes (`gpufleet provision-slot`), not by a chain through the graph.
+            opts=pulumi.ResourceOptions(parent=self, depends_on=[*args.ready],
                                         additional_secret_outputs=["stdout", "stderr"]),
         )
         self.wait_ssh = local.Command(
@@ -89,26 +95,20 @@ class GpuNode(pulumi.ComponentResource):
             triggers=[self.bmc.id],
             opts=pulumi.ResourceOptions(parent=self, depends_on=[self.bmc]),
         )
+        # Runs nothing (pulumi-command's create is optional: provider/pkg/provider/local/commandController.go
+        # returns a new id without running anything when `create` is unset). It carries the node's desired
+        # state, so a changed driver shows here, on this node, as `triggers[0].driver`; its new id is a
+        # trigger of the batch step, which re-runs the batch's converge. Same name and triggers as the
+        # per-node converge step it replaces: existing stacks keep its URN and see an update that runs nothing.
         self.converge = local.Command(
             f"{name}-converge",
-            create=c.converge,
             dir=args.workdir,
-            # Else pulumi-command puts the previous stdout into the environment: "argument list too long"
-            # on large converge output (pulumi-command #285, #552).
             add_previous_output_in_env=False,
             triggers=[args.desired.as_trigger(), self.wait_ssh.id],
-            opts=pulumi.ResourceOptions(parent=self, depends_on=[self.wait_ssh, *args.after]),
+            opts=pulumi.ResourceOptions(parent=self, depends_on=[self.wait_ssh]),
         )
-        self.validate = local.Command(
-            f"{name}-validate",
-            create=c.validate,
-            dir=args.workdir,
-            # Else pulumi-command puts the previous stdout into the environment: "argument list too long"
-            # on large converge output (pulumi-command #285, #552).
-            add_previous_output_in_env=False,
-            triggers=[self.converge.id],
-            opts=pulumi.ResourceOptions(parent=self, depends_on=[self.converge]),
-        )
+        self._workdir = args.workdir
+        self._validate_command = c.validate
         self.decommission: local.Command | None = None
         if c.decommission:
             # Its own step, not a `delete` on `<name>-bmc`: replacing the BMC step (a reinstall,
@@ -126,5 +126,21 @@ class GpuNode(pulumi.ComponentResource):
                 logging=local.Logging.NONE,
                 opts=pulumi.ResourceOptions(parent=self, additional_secret_outputs=["stdout", "stderr"]),
             )
+
+    def converged_by(self, batch: local.Command) -> local.Command:
+        """Register the validate step, after the batch step that converges this node; returns it."""
+        self.validate = local.Command(
+            f"{self._name}-validate",
+            create=self._validate_command,
+            dir=self._workdir,
+            # Else pulumi-command puts the previous stdout into the environment: "argument list too long"
+            # on large converge output (pulumi-command #285, #552).
+            add_previous_output_in_env=False,
+            # This node's converge id, not the batch's: another node's change re-runs the batch (a no-op
+            # here) but does not re-validate this node.
+            triggers=[self.converge.id],
+            opts=pulumi.ResourceOptions(parent=self, depends_on=[self.converge, batch]),
+        )
         self.facts = self.validate.stdout.apply(lambda out: parse_json_stdout(out, "validate-node"))
         self.register_outputs({"facts": self.facts})
+        return self.validate

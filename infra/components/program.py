@@ -59,7 +59,8 @@ def build(plan: SitePlan, settings: ProgramSettings, secret: SecretResolver) -> 
 
 
 def export(site: Site) -> None:
-    """Stack outputs: node facts, inference endpoints, mirror status (no secrets among them)."""
+    """Stack outputs: node facts, per-node converge status, inference endpoints, mirror status (no secrets)."""
     pulumi.export("nodes", site.node_facts)
+    pulumi.export("converge", site.converge_status)
     pulumi.export("endpoints", site.endpoints)
     pulumi.export("mirrors", site.mirror_status)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,7 @@ from infra.components.desired import (
     desired_state,
     provision_trigger,
 )
+from infra.components.facts import parse_json_stdout
 from infra.components.node import GpuNode, GpuNodeArgs
 from infra.components.segment import AirGappedSegment, AirGappedSegmentArgs, Segment, SegmentArgs
 from infra.components.service import InferenceService, InferenceServiceArgs
@@ -49,6 +51,35 @@ class SiteArgs:
     """The node's Ansible host variables (hashed into its converge trigger)."""
 
 
+# The Python SDK checks each dependency it declares for a cycle by walking every transitive dependency with
+# a recursive generator (pulumi/runtime/resource_cycle_breaker.py `_with_transitive_deps`): one frame per step
+# of the longest path. A segment's rolling order is such a path, 3 steps per batch (batch converge → guard →
+# validate → previous batch converge). Measured under mocks with the default limit of 1,000 frames: 250
+# batches in one segment (path of 752) run, 330 fail with RecursionError. Keep ~100 frames for the program's
+# own stack (the SDK's asyncio loop and ours: ~25 seen) and refuse more batches with the fix named.
+STEPS_PER_BATCH = 3
+STACK_FRAMES_KEPT = 100
+
+
+def max_batches_per_segment() -> int:
+    """Most rolling batches one segment may have before the SDK's dependency walk exceeds the recursion limit."""
+    return (sys.getrecursionlimit() - STACK_FRAMES_KEPT) // STEPS_PER_BATCH
+
+
+def _check_depth(plan: SitePlan) -> None:
+    limit = max_batches_per_segment()
+    counts: dict[str, int] = {}
+    for batch in plan.batches():
+        counts[batch[0].segment.name] = counts.get(batch[0].segment.name, 0) + 1
+    for seg, n in counts.items():
+        if n > limit:
+            size = plan.site.rollout.batch_size
+            raise pulumi.RunError(
+                f"segments[{seg}]: {n} rolling batches (rollout.batch_size={size}) in one segment; the Pulumi "
+                f"program supports {limit} per segment (the Python SDK's recursive dependency walk fails "
+                f"beyond): raise rollout.batch_size to at least {-(-n * size // limit)}, or split the segment")
+
+
 class Site(pulumi.ComponentResource):
     """A whole GPU site: segments (with mirrors), nodes in rolling batches, inference services."""
 
@@ -60,6 +91,7 @@ class Site(pulumi.ComponentResource):
     endpoints: dict[str, list[str]]
 
     def __init__(self, name: str, args: SiteArgs, opts: pulumi.ResourceOptions | None = None) -> None:
+        _check_depth(args.plan)  # before registering anything: refuse a graph the SDK cannot walk
         super().__init__("gpufleet:site:Site", name, None, opts)
         site = args.plan.site
         self._secrets: dict[str, pulumi.Output[str]] = {}
@@ -80,17 +112,21 @@ class Site(pulumi.ComponentResource):
 
         self.nodes = {}
         self.guards: dict[tuple[str, int], local.Command] = {}
-        # Nodes in plan order; node i's BMC step waits for node i-N's SSH (N = max_parallel_reimage),
-        # so at most N nodes are between power-on/reimage and SSH answering at any time.
-        self._provisioning: list[GpuNode] = []
-        previous: dict[str, list[tuple[NodePlan, GpuNode]]] = {}  # segment → its previous batch
+        self.batch_steps: dict[tuple[str, int], local.Command] = {}
+        # Dependencies stay inside one segment: a batch waits for its nodes' SSH and the guard after the
+        # segment's previous batch, nothing else. How many batches of different segments run at once
+        # (rollout.max_parallel_batches) and how many nodes reinstall at once (max_parallel_reimage) are
+        # bounded by slots on the controller that the steps' commands take, not by chains through the graph:
+        # the SDK walks every dependency path recursively on each dependency it declares, so a chain across
+        # the site failed with RecursionError at 5,000 nodes and made the program's time grow quadratically.
+        previous: dict[str, tuple[int, list[GpuNode]]] = {}  # segment → its previous batch (number, nodes)
         for batch in args.plan.batches():
             seg_name = batch[0].segment.name
             earlier = previous.get(seg_name)
-            after = [self._guard(seg_name, earlier, args)] if earlier else []
-            current = [(p, self._node(p, args, after)) for p in batch]
-            previous[seg_name] = current
-
+            after = [self._guard(seg_name, *earlier, args)] if earlier else []
+            current = [self._node(p, args) for p in batch]
+            self._batch(seg_name, batch, current, after, args)
+            previous[seg_name] = (batch[0].batch, current)
         self.services = {}
         self.endpoints = {}
         for svc in site.services:
@@ -108,17 +144,20 @@ class Site(pulumi.ComponentResource):
             ), pulumi.ResourceOptions(parent=self))
 
         self.node_facts = pulumi.Output.all(**{h: n.facts for h, n in self.nodes.items()})
+        # Per node, what its batch's converge said (status, changed, failed tasks): with a tolerated failure
+        # (rollout.max_failures) the batch step succeeds, and this output is where the failed node shows.
+        self.converge_status = pulumi.Output.all(*[b.stdout for b in self.batch_steps.values()]).apply(
+            _per_node_status)
         self.mirror_status = pulumi.Output.all(
             **{k: s.status for k, s in self.segments.items() if isinstance(s, AirGappedSegment)})
         self.register_outputs({"nodes": self.node_facts, "endpoints": self.endpoints,
-                               "mirrors": self.mirror_status})
+                               "mirrors": self.mirror_status, "converge": self.converge_status})
 
-    def _guard(self, segment: str, batch: list[tuple[NodePlan, GpuNode]], args: SiteArgs) -> local.Command:
+    def _guard(self, segment: str, k: int, batch: list[GpuNode], args: SiteArgs) -> local.Command:
         # Between batch K and K+1 of a segment: after batch K validated (or recorded a tolerated
         # failure), `rollout-guard` counts the segment's failed nodes; over rollout.max_failures it
         # fails, and Pulumi starts nothing that depends on it — the later batches of the segment.
-        k = batch[0][0].batch
-        validates = [n.validate for _, n in batch]
+        validates = [n.validate for n in batch]
         guard = local.Command(
             f"{segment}-batch{k}-guard",
             create=commands.rollout_guard(args.stack, segment, k),
@@ -131,13 +170,37 @@ class Site(pulumi.ComponentResource):
         self.guards[(segment, k)] = guard
         return guard
 
+    def _batch(self, segment: str, plans: list[NodePlan], nodes: list[GpuNode], after: list[local.Command],
+               args: SiteArgs) -> local.Command:
+        # One converge step per segment batch: one `gpufleet converge` (one Ansible job, streamed to the
+        # segment's execution host when it has one) over the batch's nodes, after their SSH answers and
+        # after the guard of the segment's previous batch. Its triggers are the nodes' converge-step ids:
+        # a node whose desired state changed gets a new id (its own step is replaced, shown under that
+        # node), which re-runs this step; the other nodes' steps are untouched and their converge is a no-op.
+        k = plans[0].batch
+        step = local.Command(
+            f"{segment}-batch{k}-converge",
+            create=commands.batch_converge(args.stack, [p.hostname for p in plans]),
+            dir=args.workdir,
+            # Else pulumi-command puts the previous stdout into the environment: "argument list too long"
+            # on large converge output (pulumi-command #285, #552).
+            add_previous_output_in_env=False,
+            triggers=[n.converge.id for n in nodes],
+            opts=pulumi.ResourceOptions(parent=self.segments[segment],
+                                        depends_on=[*(n.converge for n in nodes), *after]),
+        )
+        for n in nodes:
+            n.converged_by(step)
+        self.batch_steps[(segment, k)] = step
+        return step
+
     def _secret(self, args: SiteArgs, key: str) -> pulumi.Output[str]:
         # One Output per config key: 1,000 nodes sharing `bmcPassword` read it once.
         if key not in self._secrets:
             self._secrets[key] = pulumi.Output.secret(args.secret(key))
         return self._secrets[key]
 
-    def _node(self, p: NodePlan, args: SiteArgs, after: list[Any]) -> GpuNode:
+    def _node(self, p: NodePlan, args: SiteArgs) -> GpuNode:
         secret_env: dict[str, pulumi.Input[str]] = {}
         bmc = p.node.bmc
         if bmc is not None and bmc.password.config:
@@ -157,8 +220,6 @@ class Site(pulumi.ComponentResource):
             desired=desired_state(p, args.plan.site, args.fingerprints, args.host_vars),
             secret_env=secret_env,
             ready=self.segments[p.segment.name].ready,
-            after=after,
-            provision_after=self._provision_slot(args),
         ), pulumi.ResourceOptions(
             # Nodes sit directly under the Site, so a node's URN (and its steps' URNs) do not depend on
             # its segment: moving a node to another segment re-converges it and never reinstalls it.
@@ -169,13 +230,21 @@ class Site(pulumi.ComponentResource):
             aliases=[pulumi.Alias(parent=seg) for seg in self.segments.values()],
         ))
         self.nodes[p.hostname] = node
-        self._provisioning.append(node)
         return node
 
-    def _provision_slot(self, args: SiteArgs) -> list[pulumi.Resource]:
-        # A chain per slot: the next node's BMC step starts only once the node N places earlier
-        # answers SSH (a reinstall is over), so N chains run side by side, never more.
-        width = args.plan.site.rollout.max_parallel_reimage
-        if len(self._provisioning) < width:
-            return []
-        return [self._provisioning[-width].wait_ssh]
+
+
+def _per_node_status(stdouts: list[str | None]) -> dict[str, Any]:
+    """Each node's entry of its batch's `gpufleet converge --json` (status, changed, failures)."""
+    out: dict[str, Any] = {}
+    for stdout in stdouts:
+        data = parse_json_stdout(stdout, "converge")
+        nodes = data.get("nodes")
+        if not isinstance(nodes, list):
+            continue  # no JSON (a preview, or a failed run): the records and the step's error say more
+        for n in nodes:
+            if isinstance(n, dict) and isinstance(n.get("hostname"), str):
+                out[n["hostname"]] = {"status": n.get("status"), "changed": n.get("changed", 0),
+                                      "failures": [f"{f.get('task', '?')}: {str(f.get('msg', ''))[:200]}"
+                                                   for f in n.get("failures", []) if isinstance(f, dict)]}
+    return out

@@ -704,6 +704,8 @@ class RolloutPolicy(_Model):
     """Failed nodes tolerated before the rollout stops; 0 stops at the first failure."""
     max_parallel_reimage: int = Field(default=4, ge=1, le=1000)
     """Most nodes between power-on/reimage and SSH answering at once (`pulumi up` on a new site)."""
+    max_parallel_batches: int = Field(default=4, ge=1, le=256)
+    """Most converge batches running at once across the segments under `pulumi up` (a controller slot each)."""
     decommission: DecommissionPolicy = DecommissionPolicy.POWER_OFF
     """A node removed from the stack: `power-off` via its BMC, or `keep` it running; both write a record."""
 

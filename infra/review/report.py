@@ -403,7 +403,40 @@ def _providers(steps: list[Step]) -> list[Row]:
     return rows
 
 
+_BATCH = re.compile(r"-batch\d+-converge$")
+
+
+def _batch_nodes(s: Step) -> list[str]:
+    """The `--node`s of a segment batch's converge step (`infra.components.commands.batch_converge`)."""
+    create = _inputs(s, s.op != "delete").get("create")
+    words = create.split() if isinstance(create, str) else []
+    return [words[i + 1] for i, w in enumerate(words[:-1]) if w == "--node"]
+
+
+def _batch_why(s: Step) -> str:
+    """A batch step: which nodes it converges, and the nodes whose own converge step made it re-run.
+
+    Its triggers are the ids of its nodes' converge steps in `--node` order, so `triggers[i]` changing
+    means the i-th node's step is re-created — that node's row says why in plain words.
+    """
+    nodes = _batch_nodes(s)
+    which = sorted({int(m.group(1)) for p in (s.detailed_diff or {}) if (m := re.match(r"triggers\[(\d+)\]", p))})
+    named = [nodes[i] for i in which if i < len(nodes)]
+    head = f"one `gpufleet converge` (one Ansible job) over {', '.join(plain(n) for n in nodes) or '?'}"
+    if s.op == "create":
+        return f"new: {head}"
+    if s.op == "delete":
+        return f"removed: {head} (nothing runs on delete)"
+    if named:
+        rest = [n for n in nodes if n not in named]
+        return (f"{head}: re-runs for {', '.join(plain(n) for n in named)} (its converge step is re-created: "
+                "see its node row)" + ("; converging the others again changes nothing on them" if rest else ""))
+    return f"{head}: {_why(s)}"
+
+
 def _other_why(s: Step) -> str:
+    if _BATCH.search(s.name) and _batch_nodes(s):
+        return _batch_why(s)
     if s.op == "create":
         return "new"
     if s.op == "delete":

@@ -1,9 +1,10 @@
 """The exact command strings the Pulumi resources carry, run for real against the lab.
 
 Needs the lab (`lab` fixture of tests/lab/conftest.py: `gpufleet lab up` done, root) and the CLI
-commands of the contract: `bmc power|reimage` (BMC/DR), `wait-ssh`, `converge`, `validate-node`
-(ROLES). Commands run the way pulumi-command's local provider runs them: `/bin/sh -c <create>` in
-the resource's `dir`, with the provider's environment.
+commands of the contract: `provision-slot`, `bmc power|reimage` (BMC/DR), `wait-ssh`, the segment batch's
+`converge --record --batch-slot` (over the node and its batch mates), `validate-node` (ROLES). Commands run
+the way pulumi-command's local provider runs them: `/bin/sh -c <create>` in the resource's `dir`, with the
+provider's environment.
 """
 
 from __future__ import annotations
@@ -11,11 +12,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from infra.components.node import STEPS
+from infra.components.outcomes import RECORDS_ENV
 from tests.pulumi.conftest import ROOT, run_program
 
 pytestmark = pytest.mark.lab
@@ -49,9 +52,21 @@ def _sh(command: str, cwd: str, timeout: int) -> subprocess.CompletedProcess[str
 
 
 @pytest.fixture(scope="module")
-def node_steps() -> dict[str, dict[str, Any]]:
+def node_steps(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, dict[str, Any]]]:
+    """The node's steps; for "converge" the step that runs it: its segment batch's (one job for the batch)."""
     run = run_program("lab")
-    return {step: run.reg(f"{NODE}-{step}").inputs for step in STEPS}
+    steps = {step: run.reg(f"{NODE}-{step}").inputs for step in STEPS}
+    p = run.plan.node(NODE)
+    steps["converge"] = run.reg(f"{p.segment.name}-batch{p.batch}-converge").inputs
+    # Records, converge slots and provisioning leases of this test only (the steps write them).
+    records = tmp_path_factory.mktemp("records")
+    old = os.environ.get(RECORDS_ENV)
+    os.environ[RECORDS_ENV] = str(records)
+    yield steps
+    if old is None:
+        os.environ.pop(RECORDS_ENV, None)
+    else:
+        os.environ[RECORDS_ENV] = old
 
 
 def test_node_lifecycle_strings_succeed_in_order(lab: Any, node_steps: dict[str, dict[str, Any]]) -> None:
@@ -62,6 +77,8 @@ def test_node_lifecycle_strings_succeed_in_order(lab: Any, node_steps: dict[str,
         p = _sh(inputs["create"], _cwd(inputs), TIMEOUTS[step])
         results[step] = p
         assert p.returncode == 0, f"{step}: {inputs['create']}\n{_why(p)}"
+    batch = json.loads(results["converge"].stdout)  # what becomes the stack output `converge.<host>`
+    assert {n["hostname"]: n["status"] for n in batch["nodes"]}[NODE] == "ok"
     facts = json.loads(results["validate"].stdout)  # what becomes the stack output `nodes.<host>`
     assert facts["node"] == NODE and facts["passed"] is True and facts["reachable"] is True
     assert facts["facts"]["gpus"]["ok"] and facts["facts"]["driver"]["ok"]

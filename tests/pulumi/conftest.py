@@ -51,7 +51,7 @@ def run_program(stack: str, raw: dict[str, Any] | None = None, *, project: Path 
                      pulumi.Config("gpufleet").require_secret)
         box["site"] = site
         return pulumi.Output.all(
-            nodes=site.node_facts, mirrors=site.mirror_status, endpoints=site.endpoints,
+            nodes=site.node_facts, mirrors=site.mirror_status, endpoints=site.endpoints, converge=site.converge_status,
             health={k: s.health for k, s in site.services.items()},
             bmc_stdout_secret={h: n.bmc.stdout.is_secret() for h, n in site.nodes.items()},
         )

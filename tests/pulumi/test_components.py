@@ -68,5 +68,8 @@ def test_service_args_need_endpoints() -> None:
 def test_reimage_only_on_create_and_never_in_update() -> None:
     """The BMC step's create reinstalls only when enabled; its update is always power-on only."""
     adopt = commands.node_commands("lab", "n1", reimage_on_create=False, ssh_timeout_s=600)
-    assert "reimage" not in adopt.provision and adopt.provision == adopt.power_on
-    assert CMDS.provision == f"{CMDS.power_on} && {commands.CLI} bmc reimage --stack lab --node lab-gpu01 --yes"
+    assert "bmc reimage" not in adopt.provision and "reimage" not in adopt.power_on
+    # Adopting still takes a provisioning lease (power-on counts against max_parallel_reimage), then powers on.
+    assert adopt.provision == (f"{commands.CLI} provision-slot --stack lab --node n1 --ttl "
+                               f"{600 + commands.LEASE_MARGIN_S} && {adopt.power_on}")
+    assert CMDS.provision.endswith(f"{CMDS.power_on} && {commands.CLI} bmc reimage --stack lab --node lab-gpu01 --yes")

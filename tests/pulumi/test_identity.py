@@ -8,6 +8,7 @@ inputs → no step at all; a changed `triggers` entry → replace (pulumi-comman
 from __future__ import annotations
 
 import copy
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -51,10 +52,11 @@ def test_segment_move_reconverges_and_never_reinstalls() -> None:
     assert {r.urn for r in before.rec.resources if r.name.startswith("lab-gpu02")} == {
         r.urn for r in after.rec.resources if r.name.startswith("lab-gpu02")}
     # Nothing else changes identity; the airgap segment gains a second batch (3 nodes, batch_size 2),
-    # so a guard appears there.
+    # so a guard and that batch's converge step appear there.
     urns_before, urns_after = {r.urn for r in before.rec.resources}, {r.urn for r in after.rec.resources}
     assert urns_before <= urns_after
-    assert [u.rsplit("::", 1)[1] for u in urns_after - urns_before] == ["airgap-batch0-guard"]
+    assert sorted(u.rsplit("::", 1)[1] for u in urns_after - urns_before) == [
+        "airgap-batch0-guard", "airgap-batch1-converge"]
     assert before.reg("lab-gpu02-bmc").inputs == after.reg("lab-gpu02-bmc").inputs
     assert before.reg("lab-gpu02-wait-ssh").inputs == after.reg("lab-gpu02-wait-ssh").inputs
     old_trig = before.reg("lab-gpu02-converge").inputs["triggers"][0]
@@ -78,15 +80,19 @@ def _legacy_urn(run: Run, hostname: str, segment: str, step: str | None) -> str:
     return f"urn:pulumi:lab::gpufleet::{chain}$command:local:Command::{hostname}-{step}"
 
 
+def _newer(name: str) -> bool:
+    """Steps the segment layout did not have: rollout guards, decommission steps, segment batch converges."""
+    return name.endswith(("-guard", "-decommission")) or re.search(r"-batch\d+-converge$", name) is not None
+
+
 def test_stacks_from_the_segment_layout_keep_every_node_through_aliases() -> None:
     """Old state (nodes under segments): every node and step is found by alias, none created or deleted,
     including a node that moves segment in the same update."""
     raw = _replicas_only(raw_site("lab"))
     old_run = run_program("lab", raw)
     node_names = {f"{p.hostname}{s}" for p in old_run.plan.nodes for s in ("", *(f"-{x}" for x in STEPS))}
-    # Site, segments, mirrors, services: as before. Guards and decommission steps did not exist then.
-    olds = {r.urn for r in old_run.rec.resources
-            if r.name not in node_names and not r.name.endswith(("-guard", "-decommission"))}
+    # Site, segments, mirrors, services: as before. Guards, decommission and batch steps did not exist then.
+    olds = {r.urn for r in old_run.rec.resources if r.name not in node_names and not _newer(r.name)}
     for p in old_run.plan.nodes:
         olds.add(_legacy_urn(old_run, p.hostname, p.segment.name, None))
         olds |= {_legacy_urn(old_run, p.hostname, p.segment.name, s) for s in STEPS}
@@ -94,9 +100,9 @@ def test_stacks_from_the_segment_layout_keep_every_node_through_aliases() -> Non
     for variant in (raw, _moved(raw)):
         new = run_program("lab", variant)
         found = mocks.match_olds(olds, new.rec.resources)
-        # Created: only what the old layout did not have (rollout guards, decommission steps).
+        # Created: only what the old layout did not have (rollout guards, decommission and batch steps).
         assert sorted(u.rsplit("::", 1)[1] for u, o in found.items() if o is None) == sorted(
-            [r.name for r in new.rec.resources if r.name.endswith(("-guard", "-decommission"))])
+            [r.name for r in new.rec.resources if _newer(r.name)])
         assert {o for o in found.values() if o} == olds  # nothing left over to delete
         assert found[new.reg("lab-gpu02-bmc").urn] == _legacy_urn(old_run, "lab-gpu02", "connected", "bmc")
 

@@ -42,8 +42,9 @@ def test_resource_counts_follow_the_site(stack_run: Run) -> None:
         "gpufleet:node:GpuNode": len(site.nodes),
         **({"gpufleet:inference:InferenceService": len(site.services)} if site.services else {}),
         # 5 steps per node (bmc, wait-ssh, converge, validate, decommission), 2 per mirror, 1 per service,
-        # one rollout guard between consecutive batches of a segment.
+        # one converge step per batch of a segment and one rollout guard between consecutive batches.
         CMD: 5 * len(site.nodes) + 2 * len(airgapped) + len(site.services)
+        + sum(len(stack_run.plan.batches(s.name)) for s in site.segments)
         + sum(max(0, len(stack_run.plan.batches(s.name)) - 1) for s in site.segments),
     }
 
@@ -57,18 +58,52 @@ def test_children_are_parented_and_named_from_their_component(stack_run: Run) ->
         assert stack_run.reg(p.segment.name).parent == site_urn
         for step in ("bmc", "wait-ssh", "converge", "validate"):
             assert stack_run.reg(f"{p.hostname}-{step}").parent == node.urn
+        # The batch step that converges it sits under its segment, like the guards.
+        batch = stack_run.reg(f"{p.segment.name}-batch{p.batch}-converge")
+        assert batch.parent == stack_run.reg(p.segment.name).urn
     for svc in stack_run.plan.site.services:
         assert stack_run.reg(svc.name).parent == site_urn
         assert stack_run.reg(f"{svc.name}-health").parent == stack_run.reg(svc.name).urn
 
 
 def test_node_steps_run_in_lifecycle_order(stack_run: Run) -> None:
-    """bmc → wait-ssh → converge → validate, each depending on the one before."""
+    """bmc → wait-ssh → converge → the batch's converge → validate, each depending on the one before."""
     for p in stack_run.plan.nodes:
         h = p.hostname
+        batch = stack_run.reg(f"{p.segment.name}-batch{p.batch}-converge")
         assert stack_run.reg(f"{h}-bmc").urn in stack_run.reg(f"{h}-wait-ssh").dependencies
         assert stack_run.reg(f"{h}-wait-ssh").urn in stack_run.reg(f"{h}-converge").dependencies
-        assert stack_run.reg(f"{h}-converge").urn in stack_run.reg(f"{h}-validate").dependencies
+        assert stack_run.reg(f"{h}-converge").urn in batch.dependencies
+        assert {stack_run.reg(f"{h}-converge").urn, batch.urn} <= set(stack_run.reg(f"{h}-validate").dependencies)
+
+
+def test_one_converge_step_per_segment_batch_over_its_nodes(stack_run: Run) -> None:
+    """Each batch step runs one `gpufleet converge` over exactly its batch's nodes, triggered by their steps."""
+    stack = _stack_of(stack_run)
+    for seg in stack_run.plan.site.segments:
+        for batch in stack_run.plan.batches(seg.name):
+            step = stack_run.reg(f"{seg.name}-batch{batch[0].batch}-converge")
+            hosts = [p.hostname for p in batch]
+            assert step.inputs["create"] == commands.batch_converge(stack, hosts)
+            words = step.inputs["create"].split()
+            assert words[1] == "converge" and {"--record", "--batch-slot", "--json"} <= set(words)
+            assert [words[i + 1] for i, w in enumerate(words) if w == "--node"] == hosts
+            assert step.inputs["triggers"] == [f"{h}-converge-id" for h in hosts]
+            assert step.inputs["dir"] == ".."
+
+
+def test_dependencies_stay_inside_a_segment(stack_run: Run) -> None:
+    """No step depends on a step of another segment's nodes: the graph is as deep as one segment, not the site."""
+    seg_of: dict[str, str] = {}
+    for p in stack_run.plan.nodes:
+        for step in ("bmc", "wait-ssh", "converge", "validate"):
+            seg_of[stack_run.reg(f"{p.hostname}-{step}").urn] = p.segment.name
+    for seg in stack_run.plan.site.segments:
+        for batch in stack_run.plan.batches(seg.name):
+            seg_of[stack_run.reg(f"{seg.name}-batch{batch[0].batch}-converge").urn] = seg.name
+    for urn, seg in seg_of.items():
+        deps = stack_run.rec.monitor.by_urn[urn].dependencies
+        assert {seg_of[d] for d in deps if d in seg_of} <= {seg}
 
 
 def test_airgapped_nodes_wait_for_their_mirror(stack_run: Run) -> None:
@@ -92,18 +127,19 @@ def _stack_of(run: Run) -> str:
 
 
 def test_later_rolling_batches_converge_after_earlier_ones(prod_run: Run) -> None:
-    """With batch_size 1, each node of a segment converges only after the previous one validated."""
-    for batch_list in [prod_run.plan.batches(s.name) for s in prod_run.plan.site.segments]:
+    """With batch_size 1, each batch of a segment converges only after the previous one validated."""
+    for seg in prod_run.plan.site.segments:
+        batch_list = prod_run.plan.batches(seg.name)
         assert len(batch_list) > 1  # the example has several nodes per segment
         for earlier, later in itertools.pairwise(batch_list):
-            deps = prod_run.reg(f"{later[0].hostname}-converge").dependencies
+            deps = prod_run.reg(f"{seg.name}-batch{later[0].batch}-converge").dependencies
             guards = [prod_run.rec.monitor.by_urn[d] for d in deps if d.endswith("-guard")]
             assert len(guards) == 1  # through the guard of the earlier batch (tests/pulumi/test_rollout.py)
             for e in earlier:
                 assert prod_run.reg(f"{e.hostname}-validate").urn in guards[0].dependencies
-    # ... and never on another segment's nodes.
-    first_edge = prod_run.plan.batches("edge")[0][0].hostname
-    assert not [d for d in prod_run.reg(f"{first_edge}-converge").dependencies if "validate" in d or "guard" in d]
+    # ... and never on another segment's nodes; the first batch waits for no guard at all.
+    first = prod_run.reg("edge-batch0-converge").dependencies
+    assert not [d for d in first if "validate" in d or "guard" in d]
 
 
 def test_services_wait_for_their_nodes_to_validate(stack_run: Run) -> None:
@@ -124,11 +160,14 @@ def test_commands_are_the_shared_cli_strings(stack_run: Run) -> None:
         bmc = stack_run.reg(f"{p.hostname}-bmc").inputs
         assert (bmc["create"], bmc["update"]) == (want.provision, want.power_on)
         assert "bmc reimage" in bmc["create"] and "reimage" not in bmc["update"]
-        for step, attr in (("wait-ssh", "wait_ssh"), ("converge", "converge"), ("validate", "validate")):
+        # The reimage bound: a lease first, then power-on and reimage; the update (power-on) takes none.
+        assert bmc["create"].startswith(f"{commands.CLI} provision-slot --stack {stack} --node {p.hostname} ")
+        for step, attr in (("wait-ssh", "wait_ssh"), ("validate", "validate")):
             inputs = stack_run.reg(f"{p.hostname}-{step}").inputs
             assert inputs["create"] == getattr(want, attr)
             assert inputs["dir"] == ".."  # relative: see infra.components.program.COMMAND_DIR
-        assert f"--stack {stack} --node {p.hostname}" in want.converge
+        # The node's converge step runs nothing: its batch step converges it.
+        assert "create" not in stack_run.reg(f"{p.hostname}-converge").inputs
 
 
 def test_adopting_installed_nodes_never_reimages() -> None:
@@ -136,8 +175,8 @@ def test_adopting_installed_nodes_never_reimages() -> None:
     run = run_program("lab", reimage_on_create=False)
     for p in run.plan.nodes:
         bmc = run.reg(f"{p.hostname}-bmc").inputs
-        assert bmc["create"] == bmc["update"]
-        assert "reimage" not in bmc["create"]
+        assert bmc["create"].endswith(" && " + bmc["update"])
+        assert "bmc reimage" not in bmc["create"] and "reimage" not in bmc["update"]
 
 
 def test_converge_triggers_are_readable_summary_plus_hash(stack_run: Run) -> None:
@@ -257,6 +296,47 @@ def test_outputs_carry_facts_endpoints_and_mirror_status(stack_run: Run) -> None
     assert set(value["mirrors"]) == {s.name for s in site.segments if s.airgapped}
 
 
+def test_converge_output_names_each_node_status_from_its_batch() -> None:
+    """Stack output `converge`: each node's entry of its batch's `gpufleet converge --json` (a failed one too)."""
+    def one_failed(typ: str, name: str, inputs: dict[str, Any]) -> str:
+        out = mocks.default_stdout(typ, name, inputs)
+        if name.endswith("-converge") and "lab-gpu02" in str(inputs.get("create", "")):
+            data = json.loads(out)
+            for n in data["nodes"]:
+                if n["hostname"] == "lab-gpu02":
+                    n.update(status="failed", failures=[{"task": "driver : install", "msg": "E: broken"}])
+            out = json.dumps(data)
+        return out
+
+    run = run_program("lab", stdout_for=one_failed)
+    status = run.rec.value["converge"]
+    assert set(status) == {p.hostname for p in run.plan.nodes}
+    assert status["lab-gpu02"] == {"status": "failed", "changed": 0, "failures": ["driver : install: E: broken"]}
+    assert {h: s["status"] for h, s in status.items() if h != "lab-gpu02"} == {
+        p.hostname: "ok" for p in run.plan.nodes if p.hostname != "lab-gpu02"}
+
+
+def test_a_change_to_one_node_changes_only_that_nodes_converge_trigger() -> None:
+    """Two more GPUs on one node: its own converge trigger says so in plain words; every other input stays.
+
+    So the preview replaces that node's converge step (and, through its new id, its batch's step and its own
+    validate) and nothing of any other node: no other node is re-validated, and no BMC step changes.
+    """
+    raw = raw_site("lab")
+    before = {r.name: r.raw_inputs for r in run_program("lab", raw).rec.resources}
+    changed = copy.deepcopy(raw)
+    target = changed["nodes"][0]["hostname"]
+    old_count = changed["nodes"][0]["gpu"]["count"]
+    changed["nodes"][0]["gpu"]["count"] = old_count + 2
+    after = {r.name: r.raw_inputs for r in run_program("lab", changed).rec.resources}
+    differs = sorted(n for n in before if before[n] != after[n])
+    # (its decommission step carries the node's stack entry: an update that re-runs its dry run, nothing else)
+    assert differs == [f"{target}-converge", f"{target}-decommission"]
+    old, new = before[differs[0]]["triggers"][0], after[differs[0]]["triggers"][0]
+    model = changed["nodes"][0]["gpu"]["model"]
+    assert (old["gpus"], new["gpus"]) == (f"{old_count}x {model}", f"{old_count + 2}x {model}")
+
+
 def test_non_json_validate_output_becomes_an_error_fact() -> None:
     """A validate-node that prints no JSON gives an `error` fact instead of failing the program."""
     run = run_program("lab", stdout_for=lambda t, n, i: "Traceback: boom")
@@ -275,7 +355,8 @@ def test_adding_a_node_keeps_every_other_urn() -> None:
     assert before <= after
     assert sorted(u.rsplit("::", 1)[1] for u in after - before) == sorted(
         ["lab-gpu05", "lab-gpu05-bmc", "lab-gpu05-wait-ssh", "lab-gpu05-converge", "lab-gpu05-validate",
-         "lab-gpu05-decommission", "connected-batch0-guard"])  # 3 nodes in batches of 2: a second batch
+         "lab-gpu05-decommission", "connected-batch0-guard",
+         "connected-batch1-converge"])  # 3 nodes in batches of 2: a second batch
 
 
 def _main() -> None:

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import itertools
 
+import pulumi
 import pytest
 
 from infra.bench import pulumi_mocks as mocks
 from infra.bench.sitegen import generate_site
+from infra.components import site as site_mod
 from tests.pulumi.conftest import Run, run_program
 
 # Relative durations: waiting for SSH after a reimage dominates, as on real machines.
@@ -41,28 +43,43 @@ def _schedule(run: Run) -> dict[str, tuple[int, int]]:
     return times
 
 
-def _reinstalling_at_once(run: Run) -> int:
-    """Most nodes between the start of their BMC step and the end of their wait-ssh step."""
-    times = _schedule(run)
-    spans = [(times[run.reg(f"{p.hostname}-bmc").urn][0], times[run.reg(f"{p.hostname}-wait-ssh").urn][1])
-             for p in run.plan.nodes]
-    return max(sum(1 for s, e in spans if s <= t < e) for t in {s for s, _ in spans})
+def test_no_bmc_step_waits_for_another_node() -> None:
+    """The reimage bound is a lease the BMC step's command takes, not a chain of nodes through the graph.
 
-
-@pytest.mark.parametrize("width", [1, 3, 7])
-def test_reimage_concurrency_is_bounded_by_the_stack(width: int) -> None:
-    """A first `up` of 20 nodes never has more than max_parallel_reimage nodes reinstalling, and does use them."""
+    A chain node i → node i−N is as deep as the site is large: the SDK's recursive dependency walk
+    (pulumi/runtime/resource_cycle_breaker.py) failed with RecursionError on it at 5,000 nodes.
+    """
     raw = generate_site(20, nodes_per_segment=8)
-    raw.setdefault("rollout", {})["max_parallel_reimage"] = width
+    raw.setdefault("rollout", {})["max_parallel_reimage"] = 3
     run = run_program("bench", raw)
-    assert _reinstalling_at_once(run) == width
+    for p in run.plan.nodes:
+        bmc = run.reg(f"{p.hostname}-bmc")
+        assert not [d for d in bmc.dependencies if d.endswith(("-wait-ssh", "-bmc"))]
+        assert bmc.inputs["create"].split(" && ")[0].split()[1:6] == [
+            "provision-slot", "--stack", "bench", "--node", p.hostname]
 
 
-def test_without_a_bound_every_node_would_reinstall_at_once() -> None:
-    """The simulation can tell: a bound larger than the site lets all 20 nodes reinstall together."""
-    raw = generate_site(20, nodes_per_segment=8)
-    raw.setdefault("rollout", {})["max_parallel_reimage"] = 1000
-    assert _reinstalling_at_once(run_program("bench", raw)) == 20
+def _depth(run: Run) -> int:
+    """Longest dependency path (in steps) of the registered graph, as the SDK's walk would follow it."""
+    deps = {r.urn: r.dependencies for r in run.rec.resources}
+    memo: dict[str, int] = {}
+
+    def depth(urn: str) -> int:
+        if urn not in memo:
+            memo[urn] = 1 + max((depth(d) for d in deps.get(urn, [])), default=0)
+        return memo[urn]
+
+    return max(depth(u) for u in deps)
+
+
+def test_graph_depth_grows_with_a_segment_not_with_the_site() -> None:
+    """Four times the segments (same segment size): the longest dependency path stays the same."""
+    small = run_program("bench", generate_site(16, nodes_per_segment=8))
+    large = run_program("bench", generate_site(64, nodes_per_segment=8))
+    assert _depth(small) == _depth(large)
+    # ... and it does grow with the number of batches in a segment (the rolling order is in the graph).
+    longer = run_program("bench", generate_site(16, nodes_per_segment=16))
+    assert _depth(longer) > _depth(small)
 
 
 def _guard(run: Run, segment: str, batch: int) -> mocks.Registration:
@@ -78,8 +95,7 @@ def test_a_guard_sits_between_consecutive_batches_of_a_segment(prod_run: Run) ->
             assert guard.inputs["create"].split()[1:] == [
                 "rollout-guard", "--stack", "example-prod", "--segment", seg.name, "--batch", str(k)]
             assert {prod_run.reg(f"{n.hostname}-validate").urn for n in earlier} <= set(guard.dependencies)
-            for n in later:
-                assert guard.urn in prod_run.reg(f"{n.hostname}-converge").dependencies
+            assert guard.urn in prod_run.reg(f"{seg.name}-batch{later[0].batch}-converge").dependencies
         with pytest.raises(KeyError):  # no guard after the last batch: nothing to protect
             _guard(prod_run, seg.name, len(batches) - 1)
 
@@ -99,13 +115,27 @@ def test_a_failed_guard_leaves_later_batches_unstarted(prod_run: Run) -> None:
             assert needs(prod_run.reg(f"{n.hostname}-validate").urn, guard)
 
 
-def test_converge_and_validate_record_their_outcome_for_the_guard(stack_run: Run) -> None:
-    """Each converge/validate runs the shared CLI string, then `rollout-record` with its exit status."""
+def test_batch_converge_and_validate_record_their_outcome_for_the_guard(stack_run: Run) -> None:
+    """The batch step records every node's outcome itself (`--record`); each validate runs `rollout-record`."""
     stack = stack_run.rec.resources[0].urn.split("::")[0].removeprefix("urn:pulumi:")
     for p in stack_run.plan.nodes:
-        for step in ("converge", "validate"):
-            create = stack_run.reg(f"{p.hostname}-{step}").inputs["create"]
-            assert create.endswith(f"; .venv/bin/gpufleet rollout-record --stack {stack} --node {p.hostname} "
-                                   f"--step {step} --rc $?")
+        create = stack_run.reg(f"{p.hostname}-validate").inputs["create"]
+        assert create.endswith(f"; .venv/bin/gpufleet rollout-record --stack {stack} --node {p.hostname} "
+                               f"--step validate --rc $?")
+        batch = stack_run.reg(f"{p.segment.name}-batch{p.batch}-converge").inputs["create"].split()
+        assert "--record" in batch and ["--node", p.hostname] in [batch[i:i + 2] for i in range(len(batch))]
 
 
+def test_a_segment_with_more_batches_than_the_sdk_can_walk_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before registering anything: a RunError naming the segment, the setting and the batch size that fits."""
+    monkeypatch.setattr(site_mod, "max_batches_per_segment", lambda: 2)
+    raw = generate_site(6, nodes_per_segment=6)  # one segment, 6 batches of 1
+    with pytest.raises(pulumi.RunError, match=r"segments\[.*\]: 6 rolling batches \(rollout.batch_size=1\).*"
+                                              r"supports 2 per segment.*batch_size to at least 3"):
+        run_program("bench", raw)
+
+
+def test_the_depth_limit_follows_the_measured_recursion_failure() -> None:
+    """With the default limit the bound admits the 250-node segments of the benchmark at batch_size 1
+    (measured: 752-step path, runs) and refuses 330 (measured: RecursionError in the SDK)."""
+    assert 250 <= site_mod.max_batches_per_segment() < 330

@@ -11,7 +11,12 @@ from typing import Any
 import pytest
 
 from infra.bench import harness
+from infra.bench import program as bench_program
 from infra.bench.harness import Context, Measurement, Ratio, Skip
+from infra.bench.sitegen import generate_site
+from infra.components.program import ProgramSettings
+from infra.model.load import parse_site
+from infra.plan.node import plan_site
 
 
 def test_measurement_median_and_range() -> None:
@@ -169,3 +174,17 @@ def test_reference_noop_runs_rounds_over_every_count(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(cb, "run_playbook", lambda *a, **k: RunResult("p", False, "failed", 2, 1.0, {}, "/tmp/x"))
     with pytest.raises(RuntimeError, match="reference playbook failed on lab-gpu01"):
         cb.reference_noop("lab", (1,), 2, order=order)
+
+
+def test_figure_2_program_run_reports_cpu_and_registered_state_size() -> None:
+    """The large-site path of figure 2 measures CPU and the JSON of what was registered, per resource."""
+    plan = plan_site(parse_site(generate_site(4, nodes_per_segment=2)))
+    settings = ProgramSettings(stack="bench", project=Path(__file__).resolve().parents[2])
+    got: dict[str, Any] = {}
+    count = bench_program._timed_program(plan, settings, got)
+    rec = bench_program._program(plan, settings)
+    assert count == len(rec.resources) and got["cpu"][0] > 0 and len(got["program"]) == 1
+    assert got["state_bytes"] == bench_program.state_bytes(rec)
+    assert got["state_bytes"] == len(json.dumps(
+        [{"urn": r.urn, "type": r.type, "parent": r.parent, "dependencies": r.dependencies, "inputs": r.raw_inputs}
+         for r in rec.resources], default=str, separators=(",", ":")))

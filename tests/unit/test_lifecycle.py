@@ -58,11 +58,12 @@ def test_pulumi_strings_record_and_guard_a_strict_rollout(prod: Run, records: Pa
     guard = prod.reg(f"{seg}-batch0-guard").inputs
 
     # Three runs through the shell (each gpufleet start costs seconds); the rest in-process.
-    ok = _sh(_step_with_exit(prod, f"{first}-converge", 0), guard["dir"])
+    # (Converge outcomes are written by the batch step itself: tests/unit/test_batch_rollout.py.)
+    ok = _sh(_step_with_exit(prod, f"{first}-validate", 0), guard["dir"])
     assert ok.returncode == 0, ok.stderr
-    saved = json.loads((records / "rollout" / "example-prod" / f"{first}.converge.json").read_text())
+    saved = json.loads((records / "rollout" / "example-prod" / f"{first}.validate.json").read_text())
     assert (saved["node"], saved["segment"], saved["batch"], saved["step"], saved["rc"]) == (
-        first, seg, 0, "converge", 0)
+        first, seg, 0, "validate", 0)
     assert run_cli(*shlex.split(guard["create"])[1:])[0] == 0
 
     bad = _sh(_step_with_exit(prod, f"{first}-validate", 1), guard["dir"])
@@ -72,9 +73,8 @@ def test_pulumi_strings_record_and_guard_a_strict_rollout(prod: Run, records: Pa
     assert json.loads(stopped.stdout) | {"unknown": []} == {
         "segment": seg, "batch": 0, "max_failures": 0, "failed": [first], "unknown": [], "exceeded": True}
     # Repaired (converge and validate pass again): the guard lets the next batch go.
-    for step in ("converge", "validate"):
-        record = shlex.split(_step_with_exit(prod, f"{first}-{step}", 0).split("; ", 1)[1].replace("$?", "0"))
-        assert run_cli(*record[1:])[0] == 0
+    record = shlex.split(_step_with_exit(prod, f"{first}-validate", 0).split("; ", 1)[1].replace("$?", "0"))
+    assert run_cli(*record[1:])[0] == 0
     assert run_cli(*shlex.split(guard["create"])[1:])[0] == 0
     assert second != first
 

@@ -11,12 +11,12 @@ from typing import Any
 import pytest
 
 from infra.cli import main
-from infra.components.commands import node_commands
+from infra.components.commands import batch_converge, node_commands
 from infra.components.node import STEPS
 from infra.model.load import load_site
 from infra.plan.node import plan_site
 from infra.review import digest as digest_mod
-from infra.review.digest import SECRET_SIG, SIG_KEY, DigestError, parse
+from infra.review.digest import SECRET_SIG, SIG_KEY, UNKNOWN, DigestError, parse
 from infra.review.report import BMC, CONVERGE, NODE_STEPS, NODE_TYPE, REIMAGE, NodeReview, Review, markdown, review
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "preview"
@@ -396,3 +396,38 @@ def test_reboot_policy_never_reports_the_pending_reboot() -> None:
     r = _review(doc)
     assert {n.reboot for n in r.nodes} == {"reboot needed, not performed (policy never)"}
     assert r.attention == []
+
+
+def test_a_batch_step_says_which_nodes_made_it_rerun() -> None:
+    """driver-bump.json plus the batch step of `connected` (lab-gpu01 and lab-gpu02): its row names the nodes it
+    converges and, from which `triggers[i]` is unknown, the node whose own converge step is re-created.
+
+    The step is written like the fixture's steps (tests/fixtures/preview/README.md): a replace whose trigger
+    is the id of a step re-created in the same preview shows as `update` to the unknown-value sentinel.
+    """
+    doc = _doc("driver-bump.json")
+    template = _step(doc, "lab-gpu01-converge")
+    types = "gpufleet:site:Site$gpufleet:segment:Segment"
+    seg = f"urn:pulumi:lab::gpufleet::{types}::connected"
+    urn = f"urn:pulumi:lab::gpufleet::{types}$command:local:Command::connected-batch0-converge"
+    create = batch_converge("lab", ["lab-gpu01", "lab-gpu02"])
+    old_inputs = {"create": create, "dir": "..", "triggers": ["lab-gpu01-converge3f8b2c64", "lab-gpu02-converge9d1e"]}
+    new_inputs = {**old_inputs, "triggers": [UNKNOWN, "lab-gpu02-converge9d1e"]}
+    batch = {
+        "op": "replace", "urn": urn, "provider": template["provider"],
+        "oldState": {"urn": urn, "custom": True, "id": "connected-batch0-converge1a2b3c4d",
+                     "type": "command:local:Command", "inputs": old_inputs, "parent": seg},
+        "newState": {"urn": urn, "custom": True, "type": "command:local:Command", "inputs": new_inputs,
+                     "parent": seg},
+        "diffReasons": ["triggers"], "replaceReasons": ["triggers"],
+        "detailedDiff": {"triggers[0]": {"kind": "update-replace", "inputDiff": True}},
+    }
+    doc["steps"].append(batch)
+    r = _review(doc)
+    row = next(o for o in r.other if o.resource == "connected-batch0-converge")
+    assert row.why.startswith("one `gpufleet converge` (one Ansible job) over lab-gpu01, lab-gpu02")
+    assert "re-runs for lab-gpu01 (its converge step is re-created" in row.why
+    assert "lab-gpu02 (its" not in row.why
+    # The node rows are what they were without it: the plain-words change stays on the node.
+    assert {n.hostname: n.action for n in r.nodes} == {
+        n.hostname: n.action for n in _review("driver-bump.json").nodes}
