@@ -80,9 +80,26 @@ def key_fingerprint(blob: str) -> str:
     return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
 
 
+def _entries(known_hosts: Path, name: str) -> list[str]:
+    """The known_hosts lines that match `name` (hashed ones included, as ssh-keygen -F finds them)."""
+    res = subprocess.run(
+        ["ssh-keygen", "-F", name, "-f", str(known_hosts)], capture_output=True, text=True, check=False, timeout=30
+    )
+    return [line.strip() for line in res.stdout.splitlines() if line.strip() and not line.startswith("#")]
+
+
 def pin_key(known_hosts: Path, node: Node, key_type: str, blob: str) -> str:
-    """Replace every known_hosts entry of the node (by hostname and address) with the given key."""
+    """Replace every known_hosts entry of the node (by hostname and address) with the given key.
+
+    When the node's only entry already is exactly that key (a rebuild that kept the node's key), the file is
+    not touched at all: operators and CI diff known_hosts, and a rewrite would reorder it for nothing.
+    """
     known_hosts.parent.mkdir(parents=True, exist_ok=True)
+    want = f"{node.hostname},{node.address} {key_type} {blob}"
+    if known_hosts.exists() and all(
+        _entries(known_hosts, name) == [want] for name in (node.hostname, str(node.address))
+    ):
+        return key_fingerprint(blob)
     if known_hosts.exists():
         for name in (node.hostname, str(node.address)):
             # ssh-keygen -R also removes hashed entries, which a text filter could not match.
@@ -93,7 +110,7 @@ def pin_key(known_hosts: Path, node: Node, key_type: str, blob: str) -> str:
         if old.exists():
             old.unlink()  # ssh-keygen's backup still holds the old key; it must not linger as a trust source
     lines = known_hosts.read_text(encoding="utf-8").splitlines() if known_hosts.exists() else []
-    lines.append(f"{node.hostname},{node.address} {key_type} {blob}")
+    lines.append(want)
     tmp = known_hosts.with_name(known_hosts.name + ".tmp")
     tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
     os.chmod(tmp, 0o644)

@@ -240,6 +240,22 @@ def test_pin_key_replaces_only_this_nodes_entries(site: Site, tmp_path: Path) ->
     assert fpr == key_fingerprint(BLOB) and fpr.startswith("SHA256:")
 
 
+def test_pin_key_leaves_the_file_untouched_when_the_node_keeps_its_key(site: Site, tmp_path: Path) -> None:
+    """A rebuild that kept the node's key edits nothing: same bytes, same order, same inode; another key, or a
+    second entry of the node, is still replaced."""
+    node = plan_of(site, "lab-gpu01").node
+    kh = tmp_path / "known_hosts"
+    mine = f"lab-gpu01,198.18.1.11 ssh-ed25519 {BLOB}"
+    other = "lab-gpu02,198.18.1.12 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBBBB"
+    kh.write_text(f"{mine}\n{other}\n")
+    before, inode = kh.read_bytes(), kh.stat().st_ino
+    assert pin_key(kh, node, "ssh-ed25519", BLOB) == key_fingerprint(BLOB)
+    assert kh.read_bytes() == before and kh.stat().st_ino == inode
+    kh.write_text(f"{mine}\n{other}\n198.18.1.11 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOLD\n")
+    pin_key(kh, node, "ssh-ed25519", BLOB)
+    assert kh.read_text().splitlines() == [other, mine]
+
+
 def test_failed_step_output_names_node_task_and_message() -> None:
     """A failed converge is summarised as `node: task: message` lines, not a JSON tail."""
     from infra.dr.steps import _failures
