@@ -7,6 +7,7 @@ uses `gpgv`, which trusts exactly that keyring and nothing else.
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import tempfile
 from pathlib import Path
@@ -30,19 +31,29 @@ def _gpg(home: Path, *args: str, stdin: bytes | None = None) -> subprocess.Compl
         raise SigningError(f"gpg {' '.join(args[:2])} timed out") from None
 
 
+def stop_agent(home: Path) -> None:
+    """Stop the gpg-agent that gpg started for `home` (gpg leaves it running after it exits)."""
+    with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+        subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "all"], capture_output=True, timeout=30,
+                       check=False)
+
+
 def sign_detached(data: Path, secret_key: Path, out: Path) -> str:
     """Write an armored detached signature of `data` to `out`; returns the signing key's fingerprint."""
     with tempfile.TemporaryDirectory(prefix="gpufleet-gpg-") as home:
         h = Path(home)
         h.chmod(0o700)
-        imp = _gpg(h, "--import", str(secret_key))
-        if imp.returncode != 0:
-            raise SigningError(f"cannot import signing key {secret_key}: {imp.stderr.decode(errors='replace')}")
-        fpr = _secret_fingerprint(h)
-        res = _gpg(h, "--yes", "--armor", "--local-user", fpr, "--output", str(out), "--detach-sign", str(data))
-        if res.returncode != 0:
-            raise SigningError(f"signing {data.name} failed: {res.stderr.decode(errors='replace')}")
-        return fpr
+        try:
+            imp = _gpg(h, "--import", str(secret_key))
+            if imp.returncode != 0:
+                raise SigningError(f"cannot import signing key {secret_key}: {imp.stderr.decode(errors='replace')}")
+            fpr = _secret_fingerprint(h)
+            res = _gpg(h, "--yes", "--armor", "--local-user", fpr, "--output", str(out), "--detach-sign", str(data))
+            if res.returncode != 0:
+                raise SigningError(f"signing {data.name} failed: {res.stderr.decode(errors='replace')}")
+            return fpr
+        finally:
+            stop_agent(h)
 
 
 def _secret_fingerprint(home: Path) -> str:
@@ -86,12 +97,15 @@ def generate_key(home: Path, uid: str, secret_out: Path, public_out: Path) -> st
     """Make a new passphrase-less signing key (lab, tests); writes the secret and public key files."""
     home.mkdir(parents=True, exist_ok=True)
     home.chmod(0o700)
-    res = _gpg(home, "--passphrase", "", "--quick-generate-key", uid, "ed25519", "sign", "never")
-    if res.returncode != 0:
-        raise SigningError(f"key generation failed: {res.stderr.decode(errors='replace')}")
-    fpr = _secret_fingerprint(home)
-    secret = _gpg(home, "--armor", "--export-secret-keys", fpr)
-    public = _gpg(home, "--armor", "--export", fpr)
+    try:
+        res = _gpg(home, "--passphrase", "", "--quick-generate-key", uid, "ed25519", "sign", "never")
+        if res.returncode != 0:
+            raise SigningError(f"key generation failed: {res.stderr.decode(errors='replace')}")
+        fpr = _secret_fingerprint(home)
+        secret = _gpg(home, "--armor", "--export-secret-keys", fpr)
+        public = _gpg(home, "--armor", "--export", fpr)
+    finally:
+        stop_agent(home)
     secret_out.write_bytes(secret.stdout)
     secret_out.chmod(0o600)
     public_out.write_bytes(public.stdout)
