@@ -16,6 +16,9 @@ writes the node's first-boot data (mode 0600). A converge of the provisioning ro
 writes the install and local scripts beside the live one, and creates the live one (as "boot from disk")
 only when it is missing. There is no HTTP way to arm: anyone on the segment could otherwise start an
 install and fetch a node's private host key.
+A body `status=failed&reason=…` is the ramdisk reporting that it stopped (no disk matches the hint, the
+written bytes do not match the lock, …): the server logs the reason and writes it to `failed/<mac>.txt`,
+switches nothing and keeps the first-boot data, so the node's next network boot runs the install again.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import functools
 import os
 import re
 import sys
+import urllib.parse
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -81,6 +85,18 @@ def mark_done(root: Path, mac: str) -> bool:
     return True
 
 
+def mark_failed(root: Path, mac: str, reason: str) -> bool:
+    """Record a failed deploy (reason cut to 400 printable characters); False for a MAC without a script."""
+    if not re.fullmatch(r"[0-9a-f]{2}(?:-[0-9a-f]{2}){5}", mac):
+        return False
+    if not (root / "ipxe" / "local" / f"{mac}.ipxe").is_file():
+        return False
+    text = "".join(c if c.isprintable() else " " for c in reason)[:400]
+    (root / "failed").mkdir(exist_ok=True)
+    (root / "failed" / f"{mac}.txt").write_text(text + "\n", encoding="utf-8")
+    return True
+
+
 class Handler(SimpleHTTPRequestHandler):
     """Static files from the root; POST /done/<mac>."""
 
@@ -89,6 +105,16 @@ class Handler(SimpleHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(min(length, 4096)).decode("ascii", "replace")
         m = _DONE.fullmatch(self.path)
+        form = urllib.parse.parse_qs(body)
+        if m is not None and form.get("status") == ["failed"]:
+            reason = (form.get("reason") or ["?"])[0]
+            if not mark_failed(Path(self.directory), m.group(1), reason):
+                self.send_error(404)
+                return
+            self.log_message("deploy FAILED: %s: %s", m.group(1), reason[:400])
+            self.send_response(202)
+            self.end_headers()
+            return
         if m is None or not mark_done(Path(self.directory), m.group(1)):
             self.send_error(404)
             return
