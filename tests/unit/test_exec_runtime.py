@@ -64,7 +64,7 @@ def test_the_release_is_the_controllers_own_environment_with_uv_locks_hashes() -
         listed = {w["url"]: w for w in entries[f.name]["wheels"]}
         assert f.source in listed, f
         assert listed[f.source]["hash"] == f"sha256:{f.sha256}" and listed[f.source]["size"] == f.size
-    worker = next(f for f in release.files if not f.is_wheel)
+    worker = next(f for f in release.files if f.name == execruntime.WORKER_NAME)
     data = (project_dir() / "infra/ansible/remote/worker.py").read_bytes()
     assert (worker.size, worker.sha256) == (len(data), hashlib.sha256(data).hexdigest())
 
