@@ -24,6 +24,7 @@ from infra.bundle.store import FetchError, Store, fetch_url, file_digest
 from infra.model.load import project_dir
 from infra.model.site import AptSource, Site
 from infra.plan.engines import mirror_model_dir, mirror_model_index
+from infra.plan.execruntime import RuntimeFile, own_file_bytes
 
 SKOPEO_TIMEOUT_S = 1800
 
@@ -226,10 +227,22 @@ def _fetch_file(a: Artifact, out: Path, opts: BuildOptions) -> list[str]:
 
 def _fetch_runtime(a: Artifact, out: Path, opts: BuildOptions) -> list[str]:
     """A file of the execution runtime: from a store, else its locked source (registry URL or this checkout)."""
-    if a.source.startswith("gpufleet:"):
-        # The supervisor is gpufleet's own file: the checkout building the bundle is its source.
-        local = project_dir() / a.source.removeprefix("gpufleet:")
-        a = Artifact(**{**a.__dict__, "source": str(local)})
+    if a.source.startswith("gpufleet"):
+        # The supervisor and the roles are gpufleet's own: the checkout building the bundle makes them; their
+        # bytes are checked against the lock all the same.
+        own = own_file_bytes(
+            RuntimeFile(a.name, a.version or "", a.path.rsplit("/", 1)[-1], a.source, a.sha256 or "", a.size or 0),
+            project_dir())
+        if own is not None:
+            dest = out / a.path
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(own)
+            size, sha = file_digest(dest)
+            if (size, sha) != (a.size, a.sha256):
+                dest.unlink()
+                return [f"{a.kind} {a.name}: {a.path} made from this checkout has sha256 {sha}, the lock says "
+                        f"{a.sha256}: the roles or supervisor changed since `gpufleet lock`; re-run it"]
+            return []
     return _fetch_file(a, out, opts)
 
 

@@ -13,7 +13,7 @@ from infra.bundle.lock import Lock, LockError, lock_path, lock_path_for, runtime
 from infra.commands.site import add_stack_args, site_from_args
 from infra.console import CommandError, Exit, emit, table
 from infra.model.site import Site
-from infra.plan.execruntime import RuntimeSpec, RuntimeSpecError
+from infra.plan.execruntime import RuntimeFile, RuntimeSpec, RuntimeSpecError
 from infra.ssh import SshSettings
 
 DEFAULT_OUT = Path(".gpufleet/exec-runtime")
@@ -26,9 +26,9 @@ def register(sub: Any) -> None:
         help="execution hosts of segment-local execution: fetch, install and check their runtime",
         description="A segment with `execution: {host: ...}` runs its Ansible on that host: `converge` streams "
         "each job to it with ansible-runner's transmit/worker/process protocol over SSH. The host needs the "
-        "runtime (the wheels of ansible-core, ansible-runner, Mitogen that uv.lock pins, and the job supervisor), "
-        "recorded in the stack's lock, carried by the bundle and fetched from the segment's mirror; roles travel "
-        "with each job.",
+        "runtime (the wheels of ansible-core, ansible-runner, Mitogen that uv.lock pins, the job supervisor "
+        "and the roles as one collection tar), recorded in the stack's lock, carried by the bundle and fetched from "
+        "the segment's mirror; jobs carry only inventory, variables and keys.",
     )
     esub = p.add_subparsers(dest="exec_command", required=True, metavar="ACTION")
     r = esub.add_parser("runtime", help="fetch the runtime's files (checked against uv.lock's sha256) into a dir")
@@ -75,11 +75,16 @@ def _controller_release() -> RuntimeSpec:
         raise CommandError(Exit.INVALID, str(exc)) from None
 
 
-def locked_release(site: Site, lock_file: Path, segment: str) -> RuntimeSpec:
-    """The runtime the stack's lock records for `segment`, which must be this controller's (`uv.lock`).
+def _collection(release: RuntimeSpec) -> RuntimeFile | None:
+    return next((f for f in release.files if f.is_collection), None)
+
+
+def locked_release(site: Site, lock_file: Path, segment: str, host: str | None = None) -> RuntimeSpec:
+    """The runtime the stack's lock records for `segment`, which must be this controller's (`uv.lock`, roles).
 
     Raises:
-        CommandError: (exit 2) no lock, a lock without the segment's runtime, or one made from another uv.lock.
+        CommandError: (exit 2) no lock, a lock without the segment's runtime, one made from another uv.lock,
+            or one whose roles (the collection) are not this controller's.
 
     """
     mine = _controller_release()
@@ -97,6 +102,18 @@ def locked_release(site: Site, lock_file: Path, segment: str) -> RuntimeSpec:
         raise CommandError(
             Exit.INVALID, f"{lock_file}: records no execution runtime for segment {segment!r} (its "
             "`execution.host` is newer than the lock): run `gpufleet lock`, then bundle and import it"
+        )
+    mine_roles, locked_roles = _collection(mine), _collection(locked)
+    if locked.runtime_id != mine.runtime_id and mine_roles != locked_roles:
+        # The roles changed (or the lock predates locked roles): the execution host would run other roles
+        # than the ones this controller plans with.
+        where = f"execution host {host} of segment {segment!r}" if host else f"segment {segment!r}"
+        had = locked_roles.version if locked_roles else "none"
+        raise CommandError(
+            Exit.INVALID, f"{where}: the lock's roles (collection {had}) are not this controller's "
+            f"({mine_roles.version if mine_roles else 'none'}, from roles/, plugins/, playbooks/): run `gpufleet "
+            f"lock`, then `gpufleet bundle build --kind runtime` into the mirror (or `exec-host install --stream`) "
+            f"and `gpufleet exec-host install --segment {segment}`"
         )
     if locked.runtime_id != mine.runtime_id:
         raise CommandError(
@@ -123,7 +140,7 @@ def require_runtime(site: Site, lock_file: Path, segments: set[str]) -> None:
         target = exec_host(site, seg)
         if target is None:
             continue
-        locked = locked_release(site, lock_file, seg)
+        locked = locked_release(site, lock_file, seg, target.name)
         try:
             found = runtime.read_installed(
                 settings, target.address, user=target.user, runtime_dir=target.runtime_dir,
@@ -170,7 +187,7 @@ def cmd_install(args: argparse.Namespace) -> int:
                 Exit.INVALID, f"segment {t.segment!r} has no mirror to fetch the runtime from: give it one, or pass "
                 "--stream to send the locked files from this controller (a connected segment's fallback)"
             )
-        plan.append((t, locked_release(site, lock_file, t.segment), base))
+        plan.append((t, locked_release(site, lock_file, t.segment, t.name), base))
     rows = []
     failed = False
     for t, release, base in plan:
@@ -204,7 +221,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     lock_file = lock_file_of(args)
     rows = []
     for t in _targets(site, args.segment):
-        locked = locked_release(site, lock_file, t.segment)
+        locked = locked_release(site, lock_file, t.segment, t.name)
         try:
             found = runtime.read_installed(
                 settings, t.address, user=t.user, runtime_dir=t.runtime_dir, runtime_id=locked.runtime_id

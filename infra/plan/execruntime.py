@@ -1,11 +1,13 @@
-"""The execution runtime as locked files: exact wheels from `uv.lock` plus the job supervisor.
+"""The execution runtime as locked files: exact wheels from `uv.lock`, the job supervisor and the roles.
 
 An execution host (segment-local execution) runs `ansible-runner worker` and, under it, `ansible-playbook` with
 Mitogen. What it needs is the dependency closure of ansible-core, ansible-runner and mitogen at the versions the
 controller itself runs, and `uv.lock` is where those versions are written: this module reads the closure and,
 for every package, the one wheel `uv.lock` lists for the execution host's platform, with the registry's own
 sha256 and size (no second copy of a version, no hash computed here). The supervisor (`gpufleet-worker`,
-`infra/ansible/remote/worker.py`) is the one file of gpufleet's own; its sha256 is computed from the file.
+`infra/ansible/remote/worker.py`) and the roles (the collection `galaxy.yml` declares, as one deterministic
+tar: `collection_bytes`) are gpufleet's own files; their sha256 is computed from the checkout, so roles the
+controller did not lock give another runtime id.
 
 The target is the controller's Python minor version (3.11 now: Debian 12's `/usr/bin/python3`) on x86_64 Linux
 with glibc >= the highest `manylinux_2_X` of the wheels chosen: a platform wheel (cryptography, PyYAML, cffi,
@@ -17,24 +19,33 @@ MarkupSafe) is taken only when its tags say it runs there. Pure in the sense of 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import re
 import sys
+import tarfile
 import tomllib
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
 
+import yaml
 from packaging.markers import Marker
 from packaging.tags import Tag, compatible_tags, cpython_tags
 from packaging.utils import parse_wheel_filename
 
 # The distributions a job runs; everything they require (for the target platform) comes along.
 ROOTS = ("ansible-core", "ansible-runner", "mitogen")
-FORMAT = 2  # bump when the layout of an installed release changes (2: wheels from the mirror)
+FORMAT = 3  # bump when the layout of an installed release changes (2: wheels from the mirror, 3: + the roles)
 WORKER_NAME = "gpufleet-worker"
 WORKER_SOURCE = "gpufleet:infra/ansible/remote/worker.py"
+# The roles: the collection `galaxy.yml` declares, as one deterministic tar built from the checkout.
+COLLECTION_NAME = "gpufleet-collection"
+COLLECTION_SOURCE = "gpufleet-build:collection"
+COLLECTION_PARTS = ("galaxy.yml", "meta", "plugins", "roles", "playbooks")
+# Where the collection lies inside an installed release (ANSIBLE_COLLECTIONS_PATH of a job).
+COLLECTIONS_DIR = "collections"
 # The execution host's platform. Debian 12 has glibc 2.36; the wheels chosen may need less, never more.
 MACHINE = "x86_64"
 GLIBC_MAX = (2, 36)
@@ -73,8 +84,13 @@ class RuntimeFile:
 
     @property
     def is_wheel(self) -> bool:
-        """A wheel (else the supervisor script)."""
+        """A wheel (else the supervisor script or the roles' collection)."""
         return self.filename.endswith(".whl")
+
+    @property
+    def is_collection(self) -> bool:
+        """The roles' collection tar."""
+        return self.name == COLLECTION_NAME
 
 
 @dataclass(frozen=True)
@@ -177,8 +193,71 @@ def worker_file(project: Path = _PROJECT) -> RuntimeFile:
     return RuntimeFile(WORKER_NAME, sha[:16], f"{WORKER_NAME}-{sha[:16]}.py", WORKER_SOURCE, sha, len(data))
 
 
-def spec_from(uv_lock: str, python: str, worker: RuntimeFile) -> RuntimeSpec:
+def collection_id(project: Path = _PROJECT) -> tuple[str, str]:
+    """(namespace, name) of the collection from the project's `galaxy.yml`."""
+    data = yaml.safe_load((project / "galaxy.yml").read_text(encoding="utf-8"))
+    return str(data["namespace"]), str(data["name"])
+
+
+def _collection_members(project: Path) -> list[Path]:
+    out: list[Path] = []
+    for part in COLLECTION_PARTS:
+        src = project / part
+        if src.is_file():
+            out.append(src)
+        elif src.is_dir():
+            out += [p for p in src.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+                    and p.suffix != ".pyc"]
+    return sorted(out, key=lambda p: p.relative_to(project).as_posix())
+
+
+def collection_bytes(project: Path = _PROJECT) -> bytes:
+    """The roles (`COLLECTION_PARTS` of the checkout) as an uncompressed tar whose bytes depend on content only.
+
+    Members are `ansible_collections/<namespace>/<name>/<path>`, sorted, regular files only, with mtime 0,
+    owner 0:0 and mode 0644 (0755 when the file is executable): the same tree gives the same bytes on every
+    controller. `ansible-galaxy collection build` is not used for the identity because it stamps every
+    member with the build time (ansible-core 2.19, `ansible/galaxy/collection/__init__.py`:
+    `tar_info.mtime = int(time.time())`), so two builds of one tree differ.
+    """
+    namespace, name = collection_id(project)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for path in _collection_members(project):
+            data = path.read_bytes()
+            info = tarfile.TarInfo(f"ansible_collections/{namespace}/{name}/{path.relative_to(project).as_posix()}")
+            info.size = len(data)
+            info.mtime = 0
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            info.mode = 0o755 if path.stat().st_mode & 0o111 else 0o644
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def collection_file(project: Path = _PROJECT) -> RuntimeFile:
+    """The roles as a runtime file: its name and version carry the tar's digest (new roles, new file)."""
+    data = collection_bytes(project)
+    sha = hashlib.sha256(data).hexdigest()
+    return RuntimeFile(COLLECTION_NAME, sha[:16], f"{COLLECTION_NAME}-{sha[:16]}.tar", COLLECTION_SOURCE, sha,
+                       len(data))
+
+
+def own_file_bytes(f: RuntimeFile, project: Path = _PROJECT) -> bytes | None:
+    """The bytes of a file of gpufleet's own (supervisor, roles) made from `project`; None for a wheel."""
+    if f.source == COLLECTION_SOURCE:
+        return collection_bytes(project)
+    if f.source.startswith("gpufleet:"):
+        return (project / f.source.removeprefix("gpufleet:")).read_bytes()
+    return None
+
+
+def spec_from(
+    uv_lock: str, python: str, worker: RuntimeFile, collection: RuntimeFile | None = None
+) -> RuntimeSpec:
     """The runtime `uv_lock` (its text) gives for an execution host with CPython `python`.
+
+    `worker` is the supervisor and `collection` the roles (`collection_file`), both gpufleet's own files.
 
     Raises:
         RuntimeSpecError: a package of the closure is missing, listed twice, or has no wheel for the target.
@@ -229,7 +308,8 @@ def spec_from(uv_lock: str, python: str, worker: RuntimeFile) -> RuntimeSpec:
             raise RuntimeSpecError(f"uv.lock: the wheel of {name} has no sha256 hash and size; run `uv lock` again")
         files.append(RuntimeFile(name, str(pkg["version"]), wheel["url"].rsplit("/", 1)[-1], wheel["url"], digest,
                                  wheel["size"]))
-    return RuntimeSpec(python, f"{glibc[0]}.{glibc[1]}", (*sorted(files), worker))
+    own = (worker,) if collection is None else (worker, collection)
+    return RuntimeSpec(python, f"{glibc[0]}.{glibc[1]}", (*sorted(files), *own))
 
 
 @cache
@@ -240,4 +320,4 @@ def spec(project: Path = _PROJECT) -> RuntimeSpec:
         text = lock.read_text(encoding="utf-8")
     except OSError as exc:
         raise RuntimeSpecError(f"{lock}: cannot read ({exc.strerror}); the execution runtime is made from it") from None
-    return spec_from(text, python_tag(), worker_file(project))
+    return spec_from(text, python_tag(), worker_file(project), collection_file(project))

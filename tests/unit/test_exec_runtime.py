@@ -11,10 +11,14 @@ import functools
 import hashlib
 import http.server
 import importlib.metadata
+import io
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
+import tarfile
 import threading
 import tomllib
 import zipfile
@@ -60,7 +64,7 @@ def test_the_release_is_the_controllers_own_environment_with_uv_locks_hashes() -
         listed = {w["url"]: w for w in entries[f.name]["wheels"]}
         assert f.source in listed, f
         assert listed[f.source]["hash"] == f"sha256:{f.sha256}" and listed[f.source]["size"] == f.size
-    worker = next(f for f in release.files if not f.is_wheel)
+    worker = next(f for f in release.files if f.name == execruntime.WORKER_NAME)
     data = (project_dir() / "infra/ansible/remote/worker.py").read_bytes()
     assert (worker.size, worker.sha256) == (len(data), hashlib.sha256(data).hexdigest())
 
@@ -126,6 +130,62 @@ def test_best_wheel_wins_and_markers_are_evaluated_for_the_execution_host() -> N
 
 
 # ----------------------------------------------------------------------------------- lock and bundle
+
+# ------------------------------------------------------------------------------------------ the roles
+
+def _collection_tree(dest: Path) -> Path:
+    """A copy of the checkout's collection parts (galaxy.yml, meta, plugins, roles, playbooks) in `dest`."""
+    dest.mkdir()
+    for part in execruntime.COLLECTION_PARTS:
+        src = project_dir() / part
+        if src.is_dir():
+            shutil.copytree(src, dest / part, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        elif src.is_file():
+            shutil.copy2(src, dest / part)
+    return dest
+
+
+def _galaxy() -> tuple[str, str]:
+    data = yaml.safe_load((project_dir() / "galaxy.yml").read_text())
+    return data["namespace"], data["name"]
+
+
+def test_the_roles_tar_depends_on_content_only_and_holds_every_role_file(tmp_path: Path) -> None:
+    a = _collection_tree(tmp_path / "a")
+    b = _collection_tree(tmp_path / "b")
+    # Another checkout: other mtimes, a stray bytecode cache.
+    for i, f in enumerate(sorted(b.rglob("*"), reverse=True)):
+        os.utime(f, (1_000_000 + i, 1_000_000 + i))
+    (b / "plugins" / "__pycache__").mkdir(exist_ok=True)
+    (b / "plugins" / "__pycache__" / "x.cpython-311.pyc").write_bytes(b"cache")
+    assert execruntime.collection_bytes(a) == execruntime.collection_bytes(b)
+    with tarfile.open(fileobj=io.BytesIO(execruntime.collection_bytes(a))) as tar:
+        members = tar.getmembers()
+    namespace, name = _galaxy()
+    prefix = f"ansible_collections/{namespace}/{name}/"
+    want = sorted(prefix + f.relative_to(a).as_posix() for f in a.rglob("*") if f.is_file())
+    assert sorted(m.name for m in members) == want and any("/roles/" in n for n in want)
+    assert {m.mtime for m in members} == {0} and {(m.uid, m.gid) for m in members} == {(0, 0)}
+    # One changed role file: another file, another release id (the lock no longer matches the controller).
+    role_task = sorted(b.glob("roles/*/tasks/main.yml"))[0]
+    role_task.write_text(role_task.read_text() + "\n# changed\n")
+    fa, fb = execruntime.collection_file(a), execruntime.collection_file(b)
+    assert fa.sha256 != fb.sha256 and fa.filename != fb.filename
+    text, worker = UV_LOCK.read_text(), execruntime.worker_file()
+    assert (execruntime.spec_from(text, "3.11", worker, fa).runtime_id
+            != execruntime.spec_from(text, "3.11", worker, fb).runtime_id)
+
+
+def test_the_controllers_release_locks_the_checkouts_roles() -> None:
+    roles = [f for f in execruntime.spec().files if f.is_collection]
+    assert len(roles) == 1
+    data = execruntime.collection_bytes(project_dir())
+    assert (roles[0].size, roles[0].sha256) == (len(data), hashlib.sha256(data).hexdigest())
+    # The lock records it like every runtime file (a `runtime` entry with its sha256).
+    lock = _lock(_site())
+    entry = next(a for a in lock.artifacts if a.name == execruntime.COLLECTION_NAME)
+    assert (entry.sha256, entry.size, entry.path) == (roles[0].sha256, roles[0].size, roles[0].path)
+
 
 def _site(execution: bool = True) -> Any:
     raw = make_site()
@@ -202,6 +262,27 @@ def test_bundle_of_the_runtime_alone_carries_exactly_the_locked_bytes(
               BuildOptions(artifacts=[Store(str(tmp_path / "store2"))], kinds=["runtime"]))
 
 
+def test_bundle_carries_the_roles_made_from_the_checkout_and_refuses_other_roles(
+    tmp_path: Path, signing: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import infra.bundle.build as b
+
+    monkeypatch.setattr(b, "check", lambda lock, site: [])  # the lock here holds the roles only
+    site = _site()
+    roles = execruntime.collection_file()
+    entry = Artifact("runtime", roles.name, roles.version, roles.path, roles.size, roles.sha256, roles.source,
+                     ("iso",), True)
+    lock = Lock(site.name, [], [entry])
+    build(site, lock, lock.to_json(), "iso", tmp_path / "out", signing[0], BuildOptions(kinds=["runtime"]))
+    man, problems = verify_bundle(tmp_path / "out", signing[1])
+    assert problems == [] and man is not None and sorted(man.files) == [roles.path]
+    assert (tmp_path / "out" / roles.path).read_bytes() == execruntime.collection_bytes()
+    # A lock made from other roles than this checkout's: the bundle is refused, naming the fix.
+    stale = Lock(site.name, [], [Artifact(**{**entry.__dict__, "sha256": "2" * 64})])
+    with pytest.raises(BuildError, match="re-run"):
+        build(site, stale, stale.to_json(), "iso", tmp_path / "out2", signing[0], BuildOptions(kinds=["runtime"]))
+
+
 # -------------------------------------------------------------------------- the execution host's installer
 
 def _wheel(path: Path, name: str, files: dict[str, bytes], entry_points: str = "") -> Path:
@@ -273,6 +354,56 @@ def test_installer_installs_nothing_when_the_mirror_serves_other_bytes(
     assert not (tmp_path / "rt" / "releases").exists() or list((tmp_path / "rt" / "releases").iterdir()) == []
 
 
+def _roles_release(root: Path, member: str, kind: bytes) -> execruntime.RuntimeSpec:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        info = tarfile.TarInfo(member)
+        info.type = kind
+        if kind == tarfile.SYMTYPE:
+            info.linkname = "/etc/passwd"
+            tar.addfile(info)
+        else:
+            info.size = 5
+            tar.addfile(info, io.BytesIO(b"x: 1\n"))
+    name = f"{execruntime.COLLECTION_NAME}-abc.tar"
+    (root / name).write_bytes(buf.getvalue())
+    size, sha = file_digest(root / name)
+    f = execruntime.RuntimeFile(execruntime.COLLECTION_NAME, "abc", name, execruntime.COLLECTION_SOURCE, sha, size)
+    return execruntime.RuntimeSpec(execruntime.python_tag(), "2.17", (f,))
+
+
+def test_installer_lays_the_roles_out_beside_the_wheels(tmp_path: Path, mirror: tuple[Path, str]) -> None:
+    root, base = mirror
+    roles = execruntime.collection_file()
+    (root / roles.filename).write_bytes(execruntime.collection_bytes())
+    release = execruntime.RuntimeSpec(execruntime.python_tag(), "2.17", (roles,))
+    spec = runtime.install_spec(str(tmp_path / "rt"), release, base)
+    assert installer.install(spec) == 0
+    namespace, name = _galaxy()
+    coll = Path(spec["release"]) / "collections" / "ansible_collections" / namespace / name
+    checked = 0
+    for f in (project_dir() / "roles").rglob("*"):
+        if f.is_file() and "__pycache__" not in f.parts:
+            assert (coll / "roles" / f.relative_to(project_dir() / "roles")).read_bytes() == f.read_bytes(), f
+            checked += 1
+    assert checked > 0
+    assert (coll / "playbooks" / "node.yml").read_bytes() == (project_dir() / "playbooks" / "node.yml").read_bytes()
+
+
+@pytest.mark.parametrize(("member", "kind"), [("ansible_collections/../../escape.yml", tarfile.REGTYPE),
+                                              ("elsewhere/x.yml", tarfile.REGTYPE),
+                                              ("ansible_collections/g/f/roles/link", tarfile.SYMTYPE)])
+def test_installer_refuses_a_roles_tar_that_leaves_its_place(
+    tmp_path: Path, mirror: tuple[Path, str], capsys: pytest.CaptureFixture[str], member: str, kind: bytes
+) -> None:
+    root, base = mirror
+    release = _roles_release(root, member, kind)
+    spec = runtime.install_spec(str(tmp_path / "rt"), release, base)
+    assert installer.install(spec) == installer.EXIT_MISMATCH
+    assert "unsafe member" in capsys.readouterr().err
+    assert not (tmp_path / "escape.yml").exists() and not Path(spec["release"]).exists()
+
+
 # --------------------------------------------------------------------------------- converge refuses
 
 def _local_ssh(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -326,3 +457,12 @@ def test_converge_refuses_an_execution_host_whose_runtime_is_not_the_locks(
     lock_file.write_text(stale.to_json())
     with pytest.raises(CommandError, match="is not this controller's"):
         require_runtime(site, lock_file, {"iso"})
+    # A lock whose roles are not the controller's (a role changed since `gpufleet lock`): refused by host.
+    other_roles = Lock(lock.site, lock.declared, [
+        Artifact(**{**a.__dict__, "sha256": "3" * 64, "version": "3" * 16})
+        if a.name == execruntime.COLLECTION_NAME else a for a in lock.artifacts])
+    lock_file.write_text(other_roles.to_json())
+    assert main(argv) == Exit.INVALID
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "execution host mirror01" in err and "roles" in err, err
+    assert "gpufleet lock" in err and "bundle build" in err and "exec-host install --segment iso" in err

@@ -20,6 +20,7 @@ from infra import procs
 from infra import ssh as ssh_module
 from infra.ansible.remote import job, runtime, worker
 from infra.ansible.settings import Tuning
+from infra.model.load import project_dir
 from infra.ssh import SshSettings
 
 SYSTEM_PY = Path("/usr/bin/python3")
@@ -153,6 +154,18 @@ PLAY = """
         src: "{{ base_apt_sources[0].keyring }}"
         dest: "{{ out_dir }}/{{ inventory_hostname }}.gpg"
         mode: "0644"
+    - name: The roles are the installed release's locked collection
+      ansible.builtin.stat:
+        path: "{{ lookup('ansible.builtin.env', 'ANSIBLE_ROLES_PATH') }}/{{ some_role }}/tasks/main.yml"
+      register: locked_role
+      failed_when: >-
+        not locked_role.stat.exists
+        or not lookup('ansible.builtin.env', 'ANSIBLE_ROLES_PATH').startswith(release_dir + '/collections/')
+    - name: The job carries no roles of its own
+      ansible.builtin.stat:
+        path: "{{ playbook_dir }}/collections"
+      register: carried
+      failed_when: carried.stat.exists
     - name: Fail on purpose
       ansible.builtin.fail:
         msg: boom
@@ -178,6 +191,8 @@ def test_a_job_runs_through_transmit_worker_process_and_folds_per_host(
         "ansible_python_interpreter": "/usr/bin/python3",
         "base_apt_sources": [{"name": "upstream", "keyring": str(keyring)}],
         "out_dir": str(out_dir),
+        "release_dir": runtime.release_dir(str(installed)),
+        "some_role": sorted(p.name for p in (project_dir() / "roles").iterdir() if (p / "tasks").is_dir())[0],
     }
     inventory = {"all": {"children": {"gpufleet_nodes": {"hosts": {"n1": dict(local), "n2": dict(local)}}}}}
     target = job.ExecHost("seg", "exec01", "127.0.0.1", "root", str(installed))

@@ -7,7 +7,8 @@ the release directory, and where the files come from: `base`, the segment mirror
 fallback of a connected segment without a mirror). Every file is checked against the lock's size and
 sha256 before anything of it is unpacked; a mismatch installs nothing. Wheels are unpacked the way an
 installer lays them out (PEP 427: the archive root and `*.data/{purelib,platlib}` into `site/`,
-console scripts as launchers into `bin/`), the supervisor becomes `bin/gpufleet-worker`, and the release
+console scripts as launchers into `bin/`), the supervisor becomes `bin/gpufleet-worker`, the roles'
+collection tar is unpacked into `collections/ansible_collections/<namespace>/<name>/`, and the release
 appears by one rename, with `runtime.json` written last inside it, so a release directory that exists
 is complete.
 """
@@ -30,6 +31,9 @@ from typing import Any
 EXIT_PLATFORM = 96  # the host's Python / machine / glibc cannot run this release
 EXIT_MISMATCH = 95  # a file is missing or has other bytes than the lock says
 REMOTE_PYTHON = "/usr/bin/python3"
+# The roles' collection file (`infra.plan.execruntime.COLLECTION_NAME`) and where it is unpacked in a release.
+COLLECTION_PREFIX = "gpufleet-collection-"
+COLLECTIONS_DIR = "collections"
 
 
 def _fail(code: int, message: str) -> int:
@@ -95,6 +99,31 @@ def unpack_wheel(wheel: Path, release: Path) -> None:
                 path = bindir / script.strip()
                 path.write_text(_launcher(module.strip(), attr.strip()), encoding="utf-8")
                 path.chmod(0o755)
+
+
+def unpack_collection(archive: Path, release: Path) -> None:
+    """Unpack the roles' collection tar into `release/collections/` (regular files under `ansible_collections/`).
+
+    Raises:
+        ValueError: a member is not a regular file or directory, or its path leaves `ansible_collections/`.
+
+    """
+    dest = release / COLLECTIONS_DIR
+    with tarfile.open(archive, mode="r:") as tar:
+        for member in tar:
+            rel = _safe(member.name)
+            if rel is None or rel.parts[0] != "ansible_collections" or not (member.isfile() or member.isdir()):
+                raise ValueError(f"{archive.name}: unsafe member {member.name!r}")
+            if member.isdir():
+                continue
+            path = dest.joinpath(*rel.parts)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            src = tar.extractfile(member)
+            if src is None:
+                raise ValueError(f"{archive.name}: unreadable member {member.name!r}")
+            with path.open("wb") as out:
+                shutil.copyfileobj(src, out)
+            os.chmod(path, 0o755 if member.mode & 0o111 else 0o644)
 
 
 def _digest(path: Path) -> tuple[int, str]:
@@ -181,6 +210,12 @@ def install(spec: dict[str, Any], stdin: Any = None) -> int:
     for name in sorted(wanted):
         if name.endswith(".whl"):
             unpack_wheel(dl / name, tmp)
+        elif name.startswith(COLLECTION_PREFIX) and name.endswith(".tar"):
+            try:
+                unpack_collection(dl / name, tmp)
+            except ValueError as exc:
+                shutil.rmtree(tmp, ignore_errors=True)
+                return _fail(EXIT_MISMATCH, f"{exc}; nothing installed")
         else:
             worker = tmp / "bin" / "gpufleet-worker"
             worker.parent.mkdir(parents=True, exist_ok=True)

@@ -9,9 +9,12 @@ the same event handler a local run uses. The carrier here is one SSH connection 
 (`infra.ssh.argv`: pinned host key, the stack's ssh config), so an air-gapped segment is reached through
 that one hop: the controller never opens a connection to a node of the segment.
 
-The job carries everything it needs but the runtime: the inventory (every string marked unsafe), the
-playbook, the collection tree (roles, modules) the controller planned with, the pinned host keys of the
-job's nodes and, in a 0600 file inside the job, the secret variables. The worker deletes the job dir
+The job carries what is particular to the run: the inventory (every string marked unsafe), the pinned host
+keys of the job's nodes, the controller files the variables name (keyrings) and, in a 0600 file inside the
+job, the secret variables. The roles and playbooks are the runtime release's locked collection
+(`<release>/collections/`, installed from the mirror like the wheels): converge refuses before any job
+when the controller's roles are not the locked ones (`commands/exechost.py`), so an execution host runs
+exactly the roles the controller planned with. The worker deletes the job dir
 before and after the run (`--delete`); `worker.py` stops the job if the connection drops.
 """
 
@@ -40,6 +43,7 @@ from infra import ssh
 from infra.ansible.collection import collection_id
 from infra.ansible.inventory import GROUP, ansible_json, write_json
 from infra.ansible.remote import runtime
+from infra.ansible.remote.install import COLLECTIONS_DIR
 from infra.ansible.runner import (
     KEEP_RUNS,
     Progress,
@@ -61,8 +65,6 @@ log = logging.getLogger("gpufleet.ansible.remote")
 
 # The remote command exits with this when the runtime release a job needs is not installed.
 EXIT_NO_RUNTIME = 97
-# What of the project a job carries (the collection `galaxy.yml` declares; the project root is its root).
-COLLECTION_PARTS = ("galaxy.yml", "meta", "plugins", "roles", "playbooks")
 
 
 @dataclass(frozen=True)
@@ -135,19 +137,6 @@ def known_hosts_for(text: str, names: Sequence[str]) -> str:
     return "\n".join(out) + ("\n" if out else "")
 
 
-def _copy_collection(root: Path, project: Path) -> None:
-    namespace, name = collection_id(root)
-    dest = project / "collections" / "ansible_collections" / namespace / name
-    dest.mkdir(parents=True)
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for part in COLLECTION_PARTS:
-        src = root / part
-        if src.is_dir():
-            shutil.copytree(src, dest / part, ignore=ignore)
-        elif src.is_file():
-            shutil.copy2(src, dest / part)
-
-
 # Host variables that name a file on the controller, which a role copies to the node (`copy: src:`): the
 # apt keyrings (`base_apt_sources[].keyring`, from the stack's `keyring` fields). A job carries them.
 CONTROLLER_FILE_KEYS = frozenset({"keyring"})
@@ -175,6 +164,12 @@ def carry_controller_files(value: Any, project: Path, job_dir: str) -> Any:
     return value
 
 
+def installed_collection(target: ExecHost) -> PurePosixPath:
+    """`<release>/collections/ansible_collections/<namespace>/<name>`: the locked roles on the execution host."""
+    namespace, name = collection_id(project_root())
+    return PurePosixPath(target.release) / COLLECTIONS_DIR / "ansible_collections" / namespace / name
+
+
 def remote_env(
     target: ExecHost, job_dir: str, tuning: Tuning, hosts: int, known_hosts: str
 ) -> tuple[dict[str, str], int]:
@@ -189,13 +184,12 @@ def remote_env(
         control_dir=Path(str(job / "cp")),
         fact_cache=Path(str(PurePosixPath(target.runtime_dir) / "fact-cache")),
     )
-    namespace, name = collection_id(project_root())
-    collection = job / "project" / "collections" / "ansible_collections" / namespace / name
     env |= {
         "PATH": f"{release / 'bin'}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         "PYTHONPATH": str(release / "site"),
-        "ANSIBLE_ROLES_PATH": str(collection / "roles"),
-        "ANSIBLE_COLLECTIONS_PATH": str(job / "project" / "collections"),
+        # The roles are the release's locked collection (installed beside the wheels), never the job's.
+        "ANSIBLE_ROLES_PATH": str(installed_collection(target) / "roles"),
+        "ANSIBLE_COLLECTIONS_PATH": str(release / COLLECTIONS_DIR),
     }
     if env.get("ANSIBLE_STRATEGY") == "mitogen_free":
         env["ANSIBLE_STRATEGY_PLUGINS"] = str(release / "site" / "ansible_mitogen" / "plugins" / "strategy")
@@ -266,11 +260,11 @@ def run_playbook_remote(
     project.mkdir()
     job_dir = str(PurePosixPath(target.runtime_dir) / "jobs" / f"j{pysecrets.token_hex(6)}")
     write_json(pdd / "inventory" / "hosts.json", carry_controller_files(inventory, project, job_dir))
-    root = project_root()
-    source = Path(playbook) if Path(playbook).is_absolute() else root / "playbooks" / playbook
-    playbook = source.name
-    shutil.copy2(source, project / playbook)
-    _copy_collection(root, project)
+    if Path(playbook).is_absolute():  # a playbook outside the collection (benchmarks, tests) travels in the job
+        shutil.copy2(playbook, project / Path(playbook).name)
+        playbook = Path(playbook).name
+    else:  # one of the collection's: run the locked copy in the installed release
+        playbook = str(installed_collection(target) / "playbooks" / playbook)
     entries = inventory["all"]["children"][GROUP]["hosts"]
     names = [n for h in hosts for n in (h, str(entries[h].get("ansible_host", h)))]
     pinned = Path(ssh_settings.known_hosts).read_text(encoding="utf-8") if ssh_settings.known_hosts else ""
@@ -359,8 +353,6 @@ def run_playbook_remote(
         with contextlib.suppress(OSError):
             proc.stdin.close()
         errpump.join(timeout=5)
-        # The copied collection is the project's own tree: no need to keep it with every run.
-        shutil.rmtree(project / "collections", ignore_errors=True)
         (project / "secrets.json").unlink(missing_ok=True)
         scrub(work, all_secrets)
     rc_file = pdd / "artifacts" / "artifacts" / "rc"
@@ -382,7 +374,7 @@ def run_playbook_remote(
         rc, status = 1, "error"
     # No stats event: the job never ran or died on the execution host; every host without a failure gets `why`.
     no_stats = {"task": f"(execution host {target.name})", "msg": why}
-    result = fold_result(playbook, check, status, rc, started, collector, stats, work, no_stats)
+    result = fold_result(PurePosixPath(playbook).name, check, status, rc, started, collector, stats, work, no_stats)
     finish_run(result, work, all_secrets, progress, execution_host=target.name, statuses=statuses)
     return result
 

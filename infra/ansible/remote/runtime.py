@@ -12,8 +12,10 @@ only that small installer and the lock's list; the runtime's bytes come from the
 Explicit fallback, for a connected segment without a mirror only: `stream=True` sends the same files (fetched
 on the controller by `fetch`, checked against the same sha256) as a tar stream over the SSH connection.
 
-The roles are not part of the installed release: every job carries the exact collection tree the controller
-planned with (see `job.py`), so an execution host can never run other roles than the controller hashed.
+The roles are part of the release: the collection tar (`execruntime.collection_bytes`, a digest of the
+checkout's roles, plugins and playbooks) is one of its locked files, unpacked into `<release>/collections/`,
+and jobs run from there (`job.py`). The release id covers it, so roles the lock does not record are refused
+before any job starts (`commands/exechost.py`), and a job never carries a roles tree.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from typing import Any
 from infra import ssh
 from infra.ansible.remote import install as installer
 from infra.model.site import Site
-from infra.plan.execruntime import MIRROR_DIR, RuntimeFile, RuntimeSpec, spec
+from infra.plan.execruntime import MIRROR_DIR, RuntimeFile, RuntimeSpec, own_file_bytes, spec
 from infra.ssh import SshSettings
 
 WORKER = "gpufleet-worker"
@@ -74,7 +76,7 @@ def fetch(out_dir: Path, release: RuntimeSpec, stores: tuple[Path, ...] = ()) ->
     """Put every file of `release` into `out_dir` (kept when already there with the right bytes); returns it.
 
     Looked for in `stores` (trees in the mirror layout, e.g. a bundle or an `--artifacts` dir), then at the
-    file's locked source (the registry URL `uv.lock` names; the checkout for the supervisor). Every file is
+    file's locked source (the registry URL `uv.lock` names; the checkout for the supervisor and roles). Every file is
     checked against its sha256 and size.
 
     Raises:
@@ -88,11 +90,12 @@ def fetch(out_dir: Path, release: RuntimeSpec, stores: tuple[Path, ...] = ()) ->
             continue
         tmp = dest.with_name(dest.name + ".part")
         local = [s / f.path for s in stores if (s / f.path).is_file()]
-        if f.source.startswith("gpufleet:"):
-            local.append(_PROJECT / f.source.removeprefix("gpufleet:"))
         try:
+            own = None if local else own_file_bytes(f, _PROJECT)
             if local:
                 shutil.copyfile(local[0], tmp)
+            elif own is not None:  # the supervisor or the roles: made from this checkout
+                tmp.write_bytes(own)
             elif f.source.startswith(("https://", "http://")):
                 with urllib.request.urlopen(f.source, timeout=60) as resp, tmp.open("wb") as out:
                     shutil.copyfileobj(resp, out)
