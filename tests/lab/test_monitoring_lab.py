@@ -171,10 +171,12 @@ def test_bench_load_moves_the_ttft_figure(monitored: dict[str, Any]) -> None:
 
     def load() -> None:
         # Heavier than any other lab test's load: the figure is a p99 over 5 minutes, which may still hold the
-        # queueing of an earlier test's bench; this load must queue the probe well past that.
+        # queueing of an earlier test's bench; this load must queue the probe well past that. And long enough
+        # to overlap several probes (one per scrape interval, 5 s): on a quiet machine 48 requests were over in
+        # 2.6 s, between two probes, and the figure never moved (CI, 2026-12-05). 400 take ~20 s there.
         out["bench"] = _gpufleet("bench-inference", "--stack", "lab", "--facts-dir", "-", "--service",
-                                 "tiny-connected", "--requests", "48", "--concurrency", "8", "--max-tokens", "64",
-                                 "--json", timeout=300)
+                                 "tiny-connected", "--requests", "400", "--concurrency", "8", "--max-tokens", "64",
+                                 "--max-duration", "240", "--json", timeout=300)
 
     worker = threading.Thread(target=load)
     worker.start()
