@@ -174,9 +174,14 @@ def _depth_ok(value: Any, depth: int = 0) -> bool:
 
 
 def mask_secrets(value: Any) -> Any:
-    """A copy with every Pulumi secret object (any signature-keyed secret) replaced by "[secret]"."""
+    """A copy with every Pulumi secret object replaced by "[secret]".
+
+    Conservative on purpose: an object that carries the signature key (whatever its value) or a
+    `plaintext`/`ciphertext` field is treated as a secret, so a damaged or hand-edited envelope
+    (signature missing or changed) still never reaches the review. Our own inputs have no such keys.
+    """
     if isinstance(value, dict):
-        if value.get(SIG_KEY) == SECRET_SIG:
+        if SIG_KEY in value or "plaintext" in value or "ciphertext" in value:
             return SECRET
         return {k: mask_secrets(v) for k, v in value.items()}
     if isinstance(value, list):

@@ -203,6 +203,23 @@ def test_secrets_in_diffs_are_never_printed() -> None:
     assert "environment GPUFLEET\\_SECRET\\_BMCPASSWORD changed (\\[secret\\])" in md
 
 
+@pytest.mark.parametrize("envelope", [
+    {"plaintext": '"canary-damaged-9c1e"'},                      # signature key removed
+    {SIG_KEY: "0" * 32, "plaintext": '"canary-damaged-9c1e"'},   # signature changed
+    {"ciphertext": "canary-damaged-9c1e"},
+])
+def test_a_damaged_secret_envelope_is_still_masked(envelope: dict[str, str]) -> None:
+    """A secret object whose signature was lost or altered (a hand-edited or truncated preview) stays
+    masked: found by the property test, which deleted the signature key of a secret in a trigger."""
+    doc = _doc("secrets-diff.json")
+    step = _step(doc, "hgx-01-bmc")
+    step["newState"]["inputs"]["triggers"][0]["os"] = envelope
+    step["detailedDiff"]["triggers[0].os"] = {"kind": "update-replace", "inputDiff": False}
+    r = _review(doc, "example-prod")
+    assert "canary-damaged" not in markdown(r) and "canary-damaged" not in json.dumps(r.as_dict())
+    assert any("os ubuntu-22.04 → [secret]" in s.why for s in _node(r, "hgx-01").steps)
+
+
 def test_warning_prefix_is_not_doubled() -> None:
     """The engine puts "warning: " inside the message; the review shows it once, as the severity column."""
     r = _review("secrets-diff.json", "example-prod")
