@@ -20,7 +20,7 @@ from infra.model.load import project_dir
 from infra.model.site import Engine, OperatingSystem, Site, parse_hf_source
 from infra.plan.execruntime import spec as runtime_spec
 from infra.plan.node import NodePlan, SitePlan, plan_site
-from infra.plan.packages import monitoring_server_packages
+from infra.plan.packages import monitoring_server_packages, provisioning_packages
 
 
 class Kind(StrEnum):
@@ -182,6 +182,12 @@ def declared(site: Site, segment: str | None = None, plan: SitePlan | None = Non
         if segment is None or host.segment == segment:
             for pkg in monitoring_server_packages(site):
                 add(Kind.DEB, pkg.name, pkg.version, host.segment)
+    # Each segment's provisioning host installs dnsmasq-base and ipxe from its segment's source (an air-gapped
+    # mirror serves them to itself), so the segment's lock and bundle carry them.
+    for seg_ in site.segments:
+        if segment is None or seg_.name == segment:
+            for pkg in provisioning_packages(seg_):
+                add(Kind.DEB, pkg.name, pkg.version, seg_.name)
     segs = [s.name for s in site.segments if segment is None or s.name == segment]
     if segs:
         # The controller runs `pulumi up` on the isolated side too: it needs the provider plugin offline.

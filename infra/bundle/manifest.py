@@ -34,7 +34,7 @@ MAX_MANIFEST_BYTES = 256 << 20  # a manifest of a million files is ~200 MB; anyt
 MAX_SERIAL = (1 << 63) - 1
 AREAS = ("apt", "files", "images")
 """Top-level folders a bundle may hold (the mirror's layout)."""
-KINDS = ("deb", "image", "model", "wheel", "plugin", "runtime")
+KINDS = ("deb", "image", "model", "wheel", "plugin", "runtime", "os-image")
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")

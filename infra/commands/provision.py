@@ -12,10 +12,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from infra.bundle.lock import OS_IMAGE_KIND, Artifact, Lock, LockError, OsImage, put_os_image
+from infra.ansible import rolespecs
+from infra.ansible.runner import Progress, run_playbook
+from infra.bundle.lock import OS_IMAGE_KIND, Artifact, Lock, LockError, OsImage, lock_path, lock_path_for, put_os_image
 from infra.commands.site import add_stack_args, site_from_args
-from infra.console import CommandError, Exit
+from infra.console import CommandError, Exit, emit
 from infra.model.site import Site
+from infra.provision import service
 from infra.provision.firstboot import HostKeyStore, KeyStoreError, firstboot_tar
 from infra.provision.image import (
     DEFAULT_EPOCH,
@@ -28,7 +31,9 @@ from infra.provision.image import (
     manifest_rel,
     pins_from,
 )
-from infra.provision.render import ImageRecord, SegmentService, firstboot_name, render_site
+from infra.provision.render import ImageRecord, RenderError, SegmentService, firstboot_name, render_site
+from infra.provision.service import LOCK_DIR, ProvisioningInputError
+from infra.ssh import SshSettings
 
 
 def register(sub: Any) -> None:
@@ -52,6 +57,18 @@ def register(sub: Any) -> None:
     c = psub.add_parser("check", help="render into a temporary directory, then `dnsmasq --test -C` each config")
     add_stack_args(c, json_flag=False)
     c.set_defaults(func=cmd_check)
+    cv = psub.add_parser(
+        "converge",
+        help="install and run each segment's provisioning service (dnsmasq, iPXE, HTTP) on its provisioning host",
+        description="Runs playbooks/provisioning.yml (role provisioning) over the provisioning hosts of the stack's "
+        "segments (`segments[].provisioning.host`: a node, the mirror, or a dedicated host), with every variable "
+        "derived from the stack and its lock (packages, dnsmasq.conf, iPXE scripts, the locked OS images). Exit 0 "
+        "when every host converged, 1 when one failed, 2 for bad input (nothing touched).",
+    )
+    add_stack_args(cv)
+    cv.add_argument("--segment", action="append", help="only this segment's provisioning host (repeatable)")
+    cv.add_argument("--check", action="store_true", help="check mode with diff: report, change nothing")
+    cv.set_defaults(func=cmd_converge)
 
     i = sub.add_parser("image", help="node OS images for network install (reproducible, from one apt repository)")
     isub = i.add_subparsers(dest="image_command", required=True, metavar="ACTION")
@@ -177,7 +194,7 @@ def record_in_lock(lock_file: Path, result: ImageResult, out: Path, segments: li
         f = out / rel
         size = f.stat().st_size
         sha = result.disk.sha256 if rel == result.disk.path else digest(f)[1]
-        arts.append(Artifact(OS_IMAGE_KIND, name, f"epoch-{result.epoch}", f"provision/{rel}", size, sha,
+        arts.append(Artifact(OS_IMAGE_KIND, name, f"epoch-{result.epoch}", f"{LOCK_DIR}{rel}", size, sha,
                              str(f.resolve()), segs))
     image = OsImage(result.name, result.disk.sha256, result.disk.size, result.epoch,
                     tuple(sorted(f"{k}={v}" for k, v in result.packages.items())), segs)
@@ -230,3 +247,65 @@ def one_line_error(exc: Exception) -> str:
     """The first line of an error (tool output follows on later lines in ImageError)."""
     lines = str(exc).splitlines()
     return lines[0] + (f" — {lines[-1].strip()}" if len(lines) > 1 else "")
+
+
+def _lock_of(args: argparse.Namespace) -> tuple[Lock | None, str]:
+    """The stack's lock (None when there is none) and its name for messages; exit 2 when it cannot be read."""
+    path = lock_path_for(args.stack_file) if args.stack_file else lock_path(args.stack)
+    if not path.is_file():
+        return None, str(path)
+    try:
+        return Lock.from_json(path.read_text(encoding="utf-8")), str(path)
+    except (OSError, UnicodeDecodeError, LockError) as exc:
+        raise CommandError(Exit.INVALID, f"{path}: not a readable lock ({exc}); re-run `gpufleet lock`") from None
+
+
+def check_role_arguments(inventory: dict[str, Any]) -> list[str]:
+    """Every violation of the provisioning role's argument spec, checked on the controller before a run."""
+    hosts = inventory["all"]["children"][service.GROUP]["hosts"]
+    return [line for host, hostvars in hosts.items() for line in rolespecs.problems(host, [service.ROLE], hostvars)]
+
+
+def cmd_converge(args: argparse.Namespace) -> int:
+    """Converge the provisioning hosts (check mode with --check)."""
+    site = site_from_args(args)
+    known = [s.name for s in site.segments if s.provisioning is not None]
+    unknown = sorted(set(args.segment or []) - set(known))
+    if unknown:
+        raise CommandError(Exit.INVALID, f"--segment {', '.join(unknown)}: no such segment with `provisioning` "
+                           f"(segments with a provisioning service: {', '.join(known) or 'none'})")
+    if not known:
+        raise CommandError(Exit.INVALID, "no segment declares `provisioning`; see docs/bare-metal.md")
+    lock, lock_name = _lock_of(args)
+    hosts = service.provisioning_hosts(site, args.segment or known)
+    try:
+        inventory = service.inventory(site, lock, hosts, lock_name)
+    except (ProvisioningInputError, RenderError) as exc:
+        raise CommandError(Exit.INVALID, str(exc)) from None
+    found = check_role_arguments(inventory)
+    if found:
+        sys.stderr.write("error: role variables the role does not accept (nothing was run):\n  "
+                         + "\n  ".join(found) + "\n")
+        return Exit.FAILED
+    names = [h.name for h in hosts]
+    result = run_playbook(
+        "provisioning.yml",
+        inventory,
+        names,
+        ssh=SshSettings.of(site),
+        check=args.check,
+        progress=None if args.json else Progress(names),
+        label="provisioning",
+    )
+    emit(args.json, result.as_dict(), _render_run)
+    return Exit.OK if result.succeeded else Exit.FAILED
+
+
+def _render_run(d: dict[str, Any]) -> str:
+    lines = []
+    for host, h in d["hosts"].items():
+        state = "ok" if h["succeeded"] else "FAILED"
+        lines.append(f"{host}: {state}, {len(h['changed_tasks'])} changed{' (check mode)' if d['check'] else ''}")
+        lines += [f"  changed: {t}" for t in h["changed_tasks"]]
+        lines += [f"  failed: {f['task']}: {f['msg']}" for f in h["failures"]]
+    return "\n".join(lines) + "\n"

@@ -139,3 +139,8 @@ def mirror_status(stack: str, mirror: str) -> str:
 def service_health(stack: str, service: str) -> str:
     """Probe an inference service's endpoints with one short completion each (JSON result)."""
     return _cmd("bench-inference", "--stack", stack, "--service", service, "--smoke", "--json")
+
+
+def provision_converge(stack: str, segment: str) -> str:
+    """Converge a segment's provisioning service on its provisioning host (before its nodes are reinstalled)."""
+    return _cmd("provision", "converge", "--stack", stack, "--segment", segment, "--json")

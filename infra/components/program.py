@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pulumi
 
-from infra.components.desired import Fingerprints
+from infra.bundle.lock import Lock, LockError
+from infra.components.desired import Fingerprints, lock_path
 from infra.components.site import SecretResolver, Site, SiteArgs
 from infra.plan.node import SitePlan
 
@@ -45,6 +46,14 @@ def settings_from_config(config: pulumi.Config, project: Path) -> ProgramSetting
                            bundle_dir=config.get("bundleDir") or "")
 
 
+def read_lock(project: Path, stack: str) -> Lock | None:
+    """The stack's lock, None when there is none or it cannot be read (the provisioning step then says why)."""
+    try:
+        return Lock.from_json(lock_path(project, stack).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, LockError):
+        return None
+
+
 def build(plan: SitePlan, settings: ProgramSettings, secret: SecretResolver) -> Site:
     """Register the whole site; the role tree and lock file are hashed once here, not per node."""
     return Site(plan.site.name, SiteArgs(
@@ -55,6 +64,7 @@ def build(plan: SitePlan, settings: ProgramSettings, secret: SecretResolver) -> 
         secret=secret,
         reimage_on_create=settings.reimage_on_create,
         bundle_dir=settings.bundle_dir or f"bundles/{settings.stack}",
+        lock=read_lock(settings.project, settings.stack),
     ))
 
 

@@ -18,6 +18,17 @@ class SegmentArgs:
 
     cidr: str
     """Segment network, for the outputs."""
+    provisioning_command: str = ""
+    """`gpufleet provision converge` for this segment (infra.components.commands.provision_converge); empty
+    when the segment declares no provisioning service."""
+    provisioning_trigger: Mapping[str, str] | None = None
+    """Provisioning host and the digest of what it serves (infra.provision.service.served_digest)."""
+    provisioning_dir: str = ""
+    """Directory the provisioning command runs in (the project dir)."""
+
+    def __post_init__(self) -> None:
+        if self.provisioning_command and not (self.provisioning_trigger and self.provisioning_dir):
+            raise ValueError("a segment's provisioning step needs its trigger and the workdir")
 
 
 class Segment(pulumi.ComponentResource):
@@ -28,14 +39,36 @@ class Segment(pulumi.ComponentResource):
 
     ready: list[pulumi.Resource]
     status: pulumi.Output[dict[str, Any] | None]
+    provisioning: local.Command | None
+    """`<segment>-provisioning`: the segment's provisioning service converged on its host (None without one)."""
 
     def __init__(self, name: str, args: SegmentArgs, opts: pulumi.ResourceOptions | None = None,
                  *, _type: str = "gpufleet:segment:Segment") -> None:
         super().__init__(_type, name, None, opts)
         self.ready = []
         self.status = pulumi.Output.from_input(None)
+        self.provisioning = None
         if _type == "gpufleet:segment:Segment":
+            self._add_provisioning(name, args)
             self.register_outputs({"cidr": args.cidr})
+
+    def _add_provisioning(self, name: str, args: SegmentArgs) -> None:
+        """Register `<name>-provisioning` after what the segment needs first (an air-gapped mirror's import)."""
+        if not args.provisioning_command:
+            return
+        self.provisioning = local.Command(
+            f"{name}-provisioning",
+            create=args.provisioning_command,
+            dir=args.provisioning_dir,
+            # Else pulumi-command puts the previous stdout into the environment: "argument list too long"
+            # on large converge output (pulumi-command #285, #552).
+            add_previous_output_in_env=False,
+            # What the service serves and installs, hashed: a changed stack, lock or role re-runs it; nothing
+            # else does. The mirror's import id (air-gapped): a new bundle may bring new packages or images.
+            triggers=[dict(args.provisioning_trigger or {}), *(r.id for r in self.ready
+                                                               if isinstance(r, local.Command))],
+            opts=pulumi.ResourceOptions(parent=self, depends_on=[*self.ready]),
+        )
 
 
 @dataclass(frozen=True)
@@ -54,6 +87,7 @@ class AirGappedSegmentArgs(SegmentArgs):
     """Mirror identity and lock-file hash: a new lock re-imports the bundle."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not (self.mirror and self.import_command and self.status_command and self.workdir):
             raise ValueError("an air-gapped segment needs its mirror, both commands and the workdir")
 
@@ -88,4 +122,5 @@ class AirGappedSegment(Segment):
         )
         self.ready = [self.mirror_status]
         self.status = self.mirror_status.stdout.apply(lambda out: parse_json_stdout(out, "mirror status"))
+        self._add_provisioning(name, args)
         self.register_outputs({"cidr": args.cidr, "mirror": args.mirror, "status": self.status})

@@ -11,6 +11,7 @@ from typing import Any
 import pulumi
 from pulumi_command import local
 
+from infra.bundle.lock import Lock
 from infra.components import commands
 from infra.components.desired import (
     HOST_VARS,
@@ -25,6 +26,7 @@ from infra.components.segment import AirGappedSegment, AirGappedSegmentArgs, Seg
 from infra.components.service import InferenceService, InferenceServiceArgs
 from infra.plan.fabric import endpoint_nodes
 from infra.plan.node import NodePlan, SitePlan
+from infra.provision.service import served_digest
 
 SecretResolver = Callable[[str], pulumi.Output[str]]
 
@@ -49,6 +51,8 @@ class SiteArgs:
     """Creating (or replacing) a node's BMC step PXE-reinstalls it; false adopts installed nodes as they are."""
     host_vars: HostVars = HOST_VARS
     """The node's Ansible host variables (hashed into its converge trigger)."""
+    lock: Lock | None = None
+    """The stack's lock (its OS images: what a provisioning service serves), None without one."""
 
 
 # The Python SDK checks each dependency it declares for a cycle by walking every transitive dependency with
@@ -97,9 +101,18 @@ class Site(pulumi.ComponentResource):
         self._secrets: dict[str, pulumi.Output[str]] = {}
         self.segments = {}
         for seg in site.segments:
+            # A segment's provisioning service: re-run when what it serves changes (stack, lock's images, roles).
+            prov: dict[str, Any] = {}
+            if seg.provisioning is not None:
+                prov = {"provisioning_command": commands.provision_converge(args.stack, seg.name),
+                        "provisioning_trigger": {"host": seg.provisioning.host,
+                                                 "served": served_digest(site, seg, args.lock,
+                                                                         args.fingerprints.role_tree)},
+                        "provisioning_dir": args.workdir}
             if seg.airgapped and seg.mirror:
                 self.segments[seg.name] = AirGappedSegment(seg.name, AirGappedSegmentArgs(
                     cidr=str(seg.cidr),
+                    **prov,
                     mirror=seg.mirror,
                     import_command=commands.mirror_import(args.stack, seg.mirror, args.bundle_dir),
                     status_command=commands.mirror_status(args.stack, seg.mirror),
@@ -107,7 +120,7 @@ class Site(pulumi.ComponentResource):
                     import_trigger={"mirror": seg.mirror, "lock": args.fingerprints.lock or "none"},
                 ), pulumi.ResourceOptions(parent=self))
             else:
-                self.segments[seg.name] = Segment(seg.name, SegmentArgs(cidr=str(seg.cidr)),
+                self.segments[seg.name] = Segment(seg.name, SegmentArgs(cidr=str(seg.cidr), **prov),
                                                   pulumi.ResourceOptions(parent=self))
 
         self.nodes = {}
@@ -194,6 +207,14 @@ class Site(pulumi.ComponentResource):
         self.batch_steps[(segment, k)] = step
         return step
 
+    def _ready(self, p: NodePlan) -> list[pulumi.Resource]:
+        # A node installed from an image is reinstalled through its segment's provisioning service: its BMC
+        # step (the reimage) waits for that service to serve the stack's current files.
+        seg = self.segments[p.segment.name]
+        if p.node.image is not None and seg.provisioning is not None:
+            return [*seg.ready, seg.provisioning]
+        return list(seg.ready)
+
     def _secret(self, args: SiteArgs, key: str) -> pulumi.Output[str]:
         # One Output per config key: 1,000 nodes sharing `bmcPassword` read it once.
         if key not in self._secrets:
@@ -219,7 +240,7 @@ class Site(pulumi.ComponentResource):
             provision_trigger=provision_trigger(p),
             desired=desired_state(p, args.plan.site, args.fingerprints, args.host_vars),
             secret_env=secret_env,
-            ready=self.segments[p.segment.name].ready,
+            ready=self._ready(p),
         ), pulumi.ResourceOptions(
             # Nodes sit directly under the Site, so a node's URN (and its steps' URNs) do not depend on
             # its segment: moving a node to another segment re-converges it and never reinstalls it.

@@ -879,6 +879,16 @@ class Provisioning(_Model):
     """`dhcp`: static reservations only; `proxy`: proxy-DHCP next to the site's DHCP server."""
     http_port: int = Field(default=8081, ge=1, le=65535)
     """Port of the HTTP server that serves iPXE scripts, kernel, initrd and images on `host`."""
+    dnsmasq_version: ExactVersion | None = None
+    """Exact `dnsmasq-base` package version the host installs (from its segment's mirror or sources, like every
+    package; locked and bundled). `gpufleet provision converge` needs it."""
+    ipxe_version: ExactVersion | None = None
+    """Exact `ipxe` package version (its iPXE builds are what firmware chain-loads). `provision converge` needs it."""
+    files_url: HttpUrl | None = None
+    """Base URL of a file store in the mirror layout (what a mirror serves under `/files/`) the host fetches the
+    locked OS images and deploy files from: `<files_url>/provision/images/<name>.img`. Default: the segment's
+    mirror (`http://<mirror>:<http_port>/files/`); a segment without a mirror whose nodes name an `image` must
+    set it (air-gapped segments always use their mirror)."""
 
 
 LOCAL_EXECUTION = "local"

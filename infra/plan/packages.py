@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
-from infra.model.site import ContainerEngine, OperatingSystem, Site, SoftwareProfile
+from infra.model.site import ContainerEngine, OperatingSystem, Segment, Site, SoftwareProfile
 
 
 class Component(StrEnum):
@@ -24,6 +24,7 @@ class Component(StrEnum):
     DCGM = "dcgm"
     MONITORING = "monitoring"
     RDMA = "rdma"
+    PROVISIONING = "provisioning"
 
 
 @dataclass(frozen=True, order=True)
@@ -191,3 +192,22 @@ def monitoring_server_packages(site: Site) -> list[Package]:
     if obs.alertmanager_version:
         out.append(Package(ALERTMANAGER_PACKAGE, obs.alertmanager_version, Component.MONITORING))
     return out
+
+
+DNSMASQ_PACKAGE = "dnsmasq-base"
+IPXE_PACKAGE = "ipxe"
+#: The provisioning entry's version field of each package the provisioning service installs.
+PROVISIONING_VERSION_FIELDS = (("dnsmasq_version", DNSMASQ_PACKAGE), ("ipxe_version", IPXE_PACKAGE))
+
+
+def provisioning_packages(segment: Segment) -> list[Package]:
+    """The pinned packages a segment's provisioning host installs: those of `dnsmasq-base`/`ipxe` the stack pins.
+
+    One place for `roles/provisioning` (through infra/provision/service.py, which refuses an unset one) and the
+    lock and bundle (infra/bundle/declared.py), so an air-gapped mirror carries what its service installs.
+    """
+    prov = segment.provisioning
+    if prov is None:
+        return []
+    return [Package(name, v, Component.PROVISIONING)
+            for key, name in PROVISIONING_VERSION_FIELDS if (v := getattr(prov, key)) is not None]

@@ -42,7 +42,7 @@ def test_second_build_from_the_manifest_has_the_same_sha256(built_image: Path, t
         assert manifest["packages"].get(pkg), pkg
     # Recorded in the lock with the image's own sha256 and size, for the bundle to carry.
     arts = {a["path"]: a for a in json.loads(lock.read_text())["artifacts"]}
-    disk = arts[f"provision/images/{IMAGE}.img"]
+    disk = arts[f"files/provision/images/{IMAGE}.img"]
     assert (disk["size"], disk["sha256"]) == (manifest["disk"]["size"], manifest["disk"]["sha256"])
     assert disk["segments"] == ["iso"] and disk["kind"] == "os-image"
     # ... and as an OS image with the package set it was built from (what `gpufleet lock` keeps).

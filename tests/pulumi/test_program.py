@@ -42,8 +42,10 @@ def test_resource_counts_follow_the_site(stack_run: Run) -> None:
         "gpufleet:node:GpuNode": len(site.nodes),
         **({"gpufleet:inference:InferenceService": len(site.services)} if site.services else {}),
         # 5 steps per node (bmc, wait-ssh, converge, validate, decommission), 2 per mirror, 1 per service,
-        # one converge step per batch of a segment and one rollout guard between consecutive batches.
+        # one converge step per batch of a segment and one rollout guard between consecutive batches,
+        # one provisioning step per segment with a provisioning service.
         CMD: 5 * len(site.nodes) + 2 * len(airgapped) + len(site.services)
+        + sum(s.provisioning is not None for s in site.segments)
         + sum(len(stack_run.plan.batches(s.name)) for s in site.segments)
         + sum(max(0, len(stack_run.plan.batches(s.name)) - 1) for s in site.segments),
     }

@@ -242,10 +242,10 @@ def test_build_is_recorded_in_the_lock_and_replaced_by_a_rebuild(tmp_path: Path)
     record_in_lock(lock_file, res(SHA), out, ["iso"])
     record_in_lock(lock_file, res("cd" * 32), out, ["iso"])
     arts = json.loads(lock_file.read_text())["artifacts"]
-    assert sorted(a["path"] for a in arts) == ["provision/deploy/initrd.img", "provision/deploy/vmlinuz",
-                                                "provision/images/n.img", "provision/images/n.json"]
-    disk = next(a for a in arts if a["path"] == "provision/images/n.img")
+    assert sorted(a["path"] for a in arts) == ["files/provision/deploy/initrd.img", "files/provision/deploy/vmlinuz",
+                                                "files/provision/images/n.img", "files/provision/images/n.json"]
+    disk = next(a for a in arts if a["path"] == "files/provision/images/n.img")
     assert (disk["sha256"], disk["size"], disk["segments"]) == ("cd" * 32, 4, ["iso"])
     # The other files' hashes are computed from the files themselves.
-    kernel = next(a for a in arts if a["path"] == "provision/deploy/vmlinuz")
+    kernel = next(a for a in arts if a["path"] == "files/provision/deploy/vmlinuz")
     assert kernel["sha256"] == "8254c329a92850f6d539dd376f4816ee2764517da5e0235514af433164480d7a"  # sha256(b"k")

@@ -111,8 +111,8 @@ def test_a_relock_keeps_the_images_and_widens_their_segments_to_the_nodes(tmp_pa
     assert unlocked_images(site, new) == []
     # The bundle of the node's segment gets the disk image and deploy files.
     assert {a.path for a in new.for_segment(seg) if a.kind == OS_IMAGE_KIND} == {
-        "provision/images/debian-12-node.img", "provision/images/debian-12-node.json",
-        "provision/deploy/vmlinuz", "provision/deploy/initrd.img"}
+        "files/provision/images/debian-12-node.img", "files/provision/images/debian-12-node.json",
+        "files/provision/deploy/vmlinuz", "files/provision/deploy/initrd.img"}
 
 
 def test_validate_refuses_a_node_whose_image_is_not_locked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
