@@ -168,6 +168,10 @@ ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]{0,127}")
 
 # Upstream version with optional epoch, Debian/RPM suffixes (`1:4.2.3-1`, `4.3.1+ds1-8+deb12u1+b3`).
 EXACT_VERSION = re.compile(r"(?:[0-9]+:)?[0-9]+(?:\.[0-9]+)+(?:[~+][0-9A-Za-z.+~]*)?(?:-[0-9A-Za-z.+~]+)?")
+DEBIAN_VERSION = re.compile(r"(?:[0-9]+:)?[0-9][0-9A-Za-z.+~]*(?:-[0-9A-Za-z.+~]+)*")
+"""A Debian package version as `apt-cache policy` prints it (Debian Policy 5.6.12: `[epoch:]upstream[-revision]`,
+upstream may itself hold `-` when a revision follows, as in ipxe's `1.0.0+git-20190125.36a4c85-5.1`); exact,
+starting with a digit, so never a range, a wildcard or `latest`."""
 DRIVER_BRANCH = re.compile(r"[0-9]{3}")
 MAC = re.compile(r"[0-9a-f]{2}(?::[0-9a-f]{2}){5}")
 
@@ -576,6 +580,10 @@ DriverBranch = Annotated[
 ]
 SshPublicKey = Annotated[str, _BASE, _Check(_ssh_public_key, SSH_KEY)]
 ExactVersion = Annotated[str, _BASE, _Check(_exact_version, EXACT_VERSION)]
+DebianVersion = Annotated[
+    str, _BASE, _grammar(DEBIAN_VERSION, "an exact Debian package version",
+                         "write it as `apt-cache policy <package>` prints it, e.g. '2.90-4~deb12u2'")
+]
 MacAddress = Annotated[str, _BASE, _Check(_mac)]
 Ipv4Addr = Annotated[IPv4Address, BeforeValidator(_address_text)]
 Ipv4Net = Annotated[IPv4Network, BeforeValidator(_address_text)]
@@ -879,10 +887,10 @@ class Provisioning(_Model):
     """`dhcp`: static reservations only; `proxy`: proxy-DHCP next to the site's DHCP server."""
     http_port: int = Field(default=8081, ge=1, le=65535)
     """Port of the HTTP server that serves iPXE scripts, kernel, initrd and images on `host`."""
-    dnsmasq_version: ExactVersion | None = None
+    dnsmasq_version: DebianVersion | None = None
     """Exact `dnsmasq-base` package version the host installs (from its segment's mirror or sources, like every
     package; locked and bundled). `gpufleet provision converge` needs it."""
-    ipxe_version: ExactVersion | None = None
+    ipxe_version: DebianVersion | None = None
     """Exact `ipxe` package version (its iPXE builds are what firmware chain-loads). `provision converge` needs it."""
     files_url: HttpUrl | None = None
     """Base URL of a file store in the mirror layout (what a mirror serves under `/files/`) the host fetches the
