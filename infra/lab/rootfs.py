@@ -20,7 +20,7 @@ from infra.lab.sh import run
 from infra.lab.standins import STANDIN_NAMES
 from infra.model.site import OperatingSystem
 from infra.observe.server import server_packages
-from infra.plan.packages import packages_for
+from infra.plan.packages import packages_for, provisioning_packages
 
 log = logging.getLogger("gpufleet.lab")
 
@@ -53,6 +53,9 @@ def seed_package_specs(spec: LabSpec) -> list[str]:
                 wanted[p.name] = p.version
     for server in server_packages(spec.site):  # each segment's Prometheus host installs them from its repository
         wanted[server["name"]] = server["version"]
+    for seg in spec.site.segments:  # each provisioning host installs dnsmasq-base, ipxe from its repository
+        for p in provisioning_packages(seg):
+            wanted[p.name] = p.version
     return sorted(f"{n}={v}" if v else n for n, v in wanted.items())
 
 
