@@ -302,3 +302,21 @@ def test_an_unreadable_lock_exits_2(tmp_path: Path, runs: list[dict[str, Any]],
     assert main(["provision", "converge", "--stack-file", str(stack)]) == 2
     assert "not a readable lock" in capsys.readouterr().err
     assert runs == []
+
+
+def test_a_mirror_that_is_also_a_prometheus_host_gets_one_apt_source_for_its_own_repository() -> None:
+    """Both roles write the mirror's own source to the same files with the same text: apt refuses one repository
+    listed twice with different Signed-By ("Conflicting values set for option Signed-By")."""
+    root = Path(__file__).resolve().parents[2] / "roles"
+
+    def dests(role: str) -> set[str]:
+        tasks = yaml.safe_load((root / role / "tasks" / "main.yml").read_text())
+        block = next(t["block"] for t in tasks if t.get("name") == "Install the mirror's own apt source")
+        return {next(v for m, v in t.items() if m.startswith("ansible.builtin."))["dest"]
+                .replace(f"{role}_apt_keyring_dir", "DIR") for t in block[1:]}
+
+    assert dests("provisioning") == dests("monitoring_server")
+    prov = (root / "provisioning" / "templates" / "provisioning-source.sources.j2").read_text()
+    mon = (root / "monitoring_server" / "templates" / "server-source.sources.j2").read_text()
+    assert (prov.replace("provisioning_apt_keyring_dir", "DIR")
+            == mon.replace("monitoring_server_apt_keyring_dir", "DIR"))
