@@ -15,6 +15,7 @@ import json
 import subprocess
 import sys
 import urllib.request
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -62,8 +63,12 @@ def _mirror_carries_the_packages() -> None:
 
 
 @pytest.fixture(scope="module")
-def provisioned(lab: Lab) -> dict[str, Any]:
-    """lab-gpu01 converged (its apt sources are the base role's), then check mode, converge, converge again."""
+def provisioned(lab: Lab) -> Iterator[dict[str, Any]]:
+    """lab-gpu01 converged (its apt sources are the base role's), then check mode, converge, converge again.
+
+    Afterwards both services are stopped: later tests of the session share the segment bridges, and a DHCP server
+    they did not start must not answer there.
+    """
     _mirror_carries_the_packages()
     node = _gpufleet("converge", "--stack", "lab", "--node", "lab-gpu01", "--json", timeout=1500)
     assert node.returncode == 0, node.stdout[-3000:] + node.stderr[-3000:]
@@ -73,7 +78,9 @@ def provisioned(lab: Lab) -> dict[str, Any]:
         assert p.stdout.strip().startswith("{"), p.stdout[-2000:] + p.stderr[-3000:]
         runs[name] = json.loads(p.stdout)
         runs[name]["rc"] = p.returncode
-    return runs
+    yield runs
+    for host in HOSTS:
+        _ssh(lab, host, "systemctl disable --now gpufleet-provision-dhcp gpufleet-provision-http")
 
 
 def test_check_mode_converge_and_second_converge_changes_nothing(provisioned: dict[str, Any]) -> None:
