@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -42,18 +42,18 @@ def _indexed() -> set[str]:
             if line.startswith("Package:")}
 
 
-def make_repo() -> Path:
-    """The flat repository with every package the default image needs (made once, then reused).
+def make_repo(packages: Sequence[str] = DEFAULT_PACKAGES) -> Path:
+    """The flat repository with every package an image of `packages` needs (made once, then reused).
 
     A cached repository that lacks a package the default list gained since (e.g. the UEFI bootloader
     packages) is filled up: the download runs again into the same pool, and the index is rebuilt.
     """
-    if set(DEFAULT_PACKAGES) <= _indexed():
+    if set(packages) <= _indexed():
         return REPO
     pool = REPO / "pool"
     pool.mkdir(parents=True, exist_ok=True)
     subprocess.run(
-        ["mmdebstrap", "--variant=apt", "--mode=root", "--quiet", "--include=" + ",".join(DEFAULT_PACKAGES),
+        ["mmdebstrap", "--variant=apt", "--mode=root", "--quiet", "--include=" + ",".join(packages),
          "--skip=essential/unlink", '--setup-hook=mkdir -p "$1"/var/cache/apt/archives',
          f"--customize-hook=sync-out /var/cache/apt/archives {pool}", "bookworm", "/dev/null", UPSTREAM],
         check=True, capture_output=True, timeout=1200,
