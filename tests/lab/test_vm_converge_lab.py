@@ -79,9 +79,6 @@ ADDRESS = {NODE.name: "198.18.9.21", ISO_NODE.name: "198.18.10.22"}
 SEGMENT = {NODE.name: "prov", ISO_NODE.name: "iso"}
 ISO_CIDR = "198.18.10.0/24"
 FIRST_DRIVER, SECOND_DRIVER = "570.133.20", "570.124.06"
-#: The image: the product's default set, the lab base every nspawn node has (so the lab repository's seed
-#: closure fits), and the lab declarations.
-IMAGE_PACKAGES = tuple(dict.fromkeys([*DEFAULT_PACKAGES, *rootfs.BASE_PACKAGES]))
 NFT_TABLE = "gpf_vm_conv_count"
 
 
@@ -96,24 +93,39 @@ def _serve(root: Path, address: str, port: int) -> ThreadingHTTPServer:
     return server
 
 
-def _node_repo(tmp: Path) -> tuple[Path, Path]:
-    """The lab's repository content (seed Debian packages + stand-ins), signed with a key of its own."""
+def _installed(status: Path) -> list[str]:
+    """Names of the packages a dpkg status file lists as installed."""
+    names, name = [], ""
+    for line in status.read_text(encoding="utf-8").splitlines():
+        if line.startswith("Package: "):
+            name = line.split()[1]
+        elif line.startswith("Status: ") and line.endswith(" installed"):
+            names.append(name)
+    return names
+
+
+def _node_repo(tmp: Path) -> tuple[Path, Path, list[str]]:
+    """The lab's repository content (seed Debian packages + stand-ins), signed with a key of its own; and the
+    VM image's package set: the product's default set plus every package of the lab's node base — the seed
+    closure was computed against that base (debootstrap minbase: tzdata, lsb-base… that mmdebstrap's `apt`
+    variant does not install), so a VM node with it installs the same packages an nspawn node does."""
     paths = Paths.from_env()
-    key, _ = rootfs.ensure_rootfs(paths, rootfs.seed_package_specs(lab_spec("lab", LAB_STACK)))
+    key, bases = rootfs.ensure_rootfs(paths, rootfs.seed_package_specs(lab_spec("lab", LAB_STACK)))
     debs = sorted([*rootfs.seed_debs_path(paths, key).glob("*.deb"),
                    *standins.ensure_standins(paths.standins_dir).glob("*.deb")])
     srv, keyring = tmp / "srv", tmp / "keys" / "vm-repo.gpg"
     repo.seed_repo("vm-repo", srv, debs, tmp / "gnupg", keyring)
-    return srv, keyring
+    packages = list(dict.fromkeys([*DEFAULT_PACKAGES, *_installed(bases["node"] / "var/lib/dpkg/status")]))
+    return srv, keyring, packages
 
 
-def _image(site_raw: dict[str, Any], tmp: Path) -> Path:
+def _image(site_raw: dict[str, Any], packages: list[str], tmp: Path) -> Path:
     """`gpufleet image build` of the VM image from the image repository plus the declarations package."""
     given = os.environ.get("GPUFLEET_VM_IMAGE_OUT")
     if given:
         return Path(given)
     need_build_tools()
-    make_repo(IMAGE_PACKAGES)
+    make_repo(packages)
     merged = tmp / "image-repo"
     (merged / "pool").mkdir(parents=True)
     for deb in (REPO / "pool").glob("*.deb"):
@@ -126,7 +138,7 @@ def _image(site_raw: dict[str, Any], tmp: Path) -> Path:
     out = tmp / "image"
     res = subprocess.run(
         [shutil.which("gpufleet") or "gpufleet", "image", "build", IMAGE, "--repo", f"copy://{merged}",
-         "--out", str(out), "--packages", ",".join([*IMAGE_PACKAGES, vm.DECLARATIONS_PACKAGE])],
+         "--out", str(out), "--packages", ",".join([*packages, vm.DECLARATIONS_PACKAGE])],
         capture_output=True, text=True, timeout=1800, check=False,
     )  # fmt: skip
     assert res.returncode == 0, res.stdout + res.stderr
@@ -201,7 +213,7 @@ def vm_site(tmp_path: Path) -> Iterator[dict[str, Any]]:
     need_vm_host("dnsmasq", "ssh", "nft", "dpkg-scanpackages", "gpg")
     admin_ssh(tmp_path)
     (tmp_path / "bmc-password").write_text("lab\n")
-    srv, keyring = _node_repo(tmp_path)
+    srv, keyring, packages = _node_repo(tmp_path)
     work = tmp_path / "vm"
     work.mkdir()
     vms = [NODE, ISO_NODE]
@@ -209,7 +221,7 @@ def vm_site(tmp_path: Path) -> Iterator[dict[str, Any]]:
         ports = {"repo": vm.free_port(BRIDGE_ADDR), "prov": vm.free_port(BRIDGE_ADDR),
                  "mirror": vm.free_port(ISO_ADDR), "iso": vm.free_port(ISO_ADDR)}
         raw = _site_raw(tmp_path, driver=FIRST_DRIVER, ports=ports, bmc_url="http://127.0.0.1:1", keyring=keyring)
-        image = _image(raw, tmp_path)
+        image = _image(raw, packages, tmp_path)
         servers = [_serve(srv, BRIDGE_ADDR, ports["repo"]), _serve(srv, ISO_ADDR, ports["mirror"])]
         try:
             with vm.libvirt(work), vm.nodes(work, vms) as consoles, vm.bmc(work, vms) as url:
