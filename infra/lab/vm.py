@@ -14,6 +14,8 @@ namespace where qemu runs as root, and every domain is `type='qemu'` (TCG).
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import re
 import shutil
@@ -26,7 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
+from infra.lab.config import gpus_json
+from infra.lab.hosts import CAPABILITIES_FACT
 from infra.lab.sh import LabCommandError
+from infra.lab.standins import DESCRIPTION, StandIn, build_deb
+from infra.model.site import Site
 
 SUSHY_VENV = Path("/var/cache/gpufleet/sushy-venv")
 SUSHY_VERSION = "2.2.0"
@@ -230,3 +236,51 @@ def boot_order(name: str) -> str:
     xml = virsh("dumpxml", "--inactive", name).stdout
     nic = xml.split("<interface", 1)[1].split("</interface>", 1)[0] if "<interface" in xml else ""
     return "network" if "<boot order='1'/>" in nic else "hd"
+
+
+#: The lab-only package that makes a VM node a lab GPU node (clearly labelled, like the NVIDIA stand-ins).
+DECLARATIONS_PACKAGE = "gpufleet-lab-vm-declarations"
+#: VM nodes run a real kernel: everything a server does works, except loading an NVIDIA module (the stand-in
+#: driver ships none and there is no GPU). Declared the way any node declares it (docs/roles.md).
+VM_CAPABILITIES = {"kernel_modules": False}
+_DECLARE_UNIT = """[Unit]
+Description=Declare this VM node's simulated GPUs ({what})
+DefaultDependencies=no
+After=local-fs.target
+Before=ssh.service multi-user.target
+ConditionPathExists=!/etc/gpufleet-lab/gpus.json
+
+[Service]
+Type=oneshot
+ExecStart=/bin/sh -ec 'h=$(cat /etc/hostname); f=/usr/lib/gpufleet-lab/vm-gpus/$h.json; \\
+  if [ -f "$f" ]; then mkdir -p /etc/gpufleet-lab; cp "$f" /etc/gpufleet-lab/gpus.json; fi'
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+def declarations(site: Site, hostnames: list[str]) -> StandIn:
+    """The VM nodes' declarations as one stand-in package baked into their image (so a reinstall keeps them).
+
+    What the lab writes into an nspawn node's tree, a VM node carries in its image: the capabilities fact
+    (VM_CAPABILITIES) and each VM node's simulated GPUs (`gpus_json`, chosen at boot by the hostname the
+    install's first-boot data set). The version is a digest of the content, so a changed stack rebuilds it.
+    """
+    files: dict[str, tuple[str, int]] = {
+        CAPABILITIES_FACT: (json.dumps(VM_CAPABILITIES, indent=2, sort_keys=True) + "\n", 0o644),
+        "lib/systemd/system/gpufleet-lab-vm-declare.service": (_DECLARE_UNIT.format(what=DESCRIPTION), 0o644),
+    }
+    for host in sorted(hostnames):
+        files[f"usr/lib/gpufleet-lab/vm-gpus/{host}.json"] = (
+            json.dumps(gpus_json(site, host), indent=2, sort_keys=True) + "\n", 0o644)
+    digest = hashlib.sha256(json.dumps(sorted(files.items())).encode()).hexdigest()[:12]
+    return StandIn(name=DECLARATIONS_PACKAGE, version=f"1.0+{digest}", files=files,
+                   postinst=("#!/bin/sh\nset -e\nif [ \"$1\" = configure ]; then\n"
+                             "  deb-systemd-helper enable gpufleet-lab-vm-declare.service >/dev/null || true\nfi\n"))
+
+
+def declarations_deb(site: Site, hostnames: list[str], out_dir: Path, work: Path) -> Path:
+    """Build the declarations package (`declarations`) into out_dir; returns the .deb."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return build_deb(declarations(site, hostnames), out_dir, work)

@@ -236,6 +236,12 @@ def mmdebstrap_cmd(spec: ImageSpec, root: Path, prefs: Path | None = None) -> li
         # apt's and dpkg's logs carry build times; the caches are the build's, not the node's.
         'rm -rf "$1"/var/log/apt/* "$1"/var/log/dpkg.log "$1"/var/log/alternatives.log',
         'rm -f "$1"/var/cache/ldconfig/aux-cache',
+        # The build's repository is not the node's: a node installed from this image would otherwise keep a
+        # `copy://` source that does not exist on it, and its first `apt-get update` fails. The node's
+        # sources come from its stack (roles/base); the build's indexes go with it.
+        'printf "# gpufleet image: no sources here; they come from the stack of the node (roles/base).\\n" '
+        '> "$1/etc/apt/sources.list"',
+        'rm -rf "$1"/etc/apt/sources.list.d/* "$1"/var/lib/apt/lists/*',
     ]
     setup = []
     if prefs is not None:

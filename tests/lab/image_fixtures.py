@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -22,6 +22,11 @@ from infra.provision.image import DEFAULT_PACKAGES
 
 REPO = Path(os.environ.get("GPUFLEET_IMAGE_REPO", "/var/cache/gpufleet/image-repo"))
 UPSTREAM = "http://deb.debian.org/debian"
+#: Debian 12 with its point-release and security updates, like the lab's node base (infra/lab/rootfs.py): an
+#: image older than the lab's repositories cannot install their packages (a security update of curl wants the
+#: updated libssl3 the lab base has and the repository therefore does not carry).
+SOURCES = (f"deb {UPSTREAM} bookworm main", f"deb {UPSTREAM} bookworm-updates main",
+           "deb http://deb.debian.org/debian-security bookworm-security main")
 IMAGE = "debian-12-node"
 
 
@@ -42,26 +47,30 @@ def _indexed() -> set[str]:
             if line.startswith("Package:")}
 
 
-def make_repo() -> Path:
-    """The flat repository with every package the default image needs (made once, then reused).
+def make_repo(packages: Sequence[str] = DEFAULT_PACKAGES) -> Path:
+    """The flat repository with every package an image of `packages` needs (made once, then reused).
 
     A cached repository that lacks a package the default list gained since (e.g. the UEFI bootloader
-    packages) is filled up: the download runs again into the same pool, and the index is rebuilt.
+    packages), or was made from other sources, is filled up: the download runs again into the same pool
+    (the newest version of each package wins in a build), and the index is rebuilt.
     """
-    if set(DEFAULT_PACKAGES) <= _indexed():
+    stamp = REPO / ".sources"
+    made_from = stamp.read_text(encoding="utf-8").splitlines() if stamp.is_file() else []
+    if set(packages) <= _indexed() and made_from == list(SOURCES):
         return REPO
     pool = REPO / "pool"
     pool.mkdir(parents=True, exist_ok=True)
     subprocess.run(
-        ["mmdebstrap", "--variant=apt", "--mode=root", "--quiet", "--include=" + ",".join(DEFAULT_PACKAGES),
+        ["mmdebstrap", "--variant=apt", "--mode=root", "--quiet", "--include=" + ",".join(packages),
          "--skip=essential/unlink", '--setup-hook=mkdir -p "$1"/var/cache/apt/archives',
-         f"--customize-hook=sync-out /var/cache/apt/archives {pool}", "bookworm", "/dev/null", UPSTREAM],
+         f"--customize-hook=sync-out /var/cache/apt/archives {pool}", "bookworm", "/dev/null", *SOURCES],
         check=True, capture_output=True, timeout=1200,
     )  # fmt: skip
     index = subprocess.run(["dpkg-scanpackages", "--multiversion", "pool"], cwd=REPO, check=True,
                            capture_output=True, timeout=300).stdout
     (REPO / "Packages.tmp").write_bytes(index)
     (REPO / "Packages.tmp").rename(REPO / "Packages")
+    stamp.write_text("\n".join(SOURCES) + "\n", encoding="utf-8")
     return REPO
 
 

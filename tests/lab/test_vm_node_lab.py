@@ -75,6 +75,24 @@ def _need(cond: bool, why: str) -> None:
         pytest.skip(why)
 
 
+def need_vm_host(*tools: str) -> None:
+    """Skip unless root with libvirt/QEMU, sushy-tools, Debian's python3-libvirt and `tools`."""
+    _need(os.geteuid() == 0, "needs root (bridges, libvirt, DHCP port 67)")
+    _need(not vm.missing_tools(), f"missing host packages: {' '.join(vm.missing_tools())} (./scripts/setup.sh --test)")
+    for tool in tools:
+        _need(shutil.which(tool) is not None, f"{tool} is not installed (./scripts/setup.sh --test)")
+    _need(subprocess.run(["/usr/bin/python3", "-c", "import libvirt"], capture_output=True).returncode == 0,
+          "Debian's python3-libvirt is not installed (./scripts/setup.sh --test)")
+    vm.sushy_exe()
+
+
+def admin_ssh(tmp: Path) -> None:
+    """An administrator key (tmp/admin, tmp/admin.pub) and the ssh_config the test stacks name."""
+    admin = tmp / "admin"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(admin)], check=True)
+    (tmp / "ssh_config").write_text(f"Host *\n  IdentityFile {admin}\n  IdentitiesOnly yes\n")
+
+
 @contextlib.contextmanager
 def _iso_bridge() -> Iterator[None]:
     """The air-gapped segment's bridge: no route, no forwarding; only its mirror (this machine) on it."""
@@ -106,8 +124,9 @@ def _counters() -> Iterator[None]:
         subprocess.run(["nft", "delete", "table", "bridge", NFT_TABLE], capture_output=True, check=False)
 
 
-def _counted() -> dict[str, int]:
-    out = json.loads(subprocess.run(["nft", "-j", "list", "table", "bridge", NFT_TABLE], capture_output=True,
+def _counted(table: str = NFT_TABLE) -> dict[str, int]:
+    """Packets per counter comment of an nft bridge table."""
+    out = json.loads(subprocess.run(["nft", "-j", "list", "table", "bridge", table], capture_output=True,
                                     text=True, check=True).stdout)
     counts = {}
     for item in out["nftables"]:
@@ -148,17 +167,8 @@ def _site(ports: dict[str, int], bmc_url: str, tmp: Path) -> dict[str, object]:
 def test_blank_vm_nodes_on_both_segments_are_installed_by_the_products_reimage(
     built_image: Path, tmp_path: Path
 ) -> None:
-    _need(os.geteuid() == 0, "needs root (bridges, libvirt, DHCP port 67)")
-    _need(not vm.missing_tools(), f"missing host packages: {' '.join(vm.missing_tools())} (./scripts/setup.sh --test)")
-    for tool in ("dnsmasq", "nft", "ssh"):
-        _need(shutil.which(tool) is not None, f"{tool} is not installed (./scripts/setup.sh --test)")
-    _need(subprocess.run(["/usr/bin/python3", "-c", "import libvirt"], capture_output=True).returncode == 0,
-          "Debian's python3-libvirt is not installed (./scripts/setup.sh --test)")
-    vm.sushy_exe()
-
-    admin = tmp_path / "admin"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(admin)], check=True)
-    (tmp_path / "ssh_config").write_text(f"Host *\n  IdentityFile {admin}\n  IdentitiesOnly yes\n")
+    need_vm_host("dnsmasq", "nft", "ssh")
+    admin_ssh(tmp_path)
     known = tmp_path / "known_hosts"
     records = image_records(built_image)
     store = HostKeyStore(tmp_path / "keys")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from infra.lab import vm
+from infra.lab.config import gpus_json
 from infra.lab.standins import (
     DESCRIPTION,
     STANDIN_NAMES,
@@ -16,6 +19,7 @@ from infra.lab.standins import (
     standin_packages,
     tool_script,
 )
+from infra.model.load import load_site
 from infra.model.site import (
     ContainerEngine,
     ContainerRuntimeSpec,
@@ -27,6 +31,7 @@ from infra.model.site import (
     OperatingSystem,
     SoftwareProfile,
 )
+from infra.plan.nodestate import CAPABILITIES_FACT_FILE
 from infra.plan.packages import packages_for
 
 needs_dpkg = pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="dpkg-deb not installed")
@@ -118,3 +123,25 @@ def test_epoch_version_builds_with_pool_filename(tmp_path: Path) -> None:
     assert deb.name == "datacenter-gpu-manager-4-cuda12_4.2.3-1_amd64.deb"
     version = subprocess.run(["dpkg-deb", "-f", str(deb), "Version"], capture_output=True, text=True, check=True)
     assert version.stdout.strip() == "1:4.2.3-1"
+
+
+@needs_dpkg
+def test_vm_declarations_package_carries_each_vm_nodes_gpus_and_the_capability(tmp_path: Path) -> None:
+    """The VM nodes' lab package: a real .deb, SIMULATED, the capabilities fact (no NVIDIA module), each node's
+    GPUs exactly as the lab declares them for an nspawn node (gpus_json), a boot unit enabled by postinst."""
+    site = load_site("lab")
+    deb = vm.declarations_deb(site, ["lab-gpu03", "lab-gpu01"], tmp_path / "out", tmp_path / "work")
+    info = subprocess.run(["dpkg-deb", "--info", deb], capture_output=True, text=True, check=True).stdout
+    assert f"Package: {vm.DECLARATIONS_PACKAGE}" in info and DESCRIPTION in info
+    postinst = subprocess.run(["dpkg-deb", "--info", deb, "postinst"], capture_output=True, text=True).stdout
+    assert "deb-systemd-helper enable gpufleet-lab-vm-declare.service" in postinst
+    tree = tmp_path / "x"
+    subprocess.run(["dpkg-deb", "-x", deb, tree], check=True)
+    assert json.loads((tree / CAPABILITIES_FACT_FILE.lstrip("/")).read_text()) == {"kernel_modules": False}
+    for host in ("lab-gpu01", "lab-gpu03"):
+        assert json.loads((tree / f"usr/lib/gpufleet-lab/vm-gpus/{host}.json").read_text()) == gpus_json(site, host)
+    unit = (tree / "lib/systemd/system/gpufleet-lab-vm-declare.service").read_text()
+    assert "Before=ssh.service" in unit and "ConditionPathExists=!/etc/gpufleet-lab/gpus.json" in unit
+    # Content decides the version: another node set is another package version.
+    other = vm.declarations(site, ["lab-gpu01"])
+    assert other.version != vm.declarations(site, ["lab-gpu01", "lab-gpu03"]).version
