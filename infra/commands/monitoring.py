@@ -10,13 +10,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from infra.ansible import rolespecs
-from infra.ansible.runner import Progress, run_playbook
+from infra.commands.hostplay import converge_hosts, role_problems
 from infra.commands.site import add_stack_args, site_from_args
 from infra.console import Exit, emit
 from infra.observe import probe, render, server, status
 from infra.plan.node import plan_site
-from infra.ssh import SshSettings
 
 
 def register(sub: Any) -> None:
@@ -122,8 +120,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def check_role_arguments(inventory: dict[str, Any]) -> list[str]:
     """Every violation of the monitoring_server role's argument spec, checked on the controller before a run."""
-    hosts = inventory["all"]["children"][server.GROUP]["hosts"]
-    return [line for host, hostvars in hosts.items() for line in rolespecs.problems(host, [server.ROLE], hostvars)]
+    return role_problems(inventory, server.GROUP, server.ROLE)
 
 
 def cmd_converge(args: argparse.Namespace) -> int:
@@ -146,32 +143,8 @@ def cmd_converge(args: argparse.Namespace) -> int:
         app = Path(tmp) / "gpufleet-slo-probe.pyz"
         app.write_bytes(server.probe_zipapp())
         inventory = server.inventory(plan, str(app), hosts)
-        found = check_role_arguments(inventory)
-        if found:
-            sys.stderr.write("error: role variables the role does not accept (nothing was run):\n  "
-                             + "\n  ".join(found) + "\n")
-            return Exit.FAILED
-        result = run_playbook(
-            "monitoring.yml",
-            inventory,
-            hosts,
-            ssh=SshSettings.of(site),
-            check=args.check,
-            progress=None if args.json else Progress(hosts),
-            label="monitoring",
-        )
-    emit(args.json, result.as_dict(), _render_run)
-    return Exit.OK if result.succeeded else Exit.FAILED
-
-
-def _render_run(d: dict[str, Any]) -> str:
-    lines = []
-    for host, h in d["hosts"].items():
-        state = "ok" if h["succeeded"] else "FAILED"
-        lines.append(f"{host}: {state}, {len(h['changed_tasks'])} changed{' (check mode)' if d['check'] else ''}")
-        lines += [f"  changed: {t}" for t in h["changed_tasks"]]
-        lines += [f"  failed: {f['task']}: {f['msg']}" for f in h["failures"]]
-    return "\n".join(lines) + "\n"
+        return converge_hosts(args, site, "monitoring.yml", inventory, hosts, group=server.GROUP, role=server.ROLE,
+                              label="monitoring")
 
 
 def cmd_probe(args: argparse.Namespace) -> int:

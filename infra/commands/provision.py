@@ -12,11 +12,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from infra.ansible import rolespecs
-from infra.ansible.runner import Progress, run_playbook
 from infra.bundle.lock import OS_IMAGE_KIND, Artifact, Lock, LockError, OsImage, lock_path, lock_path_for, put_os_image
+from infra.commands.hostplay import converge_hosts, role_problems
 from infra.commands.site import add_stack_args, site_from_args
-from infra.console import CommandError, Exit, emit
+from infra.console import CommandError, Exit
 from infra.model.site import Site
 from infra.provision import service
 from infra.provision.firstboot import HostKeyStore, KeyStoreError, firstboot_tar
@@ -33,7 +32,6 @@ from infra.provision.image import (
 )
 from infra.provision.render import ImageRecord, RenderError, SegmentService, firstboot_name, render_site
 from infra.provision.service import LOCK_DIR, ProvisioningInputError
-from infra.ssh import SshSettings
 
 
 def register(sub: Any) -> None:
@@ -262,8 +260,7 @@ def _lock_of(args: argparse.Namespace) -> tuple[Lock | None, str]:
 
 def check_role_arguments(inventory: dict[str, Any]) -> list[str]:
     """Every violation of the provisioning role's argument spec, checked on the controller before a run."""
-    hosts = inventory["all"]["children"][service.GROUP]["hosts"]
-    return [line for host, hostvars in hosts.items() for line in rolespecs.problems(host, [service.ROLE], hostvars)]
+    return role_problems(inventory, service.GROUP, service.ROLE)
 
 
 def cmd_converge(args: argparse.Namespace) -> int:
@@ -282,30 +279,5 @@ def cmd_converge(args: argparse.Namespace) -> int:
         inventory = service.inventory(site, lock, hosts, lock_name)
     except (ProvisioningInputError, RenderError) as exc:
         raise CommandError(Exit.INVALID, str(exc)) from None
-    found = check_role_arguments(inventory)
-    if found:
-        sys.stderr.write("error: role variables the role does not accept (nothing was run):\n  "
-                         + "\n  ".join(found) + "\n")
-        return Exit.FAILED
-    names = [h.name for h in hosts]
-    result = run_playbook(
-        "provisioning.yml",
-        inventory,
-        names,
-        ssh=SshSettings.of(site),
-        check=args.check,
-        progress=None if args.json else Progress(names),
-        label="provisioning",
-    )
-    emit(args.json, result.as_dict(), _render_run)
-    return Exit.OK if result.succeeded else Exit.FAILED
-
-
-def _render_run(d: dict[str, Any]) -> str:
-    lines = []
-    for host, h in d["hosts"].items():
-        state = "ok" if h["succeeded"] else "FAILED"
-        lines.append(f"{host}: {state}, {len(h['changed_tasks'])} changed{' (check mode)' if d['check'] else ''}")
-        lines += [f"  changed: {t}" for t in h["changed_tasks"]]
-        lines += [f"  failed: {f['task']}: {f['msg']}" for f in h["failures"]]
-    return "\n".join(lines) + "\n"
+    return converge_hosts(args, site, "provisioning.yml", inventory, [h.name for h in hosts], group=service.GROUP,
+                          role=service.ROLE, label="provisioning")

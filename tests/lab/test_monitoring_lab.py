@@ -13,7 +13,6 @@ TCP to lab-mirror:9090, so the air-gapped series reach the site view through /fe
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import threading
 import time
@@ -24,10 +23,8 @@ from typing import Any
 
 import pytest
 
-from infra.lab import repo, rootfs, standins
-from infra.lab.config import Paths, lab_spec
 from infra.lab.session import Lab
-from infra.model.load import project_dir
+from tests.lab.labtools import gpufleet_cli, lab_ssh, recap, reseed_mirror_unless
 
 pytestmark = pytest.mark.lab
 
@@ -36,11 +33,6 @@ AIRGAP = "http://198.18.2.10:9090"
 SEGMENTS = {"connected": (SITE_VIEW, "198.18.1.0/24"), "airgap": (AIRGAP, "198.18.2.0/24")}
 INTERVAL_S = 5  # observability.scrape_interval_s of the lab stack
 DOWN_FOR_S = 15  # observability.service_down_for_s of the lab stack
-
-
-def _gpufleet(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "infra.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=project_dir(), check=False)
 
 
 def _query(base: str, promql: str, at: float | None = None) -> list[dict[str, Any]]:
@@ -68,44 +60,15 @@ def _wait(what: str, check: Any, timeout: float, every: float = 1.0) -> Any:
         time.sleep(every)
 
 
-def _ssh(lab: Lab, host: str, command: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["ssh", "-F", str(lab.spec.ssh_config), host, command], capture_output=True, text=True,
-                          timeout=60, check=False)
-
-
-def _recap(run: dict[str, Any]) -> dict[str, tuple[bool, int]]:
-    return {h: (r["succeeded"], len(r["changed_tasks"])) for h, r in run["hosts"].items()}
-
-
-def _mirror_carries_server_packages() -> None:
-    """The air-gapped mirror serves the lab's seed (Debian's prometheus included).
-
-    A bundle imported by an earlier lab test replaces the mirror's repository and the lab's seeding then leaves
-    it alone; the monitoring packages are not part of a bundle yet (`infra.bundle.declared`), so this puts the
-    lab's own seed back, as `lab up` does on a fresh lab.
-    """
-    with urllib.request.urlopen("http://198.18.2.10/apt/Packages", timeout=10) as r:
-        if b"\nPackage: prometheus\n" in b"\n" + r.read():
-            return
-    spec, paths = lab_spec("lab"), Paths.from_env()
-    key = rootfs.rootfs_key(rootfs.seed_package_specs(spec))
-    debs = sorted([*rootfs.seed_debs_path(paths, key).glob("*.deb"),
-                   *standins.ensure_standins(paths.standins_dir).glob("*.deb")])
-    srv = paths.srv_dir / "lab-mirror"
-    (srv / "apt" / ".gpufleet-seed").unlink(missing_ok=True)
-    repo.seed_repo("lab-mirror", srv, debs, paths.gnupg_dir / "lab-mirror", spec.keyrings["lab-mirror"],
-                   paths.files_dir, scan_cache=paths.cache / "scan")
-
-
 @pytest.fixture(scope="module")
 def monitored(lab: Lab) -> dict[str, Any]:
     """Every node converged, then the Prometheus hosts: check mode, converge, converge again."""
-    _mirror_carries_server_packages()
-    nodes = _gpufleet("converge", "--stack", "lab", "--json", timeout=1500)
+    reseed_mirror_unless("prometheus")  # a bundle imported earlier replaced the lab's seed
+    nodes = gpufleet_cli("converge", "--stack", "lab", "--json", timeout=1500)
     assert nodes.returncode == 0, nodes.stdout[-3000:] + nodes.stderr[-3000:]
     runs = {}
     for name, extra in (("check", ["--check"]), ("first", []), ("second", [])):
-        p = _gpufleet("monitoring", "converge", "--stack", "lab", "--json", *extra)
+        p = gpufleet_cli("monitoring", "converge", "--stack", "lab", "--json", *extra)
         assert p.stdout.strip().startswith("{"), p.stdout[-2000:] + p.stderr[-3000:]
         runs[name] = json.loads(p.stdout)
         runs[name]["rc"] = p.returncode
@@ -115,10 +78,10 @@ def monitored(lab: Lab) -> dict[str, Any]:
 def test_role_check_mode_converge_and_second_converge_changes_nothing(monitored: dict[str, Any]) -> None:
     """Check mode on fresh hosts passes, the converge passes, the second converge reports changed=0."""
     assert monitored["check"]["rc"] == 0, monitored["check"]
-    assert all(ok for ok, _ in _recap(monitored["check"]).values())
+    assert all(ok for ok, _ in recap(monitored["check"]).values())
     assert monitored["first"]["rc"] == 0, monitored["first"]
-    assert all(ok and changed > 0 for ok, changed in _recap(monitored["first"]).values())
-    assert _recap(monitored["second"]) == {"lab-gpu01": (True, 0), "lab-mirror": (True, 0)}, monitored["second"]
+    assert all(ok and changed > 0 for ok, changed in recap(monitored["first"]).values())
+    assert recap(monitored["second"]) == {"lab-gpu01": (True, 0), "lab-mirror": (True, 0)}, monitored["second"]
 
 
 @pytest.mark.parametrize("segment", sorted(SEGMENTS))
@@ -174,7 +137,7 @@ def test_bench_load_moves_the_ttft_figure(monitored: dict[str, Any]) -> None:
         # queueing of an earlier test's bench; this load must queue the probe well past that. And long enough
         # to overlap several probes (one per scrape interval, 5 s): on a quiet machine 48 requests were over in
         # 2.6 s, between two probes, and the figure never moved (CI, 2026-12-05). 400 take ~20 s there.
-        out["bench"] = _gpufleet("bench-inference", "--stack", "lab", "--facts-dir", "-", "--service",
+        out["bench"] = gpufleet_cli("bench-inference", "--stack", "lab", "--facts-dir", "-", "--service",
                                  "tiny-connected", "--requests", "400", "--concurrency", "8", "--max-tokens", "64",
                                  "--max-duration", "240", "--json", timeout=300)
 
@@ -206,7 +169,7 @@ def test_stopping_a_service_fires_its_alert_which_status_shows(monitored: dict[s
     evaluation) of Prometheus seeing it down; the alert reaches the site view by federation; status exits 3."""
     unit = "gpufleet-inference-tiny-airgap"
     sel = 'alertname="GpufleetServiceDown",service="tiny-airgap"'
-    assert _ssh(lab, "lab-gpu03", f"systemctl stop {unit}").returncode == 0
+    assert lab_ssh(lab, "lab-gpu03", f"systemctl stop {unit}").returncode == 0
     stopped = time.time()
     try:
         _wait("the alert firing on the air-gapped Prometheus",
@@ -227,7 +190,7 @@ def test_stopping_a_service_fires_its_alert_which_status_shows(monitored: dict[s
         )
         # The site view evaluates the federated figure too; the air-gapped Prometheus' own alert is the one labelled.
         assert any(a["metric"].get("federated_from") == "airgap" for a in federated), federated
-        st = _gpufleet("status", "--stack", "lab", "--json", timeout=60)
+        st = gpufleet_cli("status", "--stack", "lab", "--json", timeout=60)
         assert st.returncode == 3, st.stdout + st.stderr
         status = json.loads(st.stdout)
         assert not status["ok"]
@@ -236,7 +199,7 @@ def test_stopping_a_service_fires_its_alert_which_status_shows(monitored: dict[s
         svc = next(s for s in status["services"] if s["service"] == "tiny-airgap")
         assert svc["up"] is False and svc["within"] is False
     finally:
-        _ssh(lab, "lab-gpu03", f"systemctl start {unit}")
+        lab_ssh(lab, "lab-gpu03", f"systemctl start {unit}")
 
 
 def _series_start(base: str, promql: str, start: float, end: float) -> float:
@@ -261,7 +224,7 @@ def test_air_gapped_metrics_reach_the_site_view_only_by_federation(monitored: di
 
     def connects(host: str, address: str, port: int) -> bool:
         code = f"import socket; socket.create_connection(({address!r}, {port}), timeout=3)"
-        return _ssh(lab, host, f"python3 -c {json.dumps(code)}").returncode == 0
+        return lab_ssh(lab, host, f"python3 -c {json.dumps(code)}").returncode == 0
 
     assert connects("lab-gpu01", "198.18.2.10", 9090)  # the federation port of the mirror
     assert not connects("lab-gpu02", "198.18.2.10", 9090)  # from the site view's host only

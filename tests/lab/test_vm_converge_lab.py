@@ -55,14 +55,14 @@ from infra.commands.provision import image_records
 from infra.dr.rebuild import RebuildReport, rebuild
 from infra.dr.remote import ssh
 from infra.dr.steps import StackRef, gpufleet
-from infra.lab import repo, rootfs, standins, vm
-from infra.lab.config import Paths, lab_spec
+from infra.lab import repo, vm
 from infra.model.load import load_site
 from infra.plan.node import plan_site
 from infra.provision.firstboot import HostKeyStore, arm_install
 from infra.provision.image import DEFAULT_PACKAGES
 from infra.provision.render import HTTP_ROOT, HTTPD_PATH, render_site
 from tests.lab.image_fixtures import REPO, make_repo, need_build_tools
+from tests.lab.labtools import lab_debs
 from tests.lab.test_provision_vm import BRIDGE, BRIDGE_ADDR, CIDR, _bridge, _dnsmasq, _stop, _wait
 from tests.lab.test_vm_node_lab import ISO_ADDR, ISO_BRIDGE, _counted, _iso_bridge, admin_ssh, need_vm_host
 from tests.unit.test_provision_arming import converge_scripts
@@ -109,13 +109,10 @@ def _node_repo(tmp: Path) -> tuple[Path, Path, list[str]]:
     VM image's package set: the product's default set plus every package of the lab's node base — the seed
     closure was computed against that base (debootstrap minbase: tzdata, lsb-base… that mmdebstrap's `apt`
     variant does not install), so a VM node with it installs the same packages an nspawn node does."""
-    paths = Paths.from_env()
-    key, bases = rootfs.ensure_rootfs(paths, rootfs.seed_package_specs(lab_spec("lab", LAB_STACK)))
-    debs = sorted([*rootfs.seed_debs_path(paths, key).glob("*.deb"),
-                   *standins.ensure_standins(paths.standins_dir).glob("*.deb")])
+    debs, base = lab_debs()
     srv, keyring = tmp / "srv", tmp / "keys" / "vm-repo.gpg"
     repo.seed_repo("vm-repo", srv, debs, tmp / "gnupg", keyring)
-    packages = list(dict.fromkeys([*DEFAULT_PACKAGES, *_installed(bases["node"] / "var/lib/dpkg/status")]))
+    packages = list(dict.fromkeys([*DEFAULT_PACKAGES, *_installed(base / "var/lib/dpkg/status")]))
     return srv, keyring, packages
 
 

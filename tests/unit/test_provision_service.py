@@ -13,6 +13,7 @@ from infra.ansible.runner import HostResult, RunResult
 from infra.bundle.declared import Kind, declared
 from infra.bundle.lock import OS_IMAGE_KIND, Artifact, Lock, OsImage, check
 from infra.cli import main
+from infra.commands import hostplay
 from infra.commands import provision as cmd
 from infra.model.load import SiteError, parse_site
 from infra.provision import service
@@ -247,7 +248,7 @@ def runs(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
         results = {h: HostResult(h, ok=3, failed=int(h in calls[0].get("fail", ()))) for h in hosts}
         return RunResult(playbook, kw["check"], "successful", 0, 0.1, results, "/tmp/x")
 
-    monkeypatch.setattr(cmd, "run_playbook", run)
+    monkeypatch.setattr(hostplay, "run_playbook", run)
     return calls
 
 
@@ -268,7 +269,7 @@ def test_converge_runs_the_playbook_over_the_selected_provisioning_hosts(
 def test_converge_exits_1_when_a_host_failed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     raw = _raw()
     raw["segments"][0]["provisioning"]["files_url"] = "http://files.example.internal/files/"
-    monkeypatch.setattr(cmd, "run_playbook", lambda pb, inv, hosts, **kw: RunResult(
+    monkeypatch.setattr(hostplay, "run_playbook", lambda pb, inv, hosts, **kw: RunResult(
         pb, False, "failed", 2, 0.1, {h: HostResult(h, failed=int(h == "pxe01")) for h in hosts}, "/tmp/x"))
     assert main(["provision", "converge", "--stack-file", str(_stack(tmp_path, raw, _lock()))]) == 1
 
