@@ -43,7 +43,10 @@ def system_uuid(spec: LabSpec, name: str) -> str:
 def render_config(spec: LabSpec, paths: Paths) -> str:
     """sushy-emulator config (Python syntax): fake driver, one system per node, auth, notifier."""
     systems = []
+    vms = {v.name for v in spec.vms}  # behind the libvirt-driver BMC (infra.lab.vm), not this one
     for n in spec.site.nodes:
+        if n.hostname in vms:
+            continue
         systems.append({
             "uuid": system_uuid(spec, n.hostname),
             "name": n.bmc.system_id if n.bmc and n.bmc.system_id else n.hostname,

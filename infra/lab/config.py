@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import uuid
 from dataclasses import dataclass, field
 from enum import StrEnum
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network, ip_address
@@ -19,13 +21,20 @@ from urllib.parse import urlparse
 from infra.model.catalogue import resolve
 from infra.model.load import read_stack_config, stack_path
 from infra.model.rules import Problem
-from infra.model.site import Site
+from infra.model.site import BootMode, Site
 
 LAB_KEY = "gpufleet:lab"
 LAB_NET = IPv4Network("198.18.0.0/15")
 STATE_ROOT = Path("/var/lib/gpufleet/lab")
 CACHE_ROOT = Path("/var/cache/gpufleet/lab")
 STATE_ENV = "GPUFLEET_LAB_STATE_DIR"  # a second lab (another stack) keeps its state elsewhere
+#: Namespace of the VM domains' UUIDs: the same node name always gets the same UUID (its Redfish system id).
+VM_UUID_NS = uuid.UUID("6a1c1d0e-2b5f-4c49-9a53-8f0d3c2e7a10")
+#: A virtio disk's serial is at most 20 bytes (QEMU's virtio-blk ID length); the model's serial grammar is wider.
+VM_SERIAL = re.compile(r"^[A-Za-z0-9._-]{1,20}$")
+VM_MEMORY_MIB = (512, 8192)
+VM_DISK_GIB = (2, 64)
+_VM_KEYS = {"name", "memory_mib", "disk_gib"}
 
 
 class LabConfigError(Exception):
@@ -162,6 +171,11 @@ class Paths:
         return self.cache / "standins"
 
     @property
+    def vm_dir(self) -> Path:
+        """VM nodes: disks, consoles, libvirt's private configuration and logs, the VM BMC's config and log."""
+        return self.state / "vm"
+
+    @property
     def files_dir(self) -> Path:
         """Extra files published under http://HOST/files/ (models/, wheels/) on every serving host."""
         return self.cache / "files"
@@ -176,6 +190,24 @@ class BmcListen:
 
 
 @dataclass(frozen=True)
+class LabVm:
+    """One VM node (`gpufleet:lab.vm_nodes`): a site node played by a libvirt/QEMU domain, not an nspawn host.
+
+    Everything but its size comes from the site: the first MAC (the PXE NIC), the segment's bridge, the root-disk
+    hint's serial as the blank disk's serial (so the deploy ramdisk picks that disk by the stack's own hint).
+    """
+
+    name: str
+    segment: str
+    bridge: str
+    mac: str
+    address: IPv4Interface
+    disk_serial: str
+    memory_mib: int = 1536
+    disk_gib: int = 4
+
+
+@dataclass(frozen=True)
 class LabSpec:
     """Everything `lab up` needs, derived from the site and the `gpufleet:lab` key."""
 
@@ -187,6 +219,10 @@ class LabSpec:
     known_hosts: Path
     ssh_config: Path
     keyrings: dict[str, Path] = field(default_factory=dict)  # serving host → exported keyring path
+    vms: tuple[LabVm, ...] = ()
+    """VM nodes (libvirt domains on the segment bridges), not in `hosts`."""
+    vm_bmc: BmcListen | None = None
+    """Where the VM nodes' Redfish BMC (sushy-emulator, libvirt driver) listens; None without VM nodes."""
 
     def host(self, name: str) -> LabHost:
         """The host called `name` (KeyError with the known names otherwise)."""
@@ -311,6 +347,99 @@ def gpus_json(site: Site, hostname: str) -> dict[str, Any]:
     }
 
 
+def vm_uuid(name: str) -> str:
+    """A VM node's libvirt domain UUID, derived from its name: also its Redfish system id on the VM BMC."""
+    return str(uuid.uuid5(VM_UUID_NS, name))
+
+
+def _port(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 65535 else None
+
+
+def _vm_size(entry: dict[str, Any], key: str, bounds: tuple[int, int], default: int, where: str,
+             problems: list[Problem]) -> int:
+    value = entry.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not bounds[0] <= value <= bounds[1]:
+        problems.append(Problem(f"{where}.{key}", f"{value!r} is not a whole number in {bounds[0]}..{bounds[1]}",
+                                f"set {key} to a number from {bounds[0]} to {bounds[1]}"))
+        return default
+    return value
+
+
+def vm_nodes(site: Site, lab: dict[str, Any], bmc_port: int) -> tuple[list[LabVm], BmcListen | None, list[Problem]]:
+    """The stack's VM nodes (`gpufleet:lab.vm_nodes`) and their BMC (`vm_bmc_listen`), or the problems.
+
+    A VM node is a site node the lab plays with a libvirt domain instead of an nspawn host: it must be
+    network-installable (`image`, `boot_mode: bios` — the lab's domains run SeaBIOS — and a `root_disk.serial`,
+    which becomes the blank disk's serial), and its `bmc` must name the VM BMC and the domain's UUID.
+    """
+    raw = lab.get("vm_nodes")
+    where = f"{LAB_KEY}.vm_nodes"
+    if raw is None:
+        return [], None, []
+    if not isinstance(raw, list) or not raw:
+        return [], None, [Problem(where, "is not a non-empty list",
+                                  "list the VM nodes as [{name: <node>, memory_mib: 1536}] or remove the key")]
+    problems: list[Problem] = []
+    listen = lab.get("vm_bmc_listen")
+    lw = f"{LAB_KEY}.vm_bmc_listen"
+    port = _port(listen.get("port")) if isinstance(listen, dict) else None
+    address = str(listen.get("address", "127.0.0.1")) if isinstance(listen, dict) else "127.0.0.1"
+    if port is None:
+        problems.append(Problem(f"{lw}.port", "missing or not a TCP port",
+                                "give the VM nodes' BMC a port of its own, e.g. vm_bmc_listen: {port: 8012}"))
+    elif port in (bmc_port, bmc_port + 1):
+        problems.append(Problem(f"{lw}.port", f"{port} is the nspawn nodes' BMC or its notifier",
+                                f"pick a port other than {bmc_port} and {bmc_port + 1}"))
+    if not _is_loopback(address):
+        problems.append(Problem(f"{lw}.address", f"{address} is not loopback", "the VM BMC listens on 127.0.0.1 only"))
+    url = f"http://{address}:{port}"
+    vms: list[LabVm] = []
+    seen: set[str] = set()
+    for i, entry in enumerate(raw):
+        w = f"{where}[{i}]"
+        if not isinstance(entry, dict) or not set(entry) <= _VM_KEYS:
+            problems.append(Problem(w, "is not a mapping of name, memory_mib, disk_gib",
+                                    "write {name: <node>, memory_mib: 1536}"))
+            continue
+        name = entry.get("name")
+        node = site.nodes_by_name.get(name) if isinstance(name, str) else None
+        if node is None:
+            problems.append(Problem(f"{w}.name", f"{name!r} is not a node of the site",
+                                    "name a node of gpufleet:site.nodes"))
+            continue
+        if name in seen:
+            problems.append(Problem(f"{w}.name", f"{name} is listed twice", "list each VM node once"))
+            continue
+        seen.add(node.hostname)
+        i_node = site.nodes.index(node)
+        nw = f"nodes[{i_node}]"
+        if node.image is None:
+            problems.append(Problem(f"{nw}.image", "unset", "a VM node starts blank and is network-installed: "
+                                    "give it an image"))
+        if node.boot_mode is not BootMode.BIOS:
+            problems.append(Problem(f"{nw}.boot_mode", f"{node.boot_mode.value}: the lab's VM domains run SeaBIOS",
+                                    "set boot_mode: bios"))
+        serial = node.root_disk.serial if node.root_disk is not None else None
+        if serial is None or not VM_SERIAL.fullmatch(serial):
+            problems.append(Problem(f"{nw}.root_disk", "has no serial of at most 20 characters",
+                                    "set root_disk: {serial: <letters, digits, ._- ; at most 20>}: the VM's disk "
+                                    "gets that serial"))
+        want_id = vm_uuid(node.hostname)
+        if node.bmc is None or node.bmc.endpoint.rstrip("/") != url or node.bmc.system_id != want_id:
+            problems.append(Problem(f"{nw}.bmc", "does not name the VM BMC and the domain",
+                                    f"set endpoint: {url!r} and system_id: {want_id!r}"))
+        memory = _vm_size(entry, "memory_mib", VM_MEMORY_MIB, 1536, w, problems)
+        disk = _vm_size(entry, "disk_gib", VM_DISK_GIB, 4, w, problems)
+        seg = site.segments_by_name[node.segment]
+        vms.append(LabVm(node.hostname, node.segment, bridge_name(node.segment), node.macs[0].lower(),
+                         IPv4Interface(f"{node.address}/{seg.cidr.prefixlen}"), serial or "", memory, disk))
+    if problems:
+        return [], None, problems
+    assert port is not None  # a missing port is a problem above
+    return vms, BmcListen(IPv4Address(address), port), []
+
+
 def lab_spec(stack: str = "lab", path: Path | None = None) -> LabSpec:
     """Read the lab stack and derive hosts and bridges; raise LabConfigError/SiteError before touching anything."""
     from infra.model.load import load_site
@@ -321,8 +450,13 @@ def lab_spec(stack: str = "lab", path: Path | None = None) -> LabSpec:
     if not site.lab_mode:
         raise LabConfigError([Problem("lab_mode", "is false", "only a stack with lab_mode: true can run in the lab")])
     problems = check_addresses(site, lab)
+    bmc = lab.get("bmc_listen") or {}
+    bmc_port = int(bmc.get("port", 8000))
+    vms, vm_bmc, vm_problems = vm_nodes(site, lab, bmc_port)
+    problems += vm_problems
     if problems:
         raise LabConfigError(problems)
+    vm_names = {v.name for v in vms}
     bridges = []
     for s in site.segments:
         gw = s.gateway or next(s.cidr.hosts())
@@ -340,6 +474,8 @@ def lab_spec(stack: str = "lab", path: Path | None = None) -> LabSpec:
                               IPv4Interface(f"{next(f.cidr.hosts())}/{f.cidr.prefixlen}"), True))
     hosts: list[LabHost] = []
     for n in site.nodes:
+        if n.hostname in vm_names:
+            continue  # a libvirt domain, not an nspawn host
         s = seg[n.segment]
         links = tuple(
             FabricLink(fabric_bridge_name(p.fabric), fabric_if_name(n.hostname, j), p.netdev or "",
@@ -365,17 +501,18 @@ def lab_spec(stack: str = "lab", path: Path | None = None) -> LabSpec:
             if urlparse(src.url).hostname == str(ow_addr):
                 keyrings.setdefault(ow_name, Path(src.keyring))
     keyrings.setdefault(ow_name, STATE_ROOT / "keys" / f"{ow_name}.gpg")
-    _check_unique(hosts, bridges)
-    bmc = lab.get("bmc_listen") or {}
+    _check_unique(hosts, bridges, vms)
     return LabSpec(
         stack=stack,
         site=site,
         bridges=tuple(bridges),
         hosts=tuple(hosts),
-        bmc=BmcListen(IPv4Address(bmc.get("address", "127.0.0.1")), int(bmc.get("port", 8000))),
+        bmc=BmcListen(IPv4Address(bmc.get("address", "127.0.0.1")), bmc_port),
         known_hosts=Path(site.controller.known_hosts or STATE_ROOT / "ssh" / "known_hosts"),
         ssh_config=Path(site.controller.ssh_config or STATE_ROOT / "ssh" / "config"),
         keyrings=keyrings,
+        vms=tuple(vms),
+        vm_bmc=vm_bmc,
     )
 
 
@@ -388,9 +525,15 @@ def _outside_name(site: Site, addr: IPv4Address) -> str:
     return "lab-outside"
 
 
-def _check_unique(hosts: list[LabHost], bridges: list[Bridge]) -> None:
+def _check_unique(hosts: list[LabHost], bridges: list[Bridge], vms: list[LabVm] | None = None) -> None:
     problems: list[Problem] = []
     seen: dict[str, str] = {str(b.address.ip): f"bridge {b.name}" for b in bridges}
+    for v in vms or []:
+        ip = str(v.address.ip)
+        if ip in seen:
+            problems.append(Problem(v.name, f"address {ip} is also used by {seen[ip]}",
+                                    "give each host its own address"))
+        seen[ip] = v.name
     for h in hosts:
         ip = str(h.address.ip)
         if ip in seen:
@@ -421,4 +564,8 @@ def spec_digest(spec: LabSpec) -> str:
     data += [[h.name, [[x.bridge, x.host_if, x.netdev, str(x.address)] for x in h.fabric]]
              for h in spec.hosts if h.fabric]
     data.append([[b.name, str(b.address), b.airgapped] for b in spec.bridges])
+    # VM nodes only when there are any, so the digest of an nspawn-only stack stays what it was.
+    if spec.vms:
+        data.append([[v.name, v.segment, v.bridge, v.mac, str(v.address), v.disk_serial, v.memory_mib, v.disk_gib]
+                     for v in spec.vms])
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

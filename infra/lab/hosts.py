@@ -379,8 +379,11 @@ def console_tail(paths: Paths, name: str, lines: int = 25) -> str:
 def ssh_config_text(spec: LabSpec, key: Path) -> str:
     """OpenSSH client config for every lab host (the stack's `controller.ssh_config`)."""
     out = ["# Written by `gpufleet lab up`: lab hosts, pinned host keys (StrictHostKeyChecking yes).", ""]
-    for h in spec.hosts:
-        out += [f"Host {h.name} {h.address.ip}", f"  HostName {h.address.ip}", "  User root",
+    # VM nodes too: they accept the same key (the stack's admin_keys, installed by their first-boot data), and
+    # their host keys are pinned by the rebuild that installs them, in the same known_hosts.
+    names = [(h.name, h.address.ip) for h in spec.hosts] + [(v.name, v.address.ip) for v in spec.vms]
+    for name, ip in names:
+        out += [f"Host {name} {ip}", f"  HostName {ip}", "  User root",
                 f"  IdentityFile {key}", "  IdentitiesOnly yes", f"  UserKnownHostsFile {spec.known_hosts}",
                 "  StrictHostKeyChecking yes", "  HostKeyAlgorithms ssh-ed25519", "  BatchMode yes",
                 "  LogLevel ERROR", ""]

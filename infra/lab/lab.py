@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from infra import procs
 from infra.inference.publish import publish_llamacpp_files
 from infra.inference.tinymodel import MODEL_NAME
 from infra.inference.wheel import LLAMA_CPP_PYTHON_VERSION, wheel_cached
-from infra.lab import bmc, hosts, network, registry, repo, rootfs, standins
+from infra.lab import bmc, hosts, network, registry, repo, rootfs, standins, vm
 from infra.lab import state as lab_state
 from infra.lab.config import LabHost, LabSpec, Paths, spec_digest
 from infra.lab.sh import APT_LOCK_TIMEOUT_S, APT_LOCK_WAIT, LabCommandError, apt_update, run
@@ -80,7 +81,8 @@ def check_prerequisites(install: bool = True) -> None:
         run(["modprobe", "overlay"], timeout=30, check=False)
 
 
-def _controller_key(paths: Paths) -> str:
+def controller_key(paths: Paths) -> str:
+    """The lab controller's public key (made the first time): root on every lab host, and VM nodes, accept it."""
     key = paths.ssh_key
     if not key.exists():
         key.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -157,7 +159,7 @@ def up(spec: LabSpec, paths: Paths, stack_file: Path) -> dict[str, Any]:
             network.ensure_bridge(b)
         network.apply_ruleset(spec.bridges, st["nft_table"], network.lab_flows(spec))
         t.mark("network")
-        controller_pub = _controller_key(paths)
+        controller_pub = controller_key(paths)
         keys: dict[str, str] = {}
         to_start: list[LabHost] = []
         # A node powered off through its BMC stays off while the BMC runs (someone's test or rebuild
@@ -212,9 +214,63 @@ def up(spec: LabSpec, paths: Paths, stack_file: Path) -> dict[str, Any]:
         st["stack_file"] = str(stack_file)
         lab_state.save(paths, st)
         t.mark("bmc")
+        if spec.vms:
+            _vms_up(spec, paths, st)
+            t.mark("vm nodes")
     result = status(spec, paths)
     result["timings"] = t.steps
     return result
+
+
+def _vms_up(spec: LabSpec, paths: Paths, st: dict[str, Any]) -> None:
+    """Start libvirtd + virtlogd, the VM nodes' domains (blank disks, powered off) and their libvirt BMC; idempotent.
+
+    Each process is recorded in the state before the next starts, so `down` finds whatever a failed `up` left.
+    A running pair of daemons, a defined domain (and its disk) and a running BMC are kept.
+    """
+    missing = vm.missing_tools()
+    if missing:
+        raise LabUnavailable(f"VM nodes need host packages: {' '.join(missing)} (./scripts/setup.sh --test)")
+    assert spec.vm_bmc is not None  # lab_spec sets it with the VM nodes
+    work = paths.vm_dir
+    work.mkdir(parents=True, exist_ok=True)
+    entry: dict[str, Any] = st.setdefault("vm", {})
+    entry.update({"work": str(work), "pool": vm.pool_name(spec.stack), "domains": [v.name for v in spec.vms]})
+    lab_state.save(paths, st)
+    if not vm.libvirt_alive(entry):
+        vm.stop_libvirt(entry)  # one of the two died: start both afresh
+        entry.update(vm.start_libvirt(work))
+        lab_state.save(paths, st)
+    nodes = [vm.VmNode.of(v) for v in spec.vms]
+    vm.define(work, nodes, entry["pool"])
+    if not vm.bmc_alive(entry.get("bmc_pid")):
+        password = bmc.ensure_password(paths)
+        # The nspawn nodes' BMC wrote the users' htpasswd (every node's bmc.username, the same password file).
+        entry["bmc_pid"] = vm.start_bmc(work, nodes, str(spec.vm_bmc.address), spec.vm_bmc.port,
+                                        paths.bmc_dir / "htpasswd", ("admin", password))
+    entry["bmc_url"] = f"http://{spec.vm_bmc.address}:{spec.vm_bmc.port}"
+    lab_state.save(paths, st)
+
+
+def _vms_down(st: dict[str, Any]) -> list[str]:
+    """Stop the VM BMC, undefine the domains (their disks are removed with the VM directory), stop the daemons.
+
+    Also kills QEMU processes of the lab's disks that a dead libvirtd left behind. Returns the domain names.
+    """
+    entry = st.get("vm") or {}
+    if not entry:
+        return []
+    vm.stop_bmc(entry.get("bmc_pid"))
+    names = list(entry.get("domains", []))
+    if vm.libvirt_alive(entry):
+        vm.undefine(names, entry.get("pool", ""))
+    vm.stop_libvirt(entry)
+    work = Path(entry.get("work", "")) if entry.get("work") else None
+    if work is not None:
+        strays = vm.qemu_pids(work)
+        procs.terminate(strays, lambda p: procs.cmdline_contains(p, "qemu-system"), grace_s=10)
+        shutil.rmtree(work, ignore_errors=True)
+    return names
 
 
 def _wait_booted(spec: LabSpec, paths: Paths, st: dict[str, Any], names: list[str]) -> None:
@@ -289,10 +345,51 @@ def status(spec: LabSpec, paths: Paths) -> dict[str, Any]:
                 "running": bmc.pid_alive(b.get("emulator_pid"), "sushy-emulator")
                 and bmc.pid_alive(b.get("notifier_pid"), "infra.lab.notifier"),
                 "password_file": str(paths.bmc_password)},
+        **({"vms": _vm_status(spec, st)} if spec.vms else {}),
         "ssh_config": str(spec.ssh_config),
         "known_hosts": str(spec.known_hosts),
         "keyrings": {k: str(v) for k, v in spec.keyrings.items()},
     }
+
+
+def _vm_status(spec: LabSpec, st: dict[str, Any]) -> dict[str, Any]:
+    """VM nodes: libvirt running, each domain's state, the VM BMC."""
+    entry = st.get("vm") or {}
+    libvirt_up = vm.libvirt_alive(entry)
+    return {
+        "libvirt": libvirt_up,
+        "bmc": {"url": f"http://{spec.vm_bmc.address}:{spec.vm_bmc.port}" if spec.vm_bmc else "",
+                "running": vm.bmc_alive(entry.get("bmc_pid"))},
+        "nodes": [{"name": v.name, "segment": v.segment, "address": str(v.address.ip), "mac": v.mac,
+                   "domain": vm.domain_state(v.name) if libvirt_up else "no libvirtd"} for v in spec.vms],
+    }
+
+
+def publish_image(spec: LabSpec, paths: Paths, out: Path, name: str) -> list[Path]:
+    """Put a `gpufleet image build` output on every serving host's file store, where the lock's URLs point.
+
+    `files/provision/{images/<name>.img,.json, deploy/vmlinuz, deploy/initrd.img}` under the host's /srv/gpufleet
+    (the mirror's file store; the outside world's is a connected segment's `provisioning.files_url`). Hard links
+    when on one file system (the image is ~700 MiB), else copies. Returns the published paths.
+    """
+    rels = [f"images/{name}.img", f"images/{name}.json", "deploy/vmlinuz", "deploy/initrd.img"]
+    done = []
+    for h in spec.hosts:
+        if not h.serves:
+            continue
+        for rel in rels:
+            src, dst = out / rel, paths.srv_dir / h.name / "files" / "provision" / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dst.with_name(f".{dst.name}.tmp")
+            tmp.unlink(missing_ok=True)
+            try:
+                os.link(src, tmp)
+            except OSError:
+                shutil.copyfile(src, tmp)
+            tmp.chmod(0o644)
+            os.replace(tmp, dst)  # a provisioning host fetching now sees the old file or the new one
+            done.append(dst)
+    return done
 
 
 def down(paths: Paths) -> dict[str, Any]:
@@ -300,6 +397,7 @@ def down(paths: Paths) -> dict[str, Any]:
     t0 = time.monotonic()
     with lab_state.locked(paths):
         st = lab_state.load(paths) or {}
+        vms = _vms_down(st)
         bmc.stop(st.get("bmc") or {})
         _stop_strays_bmc(paths)
         pids = {n: e.get("pid") for n, e in st.get("hosts", {}).items() if e.get("pid")}
@@ -320,7 +418,10 @@ def down(paths: Paths) -> dict[str, Any]:
         for name in st.get("bridges", []):
             network.delete_bridge(name)
         lab_state.clear(paths)
-    return {"down": True, "seconds": round(time.monotonic() - t0, 2), "hosts_stopped": sorted(names)}
+    result: dict[str, Any] = {"down": True, "seconds": round(time.monotonic() - t0, 2), "hosts_stopped": sorted(names)}
+    if vms:
+        result["vms_removed"] = sorted(vms)
+    return result
 
 
 def _stop_strays_bmc(paths: Paths) -> None:

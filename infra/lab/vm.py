@@ -22,13 +22,14 @@ import shutil
 import socket
 import subprocess
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
-from infra.lab.config import gpus_json
+from infra import procs
+from infra.lab.config import LabVm, gpus_json, vm_uuid
 from infra.lab.hosts import CAPABILITIES_FACT
 from infra.lab.sh import LabCommandError
 from infra.lab.standins import DESCRIPTION, StandIn, build_deb
@@ -49,8 +50,6 @@ VM_PACKAGES = {
 _NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 _SERIAL = re.compile(r"^[A-Za-z0-9._-]{1,20}$")
-#: Namespace of the domains' UUIDs: the same node name always gets the same UUID (its BMC system id).
-_UUID_NS = uuid.UUID("6a1c1d0e-2b5f-4c49-9a53-8f0d3c2e7a10")
 
 DOMAIN_XML = """<domain type='qemu'>
   <name>{name}</name>
@@ -92,7 +91,13 @@ class VmNode:
     @property
     def uuid(self) -> str:
         """The domain's UUID, derived from its name: also its Redfish system id."""
-        return str(uuid.uuid5(_UUID_NS, self.name))
+        return vm_uuid(self.name)
+
+    @classmethod
+    def of(cls, v: LabVm) -> VmNode:
+        """The domain of a lab stack's VM node (`gpufleet:lab.vm_nodes`)."""
+        return cls(name=v.name, mac=v.mac, bridge=v.bridge, disk_serial=v.disk_serial, disk_gib=v.disk_gib,
+                   memory_mib=v.memory_mib)
 
     def domain_xml(self, disk: Path, console: Path) -> str:
         """The libvirt domain XML: persistent boot order disk first (the operator guidance for real servers)."""
@@ -229,6 +234,152 @@ def nodes(work: Path, vms: list[VmNode]) -> Iterator[dict[str, Path]]:
             virsh("destroy", vm.name, check=False)
             virsh("undefine", vm.name, check=False)
         virsh("pool-destroy", pool, check=False)
+
+
+# ---- VM nodes of a lab stack (`gpufleet lab up`): the same pieces, as detached processes the lab's state records,
+# so they outlive the `lab up` command and `lab down` stops them by PID.
+
+LIBVIRTD_NEEDLE = "libvirtd"
+VIRTLOGD_NEEDLE = "virtlogd"
+SUSHY_NEEDLE = "sushy-emulator"
+
+
+def _spawn(argv: list[str], log: Path) -> int:
+    with log.open("ab") as f:
+        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
+                                start_new_session=True).pid
+
+
+def start_libvirt(work: Path) -> dict[str, int]:
+    """Start virtlogd + libvirtd as `libvirt()` runs them, but detached (own session); returns their PIDs.
+
+    Raises:
+        LabCommandError: libvirtd did not answer within 30 s (both are stopped again).
+
+    """
+    etc = work / "etc-libvirt"
+    shutil.rmtree(etc, ignore_errors=True)
+    (etc / "qemu").mkdir(parents=True)
+    (etc / "qemu.conf").write_text('user = "root"\ngroup = "root"\nremember_owner = 0\n')
+    for d in ("/var/log/libvirt", "/run/libvirt"):
+        os.makedirs(d, exist_ok=True)
+    pids = {"virtlogd_pid": _spawn(["virtlogd"], work / "virtlogd.log")}
+    # `unshare` execs sh, which execs libvirtd: the PID is libvirtd's.
+    pids["libvirtd_pid"] = _spawn(["unshare", "-m", "sh", "-c", f"mount --bind {etc} /etc/libvirt && exec libvirtd"],
+                                  work / "libvirtd.log")
+    if not _wait(lambda: virsh("version", check=False).returncode == 0, 30):
+        stop_libvirt(pids)
+        raise LabCommandError(f"libvirtd did not answer in 30 s; see {work / 'libvirtd.log'}")
+    return pids
+
+
+def libvirt_alive(pids: dict[str, int]) -> bool:
+    """Are the recorded libvirtd and virtlogd still running."""
+    return procs.cmdline_contains(pids.get("libvirtd_pid"), LIBVIRTD_NEEDLE) and \
+        procs.cmdline_contains(pids.get("virtlogd_pid"), VIRTLOGD_NEEDLE)
+
+
+def stop_libvirt(pids: dict[str, int]) -> None:
+    """Stop libvirtd, then virtlogd (by PID, each checked against its command line)."""
+    for key, needle in (("libvirtd_pid", LIBVIRTD_NEEDLE), ("virtlogd_pid", VIRTLOGD_NEEDLE)):
+        pid = pids.get(key)
+        if pid:
+            procs.terminate([pid], partial(_runs, needle), grace_s=15)
+
+
+def _runs(needle: str, pid: int) -> bool:
+    return procs.cmdline_contains(pid, needle)
+
+
+def pool_name(stack: str) -> str:
+    """The lab's transient storage pool over its VM directory (sushy's libvirt driver finds disks through it)."""
+    return f"gpfl-{stack}-pool"[:60]
+
+
+def define(work: Path, vms: list[VmNode], pool: str) -> dict[str, Path]:
+    """Define the VM nodes that are not defined yet (blank sparse disk when it has none); name → console log.
+
+    Idempotent: a defined domain and an existing disk are kept (a second `lab up` must not wipe an installed
+    node), so only a node `lab down` removed starts blank again.
+    """
+    if virsh("pool-info", pool, check=False).returncode != 0:
+        virsh("pool-create-as", pool, "dir", "--target", str(work))
+    consoles = {}
+    for vm in vms:
+        disk = work / f"{vm.name}.raw"
+        consoles[vm.name] = work / f"{vm.name}.console.log"
+        if virsh("dominfo", vm.name, check=False).returncode == 0:
+            continue
+        if not disk.exists():
+            with disk.open("wb") as f:
+                f.truncate(vm.disk_gib << 30)
+        xml = work / f"{vm.name}.xml"
+        xml.write_text(vm.domain_xml(disk, consoles[vm.name]))
+        virsh("define", str(xml))
+    return consoles
+
+
+def undefine(names: list[str], pool: str) -> None:
+    """Power off and undefine the domains, drop the pool (each step tolerates what is already gone)."""
+    for name in names:
+        virsh("destroy", name, check=False)
+        virsh("undefine", name, check=False)
+    virsh("pool-destroy", pool, check=False)
+
+
+def domain_state(name: str) -> str:
+    """`virsh domstate` of a domain (`running`, `shut off`, …), or `undefined`."""
+    p = virsh("domstate", name, check=False)
+    return p.stdout.strip() if p.returncode == 0 else "undefined"
+
+
+def qemu_pids(work: Path) -> list[int]:
+    """QEMU processes running a disk of `work` (left by a libvirtd that died before destroying its domains)."""
+    return [p for p in procs.pids_mentioning(str(work) + "/") if procs.cmdline_contains(p, "qemu-system")]
+
+
+def sushy_config(nodes: list[VmNode], address: str, port: int, auth_file: Path | None) -> str:
+    """sushy-emulator's configuration (Python syntax): libvirt driver, only these domains, basic auth if given."""
+    lines = [
+        "# Written by gpufleet: Redfish BMC of the lab's VM nodes (sushy-tools, libvirt driver).",
+        f"SUSHY_EMULATOR_LISTEN_IP = {address!r}",
+        f"SUSHY_EMULATOR_LISTEN_PORT = {int(port)}",
+        "SUSHY_EMULATOR_LIBVIRT_URI = 'qemu:///system'",
+        f"SUSHY_EMULATOR_ALLOWED_INSTANCES = {[n.uuid for n in nodes]!r}",
+    ]
+    if auth_file is not None:
+        lines.append(f"SUSHY_EMULATOR_AUTH_FILE = {str(auth_file)!r}")
+    return "\n".join(lines) + "\n"
+
+
+def start_bmc(work: Path, nodes: list[VmNode], address: str, port: int, auth_file: Path | None,
+              auth: tuple[str, str] | None = None) -> int:
+    """Start the VM nodes' sushy-emulator (libvirt driver) detached on address:port; returns its PID.
+
+    Raises:
+        LabCommandError: it did not answer within 30 s (it is stopped again).
+
+    """
+    conf = work / "sushy.conf"
+    conf.write_text(sushy_config(nodes, address, port, auth_file))
+    pid = _spawn([str(sushy_exe()), "--config", str(conf)], work / "sushy.log")
+    probe = ["curl", "-sf", *(["-u", f"{auth[0]}:{auth[1]}"] if auth else []),
+             f"http://{address}:{port}/redfish/v1/Systems"]
+    if not _wait(lambda: subprocess.run(probe, capture_output=True, check=False).returncode == 0, 30):
+        stop_bmc(pid)
+        raise LabCommandError(f"sushy-emulator (libvirt) did not answer in 30 s; see {work / 'sushy.log'}")
+    return pid
+
+
+def bmc_alive(pid: int | None) -> bool:
+    """Is the recorded VM BMC still running."""
+    return procs.cmdline_contains(pid, SUSHY_NEEDLE)
+
+
+def stop_bmc(pid: int | None) -> None:
+    """Stop the VM BMC (by PID, checked against its command line)."""
+    if pid:
+        procs.terminate([pid], lambda p: procs.cmdline_contains(p, SUSHY_NEEDLE), grace_s=10)
 
 
 def boot_order(name: str) -> str:
