@@ -1,0 +1,243 @@
+"""VM nodes in a lab stack: `gpufleet lab up`, `provision converge` on nspawn hosts, `gpufleet rebuild` (the CLI).
+
+The VM lab (tests/lab/data/Pulumi.labvm.yaml, its own state directory /var/lib/gpufleet/labvm beside the shared
+lab) has two segments, each with one blank libvirt/QEMU VM node behind sushy-tools' libvirt BMC:
+
+- `vmconn` (connected): packages from the outside world's signed repository (`sources`); provisioned from the
+  nspawn **node** labvm-gpu01, which fetches the image from the outside world's file store (`files_url`);
+- `vmgap` (air-gapped): provisioned from its nspawn **mirror** labvm-mirror, which fetches the image from its own
+  file store and installs dnsmasq/iPXE from its own repository.
+
+Everything between the stack and the validated node is the product, run as the operator runs it:
+
+1. `gpufleet lab up --stack-file COPY` (the stack copied into a work directory, with the lab controller's public key
+   as `admin_keys`: the VM nodes' first-boot data installs it for root) — nspawn hosts, bridges, both BMCs,
+   libvirtd and the two domains with blank disks;
+2. `gpufleet lock` (the lab's repositories are up now; it keeps the image the build recorded) and the image
+   published on the serving hosts' file stores (where the lock's URLs point);
+3. `gpufleet converge --node labvm-gpu01` (a node keeps the apt sources `base` manages), then `gpufleet provision
+   converge`: roles/provisioning over SSH on labvm-gpu01 and labvm-mirror;
+4. `gpufleet rebuild --node <vm> --yes` for both VM nodes at once: arms the install **over SSH on the segment's
+   provisioning host**, BMC one-time PXE → SeaBIOS → iPXE → deploy ramdisk (image written and checked against the
+   lock's sha256) → disk → SSH with the key store's pinned key → `converge` → `validate-node` → fingerprint;
+5. a second `gpufleet rebuild` of the installed connected node: fingerprint identical, same host key, known_hosts
+   byte-identical, a file written in between is gone.
+
+The image (`gpufleet image build` of the product's package set, the lab node base's and `vm.declarations`) is built
+before the lab comes up, into a lock skeleton that `gpufleet lock` completes; GPUFLEET_LABVM_IMAGE_DIR names the
+directory of an earlier build (`out/` + `images.lock.json`) to reuse it, e.g. built outside the locks:
+
+    .venv/bin/python -c 'from tests.lab.test_labvm import build_image; build_image()'
+    GPUFLEET_LABVM_IMAGE_DIR=/var/cache/gpufleet/labvm-image \\
+      flock /tmp/gpufleet-lab.lock flock /tmp/gpufleet-vm.lock .venv/bin/pytest -m lab -s tests/lab/test_labvm.py
+
+Under both locks: the lab lock (nspawn hosts, shared caches) and the VM lock (libvirtd's /run/libvirt is global).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from infra.bundle.lock import Lock, lock_path_for
+from infra.lab import lab as lab_mod
+from infra.lab import vm
+from infra.lab.config import STATE_ENV, Paths, lab_spec
+from infra.model.load import load_site, project_dir
+from infra.provision.image import DEFAULT_PACKAGES
+from tests.lab.image_fixtures import REPO, make_repo, need_build_tools
+from tests.lab.labtools import lab_debs
+from tests.lab.test_vm_converge_lab import _installed
+from tests.lab.test_vm_node_lab import need_vm_host
+
+pytestmark = pytest.mark.lab
+
+ROOT = Path(__file__).resolve().parents[2]
+TEMPLATE = ROOT / "tests" / "lab" / "data" / "Pulumi.labvm.yaml"
+STATE = Path("/var/lib/gpufleet/labvm")
+IMAGE_DIR = Path(os.environ.get("GPUFLEET_LABVM_IMAGE_DIR", "/var/cache/gpufleet/labvm-image"))
+IMAGE = "debian-12-vmnode"
+CONNECTED, AIRGAPPED = "labvm-vm01", "labvm-vm02"
+PROVISIONING_NODE = "labvm-gpu01"
+STEPS = ["preflight", "fingerprint-before", "bmc-reimage", "converge", "validate", "fingerprint-after"]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, STATE_ENV: str(STATE)}
+
+
+def cli(*args: str, timeout: float = 1800) -> subprocess.CompletedProcess[str]:
+    """`gpufleet ARGS` with the VM lab's state directory."""
+    return subprocess.run([sys.executable, "-m", "infra.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=project_dir(), env=_env(), check=False)
+
+
+def build_image(dest: Path = IMAGE_DIR) -> Path:
+    """`gpufleet image build` of the VM image into dest/out, recorded in dest/images.lock.json; returns dest.
+
+    The package set is the product's, plus every package of the lab's node base (the lab's seed closure was
+    computed against it), plus the clearly labelled declarations package for the stack's VM nodes. Its lock is a
+    skeleton for the stack's site: `gpufleet lock` completes it once the lab's repositories are up, keeping the image.
+    """
+    need_build_tools()
+    os.environ.setdefault(STATE_ENV, str(STATE))  # lab_debs unpacks the lab's bases into this lab's state dir
+    _, base = lab_debs()
+    packages = list(dict.fromkeys([*DEFAULT_PACKAGES, *_installed(base / "var/lib/dpkg/status")]))
+    make_repo(packages)
+    merged = dest / "repo"
+    shutil.rmtree(merged, ignore_errors=True)
+    (merged / "pool").mkdir(parents=True)
+    for deb in (REPO / "pool").glob("*.deb"):
+        os.link(deb, merged / "pool" / deb.name)
+    site = load_site(path=TEMPLATE)
+    vm.declarations_deb(site, [CONNECTED, AIRGAPPED], merged / "pool", dest / "decl-work")
+    index = subprocess.run(["dpkg-scanpackages", "--multiversion", "pool"], cwd=merged, check=True,
+                           capture_output=True, timeout=300).stdout
+    (merged / "Packages").write_bytes(index)
+    lock = dest / "images.lock.json"
+    lock.write_text(Lock(site=site.name, declared=[], artifacts=[]).to_json(), encoding="utf-8")
+    shutil.rmtree(dest / "out", ignore_errors=True)
+    res = subprocess.run(
+        [sys.executable, "-m", "infra.cli", "image", "build", IMAGE, "--repo", f"copy://{merged}", "--out",
+         str(dest / "out"), "--packages", ",".join([*packages, vm.DECLARATIONS_PACKAGE]), "--lock", str(lock),
+         "--segment", "vmconn", "--segment", "vmgap"],
+        capture_output=True, text=True, timeout=1800, cwd=project_dir(), check=False,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout + res.stderr
+    print(res.stdout)  # size and build time: reported, never asserted
+    return dest
+
+
+def _stack_copy(work: Path, paths: Paths) -> Path:
+    """The VM lab stack in `work`, with the lab controller's key as admin_keys (made per machine)."""
+    raw = yaml.safe_load(TEMPLATE.read_text(encoding="utf-8"))
+    raw["config"]["gpufleet:site"]["admin_keys"] = [lab_mod.controller_key(paths)]
+    stack = work / "Pulumi.labvm.yaml"
+    stack.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
+    return stack
+
+
+def _ok(p: subprocess.CompletedProcess[str], what: str) -> None:
+    assert p.returncode == 0, f"{what}: exit {p.returncode}\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}"
+
+
+@pytest.fixture(scope="module")
+def labvm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """The VM lab up, its lock complete, the image published, both provisioning hosts converged."""
+    need_vm_host("ssh", "nft", "dpkg-scanpackages", "gpg", "curl")
+    try:
+        lab_mod.check_prerequisites(install=True)
+    except lab_mod.LabUnavailable as exc:
+        pytest.skip(f"lab unavailable: {exc}")
+    paths = Paths(state=STATE)
+    images = IMAGE_DIR if (IMAGE_DIR / "images.lock.json").is_file() and (IMAGE_DIR / "out").is_dir() else None
+    t0 = time.monotonic()
+    images = images or build_image()
+    timings = {"image_build_s": round(time.monotonic() - t0, 1)}
+    work = tmp_path_factory.mktemp("labvm")
+    stack = _stack_copy(work, paths)
+    shutil.copyfile(images / "images.lock.json", lock_path_for(stack))
+    spec = lab_spec("labvm", stack)
+    _ok(cli("lab", "down", "--json"), "lab down (before)")
+    try:
+        t0 = time.monotonic()
+        up = cli("lab", "up", "--stack-file", str(stack), "--json", timeout=1200)
+        _ok(up, "lab up")
+        timings["lab_up_s"] = round(time.monotonic() - t0, 1)
+        status = json.loads(up.stdout)
+        assert [v["domain"] for v in status["vms"]["nodes"]] == ["shut off", "shut off"], status["vms"]
+        assert status["vms"]["bmc"]["running"] and status["vms"]["libvirt"], status["vms"]
+        _ok(cli("lock", "--stack-file", str(stack), timeout=600), "gpufleet lock")
+        lock = Lock.from_json(lock_path_for(stack).read_text(encoding="utf-8"))
+        assert [i.name for i in lock.os_images] == [IMAGE]  # `gpufleet lock` kept the build
+        lab_mod.publish_image(spec, paths, images / "out", IMAGE)
+        t0 = time.monotonic()
+        _ok(cli("converge", "--stack-file", str(stack), "--node", PROVISIONING_NODE, "--json"), "converge")
+        timings["provisioning_node_converge_s"] = round(time.monotonic() - t0, 1)
+        t0 = time.monotonic()
+        prov = cli("provision", "converge", "--stack-file", str(stack), "--json")
+        _ok(prov, "provision converge")
+        timings["provision_converge_s"] = round(time.monotonic() - t0, 1)
+        report = json.loads(prov.stdout)
+        assert {h: r["succeeded"] for h, r in report["hosts"].items()} == {PROVISIONING_NODE: True,
+                                                                            "labvm-mirror": True}, report
+        yield {"stack": stack, "work": work, "paths": paths, "spec": spec, "lock": lock, "timings": timings,
+               "installed": {}}
+    finally:
+        down = cli("lab", "down", "--json")
+        print(json.dumps(timings))
+        _ok(down, "lab down")
+
+
+def _rebuild(labvm: dict[str, Any], name: str) -> tuple[dict[str, Any], float]:
+    """`gpufleet rebuild --node NAME --yes` (the CLI): its JSON report and wall seconds."""
+    t0 = time.monotonic()
+    p = cli("rebuild", "--stack-file", str(labvm["stack"]), "--node", name, "--yes", "--json",
+            "--keys", str(labvm["work"] / "keys"), "--records", str(labvm["work"] / "records"), timeout=2400)
+    seconds = time.monotonic() - t0
+    assert p.stdout.strip().startswith("{"), f"{name}: exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
+    report: dict[str, Any] = json.loads(p.stdout)
+    report["rc"] = p.returncode
+    print(name, json.dumps({k: v for k, v in report.items() if k != "fingerprint"})[:6000], flush=True)
+    return report, seconds
+
+
+def _ssh(labvm: dict[str, Any], name: str, command: str) -> str:
+    p = subprocess.run(["ssh", "-F", str(labvm["spec"].ssh_config), name, command], capture_output=True, text=True,
+                       timeout=60, check=False)
+    assert p.returncode == 0, (name, command, p.stderr)
+    return p.stdout.strip()
+
+
+def _install(labvm: dict[str, Any], names: list[str]) -> None:
+    """The first `gpufleet rebuild` of each blank node not installed yet in this session, all at once."""
+    todo = [n for n in names if n not in labvm["installed"]]
+    with ThreadPoolExecutor(max_workers=max(1, len(todo))) as pool:
+        for name, result in zip(todo, pool.map(lambda n: _rebuild(labvm, n), todo), strict=True):
+            labvm["installed"][name] = result
+
+
+def test_blank_vm_nodes_are_installed_and_validated_by_the_rebuild_cli(labvm: dict[str, Any]) -> None:
+    _install(labvm, [CONNECTED, AIRGAPPED])
+    sha = labvm["lock"].os_images[0].sha256
+    known = labvm["spec"].known_hosts.read_text(encoding="utf-8")
+    for name in (CONNECTED, AIRGAPPED):
+        report, seconds = labvm["installed"][name]
+        assert report["rc"] == 0 and report["ok"] and report["failed_step"] == "", (name, report["message"])
+        assert report["baseline"] == "none", report  # a blank node: nothing to compare with
+        assert [s["step"] for s in report["steps"]] == STEPS
+        assert report["drift"] == []
+        console = (labvm["paths"].vm_dir / f"{name}.console.log").read_text(errors="replace")
+        assert f"written bytes verified: sha256 {sha}" in console
+        # The key the node answers with is the store's, pinned before the install (never read from the wire).
+        pub = (labvm["work"] / "keys" / name / "ssh_host_ed25519_key.pub").read_text().split()[1]
+        assert pub in known
+        assert len(json.loads(_ssh(labvm, name, "cat /etc/gpufleet-lab/gpus.json"))["gpus"]) == 2  # from the image
+        print(json.dumps({f"{name}_blank_to_validated_s": round(seconds, 1),
+                          "steps": {s["step"]: s["seconds"] for s in report["steps"]}}))
+    assert "gpufleet" in _ssh(labvm, AIRGAPPED, "nft list tables")  # the air-gapped node's egress firewall
+
+
+def test_rebuild_of_an_installed_vm_node_is_identical(labvm: dict[str, Any]) -> None:
+    _install(labvm, [CONNECTED])
+    assert labvm["installed"][CONNECTED][0]["ok"], labvm["installed"][CONNECTED][0]["message"]
+    _ssh(labvm, CONNECTED, "touch /root/written-after-install")
+    known_before = labvm["spec"].known_hosts.read_bytes()
+    report, seconds = _rebuild(labvm, CONNECTED)
+    assert report["rc"] == 0 and report["ok"], report["message"]
+    assert report["baseline"] == "live" and report["identical"] is True and report["differences"] == []
+    assert labvm["spec"].known_hosts.read_bytes() == known_before
+    assert _ssh(labvm, CONNECTED, "ls /root/written-after-install 2>/dev/null || echo gone") == "gone"
+    print(json.dumps({"rebuild_identical_s": round(seconds, 1),
+                      "steps": {s["step"]: s["seconds"] for s in report["steps"]}}))
