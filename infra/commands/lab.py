@@ -69,6 +69,11 @@ def _render(d: dict[str, Any]) -> str:
     out.append(f"firewall: nft table {'present' if d['nft_table'] else 'MISSING'}; ip_forward={d['ip_forward']}")
     out.append(f"BMC: {d['bmc']['url']} ({'running' if d['bmc']['running'] else 'NOT running'}), "
                f"user admin, password in {d['bmc']['password_file']}")
+    if "vms" in d:
+        v = d["vms"]
+        out.append("VM nodes: " + ", ".join(f"{n['name']} {n['address']} ({n['domain']})" for n in v["nodes"])
+                   + f"; libvirtd {'running' if v['libvirt'] else 'NOT running'}; BMC {v['bmc']['url']} "
+                   f"({'running' if v['bmc']['running'] else 'NOT running'})")
     out.append(f"ssh: ssh -F {d['ssh_config']} HOST")
     if d.get("stack_changed"):
         out.append("WARNING: the stack file changed since `lab up`; run `gpufleet lab down` and `up` to follow it")
@@ -113,6 +118,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     result = lab.status(spec, Paths.from_env())
     emit(args.json, result, _render)
     healthy = result["up"] and all(h["ssh"] or h["bmc_off"] for h in result["hosts"]) and result["nft_table"]
+    if "vms" in result:  # VM nodes may be off (blank, or powered off through their BMC): their daemons must run
+        healthy = healthy and result["vms"]["libvirt"] and result["vms"]["bmc"]["running"]
     return Exit.OK if healthy else Exit.FAILED
 
 

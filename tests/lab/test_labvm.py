@@ -13,8 +13,10 @@ Everything between the stack and the validated node is the product, run as the o
 1. `gpufleet lab up --stack-file COPY` (the stack copied into a work directory, with the lab controller's public key
    as `admin_keys`: the VM nodes' first-boot data installs it for root) — nspawn hosts, bridges, both BMCs,
    libvirtd and the two domains with blank disks;
-2. `gpufleet lock` (the lab's repositories are up now; it keeps the image the build recorded) and the image
-   published on the serving hosts' file stores (where the lock's URLs point);
+2. the image published on the serving hosts' file stores (where the lock's URLs point). The lock is the one
+   `gpufleet image build --lock` wrote into a skeleton for the site: its `os_images` entry and `os-image` files are
+   all that `validate`, `provision converge` and `rebuild` read from it (`gpufleet lock`, which would resolve the
+   rest against the lab's repositories and keep the image, is not run: it is not needed and would cost the hold);
 3. `gpufleet converge --node labvm-gpu01` (a node keeps the apt sources `base` manages), then `gpufleet provision
    converge`: roles/provisioning over SSH on labvm-gpu01 and labvm-mirror;
 4. `gpufleet rebuild --node <vm> --yes` for both VM nodes at once: arms the install **over SSH on the segment's
@@ -24,7 +26,7 @@ Everything between the stack and the validated node is the product, run as the o
    byte-identical, a file written in between is gone.
 
 The image (`gpufleet image build` of the product's package set, the lab node base's and `vm.declarations`) is built
-before the lab comes up, into a lock skeleton that `gpufleet lock` completes; GPUFLEET_LABVM_IMAGE_DIR names the
+before the lab comes up, into that lock skeleton; GPUFLEET_LABVM_IMAGE_DIR names the
 directory of an earlier build (`out/` + `images.lock.json`) to reuse it, e.g. built outside the locks:
 
     .venv/bin/python -c 'from tests.lab.test_labvm import build_image; build_image()'
@@ -88,11 +90,20 @@ def build_image(dest: Path = IMAGE_DIR) -> Path:
 
     The package set is the product's, plus every package of the lab's node base (the lab's seed closure was
     computed against it), plus the clearly labelled declarations package for the stack's VM nodes. Its lock is a
-    skeleton for the stack's site: `gpufleet lock` completes it once the lab's repositories are up, keeping the image.
+    skeleton for the stack's site holding only the image (what the CLIs the test runs read from a lock).
     """
     need_build_tools()
-    os.environ.setdefault(STATE_ENV, str(STATE))  # lab_debs unpacks the lab's bases into this lab's state dir
-    _, base = lab_debs()
+    # lab_debs unpacks the lab's bases into the state dir it is given: this lab's, never the shared lab's (and the
+    # variable is put back, so other lab tests of the session keep theirs).
+    before = os.environ.get(STATE_ENV)
+    os.environ[STATE_ENV] = str(STATE)
+    try:
+        _, base = lab_debs()
+    finally:
+        if before is None:
+            del os.environ[STATE_ENV]
+        else:
+            os.environ[STATE_ENV] = before
     packages = list(dict.fromkeys([*DEFAULT_PACKAGES, *_installed(base / "var/lib/dpkg/status")]))
     make_repo(packages)
     merged = dest / "repo"
@@ -158,9 +169,8 @@ def labvm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         status = json.loads(up.stdout)
         assert [v["domain"] for v in status["vms"]["nodes"]] == ["shut off", "shut off"], status["vms"]
         assert status["vms"]["bmc"]["running"] and status["vms"]["libvirt"], status["vms"]
-        _ok(cli("lock", "--stack-file", str(stack), timeout=600), "gpufleet lock")
         lock = Lock.from_json(lock_path_for(stack).read_text(encoding="utf-8"))
-        assert [i.name for i in lock.os_images] == [IMAGE]  # `gpufleet lock` kept the build
+        assert [i.name for i in lock.os_images] == [IMAGE]
         lab_mod.publish_image(spec, paths, images / "out", IMAGE)
         t0 = time.monotonic()
         _ok(cli("converge", "--stack-file", str(stack), "--node", PROVISIONING_NODE, "--json"), "converge")

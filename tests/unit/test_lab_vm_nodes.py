@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from infra.lab import bmc, hosts, vm
+from infra.lab import lab as lab_mod
 from infra.lab.config import LAB_KEY, LabConfigError, Paths, bridge_name, lab_spec, spec_digest, vm_uuid
 from infra.lab.network import render_ruleset
 from infra.model.load import load_site, stack_path
@@ -195,3 +196,29 @@ def test_a_vm_address_used_twice_is_refused(tmp_path: Path) -> None:
 def test_the_main_lab_stack_has_no_vm_nodes() -> None:
     spec = lab_spec("lab", stack_path("lab"))
     assert spec.vms == () and spec.vm_bmc is None
+
+
+def test_an_image_build_is_published_where_the_lock_urls_point_on_every_serving_host(tmp_path: Path) -> None:
+    spec = lab_spec("labvm", TEMPLATE)
+    out = tmp_path / "out"
+    rels = ["images/img.img", "images/img.json", "deploy/vmlinuz", "deploy/initrd.img"]
+    for i, rel in enumerate(rels):
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_text(f"content {i}")
+    paths = Paths(state=tmp_path / "state")
+    published = lab_mod.publish_image(spec, paths, out, "img")
+    servers = [h.name for h in spec.hosts if h.serves]
+    assert sorted(servers) == ["labvm-mirror", "labvm-upstream"]
+    assert sorted(published) == sorted(paths.srv_dir / s / "files" / "provision" / r for s in servers for r in rels)
+    for p in published:
+        rel = str(p.relative_to(p.parents[1]))  # …/files/provision/<dir>/<file> → <dir>/<file>
+        assert p.read_text() == (out / rel).read_text()
+        assert p.stat().st_mode & 0o777 == 0o644
+    # A second publication replaces the files (a rebuilt image), leaving no temporary file behind.
+    (out / "deploy/vmlinuz").unlink()
+    (out / "deploy/vmlinuz").write_text("new kernel")
+    lab_mod.publish_image(spec, paths, out, "img")
+    for s in servers:
+        deploy = paths.srv_dir / s / "files" / "provision" / "deploy"
+        assert (deploy / "vmlinuz").read_text() == "new kernel"
+        assert sorted(x.name for x in deploy.iterdir()) == ["initrd.img", "vmlinuz"]
