@@ -380,6 +380,9 @@ def publish_image(spec: LabSpec, paths: Paths, out: Path, name: str) -> list[Pat
         for rel in rels:
             src, dst = out / rel, paths.srv_dir / h.name / "files" / "provision" / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
+            done.append(dst)
+            if dst.exists() and dst.samefile(src):
+                continue  # already this build (rename(2) of two links to one file would do nothing, leaving tmp)
             tmp = dst.with_name(f".{dst.name}.tmp")
             tmp.unlink(missing_ok=True)
             try:
@@ -388,7 +391,6 @@ def publish_image(spec: LabSpec, paths: Paths, out: Path, name: str) -> list[Pat
                 shutil.copyfile(src, tmp)
             tmp.chmod(0o644)
             os.replace(tmp, dst)  # a provisioning host fetching now sees the old file or the new one
-            done.append(dst)
     return done
 
 
