@@ -391,8 +391,13 @@ def vm_nodes(site: Site, lab: dict[str, Any], bmc_port: int) -> tuple[list[LabVm
     elif port in (bmc_port, bmc_port + 1):
         problems.append(Problem(f"{lw}.port", f"{port} is the nspawn nodes' BMC or its notifier",
                                 f"pick a port other than {bmc_port} and {bmc_port + 1}"))
-    if not _is_loopback(address):
-        problems.append(Problem(f"{lw}.address", f"{address} is not loopback", "the VM BMC listens on 127.0.0.1 only"))
+    try:
+        loopback = IPv4Address(address).is_loopback
+    except ValueError:
+        loopback = False  # a name (even `localhost`) is not what sushy binds: an IPv4 literal
+    if not loopback:
+        problems.append(Problem(f"{lw}.address", f"{address!r} is not a loopback IPv4 address",
+                                "the VM BMC listens on 127.0.0.1 only"))
     url = f"http://{address}:{port}"
     vms: list[LabVm] = []
     seen: set[str] = set()

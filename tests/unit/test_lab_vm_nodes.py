@@ -180,6 +180,9 @@ def _entry(i: int, **changes: Any) -> Callable[[dict[str, Any], dict[str, Any]],
     (_lab(vm_bmc_listen={"address": "127.0.0.1"}), f"{LAB_KEY}.vm_bmc_listen.port"),
     (_lab(vm_bmc_listen={"address": "127.0.0.1", "port": 8011}), f"{LAB_KEY}.vm_bmc_listen.port"),
     (_lab(vm_bmc_listen={"address": "198.18.40.1", "port": 8012}), f"{LAB_KEY}.vm_bmc_listen.address"),
+    (_lab(vm_bmc_listen={"address": "localhost", "port": 8012}), f"{LAB_KEY}.vm_bmc_listen.address"),
+    (_lab(vm_bmc_listen={"address": "127.0.0.1'\nimport os", "port": 8012}), f"{LAB_KEY}.vm_bmc_listen.address"),
+    (_lab(vm_bmc_listen="127.0.0.1:8012"), f"{LAB_KEY}.vm_bmc_listen.port"),
 ])  # fmt: skip
 def test_a_malformed_vm_nodes_key_is_refused_with_its_path(
     tmp_path: Path, change: Callable[[dict[str, Any], dict[str, Any]], None], where: str
