@@ -24,6 +24,17 @@ def lab_debs() -> tuple[list[Path], Path]:
     return debs, bases["node"]
 
 
+def installed_packages(status: Path) -> list[str]:
+    """Names of the packages a dpkg status file lists as installed."""
+    names, name = [], ""
+    for line in status.read_text(encoding="utf-8").splitlines():
+        if line.startswith("Package: "):
+            name = line.split()[1]
+        elif line.startswith("Status: ") and line.endswith(" installed"):
+            names.append(name)
+    return names
+
+
 def reseed_mirror_unless(package: str) -> None:
     """Put the lab's own seed back on lab-mirror unless its repository already serves `package`.
 

@@ -22,8 +22,12 @@ Everything between the stack and the validated node is the product, run as the o
 4. `gpufleet rebuild --node <vm> --yes` for both VM nodes at once: arms the install **over SSH on the segment's
    provisioning host**, BMC one-time PXE → SeaBIOS → iPXE → deploy ramdisk (image written and checked against the
    lock's sha256) → disk → SSH with the key store's pinned key → `converge` → `validate-node` → fingerprint;
+   From its first DHCP request to validated, every IPv4 packet the air-gapped node sent went to its mirror (its
+   provisioning host), the DHCP broadcast, or back to the controller's SSH sessions (nft bridge counters by MAC);
 5. a second `gpufleet rebuild` of the installed connected node: fingerprint identical, same host key, known_hosts
-   byte-identical, a file written in between is gone.
+   byte-identical, a file written in between is gone;
+6. a driver change in the stack (570.133.20 → 570.124.06) and `gpufleet converge`: the VM reboots under the stack's
+   `if-required` policy, comes back with a new boot id, and `validate-node` passes with the new driver.
 
 The image (`gpufleet image build` of the product's package set, the lab node base's and `vm.declarations`) is built
 before the lab comes up, into that lock skeleton; GPUFLEET_LABVM_IMAGE_DIR names the
@@ -38,6 +42,7 @@ Under both locks: the lab lock (nspawn hosts, shared caches) and the VM lock (li
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -55,13 +60,12 @@ import yaml
 from infra.bundle.lock import Lock, lock_path_for
 from infra.lab import lab as lab_mod
 from infra.lab import vm
-from infra.lab.config import STATE_ENV, Paths, lab_spec
+from infra.lab.config import STATE_ENV, LabSpec, Paths, lab_spec
 from infra.model.load import load_site, project_dir
 from infra.provision.image import DEFAULT_PACKAGES
 from tests.lab.image_fixtures import REPO, make_repo, need_build_tools
-from tests.lab.labtools import lab_debs
-from tests.lab.test_vm_converge_lab import _installed
-from tests.lab.test_vm_node_lab import need_vm_host
+from tests.lab.labtools import installed_packages, lab_debs
+from tests.lab.test_vm_node_lab import _counted, need_vm_host
 
 pytestmark = pytest.mark.lab
 
@@ -72,6 +76,8 @@ IMAGE_DIR = Path(os.environ.get("GPUFLEET_LABVM_IMAGE_DIR", "/var/cache/gpufleet
 IMAGE = "debian-12-vmnode"
 CONNECTED, AIRGAPPED = "labvm-vm01", "labvm-vm02"
 PROVISIONING_NODE = "labvm-gpu01"
+FIRST_DRIVER, SECOND_DRIVER = "570.133.20", "570.124.06"  # both among the lab's stand-ins (infra/lab/standins.py)
+NFT_TABLE = "gpf_labvm_count"
 STEPS = ["preflight", "fingerprint-before", "bmc-reimage", "converge", "validate", "fingerprint-after"]
 
 
@@ -104,7 +110,7 @@ def build_image(dest: Path = IMAGE_DIR) -> Path:
             del os.environ[STATE_ENV]
         else:
             os.environ[STATE_ENV] = before
-    packages = list(dict.fromkeys([*DEFAULT_PACKAGES, *_installed(base / "var/lib/dpkg/status")]))
+    packages = list(dict.fromkeys([*DEFAULT_PACKAGES, *installed_packages(base / "var/lib/dpkg/status")]))
     make_repo(packages)
     merged = dest / "repo"
     shutil.rmtree(merged, ignore_errors=True)
@@ -139,6 +145,45 @@ def _stack_copy(work: Path, paths: Paths) -> Path:
     return stack
 
 
+@contextlib.contextmanager
+def _airgap_counters(spec: LabSpec) -> Iterator[None]:
+    """Bridge-level counters of every IPv4 packet the air-gapped VM node sends, by where it goes.
+
+    Allowed: its segment's mirror (also its provisioning host) and the DHCP broadcast; and the controller's SSH
+    sessions (replies from port 22 to the lab host's address on the bridge, which is the site's management path).
+    Anything else is counted as "elsewhere": the egress the air gap forbids.
+    """
+    node = next(n for n in spec.site.nodes if n.hostname == AIRGAPPED)
+    mac = node.macs[0]
+    mirror = next(m for m in spec.site.mirrors if m.segment == node.segment).address
+    controller = spec.bridge(node.segment).address.ip
+    ok = f"{{ {mirror}, 255.255.255.255 }}"
+    rules = (f"table bridge {NFT_TABLE} {{\n  chain pre {{\n"
+             "    type filter hook prerouting priority 0; policy accept;\n"
+             f'    ether saddr {mac} ip daddr {ok} counter comment "mirror"\n'
+             f'    ether saddr {mac} ip daddr {controller} tcp sport 22 counter comment "controller-ssh"\n'
+             f'    ether saddr {mac} ip daddr != {{ {mirror}, 255.255.255.255, {controller} }} counter '
+             'comment "elsewhere"\n'
+             f'    ether saddr {mac} ip daddr {controller} tcp sport != 22 counter comment "controller-not-ssh"\n'
+             f'    ether saddr {mac} ip daddr {controller} ip protocol != tcp counter comment "controller-not-tcp"\n'
+             "  }\n}\n")
+    subprocess.run(["nft", "delete", "table", "bridge", NFT_TABLE], capture_output=True, check=False)
+    subprocess.run(["nft", "-f", "-"], input=rules, text=True, check=True, capture_output=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["nft", "delete", "table", "bridge", NFT_TABLE], capture_output=True, check=False)
+
+
+def _write_driver(stack: Path, version: str) -> None:
+    """The stack copy with its profile's driver (and fabric manager, which must match it) at `version`."""
+    raw = yaml.safe_load(stack.read_text(encoding="utf-8"))
+    for profile in raw["config"]["gpufleet:site"]["profiles"].values():
+        profile["driver"]["version"] = version
+        profile["fabric_manager"]["version"] = version
+    stack.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
+
+
 def _ok(p: subprocess.CompletedProcess[str], what: str) -> None:
     assert p.returncode == 0, f"{what}: exit {p.returncode}\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}"
 
@@ -161,6 +206,7 @@ def labvm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     shutil.copyfile(images / "images.lock.json", lock_path_for(stack))
     spec = lab_spec("labvm", stack)
     _ok(cli("lab", "down", "--json"), "lab down (before)")
+    counters = contextlib.ExitStack()
     try:
         t0 = time.monotonic()
         up = cli("lab", "up", "--stack-file", str(stack), "--json", timeout=1200)
@@ -169,6 +215,7 @@ def labvm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         status = json.loads(up.stdout)
         assert [v["domain"] for v in status["vms"]["nodes"]] == ["shut off", "shut off"], status["vms"]
         assert status["vms"]["bmc"]["running"] and status["vms"]["libvirt"], status["vms"]
+        counters.enter_context(_airgap_counters(spec))  # before the blank node's first DHCP request
         lock = Lock.from_json(lock_path_for(stack).read_text(encoding="utf-8"))
         assert [i.name for i in lock.os_images] == [IMAGE]
         lab_mod.publish_image(spec, paths, images / "out", IMAGE)
@@ -185,6 +232,7 @@ def labvm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         yield {"stack": stack, "work": work, "paths": paths, "spec": spec, "lock": lock, "timings": timings,
                "installed": {}}
     finally:
+        counters.close()
         down = cli("lab", "down", "--json")
         print(json.dumps(timings))
         _ok(down, "lab down")
@@ -237,6 +285,11 @@ def test_blank_vm_nodes_are_installed_and_validated_by_the_rebuild_cli(labvm: di
         print(json.dumps({f"{name}_blank_to_validated_s": round(seconds, 1),
                           "steps": {s["step"]: s["seconds"] for s in report["steps"]}}))
     assert "gpufleet" in _ssh(labvm, AIRGAPPED, "nft list tables")  # the air-gapped node's egress firewall
+    # From its first DHCP request to validated, the air-gapped node reached its mirror and nothing else.
+    counts = _counted(NFT_TABLE)
+    print(json.dumps({"air_gapped_packets": counts}))
+    assert counts["mirror"] > 0, counts
+    assert counts["elsewhere"] == counts["controller-not-ssh"] == counts["controller-not-tcp"] == 0, counts
 
 
 def test_rebuild_of_an_installed_vm_node_is_identical(labvm: dict[str, Any]) -> None:
@@ -251,3 +304,27 @@ def test_rebuild_of_an_installed_vm_node_is_identical(labvm: dict[str, Any]) -> 
     assert _ssh(labvm, CONNECTED, "ls /root/written-after-install 2>/dev/null || echo gone") == "gone"
     print(json.dumps({"rebuild_identical_s": round(seconds, 1),
                       "steps": {s["step"]: s["seconds"] for s in report["steps"]}}))
+
+
+def test_a_driver_change_reboots_the_vm_node_under_the_reboot_policy(labvm: dict[str, Any]) -> None:
+    """570.133.20 → 570.124.06 (a downgrade: the pinned packages change, so the driver needs a reboot): the
+    nvidia_driver role reboots the VM under the stack's `if-required` policy, it comes back with a new boot id and
+    `validate-node` passes with the new driver."""
+    _install(labvm, [CONNECTED])
+    assert labvm["installed"][CONNECTED][0]["ok"], labvm["installed"][CONNECTED][0]["message"]
+    stack: Path = labvm["stack"]
+    boot_before = _ssh(labvm, CONNECTED, "cat /proc/sys/kernel/random/boot_id")
+    _write_driver(stack, SECOND_DRIVER)
+    try:
+        t0 = time.monotonic()
+        conv = cli("converge", "--stack-file", str(stack), "--node", CONNECTED, "--json", timeout=2400)
+        seconds = time.monotonic() - t0
+        _ok(conv, "converge (driver change)")
+        assert _ssh(labvm, CONNECTED, "cat /proc/sys/kernel/random/boot_id") != boot_before
+        _ok(cli("validate-node", "--stack-file", str(stack), "--node", CONNECTED, "--json", timeout=600),
+            "validate-node (new driver)")
+        assert _ssh(labvm, CONNECTED, "nvidia-smi --query-gpu=driver_version --format=csv,noheader").split() == [
+            SECOND_DRIVER, SECOND_DRIVER]
+        print(json.dumps({"driver_change_converge_with_reboot_s": round(seconds, 1)}))
+    finally:
+        _write_driver(stack, FIRST_DRIVER)
