@@ -14,7 +14,7 @@ from infra.commands.provision import stack_lock
 from infra.commands.site import add_stack_args, site_from_args
 from infra.console import Exit, emit, table
 from infra.dr.drift import NodeDrift, drift
-from infra.dr.provdrift import hosts_for, provisioning_drift
+from infra.dr.provdrift import NOT_CHECKED, hosts_for, provisioning_drift
 from infra.dr.steps import check_with_roles
 from infra.model.site import Site
 from infra.plan.node import NodePlan, plan_site
@@ -76,6 +76,8 @@ def _render_provisioning(d: dict[str, Any]) -> str:
         who = (h["hostname"], h["segment"])
         if h["status"] == "unreachable":
             rows.append((*who, "UNREACHABLE", h["error"]))
+        elif h["status"] == NOT_CHECKED:
+            rows.append((*who, h["status"], "a provisioning host is read by check mode only (--no-check)"))
         elif not h["items"]:
             rows.append((*who, h["status"], "" if h["check"] == "ran" else f"check {h['check']}"))
         rows += [(*who, i["kind"], f"{i['item']}: {i['have']}") for i in h["items"]]
