@@ -18,9 +18,11 @@ from typing import Any
 import pytest
 import yaml
 
+from infra.ansible.rollout import RolloutResult
 from infra.ansible.runner import RunResult, _Collector, fold_result
 from infra.bundle.lock import OS_IMAGE_KIND, Artifact, Lock, OsImage
 from infra.cli import main
+from infra.commands import converge as converge_cmd
 from infra.commands import drift as drift_cmd
 from infra.dr import provdrift
 from infra.dr.drift import NodeDrift
@@ -288,3 +290,25 @@ def test_the_locked_image_reaches_the_play_so_a_served_image_with_other_bytes_is
     served = calls[0]["inventory"]["all"]["children"]["gpufleet_provisioning"]["hosts"]["pxe01"]["provisioning_files"]
     assert {f["path"]: f["sha256"] for f in served} == {rel: sha for _, rel in files}
     capsys.readouterr()
+
+
+# ------------------------------------------------------------------ converge of a node that is a provisioning host
+
+def test_converge_of_a_provisioning_host_node_names_the_command_for_its_service(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    raw = _raw()
+    raw["segments"][0]["provisioning"] = {"host": "gpu01", **VERSIONS}  # a node serves its own segment
+    stack = _stack(tmp_path, raw)
+    ran: list[list[str]] = []
+    monkeypatch.setattr(converge_cmd, "converge",
+                        lambda plan, nodes, **kw: ran.append([n.hostname for n in nodes]) or RolloutResult([], [], {}))
+    note = ("note: gpu01 is segment compute's provisioning host; its provisioning service (dnsmasq, iPXE, HTTP) "
+            "is converged by `gpufleet provision converge --segment compute`")
+    assert main(["converge", "--stack-file", stack, "--node", "gpu01", "--execution", "local"]) == 0
+    assert capsys.readouterr().err.splitlines() == [note]
+    # Another node, or JSON for a program: no note.
+    assert main(["converge", "--stack-file", stack, "--node", "gpu02", "--execution", "local"]) == 0
+    assert capsys.readouterr().err == ""
+    assert main(["converge", "--stack-file", stack, "--node", "gpu01", "--execution", "local", "--json"]) == 0
+    assert capsys.readouterr().err == ""
+    assert ran == [["gpu01"], ["gpu02"], ["gpu01"]]
