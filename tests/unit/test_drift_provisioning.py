@@ -92,11 +92,13 @@ EDITED = {
         ("runner_on_ok", WRITE_CONF, _copy(CONF, f"# edited by hand\n{SECRET}\n", "port=0\n")),
         # A loop task: each item's diff is in its own result (an edited script, an untouched one).
         ("runner_on_ok", SCRIPTS, {"results": [
-            {**_copy(f"{HTTP}/boot.ipxe", f"#!ipxe\n{SECRET}\n", "#!ipxe\n"), "item": "boot.ipxe"},
-            {"changed": False, "item": "ipxe/local/02-00-00-00-00-11.ipxe"},
+            {**_copy(f"{HTTP}/boot.ipxe", f"#!ipxe\n{SECRET}\n", "#!ipxe\n"), "item": "boot.ipxe",
+             "ansible_loop_var": "item"},
+            {"changed": False, "item": "ipxe/local/02-00-00-00-00-11.ipxe", "ansible_loop_var": "item"},
         ], "changed": True, "msg": "All items completed"}),
         # dnsmasq stopped: the unit would be started (a changed result without a diff).
-        ("runner_on_ok", ENABLE, {"results": [{"changed": True, "item": "gpufleet-provision-dhcp"}],
+        ("runner_on_ok", ENABLE, {"results": [{"changed": True, "item": "gpufleet-provision-dhcp",
+                                               "ansible_loop_var": "item"}],
                                   "changed": True, "msg": "All items completed"}),
     ],
     "mirror01": [("runner_on_ok", WRITE_CONF, {"changed": False}), ("runner_on_ok", ENABLE, {"changed": False})],
@@ -131,6 +133,14 @@ def test_each_host_is_read_from_the_provisioning_play_in_check_mode_with_the_con
     }
     assert all(i.source == "check" for i in edited.items)
     assert (reports["mirror01"].status, reports["mirror01"].items) == ("clean", [])
+
+
+def test_a_modules_own_results_list_does_not_hide_its_diff() -> None:
+    """Only a loop's item results (marked `ansible_loop_var`) replace the task's own diff: a module may return a
+    `results` list of its own (ansible.builtin.dnf returns strings there)."""
+    c = _Collector(["h"], None)
+    c(_event("runner_on_ok", "h", "Own results", {**_copy("/etc/own", "a\n", "b\n"), "results": ["Installed: x"]}))
+    assert c.hosts["h"].files_changed == ["/etc/own"]
 
 
 def test_an_unreachable_or_failed_host_is_not_clean_and_the_others_are_still_read(
