@@ -230,6 +230,12 @@ def scrub(root: Path, secrets: Sequence[str]) -> int:
 
 
 def _diff_entries(task: str, res: Mapping[str, Any]) -> list[dict[str, Any]]:
+    # A loop task's result has no diff of its own: each item's result, under `results`, carries its diff (Ansible
+    # marks an item's result with `ansible_loop_var`; a module's own `results` list is left alone).
+    results = res.get("results")
+    items = [i for i in results if isinstance(i, dict) and "ansible_loop_var" in i] if isinstance(results, list) else []
+    if items:
+        return [e for item in items if item.get("changed") for e in _diff_entries(task, item)]
     diffs = res.get("diff")
     items = diffs if isinstance(diffs, list) else [diffs] if isinstance(diffs, dict) else []
     out = []

@@ -10,6 +10,7 @@ from infra.ansible.converge import VERDICT_TASK, Execution, check_report, conver
 from infra.ansible.rollout import NodeOutcome, RolloutResult
 from infra.ansible.settings import Tuning
 from infra.commands.exechost import lock_file_of, require_runtime
+from infra.commands.hostplay import provisioning_notes
 from infra.commands.site import add_stack_args, site_from_args
 from infra.components.outcomes import (
     RECORDS_ENV,
@@ -204,6 +205,8 @@ def cmd_converge(args: argparse.Namespace) -> int:
         # on stdout under --json, as the batch step's output must be), not with the result and then it.
         return _record(args, plan, result)
     emit(args.json, result.as_dict(), _render_converge)
+    if not args.json:
+        sys.stderr.writelines(line + "\n" for line in provisioning_notes(plan.site, (n.hostname for n in nodes)))
     return Exit.OK if result.succeeded else Exit.FAILED
 
 

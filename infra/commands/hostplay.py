@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterable
 from typing import Any
 
 from infra.ansible import rolespecs
@@ -36,6 +37,17 @@ def converge_hosts(args: argparse.Namespace, site: Site, playbook: str, inventor
                           progress=None if args.json else Progress(hosts), label=label)
     emit(args.json, result.as_dict(), render_run)
     return Exit.OK if result.succeeded else Exit.FAILED
+
+
+def provisioning_notes(site: Site, hostnames: Iterable[str]) -> list[str]:
+    """A note for each host of `hostnames` that is a segment's provisioning host, naming the command for it.
+
+    `gpufleet converge` of such a node runs the node roles only; its provisioning service has its own step.
+    """
+    names = set(hostnames)
+    return [f"note: {seg.provisioning.host} is segment {seg.name}'s provisioning host; its provisioning service "
+            f"(dnsmasq, iPXE, HTTP) is converged by `gpufleet provision converge --segment {seg.name}`"
+            for seg in site.segments if seg.provisioning is not None and seg.provisioning.host in names]
 
 
 def render_run(d: dict[str, Any]) -> str:

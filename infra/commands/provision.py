@@ -247,7 +247,7 @@ def one_line_error(exc: Exception) -> str:
     return lines[0] + (f" — {lines[-1].strip()}" if len(lines) > 1 else "")
 
 
-def _lock_of(args: argparse.Namespace) -> tuple[Lock | None, str]:
+def stack_lock(args: argparse.Namespace) -> tuple[Lock | None, str]:
     """The stack's lock (None when there is none) and its name for messages; exit 2 when it cannot be read."""
     path = lock_path_for(args.stack_file) if args.stack_file else lock_path(args.stack)
     if not path.is_file():
@@ -273,7 +273,7 @@ def cmd_converge(args: argparse.Namespace) -> int:
                            f"(segments with a provisioning service: {', '.join(known) or 'none'})")
     if not known:
         raise CommandError(Exit.INVALID, "no segment declares `provisioning`; see docs/bare-metal.md")
-    lock, lock_name = _lock_of(args)
+    lock, lock_name = stack_lock(args)
     hosts = service.provisioning_hosts(site, args.segment or known)
     try:
         inventory = service.inventory(site, lock, hosts, lock_name)

@@ -81,12 +81,15 @@ class CheckOutcome:
 # The roles' check mode over some nodes (it carries its own site plan: see infra.dr.steps.check_with_roles).
 CheckFn = Callable[[list[NodePlan]], dict[str, CheckOutcome]]
 
-def _with_check(items: list[DriftItem], outcome: CheckOutcome) -> list[DriftItem]:
+
+def with_check(items: list[DriftItem], outcome: CheckOutcome, *, want: str = "as rendered by the roles"
+               ) -> list[DriftItem]:
+    """`items` (the probe's) with what check mode adds: files it would rewrite, holds, tasks, a reboot."""
     out = list(items)
     seen_files = {i.item for i in out if i.kind == "file"}
     for f in outcome.files:
         if f not in seen_files:
-            out.append(DriftItem("file", f, "as rendered by the roles", "differs", source="check"))
+            out.append(DriftItem("file", f, want, "differs", source="check"))
     seen_holds = {i.item for i in out if i.kind == "hold"}
     out.extend(DriftItem("hold", p, "hold", "not held", source="check") for p in outcome.holds if p not in seen_holds)
     for task in outcome.would_change:
@@ -145,7 +148,7 @@ def drift(
         if outcome.failed:
             r.check = f"failed: {outcome.failed}"
             continue
-        r.items = _with_check(r.items, outcome)
+        r.items = with_check(r.items, outcome)
         _unrebootable_reboot_as_note(state_by_host[r.hostname], r)
         r.check = "ran"
         r.seconds += share

@@ -6,7 +6,8 @@ repository it serves itself), Debian 12's `dnsmasq-base` and `ipxe` at exact ver
 OS image, so nothing is fetched into `images/`; the VM tests (test_vm_node_lab.py) boot through the same role.
 What runs here is real: Debian's dnsmasq as a systemd unit with the rendered configuration (checked by
 `dnsmasq --test` before it is written), the iPXE builds in the TFTP root, infra/provision/httpd.py serving the
-scripts on the segment address.
+scripts on the segment address. `gpufleet drift` reads both hosts with the same play in check mode: clean after
+the converge, a hand edit and a stopped dnsmasq named per host, clean again after `provision converge`.
 """
 
 from __future__ import annotations
@@ -79,3 +80,42 @@ def test_dnsmasq_runs_with_the_rendered_config_and_http_serves_boot_ipxe(
             assert r.read().decode() == want["provisioning_http_files"]["boot.ipxe"]
         installed = lab_ssh(lab, host.name, "dpkg-query -W -f '${Package}=${Version}\\n' dnsmasq-base ipxe").stdout
         assert sorted(installed.split()) == sorted(f"{p['name']}={p['version']}" for p in want["provisioning_packages"])
+
+
+def _drift() -> tuple[int, dict[str, dict[str, Any]]]:
+    """`gpufleet drift --only provisioning --json` of the lab: exit code, and each provisioning host's report."""
+    r = gpufleet_cli("drift", "--stack", "lab", "--only", "provisioning", "--json", timeout=600)
+    assert r.stdout.strip().startswith("{"), r.stdout[-2000:] + r.stderr[-3000:]
+    data = json.loads(r.stdout)
+    assert "edited by hand" not in r.stdout  # paths and task names, never a file's content
+    return r.returncode, {h["hostname"]: h for h in data["provisioning"]}
+
+
+def test_drift_sees_a_hand_edit_and_a_stopped_dnsmasq_until_provision_converge_restores_them(
+        lab: Lab, provisioned: dict[str, Any]) -> None:
+    """After converge both hosts are clean; a hand-edited dnsmasq.conf on the mirror and a stopped dnsmasq on the
+    node are drift (exit 3, each host named with what would change); `provision converge` puts both back."""
+    code, hosts = _drift()
+    assert code == 0, hosts
+    assert {h: (r["status"], r["check"]) for h, r in hosts.items()} == {h: ("clean", "ran") for h in HOSTS}
+
+    edit = lab_ssh(lab, "lab-mirror", f"echo '# edited by hand' >> {CONF}")
+    stop = lab_ssh(lab, "lab-gpu01", "systemctl stop gpufleet-provision-dhcp")
+    assert edit.returncode == 0 and stop.returncode == 0, (edit.stderr, stop.stderr)
+    code, hosts = _drift()
+    assert code == 3, hosts
+    assert {h: r["status"] for h, r in hosts.items()} == {h: "drift" for h in HOSTS}, hosts
+    edited = {(i["kind"], i["item"]) for i in hosts["lab-mirror"]["items"]}
+    assert ("file", CONF) in edited and ("task", "provisioning : Write the dnsmasq configuration") in edited, edited
+    stopped = {(i["kind"], i["item"]) for i in hosts["lab-gpu01"]["items"]}
+    assert ("task", "provisioning : Enable the provisioning services") in stopped, stopped
+    assert not any(kind == "file" for kind, _ in stopped), stopped  # the node's files are as converged
+
+    fix = gpufleet_cli("provision", "converge", "--stack", "lab", "--json")
+    assert fix.returncode == 0, fix.stdout[-2000:] + fix.stderr[-3000:]
+    assert all(ok and changed > 0 for ok, changed in recap(json.loads(fix.stdout)).values()), fix.stdout[-2000:]
+    code, hosts = _drift()
+    assert code == 0 and all(r["status"] == "clean" for r in hosts.values()), hosts
+    active = lab_ssh(lab, "lab-gpu01", "systemctl is-active gpufleet-provision-dhcp")
+    assert active.stdout.strip() == "active", active.stdout + active.stderr
+    assert "# edited by hand" not in lab_ssh(lab, "lab-mirror", f"cat {CONF}").stdout
