@@ -29,16 +29,17 @@ def register(sub: Any) -> None:
         "drift",
         help="what differs from the plan on each node and provisioning host (exit 3 when anything does)",
         description="Per node: the probe compared with the plan, plus the roles' check mode. Per provisioning host "
-        "of the selected nodes' segments (`segments[].provisioning.host`): what `gpufleet provision converge` "
-        "would change (its play in check mode: task names and file paths). Exit 0 clean, 3 drift, 1 a node or "
-        "host could not be read.",
+        "(`segments[].provisioning.host`; every one without --node, those of the selected nodes' segments with "
+        "--node and --only provisioning): what `gpufleet provision converge` would change (its play in check "
+        "mode: task names and file paths). Exit 0 clean, 3 drift, 1 a node or host could not be read.",
     )
     add_stack_args(p)
-    p.add_argument("--node", action="append", help="only this node, and its segment's provisioning host (repeatable)")
+    p.add_argument("--node", action="append",
+                   help="only this node (repeatable); with --only provisioning, its segment's provisioning host")
     p.add_argument(
         "--only",
         choices=[NODES, PROVISIONING],
-        help="only the nodes, or only the provisioning hosts of the selected nodes' segments (default: both)",
+        help="only the nodes, or only the provisioning hosts (default: both without --node, the nodes with --node)",
     )
     p.add_argument(
         "--no-check",
@@ -99,7 +100,10 @@ def _selection(args: argparse.Namespace, site: Site) -> tuple[list[NodePlan], li
     sp = plan_site(site)
     selected = [sp.node(h) for h in args.node] if args.node else list(sp.nodes)
     segments = sorted({p.segment.name for p in selected}) if args.node else None
-    return ([] if args.only == PROVISIONING else selected), ([] if args.only == NODES else segments)
+    # Provisioning hosts come with the whole site, or when asked for: `drift --node N` after N's rebuild keeps
+    # meaning "is N as planned" (the DR runbook's check), not "and is its segment's install service".
+    with_hosts = args.only == PROVISIONING or (args.only is None and not args.node)
+    return ([] if args.only == PROVISIONING else selected), (segments if with_hosts else [])
 
 
 def _node_drift(args: argparse.Namespace, site: Site, plans: list[NodePlan]) -> list[NodeDrift]:

@@ -62,9 +62,7 @@ def converged(lab: Lab, request: pytest.FixtureRequest) -> Lab:
 
 def test_drift_is_clean_after_converge(converged: Lab) -> None:
     """A freshly converged node has no drift: exit 0, check mode ran, no items."""
-    # Nodes only: their segments' provisioning hosts are test_provisioning_lab's (not converged here).
-    r = gpufleet("drift", "--stack", converged.stack, "--node", CONNECTED, "--node", AIRGAPPED, "--only", "nodes",
-                 "--json")
+    r = gpufleet("drift", "--stack", converged.stack, "--node", CONNECTED, "--node", AIRGAPPED, "--json")
     data = as_json(r)
     assert r.returncode == 0, data
     assert all(n["status"] == "clean" and n["check"] == "ran" for n in data["nodes"]), data
@@ -84,7 +82,7 @@ def test_out_of_band_changes_are_reported_and_converge_repairs_them(lab: Lab) ->
         r = converged.ssh(node, cmd)
         assert r.returncode == 0, (cmd, r.stderr)
 
-    r = gpufleet("drift", "--stack", converged.stack, "--node", node, "--only", "nodes", "--json")
+    r = gpufleet("drift", "--stack", converged.stack, "--node", node, "--json")
     data = as_json(r)
     assert r.returncode == 3, data
     items = data["nodes"][0]["items"]
@@ -113,7 +111,7 @@ def test_out_of_band_changes_are_reported_and_converge_repairs_them(lab: Lab) ->
 
     r = gpufleet("converge", "--stack", converged.stack, "--node", node, "--json")
     assert r.returncode == 0, r.stdout[-2000:]
-    r = gpufleet("drift", "--stack", converged.stack, "--node", node, "--only", "nodes", "--json")
+    r = gpufleet("drift", "--stack", converged.stack, "--node", node, "--json")
     assert r.returncode == 0, as_json(r)
 
 

@@ -230,15 +230,20 @@ def test_people_see_host_segment_files_and_tasks_but_never_file_contents(
         assert "PRIVATE KEY" not in out and "edited by hand" not in out and "port=0" not in out
 
 
-def test_node_selects_its_segments_provisioning_host_and_only_narrows(
+def test_node_reads_nodes_only_unless_its_provisioning_host_is_asked_for_and_only_narrows(
         tmp_path: Path, calls: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
     asked = _nodes(monkeypatch)
     stack = _stack(tmp_path, _raw())
-    # gpu02 is on the air-gapped segment: its provisioning host is the mirror, which is clean.
+    # `--node` is the DR runbook's "is this node as planned": no provisioning host is read (pxe01 would drift).
     assert main(["drift", "--stack-file", stack, "--node", "gpu02", "--json"]) == 0
-    assert asked[-1] == ["gpu02"] and calls[-1]["hosts"] == ["mirror01"]
-    assert [h["hostname"] for h in json.loads(capsys.readouterr().out)["provisioning"]] == ["mirror01"]
+    assert asked[-1] == ["gpu02"] and calls == []
+    assert json.loads(capsys.readouterr().out)["provisioning"] == []
+    # Asked for: gpu02 is on the air-gapped segment, its provisioning host is the mirror, which is clean.
+    assert main(["drift", "--stack-file", stack, "--node", "gpu02", "--only", "provisioning", "--json"]) == 0
+    assert calls[-1]["hosts"] == ["mirror01"]
+    out = json.loads(capsys.readouterr().out)
+    assert [h["hostname"] for h in out["provisioning"]] == ["mirror01"] and out["nodes"] == []
     runs = len(calls)
     assert main(["drift", "--stack-file", stack, "--only", "nodes", "--json"]) == 0
     assert len(calls) == runs and json.loads(capsys.readouterr().out)["provisioning"] == []
