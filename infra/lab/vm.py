@@ -147,9 +147,8 @@ def _wait(pred: object, timeout: float) -> bool:
     return False
 
 
-@contextlib.contextmanager
-def libvirt(work: Path) -> Iterator[None]:
-    """Run virtlogd + libvirtd in the foreground (our PIDs), with a private /etc/libvirt where qemu runs as root."""
+def _libvirtd_argv(work: Path) -> list[str]:
+    """The command line of libvirtd over a fresh private /etc/libvirt in `work` (made here), where qemu runs as root."""
     etc = work / "etc-libvirt"
     shutil.rmtree(etc, ignore_errors=True)
     # Built from nothing, not copied from /etc/libvirt: the daemons need no system configuration (setup.sh
@@ -160,11 +159,15 @@ def libvirt(work: Path) -> Iterator[None]:
     (etc / "qemu.conf").write_text('user = "root"\ngroup = "root"\nremember_owner = 0\n')
     for d in ("/var/log/libvirt", "/run/libvirt"):
         os.makedirs(d, exist_ok=True)
+    return ["unshare", "-m", "sh", "-c", f"mount --bind {etc} /etc/libvirt && exec libvirtd"]
+
+
+@contextlib.contextmanager
+def libvirt(work: Path) -> Iterator[None]:
+    """Run virtlogd + libvirtd in the foreground (our PIDs), with a private /etc/libvirt where qemu runs as root."""
     procs = [subprocess.Popen(["virtlogd"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
-    procs.append(subprocess.Popen(
-        ["unshare", "-m", "sh", "-c", f"mount --bind {etc} /etc/libvirt && exec libvirtd"],
-        stdout=(work / "libvirtd.log").open("wb"), stderr=subprocess.STDOUT,
-    ))  # fmt: skip
+    procs.append(subprocess.Popen(_libvirtd_argv(work), stdout=(work / "libvirtd.log").open("wb"),
+                                  stderr=subprocess.STDOUT))
     try:
         if not _wait(lambda: virsh("version", check=False).returncode == 0, 30):
             raise LabCommandError(f"libvirtd did not answer in 30 s; see {work / 'libvirtd.log'}")
@@ -257,16 +260,9 @@ def start_libvirt(work: Path) -> dict[str, int]:
         LabCommandError: libvirtd did not answer within 30 s (both are stopped again).
 
     """
-    etc = work / "etc-libvirt"
-    shutil.rmtree(etc, ignore_errors=True)
-    (etc / "qemu").mkdir(parents=True)
-    (etc / "qemu.conf").write_text('user = "root"\ngroup = "root"\nremember_owner = 0\n')
-    for d in ("/var/log/libvirt", "/run/libvirt"):
-        os.makedirs(d, exist_ok=True)
     pids = {"virtlogd_pid": _spawn(["virtlogd"], work / "virtlogd.log")}
     # `unshare` execs sh, which execs libvirtd: the PID is libvirtd's.
-    pids["libvirtd_pid"] = _spawn(["unshare", "-m", "sh", "-c", f"mount --bind {etc} /etc/libvirt && exec libvirtd"],
-                                  work / "libvirtd.log")
+    pids["libvirtd_pid"] = _spawn(_libvirtd_argv(work), work / "libvirtd.log")
     if not _wait(lambda: virsh("version", check=False).returncode == 0, 30):
         stop_libvirt(pids)
         raise LabCommandError(f"libvirtd did not answer in 30 s; see {work / 'libvirtd.log'}")

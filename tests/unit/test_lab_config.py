@@ -29,12 +29,13 @@ from infra.model.site import Site
 LAB_STACK: dict[str, Any] = yaml.safe_load(stack_path("lab").read_text(encoding="utf-8"))
 
 
-def make_lab_stack(tmp_path: Path, change: Callable[[dict[str, Any], dict[str, Any]], None] | None = None) -> Path:
-    """A copy of the lab stack file, changed by `change(site, lab)`, written to tmp_path."""
-    data = copy.deepcopy(LAB_STACK)
+def make_lab_stack(tmp_path: Path, change: Callable[[dict[str, Any], dict[str, Any]], None] | None = None,
+                   *, stack: dict[str, Any] = LAB_STACK, name: str = "lab") -> Path:
+    """A copy of a lab stack file (default: the lab stack), changed by `change(site, lab)`, written to tmp_path."""
+    data = copy.deepcopy(stack)
     if change:
         change(data["config"]["gpufleet:site"], data["config"][LAB_KEY])
-    path = tmp_path / "Pulumi.lab.yaml"
+    path = tmp_path / f"Pulumi.{name}.yaml"
     path.write_text(yaml.safe_dump(data), encoding="utf-8")
     return path
 

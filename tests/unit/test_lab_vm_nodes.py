@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +16,7 @@ from infra.lab import lab as lab_mod
 from infra.lab.config import LAB_KEY, LabConfigError, Paths, bridge_name, lab_spec, spec_digest, vm_uuid
 from infra.lab.network import render_ruleset
 from infra.model.load import load_site, stack_path
+from tests.unit.test_lab_config import make_lab_stack
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "lab" / "data" / "Pulumi.labvm.yaml"
 VM_STACK: dict[str, Any] = yaml.safe_load(TEMPLATE.read_text(encoding="utf-8"))
@@ -24,12 +24,7 @@ VM_STACK: dict[str, Any] = yaml.safe_load(TEMPLATE.read_text(encoding="utf-8"))
 
 def make_stack(tmp_path: Path, change: Callable[[dict[str, Any], dict[str, Any]], None] | None = None) -> Path:
     """A copy of the VM lab stack, changed by `change(site, lab)`, written to tmp_path."""
-    data = copy.deepcopy(VM_STACK)
-    if change:
-        change(data["config"]["gpufleet:site"], data["config"][LAB_KEY])
-    path = tmp_path / "Pulumi.labvm.yaml"
-    path.write_text(yaml.safe_dump(data), encoding="utf-8")
-    return path
+    return make_lab_stack(tmp_path, change, stack=VM_STACK, name="labvm")
 
 
 def node(site: dict[str, Any], name: str) -> dict[str, Any]:
