@@ -14,10 +14,12 @@ admits the site's admin key with StrictHostKeyChecking against that pinned key.
   fetches `ipxe.efi` over TFTP (as a server's firmware does); boot order disk first (the blank disk has no
   boot option, so the firmware goes on to PXE); hint `/dev/disk/by-id/virtio-…` (derived from sysfs in the
   ramdisk, and compared on the installed node with the names real udev made); GRUB x86_64-efi behind
-  Debian's signed shim on the ESP, at \\EFI\\BOOT\\BOOTX64.EFI with no NVRAM entry. After the deploy the VM
-  is powered off and its disk booted under OVMF with Secure Boot on (Microsoft's keys enrolled, fresh NVRAM,
-  q35 + SMM): shim, GRUB and kernel verify, SSH answers with the pinned key, and the kernel reports UEFI
-  mode with Secure Boot enabled.
+  Debian's signed shim on the ESP, at \\EFI\\debian with a `debian` NVRAM entry first in BootOrder and at
+  \\EFI\\BOOT\\BOOTX64.EFI. The VM reboots into its disk through that entry; a rebuild through BootNext
+  (the one-time PXE override) reaches the network and leaves exactly one `debian` entry. Then the VM is
+  powered off and its disk booted under OVMF with Secure Boot on (Microsoft's keys enrolled, fresh NVRAM,
+  q35 + SMM): shim, GRUB and kernel verify through the removable-media path, SSH answers with the pinned
+  key, and the kernel reports UEFI mode with Secure Boot enabled.
 
 Run under the VM lock (bridge gpf-prov0, 198.18.9.1/24, shared with test_provision_vm.py):
 `flock /tmp/gpufleet-vm.lock pytest -m lab -s tests/lab/test_deploy_vm.py`.
