@@ -29,9 +29,11 @@ efivars_up() {
         >/dev/null 2>&1 || { echo "$EFIVARS has no BootOrder and no Boot#### variables"; return 1; }
 }
 
-# The variable's data as 16-bit words (hex, 4 digits each, one per line), attributes skipped.
+# The variable's data as 16-bit words (hex, 4 digits each, one per line), the attributes (2 words) dropped.
+# Read from the start with no `od -j`: efivarfs files cannot seek (no_llseek in fs/efivarfs/file.c), and
+# busybox od skips by seeking (seen in the lab: every variable read as empty).
 _words() {
-    od -An -v -tx2 -j4 "$1" 2>/dev/null | tr -s ' ' '\n' | sed '/^$/d'
+    od -An -v -tx2 "$1" 2>/dev/null | tr -s ' ' '\n' | sed '/^$/d' | sed -n '3,$p'
 }
 
 # BootOrder as option numbers (uppercase hex, as in the Boot#### names), comma-separated.
