@@ -379,7 +379,8 @@ def test_blank_uefi_vm_boots_ovmf_pxe_installs_and_boots_its_disk_with_secure_bo
     3. The VM is powered off and started again under OVMF with Secure Boot enabled and Microsoft's keys
        enrolled (Debian's OVMF_CODE_4M.ms.fd / OVMF_VARS_4M.ms.fd; SMM on q35, which that firmware requires)
        and fresh NVRAM: there is no boot entry, so only the removable-media path can boot it, and shim
-       (Microsoft UEFI CA) → GRUB → kernel (Debian's key) must all verify.
+       (Microsoft UEFI CA) → GRUB → kernel (Debian's key) must all verify; shim's fallback re-creates the
+       `debian` entry on the way.
     """
     _need(SB_CODE.exists() and SB_VARS.exists(), f"{SB_CODE} is missing (apt-get install ovmf)")
     sb_vars = tmp_path / "OVMF_VARS.ms.fd"
@@ -426,9 +427,13 @@ def test_blank_uefi_vm_boots_ovmf_pxe_installs_and_boots_its_disk_with_secure_bo
         # 3. Secure Boot on, fresh NVRAM: no entry, the removable-media path boots.
         node.boot_with(secure)
         assert "EFI stub: UEFI Secure Boot is enabled." in node.serial_text  # the kernel's EFI stub, at boot
-        # Reported, not asserted: whether shim's fallback (fbx64.efi, when grub-install placed it beside
-        # BOOTX64.EFI) re-created a `debian` entry from \\EFI\\debian\\BOOTX64.CSV on this boot.
-        print(json.dumps({"fresh_nvram_after_secure_boot": _boot_vars(node)}))
+        # Fresh NVRAM: the firmware booted its own option for the disk (the removable-media path), and shim's
+        # fallback (fbx64.efi, which grub-install also puts in \\EFI\\BOOT) created one `debian` entry from
+        # \\EFI\\debian\\BOOTX64.CSV on the way (seen in the lab: BootCurrent "UEFI Misc Device", Boot0007 debian).
+        fresh = _boot_vars(node)
+        print(json.dumps({"fresh_nvram_after_secure_boot": fresh}))
+        assert fresh["current"] and fresh["current"][0] not in _debian(fresh), fresh
+        assert len(_debian(fresh)) == 1, fresh
         # Booted from the disk in UEFI mode with Secure Boot on (Debian's kernel locks itself down to
         # `integrity` when the firmware says Secure Boot is on: kernel_lockdown(7)), through the
         # removable-media path on the ESP.
