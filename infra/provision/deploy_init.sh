@@ -17,6 +17,7 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 exec </dev/console >/dev/console 2>&1
 . /lib/gpufleet/disk.sh
+. /lib/gpufleet/efi.sh
 
 log() { echo "gpufleet-deploy: $*"; }
 # Tell the service (once the network is up): a form body of safe characters only, the reason cut to 400.
@@ -109,13 +110,43 @@ mount -t vfat "$esp" /mnt/boot/efi || fail "mounting the EFI system partition $e
 if [ "$BOOT_MODE" = uefi ]; then
     # Debian's signed chain when shim-signed and grub-efi-amd64-signed are in the image: shim (Microsoft UEFI
     # CA) → grub (Debian key) → the Debian-signed kernel, so Secure Boot can stay on. Installed to
-    # \EFI\debian and to the removable-media path \EFI\BOOT\BOOTX64.EFI (--force-extra-removable), with no
-    # NVRAM entry (--no-nvram): the ramdisk has no efivarfs, and the fallback path boots on firmware that
-    # forgets or reorders NVRAM entries (docs/bare-metal.md, firmware quirks).
+    # \EFI\debian (with a `debian` NVRAM boot entry, first in BootOrder) and to the removable-media path
+    # \EFI\BOOT\BOOTX64.EFI (--force-extra-removable) for firmware that forgets, reorders or ignores NVRAM
+    # entries (docs/bare-metal.md, firmware quirks).
     sb=--uefi-secure-boot
     [ -f /mnt/usr/lib/shim/shimx64.efi.signed ] || sb=--no-uefi-secure-boot  # an image built without shim
-    chroot /mnt grub-install --target=x86_64-efi --efi-directory=/boot/efi --bootloader-id=debian \
-        "$sb" --force-extra-removable --no-nvram || fail "grub-install (UEFI) into $esp"
+    if why=$(efivars_up); then
+        nvram=yes
+    else
+        # A booting node matters more than a named entry: without EFI variables (a UEFI node PXE-booted in
+        # legacy mode, EFI runtime services off) the install goes on through the removable-media path, and
+        # this line (serial console) says why there is no entry.
+        nvram=""
+        log "NVRAM: no boot entry written: $why; the node boots through \\EFI\\BOOT\\BOOTX64.EFI only"
+    fi
+    entry=no
+    if [ -n "$nvram" ]; then
+        mount --bind "$EFIVARS" /mnt/sys/firmware/efi/efivars || fail "bind-mounting $EFIVARS into the image"
+        # Debian's grub-install writes the entry itself (libefivar, no efibootmgr): it reuses the first entry
+        # labelled `debian` for this ESP, deletes further ones (a rebuild leaves exactly one) and puts it first
+        # in BootOrder; BootNext (a BMC's one-time override) is not touched and still wins for one boot.
+        if chroot /mnt grub-install --target=x86_64-efi --efi-directory=/boot/efi --bootloader-id=debian \
+                "$sb" --force-extra-removable; then
+            if entry=$(nvram_entry debian); then
+                log "NVRAM: $entry"
+            else
+                log "NVRAM: grub-install wrote no entry ($entry); installing again without it"
+                entry=no
+            fi
+        else
+            # A full or write-protected variable store must not strand the node: the fallback path boots.
+            log "NVRAM: grub-install could not write the boot entry; installing again without it (--no-nvram)"
+        fi
+    fi
+    if [ "$entry" = no ]; then
+        chroot /mnt grub-install --target=x86_64-efi --efi-directory=/boot/efi --bootloader-id=debian \
+            "$sb" --force-extra-removable --no-nvram || fail "grub-install (UEFI) into $esp"
+    fi
     [ -f /mnt/boot/efi/EFI/BOOT/BOOTX64.EFI ] || fail "no \\EFI\\BOOT\\BOOTX64.EFI after grub-install"
     signed=no
     [ -f /mnt/boot/efi/EFI/BOOT/grubx64.efi ] && signed="yes (shim + signed grub)"
@@ -139,7 +170,7 @@ menuentry "gpufleet $NODE" {
 }
 EOF
 if [ "$BOOT_MODE" = uefi ]; then
-    log "bootloader installed (UEFI, \\EFI\\BOOT\\BOOTX64.EFI, Secure Boot chain: $signed; root UUID $uuid)"
+    log "bootloader installed (UEFI, \\EFI\\BOOT\\BOOTX64.EFI, NVRAM entry: ${entry%%,*}, Secure Boot chain: $signed; root UUID $uuid)"
 else
     log "bootloader installed (BIOS, root UUID $uuid)"
 fi
@@ -152,6 +183,7 @@ if [ -n "$FIRSTBOOT_URL" ]; then
     log "first-boot data written"
 fi
 umount /mnt/boot/efi || fail "unmounting $esp"
+if [ -n "$nvram" ]; then umount /mnt/sys/firmware/efi/efivars; fi
 for fs in sys proc dev; do umount "/mnt/$fs"; done
 umount /mnt || fail "unmounting $part"
 sync

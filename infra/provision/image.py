@@ -91,6 +91,9 @@ RAMDISK_MODULES = (
     # The EFI system partition: mounted by the ramdisk for grub-install (FAT with Debian's default code page
     # 437 and iocharset utf8).
     "vfat", "nls_cp437", "nls_utf8", "nls_ascii",
+    # The UEFI variable store, for the node's NVRAM boot entry (a module in Debian 12's kernels,
+    # CONFIG_EFIVAR_FS=m in linux-image-*-cloud-amd64 6.1).
+    "efivarfs",
 )
 _PKG = re.compile(r"^[a-z0-9][a-z0-9+.-]*(=[A-Za-z0-9.+~:-]+)?$")
 _SUITE = re.compile(r"^[a-z0-9][a-z0-9.-]*$")
@@ -495,6 +498,8 @@ def _cpio_newc(entries: list[tuple[str, int, bytes, str]], epoch: int) -> bytes:
 _INIT = Path(__file__).with_name("deploy_init.sh")
 #: The root-disk selection the init sources (separate so tests run it against a fake sysfs tree).
 DISK_LIB = Path(__file__).with_name("deploy_disk.sh")
+#: The UEFI variable reading the init sources (separate so tests run it against a fake efivarfs directory).
+EFI_LIB = Path(__file__).with_name("deploy_efi.sh")
 
 
 def build_ramdisk(root: Path, initrd: Path, epoch: int) -> None:
@@ -508,6 +513,7 @@ def build_ramdisk(root: Path, initrd: Path, epoch: int) -> None:
     files: dict[str, tuple[int, bytes]] = {
         "init": (0o100755, _INIT.read_bytes()),
         "lib/gpufleet/disk.sh": (0o100644, DISK_LIB.read_bytes()),
+        "lib/gpufleet/efi.sh": (0o100644, EFI_LIB.read_bytes()),
         "bin/busybox": (0o100755, (root / "bin/busybox").read_bytes()),
         # Load order for the init (one path per line, dependencies first).
         f"lib/modules/{kver}/gpufleet.order": (0o100644, "".join(m + "\n" for m in mods).encode()),

@@ -14,10 +14,12 @@ admits the site's admin key with StrictHostKeyChecking against that pinned key.
   fetches `ipxe.efi` over TFTP (as a server's firmware does); boot order disk first (the blank disk has no
   boot option, so the firmware goes on to PXE); hint `/dev/disk/by-id/virtio-…` (derived from sysfs in the
   ramdisk, and compared on the installed node with the names real udev made); GRUB x86_64-efi behind
-  Debian's signed shim on the ESP, at \\EFI\\BOOT\\BOOTX64.EFI with no NVRAM entry. After the deploy the VM
-  is powered off and its disk booted under OVMF with Secure Boot on (Microsoft's keys enrolled, fresh NVRAM,
-  q35 + SMM): shim, GRUB and kernel verify, SSH answers with the pinned key, and the kernel reports UEFI
-  mode with Secure Boot enabled.
+  Debian's signed shim on the ESP, at \\EFI\\debian with a `debian` NVRAM entry first in BootOrder and at
+  \\EFI\\BOOT\\BOOTX64.EFI. The VM reboots into its disk through that entry; a rebuild through BootNext
+  (the one-time PXE override) reaches the network and leaves exactly one `debian` entry. Then the VM is
+  powered off and its disk booted under OVMF with Secure Boot on (Microsoft's keys enrolled, fresh NVRAM,
+  q35 + SMM): shim, GRUB and kernel verify through the removable-media path, SSH answers with the pinned
+  key, and the kernel reports UEFI mode with Secure Boot enabled.
 
 Run under the VM lock (bridge gpf-prov0, 198.18.9.1/24, shared with test_provision_vm.py):
 `flock /tmp/gpufleet-vm.lock pytest -m lab -s tests/lab/test_deploy_vm.py`.
@@ -33,19 +35,20 @@ import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http.server import ThreadingHTTPServer
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 
 from infra.commands.provision import image_records, write_firstboot
 from infra.model.load import parse_site
-from infra.provision.firstboot import HostKeyStore
-from infra.provision.httpd import Handler
+from infra.provision.firstboot import HostKeyStore, firstboot_tar
+from infra.provision.httpd import Handler, arm
 from infra.provision.image import DISK_LIB
-from infra.provision.render import UEFI_LOADER, ImageRecord, render_site
+from infra.provision.render import UEFI_LOADER, ImageRecord, install_script_name, render_site, script_name
 from tests.lab.image_fixtures import IMAGE, built_image
 from tests.lab.test_provision_vm import (
     BRIDGE,
@@ -93,6 +96,14 @@ class Installed:
     serial_text: str
     records: dict[str, ImageRecord]
     timings: dict[str, float]
+    serial: Path
+    """The running VM's serial console log (appended to across its reboots; new per `boot_with`)."""
+    rearm: Callable[[], None]
+    """Arm the node for an install again (what `gpufleet rebuild` runs on the provisioning host)."""
+    boot_with: Callable[[list[str]], None]
+    """Power the VM off, start it with these firmware/machine arguments, wait for SSH with the pinned key."""
+    wait_ssh: Callable[[float], None]
+    """Wait (up to the seconds given) until SSH answers with exactly the pinned key."""
 
     def ssh(self, command: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
         """Run a command on the node as root (admin key, StrictHostKeyChecking against the pinned key)."""
@@ -111,12 +122,10 @@ def _installed(
     boot_mode: str,
     root_disk: dict[str, str],
     disk_serial: str,
-    then_firmware: list[str] | None = None,
 ) -> Iterator[Installed]:
     """Serve the build, boot a blank VM from the network, wait for the deploy and for SSH; tear all down.
 
-    `then_firmware`: once the deploy reports done, power the VM off and boot its disk with these firmware
-    and machine arguments instead (an operator switching Secure Boot on after the install).
+    After the deploy the VM reboots by itself (same firmware, same NVRAM) into its disk.
     """
     _need(os.geteuid() == 0, "needs root (bridge, tap devices, DHCP port 67)")
     for tool in ("dnsmasq", "qemu-system-x86_64", "ssh", "ssh-keyscan", "ssh-keygen", "ip"):
@@ -172,6 +181,9 @@ def _installed(
             for rel, text in svc.http_files.items():
                 (http_root / rel).parent.mkdir(parents=True, exist_ok=True)
                 (http_root / rel).write_text(text)
+            # Where roles/provisioning keeps the install script, for arming again (a rebuild).
+            (http_root / install_script_name(KNOWN_MAC)).parent.mkdir(parents=True)
+            (http_root / install_script_name(KNOWN_MAC)).write_text(svc.http_files["ipxe/" + script_name(KNOWN_MAC)])
             store = HostKeyStore(tmp_path / "keys")
             out = tmp_path / "rendered"
             write_firstboot(out, site, svc, store)
@@ -218,35 +230,52 @@ def _installed(
                 assert head[510:512] == b"\x55\xaa" and head[512:520] == b"EFI PART"  # protective MBR + GPT
 
             # 2. Next boot: from the disk; SSH answers with the key the store holds for this node.
-            deploy_log = ""
-            if then_firmware is not None:
-                _stop(procs.pop())
-                deploy_log = text  # the new VM process starts a new serial log
-                serial.unlink()
-                start_vm(then_firmware)
             pinned = store.get("vm-node1").public.split()[:2]
-            scanned: list[str] = []
 
-            def keyscan() -> bool:
-                res = subprocess.run(
-                    ["ssh-keyscan", "-T", "3", "-t", "ed25519", NODE_ADDR], capture_output=True, text=True, check=False
-                )
-                scanned[:] = [line for line in res.stdout.splitlines() if not line.startswith("#")]
-                return bool(scanned)
+            def wait_ssh(timeout: float) -> None:
+                scanned: list[str] = []
 
-            answered = _wait(keyscan, 420)
-            text = _serial(serial)
-            assert answered, f"no SSH on {NODE_ADDR}\n--- serial\n{text[-4000:]}"
+                def keyscan() -> bool:
+                    res = subprocess.run(
+                        ["ssh-keyscan", "-T", "3", "-t", "ed25519", NODE_ADDR],
+                        capture_output=True, text=True, check=False,
+                    )  # fmt: skip
+                    scanned[:] = [line for line in res.stdout.splitlines() if not line.startswith("#")]
+                    return bool(scanned)
+
+                answered = _wait(keyscan, timeout)
+                assert answered, f"no SSH on {NODE_ADDR}\n--- serial\n{_serial(serial)[-4000:]}"
+                assert [line.split()[1:3] for line in scanned] == [pinned], (scanned, pinned)
+
+            deploy_logs: list[str] = []
+
+            def boot_with(fw: list[str]) -> None:
+                _stop(procs.pop())
+                deploy_logs.append(_serial(serial))  # the new VM process starts a new serial log
+                serial.unlink()
+                start_vm(fw)
+                wait_ssh(420)
+                node.serial_text = "".join(deploy_logs) + _serial(serial)
+
+            (node_model,) = [n for n in site.nodes if n.hostname == "vm-node1"]
+
+            def rearm() -> None:
+                arm(http_root, mac, firstboot_tar(site, node_model, store.get("vm-node1")))
+
+            wait_ssh(420)
             to_ssh = time.monotonic() - started
-            assert [line.split()[1:3] for line in scanned] == [pinned], (scanned, pinned)
             known = tmp_path / "known_hosts"
             known.write_text(f"{NODE_ADDR} {' '.join(pinned)}\n")
             node = Installed(
                 admin,
                 known,
-                deploy_log + text,
+                _serial(serial),
                 records,
                 {"blank_to_deployed_s": round(deployed, 1), "blank_to_ssh_s": round(to_ssh, 1)},
+                serial,
+                rearm,
+                boot_with,
+                wait_ssh,
             )
             res = node.ssh("hostname; findmnt -no SOURCE /; lsblk -bno SIZE /dev/vda1")
             assert res.returncode == 0, res.stderr
@@ -275,16 +304,83 @@ def test_blank_vm_is_installed_over_the_network_and_answers_ssh_with_its_pinned_
         assert res.stdout.strip() == "bios", res
 
 
+def _boot_vars(node: Installed) -> dict[str, Any]:
+    """BootOrder, BootCurrent, BootNext and every Boot#### option (label, file path) as the node's kernel sees them."""
+    res = node.ssh("python3 -", stdin=_READ_BOOT_VARS)
+    assert res.returncode == 0, res.stderr
+    return cast("dict[str, Any]", json.loads(res.stdout))
+
+
+def _debian(boot: dict[str, Any]) -> list[str]:
+    return [num for num, (label, _file) in boot["options"].items() if label.lower() == "debian"]
+
+
+# Run on the node by its own python3: reads efivarfs (Linux Documentation/filesystems/efivarfs.rst: 4 bytes of
+# attributes, then the data) and decodes the UEFI Specification 2.10 structures independently of the ramdisk's
+# shell reader: BootOrder/BootCurrent/BootNext (3.3, UINT16s), EFI_LOAD_OPTION (3.1.3: UINT32 Attributes,
+# UINT16 FilePathListLength, NUL-terminated UCS-2 Description, device path list) and the File Path media
+# device path node (10.3.5.4: type 4, subtype 4, NUL-terminated UCS-2 path).
+_READ_BOOT_VARS = r"""
+import json, os, re, struct
+d = "/sys/firmware/efi/efivars"
+g = "8be4df61-93ca-11d2-aa0d-00e098032b8c"
+def data(name):
+    p = f"{d}/{name}-{g}"
+    return open(p, "rb").read()[4:] if os.path.exists(p) else None
+def u16s(b):
+    return [f"{n:04X}" for n in struct.unpack(f"<{len(b) // 2}H", b)] if b is not None else []
+options = {}
+for f in os.listdir(d):
+    m = re.fullmatch(r"Boot([0-9A-F]{4})-" + g, f)
+    if not m:
+        continue
+    b = data(f"Boot{m[1]}")
+    _attrs, plen = struct.unpack_from("<IH", b)
+    end = 6
+    while b[end:end + 2] != b"\0\0":
+        end += 2
+    label = b[6:end].decode("utf-16-le")
+    dp, i, path = b[end + 2:end + 2 + plen], 0, ""
+    while i + 4 <= len(dp):
+        t, st, ln = struct.unpack_from("<BBH", dp, i)
+        if t == 4 and st == 4:
+            path = dp[i + 4:i + ln].decode("utf-16-le").rstrip("\0")
+        if t == 0x7F or ln < 4:
+            break
+        i += ln
+    options[m[1]] = (label, path)
+print(json.dumps({"order": u16s(data("BootOrder")), "current": u16s(data("BootCurrent")),
+                  "next": u16s(data("BootNext")), "options": options}))
+"""
+
+
+# BootNext (UEFI 2.10, 3.3): one UINT16, non-volatile + boot-service + runtime access (attributes 7), written in one
+# write as efivarfs requires; what `efibootmgr --bootnext` and a BMC's one-time override set.
+_SET_BOOT_NEXT = r"""
+import struct, sys
+open("/sys/firmware/efi/efivars/BootNext-8be4df61-93ca-11d2-aa0d-00e098032b8c", "wb").write(
+    struct.pack("<IH", 7, int(sys.argv[1], 16)))
+"""
+
+
 def test_blank_uefi_vm_boots_ovmf_pxe_installs_and_boots_its_disk_with_secure_boot(
     built_image: Path, tmp_path: Path
 ) -> None:
-    """UEFI install with Secure Boot off (the network part: Debian's ipxe.efi is unsigned), then the disk boots
-    with Secure Boot on.
+    """UEFI install with Secure Boot off (the network part: Debian's ipxe.efi is unsigned): a `debian` NVRAM entry,
+    first in BootOrder, boots the disk; a rebuild through BootNext leaves exactly one; then the disk boots with
+    Secure Boot on and fresh NVRAM through the removable-media path.
 
-    After the deploy the VM is powered off and started again under OVMF with Secure Boot enabled and
-    Microsoft's keys enrolled (Debian's OVMF_CODE_4M.ms.fd / OVMF_VARS_4M.ms.fd; SMM on q35, which that
-    firmware requires) and fresh NVRAM: there is no boot entry, so only the removable-media path can boot it,
-    and shim (Microsoft UEFI CA) → GRUB → kernel (Debian's key) must all verify.
+    1. The deploy writes a `debian` entry for \\EFI\\debian\\shimx64.efi, first in BootOrder; the VM reboots
+       (same firmware, same NVRAM) and the firmware boots that entry (BootCurrent).
+    2. Rebuild: the node is armed again and BootNext set to the firmware's PXE option, as a BMC's one-time
+       override does on firmware that implements it with BootNext; the reboot goes to the network despite the
+       `debian` entry first in BootOrder, the second deploy reuses the entry (exactly one `debian`), and the
+       node boots it again with its pinned key.
+    3. The VM is powered off and started again under OVMF with Secure Boot enabled and Microsoft's keys
+       enrolled (Debian's OVMF_CODE_4M.ms.fd / OVMF_VARS_4M.ms.fd; SMM on q35, which that firmware requires)
+       and fresh NVRAM: there is no boot entry, so only the removable-media path can boot it, and shim
+       (Microsoft UEFI CA) → GRUB → kernel (Debian's key) must all verify; shim's fallback re-creates the
+       `debian` entry on the way.
     """
     _need(SB_CODE.exists() and SB_VARS.exists(), f"{SB_CODE} is missing (apt-get install ovmf)")
     sb_vars = tmp_path / "OVMF_VARS.ms.fd"
@@ -293,16 +389,58 @@ def test_blank_uefi_vm_boots_ovmf_pxe_installs_and_boots_its_disk_with_secure_bo
               "-drive", f"if=pflash,format=raw,readonly=on,file={SB_CODE}",
               "-drive", f"if=pflash,format=raw,file={sb_vars}"]  # fmt: skip
     hint = f"/dev/disk/by-id/virtio-{UEFI_DISK_SERIAL}"
-    with _installed(built_image, tmp_path, "uefi", {"path": hint}, UEFI_DISK_SERIAL, secure) as node:
+    with _installed(built_image, tmp_path, "uefi", {"path": hint}, UEFI_DISK_SERIAL) as node:
         assert f"root disk: /dev/vda (hint path:{hint})" in node.serial_text
         assert "bootloader installed (UEFI" in node.serial_text
+        # 1. The entry grub-install wrote, read back by the node's own kernel: one `debian`, \EFI\debian\shim,
+        # first in BootOrder, and the option this boot came through.
+        boot = _boot_vars(node)
+        (entry,) = _debian(boot)
+        assert boot["options"][entry][1] == "\\EFI\\debian\\shimx64.efi", boot
+        assert boot["order"][0] == entry and boot["current"] == [entry], boot
+        assert f"gpufleet-deploy: NVRAM: Boot{entry}, first in BootOrder" in node.serial_text
+
+        # 2. Rebuild through a one-time network boot (BootNext), the entry still first in BootOrder.
+        pxe = [num for num, (label, _f) in boot["options"].items() if label.startswith("UEFI PXEv4")]
+        assert pxe and pxe[0] in boot["order"], boot
+        rebuild_started = time.monotonic()
+        node.rearm()
+        res = node.ssh(
+            f"python3 - {pxe[0]} || exit 1; (sleep 1; systemctl reboot) </dev/null >/dev/null 2>&1 &",
+            stdin=_SET_BOOT_NEXT,
+        )
+        assert res.returncode == 0, res.stderr
+        done = "gpufleet-deploy: deploy of vm-node1 done"
+        failed = "gpufleet-deploy: FAILED"
+        assert _wait(lambda: _serial(node.serial).count(done) == 2 or failed in _serial(node.serial), 600), (
+            _serial(node.serial)[-4000:]
+        )
+        second = _serial(node.serial).split(done)[1]  # the second deploy's log: it ran, so the network booted
+        assert failed not in second, second[-4000:]
+        node.wait_ssh(420)
+        node.timings["rebuild_to_ssh_s"] = round(time.monotonic() - rebuild_started, 1)
+        boot2 = _boot_vars(node)
+        assert _debian(boot2) == [entry], boot2  # reused, not piled up
+        assert boot2["order"][0] == entry and boot2["current"] == [entry] and boot2["next"] == [], boot2
+        assert f"gpufleet-deploy: NVRAM: Boot{entry}, first in BootOrder" in second
+
+        # 3. Secure Boot on, fresh NVRAM: no entry, the removable-media path boots.
+        node.boot_with(secure)
         assert "EFI stub: UEFI Secure Boot is enabled." in node.serial_text  # the kernel's EFI stub, at boot
+        # Fresh NVRAM: the firmware booted its own option for the disk (the removable-media path), and shim's
+        # fallback (fbx64.efi, which grub-install also puts in \\EFI\\BOOT) created one `debian` entry from
+        # \\EFI\\debian\\BOOTX64.CSV on the way (seen in the lab: BootCurrent "UEFI Misc Device", Boot0007 debian).
+        fresh = _boot_vars(node)
+        print(json.dumps({"fresh_nvram_after_secure_boot": fresh}))
+        assert fresh["current"] and fresh["current"][0] not in _debian(fresh), fresh
+        assert len(_debian(fresh)) == 1, fresh
         # Booted from the disk in UEFI mode with Secure Boot on (Debian's kernel locks itself down to
         # `integrity` when the firmware says Secure Boot is on: kernel_lockdown(7)), through the
         # removable-media path on the ESP.
         res = node.ssh("test -d /sys/firmware/efi && echo uefi; cat /sys/kernel/security/lockdown; "
                        "ls /boot/efi/EFI/BOOT /boot/efi/EFI/debian")
         assert res.returncode == 0, res.stderr
+        print(res.stdout)
         lines = res.stdout.split()
         assert lines[0] == "uefi" and "[integrity]" in lines, res.stdout
         assert "BOOTX64.EFI" in lines and "grubx64.efi" in lines, res.stdout

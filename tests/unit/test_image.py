@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -31,6 +32,7 @@ from infra.provision.image import (
     ImageResult,
     ImageSpec,
     _cpio_newc,
+    build_ramdisk,
     disk_guid,
     disk_partitions,
     fs_size,
@@ -116,6 +118,33 @@ def test_ramdisk_archive_is_a_newc_cpio_gnu_cpio_lists(tmp_path: Path) -> None:
     assert names == ["bin", "init", "bin/sh"]
     assert "bin/sh -> busybox" in listing
     assert _cpio_newc([("init", 0o100755, b"x", "")], 1) == _cpio_newc([("init", 0o100755, b"x", "")], 1)
+
+
+@pytest.mark.skipif(shutil.which("cpio") is None, reason="GNU cpio not installed")
+def test_ramdisk_carries_every_library_the_init_sources_and_the_efivarfs_module(tmp_path: Path) -> None:
+    # A root as the image build leaves it: busybox, and a kernel whose modules.dep (the format depmod writes:
+    # `path: dependencies`) has efivarfs as a module (Debian 12's CONFIG_EFIVAR_FS=m) besides a disk driver.
+    root = tmp_path / "root"
+    moddir = root / "lib/modules/6.1.0-57-cloud-amd64"
+    for rel in ("kernel/fs/efivarfs/efivarfs.ko", "kernel/drivers/block/virtio_blk.ko"):
+        (moddir / rel).parent.mkdir(parents=True, exist_ok=True)
+        (moddir / rel).write_bytes(b"\x7fELF")
+    (moddir / "modules.dep").write_text("kernel/fs/efivarfs/efivarfs.ko:\nkernel/drivers/block/virtio_blk.ko:\n")
+    (root / "bin").mkdir()
+    (root / "bin/busybox").write_bytes(b"\x7fELF")
+    build_ramdisk(root, tmp_path / "initrd.img", 1735689600)
+    (tmp_path / "a.cpio").write_bytes(gzip.decompress((tmp_path / "initrd.img").read_bytes()))
+    out = tmp_path / "x"
+    out.mkdir()
+    subprocess.run(["cpio", "-i", "-d", "--quiet", "-F", str(tmp_path / "a.cpio")], cwd=out, check=True)
+    init = (out / "init").read_text()
+    sourced = re.findall(r"^\. (/lib/gpufleet/\S+)$", init, flags=re.M)
+    assert "/lib/gpufleet/efi.sh" in sourced
+    for lib in sourced:
+        assert (out / lib.lstrip("/")).is_file(), lib
+    order = (moddir.relative_to(root) / "gpufleet.order")
+    assert "kernel/fs/efivarfs/efivarfs.ko" in (out / order).read_text().split()
+    assert (out / moddir.relative_to(root) / "kernel/fs/efivarfs/efivarfs.ko").is_file()
 
 
 def test_spec_refuses_values_that_would_reach_mmdebstraps_command_line() -> None:
