@@ -31,7 +31,9 @@ Everything between the stack and the validated node is the product, run as the o
 
 The image (`gpufleet image build` of the product's package set, the lab node base's and `vm.declarations`) is built
 before the lab comes up, into that lock skeleton; GPUFLEET_LABVM_IMAGE_DIR names the
-directory of an earlier build (`out/` + `images.lock.json`) to reuse it, e.g. built outside the locks:
+directory of an earlier build (`out/` + `images.lock.json`) to reuse it — only when it was built by this checkout's
+image code (`source.sha256`: a changed ramdisk or image build is rebuilt, never tested stale), e.g. built outside the
+locks:
 
     .venv/bin/python -c 'from tests.lab.test_labvm import build_image; build_image()'
     GPUFLEET_LABVM_IMAGE_DIR=/var/cache/gpufleet/labvm-image \\
@@ -43,6 +45,7 @@ Under both locks: the lab lock (nspawn hosts, shared caches) and the VM lock (li
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -133,7 +136,25 @@ def build_image(dest: Path = IMAGE_DIR) -> Path:
     )  # fmt: skip
     assert res.returncode == 0, res.stdout + res.stderr
     print(res.stdout)  # size and build time: reported, never asserted
+    (dest / "source.sha256").write_text(_image_source_key(), encoding="utf-8")
     return dest
+
+
+def _image_source_key() -> str:
+    """sha256 over the code an image build runs (image build, deploy ramdisk, lab declarations, repository)."""
+    files = sorted([*(ROOT / "infra" / "provision").glob("*.py"), *(ROOT / "infra" / "provision").glob("*.sh"),
+                    ROOT / "infra" / "lab" / "vm.py", ROOT / "tests" / "lab" / "image_fixtures.py", Path(__file__)])
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.relative_to(ROOT).as_posix().encode() + b"\0" + f.read_bytes())
+    return digest.hexdigest()
+
+
+def _image_current(dest: Path) -> bool:
+    """An earlier build in dest that the code of this checkout would build again (else it is rebuilt)."""
+    key = dest / "source.sha256"
+    return ((dest / "images.lock.json").is_file() and (dest / "out").is_dir() and key.is_file()
+            and key.read_text(encoding="utf-8") == _image_source_key())
 
 
 def _stack_copy(work: Path, paths: Paths) -> Path:
@@ -197,7 +218,7 @@ def labvm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     except lab_mod.LabUnavailable as exc:
         pytest.skip(f"lab unavailable: {exc}")
     paths = Paths(state=STATE)
-    images = IMAGE_DIR if (IMAGE_DIR / "images.lock.json").is_file() and (IMAGE_DIR / "out").is_dir() else None
+    images = IMAGE_DIR if _image_current(IMAGE_DIR) else None
     t0 = time.monotonic()
     images = images or build_image()
     timings = {"image_build_s": round(time.monotonic() - t0, 1)}
