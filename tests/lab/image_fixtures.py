@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -20,6 +21,8 @@ import pytest
 
 from infra.provision.image import DEFAULT_PACKAGES
 
+#: The gpufleet CLI of this interpreter (not whichever `gpufleet` is first on PATH, maybe another checkout's).
+GPUFLEET = [sys.executable, "-m", "infra.cli"]
 REPO = Path(os.environ.get("GPUFLEET_IMAGE_REPO", "/var/cache/gpufleet/image-repo"))
 UPSTREAM = "http://deb.debian.org/debian"
 #: Debian 12 with its point-release and security updates, like the lab's node base (infra/lab/rootfs.py): an
@@ -89,7 +92,7 @@ def built_image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     repo = make_repo()
     out = tmp_path_factory.mktemp("image") / "out"
     res = subprocess.run(
-        [shutil.which("gpufleet") or "gpufleet", "image", "build", IMAGE, "--repo", f"copy://{repo}",
+        [*GPUFLEET, "image", "build", IMAGE, "--repo", f"copy://{repo}",
          "--out", str(out)],
         capture_output=True, text=True, timeout=1800, check=False,
     )  # fmt: skip

@@ -8,14 +8,13 @@ resources (bridges, VMs) are used, so no lock is needed; it takes ~2 min per bui
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from infra.provision.image import digest
-from tests.lab.image_fixtures import IMAGE, built_image, make_repo
+from tests.lab.image_fixtures import GPUFLEET, IMAGE, built_image, make_repo
 
 pytestmark = pytest.mark.lab
 __all__ = ["built_image"]  # the fixture, re-exported for pytest
@@ -28,7 +27,7 @@ def test_second_build_from_the_manifest_has_the_same_sha256(built_image: Path, t
                                 "notes": []}))
     out = tmp_path / "again"
     res = subprocess.run(
-        [shutil.which("gpufleet") or "gpufleet", "image", "build", IMAGE, "--repo", f"copy://{make_repo()}",
+        [*GPUFLEET, "image", "build", IMAGE, "--repo", f"copy://{make_repo()}",
          "--out", str(out), "--pins", str(built_image / "images" / f"{IMAGE}.json"), "--lock", str(lock),
          "--segment", "iso"],
         capture_output=True, text=True, timeout=1800, check=False,

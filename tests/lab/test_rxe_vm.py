@@ -53,7 +53,7 @@ from infra.ansible.settings import SshSettings
 from infra.model.load import parse_site
 from infra.plan.node import plan_site
 from infra.provision.firstboot import HostKeyStore, firstboot_tar
-from tests.lab.image_fixtures import UPSTREAM
+from tests.lab.image_fixtures import GPUFLEET, UPSTREAM
 from tests.unit.factories import make_profile
 
 pytestmark = pytest.mark.lab
@@ -137,7 +137,7 @@ def _image(repo: Path) -> Path:
         return out
     shutil.rmtree(out, ignore_errors=True)
     res = subprocess.run(
-        [shutil.which("gpufleet") or "gpufleet", "image", "build", IMAGE, "--repo", f"copy://{repo}",
+        [*GPUFLEET, "image", "build", IMAGE, "--repo", f"copy://{repo}",
          "--out", str(out), "--packages", ",".join(IMAGE_PACKAGES)],
         capture_output=True, text=True, timeout=1800, check=False,
     )  # fmt: skip
@@ -250,7 +250,7 @@ def _ssh(ssh_dir: Path, addr: str, command: str, timeout: int = 60) -> subproces
 
 
 def _gpufleet(*args: str, timeout: int = 600) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([shutil.which("gpufleet") or "gpufleet", *args], capture_output=True, text=True,
+    return subprocess.run([*GPUFLEET, *args], capture_output=True, text=True,
                           timeout=timeout, check=False)  # fmt: skip
 
 
