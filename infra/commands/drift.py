@@ -17,7 +17,7 @@ from infra.dr.drift import NodeDrift, drift
 from infra.dr.provdrift import NOT_CHECKED, hosts_for, provisioning_drift
 from infra.dr.steps import check_with_roles
 from infra.model.site import Site
-from infra.plan.node import NodePlan, plan_site
+from infra.plan.node import NodePlan, SitePlan, plan_site
 
 NODES, PROVISIONING = "nodes", "provisioning"
 _UNREAD = ("unreachable", "check-failed")
@@ -95,9 +95,8 @@ def _render_drift(d: dict[str, Any]) -> str:
     return "\n\n".join(parts)
 
 
-def _selection(args: argparse.Namespace, site: Site) -> tuple[list[NodePlan], list[str] | None]:
+def _selection(args: argparse.Namespace, sp: SitePlan) -> tuple[list[NodePlan], list[str] | None]:
     """The node plans to read, and the segments whose provisioning hosts to read (None: every segment)."""
-    sp = plan_site(site)
     selected = [sp.node(h) for h in args.node] if args.node else list(sp.nodes)
     segments = sorted({p.segment.name for p in selected}) if args.node else None
     # Provisioning hosts come with the whole site, or when asked for: `drift --node N` after N's rebuild keeps
@@ -106,29 +105,31 @@ def _selection(args: argparse.Namespace, site: Site) -> tuple[list[NodePlan], li
     return ([] if args.only == PROVISIONING else selected), (segments if with_hosts else [])
 
 
-def _node_drift(args: argparse.Namespace, site: Site, plans: list[NodePlan]) -> list[NodeDrift]:
-    return drift(site, plans, check=None if args.no_check else check_with_roles(plan_site(site)))
+def _node_drift(args: argparse.Namespace, site: Site, sp: SitePlan, plans: list[NodePlan]) -> list[NodeDrift]:
+    return drift(site, plans, check=None if args.no_check else check_with_roles(sp))
 
 
 def run_drift(args: argparse.Namespace) -> tuple[list[NodeDrift], float]:
     """The drift of the nodes the arguments name (benchmark entry point too)."""
     site = site_from_args(args)
-    plans, _ = _selection(args, site)
+    sp = plan_site(site)
+    plans, _ = _selection(args, sp)
     t0 = time.monotonic()
-    reports = _node_drift(args, site, plans)
+    reports = _node_drift(args, site, sp, plans)
     return reports, time.monotonic() - t0
 
 
 def cmd_drift(args: argparse.Namespace) -> int:
     """Exit 0 clean, 3 drift found, 1 a node or provisioning host could not be read."""
     site = site_from_args(args)
-    plans, segments = _selection(args, site)
+    sp = plan_site(site)
+    plans, segments = _selection(args, sp)
     hosts = hosts_for(site, segments)
     check = bool(hosts) and not args.no_check
     # The lock (the images' sha256) before anything is read: an unreadable one is bad input, exit 2.
     lock, lock_name = stack_lock(args) if check else (None, "")
     t0 = time.monotonic()
-    reports = _node_drift(args, site, plans)
+    reports = _node_drift(args, site, sp, plans)
     served = provisioning_drift(site, hosts, lock, lock_name, check=check)
     data = {
         "nodes": [r.as_dict() for r in reports],
