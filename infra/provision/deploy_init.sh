@@ -115,6 +115,10 @@ if [ "$BOOT_MODE" = uefi ]; then
     # entries (docs/bare-metal.md, firmware quirks).
     sb=--uefi-secure-boot
     [ -f /mnt/usr/lib/shim/shimx64.efi.signed ] || sb=--no-uefi-secure-boot  # an image built without shim
+    grub_efi() {
+        chroot /mnt grub-install --target=x86_64-efi --efi-directory=/boot/efi --bootloader-id=debian \
+            "$sb" --force-extra-removable "$@"
+    }
     if why=$(efivars_up); then
         nvram=yes
     else
@@ -130,8 +134,7 @@ if [ "$BOOT_MODE" = uefi ]; then
         # Debian's grub-install writes the entry itself (libefivar, no efibootmgr): it reuses the first entry
         # labelled `debian` for this ESP, deletes further ones (a rebuild leaves exactly one) and puts it first
         # in BootOrder; BootNext (a BMC's one-time override) is not touched and still wins for one boot.
-        if chroot /mnt grub-install --target=x86_64-efi --efi-directory=/boot/efi --bootloader-id=debian \
-                "$sb" --force-extra-removable; then
+        if grub_efi; then
             if entry=$(nvram_entry debian); then
                 log "NVRAM: $entry"
             else
@@ -144,8 +147,7 @@ if [ "$BOOT_MODE" = uefi ]; then
         fi
     fi
     if [ "$entry" = no ]; then
-        chroot /mnt grub-install --target=x86_64-efi --efi-directory=/boot/efi --bootloader-id=debian \
-            "$sb" --force-extra-removable --no-nvram || fail "grub-install (UEFI) into $esp"
+        grub_efi --no-nvram || fail "grub-install (UEFI) into $esp"
     fi
     [ -f /mnt/boot/efi/EFI/BOOT/BOOTX64.EFI ] || fail "no \\EFI\\BOOT\\BOOTX64.EFI after grub-install"
     signed=no
